@@ -1,0 +1,137 @@
+"""Resolving a scan target (a pid) to an open ``/proc/PID/pagemap``.
+
+``/proc/PID/pagemap`` is bound to the process's mm when it is opened: an fd inherited
+across ``fork`` keeps describing the *parent*. The cached fd for our own process is
+therefore keyed by ``os.getpid()`` and dropped in the child after ``fork``
+(``os.register_at_fork``), as Wasmtime does with its atfork hook.
+
+Opening needs ``PTRACE_MODE_READ`` access to the target; PFNs in ``read()`` results
+are visible only if the opener has ``CAP_SYS_ADMIN``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from typing import Any
+
+__all__ = ["Target", "resolve_pid", "self_target", "target_for"]
+
+
+def resolve_pid(pid: Any) -> int:
+    """``None`` -> our pid; an int; or anything with an int ``.pid`` (Popen, Process)."""
+    if pid is None:
+        return os.getpid()
+    if isinstance(pid, Target):
+        return pid.pid
+    if not isinstance(pid, int) and hasattr(pid, "pid"):
+        pid = pid.pid
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise TypeError(f"pid must be None, an int or have a .pid attribute, not {type(pid).__name__}")
+    if pid <= 0:
+        raise ValueError(f"pid must be positive, got {pid}")
+    return pid
+
+
+class Target:
+    """An open ``/proc/PID/pagemap`` file: pass it as ``pid=`` to reuse the fd.
+
+    ``scan(..., pid=1234)`` opens and closes the file on every call; a ``Target`` keeps
+    it open (``with pagescan.Target(1234) as t: scan(a, b, pid=t)``). The fd is
+    ``O_CLOEXEC``. Raises ``ProcessLookupError`` (ESRCH) if there is no such process and
+    ``PermissionError`` if we may not trace it.
+    """
+
+    __slots__ = ("__weakref__", "_fd", "_owner_pid", "pid")
+
+    def __init__(self, pid: Any = None) -> None:
+        self._fd = -1
+        self.pid = resolve_pid(pid)
+        self._owner_pid = os.getpid()
+        path = f"/proc/{self.pid}/pagemap"
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ProcessLookupError(errno.ESRCH, f"no process with pid {self.pid}") from None
+        except PermissionError as err:
+            raise PermissionError(
+                err.errno, f"may not read {path} (needs ptrace read access to pid {self.pid})"
+            ) from None
+
+    @property
+    def fd(self) -> int:
+        if self._fd < 0:
+            raise ValueError("I/O operation on closed pagescan.Target")
+        return self._fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Target:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<pagescan.Target pid={self.pid} {state}>"
+
+
+Target.__module__ = "pagescan"
+
+_self_lock = threading.Lock()
+_self: Target | None = None
+
+
+def self_target() -> Target:
+    """The cached ``/proc/<our pid>/pagemap`` (reopened after fork)."""
+    global _self
+    t = _self
+    if t is not None and t._fd >= 0 and t._owner_pid == os.getpid():
+        return t
+    with _self_lock:
+        t = _self
+        if t is None or t._fd < 0 or t._owner_pid != os.getpid():
+            t = _self = Target(os.getpid())
+        return t
+
+
+def _forget_self_after_fork() -> None:
+    global _self
+    t, _self = _self, None
+    if t is not None:
+        t.close()  # the inherited fd describes the parent's mm
+
+
+os.register_at_fork(after_in_child=_forget_self_after_fork)
+
+
+def target_for(pid: Any) -> tuple[Target, bool]:
+    """(target, owned): ``owned`` targets were opened for this call and must be closed."""
+    if isinstance(pid, Target):
+        return pid, False
+    if pid is None:
+        return self_target(), False
+    resolved = resolve_pid(pid)
+    if resolved == os.getpid():
+        return self_target(), False
+    return Target(resolved), True

@@ -1,0 +1,221 @@
+"""The one place that calls into libc or makes raw syscalls, and its errno policy.
+
+Policy (every wrapper follows it):
+
+* libc is loaded lazily, with ``use_errno=True``; each function has declared
+  ``argtypes``/``restype`` so a Python int can never be truncated silently.
+* A return of ``-1`` means "read errno". ``EINTR`` is retried. Anything else raises
+  ``OSError(errno, strerror)``, which Python turns into the matching subclass
+  (``FileNotFoundError``, ``PermissionError``, ...). errno is never turned into
+  ``ValueError``/``MemoryError``.
+* ioctls go through :func:`ioctl`, a thin ``fcntl.ioctl`` wrapper with the same policy.
+
+Addresses handed to these functions are passed to the kernel only, never dereferenced
+by Python: a bad address is ``EFAULT``, not a crash.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import functools
+import os
+import platform
+from typing import Any, Callable
+
+__all__ = [
+    "SYS_userfaultfd",
+    "check",
+    "ioctl",
+    "libc",
+    "madvise",
+    "mmap",
+    "mprotect",
+    "munmap",
+    "process_vm_readv",
+    "process_vm_writev",
+    "raise_errno",
+    "syscall",
+    "vm_read",
+    "vm_write",
+]
+
+# Syscall numbers (arch/*/entry/syscalls, include/uapi/asm-generic/unistd.h).
+_SYSCALLS: dict[str, dict[str, int]] = {
+    "x86_64": {"userfaultfd": 323},
+    "aarch64": {"userfaultfd": 282},
+    "riscv64": {"userfaultfd": 282},
+    "loongarch64": {"userfaultfd": 282},
+    "i686": {"userfaultfd": 374},
+    "i386": {"userfaultfd": 374},
+    "armv7l": {"userfaultfd": 388},
+    "s390x": {"userfaultfd": 355},
+    "ppc64le": {"userfaultfd": 364},
+}
+
+#: ``__NR_userfaultfd`` for this machine, or ``None`` where we do not know it.
+SYS_userfaultfd: int | None = _SYSCALLS.get(platform.machine(), {}).get("userfaultfd")
+
+MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def raise_errno(err: int | None = None, detail: str | None = None) -> None:
+    """Raise ``OSError`` for ``err`` (default: the current ctypes errno)."""
+    if err is None:
+        err = ctypes.get_errno()
+    msg = os.strerror(err)
+    if detail:
+        msg = f"{msg}: {detail}"
+    raise OSError(err, msg)
+
+
+@functools.cache
+def libc() -> ctypes.CDLL:
+    """libc, loaded on first use with errno capture; prototypes declared here."""
+    lib = ctypes.CDLL(None, use_errno=True)
+    c_void_p, c_size_t, c_int, c_long = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_long
+    c_ssize_t, c_ulong = ctypes.c_ssize_t, ctypes.c_ulong
+    protos: dict[str, tuple[Any, list[Any]]] = {
+        "mmap": (c_void_p, [c_void_p, c_size_t, c_int, c_int, c_int, ctypes.c_int64]),
+        "munmap": (c_int, [c_void_p, c_size_t]),
+        "mprotect": (c_int, [c_void_p, c_size_t, c_int]),
+        "madvise": (c_int, [c_void_p, c_size_t, c_int]),
+        "syscall": (c_long, [c_long]),  # variadic: extra args passed with explicit types
+        "process_vm_readv": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
+        "process_vm_writev": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
+    }
+    for name, (restype, argtypes) in protos.items():
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = argtypes
+    return lib
+
+
+def check(result: int) -> int:
+    """Return ``result`` unless it is -1, in which case raise from errno."""
+    if result == -1:
+        raise_errno()
+    return result
+
+
+def _retry(call: Callable[[], int]) -> int:
+    while True:
+        result = call()
+        if result != -1:
+            return result
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise_errno(err)
+
+
+def syscall(number: int, *args: int) -> int:
+    """``syscall(number, args...)`` with every argument passed as a C ``long``."""
+    fn = libc().syscall
+    cargs = [ctypes.c_long(a) for a in args]
+    return _retry(lambda: int(fn(number, *cargs)))
+
+
+def ioctl(fd: int, request: int, arg: Any = 0) -> int:
+    """``ioctl(fd, request, arg)``; ``arg`` is an int or a mutable buffer (ctypes struct).
+
+    Returns the ioctl's non-negative return value. A buffer argument is passed by
+    address and may be updated by the kernel in place (also when the call fails, as
+    the uffd ioctls and ``PAGEMAP_SCAN`` do).
+    """
+    while True:
+        try:
+            if isinstance(arg, int):
+                return fcntl.ioctl(fd, request, arg)
+            return fcntl.ioctl(fd, request, arg, True)
+        except InterruptedError:
+            continue
+
+
+def mmap(addr: int, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0) -> int:
+    """``mmap(2)``; returns the address."""
+    result = libc().mmap(addr or None, length, prot, flags, fd, offset)
+    if result is None or result == MAP_FAILED:
+        raise_errno()
+    return int(result)
+
+
+def munmap(addr: int, length: int) -> None:
+    check(libc().munmap(addr, length))
+
+
+def mprotect(addr: int, length: int, prot: int) -> None:
+    check(libc().mprotect(addr, length, prot))
+
+
+def madvise(addr: int, length: int, advice: int) -> None:
+    _retry(lambda: int(libc().madvise(addr, length, advice)))
+
+
+class _iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def process_vm_readv(pid: int, local: Any, liovcnt: int, remote: Any, riovcnt: int) -> int:
+    """Raw ``process_vm_readv(2)``; iovec arrays are passed by address."""
+    return _retry(lambda: int(libc().process_vm_readv(pid, local, liovcnt, remote, riovcnt, 0)))
+
+
+def process_vm_writev(pid: int, local: Any, liovcnt: int, remote: Any, riovcnt: int) -> int:
+    """Raw ``process_vm_writev(2)``; iovec arrays are passed by address."""
+    return _retry(lambda: int(libc().process_vm_writev(pid, local, liovcnt, remote, riovcnt, 0)))
+
+
+def _buffer_address(buf: Any, writable: bool) -> tuple[int, int, Any]:
+    """(address, nbytes, keepalive) of a contiguous buffer object."""
+    import numpy as np
+
+    arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf.reshape(-1).view(np.uint8)
+    if writable and not arr.flags.writeable:
+        raise TypeError("the destination buffer is read-only")
+    return int(arr.ctypes.data), int(arr.nbytes), arr
+
+
+def vm_read(pid: int, address: int, into: Any) -> int:
+    """Copy ``len(into)`` bytes from ``address`` in ``pid`` into the writable buffer ``into``.
+
+    Uses ``process_vm_readv``: an unmapped ``address`` raises ``OSError(EFAULT)``.
+    Returns the number of bytes copied, which is short only where the remote range
+    runs into unmapped memory after at least one byte was copied.
+    """
+    base, n, keep = _buffer_address(into, writable=True)
+    done = 0
+    while done < n:
+        local = _iovec(base + done, n - done)
+        remote = _iovec(address + done, n - done)
+        try:
+            got = process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1)
+        except OSError as err:
+            if done and err.errno == errno.EFAULT:
+                break  # ran into unmapped memory after a partial copy
+            raise
+        if got == 0:
+            break
+        done += got
+    del keep
+    return done
+
+
+def vm_write(pid: int, address: int, data: Any) -> int:
+    """Copy the bytes of ``data`` to ``address`` in ``pid`` with ``process_vm_writev``."""
+    base, n, keep = _buffer_address(data, writable=False)
+    done = 0
+    while done < n:
+        local = _iovec(base + done, n - done)
+        remote = _iovec(address + done, n - done)
+        try:
+            got = process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1)
+        except OSError as err:
+            if done and err.errno == errno.EFAULT:
+                break  # ran into unmapped memory after a partial copy
+            raise
+        if got == 0:
+            break
+        done += got
+    del keep
+    return done

@@ -1,0 +1,253 @@
+"""``capabilities()``: what this kernel and this process can do, found by probing.
+
+Nothing is probed at import. The first call runs the probes (a few dozen syscalls on a
+throw-away page and a throw-away userfaultfd) and the result is cached.
+
+How each item is found:
+
+* ``PAGEMAP_SCAN``: an empty-range call (``start == end``, no vector). ENOTTY means no
+  ioctl (< 6.7). Every category bit and flag is validated before the range is looked
+  at, so the same empty call with one bit set tells whether the kernel knows it.
+* userfaultfd: ``UFFDIO_API`` with no features on a throw-away fd returns every
+  feature the kernel supports (the handshake is one-shot, so never on a real fd).
+* soft-dirty: a fresh VMA carries ``VM_SOFTDIRTY``, so bit 55 of its pagemap entry is
+  set iff the kernel has ``CONFIG_MEM_SOFT_DIRTY``. No ``clear_refs`` write (that would
+  reset the whole process's soft-dirty state, and it "succeeds" when compiled out).
+* PFN visibility: the PFN field of a present page's pagemap entry is zeroed for
+  openers without ``CAP_SYS_ADMIN``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import mmap
+import os
+import struct
+from typing import Any
+
+from ._target import Target
+from ._uapi import libc
+from ._uapi.mman import MADV, MAP, PROT
+from ._uapi.pagemap import CATEGORY_SINCE, PAGEMAP_SCAN, PM, Category, ScanFlag
+from ._uapi.userfaultfd import FEATURE_SINCE, UffdFeature, UffdIoctl
+
+__all__ = ["Capabilities", "capabilities"]
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+@dataclasses.dataclass(frozen=True)
+class Capabilities:
+    """The result of :func:`capabilities`. ``missing`` explains every absent item."""
+
+    page_size: int
+    kernel_release: str
+    machine: str
+    #: ``PAGEMAP_SCAN`` ioctl on /proc/PID/pagemap (6.7)
+    pagemap_scan: bool
+    #: category bits the ioctl accepts
+    categories: Category
+    #: ``pm_scan_arg.flags`` bits the ioctl accepts
+    scan_flags: ScanFlag
+    #: a userfaultfd could be created and initialised
+    userfaultfd: bool
+    #: features reported by ``UFFDIO_API``
+    uffd_features: UffdFeature
+    #: ioctls enabled by ``UFFDIO_API``
+    uffd_ioctls: UffdIoctl
+    #: ``UFFD_FEATURE_WP_ASYNC`` (6.7): write tracking without fault messages
+    wp_async: bool
+    #: ``UFFDIO_MOVE`` (6.8)
+    uffd_move: bool
+    #: ``CONFIG_MEM_SOFT_DIRTY`` (found by a round trip)
+    soft_dirty: bool
+    #: PFNs visible in /proc/PID/pagemap (needs ``CAP_SYS_ADMIN``)
+    pfns_visible: bool
+    #: /proc/kpageflags readable (root)
+    kpageflags: bool
+    #: ``MADV_GUARD_INSTALL`` (6.13)
+    guard_regions: bool
+    #: ``always``, ``madvise``, ``never`` or ``unavailable``
+    thp_mode: str
+    #: PMD THP size in bytes (0 if THP is unavailable)
+    thp_pmd_size: int
+    #: default hugetlb page size in bytes (0 if hugetlb is unavailable)
+    hugetlb_page_size: int
+    #: ``HugePages_Total`` / ``HugePages_Free`` of the default size
+    hugetlb_pages: int
+    hugetlb_free: int
+    #: feature name -> "needs Linux X" / why it is unavailable
+    missing: dict[str, str]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (flags as lists of names)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (Category, ScanFlag, UffdFeature, UffdIoctl)):
+                out[f.name] = [m.name for m in type(v) if m & v and m.name]
+            else:
+                out[f.name] = v
+        return out
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _probe_scan(fd: int, addr: int) -> tuple[bool, Category, ScanFlag, str | None]:
+    arg = bytearray(96)
+
+    def call(flags: int, ret: int) -> int:
+        struct.pack_into("=12Q", arg, 0, 96, flags, addr, addr, 0, 0, 0, 0, 0, 0, 0, ret)
+        try:
+            libc.ioctl(fd, PAGEMAP_SCAN, arg)
+            return 0
+        except OSError as err:
+            return err.errno or -1
+
+    first = call(0, 0)
+    if first:
+        why = "needs Linux 6.7" if first == errno.ENOTTY else f"probe failed: {os.strerror(first)}"
+        return False, Category(0), ScanFlag(0), why
+    cats = 0
+    flags = 0
+    for bit in range(64):
+        if call(0, 1 << bit) == 0:
+            cats |= 1 << bit
+        if call(1 << bit, 0) == 0:
+            flags |= 1 << bit
+    return True, Category(cats), ScanFlag(flags), None
+
+
+def capabilities() -> Capabilities:
+    """What this kernel supports; see the module docstring for how it is found.
+
+    Kernel probes run once per process and are cached; the THP mode and the hugetlb
+    pool, which an administrator can change at any time, are read on every call.
+    """
+    base = _probe()
+    missing = dict(base.missing)
+    sysfs = _sysfs_state(missing)
+    return dataclasses.replace(base, missing=missing, **sysfs)
+
+
+def _sysfs_state(missing: dict[str, str]) -> dict[str, Any]:
+    thp_text = _read("/sys/kernel/mm/transparent_hugepage/enabled")
+    thp_mode = "unavailable"
+    if thp_text and "[" in thp_text:
+        thp_mode = thp_text.split("[", 1)[1].split("]", 1)[0]
+    pmd = _read("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")
+    thp_pmd_size = int(pmd) if pmd and thp_mode != "unavailable" else 0
+    if thp_mode in ("unavailable", "never"):
+        missing["THP"] = f"transparent huge pages are {thp_mode}"
+
+    meminfo: dict[str, int] = {}
+    for line in (_read("/proc/meminfo") or "").splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts:
+            try:
+                meminfo[key] = int(parts[0])
+            except ValueError:
+                pass
+    hugetlb_page_size = meminfo.get("Hugepagesize", 0) * 1024
+    hugetlb_pages = meminfo.get("HugePages_Total", 0)
+    if not hugetlb_page_size:
+        missing["hugetlb"] = "kernel built without hugetlbfs"
+    elif not hugetlb_pages:
+        missing["hugetlb pages"] = "no hugetlb pages reserved (/proc/sys/vm/nr_hugepages is 0)"
+    return {
+        "thp_mode": thp_mode,
+        "thp_pmd_size": thp_pmd_size,
+        "hugetlb_page_size": hugetlb_page_size,
+        "hugetlb_pages": hugetlb_pages,
+        "hugetlb_free": meminfo.get("HugePages_Free", 0),
+    }
+
+
+@functools.cache
+def _probe() -> Capabilities:
+    missing: dict[str, str] = {}
+    uname = os.uname()
+
+    # A throw-away private page, written so it is present, and a neighbour for MADV probes.
+    page = libc.mmap(0, 2 * PAGE_SIZE, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS)
+    try:
+        libc.vm_write(os.getpid(), page, b"\x01")
+        with Target() as target:
+            pagemap_scan, cats, flags, why = _probe_scan(target.fd, page)
+            entry = struct.unpack("<Q", os.pread(target.fd, 8, page // PAGE_SIZE * 8))[0]
+        guard = True
+        try:
+            libc.madvise(page + PAGE_SIZE, PAGE_SIZE, MADV.GUARD_INSTALL)
+        except OSError:
+            guard = False
+    finally:
+        libc.munmap(page, 2 * PAGE_SIZE)
+
+    if not pagemap_scan:
+        missing["PAGEMAP_SCAN"] = why or "unavailable"
+    else:
+        for cat in Category:
+            if not cats & cat:
+                missing[f"PAGE_IS_{cat.name}"] = f"needs Linux {CATEGORY_SINCE[cat]}"
+    soft_dirty = bool(entry & PM.SOFT_DIRTY)
+    if not soft_dirty:
+        missing["soft-dirty"] = "kernel built without CONFIG_MEM_SOFT_DIRTY"
+    pfns = bool(entry & PM.PRESENT) and bool(entry & PM.PFN_MASK)
+    if not pfns:
+        missing["PFNs"] = "reading PFNs from /proc/PID/pagemap needs CAP_SYS_ADMIN"
+    kpageflags = os.access("/proc/kpageflags", os.R_OK)
+    if not kpageflags:
+        missing["kpageflags"] = "/proc/kpageflags is readable by root only"
+    if not guard:
+        missing["guard regions"] = "MADV_GUARD_INSTALL needs Linux 6.13"
+
+    from .userfaultfd import Userfaultfd
+
+    uffd_ok = False
+    feats = UffdFeature(0)
+    ioctls = UffdIoctl(0)
+    for user_mode_only in (False, True):
+        try:
+            with Userfaultfd(0, user_mode_only=user_mode_only) as uf:
+                feats, ioctls, uffd_ok = uf.supported_features, uf.ioctls, True
+            break
+        except OSError as err:
+            missing["userfaultfd"] = f"cannot create a userfaultfd: {err.strerror}"
+    if uffd_ok:
+        missing.pop("userfaultfd", None)
+        for feat in UffdFeature:
+            if not feats & feat:
+                missing[f"UFFD_FEATURE_{feat.name}"] = f"needs Linux {FEATURE_SINCE[feat]}"
+
+    return Capabilities(
+        page_size=PAGE_SIZE,
+        kernel_release=uname.release,
+        machine=uname.machine,
+        pagemap_scan=pagemap_scan,
+        categories=cats,
+        scan_flags=flags,
+        userfaultfd=uffd_ok,
+        uffd_features=feats,
+        uffd_ioctls=ioctls,
+        wp_async=bool(feats & UffdFeature.WP_ASYNC),
+        uffd_move=bool(feats & UffdFeature.MOVE),
+        soft_dirty=soft_dirty,
+        pfns_visible=pfns,
+        kpageflags=kpageflags,
+        guard_regions=guard,
+        thp_mode="",
+        thp_pmd_size=0,
+        hugetlb_page_size=0,
+        hugetlb_pages=0,
+        hugetlb_free=0,
+        missing=missing,
+    )

@@ -1,0 +1,458 @@
+"""``Userfaultfd``: a userfaultfd file descriptor, its handshake and its ioctls.
+
+Facts (``shared/spec/kernel.md`` section 4):
+
+* Created by ``userfaultfd(2)`` or, when the syscall is refused (EPERM under
+  ``vm.unprivileged_userfaultfd=0`` without ``UFFD_USER_MODE_ONLY``, ENOSYS under
+  seccomp), by ``USERFAULTFD_IOC_NEW`` on ``/dev/userfaultfd`` (6.1), whose access is
+  governed by file permissions only.
+* ``UFFDIO_API`` is one-shot per fd: every other ioctl and ``read()`` fail with EINVAL
+  before it, a second one fails with EINVAL. Unknown feature bits fail with EINVAL.
+* The resolution ioctls (COPY, ZEROPAGE, CONTINUE, POISON, MOVE) report progress in a
+  signed output field: bytes done, or ``-errno``. The ioctl fails with EAGAIN when only
+  part was done; that becomes :class:`PartialProgressError` with ``done`` set.
+* ``poll`` works only on a non-blocking uffd (a blocking one always polls POLLERR).
+
+.. warning::
+   A thread of the process that owns the memory must never be the one that resolves
+   its MISSING/sync-WP faults: a faulting access made while holding the GIL blocks
+   until the fault is resolved, and a handler thread waiting for the GIL never runs.
+   Serve faults from another process (hand it the fd with ``socket.send_fds`` or by
+   inheritance). ``UFFDIO_MOVE`` is the exception that proves the rule: the kernel
+   refuses it from any process but the owner of the memory (EINVAL).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import select
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._errors import KernelFeatureError, PartialProgressError
+from ._uapi import libc
+from ._uapi import userfaultfd as U
+from ._uapi.userfaultfd import (
+    PagefaultFlag,
+    RegisterMode,
+    UffdEventType,
+    UffdFeature,
+    UffdIoctl,
+)
+
+__all__ = [
+    "ForkEvent",
+    "PagefaultEvent",
+    "RemapEvent",
+    "RemoveEvent",
+    "UnmapEvent",
+    "UnknownEvent",
+    "Userfaultfd",
+    "open_userfaultfd",
+    "parse_uffd_msgs",
+]
+
+_MSG_SIZE = 32
+
+
+class PagefaultEvent(NamedTuple):
+    """``UFFD_EVENT_PAGEFAULT``: ``flags`` has WRITE/WP/MINOR; neither WP nor MINOR = missing."""
+
+    flags: PagefaultFlag
+    address: int
+    ptid: int
+
+    @property
+    def is_write(self) -> bool:
+        return bool(self.flags & PagefaultFlag.WRITE)
+
+    @property
+    def kind(self) -> str:
+        """``"wp"``, ``"minor"`` or ``"missing"``."""
+        if self.flags & PagefaultFlag.WP:
+            return "wp"
+        if self.flags & PagefaultFlag.MINOR:
+            return "minor"
+        return "missing"
+
+
+class ForkEvent(NamedTuple):
+    """``UFFD_EVENT_FORK``: ``ufd`` is a new uffd fd already installed in our fd table."""
+
+    ufd: int
+
+
+class RemapEvent(NamedTuple):
+    """``UFFD_EVENT_REMAP`` (mremap)."""
+
+    from_: int
+    to: int
+    len: int
+
+
+class RemoveEvent(NamedTuple):
+    """``UFFD_EVENT_REMOVE`` (MADV_DONTNEED / MADV_REMOVE): ``[start, end)``."""
+
+    start: int
+    end: int
+
+
+class UnmapEvent(NamedTuple):
+    """``UFFD_EVENT_UNMAP`` (munmap): ``[start, end)``."""
+
+    start: int
+    end: int
+
+
+class UnknownEvent(NamedTuple):
+    event: int
+    raw: bytes
+
+
+UffdEvent = PagefaultEvent | ForkEvent | RemapEvent | RemoveEvent | UnmapEvent | UnknownEvent
+
+
+def parse_uffd_msgs(buffer: Any) -> list[UffdEvent]:
+    """Decode a buffer of ``struct uffd_msg`` (32 bytes each) read from a uffd.
+
+    Pure: no syscalls. Raises ``ValueError`` if the length is not a multiple of 32.
+    """
+    data = memoryview(buffer).cast("B")
+    if len(data) % _MSG_SIZE:
+        raise ValueError(f"uffd message buffer length {len(data)} is not a multiple of {_MSG_SIZE}")
+    msgs = np.frombuffer(data, dtype=U.UFFD_MSG_DTYPE)
+    out: list[UffdEvent] = []
+    for i, (event, a0, a1, a2) in enumerate(
+        zip(msgs["event"].tolist(), msgs["a0"].tolist(), msgs["a1"].tolist(), msgs["a2"].tolist())
+    ):
+        if event == UffdEventType.PAGEFAULT:
+            out.append(PagefaultEvent(PagefaultFlag(a0), a1, a2 & 0xFFFFFFFF))
+        elif event == UffdEventType.FORK:
+            out.append(ForkEvent(a0 & 0xFFFFFFFF))
+        elif event == UffdEventType.REMAP:
+            out.append(RemapEvent(a0, a1, a2))
+        elif event == UffdEventType.REMOVE:
+            out.append(RemoveEvent(a0, a1))
+        elif event == UffdEventType.UNMAP:
+            out.append(UnmapEvent(a0, a1))
+        else:
+            out.append(UnknownEvent(event, bytes(data[i * _MSG_SIZE : (i + 1) * _MSG_SIZE])))
+    return out
+
+
+def open_userfaultfd(flags: int) -> int:
+    """A raw uffd: ``userfaultfd(flags)``, falling back to ``/dev/userfaultfd``.
+
+    The fallback is taken when the syscall is refused (EPERM, ENOSYS) or unknown here.
+    """
+    first: OSError | None = None
+    if libc.SYS_userfaultfd is not None:
+        try:
+            return libc.syscall(libc.SYS_userfaultfd, flags)
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOSYS):
+                raise
+            first = err
+    try:
+        dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        if first is not None:
+            raise first from err
+        raise KernelFeatureError(errno.ENOSYS, "userfaultfd", "4.3", f"no syscall number and {err}") from err
+    try:
+        return libc.ioctl(dev, U.USERFAULTFD_IOC_NEW, flags)
+    finally:
+        os.close(dev)
+
+
+def _u64(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    try:
+        v = int(value.__index__())
+    except AttributeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    if not 0 <= v < 1 << 64:
+        raise ValueError(f"{name} out of range for a 64-bit unsigned value: {v}")
+    return v
+
+
+class Userfaultfd:
+    """A userfaultfd after its ``UFFDIO_API`` handshake.
+
+    Args:
+        features: ``UffdFeature`` bits to enable (unknown bits: EINVAL). ``WP_ASYNC``
+            implies ``WP_UNPOPULATED``.
+        nonblock: ``O_NONBLOCK`` (needed for ``poll``/``read_events(timeout=...)``).
+        user_mode_only: ``UFFD_USER_MODE_ONLY``: faults in kernel mode (e.g. a
+            ``read(2)`` into registered memory) are not delivered but fail.
+        inheritable: leave ``O_CLOEXEC`` off, to hand the fd to a child process.
+
+    Attributes:
+        features: the features enabled on this fd.
+        supported_features: every feature this kernel supports (as UFFDIO_API returned).
+        ioctls: the ioctls the handshake enabled (``UffdIoctl``).
+
+    Raises:
+        OSError: EPERM (not allowed to create one), EINVAL (unknown feature bits),
+            EPERM (``EVENT_FORK`` without ``CAP_SYS_PTRACE``).
+    """
+
+    __slots__ = ("__weakref__", "_fd", "features", "ioctls", "supported_features")
+
+    def __init__(
+        self,
+        features: int = 0,
+        *,
+        nonblock: bool = True,
+        user_mode_only: bool = False,
+        inheritable: bool = False,
+    ) -> None:
+        self._fd = -1
+        features = _u64("features", features)
+        flags = (0 if inheritable else U.O_CLOEXEC) | (U.O_NONBLOCK if nonblock else 0)
+        if user_mode_only:
+            flags |= U.UFFD_USER_MODE_ONLY
+        fd = open_userfaultfd(flags)
+        try:
+            api = U.uffdio_api(U.UFFD_API, features, 0)
+            libc.ioctl(fd, U.UFFDIO_API, api)
+        except OSError as err:
+            os.close(fd)
+            if err.errno == errno.EINVAL:
+                raise _feature_error(features) or err from None
+            raise
+        self._fd = fd
+        self.supported_features = UffdFeature(api.features)
+        enabled = features
+        if enabled & UffdFeature.WP_ASYNC:
+            enabled |= UffdFeature.WP_UNPOPULATED
+        self.features = UffdFeature(enabled)
+        self.ioctls = UffdIoctl(api.ioctls)
+
+    @classmethod
+    def from_fd(cls, fd: int, features: int = 0) -> Userfaultfd:
+        """Adopt an already initialized uffd (e.g. received with ``socket.recv_fds``).
+
+        The handshake is not repeated (it is one-shot); ``features`` records what the
+        creator enabled. The object owns ``fd`` from now on.
+        """
+        self = object.__new__(cls)
+        self._fd = fd
+        self.features = UffdFeature(features)
+        self.supported_features = UffdFeature(0)
+        self.ioctls = UffdIoctl(0)
+        return self
+
+    # -- fd lifecycle (trio _FdHolder style) ---------------------------------------
+
+    @property
+    def fd(self) -> int:
+        fd = self._fd
+        if fd < 0:
+            raise ValueError("I/O operation on closed Userfaultfd")
+        return fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        """Close the fd: the kernel unregisters every range and wakes all waiters."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def detach(self) -> int:
+        """Give up ownership of the fd and return it."""
+        fd, self._fd = self.fd, -1
+        return fd
+
+    def __enter__(self) -> Userfaultfd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fd, self._fd = getattr(self, "_fd", -1), -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd={self._fd}"
+        return f"<pagescan.Userfaultfd {state} features={self.features!r}>"
+
+    # -- registration ---------------------------------------------------------------
+
+    def register(self, start: int, length: int, mode: int = RegisterMode.MISSING) -> UffdIoctl:
+        """``UFFDIO_REGISTER`` every VMA in ``[start, start+length)`` with ``mode``.
+
+        Returns the ioctls usable on the range. Errors: EINVAL (bad range or mode, no
+        VMA, memory type not eligible), EPERM (no ``VM_MAYWRITE``), EBUSY (registered
+        with another uffd).
+        """
+        arg = U.uffdio_register(U.uffdio_range(_u64("start", start), _u64("length", length)), _u64("mode", mode), 0)
+        libc.ioctl(self.fd, U.UFFDIO_REGISTER, arg)
+        return UffdIoctl(arg.ioctls)
+
+    def unregister(self, start: int, length: int) -> None:
+        """``UFFDIO_UNREGISTER``: wakes MISSING waiters and clears uffd-wp state."""
+        arg = U.uffdio_range(_u64("start", start), _u64("length", length))
+        libc.ioctl(self.fd, U.UFFDIO_UNREGISTER, arg)
+
+    # -- resolution -----------------------------------------------------------------
+
+    def writeprotect(self, start: int, length: int, enable: bool = True, *, dontwake: bool = False) -> None:
+        """``UFFDIO_WRITEPROTECT``: arm (``enable``) or disarm and wake the range.
+
+        Errors: ENOENT (a VMA in range is not WP-registered), EINVAL (bad range; WP
+        together with DONTWAKE), EAGAIN (mm changing).
+        """
+        mode = (U.WriteprotectMode.WP if enable else 0) | (U.WriteprotectMode.DONTWAKE if dontwake else 0)
+        arg = U.uffdio_writeprotect(U.uffdio_range(_u64("start", start), _u64("length", length)), mode)
+        libc.ioctl(self.fd, U.UFFDIO_WRITEPROTECT, arg)
+
+    def copy(self, dst: int, src: int, length: int, *, wp: bool = False, dontwake: bool = False) -> int:
+        """``UFFDIO_COPY`` ``length`` bytes from ``src`` (in the *calling* process) to ``dst``.
+
+        Returns ``length``. Errors: EEXIST (already populated), ENOENT (dst not in a
+        registered VMA), EFAULT (src unreadable), :class:`PartialProgressError`.
+        """
+        mode = (U.CopyMode.WP if wp else 0) | (U.CopyMode.DONTWAKE if dontwake else 0)
+        arg = U.uffdio_copy(_u64("dst", dst), _u64("src", src), _u64("length", length), mode, 0)
+        return self._resolve(U.UFFDIO_COPY, arg, "copy", "UFFDIO_COPY", length)
+
+    def copy_from(self, dst: int, data: Any, *, wp: bool = False, dontwake: bool = False) -> int:
+        """``UFFDIO_COPY`` the bytes of a buffer object (length a page multiple) to ``dst``."""
+        arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
+        return self.copy(dst, int(arr.ctypes.data), arr.nbytes, wp=wp, dontwake=dontwake)
+
+    def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> int:
+        """``UFFDIO_ZEROPAGE``: map zero pages (the shared zero page on private anon)."""
+        mode = U.ZeropageMode.DONTWAKE if dontwake else 0
+        arg = U.uffdio_zeropage(U.uffdio_range(_u64("start", start), _u64("length", length)), mode, 0)
+        return self._resolve(U.UFFDIO_ZEROPAGE, arg, "zeropage", "UFFDIO_ZEROPAGE", length)
+
+    def continue_(self, start: int, length: int, *, wp: bool = False, dontwake: bool = False) -> int:
+        """``UFFDIO_CONTINUE``: map existing page-cache pages (MINOR faults; 5.13)."""
+        mode = (U.ContinueMode.WP if wp else 0) | (U.ContinueMode.DONTWAKE if dontwake else 0)
+        arg = U.uffdio_continue(U.uffdio_range(_u64("start", start), _u64("length", length)), mode, 0)
+        return self._resolve(U.UFFDIO_CONTINUE, arg, "mapped", "UFFDIO_CONTINUE", length)
+
+    def poison(self, start: int, length: int, *, dontwake: bool = False) -> int:
+        """``UFFDIO_POISON``: install poison markers; a later access raises SIGBUS (6.6)."""
+        mode = U.PoisonMode.DONTWAKE if dontwake else 0
+        arg = U.uffdio_poison(U.uffdio_range(_u64("start", start), _u64("length", length)), mode, 0)
+        return self._resolve(U.UFFDIO_POISON, arg, "updated", "UFFDIO_POISON", length)
+
+    def move(
+        self, dst: int, src: int, length: int, *, allow_src_holes: bool = False, dontwake: bool = False
+    ) -> int:
+        """``UFFDIO_MOVE`` anonymous pages from ``src`` to ``dst`` without copying (6.8).
+
+        Only the process that owns the memory may call it (EINVAL otherwise). Errors:
+        ENOENT (src hole without ``allow_src_holes``, no VMA), EEXIST (dst populated,
+        including uffd-wp markers), EBUSY (src page not exclusive, e.g. after fork),
+        EINVAL (shared/hugetlb VMAs, dst not registered with this uffd),
+        :class:`PartialProgressError` after partial progress.
+        """
+        mode = (U.MoveMode.ALLOW_SRC_HOLES if allow_src_holes else 0) | (U.MoveMode.DONTWAKE if dontwake else 0)
+        arg = U.uffdio_move(_u64("dst", dst), _u64("src", src), _u64("length", length), mode, 0)
+        try:
+            return self._resolve(U.UFFDIO_MOVE, arg, "move", "UFFDIO_MOVE", length)
+        except OSError as err:
+            if err.errno in (errno.ENOTTY, errno.EINVAL) and not (self.supported_features & UffdFeature.MOVE):
+                from .capabilities import capabilities
+
+                if not capabilities().uffd_move:
+                    raise KernelFeatureError(err.errno, "UFFDIO_MOVE", "6.8") from err
+            raise
+
+    def wake(self, start: int, length: int) -> None:
+        """``UFFDIO_WAKE`` threads waiting on faults in the range."""
+        arg = U.uffdio_range(_u64("start", start), _u64("length", length))
+        libc.ioctl(self.fd, U.UFFDIO_WAKE, arg)
+
+    def _resolve(self, request: int, arg: ctypes.Structure, field: str, name: str, length: int) -> int:
+        setattr(arg, field, 0)
+        try:
+            libc.ioctl(self.fd, request, arg)
+        except OSError as err:
+            if err.errno == errno.EAGAIN:
+                done = int(getattr(arg, field))
+                raise PartialProgressError(max(done, 0), name) from None
+            raise
+        return length
+
+    # -- events ---------------------------------------------------------------------
+
+    def read_events(self, timeout: float | None = 0, max_events: int = 64) -> list[UffdEvent]:
+        """Wait up to ``timeout`` seconds (``None``: forever) and read pending messages.
+
+        Returns a possibly empty list (empty on timeout or EAGAIN). Reads up to
+        ``max_events`` messages with one ``read``. Needs a non-blocking fd for a
+        timeout other than ``None``.
+        """
+        fd = self.fd
+        if timeout is not None or not os.get_blocking(fd):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            ms = -1 if timeout is None else max(0, int(timeout * 1000))
+            while True:
+                try:
+                    ready = poller.poll(ms)
+                except InterruptedError:
+                    continue
+                break
+            if not ready:
+                return []
+            if ready[0][1] & select.POLLERR:
+                raise OSError(errno.EINVAL, "poll on userfaultfd gave POLLERR (a blocking fd cannot be polled)")
+        try:
+            data = os.read(fd, _MSG_SIZE * max(1, max_events))
+        except BlockingIOError:
+            return []
+        return parse_uffd_msgs(data)
+
+
+Userfaultfd.__module__ = "pagescan"
+
+
+def _feature_error(requested: int) -> KernelFeatureError | None:
+    """A KernelFeatureError naming requested features this kernel lacks, if any."""
+    if not requested:
+        return None
+    try:
+        probe = Userfaultfd(0)
+    except OSError:
+        return None
+    try:
+        supported = int(probe.supported_features)
+    finally:
+        probe.close()
+    missing = requested & ~supported
+    if not missing:
+        return None
+    names = []
+    since = None
+    for bit in range(64):
+        if missing & (1 << bit):
+            try:
+                f = UffdFeature(1 << bit)
+                names.append(f"UFFD_FEATURE_{f.name}")
+                v = U.FEATURE_SINCE.get(f)
+                if v and (since is None or tuple(map(int, v.split("."))) > tuple(map(int, since.split(".")))):
+                    since = v
+            except ValueError:
+                names.append(f"feature bit {bit}")
+    return KernelFeatureError(errno.EINVAL, " | ".join(names), since)
