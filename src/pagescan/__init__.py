@@ -20,7 +20,7 @@ from ._uapi.pagemap import (
 )
 from ._uapi.userfaultfd import PagefaultFlag, RegisterMode, UffdEventType, UffdFeature, UffdIoctl
 from .capabilities import Capabilities, capabilities
-from ._scan import PageRegion, ScanResult, masks, scan, scan_iter
+from ._scan import PageRegion, ScanResult, buffer_range, masks, scan, scan_iter
 from .userfaultfd import (
     ForkEvent,
     PagefaultEvent,
@@ -59,6 +59,7 @@ __all__ = [
     "UnknownEvent",
     "UnmapEvent",
     "Userfaultfd",
+    "buffer_range",
     "capabilities",
     "masks",
     "parse_uffd_msgs",

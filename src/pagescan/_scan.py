@@ -30,7 +30,7 @@ from . import _target as _target_mod
 from ._target import Target, target_for
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category
 
-__all__ = ["PageRegion", "ScanResult", "masks", "scan", "scan_iter"]
+__all__ = ["PageRegion", "ScanResult", "buffer_range", "masks", "scan", "scan_iter"]
 
 PAGE_SIZE = mmap.PAGESIZE
 _U64 = (1 << 64) - 1
@@ -382,7 +382,8 @@ def masks(
     """Compile friendly filters to the kernel's masks, for ``scan(**masks(...))``.
 
     ``require``: every one of these categories; ``exclude``: none of these; ``anyof``:
-    at least one of these; ``report``: the ``return_mask`` (default: all known bits).
+    at least one of these; ``report``: the ``return_mask`` (default: every category
+    this kernel supports, from :func:`capabilities`).
     ``exclude`` becomes ``category_inverted | category_mask``, so it must not overlap
     ``anyof`` (the kernel inverts before testing both).
     """
@@ -392,9 +393,9 @@ def masks(
     if anyof & exclude:
         raise ValueError(f"categories both in anyof and excluded: {Category(anyof & exclude)!r}")
     if report is None:
-        report = 0
-        for cat in Category:
-            report |= cat
+        from .capabilities import capabilities
+
+        report = int(capabilities().categories)
     return {
         "category_inverted": exclude,
         "category_mask": require | exclude,
