@@ -14,6 +14,7 @@ what the kernel means (``shared/spec/kernel.md`` 1.4-1.8). Where pagescan differ
 
 from __future__ import annotations
 
+import errno
 import mmap
 import operator
 import os
@@ -118,10 +119,18 @@ _kernel = KernelBackend()
 _EMPTY = np.empty(0, PAGE_REGION_DTYPE)
 _EMPTY.flags.writeable = False
 _env_backend: str | None = None
+_emulated: Any = None
+#: Set once the kernel answered ENOTTY: "auto" then uses the emulation.
+_kernel_missing = False
 
 
 def _emulated_backend() -> Any:
-    raise NotImplementedError("the emulated backend is not implemented yet")
+    global _emulated
+    if _emulated is None:
+        from ._backend_emulated import EmulatedBackend
+
+        _emulated = EmulatedBackend()
+    return _emulated
 
 
 def _pick_backend(backend: str) -> Any:
@@ -134,12 +143,31 @@ def _pick_backend(backend: str) -> Any:
             _env_backend = env
         backend = _env_backend
         if backend == "auto":
-            return _kernel
+            return _emulated_backend() if _kernel_missing else _kernel
     if backend == "kernel":
         return _kernel
     if backend == "emulated":
         return _emulated_backend()
     raise ValueError(f"backend must be one of {_BACKENDS}, not {backend!r}")
+
+
+def _call(
+    impl: Any, backend: str, target: Target, start: int, end: int, flags: int, inverted: int, mask: int,
+    anyof: int, return_mask: int, max_pages: int, vec: Any, index: int, addr: int, vec_len: int,
+) -> tuple[int, int]:
+    """Run the backend; under "auto", fall back to the emulation when the ioctl is missing."""
+    global _kernel_missing
+    try:
+        return impl.scan(  # type: ignore[no-any-return]
+            target, start, end, flags, inverted, mask, anyof, return_mask, max_pages, vec, index, addr, vec_len
+        )
+    except KernelFeatureError as err:
+        if impl is not _kernel or backend != "auto" or err.errno != errno.ENOTTY or _env_backend == "kernel":
+            raise
+        _kernel_missing = True
+        return _emulated_backend().scan(  # type: ignore[no-any-return]
+            target, start, end, flags, inverted, mask, anyof, return_mask, max_pages, vec, index, addr, vec_len
+        )
 
 
 _ARG_NAMES = (
@@ -275,13 +303,15 @@ def scan(
     try:
         if out is not None:
             addr = int(out.ctypes.data) if vec_len else 0
-            n, walk_end = impl.scan(
-                target, start, end, flags, inverted, mask, anyof, return_mask, max_pages, out, 0, addr, vec_len
+            n, walk_end = _call(
+                impl, backend, target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
+                out, 0, addr, vec_len,
             )
             regions = out[:n]
         elif vec_len == 0:
-            n, walk_end = impl.scan(
-                target, start, end, flags, inverted, mask, anyof, return_mask, max_pages, None, 0, 0, 0
+            n, walk_end = _call(
+                impl, backend, target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
+                None, 0, 0, 0,
             )
             regions = _EMPTY
         elif vec_len <= _SCRATCH_REGIONS:
@@ -291,16 +321,16 @@ def scan(
                 a.new()
                 pos = 0
             buf = a.buf
-            n, walk_end = impl.scan(
-                target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
+            n, walk_end = _call(
+                impl, backend, target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
                 buf, pos, a.addr + pos * 24, vec_len,
             )
             a.pos = pos + n
             regions = buf[pos : pos + n]
         else:
             vec = np.empty(vec_len, PAGE_REGION_DTYPE)
-            n, walk_end = impl.scan(
-                target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
+            n, walk_end = _call(
+                impl, backend, target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
                 vec, 0, int(vec.ctypes.data), vec_len,
             )
             regions = vec[:n]

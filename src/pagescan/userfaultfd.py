@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._backend_emulated import wp_async_registry
 from ._errors import KernelFeatureError, PartialProgressError
 from ._uapi import libc
 from ._uapi import userfaultfd as U
@@ -267,6 +268,7 @@ class Userfaultfd:
         """Close the fd: the kernel unregisters every range and wakes all waiters."""
         fd, self._fd = self._fd, -1
         if fd >= 0:
+            wp_async_registry.remove(id(self))
             os.close(fd)
 
     def detach(self) -> int:
@@ -303,12 +305,15 @@ class Userfaultfd:
         """
         arg = U.uffdio_register(U.uffdio_range(_u64("start", start), _u64("length", length)), _u64("mode", mode), 0)
         libc.ioctl(self.fd, U.UFFDIO_REGISTER, arg)
+        if mode & RegisterMode.WP and self.features & UffdFeature.WP_ASYNC:
+            wp_async_registry.add(id(self), start, start + length)
         return UffdIoctl(arg.ioctls)
 
     def unregister(self, start: int, length: int) -> None:
         """``UFFDIO_UNREGISTER``: wakes MISSING waiters and clears uffd-wp state."""
         arg = U.uffdio_range(_u64("start", start), _u64("length", length))
         libc.ioctl(self.fd, U.UFFDIO_UNREGISTER, arg)
+        wp_async_registry.remove(id(self), start, start + length)
 
     # -- resolution -----------------------------------------------------------------
 
