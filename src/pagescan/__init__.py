@@ -21,6 +21,7 @@ from ._uapi.pagemap import (
 from ._uapi.userfaultfd import PagefaultFlag, RegisterMode, UffdEventType, UffdFeature, UffdIoctl
 from .capabilities import Capabilities, capabilities
 from ._scan import PageRegion, ScanResult, buffer_range, masks, scan, scan_iter
+from .move import MoveResult, move_pages
 from .userfaultfd import (
     ForkEvent,
     PagefaultEvent,
@@ -31,6 +32,7 @@ from .userfaultfd import (
     Userfaultfd,
     parse_uffd_msgs,
 )
+from .writewatch import WriteWatch, regions_to_pages
 
 __version__ = "0.1.0"
 
@@ -43,6 +45,7 @@ __all__ = [
     "Category",
     "ForkEvent",
     "KernelFeatureError",
+    "MoveResult",
     "PageRegion",
     "PagefaultEvent",
     "PagefaultFlag",
@@ -59,16 +62,19 @@ __all__ = [
     "UnknownEvent",
     "UnmapEvent",
     "Userfaultfd",
+    "WriteWatch",
     "buffer_range",
     "capabilities",
     "masks",
+    "move_pages",
     "parse_uffd_msgs",
+    "regions_to_pages",
     "scan",
     "scan_iter",
 ]
 
 for _name in ("Category", "ScanFlag", "PageRegion", "ScanResult", "Capabilities", "UffdFeature",
               "UffdIoctl", "RegisterMode", "PagefaultFlag", "UffdEventType", "PagefaultEvent",
-              "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent"):
+              "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent", "MoveResult"):
     globals()[_name].__module__ = "pagescan"
 del _name

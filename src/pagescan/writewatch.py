@@ -1,0 +1,226 @@
+"""``WriteWatch``: which pages of a range were written since I last asked?
+
+``GetWriteWatch``/``ResetWriteWatch`` semantics on Linux: the range is registered for
+userfaultfd write-protect in asynchronous mode (``UFFD_FEATURE_WP_ASYNC``, Linux 6.7,
+which implies ``WP_UNPOPULATED``) and armed. A write to an armed page faults once; the
+kernel itself clears the page's uffd-wp bit and lets the write through -- no message,
+no handler, the writer never blocks. ``PAGEMAP_SCAN`` then reads back the pages whose
+bit is clear (``PAGE_IS_WRITTEN``) and, with ``PM_SCAN_WP_MATCHING``, re-arms exactly
+the pages it reported in the same page-table walk, so a write racing a ``get`` lands in
+this answer or the next one, never nowhere.
+
+Decisions (what the kernel does, and what pagescan does about it):
+
+* **Granularity.** Whole pages: a buffer is widened to the pages that cover it. hugetlb
+  memory is tracked per huge page (a write marks all its base pages). A PMD-mapped THP
+  that is armed as a whole stays PMD-mapped until its first write, which splits the
+  mapping so that only the written page reads written; ``nohugepage=True`` applies
+  ``MADV_NOHUGEPAGE`` (as Wine does for watched views) so no new THP forms in the
+  range and results are page-exact on every kernel.
+* **Guard pages** (``MADV_GUARD_INSTALL``) read as written to the kernel. ``get`` and
+  ``regions`` exclude them (``category_mask=WRITTEN|GUARD, category_inverted=GUARD``)
+  where the kernel reports guard pages (6.16); guard pages are never re-armed.
+* **Zapped pages.** ``MADV_DONTNEED``/hole punching drop the page and its arming; the
+  kernel defines that as written, and it is reported as written.
+* **Memory types.** WP-async can track any mapping: private and shared anonymous,
+  shmem/memfd, hugetlb, and files. Only writes through *this* mapping's page tables
+  are seen: writes by ``write(2)`` to the file, by other mappings or processes sharing
+  the memory, or by devices (DMA) are not.
+* **fork.** The child does not inherit the registration: all its pages read written,
+  and a ``WriteWatch`` used in the child raises ``RuntimeError``.
+* **mremap/munmap.** The registration does not follow ``mremap``; after the range is
+  moved or unmapped, ``get`` raises ``PermissionError`` (EPERM). Create a new watch.
+* Watches may not overlap (the kernel allows one uffd per VMA): an overlapping watch
+  is refused with ``OSError(EBUSY)``. ``close()`` (or the context manager) unregisters.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from typing import Any, final
+
+import numpy as np
+
+from ._scan import buffer_range, scan_iter
+from ._uapi import libc
+from ._uapi.mman import MADV
+from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag
+from ._uapi.userfaultfd import RegisterMode, UffdFeature
+from .capabilities import capabilities
+from .userfaultfd import Userfaultfd
+
+__all__ = ["WriteWatch", "regions_to_pages"]
+
+P = mmap.PAGESIZE
+
+_active_lock = threading.Lock()
+_active: dict[int, tuple[int, int]] = {}  # id(watch) -> (start, end)
+
+
+def regions_to_pages(regions: np.ndarray, page_size: int = P) -> np.ndarray:
+    """Expand ``PAGE_REGION_DTYPE`` regions to the ascending uint64 addresses of their pages."""
+    if not len(regions):
+        return np.empty(0, dtype=np.uint64)
+    starts = regions["start"]
+    counts = ((regions["end"] - starts) // np.uint64(page_size)).astype(np.int64)
+    total = int(counts.sum())
+    offsets = np.arange(total, dtype=np.uint64)
+    first_index = np.repeat(np.cumsum(counts) - counts, counts).astype(np.uint64)
+    return np.repeat(starts, counts) + (offsets - first_index) * np.uint64(page_size)
+
+
+@final
+class WriteWatch:
+    """Track writes to ``[start, start + length)`` (or to a buffer object's pages).
+
+    Args:
+        start: page-aligned address, or a buffer object (mmap, numpy array, bytearray,
+            memoryview) whose covering pages are watched (then omit ``length``).
+        length: bytes; rounded up to whole pages.
+        nohugepage: ``MADV_NOHUGEPAGE`` on the range first (page-exact results).
+
+    Raises:
+        KernelFeatureError: no ``UFFD_FEATURE_WP_ASYNC`` (needs Linux 6.7).
+        OSError: EBUSY (overlaps another watch, or registered with another uffd),
+            EINVAL (unaligned, unmapped, or ineligible memory).
+    """
+
+    __slots__ = ("__weakref__", "_lock", "_owner", "_uffd", "end", "exclude", "start")
+
+    def __init__(self, start: Any, length: int | None = None, *, nohugepage: bool = False) -> None:
+        self._uffd: Userfaultfd | None = None
+        if length is None:
+            if isinstance(start, int):
+                raise TypeError("WriteWatch(start, length) needs a length, or pass a buffer object")
+            lo, hi = buffer_range(start)
+        else:
+            if isinstance(start, bool) or not isinstance(start, int) or isinstance(length, bool) or not isinstance(length, int):
+                raise TypeError("start and length must be ints")
+            if start < 0 or length <= 0:
+                raise ValueError("start must be >= 0 and length > 0")
+            if start % P:
+                raise ValueError(f"start {start:#x} is not page aligned")
+            lo, hi = start, start + (length + P - 1) // P * P
+        self.start, self.end = lo, hi
+        caps = capabilities()
+        if not caps.wp_async:
+            from ._errors import KernelFeatureError
+
+            raise KernelFeatureError(errno.EINVAL, "UFFD_FEATURE_WP_ASYNC", "6.7", "needed by WriteWatch")
+        self.exclude = int(Category.GUARD) if caps.categories & Category.GUARD else 0
+        with _active_lock:
+            for other in _active.values():
+                if other[0] < hi and lo < other[1]:
+                    raise OSError(
+                        errno.EBUSY,
+                        f"{os.strerror(errno.EBUSY)}: {lo:#x}-{hi:#x} overlaps a WriteWatch of "
+                        f"{other[0]:#x}-{other[1]:#x}",
+                    )
+            _active[id(self)] = (lo, hi)
+        try:
+            if nohugepage:
+                libc.madvise(lo, hi - lo, MADV.NOHUGEPAGE)
+            uf = Userfaultfd(UffdFeature.WP_ASYNC)
+            try:
+                uf.register(lo, hi - lo, RegisterMode.WP)
+                uf.writeprotect(lo, hi - lo)
+            except BaseException:
+                uf.close()
+                raise
+        except BaseException:
+            with _active_lock:
+                _active.pop(id(self), None)
+            raise
+        self._uffd = uf
+        self._owner = os.getpid()
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._uffd is None or self._uffd.closed
+
+    def close(self) -> None:
+        """Unregister the range (the kernel clears its write-protection) and forget it."""
+        uf, self._uffd = self._uffd, None
+        with _active_lock:
+            _active.pop(id(self), None)
+        if uf is not None:
+            uf.close()
+
+    def __enter__(self) -> WriteWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<pagescan.WriteWatch {self.start:#x}-{self.end:#x} {state}>"
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def _check(self) -> Userfaultfd:
+        uf = self._uffd
+        if uf is None or uf.closed:
+            raise ValueError("operation on a closed WriteWatch")
+        if os.getpid() != self._owner:
+            raise RuntimeError(
+                f"this WriteWatch belongs to pid {self._owner}; a forked child does not inherit "
+                "the write tracking (all its pages read as written)"
+            )
+        return uf
+
+    # -- queries ----------------------------------------------------------------------
+
+    def regions(self, reset: bool = False, max_pages: int | None = None) -> np.ndarray:
+        """Written pages as compact ``PAGE_REGION_DTYPE`` regions, ascending.
+
+        ``reset=True`` re-arms exactly the pages returned, in the same walk; with
+        ``max_pages`` the pages beyond the limit stay written for the next call.
+        """
+        self._check()
+        if max_pages is not None and (isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages <= 0):
+            raise ValueError("max_pages must be a positive int or None")
+        flags = ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if reset else 0)
+        ex = self.exclude
+        parts = []
+        with self._lock:
+            try:
+                for res in scan_iter(
+                    self.start, self.end, flags=int(flags),
+                    category_mask=int(Category.WRITTEN) | ex, category_inverted=ex,
+                    return_mask=int(Category.WRITTEN), max_pages=max_pages or 0,
+                ):
+                    parts.append(res.regions)
+            except PermissionError as err:
+                raise PermissionError(
+                    err.errno,
+                    f"{err.strerror}: {self.start:#x}-{self.end:#x} is no longer fully registered for "
+                    "write tracking (unmapped, mremap'd or replaced?)",
+                ) from err
+        if not parts:
+            return np.empty(0, PAGE_REGION_DTYPE)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def get(self, max_pages: int | None = None, reset: bool = False) -> np.ndarray:
+        """Addresses of the written pages, ascending ``uint64`` (``GetWriteWatch``)."""
+        return regions_to_pages(self.regions(reset=reset, max_pages=max_pages))
+
+    def reset(self) -> None:
+        """Re-arm every page of the range (``ResetWriteWatch``)."""
+        uf = self._check()
+        with self._lock:
+            uf.writeprotect(self.start, self.end - self.start)
