@@ -21,6 +21,7 @@ from ._uapi.pagemap import (
 from ._uapi.userfaultfd import PagefaultFlag, RegisterMode, UffdEventType, UffdFeature, UffdIoctl
 from .capabilities import Capabilities, capabilities
 from ._scan import PageRegion, ScanResult, buffer_range, masks, scan, scan_iter
+from .handler import FaultHandler, FileSource
 from .move import MoveResult, move_pages
 from .userfaultfd import (
     ForkEvent,
@@ -43,6 +44,8 @@ __all__ = [
     "PM_SCAN_WP_MATCHING",
     "Capabilities",
     "Category",
+    "FaultHandler",
+    "FileSource",
     "ForkEvent",
     "KernelFeatureError",
     "MoveResult",
@@ -75,6 +78,6 @@ __all__ = [
 
 for _name in ("Category", "ScanFlag", "PageRegion", "ScanResult", "Capabilities", "UffdFeature",
               "UffdIoctl", "RegisterMode", "PagefaultFlag", "UffdEventType", "PagefaultEvent",
-              "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent", "MoveResult"):
+              "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent", "MoveResult", "WriteWatch", "FaultHandler", "FileSource"):
     globals()[_name].__module__ = "pagescan"
 del _name

@@ -1,0 +1,480 @@
+"""Serve userfaultfd MISSING faults from a separate process.
+
+Why another process: a fault taken by a thread holding the GIL (a ``bytes()`` copy, an
+``mmap`` index, a numpy operation) blocks until it is resolved; a handler *thread* of
+the same process would need that GIL to run, so the process would deadlock. The
+handler here is a forked child: it inherits the userfaultfd, whose faults belong to the
+parent's mm, and resolves them with ``UFFDIO_COPY``/``UFFDIO_ZEROPAGE``, which copy from
+the handler's own memory into the parent's (``UFFDIO_MOVE`` is not an option: the
+kernel refuses it from any process but the owner of the memory).
+
+What the handler does:
+
+* reads many messages per ``read``; a fault resolves a window of pages around it;
+* when idle, prefetches ahead in address order, the window growing from 64 KiB to
+  4 MiB while idle and shrinking back on a fault (CRIU's lazy-pages policy);
+* treats EEXIST (already populated: a race with prefetch) by waking the range, and
+  EAGAIN (the mm is changing) by reading the pending events and retrying;
+* follows non-cooperative events: ``REMOVE`` (``MADV_DONTNEED``) means the owner
+  discarded the contents, so later faults there get zero pages, never the old data;
+  ``UNMAP`` forgets the range; ``REMAP`` (mremap) moves it;
+* when every page is in, unregisters the ranges and exits.
+
+Failure, never a hang and never wrong data: the owner gives up its own copy of the
+uffd, so the ranges stay registered only while the handler (and its guardian) hold it.
+The handler forks a small guardian that also holds the uffd and waits for the handler
+to end. If the handler dies before finishing, the guardian installs poison markers
+(``UFFDIO_POISON``, Linux 6.6) on every page still empty and wakes the faulting
+threads: they get SIGBUS, a clear failure, instead of waiting forever or -- had the
+uffd simply been closed -- silently reading zero pages. (If handler and guardian are
+killed together, the kernel unregisters the ranges and later faults read zeros; keep
+them in the owner's process group and do not kill it.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+import select
+import signal
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from ._errors import PartialProgressError
+from ._uapi import libc
+from ._uapi.mman import MAP, PROT
+from ._uapi.pagemap import Category
+from ._uapi.userfaultfd import RegisterMode, UffdFeature
+from .userfaultfd import (
+    PagefaultEvent,
+    RemapEvent,
+    RemoveEvent,
+    UnmapEvent,
+    Userfaultfd,
+)
+
+__all__ = ["FaultHandler", "FileSource", "Source"]
+
+P = mmap.PAGESIZE
+MIN_WINDOW = 64 << 10
+MAX_WINDOW = 4 << 20
+#: How long the handler waits for a fault before prefetching (seconds).
+IDLE = 0.001
+
+
+class Source(Protocol):
+    """Where the pages come from: ``read(offset, length)`` into a writable buffer.
+
+    ``offset`` counts from the start of the first region (regions are concatenated).
+    Return ``False`` if the whole span is zero (served as zero pages without copying).
+    """
+
+    def read(self, offset: int, out: memoryview) -> bool: ...
+
+
+class FileSource:
+    """Pages from a file (or a slice of it starting at ``base``)."""
+
+    def __init__(self, path: str | os.PathLike[str], base: int = 0) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.base = base
+
+    def read(self, offset: int, out: memoryview) -> bool:
+        got = os.preadv(self.fd, [out], self.base + offset)
+        if got < len(out):
+            out[got:] = bytes(len(out) - got)
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _CallableSource:
+    def __init__(self, fn: Callable[[int, int], Any]) -> None:
+        self.fn = fn
+
+    def read(self, offset: int, out: memoryview) -> bool:
+        data = self.fn(offset, len(out))
+        if data is None:
+            return False
+        mv = memoryview(data).cast("B")
+        if len(mv) != len(out):
+            raise ValueError(f"source returned {len(mv)} bytes for a {len(out)}-byte request")
+        out[:] = mv
+        return True
+
+
+class _Shared:
+    """A small MAP_SHARED page for progress counters: [served_pages, state, error]."""
+
+    def __init__(self) -> None:
+        self.addr = libc.mmap(0, P, PROT.READ | PROT.WRITE, MAP.SHARED | MAP.ANONYMOUS)
+        self.arr = (ctypes.c_uint64 * 4).from_address(self.addr)
+
+    def close(self) -> None:
+        if self.addr:
+            libc.munmap(self.addr, P)
+            self.addr = 0
+
+
+STATE_RUNNING, STATE_DONE, STATE_FAILED = 0, 1, 2
+
+
+class FaultHandler:
+    """Register ``regions`` for MISSING faults and serve them from ``source`` in a child.
+
+    Args:
+        regions: ``(address, length)`` pairs, page aligned, each unpopulated (checked:
+            ``FileExistsError`` otherwise). Their bytes are ``source`` offsets 0.. in order.
+        source: a :class:`Source`, or a callable ``(offset, length) -> bytes | None``
+            (``None``: zeros).
+        prefetch: copy pages ahead while no fault is waiting.
+
+    Use as a context manager; :meth:`wait` blocks until every page is in. Raises
+    ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
+    EBUSY if registered elsewhere).
+    """
+
+    def __init__(
+        self,
+        regions: Sequence[tuple[int, int]],
+        source: Source | Callable[[int, int], Any],
+        *,
+        prefetch: bool = True,
+    ) -> None:
+        self.regions = [(int(a), int(n)) for a, n in regions]
+        for a, n in self.regions:
+            if a % P or n % P or n <= 0:
+                raise ValueError(f"region {a:#x}+{n:#x} is not page aligned and non-empty")
+        self.total_pages = sum(n for _, n in self.regions) // P
+        self.source: Source = source if hasattr(source, "read") else _CallableSource(source)  # type: ignore[arg-type]
+        self.prefetch = prefetch
+        self.pid = 0
+        self.owner = os.getpid()
+        self._shared: _Shared | None = None
+        self._started = False
+
+    # -- owner side -----------------------------------------------------------------
+
+    def start(self) -> FaultHandler:
+        from ._scan import scan
+
+        for a, n in self.regions:
+            busy = scan(a, a + n, category_anyof_mask=int(Category.PRESENT | Category.SWAPPED), return_mask=0)
+            if len(busy):
+                raise FileExistsError(
+                    errno.EEXIST,
+                    f"lazy targets must be unpopulated: {busy.pages} pages of {a:#x}+{n:#x} are already present",
+                )
+        self.owner = os.getpid()
+        feats = UffdFeature.EVENT_REMOVE | UffdFeature.EVENT_UNMAP | UffdFeature.EVENT_REMAP
+        uf = Userfaultfd(feats, nonblock=True)
+        self._shared = _Shared()
+        try:
+            for a, n in self.regions:
+                uf.register(a, n, RegisterMode.MISSING)
+            ready_r, ready_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # handler process
+                code = 1
+                try:
+                    os.close(ready_r)
+                    code = _handler_main(uf, self, ready_w)
+                except BaseException:
+                    code = 1
+                finally:
+                    os._exit(code)
+            os.close(ready_w)
+            self.pid = pid
+            self._started = True
+            # Wait until handler and guardian hold the uffd, then give up ours.
+            os.read(ready_r, 1)
+            os.close(ready_r)
+        finally:
+            uf.close()
+        return self
+
+    def progress(self) -> tuple[int, int]:
+        """``(pages served, total pages)``."""
+        sh = self._shared
+        return (int(sh.arr[0]) if sh and sh.addr else 0), self.total_pages
+
+    @property
+    def failed(self) -> bool:
+        sh = self._shared
+        return bool(sh and sh.addr and sh.arr[1] == STATE_FAILED)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the handler to finish; ``True`` when every page was served."""
+        if not self._started:
+            raise RuntimeError("FaultHandler was not started")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.pid:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.pid = 0
+                self.exit_status = status
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.002)
+        sh = self._shared
+        return bool(sh and sh.addr and sh.arr[1] == STATE_DONE)
+
+    def close(self) -> None:
+        """Stop the handler (if still running) and reap it."""
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+            self.pid = 0
+        if self._shared is not None:
+            self._shared.close()
+
+    def __enter__(self) -> FaultHandler:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- handler process --------------------------------------------------------------------
+
+
+class _Pages:
+    """Per-page state of the lazy ranges: 0 pending, 1 in (served or present), 2 zero-fill."""
+
+    def __init__(self, regions: list[tuple[int, int]]) -> None:
+        self.regions = regions
+        self.base = [0]
+        for _, n in regions:
+            self.base.append(self.base[-1] + n // P)
+        self.state = np.zeros(self.base[-1], dtype=np.uint8)
+        self.addr = [a for a, _ in regions]
+        self.offset = [0] * len(regions)  # source offset of each region (moved by REMAP)
+        off = 0
+        for i, (_, n) in enumerate(regions):
+            self.offset[i] = off
+            off += n
+
+    def locate(self, address: int) -> tuple[int, int] | None:
+        """(region index, page index within the global state array)."""
+        for i, a in enumerate(self.addr):
+            n = self.regions[i][1]
+            if a <= address < a + n:
+                return i, self.base[i] + (address - a) // P
+        return None
+
+    def mark(self, start: int, end: int, value: int) -> None:
+        for i, a in enumerate(self.addr):
+            n = self.regions[i][1]
+            lo, hi = max(start, a), min(end, a + n)
+            if lo < hi:
+                s = self.base[i] + (lo - a) // P
+                self.state[s : s + (hi - lo) // P] = value
+
+
+def _handler_main(uf: Userfaultfd, fh: FaultHandler, ready_w: int) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The guardian: holds the uffd; if we die before finishing, poisons empty pages.
+    life_r, life_w = os.pipe()
+    gpid = os.fork()
+    if gpid == 0:
+        try:
+            os.close(life_w)
+            os.close(ready_w)
+            _guardian(uf, fh.regions, fh.owner, life_r)
+        finally:
+            os._exit(0)
+    os.close(life_r)
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+    assert fh._shared is not None
+    shared = fh._shared.arr
+    pages = _Pages(fh.regions)
+    buf = bytearray(MAX_WINDOW)
+    bufmv = memoryview(buf)
+    buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    window = MIN_WINDOW
+    cursor = 0  # global page index for prefetch
+    state = STATE_FAILED
+    try:
+        while True:
+            pending = np.flatnonzero(pages.state == 0)
+            if not pending.size:
+                state = STATE_DONE
+                break
+            timeout = IDLE if fh.prefetch else None
+            try:
+                events = uf.read_events(timeout=timeout, max_events=64)
+            except OSError as err:
+                if err.errno == errno.EINVAL:
+                    state = STATE_FAILED
+                    break
+                raise
+            if events:
+                window = MIN_WINDOW
+                for ev in events:
+                    if isinstance(ev, PagefaultEvent):
+                        loc = pages.locate(ev.address)
+                        if loc is None:
+                            continue
+                        _serve(uf, fh, pages, loc[1], window, bufmv, buf_addr, shared)
+                    elif isinstance(ev, RemoveEvent):
+                        pages.mark(ev.start, ev.end, 2)  # discarded: later faults get zero pages
+                    elif isinstance(ev, UnmapEvent):
+                        pages.mark(ev.start, ev.end, 1)
+                    elif isinstance(ev, RemapEvent):
+                        for i, a in enumerate(pages.addr):
+                            if ev.from_ <= a < ev.from_ + ev.len:
+                                pages.addr[i] = ev.to + (a - ev.from_)
+                shared[0] = int(np.count_nonzero(pages.state))
+                continue
+            # Idle: prefetch the next pending pages.
+            if cursor >= pages.state.size or pages.state[cursor]:
+                nxt = pending[pending >= cursor]
+                cursor = int(nxt[0]) if nxt.size else int(pending[0])
+            _serve(uf, fh, pages, cursor, window, bufmv, buf_addr, shared)
+            window = min(window * 2, MAX_WINDOW)
+            shared[0] = int(np.count_nonzero(pages.state))
+        if state == STATE_DONE:
+            for a, n in zip(pages.addr, (n for _, n in pages.regions)):
+                with contextlib.suppress(OSError):
+                    uf.unregister(a, n)
+    except ProcessLookupError:
+        state = STATE_FAILED  # the owner is gone
+    finally:
+        shared[1] = state
+        with contextlib.suppress(OSError):
+            os.write(life_w, b"D" if state == STATE_DONE else b"F")
+        os.close(life_w)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(gpid, 0)
+    return 0 if state == STATE_DONE else 1
+
+
+class _Retry(Exception):
+    """The mm is changing (a non-cooperative event is pending): read events, then retry."""
+
+
+def _serve(
+    uf: Userfaultfd, fh: FaultHandler, pages: _Pages, gidx: int, window: int,
+    bufmv: memoryview, buf_addr: int, shared: Any,
+) -> None:
+    """Resolve the pending pages in the window around global page ``gidx``."""
+    i = next(k for k in range(len(pages.regions)) if pages.base[k] <= gidx < pages.base[k + 1])
+    wpages = window // P
+    lo = max(pages.base[i], gidx - gidx % wpages)  # window aligned down: serve the fault's neighbours too
+    hi = min(pages.base[i + 1], lo + wpages)
+    st = pages.state[lo:hi]
+    n = hi - lo
+    k = 0
+    while k < n:
+        if st[k] == 1:
+            k += 1
+            continue
+        kind = st[k]
+        j = k
+        while j < n and st[j] == kind:
+            j += 1
+        page0 = lo + k
+        addr = pages.addr[i] + (page0 - pages.base[i]) * P
+        length = (j - k) * P
+        src: int | None = None
+        if kind == 0:
+            src_off = pages.offset[i] + (page0 - pages.base[i]) * P
+            if fh.source.read(src_off, bufmv[:length]):
+                src = buf_addr
+        try:
+            _fill(uf, addr, length, src)
+        except _Retry:
+            return  # pages stay pending
+        pages.state[page0 : lo + j] = 1
+        k = j
+
+
+def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:
+    """``UFFDIO_COPY`` from ``src`` (or ``UFFDIO_ZEROPAGE``) into ``[addr, addr+length)``.
+
+    A page that is already present (EEXIST: a race with a fault or the owner) is
+    skipped and its waiters are woken; a range that vanished (ENOENT) is skipped.
+    """
+
+    def op(off: int, ln: int) -> None:
+        if src is None:
+            uf.zeropage(addr + off, ln)
+        else:
+            uf.copy(addr + off, src + off, ln)
+
+    done = 0
+    while done < length:
+        try:
+            op(done, length - done)
+            return
+        except PartialProgressError as err:
+            if err.done <= 0:
+                raise _Retry from None
+            done += err.done
+        except FileNotFoundError:
+            return  # no longer registered/mapped
+        except FileExistsError:
+            for off in range(done, length, P):
+                try:
+                    op(off, P)
+                except FileExistsError:
+                    with contextlib.suppress(OSError):
+                        uf.wake(addr + off, P)
+                except FileNotFoundError:
+                    return
+                except PartialProgressError:
+                    raise _Retry from None
+            return
+
+
+def _guardian(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int, life_r: int) -> None:
+    """Wait for the handler to end; if it did not finish, poison what is still empty."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    msg = b""
+    while True:
+        try:
+            chunk = os.read(life_r, 1)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        msg = chunk
+    if msg == b"D":
+        return
+    _poison_empty(uf, regions, owner)
+
+
+def _poison_empty(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int) -> None:
+    from ._scan import scan
+
+    empty = int(Category.PRESENT | Category.SWAPPED)
+    for _ in range(100):
+        with contextlib.suppress(OSError):
+            uf.read_events(timeout=0, max_events=256)  # unblock pending non-cooperative events
+        left = 0
+        for a, n in regions:
+            try:
+                res = scan(a, a + n, pid=owner, category_mask=empty, category_inverted=empty, return_mask=0)
+            except OSError:
+                return
+            for s, e, _ in res.regions.tolist():
+                left += 1
+                with contextlib.suppress(OSError):
+                    uf.poison(s, e - s)
+        if not left:
+            return
