@@ -76,7 +76,7 @@ __all__ = [
     "scan_iter",
 ]
 
-for _name in ("Category", "ScanFlag", "PageRegion", "ScanResult", "Capabilities", "UffdFeature",
+for _name in ("MADV", "Category", "ScanFlag", "PageRegion", "ScanResult", "Capabilities", "UffdFeature",
               "UffdIoctl", "RegisterMode", "PagefaultFlag", "UffdEventType", "PagefaultEvent",
               "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent", "MoveResult", "WriteWatch", "FaultHandler", "FileSource"):
     globals()[_name].__module__ = "pagescan"

@@ -185,8 +185,6 @@ _ARG_NAMES = (
 def _check_u64(values: tuple[Any, ...], names: tuple[str, ...]) -> tuple[int, ...]:
     out = []
     for name, value in zip(names, values):
-        if isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, not bool")
         try:
             v = operator.index(value)
         except TypeError:
@@ -267,7 +265,7 @@ def scan(
     try:
         v = start | end | flags | inverted | mask | anyof | return_mask | max_pages
         fast = isinstance(v, int) and 0 <= v <= _U64
-    except TypeError:
+    except (TypeError, OverflowError):  # non-ints; small numpy ints overflow against addresses
         fast = False
     if not fast:
         start, end, flags, inverted, mask, anyof, return_mask, max_pages = _check_u64(
