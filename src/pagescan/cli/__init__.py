@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import _caps
+from . import _caps, _scan, _stat
 
 __all__ = ["main"]
 
@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _caps.add_parser(sub)
+    _scan.add_parser(sub)
+    _stat.add_parser(sub)
     return parser
 
 

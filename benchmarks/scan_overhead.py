@@ -1,0 +1,476 @@
+#!/usr/bin/env python3
+"""How much does pagescan add on top of the raw PAGEMAP_SCAN ioctl?
+
+Three workloads, each run through pagescan's Python API and through a C reference
+program (``scan_ref.c``, compiled here with the system C compiler) doing the same
+thing with raw syscalls:
+
+(a) one-page scan: ``pagescan.scan(p, p + PAGE, return_mask=<all supported
+    categories>)`` on a present page, in batches of ``--calls`` calls (ns/call);
+(b) get-and-write-protect: ``--size`` bytes of private anonymous memory, written
+    and then armed on a ``WP_ASYNC`` userfaultfd; each round writes
+    ``--dirty-percent`` of its pages (random, seeded, identical on both sides) and
+    times only ``scan(start, end, flags=PM_SCAN_WP_MATCHING, category_mask=WRITTEN,
+    return_mask=WRITTEN)``, which must report exactly the pages written (µs/scan);
+(c) full-category scan of the same range (``return_mask`` = all supported
+    categories, no masks) after one more dirtying round (µs/scan).
+
+The two sides take turns batch by batch (C, Python, C, Python, ...) so that both see
+the same machine noise; each figure is the median over ``--repeat`` batches or
+rounds, and the ratio is median(Python) / median(C). The range gets
+``MADV_NOHUGEPAGE``, so (b) and (c) measure 4 KiB PTEs only (no THP).
+
+Run ``python benchmarks/scan_overhead.py --help`` for the options; see README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import mmap
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import pagescan
+from pagescan import PM_SCAN_WP_MATCHING, Category, RegisterMode, UffdFeature, Userfaultfd
+from pagescan._uapi import libc
+from pagescan._uapi.mman import MADV, MAP, PROT
+
+PAGE = mmap.PAGESIZE
+HERE = Path(__file__).resolve().parent
+C_SOURCE = HERE / "scan_ref.c"
+WRITTEN = int(Category.WRITTEN)
+WP_MATCHING = int(PM_SCAN_WP_MATCHING)
+_M64 = (1 << 64) - 1
+
+#: Python/C ratio each workload must stay under.
+TARGETS = {"a": 2.5, "b": 1.05, "c": 1.05}
+
+
+# -- shared pieces -------------------------------------------------------------------
+
+
+class SplitMix64:
+    """splitmix64, bit for bit the generator in scan_ref.c (same seed, same pages)."""
+
+    def __init__(self, seed: int) -> None:
+        self.state = seed & _M64
+
+    def next(self) -> int:
+        self.state = z = (self.state + 0x9E3779B97F4A7C15) & _M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        return z ^ (z >> 31)
+
+
+def draw_pages(rng: SplitMix64, npages: int, count: int) -> np.ndarray:
+    """``count`` distinct page indices, in drawing order (as scan_ref.c draws them)."""
+    seen: set[int] = set()
+    order = []
+    while len(order) < count:
+        page = rng.next() % npages
+        if page not in seen:
+            seen.add(page)
+            order.append(page)
+    return np.array(order, dtype=np.int64)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = units.get(t[-1:], 1)
+    if t[-1:] in units:
+        t = t[:-1]
+    try:
+        value = int(float(t) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1G, 256M, 4096)") from None
+    if value < PAGE:
+        raise argparse.ArgumentTypeError(f"size must be at least one page ({PAGE} bytes)")
+    return value - value % PAGE
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+# -- the Python side -----------------------------------------------------------------
+
+
+class PythonSide:
+    """The benchmark's own memory and uffd, driven through pagescan's public API."""
+
+    def __init__(self, size: int, dirty: int, seed: int, categories: int) -> None:
+        self.size = size
+        self.npages = size // PAGE
+        self.dirty = dirty
+        self.rng = SplitMix64(seed)
+        self.categories = categories
+        self.page = 0
+        self.start = 0
+        self.uffd: Userfaultfd | None = None
+        self.bytes: np.ndarray | None = None
+        try:
+            # (a): one written private anonymous page.
+            self.page = libc.mmap(0, PAGE, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS)
+            ctypes.memset(self.page, 1, PAGE)
+            # (b), (c): the big range, 4 KiB pages only, populated, registered, armed.
+            self.start = libc.mmap(0, size, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS)
+            self.end = self.start + size
+            libc.madvise(self.start, size, MADV.NOHUGEPAGE)
+            ctypes.memset(self.start, 1, size)
+            self.uffd = Userfaultfd(UffdFeature.WP_ASYNC)
+            self.uffd.register(self.start, size, RegisterMode.WP)
+            self.uffd.writeprotect(self.start, size)
+            self.bytes = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(self.start))
+        except BaseException:
+            self.close()
+            raise
+        res = pagescan.scan(self.page, self.page + PAGE, return_mask=categories)
+        if len(res) != 1 or not res[0].categories & Category.PRESENT:
+            raise AssertionError(f"the (a) page is not one present region: {list(res)}")
+
+    def a(self, calls: int) -> int:
+        """Total ns of ``calls`` one-page scans."""
+        scan, p, e, m = pagescan.scan, self.page, self.page + PAGE, self.categories
+        loop = range(calls)
+        t0 = time.perf_counter_ns()
+        for _ in loop:
+            scan(p, e, return_mask=m)
+        return time.perf_counter_ns() - t0
+
+    def dirty_round(self) -> None:
+        assert self.bytes is not None
+        self.bytes[draw_pages(self.rng, self.npages, self.dirty) * PAGE] = 2
+
+    def b(self) -> tuple[int, int, int]:
+        self.dirty_round()
+        scan, start, end, k = pagescan.scan, self.start, self.end, self.dirty
+        t0 = time.perf_counter_ns()
+        res = scan(start, end, flags=WP_MATCHING, category_mask=WRITTEN, return_mask=WRITTEN, vec_len=k)
+        t1 = time.perf_counter_ns()
+        if not res.complete or res.pages != k:
+            raise AssertionError(f"(b) reported {res.pages} pages (complete={res.complete}), dirtied {k}")
+        return t1 - t0, res.pages, len(res)
+
+    def c(self) -> tuple[int, int, int]:
+        scan, start, end, m = pagescan.scan, self.start, self.end, self.categories
+        t0 = time.perf_counter_ns()
+        res = scan(start, end, return_mask=m)
+        t1 = time.perf_counter_ns()
+        if not res.complete or res.pages != self.npages:
+            raise AssertionError(f"(c) covered {res.pages} of {self.npages} pages (complete={res.complete})")
+        return t1 - t0, res.pages, len(res)
+
+    def close(self) -> None:
+        self.bytes = None
+        if self.uffd is not None:
+            self.uffd.close()  # unregisters the range
+            self.uffd = None
+        if self.start:
+            libc.munmap(self.start, self.size)
+            self.start = 0
+        if self.page:
+            libc.munmap(self.page, PAGE)
+            self.page = 0
+
+
+# -- the C side ----------------------------------------------------------------------
+
+
+def find_compiler(explicit: str | None) -> list[str] | None:
+    if explicit:
+        return shlex.split(explicit)
+    env = os.environ.get("CC")
+    if env:
+        return shlex.split(env)
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+class CSide:
+    """scan_ref (scan_ref.c) as a child process that answers one command per line."""
+
+    def __init__(self, binary: Path, size: int, dirty: int, seed: int, categories: int) -> None:
+        self.proc = subprocess.Popen(
+            [str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+        )
+        try:
+            (npages,) = self.ask(f"setup {size} {dirty} {seed} {categories}")
+        except BaseException:
+            self.close()
+            raise
+        if npages != size // PAGE:
+            raise AssertionError(f"scan_ref mapped {npages} pages, expected {size // PAGE}")
+
+    def ask(self, command: str) -> list[int]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline().split()
+        if not reply or reply[0] != "ok":
+            raise RuntimeError(f"scan_ref {command.split()[0]!r}: {' '.join(reply) or 'no reply (crashed?)'}")
+        return [int(x) for x in reply[1:]]
+
+    def a(self, calls: int) -> int:
+        return self.ask(f"a {calls}")[0]
+
+    def dirty_round(self) -> None:
+        self.ask("dirty")
+
+    def b(self) -> tuple[int, int, int]:
+        ns, pages, regions = self.ask("b")
+        return ns, pages, regions
+
+    def c(self) -> tuple[int, int, int]:
+        ns, pages, regions = self.ask("c")
+        return ns, pages, regions
+
+    def close(self) -> None:
+        proc = self.proc
+        if proc.poll() is None:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write("quit\n")
+                proc.stdin.close()
+                proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# -- measuring -----------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, binary: Path | None) -> dict[str, Any]:
+    npages = args.size // PAGE
+    dirty = max(1, round(npages * args.dirty_percent / 100))
+    categories = int(pagescan.capabilities().categories)
+    sides: dict[str, Any] = {}
+    samples: dict[str, dict[str, list[float]]] = {w: {"python": [], "c": []} for w in "abc"}
+    counts: dict[str, dict[str, list[tuple[int, int]]]] = {w: {"python": [], "c": []} for w in "bc"}
+    gc_was_enabled = gc.isenabled()
+    try:
+        if binary is not None:
+            sides["c"] = CSide(binary, args.size, dirty, args.seed, categories)
+        sides["python"] = PythonSide(args.size, dirty, args.seed, categories)
+        gc.disable()  # as timeit does; nothing here makes reference cycles
+
+        # (a): warm up, then alternate batches.
+        for side in sides.values():
+            side.a(args.calls)
+        for _ in range(args.repeat):
+            for name, side in sides.items():
+                samples["a"][name].append(side.a(args.calls) / args.calls)
+
+        # (b): one warm-up round each, then alternate rounds (same pages on both sides).
+        for side in sides.values():
+            side.b()
+        for _ in range(args.repeat):
+            for name, side in sides.items():
+                ns, pages, regions = side.b()
+                samples["b"][name].append(ns / 1000)
+                counts["b"][name].append((pages, regions))
+
+        # (c): leave one round of written pages in place, then alternate scans.
+        for side in sides.values():
+            side.dirty_round()
+            side.c()
+        for _ in range(args.repeat):
+            for name, side in sides.items():
+                ns, pages, regions = side.c()
+                samples["c"][name].append(ns / 1000)
+                counts["c"][name].append((pages, regions))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+        for side in sides.values():
+            side.close()
+
+    # Both sides dirtied the same pages, so they must have seen the same regions.
+    if "c" in sides:
+        for w in "bc":
+            if counts[w]["python"] != counts[w]["c"]:
+                raise AssertionError(f"({w}) pages/regions differ: python {counts[w]['python'][:3]}..., "
+                                     f"C {counts[w]['c'][:3]}...")
+
+    rows = []
+    titles = {
+        "a": ("one-page scan, all categories", "ns/call"),
+        "b": (f"get+WP written, {fmt_size(args.size)}, {args.dirty_percent:g}% dirty", "us/scan"),
+        "c": (f"full-category scan, {fmt_size(args.size)}", "us/scan"),
+    }
+    for w in "abc":
+        py = statistics.median(samples[w]["python"])
+        c = statistics.median(samples[w]["c"]) if samples[w]["c"] else None
+        ratio = py / c if c else None
+        rows.append({
+            "workload": w,
+            "title": titles[w][0],
+            "unit": titles[w][1],
+            "python": py,
+            "c": c,
+            "ratio": ratio,
+            "target": TARGETS[w],
+            "met": None if ratio is None else ratio <= TARGETS[w],
+            "samples": samples[w],
+            "pages_regions": counts[w]["python"][0] if w in counts else None,
+        })
+    return {
+        "config": {
+            "size": args.size,
+            "pages": npages,
+            "dirty_pages": dirty,
+            "dirty_percent": args.dirty_percent,
+            "repeat": args.repeat,
+            "calls": args.calls,
+            "seed": args.seed,
+            "return_mask": categories,
+            "thp": "MADV_NOHUGEPAGE on the range (4 KiB PTEs only)",
+            "thp_mode": pagescan.capabilities().thp_mode,
+            "kernel": platform.release(),
+            "machine": platform.machine(),
+            "cpus": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(),
+            "pagescan": pagescan.__version__,
+            "compiler": args.compiler_used,
+        },
+        "rows": rows,
+    }
+
+
+def fmt_size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def fmt_num(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    cfg = result["config"]
+    print(f"pagescan {cfg['pagescan']} on Linux {cfg['kernel']} {cfg['machine']}, {cfg['cpus']} CPUs, "
+          f"Python {cfg['python']}; C reference: {cfg['compiler'] or 'none (no C compiler found)'}")
+    print(f"range {fmt_size(cfg['size'])} = {cfg['pages']} pages, {cfg['dirty_pages']} dirtied per round; "
+          f"{cfg['thp']}, THP mode {cfg['thp_mode']}")
+    print(f"medians of {cfg['repeat']} alternating batches/rounds ((a): {cfg['calls']} calls per batch); "
+          f"return_mask {cfg['return_mask']:#x}")
+    print()
+    head = ("workload", "unit", "pagescan", "C", "Py/C", "target", "status")
+    lines = []
+    for r in result["rows"]:
+        status = "no C ref" if r["met"] is None else ("met" if r["met"] else "not met")
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
+        lines.append((f"({r['workload']}) {r['title']}", r["unit"], fmt_num(r["python"]), fmt_num(r["c"]),
+                      ratio, f"<= {r['target']:.2f}x", status))
+    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
+    for row in [head, *lines]:
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [cell.rjust(w) for cell, w in zip(row[2:6], widths[2:6])]
+        cells.append(row[6])
+        print("  ".join(cells))
+    for r in result["rows"]:
+        if r["pages_regions"]:
+            pages, regions = r["pages_regions"]
+            print(f"({r['workload']}) each scan: {pages} pages in {regions} regions (checked on both sides)")
+
+
+def build(compiler: list[str], out_dir: Path) -> Path:
+    binary = out_dir / "scan_ref"
+    cmd = [*compiler, "-O2", "-Wall", "-Wextra", "-o", str(binary), str(C_SOURCE)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"compiling the C reference failed:\n$ {shlex.join(cmd)}\n{proc.stderr}")
+    return binary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=parse_size, default=1 << 30,
+                    help="range for (b) and (c), e.g. 1G, 256M (default 1G)")
+    ap.add_argument("--repeat", type=positive_int, default=15,
+                    help="batches for (a), rounds for (b) and (c), per side (default 15)")
+    ap.add_argument("--calls", type=positive_int, default=20000,
+                    help="one-page scans per (a) batch (default 20000)")
+    ap.add_argument("--dirty-percent", type=float, default=1.0,
+                    help="pages written per (b) round, in percent of the range (default 1)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the dirty-page generator (default 1)")
+    ap.add_argument("--json", metavar="PATH", help="also write the results (with every sample) here")
+    ap.add_argument("--cc", metavar="COMPILER", help="C compiler command (default: $CC, cc, gcc or clang)")
+    ap.add_argument("--build-dir", metavar="DIR", type=Path,
+                    help="build scan_ref here and keep it (default: a temporary directory, removed)")
+    ap.add_argument("--no-c", action="store_true", help="skip the C reference")
+    ap.add_argument("--strict", action="store_true", help="exit with status 1 if a target is not met")
+    args = ap.parse_args(argv)
+    if not 0 < args.dirty_percent <= 100:
+        ap.error("--dirty-percent must be in (0, 100]")
+
+    caps = pagescan.capabilities()
+    if not caps.pagemap_scan or not caps.wp_async:
+        print(f"needs PAGEMAP_SCAN and UFFD_FEATURE_WP_ASYNC (Linux 6.7); this kernel is {platform.release()}: "
+              f"{caps.missing}", file=sys.stderr)
+        return 2
+
+    compiler = None if args.no_c else find_compiler(args.cc)
+    if compiler is None and not args.no_c:
+        print("no C compiler found (looked for --cc, $CC, cc, gcc, clang): skipping the C column",
+              file=sys.stderr)
+    args.compiler_used = shlex.join(compiler) if compiler else None
+
+    temp_dir = None
+    try:
+        binary = None
+        if compiler is not None:
+            if args.build_dir is not None:
+                args.build_dir.mkdir(parents=True, exist_ok=True)
+                out_dir = args.build_dir
+            else:
+                out_dir = temp_dir = Path(tempfile.mkdtemp(prefix="pagescan-bench-"))
+            binary = build(compiler, out_dir)
+        result = run(args, binary)
+    finally:
+        if temp_dir is not None:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+    print_table(result)
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, args.json)
+        print(f"wrote {args.json}")
+    if args.strict and any(r["met"] is False for r in result["rows"]):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Shared pieces of the CLI: pid and category parsing, sizes, tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections.abc import Sequence
+
+from pagescan import Category
+
+_ALIASES = {
+    "wp": Category.WPALLOWED,
+    "wpallowed": Category.WPALLOWED,
+    "wp_allowed": Category.WPALLOWED,
+    "written": Category.WRITTEN,
+    "file": Category.FILE,
+    "present": Category.PRESENT,
+    "swapped": Category.SWAPPED,
+    "swap": Category.SWAPPED,
+    "pfnzero": Category.PFNZERO,
+    "zero": Category.PFNZERO,
+    "huge": Category.HUGE,
+    "soft_dirty": Category.SOFT_DIRTY,
+    "soft-dirty": Category.SOFT_DIRTY,
+    "softdirty": Category.SOFT_DIRTY,
+    "guard": Category.GUARD,
+}
+
+#: Short names used in tables (one letter per category).
+LETTERS = [
+    (Category.PRESENT, "P"),
+    (Category.SWAPPED, "S"),
+    (Category.WRITTEN, "W"),
+    (Category.FILE, "F"),
+    (Category.PFNZERO, "Z"),
+    (Category.HUGE, "H"),
+    (Category.SOFT_DIRTY, "D"),
+    (Category.GUARD, "G"),
+    (Category.WPALLOWED, "A"),
+]
+
+
+def parse_pid(text: str) -> int:
+    """``self``, or a positive integer."""
+    if text == "self":
+        return os.getpid()
+    try:
+        pid = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a pid: {text!r} (a number or 'self')") from None
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"not a pid: {text!r}")
+    return pid
+
+
+def parse_categories(text: str) -> int:
+    """Comma-separated category names (``present,written``) or ``all``."""
+    value = 0
+    for word in text.replace("|", ",").split(","):
+        word = word.strip().lower()
+        if not word:
+            continue
+        if word == "all":
+            for c in Category:
+                value |= c
+            continue
+        if word not in _ALIASES:
+            names = ", ".join(sorted({k for k in _ALIASES if "_" not in k and "-" not in k}))
+            raise argparse.ArgumentTypeError(f"unknown category {word!r}; known: {names}, all")
+        value |= _ALIASES[word]
+    return value
+
+
+def category_names(bits: int) -> list[str]:
+    return [c.name.lower() for c in Category if c & bits and c.name]
+
+
+def category_letters(bits: int) -> str:
+    return "".join(letter if bits & cat else "." for cat, letter in LETTERS)
+
+
+def human(nbytes: int) -> str:
+    """1536 -> '1.5K' (powers of 1024), like psutil's bytes2human."""
+    if nbytes < 1024:
+        return f"{nbytes}B" if nbytes else "0"
+    for unit in "KMGTPE":
+        nbytes_f = nbytes / 1024
+        if nbytes_f < 1024 or unit == "E":
+            return f"{nbytes_f:.1f}{unit}" if nbytes_f < 10 else f"{nbytes_f:.0f}{unit}"
+        nbytes = int(nbytes_f)
+    return str(nbytes)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, last_free: bool = True) -> str:
+    """Fixed columns; the last column is cut to fit the terminal width."""
+    widths = [len(h) for h in headers]
+    for r in rows:
+        for i, cell in enumerate(r):
+            widths[i] = max(widths[i], len(cell))
+    term = shutil.get_terminal_size((120, 24)).columns
+
+    def fmt(cells: Sequence[str]) -> str:
+        parts = []
+        for i, cell in enumerate(cells):
+            if i == len(cells) - 1 and last_free:
+                parts.append(cell)
+            elif align[i] == ">":
+                parts.append(cell.rjust(widths[i]))
+            else:
+                parts.append(cell.ljust(widths[i]))
+        line = "  ".join(parts).rstrip()
+        return line if len(line) <= term else line[: max(term - 1, 20)] + "…"
+
+    return "\n".join([fmt(headers)] + [fmt(r) for r in rows])
