@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import _caps, _scan, _stat
+from . import _caps, _map, _scan, _stat
 
 __all__ = ["main"]
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     _caps.add_parser(sub)
     _scan.add_parser(sub)
     _stat.add_parser(sub)
+    _map.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,197 @@
+"""``pagescan map PID --png FILE``: a picture of a process's address space.
+
+One row per mapping, in address order: its name, size and a bar in which every pixel
+column covers an equal share of the mapping's pages and takes the colour of the page
+class that covers most of that share. Large unmapped gaps are drawn as a labelled
+separator instead of to scale, so a 47-bit address space fits on one page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import numpy as np
+
+from pagescan import Category, Target, scan_iter
+from pagescan._procfs import read_maps
+
+from ._common import human, parse_pid
+
+_P = os.sysconf("SC_PAGE_SIZE")
+
+#: Page classes, highest priority first. Empty slots are "not present" whatever their
+#: WRITTEN bit: outside uffd-WP ranges it only says that a page table exists.
+CLASSES: list[tuple[str, tuple[int, int, int]]] = [
+    ("guard", (220, 40, 40)),
+    ("swapped", (150, 70, 190)),
+    ("huge", (245, 145, 30)),
+    ("zero page", (170, 200, 230)),
+    ("file", (60, 160, 80)),
+    ("anon", (40, 100, 200)),
+    ("not present", (232, 232, 232)),
+]
+_NOT_PRESENT = len(CLASSES) - 1
+
+
+def classify(cats: np.ndarray) -> np.ndarray:
+    """Class index (into CLASSES) for each categories value."""
+    c = cats.astype(np.uint64)
+    out = np.full(c.shape, _NOT_PRESENT, dtype=np.int64)
+    present = (c & np.uint64(Category.PRESENT)) != 0
+    rules = [  # later rules win: highest priority last
+        (present, 5),
+        (present & ((c & np.uint64(Category.FILE)) != 0), 4),
+        ((c & np.uint64(Category.PFNZERO)) != 0, 3),
+        ((c & np.uint64(Category.HUGE)) != 0, 2),
+        ((c & np.uint64(Category.SWAPPED)) != 0, 1),
+        ((c & np.uint64(Category.GUARD)) != 0, 0),
+    ]
+    for cond, idx in rules:
+        out[cond] = idx
+    return out
+
+
+def bucket_classes(lo: int, hi: int, regions: np.ndarray, width: int) -> np.ndarray:
+    """Dominant class per pixel column for the mapping [lo, hi)."""
+    edges = np.linspace(lo, hi, width + 1)
+    cover = np.zeros((len(CLASSES), width))
+    if len(regions):
+        rs = regions["start"].astype(np.float64)
+        re = regions["end"].astype(np.float64)
+        cls = classify(regions["categories"])
+        for k in range(len(CLASSES)):
+            sel = cls == k
+            if not sel.any():
+                continue
+            s, e = rs[sel], re[sel]
+            # bytes of class k below x: sum over regions of clip(x - s, 0, e - s)
+            order_s = np.argsort(s)
+            s, e = s[order_s], e[order_s]
+            cum = np.concatenate([[0.0], np.cumsum(e - s)])
+
+            def below(x: np.ndarray, s: np.ndarray = s, e: np.ndarray = e, cum: np.ndarray = cum) -> np.ndarray:
+                i = np.searchsorted(s, x, side="right")  # regions starting at or below x
+                done = cum[np.maximum(i - 1, 0)]
+                part = np.where(i > 0, np.clip(x - s[np.maximum(i - 1, 0)], 0, None), 0)
+                part = np.minimum(part, np.where(i > 0, e[np.maximum(i - 1, 0)] - s[np.maximum(i - 1, 0)], 0))
+                return done + part
+
+            b = below(edges)
+            cover[k] = np.diff(b)
+    covered = cover.sum(axis=0)
+    cover[_NOT_PRESENT] += np.maximum(np.diff(edges) - covered, 0)  # not reported at all
+    return np.argmax(cover, axis=0)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "map",
+        help="draw a picture of a process's address space (PNG)",
+        description="One row per mapping, each pixel coloured by the page class covering most of "
+        "its share of the mapping; big gaps compressed; legend on top.",
+    )
+    p.add_argument("pid", type=parse_pid, help="process id, or 'self'")
+    p.add_argument("--png", required=True, metavar="FILE", help="output PNG file")
+    p.add_argument("--all", action="store_true", help="also draw mappings with nothing present or swapped")
+    p.add_argument("--width", type=int, default=1400, help="image width in pixels (default 1400)")
+    p.add_argument("--backend", choices=("auto", "kernel", "emulated"), default="auto")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from PIL import Image, ImageDraw, ImageFont
+    except ImportError as err:  # pragma: no cover - Pillow is a dependency
+        raise OSError(f"pagescan map needs Pillow: {err}") from err
+    from pagescan._backend_emulated import task_size
+
+    if args.width < 600:
+        raise ValueError("--width must be at least 600")
+    ret = 0
+    for c in Category:
+        ret |= c
+    from pagescan import capabilities
+
+    ret &= int(capabilities().categories) if args.backend != "emulated" else ret
+    limit = task_size()
+    with Target(args.pid) as target:
+        vmas = [v for v in read_maps(target.pid) if v.end <= limit]
+        if not vmas:
+            raise ValueError(f"pid {args.pid} has no mappings")
+        parts = [r.regions for r in scan_iter(vmas[0].start, vmas[-1].end, pid=target, return_mask=ret, backend=args.backend)]
+    regions = np.concatenate(parts)
+    rs = regions["start"]
+
+    # One row per run of contiguous mappings of the same file (a library's segments).
+    groups: list[list[Any]] = []
+    for v in vmas:
+        g = groups[-1] if groups else None
+        if g and v.name.startswith("/") and g[-1].name == v.name and g[-1].end == v.start:
+            g.append(v)
+        else:
+            groups.append([v])
+    rows = []
+    for g in groups:
+        lo, hi = g[0].start, g[-1].end
+        i0 = int(np.searchsorted(regions["end"], lo, side="right"))
+        i1 = int(np.searchsorted(rs, hi, side="left"))
+        sub = regions[i0:i1].copy()
+        if len(sub):
+            sub["start"] = np.maximum(sub["start"], lo)
+            sub["end"] = np.minimum(sub["end"], hi)
+        busy = bool(((sub["categories"] & np.uint64(Category.PRESENT | Category.SWAPPED)) != 0).any()) if len(sub) else False
+        if busy or args.all:
+            rows.append((g, lo, hi, sub))
+
+    font = ImageFont.load_default(size=12) if hasattr(ImageFont, "load_default") else None
+    W = args.width
+    label_w = 380
+    bar_x = label_w + 10
+    bar_w = W - bar_x - 20
+    row_h = 16
+    gap_h = 14
+    top = 70
+    height = top + sum(row_h for _ in rows) + gap_h * len(rows) + 20
+    img = Image.new("RGB", (W, height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    total = sum(hi - lo for _, lo, hi, _ in rows)
+    nmaps = sum(len(g) for g, _, _, _ in rows)
+    d.text((10, 8), f"pid {args.pid}: {nmaps} mappings in {len(rows)} rows, {human(total)} mapped "
+           "(each bar is one mapping, or one file's adjacent mappings; bars are not to scale)",
+           fill=(0, 0, 0), font=font)
+    x = 10
+    for name, colour in CLASSES:
+        d.rectangle([x, 30, x + 14, 44], fill=colour, outline=(90, 90, 90))
+        d.text((x + 19, 31), name, fill=(0, 0, 0), font=font)
+        x += 24 + int(d.textlength(name, font=font)) + 14
+    y = top
+    prev_end = None
+    for g, lo, hi, sub in rows:
+        if prev_end is not None and lo - prev_end >= 1 << 30:
+            d.line([bar_x, y + 5, bar_x + bar_w, y + 5], fill=(160, 160, 160), width=1)
+            d.text((10, y - 1), f"··· {human(lo - prev_end)} unmapped ···", fill=(120, 120, 120), font=font)
+            y += gap_h
+        cls = bucket_classes(lo, hi, sub, bar_w)
+        colours = np.array([c for _, c in CLASSES], dtype=np.uint8)[cls]
+        strip = np.repeat(colours[np.newaxis, :, :], row_h - 4, axis=0)
+        img.paste(Image.fromarray(strip, "RGB"), (bar_x, y + 2))
+        for v in g[1:]:  # segment boundaries inside a grouped row
+            xb = bar_x + int((v.start - lo) / (hi - lo) * bar_w)
+            d.line([xb, y + 2, xb, y + row_h - 3], fill=(255, 255, 255), width=1)
+        d.rectangle([bar_x - 1, y + 1, bar_x + bar_w, y + row_h - 2], outline=(120, 120, 120))
+        v = g[0]
+        name = v.name or "[anon]"
+        short = os.path.basename(name) if name.startswith("/") else name
+        perms = v.perms if len(g) == 1 else f"{len(g)} maps"
+        label = f"{lo:012x} {perms:>6} {human(hi - lo):>6} {short}"
+        while d.textlength(label, font=font) > label_w and len(label) > 10:
+            label = label[:-2] + "…"
+        d.text((10, y + 1), label, fill=(0, 0, 0), font=font)
+        y += row_h
+        prev_end = hi
+    img = img.crop((0, 0, W, y + 10))
+    img.save(args.png)
+    print(f"wrote {args.png} ({img.width}x{img.height}, {len(rows)} rows)")
+    return 0
