@@ -450,14 +450,15 @@ def _feature_error(requested: int) -> KernelFeatureError | None:
         return None
     names = []
     since = None
+    known = {int(f): f for f in UffdFeature}
     for bit in range(64):
         if missing & (1 << bit):
-            try:
-                f = UffdFeature(1 << bit)
-                names.append(f"UFFD_FEATURE_{f.name}")
-                v = U.FEATURE_SINCE.get(f)
-                if v and (since is None or tuple(map(int, v.split("."))) > tuple(map(int, since.split(".")))):
-                    since = v
-            except ValueError:
-                names.append(f"feature bit {bit}")
+            f = known.get(1 << bit)
+            if f is None:  # (UffdFeature(1 << bit) would not raise: IntFlag keeps unknown bits)
+                names.append(f"unknown feature bit {bit}")
+                continue
+            names.append(f"UFFD_FEATURE_{f.name}")
+            v = U.FEATURE_SINCE.get(f)
+            if v and (since is None or tuple(map(int, v.split("."))) > tuple(map(int, since.split(".")))):
+                since = v
     return KernelFeatureError(errno.EINVAL, " | ".join(names), since)
