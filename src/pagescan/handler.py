@@ -22,13 +22,19 @@ What the handler does:
 
 Failure, never a hang and never wrong data: the owner gives up its own copy of the
 uffd, so the ranges stay registered only while the handler (and its guardian) hold it.
-The handler forks a small guardian that also holds the uffd and waits for the handler
-to end. If the handler dies before finishing, the guardian installs poison markers
-(``UFFDIO_POISON``, Linux 6.6) on every page still empty and wakes the faulting
-threads: they get SIGBUS, a clear failure, instead of waiting forever or -- had the
-uffd simply been closed -- silently reading zero pages. (If handler and guardian are
-killed together, the kernel unregisters the ranges and later faults read zeros; keep
-them in the owner's process group and do not kill it.)
+The owner forks, besides the handler, a small guardian that also holds the uffd and
+waits for the handler to end (a pipe whose only writer is the handler). If the handler
+dies before finishing -- killed, crashed, a source that raised, or stopped by
+:meth:`FaultHandler.close` -- the guardian installs poison markers (``UFFDIO_POISON``,
+Linux 6.6) on every page still empty and wakes the faulting threads: they get SIGBUS,
+a clear failure, instead of waiting forever or -- had the uffd simply been closed --
+silently reading zero pages. (If handler and guardian are killed together, the kernel
+unregisters the ranges and later faults read zeros; keep them in the owner's process
+group and do not kill it.) Both are children of the owner, reaped by ``wait``/``close``;
+if the owner exits first, the handler notices (a pidfd) and both exit.
+
+A process the owner forks later does not inherit the registration (no
+``EVENT_FORK``): pages not yet served read as zeros there. Fork after :meth:`wait`.
 """
 
 from __future__ import annotations
@@ -96,6 +102,12 @@ class FileSource:
             os.close(self.fd)
             self.fd = -1
 
+    def __enter__(self) -> FileSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class _CallableSource:
     def __init__(self, fn: Callable[[int, int], Any]) -> None:
@@ -155,9 +167,12 @@ class FaultHandler:
             if a % P or n % P or n <= 0:
                 raise ValueError(f"region {a:#x}+{n:#x} is not page aligned and non-empty")
         self.total_pages = sum(n for _, n in self.regions) // P
-        self.source: Source = source if hasattr(source, "read") else _CallableSource(source)  # type: ignore[arg-type]
+        self.source: Source = source if hasattr(source, "read") else _CallableSource(source)
         self.prefetch = prefetch
         self.pid = 0
+        #: pid of the guardian process (0 once reaped)
+        self.guardian_pid = 0
+        self.exit_status: int | None = None
         self.owner = os.getpid()
         self._shared: _Shared | None = None
         self._started = False
@@ -167,39 +182,61 @@ class FaultHandler:
     def start(self) -> FaultHandler:
         from ._scan import scan
 
-        for a, n in self.regions:
-            busy = scan(a, a + n, category_anyof_mask=int(Category.PRESENT | Category.SWAPPED), return_mask=0)
-            if len(busy):
-                raise FileExistsError(
-                    errno.EEXIST,
-                    f"lazy targets must be unpopulated: {busy.pages} pages of {a:#x}+{n:#x} are already present",
-                )
+        if self._started:
+            raise RuntimeError("FaultHandler already started")
         self.owner = os.getpid()
         feats = UffdFeature.EVENT_REMOVE | UffdFeature.EVENT_UNMAP | UffdFeature.EVENT_REMAP
         uf = Userfaultfd(feats, nonblock=True)
-        self._shared = _Shared()
+        shared = self._shared = _Shared()
+        ok = False
         try:
+            # Register first (EBUSY if another uffd has the range: the clearer error),
+            # then insist on empty pages (closing the uffd undoes the registration).
             for a, n in self.regions:
                 uf.register(a, n, RegisterMode.MISSING)
-            ready_r, ready_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # handler process
-                code = 1
-                try:
-                    os.close(ready_r)
-                    code = _handler_main(uf, self, ready_w)
-                except BaseException:
+            for a, n in self.regions:
+                busy = scan(a, a + n, category_anyof_mask=int(Category.PRESENT | Category.SWAPPED), return_mask=0)
+                if len(busy):
+                    raise FileExistsError(
+                        errno.EEXIST,
+                        f"lazy targets must be unpopulated: {busy.pages} pages of {a:#x}+{n:#x} are already "
+                        "present (or swapped)",
+                    )
+            # The handler holds the only write end of `life`; the guardian reads EOF (after
+            # "D" for done) when the handler ends, however it ends.
+            life_r, life_w = os.pipe()
+            try:
+                pid = os.fork()
+                if pid == 0:  # handler process
                     code = 1
-                finally:
-                    os._exit(code)
-            os.close(ready_w)
-            self.pid = pid
-            self._started = True
-            # Wait until handler and guardian hold the uffd, then give up ours.
-            os.read(ready_r, 1)
-            os.close(ready_r)
+                    try:
+                        os.close(life_r)
+                        code = _handler_main(uf, self, life_w)
+                    except BaseException:
+                        code = 1
+                    finally:
+                        os._exit(code)
+                self.pid = pid
+                self._started = True
+                os.close(life_w)
+                life_w = -1
+                gpid = os.fork()
+                if gpid == 0:  # guardian process
+                    try:
+                        _guardian(uf, self.regions, self.owner, life_r)
+                    finally:
+                        os._exit(0)
+                self.guardian_pid = gpid
+            finally:
+                os.close(life_r)
+                if life_w >= 0:
+                    os.close(life_w)
+            ok = True
         finally:
-            uf.close()
+            uf.close()  # handler and guardian hold it now
+            if not ok:
+                self.close()
+                shared.close()
         return self
 
     def progress(self) -> tuple[int, int]:
@@ -217,26 +254,42 @@ class FaultHandler:
         if not self._started:
             raise RuntimeError("FaultHandler was not started")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.pid:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.pid = 0
-                self.exit_status = status
-                break
-            if deadline is not None and time.monotonic() >= deadline:
+        if self.pid:
+            status = _reap(self.pid, deadline)
+            if status is None:
                 return False
-            time.sleep(0.002)
+            self.pid = 0
+            self.exit_status = status
+        if self.guardian_pid:
+            # The handler is gone: the guardian exits at once (after poisoning, if the
+            # handler failed). Not reaped in time: close() does it.
+            if _reap(self.guardian_pid, deadline) is not None:
+                self.guardian_pid = 0
         sh = self._shared
         return bool(sh and sh.addr and sh.arr[1] == STATE_DONE)
 
     def close(self) -> None:
-        """Stop the handler (if still running) and reap it."""
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
-            self.pid = 0
+        """Stop the handler (if still running) and reap it and its guardian.
+
+        Pages not served by then are poisoned: touching them raises SIGBUS. Call
+        :meth:`wait` first to let every page in. In a forked child of the owner this
+        only forgets the handler (the processes belong to the owner).
+        """
+        if os.getpid() == self.owner:
+            if self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+            if self.guardian_pid:
+                # Poisoning takes milliseconds; a guardian stuck for long is killed (the
+                # ranges are then unregistered and read zeros: the documented last resort).
+                if _reap(self.guardian_pid, time.monotonic() + 10.0) is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.guardian_pid, signal.SIGKILL)
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(self.guardian_pid, 0)
+        self.pid = self.guardian_pid = 0
         if self._shared is not None:
             self._shared.close()
 
@@ -247,6 +300,20 @@ class FaultHandler:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reap(pid: int, deadline: float | None) -> int | None:
+    """``waitpid`` ``pid`` until ``deadline`` (monotonic; ``None``: forever): status or ``None``."""
+    while True:
+        try:
+            got, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return 0  # already reaped (or not ours)
+        if got:
+            return status
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(0.002)
 
 
 # -- handler process --------------------------------------------------------------------
@@ -285,21 +352,14 @@ class _Pages:
                 self.state[s : s + (hi - lo) // P] = value
 
 
-def _handler_main(uf: Userfaultfd, fh: FaultHandler, ready_w: int) -> int:
+def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The guardian: holds the uffd; if we die before finishing, poisons empty pages.
-    life_r, life_w = os.pipe()
-    gpid = os.fork()
-    if gpid == 0:
-        try:
-            os.close(life_w)
-            os.close(ready_w)
-            _guardian(uf, fh.regions, fh.owner, life_r)
-        finally:
-            os._exit(0)
-    os.close(life_r)
-    os.write(ready_w, b"1")
-    os.close(ready_w)
+    # The owner's exit must end us too (nobody would fault any more; without prefetch we
+    # would wait forever): poll a pidfd of the owner along with the uffd.
+    owner_fd = os.pidfd_open(fh.owner)
+    poller = select.poll()
+    poller.register(uf.fd, select.POLLIN)
+    poller.register(owner_fd, select.POLLIN)
     assert fh._shared is not None
     shared = fh._shared.arr
     pages = _Pages(fh.regions)
@@ -315,14 +375,13 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, ready_w: int) -> int:
             if not pending.size:
                 state = STATE_DONE
                 break
-            timeout = IDLE if fh.prefetch else None
             try:
-                events = uf.read_events(timeout=timeout, max_events=64)
-            except OSError as err:
-                if err.errno == errno.EINVAL:
-                    state = STATE_FAILED
-                    break
-                raise
+                ready = poller.poll(int(IDLE * 1000) if fh.prefetch else -1)
+            except InterruptedError:
+                continue
+            if any(fd == owner_fd for fd, _ in ready):
+                break  # the owner exited: STATE_FAILED
+            events = uf.read_events(timeout=0, max_events=64) if ready else []
             if events:
                 window = MIN_WINDOW
                 for ev in events:
@@ -359,8 +418,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, ready_w: int) -> int:
         with contextlib.suppress(OSError):
             os.write(life_w, b"D" if state == STATE_DONE else b"F")
         os.close(life_w)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(gpid, 0)
+        os.close(owner_fd)
     return 0 if state == STATE_DONE else 1
 
 
@@ -402,6 +460,7 @@ def _serve(
             return  # pages stay pending
         pages.state[page0 : lo + j] = 1
         k = j
+    shared[0] = int(np.count_nonzero(pages.state))
 
 
 def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:

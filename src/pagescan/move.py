@@ -74,6 +74,10 @@ def move_pages(
             misaligned arguments; EBUSY at registration when ``dst`` belongs to another
             uffd (pass that one as ``uffd``).
         KernelFeatureError: no ``UFFDIO_MOVE`` and ``fallback=None``.
+
+    An error after partial progress leaves the pages before it moved (or copied); the
+    exception's ``result`` attribute is the :class:`MoveResult` of that progress, so the
+    caller can resume at ``dst + moved + copied``.
     """
     for name, v in (("dst", dst), ("src", src), ("length", length)):
         if isinstance(v, bool) or not isinstance(v, int):
@@ -105,27 +109,31 @@ def move_pages(
 def _move(uf: Userfaultfd, dst: int, src: int, length: int, fallback: str | None, holes: bool) -> MoveResult:
     moved = copied = 0
     done = 0
-    while done < length:
-        try:
-            uf.move(dst + done, src + done, length - done, allow_src_holes=holes)
-            moved += length - done
-            return MoveResult(moved, copied)
-        except PartialProgressError as err:
-            if err.done <= 0:
-                raise
-            moved += err.done
-            done += err.done  # retry the rest: the next call reports the real error, if any
-        except OSError as err:
-            missing = isinstance(err, KernelFeatureError) or err.errno == errno.ENOTTY
-            if fallback != "copy" or not (err.errno == errno.EBUSY or missing):
-                raise
-            if missing:
-                _copy_and_drop(uf, dst + done, src + done, length - done, holes)
-                return MoveResult(moved, copied + length - done)
-            # EBUSY: this page is not exclusive; copy it and move on.
-            _copy_and_drop(uf, dst + done, src + done, P, holes)
-            copied += P
-            done += P
+    try:
+        while done < length:
+            try:
+                uf.move(dst + done, src + done, length - done, allow_src_holes=holes)
+                moved += length - done
+                return MoveResult(moved, copied)
+            except PartialProgressError as err:
+                if err.done <= 0:
+                    raise
+                moved += err.done
+                done += err.done  # retry the rest: the next call reports the real error, if any
+            except OSError as err:
+                missing = isinstance(err, KernelFeatureError) or err.errno == errno.ENOTTY
+                if fallback != "copy" or not (err.errno == errno.EBUSY or missing):
+                    raise
+                if missing:
+                    _copy_and_drop(uf, dst + done, src + done, length - done, holes)
+                    return MoveResult(moved, copied + length - done)
+                # EBUSY: this page is not exclusive; copy it and move on.
+                _copy_and_drop(uf, dst + done, src + done, P, holes)
+                copied += P
+                done += P
+    except OSError as err:
+        err.result = MoveResult(moved, copied)  # type: ignore[attr-defined]  # what was done before
+        raise
     return MoveResult(moved, copied)
 
 

@@ -11,31 +11,48 @@ this answer or the next one, never nowhere.
 
 Decisions (what the kernel does, and what pagescan does about it):
 
-* **Granularity.** Whole pages: a buffer is widened to the pages that cover it. hugetlb
-  memory is tracked per huge page (a write marks all its base pages). A PMD-mapped THP
-  that is armed as a whole stays PMD-mapped until its first write, which splits the
-  mapping so that only the written page reads written; ``nohugepage=True`` applies
-  ``MADV_NOHUGEPAGE`` (as Wine does for watched views) so no new THP forms in the
-  range and results are page-exact on every kernel.
+* **Granularity.** Whole pages: a buffer is widened to the pages that cover it (a
+  ``bytearray`` or small numpy array shares its pages with other heap objects, whose
+  writes are reported too). hugetlb memory is tracked per huge page (a write marks all
+  its base pages). Transparent huge pages: a PMD-mapped THP that is armed as a whole
+  stays PMD-mapped until its first write, which splits the mapping so that only the
+  written page reads written; while the range is watched no new THP forms in it
+  (arming installs uffd-wp markers in page tables, and khugepaged and
+  ``MADV_COLLAPSE`` refuse uffd-wp PTEs), so results are page-exact. After ``close``
+  THPs may form again; ``nohugepage=True`` applies ``MADV_NOHUGEPAGE`` first (as Wine
+  does for watched views), which keeps the range out of THP for good.
 * **Guard pages** (``MADV_GUARD_INSTALL``) read as written to the kernel. ``get`` and
   ``regions`` exclude them (``category_mask=WRITTEN|GUARD, category_inverted=GUARD``)
-  where the kernel reports guard pages (6.16); guard pages are never re-armed.
+  where the kernel reports guard pages (6.16); guard pages are never re-armed, so after
+  ``MADV_GUARD_REMOVE`` the page reads as written.
 * **Zapped pages.** ``MADV_DONTNEED``/hole punching drop the page and its arming; the
   kernel defines that as written, and it is reported as written.
 * **Memory types.** WP-async can track any mapping: private and shared anonymous,
   shmem/memfd, hugetlb, and files. Only writes through *this* mapping's page tables
   are seen: writes by ``write(2)`` to the file, by other mappings or processes sharing
   the memory, or by devices (DMA) are not.
-* **fork.** The child does not inherit the registration: all its pages read written,
-  and a ``WriteWatch`` used in the child raises ``RuntimeError``.
-* **mremap/munmap.** The registration does not follow ``mremap``; after the range is
-  moved or unmapped, ``get`` raises ``PermissionError`` (EPERM). Create a new watch.
+* **hugetlb and max_pages.** ``get(max_pages=n, reset=True)`` cannot return part of a
+  huge page (the kernel does not re-arm part of one): it returns whole huge pages up to
+  ``n`` pages, and raises ``OSError(EINVAL)`` when even the first written huge page
+  does not fit in ``n`` (rather than answering "nothing written").
+* **fork.** The child does not inherit the registration: all its pages read written
+  (scan them with a ``pagemap`` the child opens itself, which pagescan does after
+  fork), and a ``WriteWatch`` used in the child raises ``RuntimeError``. The parent's
+  watch is unaffected: its writes after the fork (copy-on-write) are reported.
+* **mremap/munmap.** The registration does not follow ``mremap``; after any part of
+  the range is moved away, unmapped, or replaced by a new mapping, ``get``, ``regions``
+  and ``reset`` raise ``PermissionError`` (EPERM). Create a new watch. A range that is
+  not wholly mapped to begin with is refused (``OSError(ENOMEM)``), where the kernel
+  alone would register the mapped parts and skip the holes.
 * Watches may not overlap (the kernel allows one uffd per VMA): an overlapping watch
-  is refused with ``OSError(EBUSY)``. ``close()`` (or the context manager) unregisters.
+  is refused with ``OSError(EBUSY)``, as is a range registered with another uffd.
+  ``close()`` (or the context manager) unregisters the range explicitly, so it is no
+  longer tracked even if a forked process still holds a copy of the uffd.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -60,6 +77,28 @@ _active_lock = threading.Lock()
 _active: dict[int, tuple[int, int]] = {}  # id(watch) -> (start, end)
 
 
+_MS_ASYNC = 1
+
+
+def _msync_async(addr: int, length: int) -> None:
+    """``msync(MS_ASYNC)``: a no-op on the memory that fails with ENOMEM on a hole."""
+    fn = libc.libc().msync
+    if fn.argtypes is None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        fn.restype = ctypes.c_int
+    libc.check(fn(addr, length, _MS_ASYNC))
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    try:
+        with memoryview(obj) as mv:
+            return mv.nbytes
+    except TypeError:
+        return -1  # not a buffer: buffer_range has said so already
+
+
 def regions_to_pages(regions: np.ndarray, page_size: int = P) -> np.ndarray:
     """Expand ``PAGE_REGION_DTYPE`` regions to the ascending uint64 addresses of their pages."""
     if not len(regions):
@@ -69,7 +108,8 @@ def regions_to_pages(regions: np.ndarray, page_size: int = P) -> np.ndarray:
     total = int(counts.sum())
     offsets = np.arange(total, dtype=np.uint64)
     first_index = np.repeat(np.cumsum(counts) - counts, counts).astype(np.uint64)
-    return np.repeat(starts, counts) + (offsets - first_index) * np.uint64(page_size)
+    pages: np.ndarray = np.repeat(starts, counts) + (offsets - first_index) * np.uint64(page_size)
+    return pages
 
 
 @final
@@ -84,8 +124,13 @@ class WriteWatch:
 
     Raises:
         KernelFeatureError: no ``UFFD_FEATURE_WP_ASYNC`` (needs Linux 6.7).
-        OSError: EBUSY (overlaps another watch, or registered with another uffd),
-            EINVAL (unaligned, unmapped, or ineligible memory).
+        OSError: ENOMEM (not wholly mapped), EBUSY (overlaps another watch, or
+            registered with another uffd), EINVAL (memory a uffd cannot track:
+            ``[vdso]``, ``VM_PFNMAP``, ``MAP_DROPPABLE``, a hugetlb range not aligned to
+            its huge pages).
+        PermissionError: EPERM (a mapping that can never be written, e.g. a shared
+            mapping of a read-only file).
+        ValueError, TypeError: bad arguments (unaligned ``start``, ``length <= 0``).
     """
 
     __slots__ = ("__weakref__", "_lock", "_owner", "_uffd", "end", "exclude", "start")
@@ -96,6 +141,8 @@ class WriteWatch:
             if isinstance(start, int):
                 raise TypeError("WriteWatch(start, length) needs a length, or pass a buffer object")
             lo, hi = buffer_range(start)
+            if _nbytes(start) == 0:  # buffer_range widens even an empty buffer to a page
+                raise ValueError("cannot watch an empty buffer")
         else:
             if isinstance(start, bool) or not isinstance(start, int) or isinstance(length, bool) or not isinstance(length, int):
                 raise TypeError("start and length must be ints")
@@ -121,6 +168,15 @@ class WriteWatch:
                     )
             _active[id(self)] = (lo, hi)
         try:
+            try:
+                _msync_async(lo, hi - lo)
+            except OSError as err:
+                if err.errno != errno.ENOMEM:
+                    raise
+                # The kernel would register the mapped parts and skip the holes.
+                raise OSError(
+                    errno.ENOMEM, f"{os.strerror(errno.ENOMEM)}: {lo:#x}-{hi:#x} is not wholly mapped"
+                ) from None
             if nohugepage:
                 libc.madvise(lo, hi - lo, MADV.NOHUGEPAGE)
             uf = Userfaultfd(UffdFeature.WP_ASYNC)
@@ -150,6 +206,14 @@ class WriteWatch:
         with _active_lock:
             _active.pop(id(self), None)
         if uf is not None:
+            if not uf.closed and os.getpid() == self._owner:
+                # A forked child may hold a copy of the fd (keeping the uffd alive), so
+                # closing ours alone would leave the range registered. In the child the
+                # ioctl would act on the parent's mm: only the owner unregisters.
+                try:
+                    uf.unregister(self.start, self.end - self.start)
+                except OSError:
+                    pass  # part of the range is gone; closing the fd drops the rest
             uf.close()
 
     def __enter__(self) -> WriteWatch:
@@ -190,6 +254,13 @@ class WriteWatch:
 
         ``reset=True`` re-arms exactly the pages returned, in the same walk; with
         ``max_pages`` the pages beyond the limit stay written for the next call.
+
+        Raises:
+            ValueError: closed watch, or ``max_pages`` not a positive int.
+            RuntimeError: called in a forked child.
+            PermissionError: the range was unmapped, moved or replaced (EPERM).
+            OSError: EINVAL for hugetlb memory when ``reset=True`` and ``max_pages`` is
+                smaller than the first written huge page.
         """
         self._check()
         if max_pages is not None and (isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages <= 0):
@@ -197,23 +268,48 @@ class WriteWatch:
         flags = ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if reset else 0)
         ex = self.exclude
         parts = []
+        last = None
         with self._lock:
             try:
-                for res in scan_iter(
+                for last in scan_iter(
                     self.start, self.end, flags=int(flags),
                     category_mask=int(Category.WRITTEN) | ex, category_inverted=ex,
                     return_mask=int(Category.WRITTEN), max_pages=max_pages or 0,
                 ):
-                    parts.append(res.regions)
+                    if len(last.regions):
+                        parts.append(last.regions)
             except PermissionError as err:
-                raise PermissionError(
-                    err.errno,
-                    f"{err.strerror}: {self.start:#x}-{self.end:#x} is no longer fully registered for "
-                    "write tracking (unmapped, mremap'd or replaced?)",
-                ) from err
+                raise self._gone(err) from err
+            # PAGEMAP_SCAN skips holes silently: a range moved away or unmapped would
+            # read "nothing written". Check it is still wholly mapped.
+            self._check_mapped()
+        got = sum(int((p["end"] - p["start"]).sum()) for p in parts) // P
+        if reset and max_pages and not got and last is not None and not last.complete:
+            # The walk stopped at a huge page it could not re-arm in part (hugetlb).
+            raise OSError(
+                errno.EINVAL,
+                f"{os.strerror(errno.EINVAL)}: max_pages={max_pages} is smaller than the written huge "
+                f"page at {last.walk_end:#x}; with reset=True hugetlb pages are returned and re-armed whole",
+            )
         if not parts:
             return np.empty(0, PAGE_REGION_DTYPE)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _gone(self, err: OSError | None = None) -> PermissionError:
+        detail = f" ({err.strerror})" if err is not None and err.errno != errno.EPERM else ""
+        return PermissionError(
+            errno.EPERM,
+            f"{os.strerror(errno.EPERM)}: {self.start:#x}-{self.end:#x} is no longer fully registered for "
+            f"write tracking (unmapped, mremap'd or replaced?){detail}",
+        )
+
+    def _check_mapped(self) -> None:
+        try:
+            _msync_async(self.start, self.end - self.start)
+        except OSError as err:
+            if err.errno != errno.ENOMEM:  # ENOMEM: part of the range is unmapped
+                raise
+            raise self._gone(err) from err
 
     def get(self, max_pages: int | None = None, reset: bool = False) -> np.ndarray:
         """Addresses of the written pages, ascending ``uint64`` (``GetWriteWatch``)."""
@@ -223,4 +319,8 @@ class WriteWatch:
         """Re-arm every page of the range (``ResetWriteWatch``)."""
         uf = self._check()
         with self._lock:
-            uf.writeprotect(self.start, self.end - self.start)
+            try:
+                uf.writeprotect(self.start, self.end - self.start)
+            except FileNotFoundError as err:  # ENOENT: a VMA in range is not registered
+                raise self._gone(err) from err
+            self._check_mapped()

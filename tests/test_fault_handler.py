@@ -1,0 +1,596 @@
+"""pagescan.FaultHandler: MISSING faults served from a forked handler process.
+
+What is checked, on real memory: contents bit-exact (random data, several regions,
+files, zero pages), faults taken while holding the GIL and by many threads at once,
+prefetch without any touch, ``progress()``, the non-cooperative events (REMOVE after
+``MADV_DONTNEED``, UNMAP after ``munmap``), and failure: a killed handler makes the
+owner's next touch of an unserved page a SIGBUS -- never a hang, never wrong data --
+also for a thread already blocked in the fault. Owners that are expected to die run in
+forked children with an ``alarm()`` hang guard; their status must be "killed by
+SIGBUS". No process is left behind: after every test this process has no children,
+and the handler and guardian pids are gone from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import faulthandler
+import mmap
+import os
+import signal
+import struct
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+
+import pagescan
+from pagescan import Category, FaultHandler, FileSource, RegisterMode, Userfaultfd, WriteWatch
+from pagescan._uapi import libc
+from pagescan._uapi.mman import MADV, MAP, PROT
+
+from .memory import Mapping, P, anon, pagemap_entries
+
+N = 64  # pages per lazy region unless said otherwise
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8).tobytes()
+
+
+def source_of(data: bytes) -> Callable[[int, int], bytes]:
+    def read(offset: int, length: int) -> bytes:
+        return data[offset : offset + length]
+
+    return read
+
+
+def present(addr: int, npages: int) -> list[int]:
+    return [int(e >> 63) for e in pagemap_entries(addr, npages)]
+
+
+def vmflags(addr: int) -> list[str]:
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return []
+
+
+def children_of(pid: int | str = "self") -> set[int]:
+    out: set[int] = set()
+    base = f"/proc/{pid}/task"
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(base):
+            with contextlib.suppress(FileNotFoundError), open(f"{base}/{tid}/children") as f:
+                out.update(int(x) for x in f.read().split())
+    return out
+
+
+def wchan(pid: int, tid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/wchan") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def running(pid: int) -> bool:
+    """The process is alive (a zombie counts as gone: it runs nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> None:
+    """Orphans of a dead owner: they must stop running (init reaps their zombies)."""
+    deadline = time.monotonic() + timeout
+    while any(running(p) for p in pids):
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes left behind: {[p for p in pids if running(p)]}")
+        time.sleep(0.01)
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def fork_owner(body: Callable[[int], None], timeout: float = 10.0) -> tuple[int, int]:
+    """Run ``body(report_fd)`` in a forked owner; return (its pid, the read end of its reports).
+
+    The body reports through ``report_fd`` (``os.write``); an exception is reported as a
+    traceback prefixed with ``b"!"``. An ``alarm`` kills a hung owner (SIGALRM).
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            os.close(r)
+            faulthandler.disable()  # the expected SIGBUS needs no traceback dump
+            signal.alarm(int(timeout))
+            body(w)
+        except BaseException:
+            code = 1
+            with contextlib.suppress(BaseException):
+                os.write(w, b"!" + traceback.format_exc().encode()[-6000:])
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def finish_owner(pid: int, r: int, timeout: float = 15.0) -> tuple[int, bytes]:
+    """Reap the owner (bounded) and collect everything it reported."""
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the owner hung (killed)")
+            time.sleep(0.005)
+        os.set_blocking(r, False)
+        chunks = []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(r, 65536):
+                chunks.append(chunk)
+        return status, b"".join(chunks)
+    finally:
+        os.close(r)
+
+
+def read_pids(r: int, timeout: float = 10.0) -> tuple[int, int]:
+    """The (handler, guardian) pids an owner reports first."""
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while len(buf) < 8:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            pytest.fail("the owner did not report its handler")
+        import select
+
+        if select.select([r], [], [], left)[0]:
+            chunk = os.read(r, 8 - len(buf))
+            if not chunk:
+                pytest.fail("the owner died before reporting its handler")
+            if chunk.startswith(b"!"):
+                pytest.fail("owner failed:\n" + (chunk + os.read(r, 65536)).decode(errors="replace"))
+            buf += chunk
+    hpid, gpid = struct.unpack("ii", buf)
+    return hpid, gpid
+
+
+def assert_sigbus(status: int, report: bytes) -> None:
+    assert b"!" not in report[8:9], report.decode(errors="replace")
+    assert os.WIFSIGNALED(status), f"owner exited normally ({os.WEXITSTATUS(status)}): {report!r}"
+    assert os.WTERMSIG(status) == signal.SIGBUS, f"owner killed by {signal.Signals(os.WTERMSIG(status)).name}"
+
+
+@pytest.fixture(autouse=True)
+def no_children_left() -> Iterator[None]:
+    before = children_of()
+    yield
+    deadline = time.monotonic() + 5
+    while (left := children_of() - before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left, f"child processes left behind: {left}"
+
+
+def check_gone(fh: FaultHandler, hpid: int, gpid: int) -> None:
+    assert fh.pid == 0 and fh.guardian_pid == 0
+    assert not os.path.exists(f"/proc/{hpid}") and not os.path.exists(f"/proc/{gpid}"), "not reaped"
+
+
+# -- serving ----------------------------------------------------------------------------
+
+
+def test_contents_are_bit_exact_on_touch() -> None:
+    data = random_bytes(N * P, 1)
+    with anon(N) as m:
+        fh = FaultHandler([(m.addr, m.length)], source_of(data), prefetch=False)
+        with fh:
+            hpid, gpid = fh.pid, fh.guardian_pid
+            assert hpid > 0 and gpid > 0 and {hpid, gpid} <= children_of()
+            assert "um" in vmflags(m.addr)
+            assert fh.progress() == (0, N)
+            assert ctypes.string_at(m[N - 1], P) == data[(N - 1) * P :]  # ctypes.string_at holds the GIL
+            wait_for(lambda: fh.progress()[0] >= 1, what="progress")  # counted just after the wake
+            served, total = fh.progress()
+            assert served < N and total == N
+            assert ctypes.string_at(m.addr, m.length) == data
+            assert fh.wait(10) is True
+            assert fh.progress() == (N, N)
+            assert fh.exit_status == 0
+            assert "um" not in vmflags(m.addr), "unregistered once every page is in"
+        check_gone(fh, hpid, gpid)
+        assert m.read(0, N) == data
+
+
+def test_first_touch_while_holding_the_gil() -> None:
+    """A ``mmap`` slice and a numpy reduction fault with the GIL held: no deadlock."""
+    data = random_bytes(N * P, 2)
+    mm = mmap.mmap(-1, N * P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        addr = int(np.frombuffer(mm, np.uint8).ctypes.data)
+        with FaultHandler([(addr, N * P)], source_of(data), prefetch=False) as fh:
+            assert bytes(mm[5 * P : 6 * P]) == data[5 * P : 6 * P]
+            view = np.frombuffer(mm, dtype=np.uint8)
+            expect = np.frombuffer(data, dtype=np.uint8)
+            assert int(view[40 * P : 48 * P].sum()) == int(expect[40 * P : 48 * P].sum())
+            assert mm.find(data[63 * P : 63 * P + 64]) == 63 * P
+            assert bytes(mm[:]) == data
+            del view
+            assert fh.wait(10)
+    finally:
+        mm.close()
+
+
+def test_many_threads_touching_at_once() -> None:
+    npages, nthreads = 256, 8
+    data = random_bytes(npages * P, 3)
+    expect = np.frombuffer(data, dtype=np.uint8)
+    with anon(npages) as m:
+        view = np.frombuffer((ctypes.c_uint8 * m.length).from_address(m.addr), dtype=np.uint8)
+        results: dict[int, bool] = {}
+        go = threading.Barrier(nthreads, timeout=10)
+
+        def worker(t: int) -> None:
+            go.wait()
+            order = np.random.default_rng(t).permutation(npages)
+            ok = True
+            for p in order[: npages // 2].tolist():  # overlapping random pages
+                lo = p * P
+                ok &= bool(np.array_equal(view[lo : lo + P], expect[lo : lo + P]))
+            results[t] = ok
+
+        with FaultHandler([(m.addr, m.length)], source_of(data), prefetch=False) as fh:
+            threads = [threading.Thread(target=worker, args=(t,)) for t in range(nthreads)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+            assert not any(t.is_alive() for t in threads), "a thread hung in a fault"
+            assert results == {t: True for t in range(nthreads)}
+            assert bytes(view) == data
+            assert fh.wait(10)
+
+
+def test_several_regions_from_a_file(tmp_path: os.PathLike[str]) -> None:
+    path = os.path.join(tmp_path, "image")
+    blob = random_bytes(40 * P, 4)
+    with open(path, "wb") as f:
+        f.write(blob)
+    with anon(16) as a, anon(32) as b, FileSource(path, base=3 * P) as src:
+        # Regions are source offsets 0.. in order; the file ends inside b (zeros after).
+        with FaultHandler([(b.addr, b.length), (a.addr, a.length)], src) as fh:
+            assert fh.total_pages == 48
+            assert a.read(0, 16) == blob[3 * P + 32 * P : 40 * P] + bytes(11 * P)
+            assert b.read(0, 32) == blob[3 * P : 35 * P]
+            assert fh.wait(10)
+
+
+def test_none_from_the_source_maps_zero_pages() -> None:
+    data = random_bytes(16 * P, 5)
+
+    def src(offset: int, length: int) -> bytes | None:
+        return None if offset >= 16 * P else data[offset : offset + length]
+
+    with anon(16) as a, anon(16) as z:
+        with FaultHandler([(a.addr, a.length), (z.addr, z.length)], src) as fh:
+            assert fh.wait(10), "prefetch serves everything"
+        zero = int(Category.PFNZERO)
+        res = pagescan.scan(z.addr, z.end, category_mask=zero, return_mask=zero)
+        assert [(r.start, r.end) for r in res] == [(z.addr, z.end)], "UFFDIO_ZEROPAGE: the zero page"
+        assert len(pagescan.scan(a.addr, a.end, category_mask=zero, return_mask=zero)) == 0
+        assert z.read(0, 16) == bytes(16 * P) and a.read(0, 16) == data
+
+
+def test_prefetch_completes_without_any_touch() -> None:
+    npages = 2048  # 8 MiB: several prefetch windows
+    data = random_bytes(npages * P, 6)
+    seen: list[tuple[int, int]] = []
+    with anon(npages) as m:
+        with FaultHandler([(m.addr, m.length)], source_of(data)) as fh:
+            hpid = fh.pid
+            deadline = time.monotonic() + 20
+            while fh.pid and time.monotonic() < deadline:
+                seen.append(fh.progress())
+                if fh.wait(0.01):
+                    break
+            assert fh.wait(10) is True
+            assert fh.progress() == (npages, npages)
+        assert not os.path.exists(f"/proc/{hpid}")
+        done = [s for s, _ in seen]
+        assert done == sorted(done), "progress never goes back"
+        assert all(t == npages for _, t in seen)
+        assert present(m.addr, npages) == [1] * npages, "every page is in before any touch"
+        assert m.read(0, npages) == data
+
+
+def test_no_prefetch_serves_only_what_is_touched() -> None:
+    data = random_bytes(N * P, 7)
+    with anon(N) as m:
+        fh = FaultHandler([(m.addr, m.length)], source_of(data), prefetch=False).start()
+        try:
+            assert fh.wait(0.2) is False, "without touches the handler cannot finish"
+            assert fh.progress() == (0, N) and present(m.addr, N) == [0] * N
+            assert m.read_byte(20) == data[20 * P]
+            wait_for(lambda: fh.progress()[0] >= 1, what="progress")
+            served, _ = fh.progress()
+            assert served <= 16, "a fault resolves a 64 KiB window around it"
+            got = present(m.addr, N)
+            assert got[20] == 1 and sum(got) == served
+        finally:
+            fh.close()  # unserved pages are poisoned now: never touch them
+        assert fh.pid == 0 and fh.guardian_pid == 0
+
+
+# -- non-cooperative events -------------------------------------------------------------
+
+
+def test_dontneed_gives_zeros_never_the_old_data() -> None:
+    data = random_bytes(N * P, 8)
+    with anon(N) as m:
+        with FaultHandler([(m.addr, m.length)], source_of(data), prefetch=False) as fh:
+            assert m.read(3) == data[3 * P : 4 * P]  # served
+            m.madvise(MADV.DONTNEED, 3, 1)  # REMOVE event; the handler reads it
+            assert m.read(3) == bytes(P), "a discarded page must not be refilled from the source"
+            m.madvise(MADV.DONTNEED, 40, 1)  # never served
+            assert m.read(40) == bytes(P)
+            assert m.read(41) == data[41 * P : 42 * P], "its neighbours are still served"
+            m.write(3, 1, 0x33)  # the owner's own data stays
+            assert m.read(0, N) == b"".join(
+                bytes([0x33]) * P if i == 3 else bytes(P) if i == 40 else data[i * P : (i + 1) * P]
+                for i in range(N)
+            )
+            assert fh.wait(10)
+
+
+def test_unmap_part_of_the_range_handler_still_finishes() -> None:
+    data = random_bytes(N * P, 9)
+    for prefetch in (False, True):
+        with anon(N) as m:
+            with FaultHandler([(m.addr, m.length)], source_of(data), prefetch=prefetch) as fh:
+                if not prefetch:
+                    assert m.read(0) == data[:P]
+                libc.munmap(m[16], 16 * P)  # UNMAP event
+                rest = [i for i in range(N) if not 16 <= i < 32]
+                if not prefetch:
+                    for i in rest:
+                        assert m.read(i) == data[i * P : (i + 1) * P]
+                assert fh.wait(10) is True, f"prefetch={prefetch}"
+                assert fh.progress() == (N, N)
+                for i in rest:
+                    assert m.read(i) == data[i * P : (i + 1) * P]
+            libc.mmap(m[16], 16 * P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED)  # for close()
+
+
+def test_remap_follows_the_moved_range() -> None:
+    data = random_bytes(N * P, 13)
+
+    def owner(w: int) -> None:
+        mremap = ctypes.CDLL(None, use_errno=True).mremap
+        mremap.restype = ctypes.c_void_p
+        mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+        m, dst = anon(N), anon(N)
+        fh = FaultHandler([(m.addr, m.length)], source_of(data), prefetch=False).start()
+        _report_pids(w, fh)
+        assert m.read(0) == data[:P]
+        assert mremap(m.addr, m.length, m.length, 1 | 2, dst.addr) == dst.addr  # REMAP event
+        assert dst.read(0, N) == data, "served at the new address from the same offsets"
+        assert fh.wait(5) is True
+        os.write(w, b"OK")
+
+    pid, r = fork_owner(owner)
+    hpid, gpid = read_pids(r)
+    status, report = finish_owner(pid, r)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, report.decode(errors="replace")
+    assert report.endswith(b"OK")
+    wait_gone([hpid, gpid])
+
+
+# -- failure: never a hang, never wrong data --------------------------------------------
+
+
+def _report_pids(w: int, fh: FaultHandler) -> None:
+    os.write(w, struct.pack("ii", fh.pid, fh.guardian_pid))
+
+
+def test_killed_handler_makes_the_next_touch_sigbus() -> None:
+    data = random_bytes(N * P, 10)
+
+    def owner(w: int) -> None:
+        m = anon(N)
+        fh = FaultHandler([(m.addr, m.length)], source_of(data), prefetch=False).start()
+        _report_pids(w, fh)
+        assert m.read(0) == data[:P]
+        os.kill(fh.pid, signal.SIGKILL)
+        assert fh.wait(5) is False, "not finished"  # reaps handler and guardian
+        assert m.read(1) == data[P : 2 * P], "pages served before the death stay right"
+        os.write(w, b"touching")
+        m.read(N - 1)  # unserved: SIGBUS, not zeros, not a hang
+        os.write(w, b"READ")
+
+    pid, r = fork_owner(owner)
+    hpid, gpid = read_pids(r)
+    status, report = finish_owner(pid, r)
+    assert report.endswith(b"touching"), report
+    assert_sigbus(status, report)
+    wait_gone([hpid, gpid])
+
+
+def test_killed_handler_releases_a_thread_blocked_in_the_fault() -> None:
+    data = random_bytes(N * P, 11)
+
+    def owner(w: int) -> None:
+        m = anon(N)
+        never_r, never_w = os.pipe()
+
+        def src(offset: int, length: int) -> bytes:
+            if offset >= 32 * P:
+                os.read(never_r, 1)  # the handler hangs here, as a stuck source would
+            return data[offset : offset + length]
+
+        fh = FaultHandler([(m.addr, m.length)], src, prefetch=False).start()
+        mm = (ctypes.c_char * m.length).from_address(m.addr)
+        assert mm[:P] == data[:P]
+        _report_pids(w, fh)
+
+        def toucher() -> None:
+            mm[(N - 1) * P : N * P]  # blocks in the fault, holding the GIL
+
+        t = threading.Thread(target=toucher)
+        t.start()
+        t.join(30)
+        os.write(w, b"RETURNED")
+
+    pid, r = fork_owner(owner)
+    hpid, gpid = read_pids(r)
+    try:
+        wait_for(lambda: any("handle_userfault" in wchan(pid, tid) for tid in os.listdir(f"/proc/{pid}/task")),
+                 what="the owner thread to block in the fault")
+        time.sleep(0.05)
+        assert os.path.exists(f"/proc/{pid}"), "the owner must still be waiting"
+        os.kill(hpid, signal.SIGKILL)
+    finally:
+        status, report = finish_owner(pid, r)
+    assert b"RETURNED" not in report
+    assert_sigbus(status, report)
+    wait_gone([hpid, gpid])
+
+
+def test_a_failing_source_makes_touches_sigbus() -> None:
+    def src(offset: int, length: int) -> bytes:
+        if offset >= 16 * P:
+            raise RuntimeError("source broke")
+        return bytes([7]) * length
+
+    def owner(w: int) -> None:
+        m = anon(N)
+        fh = FaultHandler([(m.addr, m.length)], src, prefetch=False).start()
+        _report_pids(w, fh)
+        assert m.read(0) == bytes([7]) * P
+        os.write(w, b"touching")
+        m.read(N - 1)
+        os.write(w, b"READ")
+
+    pid, r = fork_owner(owner)
+    hpid, gpid = read_pids(r)
+    status, report = finish_owner(pid, r)
+    assert report.endswith(b"touching"), report
+    assert_sigbus(status, report)
+    wait_gone([hpid, gpid])
+
+
+def test_handler_exits_when_the_owner_exits() -> None:
+    def owner(w: int) -> None:
+        m = anon(N)
+        fh = FaultHandler([(m.addr, m.length)], lambda o, n: bytes(n), prefetch=False).start()
+        _report_pids(w, fh)
+        os._exit(0)  # neither close() nor wait(): the owner just goes away
+
+    pid, r = fork_owner(owner)
+    hpid, gpid = read_pids(r)
+    status, _ = finish_owner(pid, r)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    wait_gone([hpid, gpid])
+
+
+def test_close_midway_reaps_both_processes() -> None:
+    data = random_bytes(N * P, 12)
+    with anon(N) as m:
+        fh = FaultHandler([(m.addr, m.length)], source_of(data), prefetch=False).start()
+        hpid, gpid = fh.pid, fh.guardian_pid
+        assert m.read(0) == data[:P]
+        fh.close()
+        check_gone(fh, hpid, gpid)
+        assert "um" not in vmflags(m.addr), "the uffd is gone with its last holder"
+        assert m.read(1) == data[P : 2 * P]
+        fh.close()  # idempotent
+
+
+# -- bad input --------------------------------------------------------------------------
+
+
+def test_populated_target_is_refused() -> None:
+    with anon(8) as m:
+        m.touch(5)
+        fh = FaultHandler([(m.addr, m.length)], lambda o, n: bytes(n))
+        with pytest.raises(FileExistsError) as ei:
+            fh.start()
+        assert ei.value.errno == errno.EEXIST
+        assert fh.pid == 0 and "um" not in vmflags(m.addr)
+        fh.close()
+
+
+def test_bad_regions_and_states() -> None:
+    with anon(4) as m:
+        for regions in ([(m.addr + 8, P)], [(m.addr, P + 1)], [(m.addr, 0)], [(m.addr, -P)]):
+            with pytest.raises(ValueError):
+                FaultHandler(regions, lambda o, n: bytes(n))
+        fh = FaultHandler([(m.addr, m.length)], lambda o, n: bytes(n))
+        with pytest.raises(RuntimeError):
+            fh.wait(1)
+        with fh:
+            with pytest.raises(RuntimeError):
+                fh.start()
+            assert fh.wait(10)
+
+
+def test_wrong_length_from_the_source_fails_loudly() -> None:
+    def owner(w: int) -> None:
+        m = anon(N)
+        fh = FaultHandler([(m.addr, m.length)], lambda o, n: b"short", prefetch=False).start()
+        _report_pids(w, fh)
+        os.write(w, b"touching")
+        m.read(0)
+        os.write(w, b"READ")
+
+    pid, r = fork_owner(owner)
+    hpid, gpid = read_pids(r)
+    status, report = finish_owner(pid, r)
+    assert_sigbus(status, report)
+    wait_gone([hpid, gpid])
+
+
+def test_memory_that_cannot_be_served() -> None:
+    with anon(4) as m, WriteWatch(m.addr, m.length):
+        with pytest.raises(OSError) as ei:
+            FaultHandler([(m.addr, m.length)], lambda o, n: bytes(n)).start()
+        assert ei.value.errno == errno.EBUSY
+    with Userfaultfd(0) as uf, anon(4) as m2:
+        uf.register(m2.addr, m2.length, RegisterMode.MISSING)
+        with pytest.raises(OSError) as ei:
+            FaultHandler([(m2.addr, m2.length)], lambda o, n: bytes(n)).start()
+        assert ei.value.errno == errno.EBUSY
+    hole = Mapping(8, prot=PROT.NONE)
+    try:
+        libc.munmap(hole[2], 4 * P)
+        with pytest.raises(OSError):
+            FaultHandler([(hole[2], 4 * P)], lambda o, n: bytes(n)).start()
+    finally:
+        libc.mmap(hole[2], 4 * P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED)
+        hole.close()
