@@ -210,6 +210,8 @@ def buffer_range(obj: Any) -> tuple[int, int]:
     if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
         raise ValueError("buffer must be contiguous")
     lo = int(arr.__array_interface__["data"][0])
+    if not arr.nbytes:
+        return lo & ~(PAGE_SIZE - 1), lo & ~(PAGE_SIZE - 1)  # an empty buffer covers no page
     hi = lo + arr.nbytes
     return lo & ~(PAGE_SIZE - 1), (hi + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
