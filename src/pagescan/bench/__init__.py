@@ -1,0 +1,1 @@
+"""Benchmarks shipped with pagescan (``pagescan bench``); nothing runs at import."""
