@@ -15,10 +15,14 @@ thing with raw syscalls:
 (c) full-category scan of the same range (``return_mask`` = all supported
     categories, no masks) after one more dirtying round (µs/scan).
 
-The two sides take turns batch by batch (C, Python, C, Python, ...) so that both see
-the same machine noise; each figure is the median over ``--repeat`` batches or
-rounds, and the ratio is median(Python) / median(C). The range gets
-``MADV_NOHUGEPAGE``, so (b) and (c) measure 4 KiB PTEs only (no THP).
+The two sides take turns batch by batch (C, Python, C, Python, ...) on one CPU
+(``--cpu``) so that both see the same machine noise; each figure is the median over
+``--repeat`` batches or rounds, and the ratio is median(Python) / median(C). Times are
+the calling thread's CPU time by default (``--clock cpu``: time spent preempted by
+other processes is not counted, on either side); ``--clock wall`` uses the monotonic
+clock. The two ranges are populated in alternating chunks, so that both get their
+physical pages under the same conditions. The range gets ``MADV_NOHUGEPAGE``, so (b)
+and (c) measure 4 KiB PTEs only (no THP).
 
 Run ``python benchmarks/scan_overhead.py --help`` for the options; see README.md.
 """
@@ -56,6 +60,8 @@ WRITTEN = int(Category.WRITTEN)
 WP_MATCHING = int(PM_SCAN_WP_MATCHING)
 _M64 = (1 << 64) - 1
 
+#: The two sides populate their ranges taking turns in chunks of this size.
+POPULATE_CHUNK = 4 << 20
 #: Python/C ratio each workload must stay under.
 TARGETS = {"a": 2.5, "b": 1.05, "c": 1.05}
 
@@ -79,7 +85,7 @@ class SplitMix64:
 def draw_pages(rng: SplitMix64, npages: int, count: int) -> np.ndarray:
     """``count`` distinct page indices, in drawing order (as scan_ref.c draws them)."""
     seen: set[int] = set()
-    order = []
+    order: list[int] = []
     while len(order) < count:
         page = rng.next() % npages
         if page not in seen:
@@ -113,10 +119,14 @@ def positive_int(text: str) -> int:
 # -- the Python side -----------------------------------------------------------------
 
 
+CLOCKS = {"cpu": time.thread_time_ns, "wall": time.perf_counter_ns}
+
+
 class PythonSide:
     """The benchmark's own memory and uffd, driven through pagescan's public API."""
 
-    def __init__(self, size: int, dirty: int, seed: int, categories: int) -> None:
+    def __init__(self, size: int, dirty: int, seed: int, categories: int, clock: str) -> None:
+        self.now = CLOCKS[clock]
         self.size = size
         self.npages = size // PAGE
         self.dirty = dirty
@@ -130,14 +140,10 @@ class PythonSide:
             # (a): one written private anonymous page.
             self.page = libc.mmap(0, PAGE, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS)
             ctypes.memset(self.page, 1, PAGE)
-            # (b), (c): the big range, 4 KiB pages only, populated, registered, armed.
+            # (b), (c): the big range, 4 KiB pages only; populate() and arm() follow.
             self.start = libc.mmap(0, size, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS)
             self.end = self.start + size
             libc.madvise(self.start, size, MADV.NOHUGEPAGE)
-            ctypes.memset(self.start, 1, size)
-            self.uffd = Userfaultfd(UffdFeature.WP_ASYNC)
-            self.uffd.register(self.start, size, RegisterMode.WP)
-            self.uffd.writeprotect(self.start, size)
             self.bytes = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(self.start))
         except BaseException:
             self.close()
@@ -146,14 +152,22 @@ class PythonSide:
         if len(res) != 1 or not res[0].categories & Category.PRESENT:
             raise AssertionError(f"the (a) page is not one present region: {list(res)}")
 
+    def populate(self, offset: int, length: int) -> None:
+        ctypes.memset(self.start + offset, 1, length)  # every page present and written
+
+    def arm(self) -> None:
+        self.uffd = Userfaultfd(UffdFeature.WP_ASYNC)
+        self.uffd.register(self.start, self.size, RegisterMode.WP)
+        self.uffd.writeprotect(self.start, self.size)
+
     def a(self, calls: int) -> int:
         """Total ns of ``calls`` one-page scans."""
-        scan, p, e, m = pagescan.scan, self.page, self.page + PAGE, self.categories
+        scan, p, e, m, now = pagescan.scan, self.page, self.page + PAGE, self.categories, self.now
         loop = range(calls)
-        t0 = time.perf_counter_ns()
+        t0 = now()
         for _ in loop:
             scan(p, e, return_mask=m)
-        return time.perf_counter_ns() - t0
+        return now() - t0
 
     def dirty_round(self) -> None:
         assert self.bytes is not None
@@ -161,19 +175,19 @@ class PythonSide:
 
     def b(self) -> tuple[int, int, int]:
         self.dirty_round()
-        scan, start, end, k = pagescan.scan, self.start, self.end, self.dirty
-        t0 = time.perf_counter_ns()
+        scan, start, end, k, now = pagescan.scan, self.start, self.end, self.dirty, self.now
+        t0 = now()
         res = scan(start, end, flags=WP_MATCHING, category_mask=WRITTEN, return_mask=WRITTEN, vec_len=k)
-        t1 = time.perf_counter_ns()
+        t1 = now()
         if not res.complete or res.pages != k:
             raise AssertionError(f"(b) reported {res.pages} pages (complete={res.complete}), dirtied {k}")
         return t1 - t0, res.pages, len(res)
 
     def c(self) -> tuple[int, int, int]:
-        scan, start, end, m = pagescan.scan, self.start, self.end, self.categories
-        t0 = time.perf_counter_ns()
+        scan, start, end, m, now = pagescan.scan, self.start, self.end, self.categories, self.now
+        t0 = now()
         res = scan(start, end, return_mask=m)
-        t1 = time.perf_counter_ns()
+        t1 = now()
         if not res.complete or res.pages != self.npages:
             raise AssertionError(f"(c) covered {res.pages} of {self.npages} pages (complete={res.complete})")
         return t1 - t0, res.pages, len(res)
@@ -195,11 +209,11 @@ class PythonSide:
 
 
 def find_compiler(explicit: str | None) -> list[str] | None:
-    if explicit:
-        return shlex.split(explicit)
-    env = os.environ.get("CC")
-    if env:
-        return shlex.split(env)
+    """``--cc``, else ``$CC``, else the first of cc, gcc, clang on PATH; None if none runs."""
+    for command in (explicit, os.environ.get("CC")):
+        if command:
+            words = shlex.split(command)
+            return words if words and shutil.which(words[0]) else None
     for name in ("cc", "gcc", "clang"):
         path = shutil.which(name)
         if path:
@@ -210,17 +224,17 @@ def find_compiler(explicit: str | None) -> list[str] | None:
 class CSide:
     """scan_ref (scan_ref.c) as a child process that answers one command per line."""
 
-    def __init__(self, binary: Path, size: int, dirty: int, seed: int, categories: int) -> None:
+    def __init__(self, binary: Path, size: int, dirty: int, seed: int, categories: int, clock: str) -> None:
         self.proc = subprocess.Popen(
-            [str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            [str(binary), clock], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
         )
         try:
             (npages,) = self.ask(f"setup {size} {dirty} {seed} {categories}")
+            if npages != size // PAGE:
+                raise AssertionError(f"scan_ref mapped {npages} pages, expected {size // PAGE}")
         except BaseException:
             self.close()
             raise
-        if npages != size // PAGE:
-            raise AssertionError(f"scan_ref mapped {npages} pages, expected {size // PAGE}")
 
     def ask(self, command: str) -> list[int]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -230,6 +244,12 @@ class CSide:
         if not reply or reply[0] != "ok":
             raise RuntimeError(f"scan_ref {command.split()[0]!r}: {' '.join(reply) or 'no reply (crashed?)'}")
         return [int(x) for x in reply[1:]]
+
+    def populate(self, offset: int, length: int) -> None:
+        self.ask(f"populate {offset} {length}")
+
+    def arm(self) -> None:
+        self.ask("arm")
 
     def a(self, calls: int) -> int:
         return self.ask(f"a {calls}")[0]
@@ -273,8 +293,17 @@ def run(args: argparse.Namespace, binary: Path | None) -> dict[str, Any]:
     gc_was_enabled = gc.isenabled()
     try:
         if binary is not None:
-            sides["c"] = CSide(binary, args.size, dirty, args.seed, categories)
-        sides["python"] = PythonSide(args.size, dirty, args.seed, categories)
+            sides["c"] = CSide(binary, args.size, dirty, args.seed, categories, args.clock)
+        sides["python"] = PythonSide(args.size, dirty, args.seed, categories, args.clock)
+        # Populate the two ranges in alternating chunks: both sides then get their physical
+        # pages under the same conditions. (Populated one after the other, the side that
+        # went first walked its page tables up to 25% slower here, whichever side it was;
+        # two C processes populated this way scan within 1% of each other.)
+        for offset in range(0, args.size, POPULATE_CHUNK):
+            for side in sides.values():
+                side.populate(offset, min(POPULATE_CHUNK, args.size - offset))
+        for side in sides.values():
+            side.arm()
         gc.disable()  # as timeit does; nothing here makes reference cycles
 
         # (a): warm up, then alternate batches.
@@ -346,12 +375,14 @@ def run(args: argparse.Namespace, binary: Path | None) -> dict[str, Any]:
             "repeat": args.repeat,
             "calls": args.calls,
             "seed": args.seed,
+            "clock": args.clock,
             "return_mask": categories,
             "thp": "MADV_NOHUGEPAGE on the range (4 KiB PTEs only)",
             "thp_mode": pagescan.capabilities().thp_mode,
             "kernel": platform.release(),
             "machine": platform.machine(),
-            "cpus": len(os.sched_getaffinity(0)),
+            "cpus": os.cpu_count(),
+            "pinned_cpu": args.pinned,
             "python": platform.python_version(),
             "pagescan": pagescan.__version__,
             "compiler": args.compiler_used,
@@ -375,12 +406,14 @@ def fmt_num(x: float | None) -> str:
 
 def print_table(result: dict[str, Any]) -> None:
     cfg = result["config"]
-    print(f"pagescan {cfg['pagescan']} on Linux {cfg['kernel']} {cfg['machine']}, {cfg['cpus']} CPUs, "
+    pinned = "unpinned" if cfg["pinned_cpu"] is None else f"both sides on CPU {cfg['pinned_cpu']}"
+    print(f"pagescan {cfg['pagescan']} on Linux {cfg['kernel']} {cfg['machine']}, {cfg['cpus']} CPUs ({pinned}), "
           f"Python {cfg['python']}; C reference: {cfg['compiler'] or 'none (no C compiler found)'}")
     print(f"range {fmt_size(cfg['size'])} = {cfg['pages']} pages, {cfg['dirty_pages']} dirtied per round; "
           f"{cfg['thp']}, THP mode {cfg['thp_mode']}")
-    print(f"medians of {cfg['repeat']} alternating batches/rounds ((a): {cfg['calls']} calls per batch); "
-          f"return_mask {cfg['return_mask']:#x}")
+    clock = "thread CPU time" if cfg["clock"] == "cpu" else "wall-clock time"
+    print(f"{clock}, medians of {cfg['repeat']} alternating batches/rounds ((a): {cfg['calls']} calls per "
+          f"batch); return_mask {cfg['return_mask']:#x}")
     print()
     head = ("workload", "unit", "pagescan", "C", "Py/C", "target", "status")
     lines = []
@@ -398,7 +431,8 @@ def print_table(result: dict[str, Any]) -> None:
     for r in result["rows"]:
         if r["pages_regions"]:
             pages, regions = r["pages_regions"]
-            print(f"({r['workload']}) each scan: {pages} pages in {regions} regions (checked on both sides)")
+            checked = "checked on both sides" if r["c"] is not None else "checked"
+            print(f"({r['workload']}) each scan: {pages} pages in {regions} regions ({checked})")
 
 
 def build(compiler: list[str], out_dir: Path) -> Path:
@@ -415,13 +449,19 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=1 << 30,
                     help="range for (b) and (c), e.g. 1G, 256M (default 1G)")
-    ap.add_argument("--repeat", type=positive_int, default=15,
-                    help="batches for (a), rounds for (b) and (c), per side (default 15)")
+    ap.add_argument("--repeat", type=positive_int, default=21,
+                    help="batches for (a), rounds for (b) and (c), per side (default 21)")
     ap.add_argument("--calls", type=positive_int, default=20000,
                     help="one-page scans per (a) batch (default 20000)")
     ap.add_argument("--dirty-percent", type=float, default=1.0,
                     help="pages written per (b) round, in percent of the range (default 1)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the dirty-page generator (default 1)")
+    ap.add_argument("--clock", choices=sorted(CLOCKS), default="cpu",
+                    help="cpu: the calling thread's CPU time (default; robust on a busy machine); "
+                         "wall: monotonic clock")
+    ap.add_argument("--cpu", default="last",
+                    help="pin both sides to this CPU (default: the last one this process may use; "
+                         "'none': no pinning)")
     ap.add_argument("--json", metavar="PATH", help="also write the results (with every sample) here")
     ap.add_argument("--cc", metavar="COMPILER", help="C compiler command (default: $CC, cc, gcc or clang)")
     ap.add_argument("--build-dir", metavar="DIR", type=Path,
@@ -437,6 +477,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"needs PAGEMAP_SCAN and UFFD_FEATURE_WP_ASYNC (Linux 6.7); this kernel is {platform.release()}: "
               f"{caps.missing}", file=sys.stderr)
         return 2
+
+    if args.cpu != "none":
+        allowed = sorted(os.sched_getaffinity(0))
+        cpu = allowed[-1] if args.cpu == "last" else int(args.cpu) if args.cpu.isdigit() else -1
+        if cpu not in allowed:
+            ap.error(f"--cpu must be 'last', 'none' or one of {allowed}")
+        os.sched_setaffinity(0, {cpu})  # the C child inherits it
+        args.pinned = cpu
+    else:
+        args.pinned = None
 
     compiler = None if args.no_c else find_compiler(args.cc)
     if compiler is None and not args.no_c:

@@ -4,13 +4,17 @@
  * Does the same work as the Python side of the benchmark with raw syscalls, so
  * the Python/C ratio shows what pagescan adds on top of the PAGEMAP_SCAN ioctl.
  * It is driven line by line over stdin/stdout so that the two sides can take
- * turns (C batch, Python batch, C batch, ...) and share the machine's noise:
+ * turns (C batch, Python batch, C batch, ...) and share the machine's noise.
+ * Times are CLOCK_MONOTONIC, or this thread's CPU time with the argument "cpu"
+ * (CLOCK_THREAD_CPUTIME_ID, as Python's time.thread_time_ns()).  Commands:
  *
  *   setup BYTES DIRTY_PAGES SEED RETURN_MASK
- *                   map BYTES of private anonymous memory (MADV_NOHUGEPAGE),
- *                   write every page, register it with a WP_ASYNC userfaultfd
- *                   (mode WP) and arm it (UFFDIO_WRITEPROTECT); map one more
- *                   written page for workload (a)    -> "ok NPAGES"
+ *                   map BYTES of private anonymous memory (MADV_NOHUGEPAGE)
+ *                   and one written page for workload (a) -> "ok NPAGES"
+ *   populate OFFSET LENGTH
+ *                   write every page of that part of the range -> "ok"
+ *   arm             register the range with a WP_ASYNC userfaultfd (mode WP)
+ *                   and write-protect it (UFFDIO_WRITEPROTECT) -> "ok"
  *   a CALLS         CALLS one-page scans of that page   -> "ok NS_TOTAL"
  *   dirty           write DIRTY_PAGES random pages      -> "ok"
  *   b               dirty, then time one get-and-write-protect scan of the
@@ -19,6 +23,9 @@
  *                   RETURN_MASK and no masks            -> "ok NS PAGES REGIONS"
  *   quit            unmap, close, exit 0
  *
+ * The driver populates the two sides' ranges in alternating chunks, so that both
+ * get their physical pages from the allocator under the same conditions (how
+ * scattered the pages are changes the cost of a page-table walk noticeably).
  * Any failure prints "error ..." and exits 1.  The dirty pages are drawn with
  * splitmix64 exactly as the Python side does, so both sides dirty the same
  * page indices and must report the same counts.
@@ -146,11 +153,13 @@ static void fail(const char *what)
 	exit(1);
 }
 
+static clockid_t clock_id = CLOCK_MONOTONIC;
+
 static uint64_t now_ns(void)
 {
 	struct timespec ts;
 
-	clock_gettime(CLOCK_MONOTONIC, &ts);
+	clock_gettime(clock_id, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
 
@@ -208,10 +217,6 @@ static int walked_all(int n, uint64_t walk_end, uint64_t end)
 
 static void do_setup(uint64_t bytes, uint64_t dirty, uint64_t seed, uint64_t return_mask)
 {
-	struct ref_uffdio_api api = { .api = REF_UFFD_API, .features = REF_UFFD_FEATURE_WP_ASYNC };
-	struct ref_uffdio_register reg;
-	struct ref_uffdio_writeprotect wp;
-
 	if (mem)
 		fail("setup twice");
 	mem_len = bytes;
@@ -237,8 +242,34 @@ static void do_setup(uint64_t bytes, uint64_t dirty, uint64_t seed, uint64_t ret
 		die("mmap");
 	if (madvise(mem, mem_len, MADV_NOHUGEPAGE))
 		die("madvise MADV_NOHUGEPAGE");
-	memset(mem, 1, mem_len); /* populate: every page present and written */
 
+	chosen = calloc(npages, 1);
+	/* The same buffer size the Python side ends up with in (c). */
+	vec_cap = npages < 65536 ? npages : 65536;
+	if (vec_cap < dirty_pages)
+		vec_cap = dirty_pages;
+	vec = calloc(vec_cap, sizeof(*vec));
+	if (!chosen || !vec)
+		fail("out of memory");
+	printf("ok %" PRIu64 "\n", npages);
+}
+
+static void do_populate(uint64_t offset, uint64_t len)
+{
+	if (offset > mem_len || len > mem_len - offset)
+		fail("populate: range outside the mapping");
+	memset(mem + offset, 1, len); /* every page present and written */
+	printf("ok\n");
+}
+
+static void do_arm(void)
+{
+	struct ref_uffdio_api api = { .api = REF_UFFD_API, .features = REF_UFFD_FEATURE_WP_ASYNC };
+	struct ref_uffdio_register reg;
+	struct ref_uffdio_writeprotect wp;
+
+	if (uffd >= 0)
+		fail("armed twice");
 	uffd = (int)syscall(REF_NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
 	if (uffd < 0)
 		die("userfaultfd");
@@ -254,18 +285,9 @@ static void do_setup(uint64_t bytes, uint64_t dirty, uint64_t seed, uint64_t ret
 	wp.range.start = (uint64_t)(uintptr_t)mem;
 	wp.range.len = mem_len;
 	wp.mode = REF_UFFDIO_WRITEPROTECT_MODE_WP;
-	if (ioctl(uffd, REF_UFFDIO_WRITEPROTECT, &wp)) /* arm */
+	if (ioctl(uffd, REF_UFFDIO_WRITEPROTECT, &wp))
 		die("UFFDIO_WRITEPROTECT");
-
-	chosen = calloc(npages, 1);
-	/* The same buffer size the Python side ends up with in (c). */
-	vec_cap = npages < 65536 ? npages : 65536;
-	if (vec_cap < dirty_pages)
-		vec_cap = dirty_pages;
-	vec = calloc(vec_cap, sizeof(*vec));
-	if (!chosen || !vec)
-		fail("out of memory");
-	printf("ok %" PRIu64 "\n", npages);
+	printf("ok\n");
 }
 
 static void do_a(uint64_t calls)
@@ -350,10 +372,14 @@ static void cleanup(void)
 	free(vec);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	char line[256];
 
+	if (argc > 1 && strcmp(argv[1], "cpu") == 0)
+		clock_id = CLOCK_THREAD_CPUTIME_ID;
+	else if (argc > 1 && strcmp(argv[1], "wall") != 0)
+		fail("usage: scan_ref [wall|cpu]");
 	page_size = sysconf(_SC_PAGESIZE);
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	while (fgets(line, sizeof(line), stdin)) {
@@ -365,6 +391,12 @@ int main(void)
 			if (strncmp(line, "quit", 4) == 0)
 				break;
 			fail("setup first");
+		} else if (sscanf(line, "populate %" SCNu64 " %" SCNu64, &x, &y) == 2) {
+			do_populate(x, y);
+		} else if (strncmp(line, "arm", 3) == 0) {
+			do_arm();
+		} else if (uffd < 0) {
+			fail("arm first");
 		} else if (sscanf(line, "a %" SCNu64, &x) == 1) {
 			do_a(x);
 		} else if (strncmp(line, "dirty", 5) == 0) {

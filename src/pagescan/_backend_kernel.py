@@ -42,6 +42,7 @@ _pack_into = _ARG.pack_into
 _unpack_walk_end = _WALK_END.unpack_from
 _fcntl_ioctl = fcntl.ioctl
 _PAGE_SIZE = mmap.PAGESIZE
+_WP_MATCHING = int(ScanFlag.WP_MATCHING)
 
 
 class _ThreadBuffers(threading.local):
@@ -91,11 +92,27 @@ class KernelBackend:
             raise _explain(err, inverted | mask | anyof | return_mask) from None
         walk_end: int = _unpack_walk_end(arg, _WALK_END_OFFSET)[0]
         if n and walk_end < end and vec is not None:
-            last_end = int(vec[index + n - 1]["end"])
-            if walk_end < last_end and not (flags & ScanFlag.WP_MATCHING and _in_hugetlb(target.pid, walk_end)):
-                # Stale walk_end (kernel bug): the walk completed.
-                walk_end = -(-end // _PAGE_SIZE) * _PAGE_SIZE  # the kernel rounds end up
+            got = vec[index : index + n]
+            if walk_end < int(got["end"][-1]) and _is_stale(target.pid, flags, walk_end, got):
+                walk_end = -(-end // _PAGE_SIZE) * _PAGE_SIZE  # completed; the kernel rounds end up
         return n, walk_end
+
+
+def _is_stale(pid: int, flags: int, walk_end: int, regions: np.ndarray) -> bool:
+    """``walk_end`` lies below the last region returned: stale, or a skipped hugetlb page?
+
+    A stale value is the restart point of an internal buffer flush, and the walk
+    restarted there with a new region, so it is always the start of a returned region.
+    A hugetlb page withdrawn under WP_MATCHING is never reported, so its start never is.
+    Only when neither test decides (the memory changed between passes) is smaps read.
+    """
+    starts = regions["start"]
+    i = int(np.searchsorted(starts, walk_end))
+    if i < len(starts) and int(starts[i]) == walk_end:
+        return True
+    if not flags & _WP_MATCHING:
+        return True  # only WP_MATCHING withdraws pages
+    return not _in_hugetlb(pid, walk_end)
 
 
 def _explain(err: OSError, category_bits: int) -> OSError:

@@ -1,9 +1,10 @@
 """Per-mapping page accounting of a process, from ``PAGEMAP_SCAN``.
 
-One walk of the whole address space (``scan_iter`` with no masks: every page of every
-VMA matches; unmapped gaps cost nothing) reports regions of equal categories; regions
-merge across VMA boundaries, so they are cut at the boundaries from ``/proc/PID/maps``
-and summed per mapping with numpy.
+One walk of the whole address space (``scan_iter`` asking for pages that are present or
+swapped -- every column needs one of those -- so empty slots and unmapped gaps cost
+no regions) reports regions of equal categories; regions merge across VMA boundaries,
+so they are cut at the boundaries from ``/proc/PID/maps`` and summed per mapping and
+per distinct categories value with numpy, then spread over the columns.
 
 How the counts relate to the kernel's own accounting (``/proc/PID/smaps``):
 
@@ -11,27 +12,35 @@ How the counts relate to the kernel's own accounting (``/proc/PID/smaps``):
   huge zero page are mapped (PRESENT, PFNZERO) but are not "normal" pages, so smaps does
   not count them. hugetlb pages are PRESENT but smaps reports them in
   ``Shared_Hugetlb``/``Private_Hugetlb`` instead of ``Rss``.
-* ``swapped`` counts swap entries *and* markers (uffd-wp, guard, poison), which are
-  non-present non-empty entries; smaps ``Swap`` counts real swap only. Swapped-out
-  shmem pages leave no entry in the process's page tables (smaps counts them in
-  ``Swap``; the scan cannot see them).
-* ``huge`` equals ``AnonHugePages + ShmemPmdMapped + FilePmdMapped`` plus present
-  hugetlb pages.
+* ``swapped`` counts non-present, non-empty entries other than guard markers: real swap
+  entries, and uffd-wp and poison markers (the categories cannot tell those apart), so
+  it equals smaps ``Swap`` unless such markers exist. Guard markers are reported by the
+  kernel as SWAPPED|GUARD; they are counted in ``guard`` only. Swapped-out shmem pages
+  leave no entry in the process's page tables (smaps counts them in ``Swap``; the scan
+  cannot see them).
+* ``huge`` counts PMD-mapped pages other than the huge zero page (smaps does not count
+  it either), so it equals ``AnonHugePages + ShmemPmdMapped + FilePmdMapped`` plus the
+  present hugetlb pages.
+* ``written`` counts present and swapped pages without the uffd-wp bit: outside
+  ranges registered for async uffd write-protection that is every present or swapped
+  page. (The kernel also reports WRITTEN for empty slots of existing page tables; they
+  are not counted.)
 * VM_PFNMAP mappings (device memory, ``[vvar]``) are skipped by the kernel: all zero.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import mmap
 from typing import Any
 
 import numpy as np
 
-from ._procfs import Vma, read_maps
+from ._procfs import _open as _read_proc_file
 from ._scan import scan_iter
 from ._target import Target, resolve_pid
-from ._uapi.pagemap import Category
+from ._uapi.pagemap import PAGE_REGION_DTYPE, Category
 
 __all__ = ["STAT_CATEGORIES", "MappingStat", "mapping_stats"]
 
@@ -86,52 +95,136 @@ def mapping_stats(pid: Any = None, *, backend: str = "auto") -> list[MappingStat
     """
     from .capabilities import capabilities
 
-    supported = int(capabilities().categories) if backend != "emulated" else 0x1FF
-    cols = {k: int(v) for k, v in STAT_CATEGORIES.items() if int(v) & supported}
-    ret = 0
-    for bit in cols.values():
-        ret |= bit
+    supported = int(capabilities().categories) if backend != "emulated" else _ALL
+    cols = tuple(k for k, v in STAT_CATEGORIES.items() if int(v) & supported)
+    ret = _ALL & supported
+    # Every column needs a present or a swapped page (guard markers are swap entries):
+    # asking for those only skips the empty slots of existing page tables, which the
+    # kernel would otherwise report as regions of their own.
+    anyof = int(Category.PRESENT | Category.SWAPPED) & supported
+    limit = _task_limit()
     with Target(resolve_pid(pid)) as target:
-        vmas = [v for v in read_maps(target.pid) if v.end <= _task_limit()]
+        vmas = _read_maps(target.pid, limit)
         if not vmas:
             return []
         parts = [
             r.regions
-            for r in scan_iter(vmas[0].start, vmas[-1].end, pid=target, return_mask=ret, backend=backend)
+            for r in scan_iter(
+                vmas[0][0], vmas[-1][1], pid=target, return_mask=ret, category_anyof_mask=anyof,
+                backend=backend,
+            )
         ]
-    regions = np.concatenate(parts) if parts else np.empty(0, dtype=[("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
+    regions = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.empty(0, PAGE_REGION_DTYPE)
     return _account(vmas, regions, cols)
 
 
-def _account(vmas: list[Vma], regions: np.ndarray, cols: dict[str, int]) -> list[MappingStat]:
-    starts = np.array([v.start for v in vmas], dtype=np.uint64)
-    ends = np.array([v.end for v in vmas], dtype=np.uint64)
-    counts = np.zeros((len(vmas), len(cols)), dtype=np.int64)
-    if len(regions):
-        rs, re, rc = regions["start"], regions["end"], regions["categories"]
-        # Cut regions at VMA boundaries: pair each region with every VMA it overlaps.
-        first = np.searchsorted(ends, rs, side="right")  # first VMA whose end > region start
-        last = np.searchsorted(starts, re, side="left")  # VMAs with start < region end
-        n = np.maximum(last - first, 0)
-        idx_region = np.repeat(np.arange(len(rs)), n)
-        idx_vma = np.repeat(first, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
-        lo = np.maximum(rs[idx_region], starts[idx_vma])
-        hi = np.minimum(re[idx_region], ends[idx_vma])
-        pages = ((hi - lo) // np.uint64(P)).astype(np.int64)
-        cats = rc[idx_region]
-        for j, bit in enumerate(cols.values()):
-            has = (cats & np.uint64(bit)) != 0
-            np.add.at(counts[:, j], idx_vma[has], pages[has])
+_ALL = 0
+for _c in STAT_CATEGORIES.values():
+    _ALL |= int(_c)
+_NVALUES = 1 << _ALL.bit_length()  # category values are below this
+_PRESENT = np.uint64(Category.PRESENT)
+_SWAPPED = np.uint64(Category.SWAPPED)
+_GUARD = np.uint64(Category.GUARD)
+_ZERO = np.uint64(Category.PFNZERO)
+_HUGE = np.uint64(Category.HUGE)
+_WRITTEN = np.uint64(Category.WRITTEN)
+_FILE = np.uint64(Category.FILE)
+_NONE = np.uint64(0)
+
+
+def _column(name: str, c: np.ndarray) -> np.ndarray:
+    """Which regions (categories ``c``) count in column ``name`` (see the module doc)."""
+    has: np.ndarray = _has(name, c)
+    return has
+
+
+def _has(name: str, c: np.ndarray) -> Any:
+    if name == "present":
+        return (c & _PRESENT) != _NONE
+    if name == "swapped":
+        return (c & (_SWAPPED | _GUARD)) == _SWAPPED
+    if name == "zero":
+        return (c & _ZERO) != _NONE
+    if name == "huge":
+        return (c & (_HUGE | _ZERO)) == _HUGE
+    if name == "file":
+        return (c & _FILE) != _NONE
+    if name == "written":
+        entry = ((c & _PRESENT) != _NONE) | ((c & (_SWAPPED | _GUARD)) == _SWAPPED)
+        return entry & ((c & _WRITTEN) != _NONE)
+    if name == "guard":
+        return (c & _GUARD) != _NONE
+    raise ValueError(f"unknown column {name!r}")
+
+
+@functools.lru_cache(maxsize=8)
+def _indicator(cols: tuple[str, ...]) -> np.ndarray:
+    """``[value, column]``: 1.0 where a region with categories ``value`` counts in the column."""
+    values = np.arange(_NVALUES, dtype=np.uint64)
+    table = np.stack([_column(name, values) for name in cols], axis=1).astype(np.float64)
+    table.flags.writeable = False
+    return table
+
+
+def _read_maps(pid: int, limit: int) -> list[tuple[int, int, str, int, str]]:
+    """``(start, end, perms, offset, name)`` of each mapping below ``limit``, in order.
+
+    A leaner :func:`pagescan._procfs.read_maps` (this runs once per ``mapping_stats``
+    call, over possibly tens of thousands of lines)."""
     out = []
-    names = list(cols)
-    for i, v in enumerate(vmas):
-        row = {k: 0 for k in STAT_CATEGORIES}
-        row.update({names[j]: int(counts[i, j]) for j in range(len(names))})
-        out.append(MappingStat(v.start, v.end, v.perms, v.offset, v.name, row))
+    for line in _read_proc_file(pid, "maps").split(b"\n"):
+        parts = line.split(None, 5)
+        if len(parts) < 5:
+            continue
+        lo, _, hi = parts[0].partition(b"-")
+        end = int(hi, 16)
+        if end <= limit:
+            name = parts[5].strip().decode(errors="replace") if len(parts) > 5 else ""
+            out.append((int(lo, 16), end, parts[1].decode(), int(parts[2], 16), name))
     return out
 
 
+def _account(vmas: list[tuple[int, int, str, int, str]], regions: np.ndarray, cols: tuple[str, ...]) -> list[MappingStat]:
+    nvma = len(vmas)
+    counts = np.zeros((nvma, len(cols)), dtype=np.int64)
+    if len(regions) and cols:
+        starts = np.fromiter((v[0] for v in vmas), dtype=np.int64, count=nvma)
+        ends = np.fromiter((v[1] for v in vmas), dtype=np.int64, count=nvma)
+        rs = regions["start"].astype(np.int64)  # user addresses fit in 63 bits
+        re = regions["end"].astype(np.int64)
+        rc = (regions["categories"] & np.uint64(_NVALUES - 1)).astype(np.intp)
+        first = np.searchsorted(ends, rs, side="right")  # first VMA whose end > region start
+        last = np.searchsorted(starts, re, side="left")  # VMAs with start < region end
+        n = last - first
+        if (n == 1).all():  # the usual case: every region inside one VMA
+            idx_vma = first
+            idx_region = None
+        else:  # regions merged across adjacent VMAs: pair each with every VMA it overlaps
+            n = np.maximum(n, 0)
+            idx_region = np.repeat(np.arange(len(rs)), n)
+            idx_vma = np.repeat(first, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+            rs, re, rc = rs[idx_region], re[idx_region], rc[idx_region]
+        pages = (np.minimum(re, ends[idx_vma]) - np.maximum(rs, starts[idx_vma])) // P
+        # Sum pages per (VMA, distinct categories value), then spread over the columns.
+        used = np.zeros(_NVALUES, dtype=bool)
+        used[rc] = True
+        values = np.flatnonzero(used)
+        lut = np.zeros(_NVALUES, dtype=np.intp)
+        lut[values] = np.arange(len(values))
+        key = idx_vma * len(values) + lut[rc]
+        per_value = np.bincount(key, weights=pages, minlength=nvma * len(values)).reshape(nvma, len(values))
+        counts = np.rint(per_value @ _indicator(cols)[values]).astype(np.int64)  # exact: < 2**53
+    out = []
+    for (start, end, perms, offset, name), row_counts in zip(vmas, counts.tolist()):
+        row = dict.fromkeys(STAT_CATEGORIES, 0)
+        row.update(zip(cols, row_counts))
+        out.append(MappingStat(start, end, perms, offset, name, row))
+    return out
+
+
+@functools.cache
 def _task_limit() -> int:
+    """The top of user space (fixed for the machine's life; reading it costs a few ms)."""
     from ._backend_emulated import task_size
 
     return task_size()

@@ -1,20 +1,21 @@
 """``pagescan`` command line: a thin shell over the public API.
 
-Library errors print as ``pagescan: <Type>: <message>`` with exit status 1, never a
-traceback; bad usage exits 2 (argparse).
+Library errors print as ``pagescan: <Type>: <message>`` (one line) with exit status 1,
+never a traceback; bad usage exits 2 with the usage line (argparse, ``SystemExit``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from collections.abc import Sequence
 
 from .. import __version__
 from . import _caps, _map, _scan, _stat
+from ._common import RawJSON, UsageError, print_json
 
-__all__ = ["main"]
+__all__ = ["RawJSON", "build_parser", "main", "print_json"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,13 +39,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
+    except UsageError as err:
+        args.subparser.error(str(err))  # exits 2
+        raise  # pragma: no cover - error() does not return
     except BrokenPipeError:
+        _quiet_stdout()
         return 0
+    except KeyboardInterrupt:
+        return 130
     except (OSError, ValueError, NotImplementedError) as err:
-        print(f"pagescan: {type(err).__name__}: {err}", file=sys.stderr)
+        msg = " ".join(str(err).split())  # one line
+        pid = getattr(args, "pid", None)
+        if isinstance(err, ProcessLookupError) and pid is not None and os.path.exists(f"/proc/{pid}/status"):
+            msg = f"pid {pid} has no user address space (a kernel thread, or a process that has exited)"
+        print(f"pagescan: {type(err).__name__}: {msg}", file=sys.stderr)
         return 1
 
 
-def print_json(obj: object) -> None:
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+def _quiet_stdout() -> None:
+    """After EPIPE, point stdout at /dev/null so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..capabilities import capabilities
+from ._common import print_json
 
 
 def add_parser(sub: Any) -> None:
@@ -15,8 +16,9 @@ def add_parser(sub: Any) -> None:
         description="Probe PAGEMAP_SCAN categories and flags, userfaultfd features, soft-dirty, "
         "PFN visibility, THP and hugetlb, and say what each missing piece needs.",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(run=run)
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: every field of pagescan.capabilities(), with 'missing'")
+    p.set_defaults(run=run, subparser=p)
 
 
 def _mib(n: int) -> str:
@@ -26,8 +28,6 @@ def _mib(n: int) -> str:
 def run(args: argparse.Namespace) -> int:
     caps = capabilities()
     if args.json:
-        from . import print_json
-
         print_json(caps.as_dict())
         return 0
 

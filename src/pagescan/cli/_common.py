@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 
 from pagescan import Category
@@ -39,6 +41,21 @@ LETTERS = [
     (Category.GUARD, "G"),
     (Category.WPALLOWED, "A"),
 ]
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing: exit status 2 with the usage line."""
+
+
+def nonneg_int(text: str) -> int:
+    """A decimal integer >= 0 (argparse type)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text!r}")
+    return value
 
 
 def parse_pid(text: str) -> int:
@@ -93,17 +110,25 @@ def human(nbytes: int) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, last_free: bool = True) -> str:
-    """Fixed columns; the last column is cut to fit the terminal width."""
+    """Fixed columns; the last column gets what is left of the terminal width.
+
+    Cells of the last column that do not fit keep their end (a path's file name) behind
+    a leading ``…``; if even the fixed columns are wider than the terminal, lines are cut.
+    """
     widths = [len(h) for h in headers]
     for r in rows:
         for i, cell in enumerate(r):
             widths[i] = max(widths[i], len(cell))
-    term = shutil.get_terminal_size((120, 24)).columns
+    term = terminal_width()
+    fixed = sum(widths[:-1]) + 2 * (len(widths) - 1)
+    room = term - fixed  # for the last column
 
     def fmt(cells: Sequence[str]) -> str:
         parts = []
         for i, cell in enumerate(cells):
             if i == len(cells) - 1 and last_free:
+                if len(cell) > room >= 8:
+                    cell = "…" + cell[len(cell) - room + 1 :]
                 parts.append(cell)
             elif align[i] == ">":
                 parts.append(cell.rjust(widths[i]))
@@ -113,3 +138,35 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, las
         return line if len(line) <= term else line[: max(term - 1, 20)] + "…"
 
     return "\n".join([fmt(headers)] + [fmt(r) for r in rows])
+
+
+def terminal_width() -> int:
+    """Columns of the terminal (``COLUMNS`` wins; 120 when not a terminal)."""
+    return shutil.get_terminal_size((120, 24)).columns
+
+
+class RawJSON(str):
+    """Already-encoded JSON text, written as is by :func:`print_json`."""
+
+
+def print_json(obj: object) -> None:
+    """Write ``obj`` as JSON, keys sorted: a top-level list of objects (mappings,
+    regions) gets one element per line, everything else is compact. json's C encoder
+    does all the work (``indent=`` would use the slow pure-Python one)."""
+    sys.stdout.write(_json_lines(obj))
+    sys.stdout.write("\n")
+
+
+def _json_lines(obj: object) -> str:
+    dumps = json.dumps
+    if not isinstance(obj, dict):
+        return dumps(obj, sort_keys=True)
+    parts = []
+    for key in sorted(obj):
+        value = obj[key]
+        if isinstance(value, list) and value and all(isinstance(x, (dict, RawJSON)) for x in value):
+            inner = ",\n    ".join([x if isinstance(x, RawJSON) else dumps(x, sort_keys=True) for x in value])
+            parts.append(f"  {dumps(key)}: [\n    {inner}\n  ]")
+        else:
+            parts.append(f"  {dumps(key)}: {dumps(value, sort_keys=True)}")
+    return "{\n" + ",\n".join(parts) + "\n}" if parts else "{}"

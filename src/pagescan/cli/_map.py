@@ -21,8 +21,10 @@ from ._common import human, parse_pid
 
 _P = os.sysconf("SC_PAGE_SIZE")
 
-#: Page classes, highest priority first. Empty slots are "not present" whatever their
-#: WRITTEN bit: outside uffd-WP ranges it only says that a page table exists.
+#: Page classes and their colours. A page takes the first class that applies, except
+#: that the huge zero page is "zero page", not "huge" (as in ``pagescan stat``). Empty
+#: slots are "not present" whatever their WRITTEN bit: outside uffd-WP ranges it only
+#: says that a page table exists.
 CLASSES: list[tuple[str, tuple[int, int, int]]] = [
     ("guard", (220, 40, 40)),
     ("swapped", (150, 70, 190)),
@@ -43,8 +45,8 @@ def classify(cats: np.ndarray) -> np.ndarray:
     rules = [  # later rules win: highest priority last
         (present, 5),
         (present & ((c & np.uint64(Category.FILE)) != 0), 4),
-        ((c & np.uint64(Category.PFNZERO)) != 0, 3),
         ((c & np.uint64(Category.HUGE)) != 0, 2),
+        ((c & np.uint64(Category.PFNZERO)) != 0, 3),  # the huge zero page is a zero page
         ((c & np.uint64(Category.SWAPPED)) != 0, 1),
         ((c & np.uint64(Category.GUARD)) != 0, 0),
     ]
@@ -82,7 +84,8 @@ def bucket_classes(lo: int, hi: int, regions: np.ndarray, width: int) -> np.ndar
             cover[k] = np.diff(b)
     covered = cover.sum(axis=0)
     cover[_NOT_PRESENT] += np.maximum(np.diff(edges) - covered, 0)  # not reported at all
-    return np.argmax(cover, axis=0)
+    best: np.ndarray = np.argmax(cover, axis=0)
+    return best
 
 
 def add_parser(sub: Any) -> None:
@@ -93,11 +96,22 @@ def add_parser(sub: Any) -> None:
         "its share of the mapping; big gaps compressed; legend on top.",
     )
     p.add_argument("pid", type=parse_pid, help="process id, or 'self'")
-    p.add_argument("--png", required=True, metavar="FILE", help="output PNG file")
+    p.add_argument("--png", required=True, metavar="FILE", help="output file (always PNG, whatever its name)")
     p.add_argument("--all", action="store_true", help="also draw mappings with nothing present or swapped")
-    p.add_argument("--width", type=int, default=1400, help="image width in pixels (default 1400)")
-    p.add_argument("--backend", choices=("auto", "kernel", "emulated"), default="auto")
-    p.set_defaults(run=run)
+    p.add_argument("--width", type=_width, default=1400, help="image width in pixels, at least 600 (default 1400)")
+    p.add_argument("--backend", choices=("auto", "kernel", "emulated"), default="auto",
+                   help="kernel ioctl, or its emulation from /proc/PID/pagemap (default auto: the ioctl if present)")
+    p.set_defaults(run=run, subparser=p)
+
+
+def _width(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 600:
+        raise argparse.ArgumentTypeError(f"must be at least 600: {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,8 +121,6 @@ def run(args: argparse.Namespace) -> int:
         raise OSError(f"pagescan map needs Pillow: {err}") from err
     from pagescan._backend_emulated import task_size
 
-    if args.width < 600:
-        raise ValueError("--width must be at least 600")
     ret = 0
     for c in Category:
         ret |= c
@@ -192,6 +204,6 @@ def run(args: argparse.Namespace) -> int:
         y += row_h
         prev_end = hi
     img = img.crop((0, 0, W, y + 10))
-    img.save(args.png)
+    img.save(args.png, format="PNG")
     print(f"wrote {args.png} ({img.width}x{img.height}, {len(rows)} rows)")
     return 0

@@ -1,0 +1,264 @@
+#!/usr/bin/env python3
+"""``pagescan stat`` against parsing ``/proc/PID/smaps`` on a process with many mappings.
+
+A child Python process maps ``--mappings`` (1,000) private anonymous mappings totalling
+``--size-gib`` (8 GiB) with ``MAP_NORESERVE``, each its own VMA (a one-page hole
+between neighbours), and populates a fraction of them (well under 1 GiB resident):
+
+* every 4th mapping: its first MiB written (contiguous);
+* every 4th, offset 1: its first 512 KiB read (zero pages);
+* every 4th, offset 2: every 8th page written (256 scattered pages per 8 MiB: many
+  small regions for PAGEMAP_SCAN, nothing special for smaps);
+* every 50th: ``MADV_HUGEPAGE`` and 4 MiB written (PMD THPs where THP allows it);
+* the rest: untouched.
+
+The parent then times, alternating round by round (median and min over ``--repeat``
+rounds, after one warm-up round; each ratio is the median of the per-round ratios,
+which keeps machine load that drifts between rounds out of it):
+
+* **smaps parse**: read ``/proc/PID/smaps`` and parse it into one dict per mapping
+  (address range, permissions, path and every ``kB`` field in bytes) -- what
+  ``psutil.Process.memory_maps(grouped=False)`` does (written here, psutil is not used);
+* **smaps read only**: the read alone (the kernel's share of the above);
+* **mapping_stats**: ``pagescan.inspect.mapping_stats(pid)`` (maps + one PAGEMAP_SCAN
+  walk + per-mapping sums: present, swapped, zero, huge, file, written, guard);
+* **pagescan stat --json**: the whole command, ``main(["stat", PID, "--json"])`` with
+  its output written to /dev/null.
+
+Before timing, every mapping's counts are checked against smaps (``present - zero ==
+Rss``, ``huge == AnonHugePages``, ``swapped == Swap``). Target: ``pagescan stat`` is
+not slower than the smaps parse (ratio <= 1.0) while reporting more.
+
+    python benchmarks/stat.py [--repeat 11] [--json PATH] [--strict]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pagescan
+from pagescan._backend_emulated import task_size
+from pagescan.cli import main as cli_main
+from pagescan.inspect import mapping_stats
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1 << 20
+
+CHILD = r"""
+import ctypes, json, os, sys
+from pagescan._uapi import libc
+from pagescan._uapi.mman import MADV, MAP, PROT
+
+P = os.sysconf("SC_PAGE_SIZE")
+MIB = 1 << 20
+H = 2 * MIB
+n, total = int(sys.argv[1]), int(sys.argv[2])
+base_size = (total // n) & ~(H - 1)
+sizes = [base_size] * n
+extra = total - base_size * n  # spread what is left in 1 MiB steps
+i = 0
+while extra >= MIB:
+    sizes[i % n] += MIB
+    extra -= MIB
+    i += 7
+slots = [(s + P + H - 1) & ~(H - 1) for s in sizes]  # 2 MiB-aligned slots, >= 1 page hole
+span = sum(slots) + H
+RW = PROT.READ | PROT.WRITE
+ANON = MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE
+res = libc.mmap(0, span, PROT.NONE, ANON)
+cur = (res + H - 1) & ~(H - 1)
+if cur > res:
+    libc.munmap(res, cur - res)
+addrs = []
+for i, (size, slot) in enumerate(zip(sizes, slots)):
+    a = libc.mmap(cur, size, RW, ANON | MAP.FIXED)
+    libc.munmap(cur + size, slot - size)  # the hole: unmapped, so not a mapping
+    addrs.append(a)
+    if i % 50 == 0:
+        libc.madvise(a, 4 * MIB, MADV.HUGEPAGE)
+        ctypes.memset(a, 1, 4 * MIB)
+    elif i % 4 == 0:
+        ctypes.memset(a, 1, MIB)
+    elif i % 4 == 1:
+        for off in range(0, MIB // 2, P):
+            ctypes.string_at(a + off, 1)
+    elif i % 4 == 2:
+        for off in range(0, size, 8 * P):
+            ctypes.memset(a + off, 2, 1)
+    cur += slot
+tail = res + span - cur
+if tail > 0:
+    libc.munmap(cur, tail)
+print(json.dumps({"mapped": sum(sizes), "mappings": n}), flush=True)
+sys.stdin.read()
+"""
+
+
+# -- what psutil's memory_maps(grouped=False) does, written here ---------------------
+
+
+def smaps_parse(pid: int) -> list[dict[str, Any]]:
+    """One dict per mapping: addr, perms, path and every ``kB`` field in bytes."""
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        data = f.read()
+    out: list[dict[str, Any]] = []
+    cur: dict[str, Any] | None = None
+    for line in data.split(b"\n"):
+        if not line:
+            continue
+        fields = line.split(None, 5)
+        if fields[0].endswith(b":"):
+            if cur is not None and len(fields) == 3 and fields[2] == b"kB":
+                cur[fields[0][:-1].decode()] = int(fields[1]) * 1024
+            continue
+        cur = {
+            "addr": fields[0].decode(),
+            "perms": fields[1].decode(),
+            "path": fields[5].strip().decode() if len(fields) > 5 else "",
+        }
+        out.append(cur)
+    return out
+
+
+def smaps_read(pid: int) -> bytes:
+    with open(f"/proc/{pid}/smaps", "rb") as f:
+        return f.read()
+
+
+def stat_json(pid: int) -> None:
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        rc = cli_main(["stat", str(pid), "--json"])
+    if rc != 0:
+        raise RuntimeError(f"pagescan stat exited {rc}")
+
+
+# -- the target -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def target(n: int, total: int) -> Any:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(n), str(total)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            raise RuntimeError(f"target did not start (exit status {proc.poll()})")
+        yield proc.pid, json.loads(line)
+    finally:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                f.close()
+
+
+def check(pid: int) -> dict[str, int]:
+    """mapping_stats and the smaps parse describe the same mappings consistently."""
+    limit = task_size()
+    sm = [m for m in smaps_parse(pid) if int(m["addr"].split("-")[1], 16) <= limit]
+    st = mapping_stats(pid)
+    if [f"{s.start:x}-{s.end:x}" for s in st] != [m["addr"] for m in sm]:
+        raise AssertionError("mapping_stats and smaps list different mappings")
+    for s, m in zip(st, sm):
+        if "Shared_Hugetlb" in m and (m["Shared_Hugetlb"] or m["Private_Hugetlb"]):
+            continue
+        pmd = m.get("AnonHugePages", 0) + m.get("ShmemPmdMapped", 0) + m.get("FilePmdMapped", 0)
+        got = ((s.pages["present"] - s.pages["zero"]) * PAGE, s.pages["huge"] * PAGE, s.pages["swapped"] * PAGE)
+        if got != (m["Rss"], pmd, m["Swap"]):
+            raise AssertionError(f"{m['addr']} {m['path']}: stat {got} != smaps {(m['Rss'], pmd, m['Swap'])}")
+    return {
+        "mappings": len(st),
+        "rss": sum(m["Rss"] for m in sm),
+        "mapped": sum(s.size for s in st),
+        "huge": sum(s.pages["huge"] for s in st) * PAGE,
+        "zero": sum(s.pages["zero"] for s in st) * PAGE,
+        # what mapping_stats asks the kernel for: pages with an entry, every category
+        "regions": sum(len(r.regions) for r in pagescan.scan_iter(
+            st[0].start, st[-1].end, pid=pid, return_mask=int(pagescan.capabilities().categories),
+            category_anyof_mask=int(pagescan.Category.PRESENT | pagescan.Category.SWAPPED))),
+    }
+
+
+def bench(pid: int, repeat: int) -> dict[str, list[float]]:
+    methods: dict[str, Callable[[], Any]] = {
+        "smaps parse": lambda: smaps_parse(pid),
+        "smaps read only": lambda: smaps_read(pid),
+        "mapping_stats": lambda: mapping_stats(pid),
+        "pagescan stat --json": lambda: stat_json(pid),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in methods}
+    for rnd in range(repeat + 1):
+        order = list(methods) if rnd % 2 == 0 else list(reversed(methods))
+        for name in order:
+            t0 = time.perf_counter()
+            methods[name]()
+            dt = time.perf_counter() - t0
+            if rnd:  # round 0 warms up
+                samples[name].append(dt)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--mappings", type=int, default=1000, help="mappings in the target (default 1000)")
+    ap.add_argument("--size-gib", type=float, default=8.0, help="total size of those mappings (default 8)")
+    ap.add_argument("--repeat", type=int, default=11, help="timed rounds (default 11)")
+    ap.add_argument("--json", metavar="PATH", help="write every sample and the summary here")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if the target is not met")
+    args = ap.parse_args(argv)
+
+    total = int(args.size_gib * (1 << 30))
+    t0 = time.perf_counter()
+    with target(args.mappings, total) as (pid, info):
+        build = time.perf_counter() - t0
+        facts = check(pid)
+        samples = bench(pid, args.repeat)
+    # Ratios are taken round by round (both sides saw the same machine load), then the
+    # median of those; the medians of the times are shown too.
+    base = samples["smaps parse"]
+    rows: list[dict[str, Any]] = []
+    for name, xs in samples.items():
+        paired = statistics.median(x / b for x, b in zip(xs, base))
+        rows.append({"method": name, "median_ms": statistics.median(xs) * 1e3, "min_ms": min(xs) * 1e3,
+                     "ratio": paired})
+    by_name = {r["method"]: r for r in rows}
+    ratio: float = by_name["pagescan stat --json"]["ratio"]
+    core: float = by_name["mapping_stats"]["ratio"]
+    met = ratio <= 1.0
+
+    print(f"target pid {pid}: {facts['mappings']} mappings, {facts['mapped'] / (1 << 30):.2f} GiB mapped "
+          f"({info['mappings']} made, {info['mapped'] / (1 << 30):.2f} GiB), "
+          f"RSS {facts['rss'] / MIB:.0f} MiB, THP {facts['huge'] / MIB:.0f} MiB, zero pages "
+          f"{facts['zero'] / MIB:.0f} MiB, {facts['regions']} PAGEMAP_SCAN regions; built in {build:.1f} s")
+    print(f"{platform.release()} {platform.machine()}, Python {platform.python_version()}, "
+          f"{args.repeat} rounds\n")
+    print(f"{'method':<22} {'median ms':>10} {'min ms':>9} {'vs smaps parse':>15}  (median of per-round ratios)")
+    for r in rows:
+        print(f"{r['method']:<22} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>14.2f}x")
+    print(f"\ntarget: `pagescan stat` not slower than the smaps parse: {'met' if met else 'not met'} "
+          f"(stat --json {ratio:.2f}x, mapping_stats {core:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({
+                "kernel": platform.release(), "machine": platform.machine(), "python": platform.python_version(),
+                "target": facts, "made": info, "repeat": args.repeat, "rows": rows,
+                "samples_s": samples, "ratio": ratio, "mapping_stats_ratio": core, "met": met,
+            }, f, indent=2)
+    return 1 if args.strict and not met else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
