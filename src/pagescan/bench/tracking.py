@@ -932,9 +932,9 @@ def positive_int(text: str) -> int:
     return value
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark with command-line ``argv``; returns the exit status."""
-    ap = argparse.ArgumentParser(prog="tracking.py", description=(__doc__ or "").split("\n\n")[0],
+def build_parser(prog: str = "tracking.py") -> argparse.ArgumentParser:
+    """The benchmark's options (shared by ``benchmarks/tracking.py`` and ``pagescan bench``)."""
+    ap = argparse.ArgumentParser(prog=prog, description=(__doc__ or "").split("\n\n")[0],
                                  epilog="See the module docstring for the methods, workloads and metrics.")
     ap.add_argument("--size", type=parse_size, default=None,
                     help="region of the 'big' workload, e.g. 1G, 256M (default 1G; 128M with --quick)")
@@ -947,7 +947,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", metavar="PATH", help="write the results (with every sample) here")
     ap.add_argument("--png", metavar="PATH", help="plot the results here (needs matplotlib)")
     ap.add_argument("--strict", action="store_true", help="exit with status 1 if a measured target is not met")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run(argv: Sequence[str] | None = None, prog: str = "tracking.py") -> int:
+    """Run the benchmark with command-line ``argv``; returns the exit status."""
+    return run_args(build_parser(prog).parse_args(argv))
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run the benchmark with parsed options."""
 
     if args.png:
         try:
