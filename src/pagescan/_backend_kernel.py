@@ -89,6 +89,10 @@ class KernelBackend:
         except OSError as err:
             if target._fd < 0:
                 target.fd  # raises ValueError: closed Target
+            if err.errno == errno.ESRCH:
+                raise ProcessLookupError(
+                    errno.ESRCH, f"pid {target.pid} has no memory to scan (it exited, is a zombie or a kernel thread)"
+                ) from None
             raise _explain(err, inverted | mask | anyof | return_mask) from None
         walk_end: int = _unpack_walk_end(arg, _WALK_END_OFFSET)[0]
         if n and walk_end < end and vec is not None:
