@@ -3,13 +3,20 @@
 Each layout is one reserved stretch of address space filled, side by side, with real
 mappings of every kind the foundation's fixtures make -- private anonymous pages written,
 read (zero page), untouched, zapped (``MADV_DONTNEED``), swapped (zram), guard pages;
-``MAP_PRIVATE`` ``/dev/zero``; shared anonymous memory and memfds; private and shared
-files with fault-around; PMD THPs, split THPs and the huge zero page; hugetlb; uffd-WP
-async ranges in every state; pages CoW-shared with a forked child; ``mprotect`` splits;
-and unmapped holes. For each layout a seeded generator draws thousands of argument sets
-(sub-ranges, all nine category bits in the four masks, ``vec_len``, ``max_pages``,
-``CHECK_WPASYNC``), and three answers must agree exactly: ``backend="kernel"``,
-``backend="emulated"`` and the raw ioctl (regions, ``walk_end``, errno).
+pages moved in with ``mremap``; ``MAP_PRIVATE`` ``/dev/zero``; shared anonymous memory
+and memfds (also paged out, also private); private and shared files with fault-around;
+PMD THPs, split, zapped and ``mprotect``-split THPs and the huge zero page; hugetlb,
+private and shared, sometimes armed; uffd-WP async ranges on anonymous memory, memfds,
+files and THPs with pages written before and after arming, read, zapped, swapped while
+armed, poisoned and ``UFFDIO_ZEROPAGE``'d; over 512 alternating runs; pages CoW-shared
+with a forked child (which is scanned too); ``mprotect`` splits; unmapped holes and
+``PROT_NONE`` gaps. For each layout a seeded generator draws hundreds of argument sets
+(sub-ranges with aligned starts and sometimes unaligned ends, all nine category bits in
+the four masks, the kernel's WRITTEN fast path, ``vec_len`` 0/1/small/large,
+``max_pages``, ``CHECK_WPASYNC``), and three answers must agree exactly:
+``backend="kernel"``, ``backend="emulated"`` and the raw ioctl (regions, ``walk_end``,
+errno; the raw ``walk_end`` only where it is not the kernel's documented stale value).
+The same is run with the emulation's pagemap chunk shrunk to 1, 7 and 512 pages.
 
 States the emulation cannot know by design (module docstring of
 :mod:`pagescan._backend_emulated`) are kept out of the random layouts and pinned by
@@ -18,8 +25,14 @@ explicit tests at the end of this file instead:
 * a PMD block whose pages were all zapped keeps its page table, so the kernel reports its
   empty slots WRITTEN; pagemap cannot show that table. The layouts keep a non-empty page
   in every PMD block they touch;
-* WPALLOWED / ``CHECK_WPASYNC`` for uffd-WP registrations pagescan did not make;
-* ``PM_SCAN_WP_MATCHING`` (refused with EOPNOTSUPP).
+* WPALLOWED / ``CHECK_WPASYNC`` for uffd-WP registrations pagescan did not make, or
+  made on a synchronous uffd (EOPNOTSUPP);
+* HUGE in a VMA where a PTE-mapped THP is indistinguishable from a PMD-mapped one
+  (EOPNOTSUPP);
+* ``PM_SCAN_WP_MATCHING`` (EOPNOTSUPP).
+
+The machine may change memory behind the test's back (reclaim, DAMON); a disagreement is
+re-checked on a pagemap snapshot that stays the same, see :func:`run_cases`.
 """
 
 from __future__ import annotations
@@ -87,6 +100,8 @@ class Layout:
     mappings: list[Mapping] = field(default_factory=list)
     cursor: int = 0
     forked: bool = False
+    child: int = 0
+    used: int = 0  # end of the last piece; the rest of the span stays PROT_NONE
     maps_snapshot: list[str] = field(default_factory=list)
 
     @property
@@ -232,8 +247,9 @@ class Builder:
         if m.npages >= 4 and self.rng.random() < 0.4:
             a = self.rng.randrange(1, m.npages - 1)
             b = self.rng.randrange(a + 1, m.npages)
-            m.mprotect(PROT.READ, a, b - a)
-            self.lay.pieces[-1].states += f" ro[{a},{b})"
+            prot = self.rng.choice([PROT.READ, PROT.NONE])
+            m.mprotect(prot, a, b - a)
+            self.lay.pieces[-1].states += f" {'ro' if prot else 'none'}[{a},{b})"
 
     # -- the kinds -----------------------------------------------------------------------
 
@@ -243,6 +259,35 @@ class Builder:
         self.apply(m, st)
         self.lay.pieces[-1].states = st
         self.maybe_mprotect(m, st)
+
+    def moved(self) -> None:
+        """Anonymous pages written elsewhere, then moved into place with mremap."""
+        n = self.rng.randint(1, 24)
+        addr = self.take(n * P)
+        with anon(n) as src:
+            st = self.states(src, "UWRD")
+            self.apply(src, st)
+            got = _mremap(src.addr, src.length, src.length, MREMAP_MAYMOVE | MREMAP_FIXED, addr)
+            assert got == addr
+            src.closed = True  # its pages live at addr now
+        m = Mapping.__new__(Mapping)
+        m.page_size, m.npages, m.length, m._reserve, m.addr, m.closed = P, n, n * P, None, addr, False
+        self.lay.mappings.append(m)
+        self.lay.pieces.append(Piece("moved", addr, addr + n * P, st))
+
+    def checker(self) -> None:
+        """Over 512 runs (written / untouched / zero page in turn): the kernel flushes its
+        bounce buffer mid-call, and after such a call its raw walk_end can be stale."""
+        n = self.rng.randint(1100, 1500)
+        m = self.map("checker", n)
+        pattern = self.rng.choice(["WU", "WR", "WUR"])
+        st = (pattern * n)[:n]
+        for i, c in enumerate(st):
+            if c == "W":
+                m.touch(i, 1, 0x12)
+            elif c == "R":
+                m.read_byte(i)
+        self.lay.pieces[-1].states = pattern
 
     def devzero(self) -> None:
         fd = os.open("/dev/zero", os.O_RDWR | os.O_CLOEXEC)
@@ -266,7 +311,7 @@ class Builder:
                 m = self.map(kind, n, flags=MAP.PRIVATE if kind == "memfd_private" else MAP.SHARED, fd=fd)
             finally:
                 os.close(fd)
-        alphabet = "UWRD" if kind == "memfd_private" else "UWRDO"
+        alphabet = ("UWRD" if kind == "memfd_private" else "UWRDO") + ("G" if HAVE_GUARD else "")
         st = self.states(m, alphabet)
         self.apply(m, st, zap_swap=True)
         self.lay.pieces[-1].states = st
@@ -286,7 +331,7 @@ class Builder:
             os.close(fd)
         # Reads fault around (maps cached neighbours); a block whose only touch was a
         # read keeps the read page, so keepers are needed only for zaps.
-        st = self.states(m, "UWRDO" if shared else "UWRD")
+        st = self.states(m, ("UWRDO" if shared else "UWRD") + ("G" if HAVE_GUARD else ""))
         self.apply(m, st, zap_swap=True)
         self.lay.pieces[-1].states = st
 
@@ -304,7 +349,7 @@ class Builder:
                     m.madvise(MADV.COLLAPSE)
         # No khugepaged changes behind our back from here on.
         m.madvise(MADV.NOHUGEPAGE)
-        huge = _pmd_mapped(m)
+        huge = _huge_zero(m) if variant == "zero" else _pmd_mapped(m)
         if variant == "split":
             a = self.rng.randrange(0, HP - 1)
             k = self.rng.randint(1, min(64, HP - 1 - a))
@@ -342,25 +387,44 @@ class Builder:
         self.lay.pieces[-1].states = st
 
     def uffd_range(self) -> None:
-        kind = self.rng.choice(["uffd_anon", "uffd_anon", "uffd_memfd"])
+        kind = self.rng.choice(["uffd_anon", "uffd_anon", "uffd_memfd", "uffd_file", "uffd_thp"])
+        if kind == "uffd_thp":
+            return self.uffd_thp()
         n = self.rng.randint(1, 40)
         if kind == "uffd_anon":
             m = self.map(kind, n)
-        else:
+        elif kind == "uffd_memfd":
             fd = os.memfd_create("pagescan-diff-wp", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, n * P)
                 m = self.map(kind, n, flags=MAP.SHARED, fd=fd)
             finally:
                 os.close(fd)
-        # A: written before arming (protected), S: written, armed, swapped out;
+        else:
+            self.nfile += 1
+            path = self.tmp / f"layout-wp-{self.nfile}.bin"
+            path.write_bytes(b"w" * (n * P))
+            shared = self.rng.random() < 0.5
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                m = self.map(kind, n, flags=MAP.SHARED if shared else MAP.PRIVATE, fd=fd)
+            finally:
+                os.close(fd)
+        # Before arming: A written (stays protected), S written then swapped out while
+        # armed, P poisoned (UFFDIO_POISON marker), Z UFFDIO_ZEROPAGE (zero page);
         # after arming: W written, R read, D zapped, U left as a marker.
-        alphabet = "AWRDUS" if kind == "uffd_anon" else "AWRDU"
+        alphabet = {"uffd_anon": "AWRDUSPZ", "uffd_memfd": "AWRDUP", "uffd_file": "AWRDU"}[kind]
         st = self.states(m, alphabet, keeper="A", empty="D", untouched_empty=False)
         for i, c in enumerate(st):
             if c in "AS":
                 m.touch(i, 1, 0x33)
-        arm(self.uffd, m)
+        self.uffd.register(m.addr, m.length, RegisterMode.WP)
+        for i, c in enumerate(st):
+            if c == "P":
+                self.uffd.poison(m[i], P)
+            elif c == "Z":
+                self.uffd.zeropage(m[i], P)
+        self.uffd.writeprotect(m.addr, m.length)
         for i, c in enumerate(st):
             if c == "W":
                 m.touch(i, 1, 0x44)
@@ -372,12 +436,35 @@ class Builder:
                 page_out(m, i, 1)
         self.lay.pieces[-1].states = st
 
-    def build(self, hugetlb_budget: int) -> Layout:
+    def uffd_thp(self) -> None:
+        """A PMD THP armed as a whole (PMD-level uffd-wp), then maybe written or zapped."""
+        m = self.map("uffd_thp", HP, align=H)
+        m.madvise(MADV.HUGEPAGE)
+        m.write(0, HP, 0x42)
+        if not _pmd_mapped(m):
+            with contextlib.suppress(OSError):
+                m.madvise(MADV.COLLAPSE)
+        m.madvise(MADV.NOHUGEPAGE)
+        huge = _pmd_mapped(m)
+        arm(self.uffd, m)
+        variant = self.rng.choice(["armed", "written", "zapped"])
+        if variant == "written":  # splits the PMD (WP-async fault on a huge PMD)
+            i = self.rng.randrange(HP)
+            m.touch(i, 1, 0x43)
+            variant += f"[{i}]"
+        elif variant == "zapped":
+            a = self.rng.randrange(0, HP - 1)
+            k = self.rng.randint(1, HP - a)
+            m.madvise(MADV.DONTNEED, a, k)
+            variant += f"[{a},{a + k})"
+        self.lay.pieces[-1].states = f"{variant} pmd={huge}"
+
+    def build(self, hugetlb_budget: int, *, allow_fork: bool = True) -> Layout:
         rng = self.rng
-        kinds = ["anon", "anon", "devzero", "shared", "shared", "file", "file", "thp", "uffd", "uffd",
+        kinds = ["anon", "anon", "devzero", "moved", "shared", "shared", "file", "file", "thp", "uffd", "uffd",
                  "hugetlb"]
         budget = [hugetlb_budget]
-        order = kinds + rng.choices(kinds, k=rng.randint(2, 6))
+        order = kinds + rng.choices(kinds, k=rng.randint(2, 6)) + (["checker"] if rng.random() < 0.5 else [])
         rng.shuffle(order)
         with contextlib.suppress(_Full):
             for kind in order:
@@ -394,18 +481,19 @@ class Builder:
                     getattr(self, kind)()
             if rng.random() < 0.3:
                 self.hole()
-        if rng.random() < 0.4:
+        if allow_fork and rng.random() < 0.4:
             self.fork()
+        self.lay.used = -(-self.lay.cursor // P) * P
         self.lay.maps_snapshot = vmas_in(self.lay.base, self.lay.end)
         return self.lay
 
     def fork(self) -> None:
         """A child that sleeps: every private page of the parent is now CoW-shared.
         Then the parent writes a few anonymous pages again (CoW breaks)."""
-        self.stack.enter_context(child_process(lambda: None))
+        self.lay.child = self.stack.enter_context(child_process(lambda: None))
         self.lay.forked = True
         for p in self.lay.pieces:
-            if p.kind == "anon" and "ro[" not in p.states and self.rng.random() < 0.5:
+            if p.kind == "anon" and "[" not in p.states and self.rng.random() < 0.5:
                 for i, c in enumerate(p.states):
                     if c == "W" and self.rng.random() < 0.5:
                         ctypes.memset(p.start + i * P, 0x66, 1)
@@ -415,10 +503,29 @@ class _Full(Exception):
     pass
 
 
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
+
+
+def _mremap(old: int, old_size: int, new_size: int, flags: int, new: int) -> int:
+    fn = ctypes.CDLL(None, use_errno=True).mremap
+    fn.restype = ctypes.c_void_p
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    got = fn(old, old_size, new_size, flags, new)
+    if got is None or got == ctypes.c_void_p(-1).value:
+        libc.raise_errno(ctypes.get_errno(), "mremap")
+    return int(got)
+
+
 def _pmd_mapped(m: Mapping) -> bool:
     from .memory import smaps_field
 
     return smaps_field(m, "AnonHugePages") * 1024 >= H
+
+
+def _huge_zero(m: Mapping) -> bool:
+    """The huge zero PMD: present with PM_FILE in an anonymous VMA (kernel.md 2.2)."""
+    return all(e >> 63 & 1 and e >> 61 & 1 for e in pagemap_entries(m.addr, m.npages))
 
 
 @contextlib.contextmanager
@@ -436,15 +543,15 @@ def layout(seed: int, tmp_path: Path, uffd: Userfaultfd, hugetlb_budget: int) ->
 Outcome = tuple  # ("ok", regions, walk_end) | ("err", errno)
 
 
-def via_scan(backend: str, start: int, end: int, a: dict[str, int]) -> Outcome:
+def via_scan(backend: str, start: int, end: int, a: dict[str, int], target: Any = None) -> Outcome:
     try:
-        r = scan(start, end, backend=backend, **a)
+        r = scan(start, end, backend=backend, pid=target, **a)
     except OSError as exc:
         return ("err", exc.errno, f"{type(exc).__name__}: {exc}")
     return ("ok", r.regions.tolist(), r.walk_end)
 
 
-def via_ioctl(start: int, end: int, a: dict[str, int]) -> Outcome:
+def via_ioctl(start: int, end: int, a: dict[str, int], target: Any = None) -> Outcome:
     """The raw ioctl, with the caller's ``vec_len`` unclamped (the buffer holds as many
     regions as the range can produce, so the kernel never writes past it)."""
     vec_len = a["vec_len"]
@@ -455,7 +562,7 @@ def via_ioctl(start: int, end: int, a: dict[str, int]) -> Outcome:
         a["category_inverted"], a["category_mask"], a["category_anyof_mask"], a["return_mask"],
     )
     try:
-        n = libc.ioctl(self_target().fd, pagemap.PAGEMAP_SCAN, arg)
+        n = libc.ioctl((target or self_target()).fd, pagemap.PAGEMAP_SCAN, arg)
     except OSError as exc:
         return ("err", exc.errno, str(exc))
     return ("ok", vec[:n].tolist(), arg.walk_end)
@@ -465,11 +572,11 @@ def rounded(end: int) -> int:
     return -(-end // P) * P
 
 
-def check_case(start: int, end: int, a: dict[str, int]) -> str | None:
+def check_case(start: int, end: int, a: dict[str, int], target: Any = None) -> str | None:
     """None if the three answers agree, else a description of the disagreement."""
-    k = via_scan("kernel", start, end, a)
-    e = via_scan("emulated", start, end, a)
-    r = via_ioctl(start, end, a)
+    k = via_scan("kernel", start, end, a, target)
+    e = via_scan("emulated", start, end, a, target)
+    r = via_ioctl(start, end, a, target)
     problems = []
     if k[0] != e[0] or k[1] != e[1] or (k[0] == "ok" and k[2] != e[2]):
         problems.append(f"kernel {_short(k)}\n  emulated {_short(e)}")
@@ -504,12 +611,26 @@ def random_mask(rng: random.Random, p_zero: float) -> int:
     return sum(1 << b for b in rng.sample(range(9), min(k, 9)))
 
 
+#: How often each category bit is drawn for require/exclude: rare states (SOFT_DIRTY is
+#: never set without CONFIG_MEM_SOFT_DIRTY, GUARD pages are few) less often.
+BIT_WEIGHTS = [2, 3, 3, 3, 2, 2, 2, 1, 1]
+
+
+def _weighted_bits(rng: random.Random, k: int) -> list[int]:
+    out: list[int] = []
+    while len(out) < k:
+        b = rng.choices(range(9), weights=BIT_WEIGHTS)[0]
+        if b not in out:
+            out.append(b)
+    return out
+
+
 def random_args(rng: random.Random, lay: Layout) -> tuple[int, int, dict[str, int]]:
     edges = lay.boundaries()
     if rng.random() < 0.4:
         start = rng.choice(edges[:-1])
     else:
-        start = lay.base + rng.randrange(lay.length // P) * P
+        start = min(lay.base + rng.randrange((lay.used - lay.base) // P + 8) * P, lay.end - P)
     room = (lay.end - start) // P
     shape = rng.random()
     if shape < 0.05:
@@ -519,6 +640,8 @@ def random_args(rng: random.Random, lay: Layout) -> tuple[int, int, dict[str, in
         end = rng.choice(later) if later else lay.end
     elif shape < 0.7:
         end = start + rng.randint(1, min(room, 64)) * P
+    elif shape < 0.95:
+        end = start + rng.randint(1, max(1, min(room, (lay.used - start) // P + 8))) * P
     else:
         end = start + rng.randint(1, room) * P
     if rng.random() < 0.2 and end > start:
@@ -526,31 +649,83 @@ def random_args(rng: random.Random, lay: Layout) -> tuple[int, int, dict[str, in
     r = rng.random()
     if r < 0.1:  # the kernel's WRITTEN fast path
         masks = {"category_inverted": 0, "category_mask": WR, "category_anyof_mask": 0, "return_mask": WR}
-    else:
+    elif r < 0.3:  # anything goes
         masks = {
-            "category_inverted": random_mask(rng, 0.6),
+            "category_inverted": random_mask(rng, 0.5),
             "category_mask": random_mask(rng, 0.4),
-            "category_anyof_mask": random_mask(rng, 0.6),
-            "return_mask": ALL9 if rng.random() < 0.4 else random_mask(rng, 0.1),
+            "category_anyof_mask": random_mask(rng, 0.5),
+            "return_mask": random_mask(rng, 0.1),
+        }
+    else:  # require / exclude / anyof filters, which mostly match something
+        bits = _weighted_bits(rng, 5)
+        require = sum(1 << b for b in bits[: rng.choice([0, 0, 1, 1, 2])])
+        exclude = sum(1 << b for b in bits[2 : 2 + rng.choice([0, 0, 1, 2])])
+        anyof = 0 if rng.random() < 0.6 else sum(1 << b for b in rng.sample(range(9), rng.randint(1, 3)))
+        masks = {
+            "category_inverted": exclude | (random_mask(rng, 0.9) & ~require),
+            "category_mask": require | exclude,
+            "category_anyof_mask": anyof,
+            "return_mask": ALL9 if rng.random() < 0.5 else random_mask(rng, 0.1),
         }
     vec_len = rng.choice([0, 1, 1, 2, 3, 5, 8, 1 << 16, 1 << 20])
     max_pages = 0 if rng.random() < 0.6 else rng.choice([1, 2, 3, rng.randint(1, 600)])
+    big = [p for p in lay.pieces if p.kind == "checker"]
+    if big and rng.random() < 0.06:  # over 512 regions in one call, around the buffer sizes
+        p = big[0]
+        start = p.start + rng.randrange(64) * P
+        end = rng.choice([p.end, lay.used])
+        vec_len = rng.choice([511, 512, 513, 700, 1 << 16])
+        masks["category_anyof_mask"] = 0
+        masks["category_mask"] &= PRES | WR
+        masks["category_inverted"] &= ~masks["category_mask"]
     flags = CHK if rng.random() < 0.15 else 0
     return start, end, dict(masks, vec_len=vec_len, max_pages=max_pages, flags=flags)
 
 
 def run_cases(lay: Layout, seed: int, n: int) -> int:
+    """``n`` random cases; in a forked layout a quarter of them scan the sleeping child.
+
+    The machine may change memory behind the test's back (reclaim, DAMON pageout,
+    compaction). A disagreement is therefore re-checked with a pagemap snapshot of the
+    layout taken before and after: it counts as transient only if the snapshot moved and
+    the re-check then agrees on unchanged memory; a handful of transients is tolerated.
+    """
     rng = random.Random(seed * 7919 + 1)
     failures = []
-    for i in range(n):
-        start, end, a = random_args(rng, lay)
-        bad = check_case(start, end, a)
-        if bad:
-            failures.append(f"case {i}: [{start:#x}, {end:#x}) {a}\n  {bad}")
-            if len(failures) >= 5:
-                break
+    transient = 0
+    with contextlib.ExitStack() as stack:
+        child = stack.enter_context(pagescan.Target(lay.child)) if lay.child else None
+        for i in range(n):
+            start, end, a = random_args(rng, lay)
+            target = child if child is not None and rng.random() < 0.25 else None
+            before = snapshot(lay, target)
+            bad = check_case(start, end, a, target)
+            if bad and snapshot(lay, target) != before:
+                bad = recheck(lay, start, end, a, target)
+                transient += bad is None
+            if bad:
+                who = "child" if target is not None else "self"
+                failures.append(f"case {i} ({who}): [{start:#x}, {end:#x}) {a}\n  {bad}")
+                if len(failures) >= 5:
+                    break
     assert not failures, lay.describe() + "\n" + "\n".join(failures)
+    assert transient <= max(3, n // 50), f"{transient} cases saw memory change under them"
     return n
+
+
+def snapshot(lay: Layout, target: Any) -> bytes:
+    fd = (target or self_target()).fd
+    return os.pread(fd, (lay.used - lay.base) // P * 8 + 64, lay.base // P * 8)
+
+
+def recheck(lay: Layout, start: int, end: int, a: dict[str, int], target: Any) -> str | None:
+    """The case again, until it runs on memory that stays the same."""
+    for _ in range(3):
+        before = snapshot(lay, target)
+        bad = check_case(start, end, a, target)
+        if snapshot(lay, target) == before:
+            return bad
+    return "memory kept changing under the test"
 
 
 # -- the random differential ------------------------------------------------------------------
@@ -573,7 +748,7 @@ def test_random_layouts_agree(seed: int, tmp_path: Path, uffd_wp: Userfaultfd, z
         run_cases(lay, seed, CASES_PER_LAYOUT)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 512])
+@pytest.mark.parametrize("chunk", [1, 7, 512])
 def test_random_layouts_agree_in_small_chunks(chunk: int, tmp_path: Path, uffd_wp: Userfaultfd,
                                               zram_swap: str, hugetlb_budget: int,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
@@ -582,13 +757,13 @@ def test_random_layouts_agree_in_small_chunks(chunk: int, tmp_path: Path, uffd_w
     monkeypatch.setattr(emu, "CHUNK_PAGES", chunk)
     seed = 100 + chunk
     with layout(seed, tmp_path, uffd_wp, hugetlb_budget) as lay:
-        run_cases(lay, seed, 120)
+        run_cases(lay, seed, 60 if chunk == 1 else 120)
 
 
 def test_layout_generator_covers_every_kind(tmp_path: Path, uffd_wp: Userfaultfd, zram_swap: str,
                                             hugetlb_budget: int) -> None:
     """The seeds above really build every mapping kind and state (so the agreement
-    means something): checked on the layouts' own pagemap and smaps."""
+    means something): from the pieces built and the categories the kernel reports."""
     kinds: set[str] = set()
     states: set[str] = set()
     forked = False
@@ -598,30 +773,84 @@ def test_layout_generator_covers_every_kind(tmp_path: Path, uffd_wp: Userfaultfd
             kinds.update(p.kind for p in lay.pieces)
             for p in lay.pieces:
                 states.update(p.kind + ":" + c for c in p.states.split(" ")[0])
-                if p.kind == "thp":
-                    states.add("thp:" + p.states.split("[")[0].split(" ")[0] + ("+pmd" if "True" in p.states else ""))
+                if p.kind in ("thp", "uffd_thp"):
+                    variant = p.states.split("[")[0].split(" ")[0]
+                    states.add(f"{p.kind}:{variant}" + ("+pmd" if "True" in p.states else ""))
             forked |= lay.forked
             res = scan(lay.base, lay.end, category_anyof_mask=ALL9, return_mask=ALL9, backend="kernel")
             for c in np.unique(res.regions["categories"]).tolist():
                 categories |= int(c)
-    want_kinds = {"anon", "devzero", "shared_anon", "memfd", "memfd_private", "file_shared", "file_private",
-                  "thp", "hugetlb", "hugetlb_shared", "uffd_anon", "uffd_memfd", "hole", "prot_none"}
+    want_kinds = {"anon", "checker", "devzero", "moved", "shared_anon", "memfd", "memfd_private", "file_shared", "file_private",
+                  "thp", "hugetlb", "hugetlb_shared", "uffd_anon", "uffd_memfd", "uffd_file", "uffd_thp", "hole",
+                  "prot_none"}
     assert want_kinds <= kinds, want_kinds - kinds
     want_states = {"anon:W", "anon:R", "anon:D", "anon:S", "anon:U", "uffd_anon:S", "uffd_anon:D",
-                   "uffd_anon:R", "uffd_anon:U", "shared_anon:O", "memfd:O", "file_private:R",
-                   "thp:full+pmd", "thp:zero+pmd", "thp:split+pmd", "thp:zapped+pmd", "thp:mprot+pmd"}
+                   "uffd_anon:R", "uffd_anon:U", "uffd_anon:P", "uffd_anon:Z", "shared_anon:O", "moved:W", "memfd:O", "file_private:R",
+                   "thp:full+pmd", "thp:zero+pmd", "thp:split+pmd", "thp:zapped+pmd", "thp:mprot+pmd",
+                   "uffd_thp:armed+pmd", "uffd_thp:written+pmd", "uffd_thp:zapped+pmd"}
     if HAVE_GUARD:
-        want_states.add("anon:G")
+        want_states |= {"anon:G", "memfd:G", "file_shared:G", "file_private:G"}
     assert want_states <= states, want_states - states
     assert forked
     want_cats = WPA | WR | FILE | PRES | SWAP | ZERO | HUGE | (GUARD if HAVE_GUARD else 0)
     assert categories & want_cats == want_cats, hex(want_cats & ~categories)
 
 
+# -- whole processes --------------------------------------------------------------------------
+
+ADDR_NO_RANDOMIZE = 0x0040000
+
+
+def _no_aslr() -> None:  # pragma: no cover - runs in the child before exec
+    ctypes.CDLL(None, use_errno=True).personality(ADDR_NO_RANDOMIZE)
+
+
+@pytest.mark.parametrize("aslr", [True, False], ids=["aslr", "no-aslr"])
+def test_whole_address_space_of_a_sleeping_process(aslr: bool) -> None:
+    """Every VMA of a real process (text, data, heap, libraries, ``[vdso]``, ``[vvar]``,
+    ``[stack]``), scanned from outside while it sleeps. Without ASLR its stack ends at
+    the top of user space, in the one PMD block that is a page short."""
+    import subprocess
+
+    proc = subprocess.Popen(["sleep", "60"], preexec_fn=None if aslr else _no_aslr)
+    try:
+        with pagescan.Target(proc.pid) as t:
+            deadline = time.monotonic() + 10
+            while "sleep" not in open(f"/proc/{proc.pid}/maps").read():  # exec done
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            maps = [line.split() for line in open(f"/proc/{proc.pid}/maps")]
+            spans = [tuple(int(x, 16) for x in f[0].split("-")) for f in maps]
+            spans = [(lo, hi) for lo, hi in spans if hi <= TASK_SIZE]
+            names = " ".join(f[-1] for f in maps)
+            assert "[vdso]" in names and "[stack]" in names
+            if not aslr:
+                assert spans[-1][1] == TASK_SIZE, "the stack should end at the top of user space"
+            rng = random.Random(77 + aslr)
+            cases = [(0, TASK_SIZE, {"return_mask": ALL9}), (0, TASK_SIZE, {"category_anyof_mask": ALL9,
+                                                                            "return_mask": ALL9})]
+            for _ in range(150):
+                lo, hi = rng.choice(spans)
+                start = rng.choice([lo, lo + rng.randrange((hi - lo) // P) * P])
+                end = rng.choice([hi, TASK_SIZE, rng.choice(spans)[1], start + rng.randint(0, 64) * P])
+                a = {"category_inverted": random_mask(rng, 0.6), "category_mask": random_mask(rng, 0.5),
+                     "category_anyof_mask": random_mask(rng, 0.6), "return_mask": random_mask(rng, 0.1),
+                     "vec_len": rng.choice([1, 3, 1 << 16]), "max_pages": rng.choice([0, 0, 5, 100])}
+                cases.append((start, end, a))
+            for start, end, kw in cases:
+                a = {"flags": 0, "category_inverted": 0, "category_mask": 0, "category_anyof_mask": 0,
+                     "return_mask": 0, "vec_len": 1 << 16, "max_pages": 0, **kw}
+                bad = check_case(start, end, a, t)
+                assert bad is None, (hex(start), hex(end), a, bad)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 
-def test_random_bad_input_same_errno(tmp_path: Path, uffd_wp: Userfaultfd) -> None:
+def test_random_bad_input_same_errno(uffd_wp: Userfaultfd) -> None:
     """Unknown flag/category bits, unaligned start, end < start, end beyond user space,
     alone and combined: both backends and the raw ioctl give the same errno."""
     rng = random.Random(4242)
@@ -629,7 +858,7 @@ def test_random_bad_input_same_errno(tmp_path: Path, uffd_wp: Userfaultfd) -> No
         m.write(0, 16)
         arm(uffd_wp, m, 8, 8)
         seen: dict[int, int] = {}
-        for i in range(1500):
+        for i in range(900):
             start = m[rng.randrange(16)]
             end = m[rng.randrange(start // P - m.addr // P, 17)] if rng.random() < 0.9 else start
             a = {"flags": rng.choice([0, 0, CHK]), "category_inverted": random_mask(rng, 0.7),
@@ -661,10 +890,10 @@ def test_random_bad_input_same_errno(tmp_path: Path, uffd_wp: Userfaultfd) -> No
             assert (k[0], k[1]) == (e[0], e[1]) == (r[0], r[1]), (i, hex(start), hex(end), a, k, e, r)
             if k[0] == "err":
                 seen[k[1]] = seen.get(k[1], 0) + 1
-            if k[0] == "ok":
+            if k[0] == "ok" and end <= m.end:  # beyond m lie VMAs this process changes as it runs
                 assert k[1:] == e[1:], (i, hex(start), hex(end), a, k, e)
         assert seen.get(errno.EINVAL, 0) > 100 and seen.get(errno.EFAULT, 0) > 100
-        assert seen.get(errno.EPERM, 0) > 10  # CHECK_WPASYNC over the unregistered half
+        assert seen.get(errno.EPERM, 0) > 5  # CHECK_WPASYNC over the unregistered half
 
 
 # -- the single-page consistency oracle ------------------------------------------------------
@@ -673,13 +902,10 @@ def test_random_bad_input_same_errno(tmp_path: Path, uffd_wp: Userfaultfd) -> No
 def per_page_categories(lay: Layout, backend: str) -> np.ndarray:
     n = lay.length // P
     cats = np.zeros(n, dtype=np.uint64)
-    covered = np.zeros(n, dtype=bool)
     res = scan(lay.base, lay.end, return_mask=ALL9, backend=backend)
     assert res.complete
     for s, e, c in res.regions.tolist():
-        a, b = (s - lay.base) // P, (e - lay.base) // P
-        cats[a:b] = c
-        covered[a:b] = True
+        cats[(s - lay.base) // P : (e - lay.base) // P] = c
     return cats
 
 
@@ -691,7 +917,7 @@ def hugetlb_pages(lay: Layout) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("seed", LAYOUT_SEEDS[:6])
+@pytest.mark.parametrize("seed", LAYOUT_SEEDS[:4])
 def test_pagemap_oracle_on_layouts(seed: int, tmp_path: Path, uffd_wp: Userfaultfd, zram_swap: str,
                                    hugetlb_budget: int) -> None:
     """For every page of a layout (one full scan) and for single-page scans of a sample:
@@ -699,15 +925,21 @@ def test_pagemap_oracle_on_layouts(seed: int, tmp_path: Path, uffd_wp: Userfault
     a hugetlb uffd-wp marker is SWAPPED while pagemap never sets bit 62 for hugetlb
     (kernel.md 2.2): there SWAPPED <-> bit 57 of a non-present entry."""
     with layout(seed, tmp_path, uffd_wp, hugetlb_budget) as lay:
-        ents = np.array(pagemap_entries(lay.base, lay.length // P), dtype=np.uint64)
+        for _ in range(3):  # on memory that stayed the same during the scans
+            before = pagemap_entries(lay.base, lay.length // P)
+            per_page = {backend: per_page_categories(lay, backend) for backend in ("kernel", "emulated")}
+            if pagemap_entries(lay.base, lay.length // P) == before:
+                break
+        else:
+            pytest.fail("the layout's memory kept changing under the test")
+        ents = np.array(before, dtype=np.uint64)
         b55 = (ents >> np.uint64(55)) & np.uint64(1) == 1
         b57 = (ents >> np.uint64(57)) & np.uint64(1) == 1
         b62 = (ents >> np.uint64(62)) & np.uint64(1) == 1
         b63 = (ents >> np.uint64(63)) & np.uint64(1) == 1
         ht = hugetlb_pages(lay)
         want_swap = np.where(ht, ~b63 & b57, b62)
-        for backend in ("kernel", "emulated"):
-            cats = per_page_categories(lay, backend)
+        for backend, cats in per_page.items():
             sd = cats & np.uint64(SD) != 0
             sw = cats & np.uint64(SWAP) != 0
             pr = cats & np.uint64(PRES) != 0
@@ -718,12 +950,14 @@ def test_pagemap_oracle_on_layouts(seed: int, tmp_path: Path, uffd_wp: Userfault
         assert b62.any() and b63.any()
         # Single pages, as the kernel suite's page_entry_is() does.
         rng = random.Random(seed)
-        for i in rng.sample(range(lay.length // P), 200):
+        for i in rng.sample(range((lay.used - lay.base) // P), 120):
             addr = lay.base + i * P
             e = pagemap_entries(addr, 1)[0]
             for backend in ("kernel", "emulated"):
                 res = scan(addr, addr + P, category_anyof_mask=ALL9, return_mask=ALL9, vec_len=1, backend=backend)
                 c = int(res.regions["categories"][0]) if len(res) else 0
+                if pagemap_entries(addr, 1)[0] != e:
+                    continue  # the page changed under the test (reclaim): not a verdict
                 swap_bit = (not e >> 63 & 1 and e >> 57 & 1) if ht[i] else e >> 62 & 1
                 assert bool(c & SD) == bool(e >> 55 & 1)
                 assert bool(c & SWAP) == bool(swap_bit), (backend, hex(addr), hex(c), hex(e))
@@ -875,3 +1109,40 @@ def test_refusal_wp_matching(uffd_wp: Userfaultfd) -> None:
         with pytest.raises(OSError) as info:
             scan(m.addr, m.addr, flags=WP, backend="emulated")
         assert info.value.errno == errno.EOPNOTSUPP
+
+
+def test_refusal_huge_with_pte_mapped_thp() -> None:
+    """A THP whose PMD was split but whose folio is still mapped whole, in place, by 512
+    PTEs passes every test a PMD mapping passes (present, uniform, contiguous aligned
+    PFNs, kpageflags THP). In a VMA that also has a PMD-mapped THP, smaps' count then
+    disagrees with the candidates and HUGE cannot be decided: EOPNOTSUPP saying so.
+    Without HUGE in the masks the scan is exact."""
+    with Mapping(2 * HP, align=H) as m:
+        m.madvise(MADV.HUGEPAGE)
+        m.write(0, 2 * HP, 5)
+        if not _pmd_mapped(m) or smaps_kb(m, "AnonHugePages") * 1024 != 2 * H:
+            with contextlib.suppress(OSError):
+                m.madvise(MADV.COLLAPSE)
+        m.madvise(MADV.NOHUGEPAGE)
+        assert smaps_kb(m, "AnonHugePages") * 1024 == 2 * H, "THPs did not form"
+        # Split the second PMD by changing the protection of part of it, then restore it:
+        # the VMAs merge back and the folio stays mapped by PTEs.
+        m.mprotect(PROT.READ, HP + 10, 5)
+        m.mprotect(PROT.READ | PROT.WRITE, HP + 10, 5)
+        assert len(vmas_in(m.addr, m.end)) == 1
+        assert smaps_kb(m, "AnonHugePages") * 1024 == H
+        k = scan(m.addr, m.end, return_mask=ALL9, backend="kernel")
+        assert k.regions.tolist() == [(m.addr, m[HP], PRES | WR | HUGE), (m[HP], m.end, PRES | WR)]
+        with pytest.raises(OSError) as info:
+            scan(m.addr, m.end, return_mask=HUGE, backend="emulated")
+        assert info.value.errno == errno.EOPNOTSUPP
+        assert "PTE-mapped THPs" in str(info.value) and f"{m.addr:#x}" in str(info.value)
+        for kw in ({"return_mask": ALL9 & ~HUGE}, {"category_mask": PRES, "return_mask": PRES | WR | ZERO}):
+            e = scan(m.addr, m.end, backend="emulated", **kw)
+            assert e.regions.tolist() == scan(m.addr, m.end, backend="kernel", **kw).regions.tolist()
+
+
+def smaps_kb(m: Mapping, field: str) -> int:
+    from .memory import smaps_field
+
+    return smaps_field(m, field)

@@ -2,39 +2,60 @@
 
 For kernels without the ioctl (< 6.7: Debian 12's 6.1, Ubuntu 22.04's 5.15, RHEL 9's
 5.14). Per-page categories come from ``/proc/PID/pagemap`` (read in bounded chunks, only
-where VMAs are), ``/proc/PID/maps``/``smaps`` and, when readable, PFNs and
-``/proc/kpageflags``; the shared pure engine (:mod:`._engine`) turns them into regions.
-Only categories that take part in the call (any of the four masks) are computed, as the
-kernel itself does for FILE.
+where VMAs are), ``/proc/PID/smaps`` and, when readable, PFNs and ``/proc/kpageflags``;
+the shared pure engine (:mod:`._engine`) turns them into regions. Only categories that
+can change the answer -- those in ``category_mask``, ``category_anyof_mask`` or
+``return_mask`` -- are computed (one only in ``category_inverted`` cannot: matching looks
+at the mask and anyof bits only), as the kernel itself does for FILE.
 
-How each category is derived, and where it cannot be known (``kernel.md`` 2.3):
+How each category is derived, and where it cannot be known (``kernel.md`` 2.3). Checked
+against the kernel on random layouts of every mapping kind by
+``tests/test_emulated_differential.py`` and, unprivileged, by
+``tests/test_emulated_unprivileged.py``:
 
-* PRESENT, SWAPPED, GUARD, SOFT_DIRTY: pagemap bits 63, 62, 58, 55 (exact). uffd-wp
-  markers read SWAPPED, guard markers SWAPPED|WRITTEN, as in the kernel. In hugetlb
-  VMAs a non-present entry carrying bit 57 is a marker (SWAPPED).
+* PRESENT, SWAPPED, GUARD, SOFT_DIRTY: pagemap bits 63, 62, 58, 55 (exact). uffd-wp and
+  poison markers read SWAPPED, guard markers SWAPPED|WRITTEN, as in the kernel. In
+  hugetlb VMAs a non-present entry carrying bit 57 is a marker (SWAPPED).
 * WRITTEN: present or swap-like and not uffd-wp (bit 57). Empty slots follow the newest
   kernels (2026 fixes): WRITTEN in uffd-WP VMAs and wherever a page table exists.
   pagemap cannot show page tables, so a table is taken to exist when another page of
   the same PMD-sized block is present or swap-like. **Approximation:** a block whose
-  pages were all zapped (``MADV_DONTNEED``) keeps its table in the kernel, which then
-  reports WRITTEN where the emulation reports nothing. hugetlb empty slots are never
-  WRITTEN; they are HUGE when the PMD table of their 1 GiB block exists (same rule).
-* FILE: pagemap bit 61, except the huge zero page (bit 61 set in an anonymous private
-  VMA), which the ioctl does not call FILE. Copy-on-written private file pages are anon.
-* PFNZERO: PFN equal to the zero page's, or the huge zero page. Needs PFNs
-  (``CAP_SYS_ADMIN``): without them a present page of a private anonymous VMA that is
-  not exclusively mapped could be the zero page or a page shared after ``fork``, and
-  the scan raises ``PermissionError`` rather than guess.
-* HUGE: hugetlb VMAs (smaps ``ht``) and PMD-mapped THPs. A THP is recognised from PFNs
-  and ``/proc/kpageflags`` (root) and checked against the VMA's PMD-mapped bytes in
-  smaps; without root, or when a PTE-mapped THP makes the count ambiguous, the scan
-  raises (``PermissionError`` / ``EOPNOTSUPP``).
+  pages were all zapped (``MADV_DONTNEED``, or file/shmem pages reclaimed) keeps its
+  table in the kernel, which then reports its empty slots (in any VMA that is not
+  uffd-WP) WRITTEN where the emulation reports nothing. hugetlb empty slots are never
+  WRITTEN; they are HUGE when the PMD table of their 1 GiB block exists (same rule, same
+  approximation).
+* FILE: pagemap bit 61, except the huge zero page (bit 61 on a present page of an
+  anonymous VMA), which the ioctl does not call FILE. Copy-on-written private file pages
+  are anon. Special mappings (``[vdso]``) are not anonymous: their pages are FILE.
+* PFNZERO: PFN equal to the zero page's, or the huge zero page (known from bit 61). Only
+  a present page of an anonymous VMA (private anonymous memory, ``MAP_PRIVATE`` of
+  ``/dev/zero``) that is not exclusively mapped (bit 56) can be the zero page. Telling
+  the zero page from a page shared after ``fork`` (or by KSM) needs PFNs
+  (``CAP_SYS_ADMIN``); without them the scan raises ``PermissionError`` naming the
+  privilege -- if, and only if, the unknown bit would change the answer: whether a page
+  the walk reaches matches, or what it reports.
+* HUGE: hugetlb VMAs (smaps ``ht``) and PMD-mapped THPs. A PMD mapping is a whole
+  aligned 2 MiB block inside the VMA, every page present with the same uffd-wp,
+  soft-dirty and file bits; with PFNs it is also physically contiguous and aligned, and
+  ``/proc/kpageflags`` (root) marks its head THP. The blocks found must add up to smaps'
+  PMD-mapped bytes of the VMA; a PTE-mapped THP that passes every test makes them
+  disagree, and the scan raises ``EOPNOTSUPP``. VMAs without PMD-mapped bytes are exact
+  without privilege. Without PFNs or kpageflags a candidate block in a VMA with
+  PMD-mapped THPs could be either, and the scan raises ``PermissionError`` under the
+  PFNZERO rule above.
 * WPALLOWED: a VMA registered for uffd-WP (smaps ``uw``) on an *asynchronous* uffd.
   smaps does not show async-ness; pagescan knows it for registrations made through its
-  own :class:`Userfaultfd` in this process. Otherwise the scan raises ``EOPNOTSUPP``.
+  own :class:`Userfaultfd` in this process. Otherwise, when WPALLOWED or
+  ``PM_SCAN_CHECK_WPASYNC`` is involved, the scan raises ``EOPNOTSUPP`` (even for a
+  synchronous registration, which the kernel never calls WPALLOWED).
+* ``PM_SCAN_CHECK_WPASYNC`` fails with EPERM at the first VMA the walk reaches that is
+  not WP-async, as in the kernel (a walk that stopped earlier succeeds).
 * ``PM_SCAN_WP_MATCHING`` cannot be emulated atomically and raises ``EOPNOTSUPP``
   (after argument validation, like every other error here).
 * VM_PFNMAP VMAs (smaps ``pf``) are skipped, as the kernel skips them.
+* Everything is read at call time, VMA by VMA: like the kernel's walk, the answer is
+  not atomic with respect to a process that changes its memory meanwhile.
 """
 
 from __future__ import annotations
@@ -65,9 +86,11 @@ PUD_PAGES = PMD_PAGES * PMD_PAGES
 #: Pages read from pagemap per chunk (512 KiB of entries).
 CHUNK_PAGES = 1 << 16
 
+# Plain ints: ``~`` of an IntFlag is the complement within the flag's own bits (0 here),
+# which would make every unknown bit look known.
 _KNOWN_CATEGORIES = 0
 for _c in Category:
-    _KNOWN_CATEGORIES |= _c
+    _KNOWN_CATEGORIES |= int(_c)
 _KNOWN_FLAGS = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
 
 _u = np.uint64
@@ -219,7 +242,9 @@ class EmulatedBackend:
             )
         if start == end_r:
             return 0, end_r
-        relevant = inverted | mask | anyof | return_mask
+        # As in the kernel, a category only in ``inverted`` cannot change the answer
+        # (matching looks at ``mask`` and ``anyof`` only), so it is never computed.
+        relevant = mask | anyof | return_mask
         need_wpa = bool(relevant & Category.WPALLOWED) or bool(flags & ScanFlag.CHECK_WPASYNC)
         pid = target.pid
         vmas = [v for v in read_smaps(pid, start, end_r) if v.start < self._task_size]
@@ -227,39 +252,53 @@ class EmulatedBackend:
             vec, index, vec_len, inverted=inverted, mask=mask, anyof=anyof,
             return_mask=return_mask, max_pages=max_pages, page_size=P,
         )
-        ctx = _Context(fd, pid, relevant, vmas)
-        # CHECK_WPASYNC fails the whole call before anything is reported.
-        if flags & ScanFlag.CHECK_WPASYNC:
+        ctx = _Context(fd, pid, inverted=inverted, mask=mask, anyof=anyof, return_mask=return_mask)
+        try:
+            check = bool(flags & ScanFlag.CHECK_WPASYNC)
             for v in vmas:
-                if not ctx.wp_allowed(v):
+                # The kernel's per-VMA gate, met as the walk reaches each VMA: CHECK_WPASYNC
+                # fails the call at the first VMA that is not WP-async -- unless the walk
+                # has already stopped (buffer full, max_pages) before getting there.
+                vma_bits = int(Category.WPALLOWED) if need_wpa and ctx.wp_allowed(v) else 0
+                if check and not vma_bits:
                     raise OSError(errno.EPERM, os.strerror(errno.EPERM))
-        for v in vmas:
-            if "pf" in v.vmflags:
-                continue  # VM_PFNMAP: the kernel skips these VMAs
-            vma_bits = int(Category.WPALLOWED) if need_wpa and ctx.wp_allowed(v) else 0
-            want = mask & Category.WPALLOWED
-            if ((vma_bits ^ inverted) & want) != want:
-                continue  # the kernel's VMA-level pre-filter
-            lo = max(start, v.start)
-            hi = min(end_r, v.end)
-            for clo in range(lo, hi, CHUNK_PAGES * P):
-                chi = min(hi, clo + CHUNK_PAGES * P)
-                cats = ctx.categories(v, clo, chi) | _u(vma_bits)
-                if not col.feed(clo, cats):
-                    return col.result(end_r)
-        return col.result(end_r)
+                if "pf" in v.vmflags:
+                    continue  # VM_PFNMAP: the kernel skips these VMAs
+                want = mask & Category.WPALLOWED
+                if ((vma_bits ^ inverted) & want) != want:
+                    continue  # the kernel's VMA-level pre-filter
+                lo = max(start, v.start)
+                hi = min(end_r, v.end)
+                for clo in range(lo, hi, CHUNK_PAGES * P):
+                    chi = min(hi, clo + CHUNK_PAGES * P)
+                    if not col.feed(clo, ctx.categories(v, clo, chi, vma_bits)):
+                        return col.result(end_r)  # stopped: later VMAs are never reached
+            return col.result(end_r)
+        finally:
+            ctx.close()
 
 
 class _Context:
-    """Per-call state: the pagemap fd, what is relevant, and cached privileged lookups."""
+    """Per-call state: the pagemap fd, the masks, and cached privileged lookups."""
 
-    def __init__(self, fd: int, pid: int, relevant: int, vmas: list[Vma]) -> None:
+    def __init__(self, fd: int, pid: int, *, inverted: int, mask: int, anyof: int, return_mask: int) -> None:
         self.fd = fd
         self.pid = pid
-        self.relevant = relevant
-        self.vmas = vmas
+        self.inverted = inverted
+        self.mask = mask
+        self.anyof = anyof
+        self.return_mask = return_mask
+        self.relevant = mask | anyof | return_mask
         self._kpf_fd: int | None = None
-        self._thp_checked: set[int] = set()
+        self._kpf_denied = False
+        #: VMA start -> (block addresses known PMD-mapped, block addresses that may be)
+        self._thp: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._pud_occupied: dict[int, bool] = {}  # 1 GiB block -> has a populated page
+
+    def close(self) -> None:
+        fd, self._kpf_fd = self._kpf_fd, None
+        if fd is not None:
+            os.close(fd)
 
     # -- reading -------------------------------------------------------------------
 
@@ -275,22 +314,20 @@ class _Context:
             got += k
         return np.frombuffer(buf, dtype=np.uint64, count=got // 8)
 
-    def kpageflags(self, pfns: np.ndarray) -> np.ndarray:
+    def kpageflags(self, pfns: np.ndarray) -> np.ndarray | None:
+        """Flags of each PFN, or ``None`` when ``/proc/kpageflags`` is not readable."""
         if self._kpf_fd is None:
+            if self._kpf_denied:
+                return None
             try:
                 self._kpf_fd = os.open("/proc/kpageflags", os.O_RDONLY | os.O_CLOEXEC)
             except PermissionError:
-                raise PermissionError(
-                    errno.EACCES, "emulated PAGE_IS_HUGE needs /proc/kpageflags (root) to recognise THPs"
-                ) from None
+                self._kpf_denied = True
+                return None
         out = np.zeros(pfns.size, dtype=np.uint64)
-        for i, pfn in enumerate(pfns.tolist()):
+        for i, pfn in enumerate(pfns.tolist()):  # one read per candidate 2 MiB block
             out[i] = int.from_bytes(os.pread(self._kpf_fd, 8, pfn * 8), "little")
         return out
-
-    def __del__(self) -> None:
-        if self._kpf_fd is not None:
-            os.close(self._kpf_fd)
 
     # -- VMA level -----------------------------------------------------------------
 
@@ -307,22 +344,29 @@ class _Context:
 
     # -- page level ----------------------------------------------------------------
 
-    def categories(self, v: Vma, lo: int, hi: int) -> np.ndarray:
+    def categories(self, v: Vma, lo: int, hi: int, vma_bits: int) -> np.ndarray:
+        """Categories of the pages of ``[lo, hi)`` (inside ``v``), VMA bits included."""
         rel = self.relevant
-        # Read whole PMD blocks around the chunk so page-table presence can be judged.
-        span = PUD_PAGES * P if v.hugetlb else PMD_PAGES * P
-        wlo = lo - lo % span
-        whi = min(-(-hi // span) * span, _task_limit())
-        window = self.entries(wlo, whi)
-        first = (lo - wlo) // P
-        e = window[first : first + (hi - lo) // P]
+        if v.hugetlb:
+            e = self.entries(lo, hi)
+        else:
+            # Whole PMD blocks around the chunk, so page-table presence can be judged.
+            # The last block of user space is one page short (TASK_SIZE): pad it.
+            span = PMD_PAGES * P
+            wlo = lo - lo % span
+            whi = min(-(-hi // span) * span, _task_limit())
+            window = self.entries(wlo, whi)
+            if window.size % PMD_PAGES:
+                window = np.concatenate([window, np.zeros(-window.size % PMD_PAGES, dtype=np.uint64)])
+            first = (lo - wlo) // P
+            e = window[first : first + (hi - lo) // P]
         if e.size != (hi - lo) // P:
             raise OSError(errno.EFAULT, f"short pagemap read at {lo:#x}")
 
         present = (e & _PRESENT) != 0
         swap = (e & _SWAP) != 0
         wp = (e & _UFFD_WP) != 0
-        cats = np.zeros(e.size, dtype=np.uint64)
+        cats = np.full(e.size, vma_bits, dtype=np.uint64)
         cats[present] |= _u(Category.PRESENT)
 
         if v.hugetlb:
@@ -331,9 +375,9 @@ class _Context:
             nonempty = present | marker
             cats[present & ~wp] |= _u(Category.WRITTEN)
             # HUGE for populated entries, and for empty ones whose PMD table exists.
-            blocks = ((window & (_PRESENT | _SWAP | _UFFD_WP)) != 0).reshape(-1, PUD_PAGES).any(axis=1)
-            table = np.repeat(blocks, PUD_PAGES)[first : first + e.size]
-            cats[nonempty | table] |= _u(Category.HUGE)
+            if not nonempty.all():
+                nonempty |= self._pmd_table(lo, hi)
+            cats[nonempty] |= _u(Category.HUGE)
         else:
             cats[swap] |= _u(Category.SWAPPED)
             nonempty = present | swap
@@ -352,85 +396,196 @@ class _Context:
             cats[(e & _GUARD) != 0] |= _u(Category.GUARD)
         if rel & Category.SOFT_DIRTY:
             cats[(e & _SD) != 0] |= _u(Category.SOFT_DIRTY)
-        huge_zero = np.zeros(e.size, dtype=bool)
-        if v.anon_private and rel & (Category.FILE | Category.PFNZERO | Category.HUGE):
-            # bit 61 in an anonymous private VMA can only be the huge zero page
-            huge_zero = present & ((e & _FILE) != 0)
+        anon = _anonymous(v)
+        # bit 61 on a present page of an anonymous VMA can only be the huge zero page
+        huge_zero = present & ((e & _FILE) != 0) if anon else np.zeros(e.size, dtype=bool)
         if rel & Category.FILE:
             cats[((e & _FILE) != 0) & (present | swap) & ~huge_zero] |= _u(Category.FILE)
+        unknown: np.ndarray | None = None  # per page: category bits that cannot be known
         if rel & Category.PFNZERO:
             cats[huge_zero] |= _u(Category.PFNZERO)
-            if v.anon_private:
+            if anon:
+                # Exclusively mapped pages are never the (shared) zero page.
                 cand = present & ~huge_zero & ((e & _EXCL) == 0)
                 if cand.any():
-                    cats[cand & self._is_zero_pfn(e)] |= _u(Category.PFNZERO)
+                    zero = self._zero_pfn_pages(e)
+                    if zero is None:
+                        unknown = np.where(cand, _u(Category.PFNZERO), _u(0))
+                    else:
+                        cats[cand & zero] |= _u(Category.PFNZERO)
         if rel & Category.HUGE and not v.hugetlb:
             cats[huge_zero] |= _u(Category.HUGE)
             if v.pmd_mapped:
-                cats[self._thp_pmd(v, lo, e)] |= _u(Category.HUGE)
+                huge, unsure = self._thp_pmd(v, lo, e.size)
+                cats[huge] |= _u(Category.HUGE)
+                if unsure.any():
+                    bits = np.where(unsure, _u(Category.HUGE), _u(0))
+                    unknown = bits if unknown is None else unknown | bits
+        if unknown is not None:
+            self._settle(v, lo, cats, unknown)
         return cats
 
-    def _is_zero_pfn(self, e: np.ndarray) -> np.ndarray:
+    def _settle(self, v: Vma, lo: int, cats: np.ndarray, unknown: np.ndarray) -> None:
+        """Raise ``PermissionError`` if a bit that cannot be known changes the answer:
+        whether a page matches, or what it reports. Otherwise the bit stays clear."""
+        idx = np.flatnonzero(unknown)
+        if not idx.size:
+            return
+        c, u = cats[idx], unknown[idx]
+        ret = _u(self.return_mask)
+        outcomes = []
+        for guess in (0, int(Category.PFNZERO), int(Category.HUGE), int(Category.PFNZERO | Category.HUGE)):
+            cg = c | (u & _u(guess))
+            m = _engine.match(cg, self.inverted, self.mask, self.anyof)
+            outcomes.append(np.where(m, cg & ret, _u(1 << 63)))
+        differs = np.zeros(idx.size, dtype=bool)
+        for o in outcomes[1:]:
+            differs |= o != outcomes[0]
+        if not differs.any():
+            return
+        k = int(np.argmax(differs))
+        addr = lo + int(idx[k]) * P
+        bits = Category(int(u[k]))
+        reasons = []
+        if bits & Category.PFNZERO:
+            reasons.append(
+                f"PAGE_IS_PFNZERO needs PFNs from /proc/PID/pagemap (CAP_SYS_ADMIN): the page at {addr:#x} "
+                "is not exclusively mapped, so it could be the zero page or a page shared after fork"
+            )
+        if bits & Category.HUGE:
+            block = addr - addr % (PMD_PAGES * P)
+            reasons.append(
+                "PAGE_IS_HUGE needs PFNs from /proc/PID/pagemap (CAP_SYS_ADMIN) and /proc/kpageflags (root): "
+                f"the fully mapped block at {block:#x} in a VMA with PMD-mapped THPs "
+                f"({v.start:#x}-{v.end:#x}) could be a THP or base pages"
+            )
+        raise PermissionError(errno.EPERM, "emulated " + "; ".join(reasons))
+
+    def _pmd_table(self, lo: int, hi: int) -> np.ndarray:
+        """Per page of ``[lo, hi)``: whether its 1 GiB block has a PMD table, taken to be
+        so when any page of the block is populated (cached per block for the call)."""
+        span = PUD_PAGES * P
+        out = np.zeros((hi - lo) // P, dtype=bool)
+        for b in range(lo - lo % span, hi, span):
+            occupied = self._pud_occupied.get(b)
+            if occupied is None:
+                occupied = False
+                step = (1 << 16) * P  # bounded reads (512 KiB of entries), whatever the chunk
+                for clo in range(b, min(b + span, _task_limit()), step):
+                    chi = min(b + span, clo + step, _task_limit())
+                    if ((self.entries(clo, chi) & (_PRESENT | _SWAP | _UFFD_WP)) != 0).any():
+                        occupied = True
+                        break
+                self._pud_occupied[b] = occupied
+            if occupied:
+                out[max(b, lo) // P - lo // P : min(b + span, hi) // P - lo // P] = True
+        return out
+
+    def _zero_pfn_pages(self, e: np.ndarray) -> np.ndarray | None:
+        """Which entries map the zero page, or ``None`` if PFNs are hidden from us."""
         pfn = e & _PFN
         if not (pfn[(e & _PRESENT) != 0]).any():
-            raise PermissionError(
-                errno.EPERM,
-                "emulated PAGE_IS_PFNZERO needs PFNs from /proc/PID/pagemap (CAP_SYS_ADMIN): "
-                "without them the zero page cannot be told from a page shared after fork",
-            )
+            return None
         z = _zero_pfn.get()
         if not z:
-            raise PermissionError(errno.EPERM, "emulated PAGE_IS_PFNZERO: the zero page's PFN is not visible")
-        return pfn == _u(z)
+            return None
+        zero: np.ndarray = pfn == _u(z)
+        return zero
 
-    def _thp_pmd(self, v: Vma, lo: int, e: np.ndarray) -> np.ndarray:
-        """Pages of ``e`` (starting at ``lo``) that are PMD-mapped THPs."""
-        out = np.zeros(e.size, dtype=bool)
-        cand_blocks = self._thp_candidates(v.start, v.end)
-        # Exactness: every PMD-mapped byte smaps counts must be one of our candidates.
-        if v.start not in self._thp_checked:
-            found = len(cand_blocks) * PMD_PAGES * P
-            if found != v.pmd_mapped:
-                raise _eopnotsupp(
-                    f"cannot tell PMD-mapped from PTE-mapped THPs in {v.start:#x}-{v.end:#x}: "
-                    f"smaps counts {v.pmd_mapped} PMD-mapped bytes, PFN analysis finds {found}"
-                )
-            self._thp_checked.add(v.start)
-        for b in cand_blocks:
-            s = (b - lo) // P
-            if s + PMD_PAGES > 0 and s < e.size:
-                out[max(s, 0) : min(s + PMD_PAGES, e.size)] = True
-        return out
+    def _thp_pmd(self, v: Vma, lo: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """For the ``n`` pages from ``lo``: (certainly PMD-mapped THP, maybe PMD-mapped)."""
+        got = self._thp.get(v.start)
+        if got is None:
+            got = self._thp[v.start] = self._thp_blocks(v)
+        return _block_pages(got[0], lo, n), _block_pages(got[1], lo, n)
 
-    def _thp_candidates(self, vlo: int, vhi: int) -> list[int]:
+    def _thp_blocks(self, v: Vma) -> tuple[np.ndarray, np.ndarray]:
+        """(PMD-mapped THP blocks, blocks that may be) of ``v``.
+
+        A PMD mapping covers a whole aligned 2 MiB block inside the VMA, every page
+        present with the same uffd-wp, soft-dirty and file bits (one PMD entry) and not
+        the huge zero page. With PFNs, its frames are also physically contiguous and
+        aligned, and ``/proc/kpageflags`` marks the head THP. The blocks found must add
+        up to smaps' PMD-mapped bytes; a PTE-mapped THP that passes every test makes the
+        count disagree (``EOPNOTSUPP``). Without PFNs or kpageflags the structural
+        candidates are returned as "may be".
+        """
         span = PMD_PAGES * P
-        blo = -(-vlo // span) * span
-        bhi = vhi - vhi % span
+        blo = -(-v.start // span) * span
+        bhi = v.end - v.end % span
+        empty = np.empty(0, dtype=np.int64)
         if bhi <= blo:
-            return []
-        out: list[int] = []
-        for clo in range(blo, bhi, CHUNK_PAGES * P):
-            chi = min(bhi, clo + CHUNK_PAGES * P)
+            return empty, empty
+        anon = _anonymous(v)
+        sure: list[np.ndarray] = []
+        maybe: list[np.ndarray] = []
+        uniform_bits = _UFFD_WP | _FILE | _SD
+        ramp = np.arange(PMD_PAGES, dtype=np.uint64)
+        step = max(CHUNK_PAGES // PMD_PAGES, 1) * span  # whole PMD blocks per read
+        for clo in range(blo, bhi, step):
+            chi = min(bhi, clo + step)
             e = self.entries(clo, chi).reshape(-1, PMD_PAGES)
-            pres = ((e & _PRESENT) != 0).all(axis=1)
+            ok = ((e & _PRESENT) != 0).all(axis=1)
+            ok &= ((e & uniform_bits) == (e[:, :1] & uniform_bits)).all(axis=1)
+            if anon:
+                ok &= (e[:, 0] & _FILE) == 0  # the huge zero page (known already)
+            if not ok.any():
+                continue
             pfn = e & _PFN
-            if pres.any() and not pfn[pres].any():
-                raise PermissionError(
-                    errno.EPERM, "emulated PAGE_IS_HUGE for THPs needs PFNs from /proc/PID/pagemap (CAP_SYS_ADMIN)"
-                )
-            step = np.arange(PMD_PAGES, dtype=np.uint64)
-            contiguous = (pfn == pfn[:, :1] + step).all(axis=1) & (pfn[:, 0] % _u(PMD_PAGES) == 0)
-            uniform = ((e & (_UFFD_WP | _FILE)) == (e[:, :1] & (_UFFD_WP | _FILE))).all(axis=1)
-            ok = np.flatnonzero(pres & contiguous & uniform)
-            if ok.size:
-                heads = pfn[ok, 0]
-                flags = self.kpageflags(heads)
-                thp = (flags >> _u(KPF.THP)) & _u(1)
-                zero = (flags >> _u(KPF.ZERO_PAGE)) & _u(1)
-                for i, t, z in zip(ok.tolist(), thp.tolist(), zero.tolist()):
-                    if t and not z:
-                        out.append(clo + i * span)
-        return out
+            addrs = clo + np.flatnonzero(ok).astype(np.int64) * span
+            if not pfn[ok].any():
+                maybe.append(addrs)  # PFNs hidden
+                continue
+            ok &= (pfn == pfn[:, :1] + ramp).all(axis=1) & (pfn[:, 0] % _u(PMD_PAGES) == 0)
+            rows = np.flatnonzero(ok)
+            if not rows.size:
+                continue
+            flags = self.kpageflags(pfn[rows, 0])
+            addrs = clo + rows.astype(np.int64) * span
+            if flags is None:
+                maybe.append(addrs)  # no /proc/kpageflags
+                continue
+            thp = ((flags >> _u(KPF.THP)) & _u(1)) != 0
+            thp &= ((flags >> _u(KPF.ZERO_PAGE)) & _u(1)) == 0
+            sure.append(addrs[thp])
+        sure_a = np.concatenate(sure) if sure else empty
+        maybe_a = np.concatenate(maybe) if maybe else empty
+        if not maybe_a.size and sure_a.size * span != v.pmd_mapped:
+            raise _eopnotsupp(
+                f"cannot tell PMD-mapped from PTE-mapped THPs in {v.start:#x}-{v.end:#x}: "
+                f"smaps counts {v.pmd_mapped} PMD-mapped bytes, PFN analysis finds {sure_a.size * span}"
+            )
+        return sure_a, maybe_a
+
+
+def _block_pages(blocks: np.ndarray, lo: int, n: int) -> np.ndarray:
+    """Boolean per page of ``[lo, lo + n pages)``: inside one of the PMD ``blocks``."""
+    out = np.zeros(n, dtype=bool)
+    if blocks.size:
+        first = (blocks - lo) // P  # page index of each block (may be out of range)
+        marks = np.zeros(n + 1, dtype=np.int64)
+        np.add.at(marks, np.clip(first, 0, n), 1)
+        np.add.at(marks, np.clip(first + PMD_PAGES, 0, n), -1)
+        out = np.cumsum(marks[:-1]) > 0
+    return out
+
+
+def _anonymous(v: Vma) -> bool:
+    """Whether ``v`` is private anonymous memory (the kernel's ``vma_is_anonymous``), the
+    only kind that can map the zero page or the huge zero page.
+
+    maps names such VMAs ``""``, ``[heap]``, ``[stack]`` (``[stack:TID]`` before 4.5) or
+    ``[anon:NAME]`` (``PR_SET_VMA_ANON_NAME``), with inode 0. ``MAP_PRIVATE`` of
+    ``/dev/zero`` keeps the file for ``/proc`` but is set up as anonymous. Every other
+    bracketed name is a special mapping (``[vdso]``, ``[vvar]``, ``[uprobes]``, ...) whose
+    pages are ordinary kernel pages (FILE), not anonymous ones.
+    """
+    if v.shared:
+        return False
+    name = v.name
+    if v.inode == 0:
+        return name in ("", "[heap]", "[stack]") or name.startswith(("[anon:", "[stack:"))
+    return name == "/dev/zero"
 
 
 def _task_limit() -> int:

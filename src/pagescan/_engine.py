@@ -57,6 +57,8 @@ def validate(
     ``end < start`` or a range beyond user space (EFAULT); ``vec`` NULL with a non-zero
     ``vec_len`` (EINVAL).
     """
+    # Plain ints: ``~`` of an IntFlag complements within the flag's own bits only.
+    known_flags, known_categories = int(known_flags), int(known_categories)
     if flags & ~known_flags:
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
     if (inverted | mask | anyof | return_mask) & ~known_categories:
