@@ -80,6 +80,10 @@ class Capabilities:
     hugetlb_free: int
     #: feature name -> "needs Linux X" / why it is unavailable
     missing: dict[str, str]
+    #: categories the emulated backend derives exactly here (with this process's privileges)
+    emulation_exact: Category = Category(0)
+    #: category or flag -> when the emulated backend raises instead of guessing, or approximates
+    emulation_limits: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form (flags as lists of names)."""
@@ -228,6 +232,28 @@ def _probe() -> Capabilities:
             if not feats & feat:
                 missing[f"UFFD_FEATURE_{feat.name}"] = f"needs Linux {FEATURE_SINCE[feat]}"
 
+    exact = Category.PRESENT | Category.SWAPPED | Category.GUARD | Category.SOFT_DIRTY | Category.FILE
+    limits = {
+        "WRITTEN": "approximate on empty slots: a PMD block whose pages were all zapped keeps its page "
+        "table in the kernel (WRITTEN there), which pagemap cannot show",
+        "WPALLOWED": "exact only for uffd-WP registrations made through pagescan in this process; "
+        "others raise EOPNOTSUPP (smaps does not show whether a uffd is asynchronous)",
+        "PM_SCAN_WP_MATCHING": "raises EOPNOTSUPP: write-protecting what a scan matched cannot be "
+        "done atomically from user space",
+    }
+    if pfns:
+        exact |= Category.PFNZERO
+    else:
+        limits["PFNZERO"] = "raises PermissionError where it matters: needs PFNs (CAP_SYS_ADMIN)"
+    if pfns and kpageflags:
+        exact |= Category.HUGE
+        limits["HUGE"] = (
+            "raises EOPNOTSUPP in a VMA holding both PMD-mapped THPs and THPs split to PTEs but "
+            "mapped whole (no interface tells them apart)"
+        )
+    else:
+        limits["HUGE"] = "THPs need PFNs and /proc/kpageflags (root); raises PermissionError where it matters"
+
     return Capabilities(
         page_size=PAGE_SIZE,
         kernel_release=uname.release,
@@ -250,4 +276,6 @@ def _probe() -> Capabilities:
         hugetlb_pages=0,
         hugetlb_free=0,
         missing=missing,
+        emulation_exact=exact,
+        emulation_limits=limits,
     )

@@ -63,4 +63,8 @@ def run(args: argparse.Namespace) -> int:
         print("\nmissing:")
         for key, why in caps.missing.items():
             print(f"  {key}: {why}")
+    print("\nemulated backend (for kernels without PAGEMAP_SCAN; backend='emulated'):")
+    print(f"  exact here: {' '.join(d['emulation_exact']) or '-'}")
+    for key, why in caps.emulation_limits.items():
+        print(f"  {key}: {why}")
     return 0
