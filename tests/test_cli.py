@@ -635,13 +635,16 @@ def test_caps_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert re.search(rf"^guard regions\s+{'yes' if caps.guard_regions else 'no'}$", out, re.M)
     assert re.search(rf"^THP\s+{caps.thp_mode}\b", out, re.M)
     if caps.missing:
-        tail = out.split("\nmissing:\n", 1)[1].splitlines()
+        tail = out.split("\nmissing:\n", 1)[1].split("\n\nemulated backend", 1)[0].splitlines()
         assert tail == [f"  {k}: {v}" for k, v in caps.missing.items()]
         for k, v in caps.missing.items():
             if k.startswith(("PAGE_IS_", "UFFD_FEATURE_")):
                 assert re.fullmatch(r"needs Linux \d+\.\d+", v), (k, v)
     else:
         assert "missing:" not in out
+    emu = out.split("\nemulated backend", 1)[1].splitlines()[1:]
+    assert emu[0].split()[2:] == [c.name for c in Category if c & caps.emulation_exact]
+    assert emu[1:] == [f"  {k}: {v}" for k, v in caps.emulation_limits.items()]
 
 
 # -- map ----------------------------------------------------------------------------------
