@@ -176,6 +176,25 @@ def _buffer_address(buf: Any, writable: bool) -> tuple[int, int, Any]:
     return int(arr.ctypes.data), int(arr.nbytes), arr
 
 
+def _vm_copy(fn: Callable[[int, Any, int, Any, int], int], pid: int, address: int, base: int, n: int) -> int:
+    """Copy ``n`` bytes between local ``base`` and remote ``address`` with ``fn``
+    (``process_vm_readv``/``writev``), resuming after partial transfers."""
+    done = 0
+    while done < n:
+        local = _iovec(base + done, n - done)
+        remote = _iovec(address + done, n - done)
+        try:
+            got = fn(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1)
+        except OSError as err:
+            if done and err.errno == errno.EFAULT:
+                break  # ran into unmapped memory after a partial copy
+            raise
+        if got == 0:
+            break
+        done += got
+    return done
+
+
 def vm_read(pid: int, address: int, into: Any) -> int:
     """Copy ``len(into)`` bytes from ``address`` in ``pid`` into the writable buffer ``into``.
 
@@ -184,19 +203,7 @@ def vm_read(pid: int, address: int, into: Any) -> int:
     runs into unmapped memory after at least one byte was copied.
     """
     base, n, keep = _buffer_address(into, writable=True)
-    done = 0
-    while done < n:
-        local = _iovec(base + done, n - done)
-        remote = _iovec(address + done, n - done)
-        try:
-            got = process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1)
-        except OSError as err:
-            if done and err.errno == errno.EFAULT:
-                break  # ran into unmapped memory after a partial copy
-            raise
-        if got == 0:
-            break
-        done += got
+    done = _vm_copy(process_vm_readv, pid, address, base, n)
     del keep
     return done
 
@@ -204,18 +211,6 @@ def vm_read(pid: int, address: int, into: Any) -> int:
 def vm_write(pid: int, address: int, data: Any) -> int:
     """Copy the bytes of ``data`` to ``address`` in ``pid`` with ``process_vm_writev``."""
     base, n, keep = _buffer_address(data, writable=False)
-    done = 0
-    while done < n:
-        local = _iovec(base + done, n - done)
-        remote = _iovec(address + done, n - done)
-        try:
-            got = process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1)
-        except OSError as err:
-            if done and err.errno == errno.EFAULT:
-                break  # ran into unmapped memory after a partial copy
-            raise
-        if got == 0:
-            break
-        done += got
+    done = _vm_copy(process_vm_writev, pid, address, base, n)
     del keep
     return done
