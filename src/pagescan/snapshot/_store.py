@@ -1,33 +1,41 @@
-"""Reading and appending checkpoint files (format in :mod:`._format`)."""
+"""Reading and appending checkpoint files (the format is in ``_format``)."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import errno
+import fcntl
 import os
-from typing import BinaryIO
+import stat
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
 from ._format import (
     COMMIT,
+    ENTRY_SIZE,
     FILE_HEADER,
     GEN_HEADER,
     INDEX_DTYPE,
     KIND_DATA,
+    KIND_ZERO,
     MAGIC_COMMIT,
     MAGIC_FILE,
     MAGIC_GEN,
     VERSION,
     digest,
+    entry_checks,
     page_checksums,
 )
 
-__all__ = ["CheckpointError", "CorruptCheckpointError", "Generation", "Store"]
+__all__ = ["Appender", "CheckpointError", "CorruptCheckpointError", "Generation", "Store", "fsync_dir", "link_fd", "new_file"]
 
 
 class CheckpointError(ValueError):
-    """A path is not a checkpoint, or regions do not match it."""
+    """A path is not a checkpoint, is in use, lacks a generation, or regions do not match it."""
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -69,32 +77,55 @@ def _pread_exact(fd: int, n: int, off: int) -> bytes:
 
 
 class Store:
-    """An open checkpoint file: its header, sealed generations and the sealed length."""
+    """An open checkpoint file: its header, sealed generations and the sealed length.
 
-    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False) -> None:
+    A damaged sealed generation does not make the file unreadable: the generations
+    before it stay usable, and :attr:`damage` holds the error, raised by
+    :meth:`generation` for the newest generation or any at or after the damage.
+    ``lock=True`` takes the writer's lock (``flock``), failing at once if another
+    writer holds it.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, writable: bool = False, lock: bool = False,
+                 _fd: int | None = None) -> None:
         self.path = os.fspath(path)
-        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-        self.fd = os.open(self.path, flags)
+        self.writable = writable
+        if _fd is None:
+            flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+            _fd = os.open(self.path, flags)
+        self.fd = _fd
+        self._offsets: dict[int, np.ndarray] = {}
         try:
+            if stat.S_ISDIR(os.fstat(self.fd).st_mode):
+                raise CheckpointError(f"{self.path} is a directory, not a pagescan checkpoint")
+            if lock:
+                _lock(self.fd, self.path)
             self._load()
         except BaseException:
             os.close(self.fd)
+            self.fd = -1
             raise
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], page_size: int, lengths: list[int]) -> Store:
-        """Create a new, empty checkpoint file (fails if it exists)."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        """Create a new, empty checkpoint file, atomically (``FileExistsError`` if it exists).
+
+        The header is written and ``fsync``'d in an unnamed file (``O_TMPFILE``) that is
+        then linked at ``path``: a crash never leaves a half-written header behind.
+        Returns the store, writable and locked.
+        """
+        path = os.fspath(path)
+        fd, named_tmp = new_file(path, page_size, lengths)
         try:
-            head = FILE_HEADER.pack(MAGIC_FILE, VERSION, page_size, len(lengths), 0, 0, 0, 0, 0, b"\0" * 8)
-            head = head[:-8] + digest(head[:-8])
-            table = np.asarray(lengths, dtype="<u8").tobytes()
-            os.write(fd, head + table + digest(table))
-            os.fsync(fd)
-        finally:
+            link_fd(fd, named_tmp, path)  # EEXIST if taken
+        except BaseException:
             os.close(fd)
-        _fsync_dir(path)
-        return cls(path, writable=True)
+            raise
+        finally:
+            if named_tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(named_tmp)
+        return cls(path, writable=True, _fd=fd)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -117,167 +148,381 @@ class Store:
         if digest(head[:-8]) != dig:
             raise CorruptCheckpointError(f"{self.path}: file header is damaged (checksum mismatch)")
         if version != VERSION:
-            raise CheckpointError(f"{self.path}: unsupported checkpoint version {version}")
+            raise CheckpointError(f"{self.path}: unsupported checkpoint version {version} (this is version {VERSION})")
+        if page_size <= 0 or page_size % 8 or nregions > 1 << 20:
+            raise CorruptCheckpointError(f"{self.path}: file header is damaged (page size {page_size}, "
+                                         f"{nregions} regions)")
         table = _pread_exact(self.fd, 8 * nregions + 8, FILE_HEADER.size)
         if len(table) < 8 * nregions + 8 or digest(table[:-8]) != table[-8:]:
             raise CorruptCheckpointError(f"{self.path}: region table is damaged")
-        self.page_size = page_size
+        self.page_size: int = int(page_size)
         self.lengths = [int(x) for x in np.frombuffer(table[:-8], dtype="<u8")]
+        #: Global page number of each region's first page (pages counted region by region).
+        self.base = np.concatenate([[0], np.cumsum([n // page_size for n in self.lengths])]).astype(np.int64)
         self.generations: list[Generation] = []
+        #: The damage that stopped the walk through the generations, if any.
+        self.damage: CorruptCheckpointError | None = None
         off = FILE_HEADER.size + len(table)
+        self.data_start = off
         size = os.fstat(self.fd).st_size
-        while off + GEN_HEADER.size + COMMIT.size <= size:
-            gen = self._read_generation(off, size)
-            if gen is None:
+        while off < size:
+            try:
+                got = self._read_generation(off, size)
+            except CorruptCheckpointError as err:
+                self.damage = err
                 break
-            self.generations.append(gen)
-            off = gen.end
-        #: Length of the sealed prefix; anything after it is an unsealed tail.
+            if isinstance(got, str):
+                # Not a sealed generation: an unsealed tail left by a writer that died --
+                # unless a sealed generation follows (the commit record that ends the file
+                # belongs to a generation at or after this one): then this is damage.
+                later = self._sealed_at_end(off, size)
+                if later is not None:
+                    expected = len(self.generations) + 1
+                    self.damage = CorruptCheckpointError(
+                        f"{self.path}: generation {expected} (at offset {off}) is damaged ({got}), "
+                        f"but sealed data up to generation {later} follows it"
+                    )
+                break
+            self.generations.append(got)
+            off = got.end
+        #: Length of the sealed prefix (up to the damage, if any); after it: unsealed tail.
         self.sealed_end = off
         self.file_size = size
 
-    def _read_generation(self, off: int, size: int) -> Generation | None:
+    def _sealed_at_end(self, off: int, size: int) -> int | None:
+        """Generation number of a valid commit record ending the file, for a record at or after ``off``."""
+        if size - COMMIT.size < off:
+            return None
+        craw = _pread_exact(self.fd, COMMIT.size, size - COMMIT.size)
+        if len(craw) < COMMIT.size:
+            return None
+        cmagic, cgen, goff, length, _i, _h, _x, cdig = COMMIT.unpack(craw)
+        if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig:
+            return None
+        if goff < off or goff + length + COMMIT.size != size:
+            return None
+        return int(cgen)
+
+    def _read_generation(self, off: int, size: int) -> Generation | str:
+        """The sealed generation at ``off``, or why there is none (a string).
+
+        Raises ``CorruptCheckpointError`` for a generation that is sealed but damaged.
+        """
         raw = _pread_exact(self.fd, GEN_HEADER.size, off)
+        if len(raw) < GEN_HEADER.size:
+            return "record header incomplete"
         magic, number, npages, ndata, parent, index_bytes, _res, dig = GEN_HEADER.unpack(raw)
         if magic != MAGIC_GEN or digest(raw[:-8]) != dig:
-            return None  # not a (complete) record header: unsealed tail
-        if index_bytes != npages * INDEX_DTYPE.itemsize:
-            return None
+            return "record header missing or damaged"
+        if index_bytes != npages * ENTRY_SIZE or ndata > npages:
+            return "record header inconsistent"
         data_off = off + GEN_HEADER.size + index_bytes
         commit_off = data_off + ndata * self.page_size
         if commit_off + COMMIT.size > size:
-            return None
+            return "commit record missing"
         craw = _pread_exact(self.fd, COMMIT.size, commit_off)
-        cmagic, cgen, goff, length, idig, _x, _y, cdig = COMMIT.unpack(craw)
-        if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig or cgen != number or goff != off:
-            return None  # never sealed
-        if length != commit_off - off:
-            return None
-        expected = self.generations[-1].number + 1 if self.generations else 1
+        cmagic, cgen, goff, length, idig, hdig, _x, cdig = COMMIT.unpack(craw)
+        if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig:
+            return "commit record missing or damaged"
+        if cgen != number or goff != off or length != commit_off - off or hdig != dig:
+            return "commit record does not match the record header"
+        # Sealed: from here on, anything wrong is damage.
+        expected = len(self.generations) + 1
+        where = f"{self.path}: generation {number}"
         idx_raw = _pread_exact(self.fd, index_bytes, off + GEN_HEADER.size)
-        if digest(idx_raw) != idig:
-            raise CorruptCheckpointError(f"{self.path}: page index of generation {number} is damaged")
-        if number != expected:
-            raise CorruptCheckpointError(f"{self.path}: generation {number} follows {expected - 1}")
         index = np.frombuffer(idx_raw, dtype=INDEX_DTYPE)
-        if int((index["kind"] == KIND_DATA).sum()) != ndata:
-            raise CorruptCheckpointError(f"{self.path}: generation {number}: index and data disagree")
-        if len(index) and (
-            int(index["region"].max()) >= len(self.lengths)
-            or bool((index["page"] * np.uint64(self.page_size) >= np.asarray(self.lengths, np.uint64)[index["region"]]).any())
-        ):
-            raise CorruptCheckpointError(f"{self.path}: generation {number}: index names pages outside the regions")
-        return Generation(number, parent, off, commit_off + COMMIT.size, index, data_off)
+        bad = np.flatnonzero(entry_checks(index, number) != index["check"])
+        if digest(idx_raw) != idig or bad.size:
+            if bad.size:
+                i = int(bad[0])
+                ent = index[i]
+                raise CorruptCheckpointError(
+                    f"{where}, page index entry {i} (region {int(ent['region'])}, page {int(ent['page'])} as "
+                    f"stored): damaged (entry check mismatch; {bad.size} damaged entr{'y' if bad.size == 1 else 'ies'})"
+                )
+            raise CorruptCheckpointError(f"{where}: page index is damaged (checksum mismatch)")
+        if number != expected:
+            raise CorruptCheckpointError(f"{where} follows generation {expected - 1}")
+        if parent >= number:
+            raise CorruptCheckpointError(f"{where}: bad parent generation {parent}")
+        kinds = index["kind"]
+        if bool(((kinds != KIND_DATA) & (kinds != KIND_ZERO)).any()) or int((kinds == KIND_DATA).sum()) != ndata:
+            raise CorruptCheckpointError(f"{where}: page index and data disagree")
+        if len(index):
+            region = index["region"]
+            if int(region.max()) >= len(self.lengths):
+                raise CorruptCheckpointError(f"{where}: page index names a region that does not exist")
+            npg = np.diff(self.base)
+            if bool((index["page"] >= npg[region].astype(np.uint64)).any()):
+                raise CorruptCheckpointError(f"{where}: page index names pages outside the regions")
+            flat = self.base[region.astype(np.int64)] + index["page"].astype(np.int64)
+            if len(flat) > 1 and bool((np.diff(flat) <= 0).any()):
+                raise CorruptCheckpointError(f"{where}: page index is not in ascending page order")
+        return Generation(int(number), int(parent), off, commit_off + COMMIT.size, index, data_off)
 
     def generation(self, number: int | None) -> Generation:
+        """Generation ``number`` (``None``: the newest sealed one)."""
+        if self.damage is not None and (number is None or number > len(self.generations)):
+            raise self.damage
         if not self.generations:
             raise CheckpointError(f"{self.path} has no complete (sealed) generation")
         if number is None:
             return self.generations[-1]
-        if not 1 <= number <= len(self.generations):
-            raise CheckpointError(f"{self.path} has generations 1..{len(self.generations)}, not {number}")
-        return self.generations[number - 1]
+        if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or not 1 <= number <= len(self.generations):
+            raise CheckpointError(f"{self.path} has generations 1..{len(self.generations)}, not {number!r}")
+        return self.generations[int(number) - 1]
+
+    @property
+    def total_pages(self) -> int:
+        return int(self.base[-1])
 
     def latest_map(self, number: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """For every page of every region: (generation number, index position) holding it.
 
-        Generation 0 means "never stored". Pages are numbered region by region.
+        Generation 0 means "never stored" (reads as zeros). Pages are numbered region by
+        region. Only the chain since the newest full generation is consulted.
         """
         target = self.generation(number).number
-        base = np.concatenate([[0], np.cumsum([n // self.page_size for n in self.lengths])]).astype(np.int64)
-        total = int(base[-1])
-        gen_of = np.zeros(total, dtype=np.int64)
-        pos_of = np.zeros(total, dtype=np.int64)
+        gen_of = np.zeros(self.total_pages, dtype=np.int64)
+        pos_of = np.zeros(self.total_pages, dtype=np.int64)
+        first = 0
         for g in self.generations[:target]:
             if g.parent == 0:
-                gen_of[:] = 0
-            flat = base[g.index["region"].astype(np.int64)] + g.index["page"].astype(np.int64)
+                first = g.number - 1
+        for g in self.generations[first:target]:
+            flat = self.base[g.index["region"].astype(np.int64)] + g.index["page"].astype(np.int64)
             gen_of[flat] = g.number
             pos_of[flat] = np.arange(len(g.index))
         return gen_of, pos_of
 
     def data_offsets(self, g: Generation) -> np.ndarray:
-        """File offset of each index entry's data (-1 for zero pages)."""
-        is_data = g.index["kind"] == KIND_DATA
-        rank = np.cumsum(is_data) - 1
-        out = np.where(is_data, g.data_offset + rank * self.page_size, -1)
-        return out.astype(np.int64)
+        """File offset of each index entry's data (-1 for zero pages); cached."""
+        out = self._offsets.get(g.number)
+        if out is None:
+            is_data = g.index["kind"] == KIND_DATA
+            rank = np.cumsum(is_data) - 1
+            out = np.where(is_data, g.data_offset + rank * self.page_size, -1).astype(np.int64)
+            self._offsets[g.number] = out
+        return out
 
-    def read_pages(self, g: Generation, positions: np.ndarray, verify: bool = True) -> np.ndarray:
-        """Pages at index ``positions`` of ``g`` as an ``(n, page_size)`` uint8 array."""
+    def read_pages(self, g: Generation, positions: np.ndarray, out: np.ndarray | None = None,
+                   verify: bool = True) -> np.ndarray:
+        """Pages at index ``positions`` of ``g`` into ``out`` (a C-contiguous ``(n, page_size)`` uint8 array).
+
+        With ``verify``, every page's checksum is compared with its index entry;
+        ``CorruptCheckpointError`` names the generation, region and page of the first bad one.
+        """
         P = self.page_size
-        out = np.zeros((len(positions), P), dtype=np.uint8)
+        positions = np.asarray(positions, dtype=np.int64)
+        n = len(positions)
+        if out is None:
+            out = np.empty((n, P), dtype=np.uint8)
         offs = self.data_offsets(g)[positions]
-        data = offs >= 0
-        idx = np.flatnonzero(offs >= 0)
+        is_data = offs >= 0
+        if not is_data.all():
+            out[~is_data] = 0
+        idx = np.flatnonzero(is_data)
         if idx.size:
-            # Read runs of consecutive file offsets with one preadv each, into a
-            # contiguous buffer, then scatter the rows to their positions.
             o = offs[idx]
-            tmp = np.empty((idx.size, P), dtype=np.uint8)
             cuts = np.flatnonzero(np.diff(o) != P) + 1
-            for s0, e0 in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [idx.size]]).tolist()):
-                want_bytes = (e0 - s0) * P
-                got = os.preadv(self.fd, [memoryview(tmp[s0:e0]).cast("B")], int(o[s0]))
-                if got != want_bytes:
-                    raise CorruptCheckpointError(f"{self.path}: generation {g.number}: page data truncated")
-            out[idx] = tmp
-        if verify and len(positions):
-            want = g.index["checksum"][positions]
-            bad = np.flatnonzero(page_checksums(out) != want)
+            starts = np.concatenate([[0], cuts]).tolist()
+            ends = np.concatenate([cuts, [idx.size]]).tolist()
+            tmp: np.ndarray | None = None
+            for s, e in zip(starts, ends):
+                r0, r1 = int(idx[s]), int(idx[e - 1]) + 1
+                if r1 - r0 == e - s:  # the rows are consecutive too: read in place
+                    dst = out[r0:r1]
+                else:
+                    if tmp is None or len(tmp) < e - s:
+                        tmp = np.empty((e - s, P), dtype=np.uint8)
+                    dst = tmp[: e - s]
+                want = (e - s) * P
+                got = os.preadv(self.fd, [dst.data.cast("B")], int(o[s]))
+                if got != want:
+                    raise CorruptCheckpointError(
+                        f"{self.path}: generation {g.number}: page data truncated (file changed after opening?)"
+                    )
+                if r1 - r0 != e - s:
+                    out[idx[s:e]] = dst
+        if verify and n:
+            bad = np.flatnonzero(page_checksums(out[:n]) != g.index["checksum"][positions])
             if bad.size:
                 ent = g.index[positions[bad[0]]]
                 raise CorruptCheckpointError(
                     f"{self.path}: generation {g.number}, region {int(ent['region'])}, page {int(ent['page'])}: "
-                    f"checksum mismatch (page data damaged; {bad.size} bad page(s) in this read)"
+                    f"page data damaged (checksum mismatch; {bad.size} bad page(s) in this read)"
                 )
         return out
 
     # -- writing --------------------------------------------------------------------
 
     def truncate_unsealed(self) -> None:
-        """Drop an unsealed tail left by an interrupted writer."""
+        """Drop an unsealed tail left by an interrupted writer (refused on a damaged file)."""
+        if self.damage is not None:
+            raise self.damage
         if self.file_size != self.sealed_end:
             os.ftruncate(self.fd, self.sealed_end)
             os.fsync(self.fd)
             self.file_size = self.sealed_end
 
-    def append(self, index: np.ndarray, pages: np.ndarray, parent: int) -> Generation:
-        """Append and seal a generation: ``pages`` holds the DATA entries' pages, in order.
+    @contextlib.contextmanager
+    def appending(self, npages: int) -> Iterator[Appender]:
+        """Append one generation of ``npages`` index entries; call ``seal`` inside.
 
-        On any failure (ENOSPC, ...) the file is cut back to its sealed prefix, so the
-        previous generations stay intact, and the error is raised.
+        On any failure, or if the block ends unsealed, the file is cut back to its
+        sealed prefix: the previous generations stay intact.
         """
-        P = self.page_size
-        number = (self.generations[-1].number + 1) if self.generations else 1
-        off = self.sealed_end
-        idx_raw = np.ascontiguousarray(index, dtype=INDEX_DTYPE).tobytes()
-        ndata = len(pages)
-        head = GEN_HEADER.pack(MAGIC_GEN, number, len(index), ndata, parent, len(idx_raw), 0, b"\0" * 8)
-        head = head[:-8] + digest(head[:-8])
-        length = GEN_HEADER.size + len(idx_raw) + ndata * P
-        commit = COMMIT.pack(MAGIC_COMMIT, number, off, length, digest(idx_raw), 0, 0, b"\0" * 8)
-        commit = commit[:-8] + digest(commit[:-8])
+        if not self.writable:
+            raise CheckpointError(f"{self.path} is open read-only")
+        if self.damage is not None:
+            raise self.damage
+        app = Appender(self, npages)
         try:
-            _pwrite_all(self.fd, head + idx_raw, off)
-            if ndata:
-                _pwrite_all(self.fd, memoryview(np.ascontiguousarray(pages)).cast("B"), off + GEN_HEADER.size + len(idx_raw))
-            os.fsync(self.fd)  # everything the commit record vouches for is durable first
-            _pwrite_all(self.fd, commit, off + length)
-            os.fsync(self.fd)
+            yield app
+            if not app.sealed:
+                raise RuntimeError("generation not sealed")
         except BaseException:
-            try:
-                os.ftruncate(self.fd, off)
-                os.fsync(self.fd)
-            except OSError:
-                pass
+            app.abort()
             raise
-        gen = Generation(number, parent, off, off + length + COMMIT.size, np.frombuffer(idx_raw, INDEX_DTYPE),
-                         off + GEN_HEADER.size + len(idx_raw))
-        self.generations.append(gen)
-        self.sealed_end = gen.end
-        self.file_size = gen.end
+
+
+class Appender:
+    """Writes one generation: data pages first (``reserve`` + ``write``), then ``seal``."""
+
+    def __init__(self, store: Store, npages: int) -> None:
+        self.store = store
+        self.number = len(store.generations) + 1
+        self.offset = store.sealed_end
+        self.npages = npages
+        self.data_start = self.offset + GEN_HEADER.size + npages * ENTRY_SIZE
+        self.ndata = 0
+        self.sealed = False
+        if os.fstat(store.fd).st_size != self.offset:  # never write over a stale tail
+            with self._io():
+                os.ftruncate(store.fd, self.offset)
+
+    @contextlib.contextmanager
+    def _io(self) -> Iterator[None]:
+        """Turn an ``OSError`` into one that says what was not written (same errno)."""
+        try:
+            yield
+        except OSError as err:
+            n = self.number
+            raise OSError(
+                err.errno,
+                f"{err.strerror}: cannot write generation {n} to {self.store.path}; the checkpoint is "
+                f"unchanged (newest generation: {n - 1 if n > 1 else 'none'})",
+            ) from err
+
+    def reserve(self, nrows: int) -> int:
+        """File offset for the next ``nrows`` data pages (call in index order)."""
+        off = self.data_start + self.ndata * self.store.page_size
+        self.ndata += nrows
+        return off
+
+    def write(self, rows: np.ndarray, off: int) -> None:
+        """Write data pages at an offset from :meth:`reserve` (any thread).
+
+        Writeback of the pages starts at once (``sync_file_range``), so the device works
+        while the caller copies the next batch and the ``fsync`` in :meth:`seal` finds
+        little left to do.
+        """
+        mv = np.ascontiguousarray(rows).data.cast("B")
+        with self._io():
+            _pwrite_all(self.store.fd, mv, off)
+        _start_writeback(self.store.fd, off, len(mv))
+
+    def seal(self, index: np.ndarray, parent: int) -> Generation:
+        """Write the header and index (fills the entry checks), ``fsync``, commit, ``fsync``."""
+        st = self.store
+        P = st.page_size
+        if len(index) != self.npages or int((index["kind"] == KIND_DATA).sum()) != self.ndata:
+            raise ValueError("index does not match the pages written")
+        index["check"] = entry_checks(index, self.number)
+        idx_raw = index.tobytes()
+        head = GEN_HEADER.pack(MAGIC_GEN, self.number, self.npages, self.ndata, parent, len(idx_raw), 0, b"\0" * 8)
+        head = head[:-8] + digest(head[:-8])
+        length = GEN_HEADER.size + len(idx_raw) + self.ndata * P
+        commit = COMMIT.pack(MAGIC_COMMIT, self.number, self.offset, length, digest(idx_raw), head[-8:], 0, b"\0" * 8)
+        commit = commit[:-8] + digest(commit[:-8])
+        with self._io():
+            _pwrite_all(st.fd, head + idx_raw, self.offset)
+            os.fsync(st.fd)  # everything the commit record vouches for is durable first
+            _pwrite_all(st.fd, commit, self.offset + length)
+            os.fsync(st.fd)
+        self.sealed = True
+        gen = Generation(self.number, parent, self.offset, self.offset + length + COMMIT.size,
+                         np.frombuffer(idx_raw, INDEX_DTYPE), self.data_start)
+        st.generations.append(gen)
+        st.sealed_end = st.file_size = gen.end
         return gen
+
+    def abort(self) -> None:
+        if self.sealed:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self.store.fd, self.offset)
+            os.fsync(self.store.fd)
+
+
+def new_file(path: str, page_size: int, lengths: list[int]) -> tuple[int, str | None]:
+    """A new checkpoint file with its header written and ``fsync``'d, not yet at ``path``.
+
+    Returns ``(fd, None)`` for an unnamed file in ``path``'s directory (``O_TMPFILE``), or
+    ``(fd, temporary name)`` where the file system has no ``O_TMPFILE``. The fd is locked.
+    """
+    head = FILE_HEADER.pack(MAGIC_FILE, VERSION, page_size, len(lengths), 0, 0, 0, 0, 0, b"\0" * 8)
+    head = head[:-8] + digest(head[:-8])
+    table = np.asarray(lengths, dtype="<u8").tobytes()
+    blob = head + table + digest(table)
+    d = os.path.dirname(os.path.abspath(path))
+    named_tmp = None
+    try:
+        fd = os.open(d, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        named_tmp = f"{path}.new-{os.getpid()}"
+        fd = os.open(named_tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        _pwrite_all(fd, blob, 0)
+        os.fsync(fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else has the file yet: cannot block
+    except BaseException:
+        os.close(fd)
+        if named_tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(named_tmp)
+        raise
+    return fd, named_tmp
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sfr: Any = None
+
+
+def _start_writeback(fd: int, off: int, length: int) -> None:
+    """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writeback, do not wait (a hint)."""
+    global _sfr
+    if _sfr is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _sfr = fn
+        except (OSError, AttributeError):
+            _sfr = False
+    if _sfr:
+        _sfr(fd, off, length, _SYNC_FILE_RANGE_WRITE)  # failure is harmless: fsync follows
+
+
+def _lock(fd: int, path: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise CheckpointError(
+            f"{path} is in use: another writer (a Checkpointer or compact) holds its lock"
+        ) from None
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
@@ -290,9 +535,25 @@ def _pwrite_all(fd: int, data: bytes | memoryview, off: int) -> None:
         done += n
 
 
-def _fsync_dir(path: str | os.PathLike[str]) -> None:
+def link_fd(fd: int, named: str | None, path: str) -> None:
+    """Give the file open as ``fd`` (unnamed, or called ``named``) the name ``path``; ``fsync`` the directory.
+
+    ``FileExistsError`` if ``path`` exists. (``os.link`` follows the ``/proc/self/fd``
+    symlink, i.e. uses ``linkat(AT_SYMLINK_FOLLOW)``, only when given a directory fd.)
+    """
     d = os.path.dirname(os.path.abspath(path))
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        src = f"/proc/self/fd/{fd}" if named is None else os.path.abspath(named)
+        os.link(src, os.path.basename(path), dst_dir_fd=dfd, follow_symlinks=True)
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

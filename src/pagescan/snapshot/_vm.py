@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
+import os
 
 import numpy as np
 
@@ -29,6 +31,7 @@ def _transfer(pid: int, local: np.ndarray, starts: np.ndarray, lengths: np.ndarr
         raise ValueError("local buffer too small")
     base = int(local.ctypes.data)
     fn = libc.process_vm_writev if write else libc.process_vm_readv
+    verb = "write" if write else "read"
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.uint64)
     i = 0
     n = len(starts)
@@ -41,13 +44,20 @@ def _transfer(pid: int, local: np.ndarray, starts: np.ndarray, lengths: np.ndarr
         loc = np.empty(1, dtype=_IOVEC)
         loc["base"] = base + int(offsets[i])
         loc["len"] = want
-        got = fn(pid, ctypes.c_void_p(int(loc.ctypes.data)), 1, ctypes.c_void_p(int(remote.ctypes.data)), j - i)
+        try:
+            got = fn(pid, ctypes.c_void_p(int(loc.ctypes.data)), 1, ctypes.c_void_p(int(remote.ctypes.data)), j - i)
+        except OSError as err:
+            raise OSError(err.errno, f"{err.strerror}: cannot {verb} {int(starts[i]):#x} in pid {pid}"
+                          + (" (not mapped there?)" if err.errno == errno.EFAULT else "")) from None
         if got != want:
             # A partial transfer stops at the first iovec that fails; find it and retry
             # the rest so the caller gets the real error for that address.
             done_runs = int(np.searchsorted(np.cumsum(lengths[i:j]), got, side="right"))
             if done_runs == 0 or got == 0:
-                raise OSError(errno.EFAULT, f"cannot {'write' if write else 'read'} {int(starts[i]):#x} in pid {pid}")
+                # Runs are whole pages: the first page not transferred is the culprit.
+                bad = int(starts[i]) + (got // mmap.PAGESIZE) * mmap.PAGESIZE
+                raise OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)}: cannot {verb} {bad:#x} in pid {pid} "
+                              "(not mapped there?)")
             i += done_runs
             continue
         i = j

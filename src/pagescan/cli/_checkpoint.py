@@ -1,0 +1,214 @@
+"""``pagescan checkpoint inspect|verify|compact PATH`` and ``pagescan restore PATH PID ADDR...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, TextIO
+
+from ._common import human, parse_pid, print_json, table
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "checkpoint",
+        help="inspect, verify or compact a checkpoint file (pagescan.snapshot)",
+        description="Work on a checkpoint file written by pagescan.snapshot.Checkpointer: an "
+        "append-only chain of generations (the first full, later ones holding the pages written "
+        "since), each sealed by a commit record. See docs/checkpoint-format.md.",
+    )
+    csub = p.add_subparsers(dest="action", metavar="ACTION")
+    csub.required = True
+
+    q = csub.add_parser("inspect", help="list the generations (no page data is read)",
+                        description="Header, regions and one row per sealed generation: parent "
+                        "(full or the generation it builds on), pages stored, pages with data, zero "
+                        "pages, bytes in the file. Reports an unsealed tail (left by a writer that "
+                        "died; ignored by readers) and damage (exit status 1).")
+    q.add_argument("path", help="checkpoint file")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(run=run_inspect, subparser=q)
+
+    v = csub.add_parser("verify", help="check every checksum of every sealed generation",
+                        description="Read every page of every sealed generation and compare its "
+                        "checksum; exit status 1 naming the generation and page of the first damaged "
+                        "one. An unsealed tail is not an error.")
+    v.add_argument("path", help="checkpoint file")
+    v.set_defaults(run=run_verify, subparser=v)
+
+    c = csub.add_parser("compact", help="fold the chain into one full generation",
+                        description="Rewrite the file as one full generation holding the memory of "
+                        "generation N (default: the newest); later generations are dropped. The new "
+                        "file replaces the old one atomically. Refused while a Checkpointer has the "
+                        "file open.")
+    c.add_argument("path", help="checkpoint file")
+    c.add_argument("--generation", "-g", type=_positive, metavar="N", help="generation to keep (default: newest)")
+    c.set_defaults(run=run_compact, subparser=c)
+
+    r = sub.add_parser(
+        "restore",
+        help="write a checkpoint generation into another process's memory",
+        description="Write generation N (default: the newest sealed one) of a checkpoint into the "
+        "memory of process PID with process_vm_writev: one address per region of the checkpoint, "
+        "in order, each the start of a mapping in PID at least as long as the region. Every page "
+        "is checksum-verified before it is written.",
+    )
+    r.add_argument("path", help="checkpoint file")
+    r.add_argument("pid", type=parse_pid, help="process id, or 'self'")
+    r.add_argument("addresses", nargs="+", type=_address, metavar="ADDR",
+                   help="start address of each region in PID (hex, 0x optional, as `pagescan stat` prints)")
+    r.add_argument("--generation", "-g", type=_positive, metavar="N", help="generation (default: newest)")
+    r.set_defaults(run=run_restore, subparser=r)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
+def _address(text: str) -> int:
+    t = text.lower()
+    t = t[2:] if t.startswith("0x") else t
+    try:
+        value = int(t, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a hex address: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not an address: {text!r}")
+    return value
+
+
+class ProgressBar:
+    """A one-line progress bar on ``stream`` (stderr), only if it is a terminal.
+
+    Nothing is drawn for the first ``delay`` seconds, so short operations stay silent;
+    redrawn at most ten times a second; erased when done.
+    """
+
+    def __init__(self, label: str, unit: int, stream: TextIO | None = None, delay: float = 0.3) -> None:
+        self.label = label
+        self.unit = unit  # bytes per counted item (pages)
+        self.stream = sys.stderr if stream is None else stream
+        try:
+            self.enabled = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.enabled = False
+        self.start = time.monotonic()
+        self.delay = delay
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.start < self.delay or (now - self.last < 0.1 and done < total):
+            return
+        self.last = now
+        frac = done / total if total else 1.0
+        width = 30
+        fill = int(frac * width)
+        rate = done * self.unit / max(now - self.start, 1e-9)
+        line = (f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {frac * 100:3.0f}% "
+                f"{human(done * self.unit)}/{human(total * self.unit)} {human(int(rate))}/s")
+        self.stream.write(line)
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = False
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from pagescan.snapshot import CorruptCheckpointError, inspect
+
+    info = inspect(args.path)
+    if args.json:
+        print_json(info)
+    else:
+        gens = info["generations"]
+        regions = ", ".join(human(n) for n in info["regions"])
+        print(f"{info['path']}: page size {info['page_size']}, {len(info['regions'])} region(s) ({regions}), "
+              f"{len(gens)} sealed generation(s), {human(info['file_size'])} "
+              f"({info['file_size']} bytes)")
+        if gens:
+            rows = [
+                [str(g["generation"]), "full" if g["full"] else str(g["parent"]), str(g["pages"]),
+                 str(g["data_pages"]), str(g["zero_pages"]), human(g["bytes"])]
+                for g in gens
+            ]
+            print(table(["GEN", "PARENT", "PAGES", "DATA", "ZERO", "SIZE"], rows, ">>>>>>", last_free=False))
+        if info["unsealed_tail_bytes"]:
+            print(f"unsealed tail: {info['unsealed_tail_bytes']} bytes after offset {info['sealed_bytes']} "
+                  "(a writer that did not finish; ignored)")
+    if info["damage"]:
+        sys.stdout.flush()
+        print(f"pagescan: {CorruptCheckpointError.__name__}: {info['damage']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    import mmap
+
+    from pagescan.snapshot import inspect, verify
+
+    with ProgressBar("verify", mmap.PAGESIZE) as bar:
+        gens = verify(args.path, progress=bar)
+    for g in gens:
+        kind = "full" if g.parent == 0 else f"on {g.parent}"
+        print(f"generation {g.number} ({kind}): {g.pages} pages ({g.data_pages} with data) ok")
+    tail = inspect(args.path)["unsealed_tail_bytes"]
+    print(f"ok: {len(gens)} generation(s), {sum(g.pages for g in gens)} pages verified"
+          + (f"; {tail}-byte unsealed tail ignored" if tail else ""))
+    return 0
+
+
+def run_compact(args: argparse.Namespace) -> int:
+    import os
+
+    from pagescan.snapshot import compact, inspect
+
+    before = inspect(args.path)
+    n_before = len(before["generations"])
+    with ProgressBar("compact", before["page_size"]) as bar:
+        pages = compact(args.path, args.generation, progress=bar)
+    after = os.path.getsize(args.path)
+    kept = args.generation or n_before
+    print(f"compacted {args.path}: generation {kept} of {n_before} -> 1 full generation of {pages} pages; "
+          f"{human(before['file_size'])} -> {human(after)}")
+    return 0
+
+
+def run_restore(args: argparse.Namespace) -> int:
+    from pagescan.snapshot import CheckpointError, inspect, restore
+
+    info = inspect(args.path)
+    lengths = info["regions"]
+    if len(args.addresses) != len(lengths):
+        raise CheckpointError(
+            f"{args.path} has {len(lengths)} region(s) ({', '.join(human(n) for n in lengths)}): "
+            f"give {len(lengths)} address(es), not {len(args.addresses)}"
+        )
+    regions = list(zip(args.addresses, lengths))
+    with ProgressBar("restore", info["page_size"]) as bar:
+        gen = restore(args.path, regions, args.generation, pid=args.pid, progress=bar)
+    total = sum(lengths)
+    print(f"restored generation {gen} of {args.path} into pid {args.pid}: {len(lengths)} region(s), "
+          f"{human(total)} ({total} bytes)")
+    return 0

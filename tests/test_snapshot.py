@@ -1,0 +1,1204 @@
+"""pagescan.snapshot: incremental checkpoints, restore, lazy restore, the file format, the CLI.
+
+Everything runs on real memory and real files: regions are mappings written through
+their page tables (numpy views), checkpoints are files on the test's file system (a
+small tmpfs for the full-disk tests). What is checked:
+
+* a chain of generations restores each one bit-exactly, and each later generation
+  stores exactly the pages written since the one before (zero pages as such);
+* concurrent writers lose no write; a second writer is refused;
+* crash safety: a child checkpointing in a loop is SIGKILLed at random moments (60
+  times); every time, restore yields exactly the newest sealed generation, which is
+  the last one the child saw sealed or the one it was writing;
+* corruption: a flipped byte anywhere in page data or page index is reported with the
+  generation and page; damaged record headers and commit records are damage, not an
+  unsealed tail (nothing is truncated); a truncated file restores its sealed prefix;
+* lazy restore: first touch while holding the GIL, many threads at once, prefetch with
+  progress and wait, a killed handler (SIGBUS in the owner, never a hang or wrong
+  data), a damaged page (not served), populated targets (refused);
+* a full disk: a clear ENOSPC error, the previous generation intact, and the pages of
+  the failed checkpoint stored by the next one;
+* bad input: mismatched regions, files that are not checkpoints, unsealed files;
+* the ``pagescan checkpoint``/``pagescan restore`` commands.
+
+Owners that are expected to die run in forked children with an ``alarm()`` hang guard.
+No process, mount or file outside ``tmp_path`` is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import faulthandler
+import hashlib
+import json
+import mmap
+import os
+import random
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pagescan
+import pagescan.cli
+import pagescan.snapshot as snap
+from pagescan.snapshot import (
+    CheckpointError,
+    Checkpointer,
+    CorruptCheckpointError,
+    compact,
+    inspect,
+    lazy_restore,
+    restore,
+    verify,
+)
+from pagescan.snapshot._format import COMMIT, ENTRY_SIZE, GEN_HEADER
+from pagescan.snapshot._store import Store
+
+from .conftest import requires_wp_async
+from .memory import Mapping, P
+
+pytestmark = requires_wp_async
+
+HEADER = GEN_HEADER.size  # record header bytes
+SEAL = COMMIT.size  # commit record bytes
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+
+def view(m: Mapping) -> np.ndarray:
+    """A ``(npages, P)`` uint8 numpy view of a test mapping (writes go through its page tables)."""
+    arr = (ctypes.c_uint8 * m.length).from_address(m.addr)
+    return np.ctypeslib.as_array(arr).reshape(m.npages, P)
+
+
+def region(m: Mapping) -> tuple[int, int]:
+    return (m.addr, m.length)
+
+
+def random_pages(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, P), dtype=np.uint8)
+
+
+def blake(data: np.ndarray | bytes) -> str:
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray)
+                           else data).hexdigest()
+
+
+def file_hash(path: str | os.PathLike[str]) -> str:
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read()).hexdigest()
+
+
+def restored(path: str | os.PathLike[str], npages: list[int], generation: int | None = None) -> list[np.ndarray]:
+    """Restore into fresh mappings (pre-filled with garbage: zero pages must be written); return copies."""
+    maps = [Mapping(n) for n in npages]
+    try:
+        for m in maps:
+            view(m)[:] = 0xA5
+        got = restore(path, [region(m) for m in maps], generation)
+        if generation is not None:
+            assert got == generation
+        return [view(m).copy() for m in maps]
+    finally:
+        for m in maps:
+            m.close()
+
+
+def children_of(pid: int | str = "self") -> set[int]:
+    out: set[int] = set()
+    base = f"/proc/{pid}/task"
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(base):
+            with contextlib.suppress(FileNotFoundError), open(f"{base}/{tid}/children") as f:
+                out.update(int(x) for x in f.read().split())
+    return out
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(running(p) for p in pids):
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes left behind: {[p for p in pids if running(p)]}")
+        time.sleep(0.01)
+
+
+def vmflags(addr: int) -> list[str]:
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return []
+
+
+@pytest.fixture(autouse=True)
+def no_children_left() -> Iterator[None]:
+    before = children_of()
+    yield
+    deadline = time.monotonic() + 5
+    while (left := children_of() - before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left, f"child processes left behind: {left}"
+
+
+class Owner:
+    """A forked child running ``body(report)``; ``report(bytes)`` sends to the parent.
+
+    The child is killed by SIGALRM if it hangs; an exception in it is reported as a
+    traceback (prefix ``!``) and exit status 1.
+    """
+
+    def __init__(self, body: Callable[[Callable[[bytes], None], int], None], timeout: int = 15) -> None:
+        r, w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 0
+            try:
+                os.close(r)
+                os.close(go_w)
+                faulthandler.disable()  # an expected SIGBUS needs no traceback dump
+                signal.alarm(timeout)
+                body(lambda b: os.write(w, b), go_r)
+            except BaseException:
+                code = 1
+                with contextlib.suppress(BaseException):
+                    os.write(w, b"!" + traceback.format_exc().encode()[-6000:])
+            finally:
+                os._exit(code)
+        os.close(w)
+        os.close(go_r)
+        self.pid, self.r, self.go_w = pid, r, go_w
+        self.buf = b""
+        self.status: int | None = None
+
+    def read(self, n: int, timeout: float = 10.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while len(self.buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.r], [], [], left)[0]:
+                pytest.fail(f"the owner did not report in time (got {self.buf!r})")
+            chunk = os.read(self.r, 65536)
+            if not chunk or chunk.startswith(b"!") or b"!Traceback" in chunk:
+                self.finish()
+                pytest.fail("owner failed:\n" + (self.buf + chunk).decode(errors="replace"))
+            self.buf += chunk
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def go(self) -> None:
+        os.write(self.go_w, b"g")
+
+    def finish(self, timeout: float = 20.0) -> tuple[int, bytes]:
+        """Reap (bounded: a hung owner is killed and the test fails); return (status, rest of report)."""
+        try:
+            if self.status is None:
+                deadline = time.monotonic() + timeout
+                while True:
+                    done, status = os.waitpid(self.pid, os.WNOHANG)
+                    if done:
+                        self.status = status
+                        break
+                    if time.monotonic() > deadline:
+                        os.kill(self.pid, signal.SIGKILL)
+                        os.waitpid(self.pid, 0)
+                        self.status = -1
+                        pytest.fail("the owner hung (killed)")
+                    time.sleep(0.005)
+            os.set_blocking(self.r, False)
+            with contextlib.suppress(BlockingIOError, OSError):
+                while chunk := os.read(self.r, 65536):
+                    self.buf += chunk
+            return self.status, self.buf
+        finally:
+            for fd in (self.r, self.go_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.r = self.go_w = -1
+
+
+def wait_go(go_r: int) -> None:
+    assert os.read(go_r, 1) == b"g"
+
+
+def make_chain(path: Path, rng: np.random.Generator, npages: list[int], steps: int = 3
+               ) -> tuple[list[list[np.ndarray]], list[snap.CheckpointInfo]]:
+    """Checkpoint random contents, then ``steps`` rounds of scattered changes.
+
+    Returns the expected contents of every generation (one array per region) and the infos.
+    """
+    maps = [Mapping(n) for n in npages]
+    try:
+        views = [view(m) for m in maps]
+        for v in views:
+            v[:] = random_pages(rng, len(v))
+            v[rng.choice(len(v), len(v) // 8, replace=False)] = 0  # some zero pages
+        expected, infos = [], []
+        with Checkpointer(path, [region(m) for m in maps]) as c:
+            infos.append(c.checkpoint())
+            expected.append([v.copy() for v in views])
+            for _ in range(steps):
+                for v in views:
+                    pages = rng.choice(len(v), max(1, len(v) // 5), replace=False)
+                    v[pages] = random_pages(rng, len(pages))
+                    v[pages[: len(pages) // 4]] = 0
+                infos.append(c.checkpoint())
+                expected.append([v.copy() for v in views])
+        return expected, infos
+    finally:
+        for m in maps:
+            m.close()
+
+
+# -- chains of generations -------------------------------------------------------------
+
+
+def test_chain_restores_every_generation_and_stores_only_changed_pages(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    path = tmp_path / "chain.ck"
+    a, b = Mapping(64), Mapping(24)
+    try:
+        va, vb = view(a), view(b)
+        va[:] = random_pages(rng, 64)
+        vb[:] = 0
+        vb[3] = random_pages(rng, 1)  # region b: mostly zero pages
+        expected = []
+        with Checkpointer(path, [region(a), region(b)]) as c:
+            info = c.checkpoint()
+            assert (info.generation, info.full, info.pages, info.zero_pages) == (1, True, 88, 23)
+            assert info.bytes == 65 * P and info.seconds > 0
+            expected.append((va.copy(), vb.copy()))
+            size = os.path.getsize(path)
+            for gen in range(2, 8):
+                wa = sorted(rng.choice(64, int(rng.integers(1, 20)), replace=False).tolist())
+                wb = sorted(rng.choice(24, int(rng.integers(0, 4)), replace=False).tolist())
+                zeroed = set(wa[: len(wa) // 3])
+                for p in wa:
+                    if p in zeroed:
+                        va[p] = 0
+                    elif p % 5 == 0:
+                        va[p, 100] = va[p, 100]  # written with the same value: still written
+                    else:
+                        va[p, int(rng.integers(0, P))] ^= 0xFF  # one byte changed
+                for p in wb:
+                    vb[p] = random_pages(rng, 1)
+                info = c.checkpoint()
+                zeros = sum(1 for p in wa if not va[p].any()) + sum(1 for p in wb if not vb[p].any())
+                assert info.generation == gen and not info.full
+                assert info.pages == len(wa) + len(wb), "exactly the pages written since the previous generation"
+                assert info.zero_pages == zeros
+                assert info.bytes == (len(wa) + len(wb) - zeros) * P
+                new_size = os.path.getsize(path)
+                assert new_size - size == HEADER + ENTRY_SIZE * info.pages + info.bytes + SEAL
+                size = new_size
+                expected.append((va.copy(), vb.copy()))
+            # No writes: an empty generation (header, no index entries, commit).
+            info = c.checkpoint()
+            assert info.pages == 0 and os.path.getsize(path) - size == HEADER + SEAL
+            expected.append((va.copy(), vb.copy()))
+            assert c.generations == len(expected)
+        for gen, (ea, eb) in enumerate(expected, 1):
+            ga, gb = restored(path, [64, 24], gen)
+            assert np.array_equal(ga, ea) and np.array_equal(gb, eb), f"generation {gen} not bit-exact"
+        ga, gb = restored(path, [64, 24])  # default: the newest
+        assert np.array_equal(ga, va) and np.array_equal(gb, vb)
+        gens = inspect(path)["generations"]
+        assert [g["parent"] for g in gens] == [0, 1, 2, 3, 4, 5, 6, 7]
+        assert [g.number for g in verify(path)] == list(range(1, 9))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_zero_pages_take_no_data(tmp_path: Path) -> None:
+    path = tmp_path / "zero.ck"
+    with Mapping(512) as m:
+        v = view(m)
+        v[[7, 100, 511], 5] = 1
+        with Checkpointer(path, [region(m)]) as c:
+            info = c.checkpoint()
+        assert (info.pages, info.zero_pages, info.bytes) == (512, 509, 3 * P)
+        st = Store(path)
+        try:
+            first = st.generations[0].offset
+        finally:
+            st.close()
+        assert os.path.getsize(path) == first + HEADER + 512 * ENTRY_SIZE + 3 * P + SEAL
+        (got,) = restored(path, [512])  # onto garbage: the zero pages are written as zeros
+        assert np.array_equal(got, v)
+
+
+def test_regions_as_buffer_objects_and_pairs(tmp_path: Path) -> None:
+    path = tmp_path / "buf.ck"
+    rng = np.random.default_rng(2)
+    mm = mmap.mmap(-1, 8 * P)
+    arr = np.zeros(3 * P + 100, dtype=np.uint8)  # numpy's own allocation: widened to its pages
+    m = Mapping(4)
+    try:
+        mm[:] = random_pages(rng, 8).tobytes()
+        view(m)[:] = random_pages(rng, 4)
+        arr[:] = rng.integers(0, 256, arr.size, dtype=np.uint8)
+        with Checkpointer(path, [mm, region(m), arr]) as c:
+            c.checkpoint()
+            mm[P : 2 * P] = bytes(P)
+            arr[5] ^= 1
+            info = c.checkpoint()
+            assert info.pages >= 2
+        lens = inspect(path)["regions"]
+        assert lens[:2] == [8 * P, 4 * P] and lens[2] in (4 * P, 5 * P)
+        a2, m2 = mmap.mmap(-1, 8 * P), Mapping(4)
+        buf2 = np.zeros(lens[2] + P, dtype=np.uint8)
+        aligned = (buf2.ctypes.data + P - 1) // P * P  # a page-aligned window of buf2 of the right length
+        try:
+            assert restore(path, [a2, region(m2), (aligned, lens[2])]) == 2
+            assert a2[:] == mm[:] and np.array_equal(view(m2), view(m))
+            off = arr.ctypes.data % P
+            got = np.ctypeslib.as_array((ctypes.c_uint8 * arr.size).from_address(aligned + off))
+            assert np.array_equal(got, arr)
+        finally:
+            a2.close()
+            m2.close()
+    finally:
+        mm.close()
+        m.close()
+    with pytest.raises(ValueError, match="not page aligned"):
+        Checkpointer(tmp_path / "x.ck", [(m.addr + 1, P)])
+    with pytest.raises(ValueError, match="no regions"):
+        Checkpointer(tmp_path / "x.ck", [])
+    with pytest.raises(TypeError):
+        Checkpointer(tmp_path / "x.ck", [(1, 2, 3)])
+    assert not (tmp_path / "x.ck").exists()
+
+
+def test_concurrent_writes_are_never_lost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writers race checkpoints; every page is written once: a write lost by a checkpoint
+    (re-armed but not stored) would never be caught by a later one."""
+    monkeypatch.setattr(snap, "BATCH_PAGES", 64)  # many batches: the copy/write pipeline races too
+    path = tmp_path / "race.ck"
+    n = 6000
+    with Mapping(n) as m:
+        v = view(m)
+        libc = ctypes.CDLL(None)
+        libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+        def writer(offset: int) -> None:
+            # memset through ctypes releases the GIL: truly concurrent with the checkpoint
+            for p in range(offset, n, 2):
+                libc.memset(m[p], (p % 251) + 1, P)
+                if p % 64 < 2:
+                    time.sleep(0.004)
+
+        with Checkpointer(path, [region(m)]) as c:
+            c.checkpoint()
+            threads = [threading.Thread(target=writer, args=(k,)) for k in (0, 1)]
+            for t in threads:
+                t.start()
+            infos = []
+            while any(t.is_alive() for t in threads):
+                infos.append(c.checkpoint())
+            for t in threads:
+                t.join()
+            infos.append(c.checkpoint())
+        racing = [i.pages for i in infos[:-1] if 0 < i.pages < n]
+        assert len(racing) >= 2, f"too few checkpoints raced the writers: {[i.pages for i in infos]}"
+        (got,) = restored(path, [n])
+        assert np.array_equal(got, v), f"pages lost: {np.flatnonzero((got != v).any(axis=1))[:10]}"
+        assert sum(i.pages for i in infos) >= n
+
+
+def test_continuing_a_file_starts_with_a_full_generation(tmp_path: Path) -> None:
+    path = tmp_path / "cont.ck"
+    rng = np.random.default_rng(3)
+    with Mapping(16) as m:
+        v = view(m)
+        v[:] = random_pages(rng, 16)
+        with Checkpointer(path, [region(m)]) as c:
+            c.checkpoint()
+        first = v.copy()
+        v[2] = 0
+        v[9] = random_pages(rng, 1)  # written while nobody watched
+        with Checkpointer(path, [region(m)]) as c:
+            info = c.checkpoint()
+            assert info.generation == 2 and info.full and info.pages == 16
+            v[4, 0] ^= 1
+            assert c.checkpoint().pages == 1
+        assert np.array_equal(restored(path, [16], 1)[0], first)
+        assert np.array_equal(restored(path, [16], 3)[0], v)
+        assert [g["parent"] for g in inspect(path)["generations"]] == [0, 0, 2]
+
+
+def test_a_second_writer_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lock.ck"
+    with Mapping(4) as m, Mapping(4) as m2:
+        with Checkpointer(path, [region(m)]) as c:
+            c.checkpoint()
+            h = file_hash(path)
+            with pytest.raises(CheckpointError, match="in use"):
+                Checkpointer(path, [region(m2)])
+            with pytest.raises(CheckpointError, match="in use"):
+                compact(path)
+            assert file_hash(path) == h
+            c.checkpoint()
+        with Checkpointer(path, [region(m2)]) as c2:  # released by close()
+            assert c2.checkpoint().generation == 3
+        c.close()  # twice is fine
+        with pytest.raises(ValueError, match="closed"):
+            c.checkpoint()
+
+
+# -- crash safety ------------------------------------------------------------------------
+
+
+def _crash_child(path: Path, log: Path, npages: int, seed: int, ready_w: int) -> None:  # pragma: no cover - child
+    rng = np.random.default_rng(seed)
+    if seed % 2:
+        snap.BATCH_PAGES = 16  # several batches: the writer-thread pipeline
+    m = Mapping(npages)
+    v = view(m)
+    v[:] = random_pages(rng, npages)
+    v[rng.choice(npages, npages // 10, replace=False)] = 0
+    logfd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    with Checkpointer(path, [region(m)]) as c:
+        os.write(ready_w, b"r")
+        while True:
+            g = c.generations + 1
+            h = blake(v)
+            os.write(logfd, f"pre {g} {h}\n".encode())
+            info = c.checkpoint()
+            if info.generation != g:
+                raise AssertionError(f"generation {info.generation}, expected {g}")
+            os.write(logfd, f"post {g} {h}\n".encode())
+            for p in rng.choice(npages, int(rng.integers(1, 12)), replace=False).tolist():
+                r = rng.random()
+                if r < 0.15:
+                    v[p] = 0
+                elif r < 0.25:
+                    v[p, 0] = v[p, 0]
+                else:
+                    v[p] = random_pages(rng, 1)
+
+
+def _parse_log(log: Path) -> list[tuple[str, int, str]]:
+    data = log.read_bytes() if log.exists() else b""
+    lines = data.split(b"\n")
+    out = []
+    for line in lines[:-1]:  # the part after the last newline is incomplete: never written
+        kind, g, h = line.decode().split()
+        out.append((kind, int(g), h))
+    return out
+
+
+def test_sigkill_at_random_moments_restores_the_last_sealed_generation(tmp_path: Path) -> None:
+    path = tmp_path / "crash.ck"
+    log = tmp_path / "crash.log"
+    npages = 160
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    stats = {"sealed_unlogged": 0, "logged": 0, "tail": 0, "none": 0}
+    kills = 0
+    t0 = time.monotonic()
+    with Mapping(npages) as target:
+        while kills < 60:
+            ready_r, ready_w = os.pipe()
+            err_r, err_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - child
+                code = 0
+                try:
+                    os.close(ready_r)
+                    os.close(err_r)
+                    signal.alarm(30)
+                    _crash_child(path, log, npages, rng.randrange(1 << 30), ready_w)
+                except BaseException:
+                    code = 1
+                    with contextlib.suppress(BaseException):
+                        os.write(err_w, traceback.format_exc().encode()[-4000:])
+                finally:
+                    os._exit(code)
+            os.close(ready_w)
+            os.close(err_w)
+            try:
+                if not select.select([ready_r], [], [], 20)[0] or os.read(ready_r, 1) != b"r":
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    pytest.fail("crash child did not start: " + os.read(err_r, 4000).decode(errors="replace"))
+                time.sleep(rng.uniform(0, 0.06))
+                os.kill(pid, signal.SIGKILL)
+                _, status = os.waitpid(pid, 0)
+                if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+                    pytest.fail(f"crash child ended by itself ({status:#x}): "
+                                + os.read(err_r, 4000).decode(errors="replace"))
+            finally:
+                os.close(ready_r)
+                os.close(err_r)
+            kills += 1
+
+            entries = _parse_log(log)
+            last_pre: dict[int, str] = {}
+            for kind, g, h in entries:
+                if kind == "pre":
+                    last_pre[g] = h
+            posts = [(g, h) for kind, g, h in entries if kind == "post"]
+            for g, h in posts:
+                assert last_pre[g] == h  # no attempt at g after g was sealed and logged
+            info = inspect(path)
+            sealed = len(info["generations"])
+            assert info["damage"] is None
+            if info["unsealed_tail_bytes"]:
+                stats["tail"] += 1
+            last_kind, last_g = (entries[-1][0], entries[-1][1]) if entries else ("post", 0)
+            if last_kind == "post":
+                assert sealed == last_g, f"kill {kills} (seed {seed}): sealed {sealed}, child saw {last_g} sealed"
+            else:
+                assert sealed in (last_g - 1, last_g), f"kill {kills} (seed {seed}): sealed {sealed}, writing {last_g}"
+            if sealed == 0:
+                stats["none"] += 1
+                with pytest.raises(CheckpointError, match="no complete"):
+                    restore(path, [region(target)])
+                continue
+            stats["sealed_unlogged" if last_kind == "pre" and sealed == last_g else "logged"] += 1
+            view(target)[:] = 0x5A
+            assert restore(path, [region(target)]) == sealed
+            assert blake(view(target)) == last_pre[sealed], (
+                f"kill {kills} (seed {seed}): generation {sealed} does not hold what the child checkpointed"
+            )
+            if kills % 15 == 0:
+                verify(path)
+    elapsed = time.monotonic() - t0
+    print(f"crash test: {kills} kills in {elapsed:.1f}s, {stats}, {len(inspect(path)['generations'])} generations")
+    assert stats["tail"] + stats["sealed_unlogged"] > 0, f"no kill landed inside a checkpoint: {stats}"
+    verify(path)
+
+
+# -- corruption --------------------------------------------------------------------------
+
+
+def _flip(path: Path, offset: int, mask: int = 0xFF) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def _layout(path: Path) -> list[snap._store.Generation]:
+    with Store(path) as st:
+        return list(st.generations)
+
+
+def test_flipped_page_data_byte_names_generation_and_page(tmp_path: Path) -> None:
+    path = tmp_path / "data.ck"
+    rng = np.random.default_rng(4)
+    expected, _ = make_chain(path, rng, [40, 24], steps=3)
+    gens = _layout(path)
+    pristine = path.read_bytes()
+    targets: list[tuple[int, int]] = []  # (file offset, generation)
+    for g in gens:
+        lo, hi = g.data_offset, g.data_offset + g.data_pages * P
+        targets += [(lo, g.number), (hi - 1, g.number)]
+        targets += [(int(x), g.number) for x in rng.integers(lo, hi, 8)]
+    for off, gnum in targets:
+        g = gens[gnum - 1]
+        with Store(path) as st:
+            offs = st.data_offsets(g)
+        entry = g.index[int(np.flatnonzero(offs == off - (off - g.data_offset) % P)[0])]
+        name = f"generation {gnum}, region {int(entry['region'])}, page {int(entry['page'])}:"
+        _flip(path, off, int(rng.integers(1, 256)))
+        try:
+            with pytest.raises(CorruptCheckpointError, match=name):
+                verify(path)
+            with Mapping(40) as a, Mapping(24) as b:
+                view(a)[:] = 0x11
+                view(b)[:] = 0x11
+                with pytest.raises(CorruptCheckpointError, match=name):
+                    restore(path, [region(a), region(b)], gnum)
+            if gnum > 1:  # the generations before it are unaffected
+                got = restored(path, [40, 24], gnum - 1)
+                assert all(np.array_equal(x, y) for x, y in zip(got, expected[gnum - 2]))
+        finally:
+            path.write_bytes(pristine)
+    verify(path)
+
+
+def test_flipped_index_byte_names_generation_and_entry(tmp_path: Path) -> None:
+    path = tmp_path / "index.ck"
+    rng = np.random.default_rng(5)
+    expected, _ = make_chain(path, rng, [30, 20], steps=2)
+    gens = _layout(path)
+    pristine = path.read_bytes()
+    for g in gens:
+        idx_off = g.offset + HEADER
+        for i in sorted({0, g.pages // 2, g.pages - 1}):
+            ent = g.index[i]
+            for byte in range(ENTRY_SIZE):
+                off = idx_off + i * ENTRY_SIZE + byte
+                _flip(path, off, 1 << int(rng.integers(0, 8)))
+                try:
+                    where = rf"generation {g.number}, page index entry {i} \(region \d+, page \d+ as stored\)"
+                    if 4 <= byte < 8 or byte >= 16:  # kind, checksum, check: region and page are intact
+                        where = (rf"generation {g.number}, page index entry {i} \(region {int(ent['region'])}, "
+                                 rf"page {int(ent['page'])} as stored\)")
+                    for fn in (verify, inspect_raising, lambda p: restore(p, [(0, 30 * P), (0, 20 * P)])):
+                        with pytest.raises(CorruptCheckpointError, match=where):
+                            fn(path)
+                    if g.number > 1:  # the generations before the damage still restore
+                        got = restored(path, [30, 20], g.number - 1)
+                        assert all(np.array_equal(x, y) for x, y in zip(got, expected[g.number - 2]))
+                    with Mapping(30) as m1, Mapping(20) as m2:  # a writer refuses; nothing is truncated
+                        with pytest.raises(CorruptCheckpointError):
+                            Checkpointer(path, [region(m1), region(m2)])
+                    assert os.path.getsize(path) == len(pristine)
+                finally:
+                    path.write_bytes(pristine)
+
+
+def inspect_raising(path: Path) -> None:
+    info = inspect(path)
+    if info["damage"]:
+        raise CorruptCheckpointError(info["damage"])
+
+
+def test_damaged_record_header_or_commit_is_damage_not_a_tail(tmp_path: Path) -> None:
+    path = tmp_path / "rec.ck"
+    rng = np.random.default_rng(6)
+    expected, _ = make_chain(path, rng, [16], steps=3)  # generations 1..4
+    gens = _layout(path)
+    pristine = path.read_bytes()
+    g2 = gens[1]
+    commit2 = g2.end - SEAL
+    spots = [g2.offset + k for k in range(0, HEADER, 7)] + [commit2 + k for k in range(0, SEAL, 5)]
+    spots += [gens[-1].offset + k for k in (0, 9, 40, 63)]  # the last generation's header
+    for off in spots:
+        _flip(path, off)
+        try:
+            gnum = 2 if off < gens[2].offset else 4
+            with pytest.raises(CorruptCheckpointError, match=f"generation {gnum} .*damaged"):
+                restore(path, [(0, 16 * P)])
+            with pytest.raises(CorruptCheckpointError):
+                verify(path)
+            assert inspect(path)["damage"]
+            got = restored(path, [16], gnum - 1)[0]
+            assert np.array_equal(got, expected[gnum - 2][0])
+            with Mapping(16) as m, pytest.raises(CorruptCheckpointError):
+                Checkpointer(path, [region(m)])
+            cur = np.frombuffer(path.read_bytes(), np.uint8)
+            assert len(cur) == len(pristine), "a damaged file was truncated"
+            assert np.flatnonzero(cur != np.frombuffer(pristine, np.uint8)).tolist() == [off]
+        finally:
+            path.write_bytes(pristine)
+    # The newest generation's commit record: damage there cannot be told from a torn
+    # commit (the generation was never confirmed) -- it reads as an unsealed tail.
+    _flip(path, gens[-1].end - SEAL + 20)
+    info = inspect(path)
+    assert info["damage"] is None and len(info["generations"]) == 3
+    assert info["unsealed_tail_bytes"] == gens[-1].end - gens[-1].offset
+    assert np.array_equal(restored(path, [16])[0], expected[2][0])
+    path.write_bytes(pristine)
+
+
+def test_damaged_file_header_and_region_table(tmp_path: Path) -> None:
+    path = tmp_path / "fh.ck"
+    make_chain(path, np.random.default_rng(7), [8], steps=1)
+    pristine = path.read_bytes()
+    first = _layout(path)[0].offset
+    for off in range(8, first):
+        _flip(path, off)
+        with pytest.raises(CheckpointError, match="damaged|unsupported"):
+            restore(path, [(0, 8 * P)])
+        path.write_bytes(pristine)
+    for off in range(8):
+        _flip(path, off)
+        with pytest.raises(CheckpointError, match="not a pagescan checkpoint"):
+            inspect(path)
+        path.write_bytes(pristine)
+
+
+def test_truncated_file_restores_its_sealed_prefix(tmp_path: Path) -> None:
+    path = tmp_path / "trunc.ck"
+    rng = np.random.default_rng(8)
+    expected, _ = make_chain(path, rng, [24, 8], steps=3)
+    gens = _layout(path)
+    pristine = path.read_bytes()
+    cuts = {0, 7, 60, gens[0].offset}
+    for g in gens:
+        cuts |= {g.offset + 1, g.offset + HEADER, g.offset + HEADER + 5, g.data_offset + 3 * P + 1,
+                 g.end - SEAL, g.end - 1, g.end, g.end + 1}
+        cuts |= {int(x) for x in rng.integers(g.offset, g.end, 3)}
+    copy = tmp_path / "cut.ck"
+    for cut in sorted(c for c in cuts if c <= len(pristine)):
+        copy.write_bytes(pristine[:cut])
+        complete = [g for g in gens if g.end <= cut]
+        if cut < gens[0].offset:
+            with pytest.raises(CheckpointError):
+                restore(copy, [(0, 24 * P), (0, 8 * P)])
+            continue
+        if not complete:
+            with pytest.raises(CheckpointError, match="no complete"):
+                restore(copy, [(0, 24 * P), (0, 8 * P)])
+            continue
+        info = inspect(copy)
+        assert info["damage"] is None and len(info["generations"]) == len(complete)
+        assert info["unsealed_tail_bytes"] == cut - complete[-1].end
+        got = restored(copy, [24, 8])
+        exp = expected[len(complete) - 1]
+        assert all(np.array_equal(x, y) for x, y in zip(got, exp)), f"cut at {cut}"
+    # A writer continues a truncated file: the tail goes, numbering continues.
+    copy.write_bytes(pristine[: gens[2].data_offset + 5])
+    with Mapping(24) as m1, Mapping(8) as m2:
+        view(m1)[:] = 3
+        with Checkpointer(copy, [region(m1), region(m2)]) as c:
+            assert os.path.getsize(copy) == gens[1].end
+            info = c.checkpoint()
+            assert info.generation == 3 and info.full
+        got = restored(copy, [24, 8])
+        assert (got[0] == 3).all() and not got[1].any()
+
+
+# -- lazy restore ------------------------------------------------------------------------
+
+
+def test_lazy_first_touch_while_holding_the_gil(tmp_path: Path) -> None:
+    path = tmp_path / "lazy.ck"
+    expected, _ = make_chain(path, np.random.default_rng(9), [48, 16], steps=2)
+    mm = mmap.mmap(-1, 48 * P)  # touched by mmap slicing and numpy: both fault with the GIL held
+    m2 = Mapping(16)
+    try:
+        with lazy_restore(path, [mm, region(m2)], prefetch=False) as fh:
+            assert mm[5 * P : 6 * P] == expected[-1][0][5].tobytes()  # the first touch
+            assert fh.progress()[0] < fh.progress()[1]
+            arr = np.frombuffer(mm, dtype=np.uint8).reshape(48, P)
+            assert np.array_equal(arr, expected[-1][0])
+            del arr
+            assert np.array_equal(view(m2), expected[-1][1])
+            assert fh.wait(20)
+            assert fh.progress() == (64, 64)
+            assert fh.pid == 0 and fh.guardian_pid == 0  # exited and reaped
+        assert "um" not in vmflags(m2.addr), "still registered for missing faults"
+    finally:
+        mm.close()
+        m2.close()
+
+
+def test_lazy_many_threads_touch_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "threads.ck"
+    expected, _ = make_chain(path, np.random.default_rng(10), [256], steps=2)
+    exp = expected[-1][0]
+    with Mapping(256) as m:
+        v = view(m)
+        errors: list[str] = []
+        with lazy_restore(path, [region(m)], prefetch=False) as fh:
+            barrier = threading.Barrier(16)
+
+            def toucher(k: int) -> None:
+                barrier.wait()
+                for p in range(k, 256, 16):
+                    if not np.array_equal(v[p], exp[p]):
+                        errors.append(f"page {p}")
+
+            threads = [threading.Thread(target=toucher, args=(k,)) for k in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert not any(t.is_alive() for t in threads), "a toucher hung"
+            assert fh.wait(20)
+        assert not errors, errors
+        assert np.array_equal(v, exp)
+
+
+def test_lazy_prefetch_progress_and_wait(tmp_path: Path) -> None:
+    path = tmp_path / "pf.ck"
+    npages = 8192  # 32 MiB: several prefetch windows of up to 4 MiB
+    rng = np.random.default_rng(11)
+    with Mapping(npages) as src:
+        vs = view(src)
+        vs[:] = random_pages(rng, npages)
+        vs[1000:3000] = 0
+        with Checkpointer(path, [region(src)]) as c:
+            c.checkpoint()
+            vs[::7] = random_pages(rng, len(vs[::7]))
+            c.checkpoint()
+        with Mapping(npages) as m:
+            with lazy_restore(path, [region(m)], prefetch=True) as fh:
+                seen = []
+                deadline = time.monotonic() + 30
+                while fh.progress()[0] < npages and time.monotonic() < deadline:
+                    seen.append(fh.progress()[0])
+                    time.sleep(0.002)
+                hpid = fh.pid
+                assert fh.wait(30) is True
+                assert fh.progress() == (npages, npages)
+                assert seen == sorted(seen)
+                wait_gone([hpid])
+                assert np.array_equal(view(m), vs)  # no fault needed: everything is in
+
+
+def test_lazy_handler_killed_midway_is_a_clear_failure(tmp_path: Path) -> None:
+    path = tmp_path / "kill.ck"
+    expected, _ = make_chain(path, np.random.default_rng(12), [64], steps=1)
+    exp = expected[-1][0]
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        m = Mapping(64)
+        v = view(m)
+        with lazy_restore(path, [region(m)], prefetch=False) as fh:
+            ok = all(np.array_equal(v[p], exp[p]) for p in range(4))
+            report(struct.pack("iii", fh.pid, fh.guardian_pid, int(ok)))
+            wait_go(go_r)  # the parent has killed the handler
+            _ = int(v[40].sum())  # not served yet: must be SIGBUS, not zeros, not a hang
+            report(b"!touched page 40 and read " + (b"zeros" if not v[40].any() else b"data"))
+
+    o = Owner(body)
+    hpid, gpid, ok = struct.unpack("iii", o.read(12))
+    assert ok == 1, "served pages were wrong"
+    os.kill(hpid, signal.SIGKILL)
+    o.go()
+    status, rest = o.finish()
+    assert not rest.startswith(b"!"), rest.decode(errors="replace")
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, f"owner status {status:#x}: {rest!r}"
+    wait_gone([hpid, gpid])
+
+
+def test_lazy_damaged_page_is_not_served(tmp_path: Path) -> None:
+    path = tmp_path / "dmg.ck"
+    expected, _ = make_chain(path, np.random.default_rng(13), [32], steps=0)
+    g = _layout(path)[0]
+    with Store(path) as st:
+        offs = st.data_offsets(g)
+    victim = int(np.flatnonzero(offs >= 0)[-1])  # the last data page
+    _flip(path, int(offs[victim]) + 77)
+    page = int(g.index[victim]["page"])
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        m = Mapping(32)
+        v = view(m)
+        with lazy_restore(path, [region(m)], prefetch=False):
+            report(b"ok")
+            _ = int(v[page].sum())
+            report(b"!damaged page served")
+
+    o = Owner(body)
+    assert o.read(2) == b"ok"
+    status, rest = o.finish()
+    assert not rest.startswith(b"!"), rest.decode(errors="replace")
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, f"owner status {status:#x}: {rest!r}"
+
+
+def test_lazy_targets_must_be_unpopulated(tmp_path: Path) -> None:
+    path = tmp_path / "pop.ck"
+    make_chain(path, np.random.default_rng(14), [16], steps=0)
+    with Mapping(16) as m:
+        view(m)[3, 0] = 7
+        with pytest.raises(FileExistsError, match="unpopulated"), lazy_restore(path, [region(m)]):
+            pytest.fail("entered")
+        assert view(m)[3, 0] == 7 and not view(m)[4].any()  # untouched, not registered (no hang)
+        assert "um" not in vmflags(m.addr)
+        with pytest.raises(CheckpointError, match="do not match"), lazy_restore(path, [(m.addr, 8 * P)]):
+            pytest.fail("entered")
+
+
+# -- a full disk -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode:
+        pytest.fail(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_disk_full_clear_error_previous_generation_intact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(15)
+    with small_tmpfs(tmp_path / "small", "3M") as d, Mapping(256) as m:  # 1 MiB of memory
+        path = d / "full.ck"
+        filler = d / "filler"
+        filler.write_bytes(b"x" * (1100 << 10))
+        v = view(m)
+        v[:] = random_pages(rng, 256)
+        with Checkpointer(path, [region(m)]) as c:
+            c.checkpoint()
+            gen1 = v.copy()
+            sealed = os.path.getsize(path)
+            v[:] = random_pages(rng, 256)  # another MiB: does not fit
+            with pytest.raises(OSError) as ei:
+                c.checkpoint()
+            assert ei.value.errno == errno.ENOSPC
+            assert "generation 2" in str(ei.value) and "unchanged" in str(ei.value)
+            assert os.path.getsize(path) == sealed, "the failed generation was not cut off"
+            assert inspect(path)["unsealed_tail_bytes"] == 0
+            assert np.array_equal(restored(path, [256])[0], gen1)
+            verify(path)
+            filler.unlink()  # room again: the next checkpoint stores what the failed one found
+            info = c.checkpoint()
+            assert info.generation == 2 and info.pages == 256
+        assert np.array_equal(restored(path, [256])[0], v)
+
+        # compact needs room for a second copy: refused cleanly, the file intact.
+        filler.write_bytes(b"x" * (900 << 10))
+        h = file_hash(path)
+        with pytest.raises(OSError) as ei:
+            compact(path)
+        assert ei.value.errno == errno.ENOSPC
+        assert file_hash(path) == h and sorted(os.listdir(d)) == ["filler", "full.ck"]
+
+        # A new checkpoint on a disk with no room at all: no file is left behind.
+        with open(d / "rest", "wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"y" * 65536)
+        with pytest.raises(OSError) as ei, Checkpointer(d / "new.ck", [region(m)]):
+            pass
+        assert ei.value.errno == errno.ENOSPC
+        assert not (d / "new.ck").exists()
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def test_regions_that_do_not_match_the_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "match.ck"
+    make_chain(path, np.random.default_rng(16), [16, 8], steps=1)
+    h = file_hash(path)
+    with Mapping(16) as a, Mapping(8) as b, Mapping(9) as c:
+        for regs in ([region(a)], [region(a), region(c)], [region(b), region(a)], [region(a), region(b), region(c)]):
+            with pytest.raises(CheckpointError, match="do not match"):
+                restore(path, regs)
+            with pytest.raises(CheckpointError, match="do not match"):
+                Checkpointer(path, regs)
+        view(a)[:] = 1
+        with pytest.raises(CheckpointError, match="do not match"):
+            restore(path, [region(a), region(c)])
+        assert (view(a) == 1).all(), "memory written despite the mismatch"
+        for bad in (0, 3, -1, True):
+            with pytest.raises(CheckpointError, match="generations 1..2"):
+                restore(path, [region(a), region(b)], bad)
+    assert file_hash(path) == h
+
+
+def test_paths_that_are_not_checkpoints(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(10000))
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    text = tmp_path / "text"
+    text.write_text("PGSCANCK is not enough\n")
+    with Mapping(4) as m:
+        for p in (junk, empty, text):
+            h = file_hash(p)
+            for fn in (lambda q: restore(q, [region(m)]), verify, inspect, compact,
+                       lambda q: Checkpointer(q, [region(m)])):
+                with pytest.raises(CheckpointError, match="not a pagescan checkpoint"):
+                    fn(p)
+            assert file_hash(p) == h, f"{p.name} was modified"
+        with pytest.raises(CheckpointError, match="directory"):
+            inspect(tmp_path)
+        with pytest.raises(FileNotFoundError):
+            restore(tmp_path / "missing", [region(m)])
+        with pytest.raises(FileNotFoundError):
+            Checkpointer(tmp_path / "no" / "dir.ck", [region(m)])
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["empty", "junk", "text"]
+
+
+def test_unsealed_file_has_no_generation_and_a_writer_recovers_it(tmp_path: Path) -> None:
+    path = tmp_path / "unsealed.ck"
+    make_chain(path, np.random.default_rng(17), [8], steps=0)
+    g = _layout(path)[0]
+    with open(path, "r+b") as f:
+        f.truncate(g.end - 1)  # the commit record is incomplete
+    for fn in (lambda p: restore(p, [(0, 8 * P)]), lambda p: compact(p)):
+        with pytest.raises(CheckpointError, match="no complete"):
+            fn(path)
+    assert inspect(path)["unsealed_tail_bytes"] == g.end - 1 - g.offset
+    assert verify(path) == []
+    with Mapping(8) as m:
+        view(m)[:] = 9
+        with Checkpointer(path, [region(m)]) as c:
+            assert c.generations == 0 and c.checkpoint().generation == 1
+        assert (restored(path, [8])[0] == 9).all()
+
+
+# -- compaction --------------------------------------------------------------------------
+
+
+def test_compact_folds_the_chain_into_one_full_generation(tmp_path: Path) -> None:
+    path = tmp_path / "compact.ck"
+    rng = np.random.default_rng(18)
+    expected, _ = make_chain(path, rng, [64, 16], steps=4)
+    before = os.path.getsize(path)
+    copy = tmp_path / "copy.ck"
+    shutil.copy(path, copy)
+    assert compact(path) == 80
+    info = inspect(path)
+    assert len(info["generations"]) == 1 and info["generations"][0]["full"]
+    zeros = sum(int((~e.any(axis=1)).sum()) for e in expected[-1])
+    assert info["generations"][0]["zero_pages"] == zeros
+    assert os.path.getsize(path) < before
+    got = restored(path, [64, 16])
+    assert all(np.array_equal(x, y) for x, y in zip(got, expected[-1]))
+    verify(path)
+    assert compact(copy, 2) == 80  # an older generation: later ones are dropped
+    got = restored(copy, [64, 16], 1)
+    assert all(np.array_equal(x, y) for x, y in zip(got, expected[1]))
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["compact.ck", "copy.ck"]
+    with Mapping(64) as a, Mapping(16) as b:  # a compacted file can be continued
+        view(a)[:] = 1
+        with Checkpointer(path, [region(a), region(b)]) as c:
+            assert c.checkpoint().generation == 2
+        assert (restored(path, [64, 16])[0] == 1).all()
+
+
+def test_restore_into_another_process(tmp_path: Path) -> None:
+    path = tmp_path / "pid.ck"
+    expected, _ = make_chain(path, np.random.default_rng(19), [32], steps=1)
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        m = Mapping(32)
+        report(struct.pack("Q", m.addr))
+        wait_go(go_r)
+        report(blake(view(m)).encode())
+
+    o = Owner(body)
+    (addr,) = struct.unpack("Q", o.read(8))
+    try:
+        assert restore(path, [(addr, 32 * P)], 1, pid=o.pid) == 1
+    finally:
+        o.go()
+    assert o.read(128).decode() == blake(expected[0][0])
+    status, _ = o.finish()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+def test_cli_inspect_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cli.ck"
+    make_chain(path, np.random.default_rng(20), [32, 8], steps=2)
+    assert pagescan.cli.main(["checkpoint", "inspect", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines = out.splitlines()
+    assert "2 region(s)" in lines[0] and "3 sealed generation(s)" in lines[0]
+    assert lines[1].split() == ["GEN", "PARENT", "PAGES", "DATA", "ZERO", "SIZE"]
+    assert lines[2].split()[:3] == ["1", "full", "40"] and lines[3].split()[:2] == ["2", "1"]
+    assert pagescan.cli.main(["checkpoint", "inspect", "--json", str(path)]) == 0
+    out, _ = capsys.readouterr()
+    assert json.loads(out) == inspect(path)
+
+
+def test_cli_verify_ok_and_damaged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "v.ck"
+    make_chain(path, np.random.default_rng(21), [16], steps=1)
+    assert pagescan.cli.main(["checkpoint", "verify", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert "ok: 2 generation(s)" in out and err == ""  # not a terminal: no progress bar
+    g = _layout(path)[1]
+    with Store(path) as st:
+        offs = st.data_offsets(g)
+    k = int(np.flatnonzero(offs >= 0)[0])
+    _flip(path, int(offs[k]) + 5)
+    assert pagescan.cli.main(["checkpoint", "verify", str(path)]) == 1
+    out, err = capsys.readouterr()
+    page = int(g.index[k]["page"])
+    assert err.startswith("pagescan: CorruptCheckpointError: ")
+    assert f"generation 2, region 0, page {page}:" in err and err.count("\n") == 1
+
+
+def test_cli_compact_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.ck"
+    expected, _ = make_chain(path, np.random.default_rng(22), [16], steps=2)
+    assert pagescan.cli.main(["checkpoint", "compact", str(path)]) == 0
+    out, _ = capsys.readouterr()
+    assert "generation 3 of 3 -> 1 full generation of 16 pages" in out
+    assert np.array_equal(restored(path, [16])[0], expected[-1][0])
+    junk = tmp_path / "junk"
+    junk.write_bytes(b"hello")
+    for argv in (["checkpoint", "inspect", str(junk)], ["checkpoint", "verify", str(tmp_path / "missing")],
+                 ["checkpoint", "compact", str(path), "-g", "5"]):
+        assert pagescan.cli.main(argv) == 1
+        _, err = capsys.readouterr()
+        assert err.startswith("pagescan: ") and err.count("\n") == 1 and "Traceback" not in err
+    with pytest.raises(SystemExit) as ei:
+        pagescan.cli.main(["checkpoint", "compact", str(path), "-g", "0"])
+    assert ei.value.code == 2
+    capsys.readouterr()
+
+
+def test_cli_restore_into_another_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r.ck"
+    expected, _ = make_chain(path, np.random.default_rng(23), [24, 8], steps=2)
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        a, b = Mapping(24), Mapping(8)
+        report(struct.pack("QQ", a.addr, b.addr))
+        wait_go(go_r)
+        report((blake(view(a)) + blake(view(b))).encode())
+
+    o = Owner(body)
+    addr_a, addr_b = struct.unpack("QQ", o.read(16))
+    try:
+        assert pagescan.cli.main(["restore", str(path), str(o.pid), hex(addr_a)]) == 1
+        _, err = capsys.readouterr()
+        assert "give 2 address(es), not 1" in err
+        assert pagescan.cli.main(["restore", str(path), str(o.pid), f"{addr_a:x}", hex(addr_b), "-g", "2"]) == 0
+        out, err = capsys.readouterr()
+        assert f"restored generation 2 of {path} into pid {o.pid}" in out and err == ""
+    finally:
+        o.go()
+    assert o.read(256).decode() == blake(expected[1][0]) + blake(expected[1][1])
+    status, _ = o.finish()
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def test_cli_progress_bar_only_on_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real pseudo-terminal as stderr gets a progress bar; a pipe (capsys) gets none."""
+    from pagescan.cli._checkpoint import ProgressBar
+
+    path = tmp_path / "tty.ck"
+    make_chain(path, np.random.default_rng(24), [64], steps=0)
+    master, slave = os.openpty()
+    try:
+        with open(slave, "w", closefd=False) as tty:
+            bar = ProgressBar("verify", P, stream=tty, delay=0)
+            verify(path, progress=bar)
+            bar.close()
+        os.set_blocking(master, False)
+        drawn = os.read(master, 65536).decode()
+        assert "verify [" in drawn and "100%" in drawn and drawn.endswith("\r\x1b[K")
+    finally:
+        os.close(master)
+        os.close(slave)
+    quiet = ProgressBar("verify", P, delay=0)  # capsys: stderr is not a terminal
+    quiet(1, 2)
+    quiet.close()
+    assert capsys.readouterr().err == ""
