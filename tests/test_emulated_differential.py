@@ -805,6 +805,11 @@ def _no_aslr() -> None:  # pragma: no cover - runs in the child before exec
     ctypes.CDLL(None, use_errno=True).personality(ADDR_NO_RANDOMIZE)
 
 
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 @pytest.mark.parametrize("aslr", [True, False], ids=["aslr", "no-aslr"])
 def test_whole_address_space_of_a_sleeping_process(aslr: bool) -> None:
     """Every VMA of a real process (text, data, heap, libraries, ``[vdso]``, ``[vvar]``,
@@ -816,10 +821,10 @@ def test_whole_address_space_of_a_sleeping_process(aslr: bool) -> None:
     try:
         with pagescan.Target(proc.pid) as t:
             deadline = time.monotonic() + 10
-            while "sleep" not in open(f"/proc/{proc.pid}/maps").read():  # exec done
+            while "sleep" not in _read_text(f"/proc/{proc.pid}/maps"):  # exec done
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            maps = [line.split() for line in open(f"/proc/{proc.pid}/maps")]
+            maps = [line.split() for line in _read_text(f"/proc/{proc.pid}/maps").splitlines()]
             spans = [tuple(int(x, 16) for x in f[0].split("-")) for f in maps]
             spans = [(lo, hi) for lo, hi in spans if hi <= TASK_SIZE]
             names = " ".join(f[-1] for f in maps)
