@@ -18,7 +18,8 @@ import pytest
 import pagescan
 from pagescan import Category, RegisterMode, UffdFeature, Userfaultfd
 
-from .memory import P, Mapping
+from .memory import Mapping
+from .procs import children_of
 
 RELEASE = os.uname().release
 
@@ -57,6 +58,17 @@ def no_fd_leak() -> Iterator[None]:
         with contextlib.suppress(OSError):
             leaked[fd] = os.readlink(f"/proc/self/fd/{fd}")
     assert not leaked, f"test leaked file descriptors: {leaked}"
+
+
+@pytest.fixture(autouse=True)
+def no_children_left() -> Iterator[None]:
+    """Every test reaps the processes it started (5 s of grace for exiting ones)."""
+    before = children_of()
+    yield
+    deadline = time.monotonic() + 5
+    while (left := children_of() - before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not left, f"child processes left behind: {left}"
 
 
 @pytest.fixture

@@ -23,12 +23,7 @@ import contextlib
 import ctypes
 import errno
 import os
-import pickle
 import random
-import select
-import signal
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +37,7 @@ from pagescan import _backend_emulated as emu
 from .conftest import WP_FEATURES, requires_pagemap_scan, requires_thp, requires_wp_async
 from .memory import P, Mapping, anon, pagemap_entries
 from .test_emulated_differential import ALL9, Builder, H, HP, random_args, rounded
+from .procs import run_in_child
 
 pytestmark = [requires_pagemap_scan, requires_wp_async, requires_thp]
 
@@ -52,47 +48,6 @@ ANON_KINDS = {"anon", "checker", "devzero", "moved", "uffd_anon", "thp", "uffd_t
 
 
 # -- the child ---------------------------------------------------------------------------
-
-
-def run_child(fn: Callable[[], Any], timeout: float = 120.0) -> Any:
-    """Fork; the child runs ``fn()`` and pickles the result (or its error) back."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            try:
-                data = pickle.dumps(("ok", fn()))
-            except BaseException as exc:  # noqa: BLE001
-                import traceback
-
-                data = pickle.dumps(("error", "".join(traceback.format_exception(exc))))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view) :]
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks = []
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, "the unprivileged child did not answer in time"
-            ready, _, _ = select.select([r], [], [], left)
-            if ready:
-                chunk = os.read(r, 1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-    finally:
-        os.close(r)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    status, value = pickle.loads(b"".join(chunks))
-    assert status == "ok", value
-    return value
 
 
 def drop_privileges() -> None:
@@ -311,7 +266,7 @@ def test_unprivileged_emulation(seed: int, tmp_path: Path, zram_swap: str, huget
         budget = min(4, int(f.read()))
     with anon(8) as cow:
         cow.write(0, 8, 0x7E)  # the child inherits these: CoW-shared, not exclusive
-        res = run_child(lambda: child_body(seed, tmp_path, budget, cow, 500))
+        res = run_in_child(lambda: child_body(seed, tmp_path, budget, cow, 500))
         assert cow.read(0) == b"\x7e" * P
 
     # The child really was unprivileged.

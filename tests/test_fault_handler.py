@@ -24,7 +24,7 @@ import struct
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -35,6 +35,7 @@ from pagescan._uapi import libc
 from pagescan._uapi.mman import MADV, MAP, PROT
 
 from .memory import Mapping, P, anon, pagemap_entries
+from .procs import children_of, wait_gone
 
 N = 64  # pages per lazy region unless said otherwise
 
@@ -70,40 +71,12 @@ def vmflags(addr: int) -> list[str]:
     return []
 
 
-def children_of(pid: int | str = "self") -> set[int]:
-    out: set[int] = set()
-    base = f"/proc/{pid}/task"
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(base):
-            with contextlib.suppress(FileNotFoundError), open(f"{base}/{tid}/children") as f:
-                out.update(int(x) for x in f.read().split())
-    return out
-
-
 def wchan(pid: int, tid: str) -> str:
     try:
         with open(f"/proc/{pid}/task/{tid}/wchan") as f:
             return f.read()
     except FileNotFoundError:
         return ""
-
-
-def running(pid: int) -> bool:
-    """The process is alive (a zombie counts as gone: it runs nothing)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def wait_gone(pids: list[int], timeout: float = 5.0) -> None:
-    """Orphans of a dead owner: they must stop running (init reaps their zombies)."""
-    deadline = time.monotonic() + timeout
-    while any(running(p) for p in pids):
-        if time.monotonic() > deadline:
-            pytest.fail(f"processes left behind: {[p for p in pids if running(p)]}")
-        time.sleep(0.01)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -187,16 +160,6 @@ def assert_sigbus(status: int, report: bytes) -> None:
     assert b"!" not in report[8:9], report.decode(errors="replace")
     assert os.WIFSIGNALED(status), f"owner exited normally ({os.WEXITSTATUS(status)}): {report!r}"
     assert os.WTERMSIG(status) == signal.SIGBUS, f"owner killed by {signal.Signals(os.WTERMSIG(status)).name}"
-
-
-@pytest.fixture(autouse=True)
-def no_children_left() -> Iterator[None]:
-    before = children_of()
-    yield
-    deadline = time.monotonic() + 5
-    while (left := children_of() - before) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not left, f"child processes left behind: {left}"
 
 
 def check_gone(fh: FaultHandler, hpid: int, gpid: int) -> None:

@@ -16,12 +16,9 @@ import contextlib
 import ctypes
 import errno
 import faulthandler
-import json
 import os
-import select
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -34,6 +31,7 @@ from pagescan._uapi.mman import MADV, MAP, PROT
 
 from .conftest import arm, requires_guard, requires_pagemap_scan, requires_thp, requires_wp_async
 from .memory import P, Mapping, anon, child_process, file_mapping, hugetlb_anon, is_thp, shared_anon, thp
+from .procs import run_in_child
 
 pytestmark = [requires_pagemap_scan, requires_wp_async]
 
@@ -97,43 +95,6 @@ def raw_scan(
         if own:
             os.close(fd)
     return Raw(n, err, arg.walk_end, None if vec is None or n < 0 else vec[:n])
-
-
-def run_in_child(fn: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Fork; the child runs ``fn()`` and sends its JSON result back; always reaped."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            try:
-                data = json.dumps({"ok": fn()})
-            except BaseException as exc:  # noqa: BLE001
-                data = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
-            os.write(w, data.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks = []
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, "child did not answer in time"
-            ready, _, _ = select.select([r], [], [], left)
-            if ready:
-                chunk = os.read(r, 65536)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-    finally:
-        os.close(r)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    answer = json.loads(b"".join(chunks))
-    assert "error" not in answer, answer["error"]
-    return answer["ok"]
 
 
 def vma_starts() -> set[int]:
@@ -579,7 +540,7 @@ def test_x13_fork_cow_with_wp_async(uffd_wp: Userfaultfd) -> None:
             return [before, view(m)]
 
         # In the child WPA is lost and every page looks written, before and after its write.
-        assert run_in_child(child) == [[[0, 4, 0xA]], [[0, 4, 0xA]]]
+        assert run_in_child(child) == [[(0, 4, 0xA)], [(0, 4, 0xA)]]
         assert view(m, WR, category_mask=C.WRITTEN) == []  # the child's writes are not ours
         assert m.read_byte(0) == 1
         m.touch(2)

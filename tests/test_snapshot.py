@@ -68,6 +68,7 @@ from pagescan.snapshot._store import Store
 
 from .conftest import requires_wp_async
 from .memory import Mapping, P
+from .procs import wait_gone
 
 pytestmark = requires_wp_async
 
@@ -117,32 +118,6 @@ def restored(path: str | os.PathLike[str], npages: list[int], generation: int | 
             m.close()
 
 
-def children_of(pid: int | str = "self") -> set[int]:
-    out: set[int] = set()
-    base = f"/proc/{pid}/task"
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(base):
-            with contextlib.suppress(FileNotFoundError), open(f"{base}/{tid}/children") as f:
-                out.update(int(x) for x in f.read().split())
-    return out
-
-
-def running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-
-
-def wait_gone(pids: list[int], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while any(running(p) for p in pids):
-        if time.monotonic() > deadline:
-            pytest.fail(f"processes left behind: {[p for p in pids if running(p)]}")
-        time.sleep(0.01)
-
-
 def vmflags(addr: int) -> list[str]:
     inside = False
     with open("/proc/self/smaps") as f:
@@ -154,16 +129,6 @@ def vmflags(addr: int) -> list[str]:
             elif inside and line.startswith("VmFlags:"):
                 return line.split()[1:]
     return []
-
-
-@pytest.fixture(autouse=True)
-def no_children_left() -> Iterator[None]:
-    before = children_of()
-    yield
-    deadline = time.monotonic() + 5
-    while (left := children_of() - before) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not left, f"child processes left behind: {left}"
 
 
 class Owner:
