@@ -25,8 +25,8 @@ explicit tests at the end of this file instead:
 * a PMD block whose pages were all zapped keeps its page table, so the kernel reports its
   empty slots WRITTEN; pagemap cannot show that table. The layouts keep a non-empty page
   in every PMD block they touch;
-* WPALLOWED / ``CHECK_WPASYNC`` for uffd-WP registrations pagescan did not make, or
-  made on a synchronous uffd (EOPNOTSUPP);
+* WPALLOWED / ``CHECK_WPASYNC`` for uffd-WP registrations pagescan did not make
+  (EOPNOTSUPP);
 * HUGE in a VMA where a PTE-mapped THP is indistinguishable from a PMD-mapped one
   (EOPNOTSUPP);
 * ``PM_SCAN_WP_MATCHING`` (EOPNOTSUPP).
@@ -1064,23 +1064,33 @@ def test_refusal_wpallowed_for_foreign_uffd_registration() -> None:
             assert k.regions.tolist() == e.regions.tolist(), kw
 
 
-def test_refusal_wpallowed_for_sync_uffd() -> None:
-    """A synchronous uffd-WP registration (even one made through pagescan) is never
-    WPALLOWED to the kernel; the emulation cannot tell it from a foreign asynchronous
-    one and refuses rather than guess."""
+def test_wpallowed_for_sync_uffd() -> None:
+    """A synchronous uffd-WP registration is never WPALLOWED to the kernel. One made
+    through pagescan is recorded as synchronous, so the emulation agrees exactly
+    (CHECK_WPASYNC: EPERM); the same registration made with the raw ioctl is one the
+    emulation cannot tell from a foreign asynchronous one, and it refuses rather than
+    guess."""
     with Userfaultfd(U.UffdFeature.WP_HUGETLBFS_SHMEM) as uf, anon(4) as m:
         m.write(0, 4)
         uf.register(m.addr, m.length, RegisterMode.WP)
+        for kw in ({"category_mask": WPA}, {"return_mask": ALL9}, {"category_inverted": WPA, "category_mask": WPA,
+                                                                    "return_mask": ALL9}):
+            k = scan(m.addr, m.end, backend="kernel", **kw)
+            e = scan(m.addr, m.end, backend="emulated", **kw)
+            assert k.regions.tolist() == e.regions.tolist() and k.walk_end == e.walk_end, kw
+        assert len(scan(m.addr, m.end, category_mask=WPA, backend="emulated")) == 0
+        for backend in ("kernel", "emulated"):
+            with pytest.raises(OSError) as info:
+                scan(m.addr, m.end, flags=CHK, backend=backend)
+            assert info.value.errno == errno.EPERM, backend
+    with Userfaultfd(U.UffdFeature.WP_HUGETLBFS_SHMEM) as uf, anon(4) as m:
+        m.write(0, 4)
+        _raw_register_wp(uf.fd, m.addr, m.length)
         assert len(scan(m.addr, m.end, category_mask=WPA, backend="kernel")) == 0
-        with pytest.raises(OSError) as info:
-            scan(m.addr, m.end, category_mask=WPA, backend="emulated")
-        assert info.value.errno == errno.EOPNOTSUPP
-        with pytest.raises(OSError) as info:
-            scan(m.addr, m.end, flags=CHK, backend="kernel")
-        assert info.value.errno == errno.EPERM
-        with pytest.raises(OSError) as info:
-            scan(m.addr, m.end, flags=CHK, backend="emulated")
-        assert info.value.errno == errno.EOPNOTSUPP
+        for kw in ({"category_mask": WPA}, {"flags": CHK}):
+            with pytest.raises(OSError) as info:
+                scan(m.addr, m.end, backend="emulated", **kw)
+            assert info.value.errno == errno.EOPNOTSUPP, kw
 
 
 def test_refusal_wp_matching(uffd_wp: Userfaultfd) -> None:

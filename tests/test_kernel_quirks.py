@@ -584,3 +584,18 @@ def _pagemap(m: Mapping) -> list[int]:
     from .memory import pagemap_entries
 
     return pagemap_entries(m.addr, m.npages)
+
+
+def test_scan_generation_probe_matches_the_kernel(uffd_wp: pagescan.Userfaultfd) -> None:
+    """capabilities().scan_generation (kernel.md 1.8) agrees with the behaviour itself:
+    armed-then-written-then-zapped pages read WRITTEN on the generic path (PM-UP-01)
+    exactly when the probe says the 2026 fix is in; this kernel (6.18.44) has all three."""
+    gen = pagescan.capabilities().scan_generation
+    assert set(gen) == {"written_unpopulated_pte", "written_pmd_hole", "pfnzero_huge_zero"}
+    with anon(16) as m:
+        arm(uffd_wp, m)
+        m.write(0, 16)
+        m.madvise(MADV.DONTNEED)
+        generic = scan(m.addr, m.end, category_anyof_mask=C.WRITTEN, return_mask=C.WRITTEN).pages
+        assert (generic == 16) is gen["written_unpopulated_pte"]
+    assert gen == {"written_unpopulated_pte": True, "written_pmd_hole": True, "pfnzero_huge_zero": True}

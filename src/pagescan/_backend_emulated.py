@@ -2,11 +2,15 @@
 
 For kernels without the ioctl (< 6.7: Debian 12's 6.1, Ubuntu 22.04's 5.15, RHEL 9's
 5.14). Per-page categories come from ``/proc/PID/pagemap`` (read in bounded chunks, only
-where VMAs are), ``/proc/PID/smaps`` and, when readable, PFNs and ``/proc/kpageflags``;
-the shared pure engine (:mod:`._engine`) turns them into regions. Only categories that
-can change the answer -- those in ``category_mask``, ``category_anyof_mask`` or
-``return_mask`` -- are computed (one only in ``category_inverted`` cannot: matching looks
-at the mask and anyof bits only), as the kernel itself does for FILE.
+where VMAs are), ``/proc/PID/maps``, ``/proc/PID/smaps`` where needed (below) and, when
+readable, PFNs and ``/proc/kpageflags``; the shared pure engine (:mod:`._engine`) turns
+them into regions. Only categories that can change the answer -- those in
+``category_mask``, ``category_anyof_mask`` or ``return_mask`` -- are computed (one only
+in ``category_inverted`` cannot: matching looks at the mask and anyof bits only), as the
+kernel itself does for FILE. Each entry's category bits are looked up from its top nine
+pagemap bits (55-63) in a 512-entry table per kind of VMA; only the entries the table
+flags are looked at again (empty slots, for the page-table rule under WRITTEN; present
+shared pages of anonymous VMAs, for PFNZERO).
 
 How each category is derived, and where it cannot be known (``kernel.md`` 2.3). Checked
 against the kernel on random layouts of every mapping kind by
@@ -38,17 +42,22 @@ against the kernel on random layouts of every mapping kind by
 * HUGE: hugetlb VMAs (smaps ``ht``) and PMD-mapped THPs. A PMD mapping is a whole
   aligned 2 MiB block inside the VMA, every page present with the same uffd-wp,
   soft-dirty and file bits; with PFNs it is also physically contiguous and aligned, and
-  ``/proc/kpageflags`` (root) marks its head THP. The blocks found must add up to smaps'
-  PMD-mapped bytes of the VMA; a PTE-mapped THP that passes every test makes them
-  disagree, and the scan raises ``EOPNOTSUPP``. VMAs without PMD-mapped bytes are exact
-  without privilege. Without PFNs or kpageflags a candidate block in a VMA with
-  PMD-mapped THPs could be either, and the scan raises ``PermissionError`` under the
-  PFNZERO rule above.
-* WPALLOWED: a VMA registered for uffd-WP (smaps ``uw``) on an *asynchronous* uffd.
-  smaps does not show async-ness; pagescan knows it for registrations made through its
-  own :class:`Userfaultfd` in this process. Otherwise, when WPALLOWED or
-  ``PM_SCAN_CHECK_WPASYNC`` is involved, the scan raises ``EOPNOTSUPP`` (even for a
-  synchronous registration, which the kernel never calls WPALLOWED).
+  ``/proc/kpageflags`` (root) marks its head THP. A block failing any of these tests is
+  not PMD-mapped. Blocks that pass must add up to smaps' PMD-mapped bytes of the VMA; a
+  PTE-mapped THP that passes every test makes them disagree, and the scan raises
+  ``EOPNOTSUPP``. VMAs without PMD-mapped bytes are exact without privilege. Without
+  PFNs or kpageflags a block that passes the tests in a VMA with PMD-mapped THPs could
+  be either, and the scan raises ``PermissionError`` under the PFNZERO rule above.
+* WPALLOWED: a VMA registered for uffd-WP (smaps ``uw``) on an *asynchronous* uffd
+  (``UFFD_FEATURE_WP_ASYNC``, Linux 6.7). smaps does not show async-ness; pagescan knows
+  it for registrations made through its own :class:`Userfaultfd` in this process, on
+  asynchronous uffds (WPALLOWED) and synchronous ones (not WPALLOWED). Otherwise, when
+  WPALLOWED or ``PM_SCAN_CHECK_WPASYNC`` is involved, the scan raises ``EOPNOTSUPP``. On
+  a kernel whose userfaultfd has no ``WP_ASYNC`` (found by a ``UFFDIO_API`` handshake)
+  no VMA is WPALLOWED. **Limit:** pagescan's record of a registration cannot see the
+  range being unmapped behind its back; if the same addresses are mapped again and
+  registered by some other uffd, the record is wrong about them (until the pagescan
+  :class:`Userfaultfd` is closed or unregisters them).
 * ``PM_SCAN_CHECK_WPASYNC`` fails with EPERM at the first VMA the walk reaches that is
   not WP-async, as in the kernel (a walk that stopped earlier succeeds).
 * ``PM_SCAN_WP_MATCHING`` cannot be emulated atomically and raises ``EOPNOTSUPP``
@@ -56,6 +65,38 @@ against the kernel on random layouts of every mapping kind by
 * VM_PFNMAP VMAs (smaps ``pf``) are skipped, as the kernel skips them.
 * Everything is read at call time, VMA by VMA: like the kernel's walk, the answer is
   not atomic with respect to a process that changes its memory meanwhile.
+
+Where smaps is read. ``/proc/PID/maps`` is read first (no page-table walk). smaps costs
+a page-table walk of every VMA it shows -- for populated memory more than the pagemap
+read itself -- and it is generated one VMA at a time, in address order: it is read
+incrementally, only as far as the last VMA the walk needs it for (plus at most the
+record after it, which the kernel generates along with that VMA's tail), never past the
+range, but always from the bottom of the address space (seeking regenerates every
+record before the offset). A VMA's record is needed, and read, only when:
+
+* the VMA is not private anonymous memory (files, shmem, special mappings): hugetlb
+  (``ht``), ``VM_PFNMAP`` (``pf``) and uffd-WP (``uw``) cannot be known otherwise.
+  Private anonymous VMAs (:attr:`Vma.anonymous`: never hugetlb, never ``VM_PFNMAP``)
+  need it only as follows;
+* WPALLOWED is in the masks or ``PM_SCAN_CHECK_WPASYNC`` is set, on a kernel with
+  ``WP_ASYNC`` (or one whose userfaultfd cannot be probed): whether a VMA is registered
+  for uffd-WP at all shows nowhere else -- not in maps, not in pagemap (an entry's bit
+  57 is per page and absent on pages written since arming) -- and pagescan's record
+  cannot prove a VMA unregistered (it does not see other code's registrations, nor
+  ranges unmapped and mapped again);
+* WRITTEN is in the masks and the VMA has an empty slot in a PMD block with no present
+  or swap-like page (no page-table evidence): it is WRITTEN iff the VMA is uffd-WP;
+* HUGE is in the masks and a whole 2 MiB block of the chunk passes every PMD-mapping
+  test above that can be made (with PFNs: physically aligned and contiguous; with
+  kpageflags: a THP head): smaps' PMD-mapped bytes of the VMA confirm or refute it.
+
+So a scan without WPALLOWED and ``CHECK_WPASYNC`` (or any scan on a kernel without
+``WP_ASYNC``) of private anonymous memory whose PMD blocks each hold a populated page
+reads no smaps -- if HUGE is asked for, as long as no block passes the PMD tests: with
+PFNs and kpageflags (root) base pages never do; unprivileged, every fully populated
+block does. If the VMA a smaps record describes no longer matches maps (the process
+changed its mappings between the two reads), the call starts over from smaps alone
+(one read of the range).
 """
 
 from __future__ import annotations
@@ -70,10 +111,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import _engine
-from ._procfs import Vma, read_smaps
+from ._procfs import SCAN_FIELDS, SmapsStream, Vma, maps_in_range, read_maps_text
+from ._procfs import read_smaps as _read_all_smaps
 from ._uapi import libc
 from ._uapi.mman import MAP, PROT
 from ._uapi.pagemap import KPF, PM, Category, ScanFlag
+from ._uapi.userfaultfd import UffdFeature
 
 if TYPE_CHECKING:
     from ._target import Target
@@ -83,6 +126,7 @@ __all__ = ["EmulatedBackend", "task_size"]
 P = mmap.PAGESIZE
 PMD_PAGES = 512 if P == 4096 else (P // 8)
 PUD_PAGES = PMD_PAGES * PMD_PAGES
+_PMD_SPAN = PMD_PAGES * P
 #: Pages read from pagemap per chunk (512 KiB of entries).
 CHUNK_PAGES = 1 << 16
 
@@ -102,6 +146,20 @@ _GUARD = _u(PM.GUARD_REGION)
 _SD = _u(PM.SOFT_DIRTY)
 _EXCL = _u(PM.MMAP_EXCLUSIVE)
 _PFN = _u(PM.PFN_MASK)
+
+#: Per-page categories are uint16 (nine category bits) plus two fix-up flags.
+_c16 = np.uint16
+_WPA, _WR, _FI, _PR, _SW, _ZE, _HU, _SDC, _GU = (int(c) for c in (
+    Category.WPALLOWED, Category.WRITTEN, Category.FILE, Category.PRESENT, Category.SWAPPED,
+    Category.PFNZERO, Category.HUGE, Category.SOFT_DIRTY, Category.GUARD))
+_CATS = _KNOWN_CATEGORIES
+#: Table flag: an empty slot, WRITTEN iff its PMD block has a page table (or the VMA is uffd-WP).
+_F_TABLE = 1 << 14
+#: Table flag: a present page of an anonymous VMA that is not exclusively mapped:
+#: PFNZERO iff it maps the zero page.
+_F_ZERO = 1 << 13
+_FLAGS = _F_TABLE | _F_ZERO
+assert not _CATS & _FLAGS
 
 
 def task_size() -> int:
@@ -157,51 +215,144 @@ class _ZeroPfn:
 _zero_pfn = _ZeroPfn()
 
 
-class _Registry:
-    """Ranges this process registered for uffd-WP on asynchronous uffds (via pagescan)."""
+class _WpAsyncKernel:
+    """Whether this kernel's userfaultfd has ``UFFD_FEATURE_WP_ASYNC`` (6.7): ``False``
+    only when a ``UFFDIO_API`` handshake said it has not; ``None`` if no userfaultfd
+    could be made to ask (then nothing is concluded from it)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.ranges: dict[int, list[tuple[int, int]]] = {}  # uffd id -> [(start, end)]
+        self.done = False
+        self.value: bool | None = None
 
-    def add(self, key: int, start: int, end: int) -> None:
+    def get(self) -> bool | None:
         with self.lock:
-            self.ranges.setdefault(key, []).append((start, end))
+            if not self.done:
+                from .userfaultfd import Userfaultfd
+
+                for user_mode_only in (False, True):
+                    try:
+                        with Userfaultfd(0, user_mode_only=user_mode_only) as uf:
+                            self.value = bool(uf.supported_features & UffdFeature.WP_ASYNC)
+                        break
+                    except OSError:
+                        continue
+                self.done = True
+            return self.value
+
+
+_wp_async_kernel = _WpAsyncKernel()
+
+
+class _Registry:
+    """uffd registrations this process made through pagescan's :class:`Userfaultfd`.
+
+    Per uffd (keyed by the owning object's id): the ranges it registered, with whether
+    the mode included WP, and whether the uffd is asynchronous (``WP_ASYNC``). A
+    successful ``UFFDIO_REGISTER`` makes every VMA of its range that uffd's, in that
+    mode (another uffd's registration there would have failed with EBUSY), so it replaces
+    whatever was recorded for the range before.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spans: list[tuple[int, int, int, bool]] = []  # (start, end, key, wp)
+        self.wp_async: dict[int, bool] = {}  # key -> the uffd is asynchronous
+
+    @staticmethod
+    def _cut(spans: list[tuple[int, int, int, bool]], start: int, end: int,
+             key: int | None) -> list[tuple[int, int, int, bool]]:
+        kept = []
+        for s, e, k, wp in spans:
+            if e <= start or s >= end or (key is not None and k != key):
+                kept.append((s, e, k, wp))
+                continue
+            if s < start:
+                kept.append((s, start, k, wp))
+            if e > end:
+                kept.append((end, e, k, wp))
+        return kept
+
+    def add(self, key: int, start: int, end: int, *, wp: bool, fd: int | None = None,
+            wp_async: bool | None = None) -> None:
+        """Record a successful registration of ``[start, end)`` by uffd ``key``.
+
+        Whether the uffd is asynchronous is ``wp_async`` if given, else read once per uffd
+        from the kernel (``/proc/self/fdinfo/FD``: ``API:\t<api>:<features>:<ioctls>``,
+        the features the handshake enabled -- exact even for an adopted fd). If it
+        cannot be known, the range is only forgotten."""
+        if end <= start:
+            return
+        with self.lock:
+            known = self.wp_async.get(key)
+        if wp_async is None:
+            wp_async = known if known is not None else _fd_wp_async(fd)
+        with self.lock:
+            spans = self._cut(self.spans, start, end, None)
+            if wp_async is not None:
+                spans.append((start, end, key, wp))
+                spans.sort()
+                self.wp_async[key] = wp_async
+            self.spans = spans
 
     def remove(self, key: int, start: int | None = None, end: int | None = None) -> None:
+        """Forget uffd ``key``'s registrations in ``[start, end)`` (all of them by default)."""
         with self.lock:
             if start is None or end is None:
-                self.ranges.pop(key, None)
-                return
-            kept = []
-            for s, e in self.ranges.get(key, []):
-                if e <= start or s >= end:
-                    kept.append((s, e))
-                else:
-                    if s < start:
-                        kept.append((s, start))
-                    if e > end:
-                        kept.append((end, e))
-            self.ranges[key] = kept
+                self.spans = [t for t in self.spans if t[2] != key]
+                self.wp_async.pop(key, None)
+            else:
+                self.spans = self._cut(self.spans, start, end, key)
 
-    def covers(self, start: int, end: int) -> bool:
+    def lookup(self, start: int, end: int) -> bool | None:
+        """For a VMA ``[start, end)`` registered for uffd-WP: whether its uffd is
+        asynchronous, if one recorded WP registration by a single uffd covers it all;
+        ``None`` if the record does not tell."""
         with self.lock:
-            spans = sorted(r for rs in self.ranges.values() for r in rs)
-        cur = start
-        for s, e in spans:
-            if s <= cur < e:
-                cur = e
-                if cur >= end:
-                    return True
-        return cur >= end
+            spans = [t for t in self.spans if t[1] > start and t[0] < end]
+            keys = {t[2] for t in spans}
+            if len(keys) != 1 or not all(t[3] for t in spans):
+                return None
+            cur = start
+            for s, e, _, _ in spans:
+                if s > cur:
+                    return None
+                cur = max(cur, e)
+            if cur < end:
+                return None
+            return self.wp_async.get(keys.pop())
 
 
-#: Filled by :class:`pagescan.Userfaultfd` (WP registrations on WP_ASYNC uffds).
+def _fd_wp_async(fd: int | None) -> bool | None:
+    """Whether uffd ``fd`` of this process has ``UFFD_FEATURE_WP_ASYNC`` enabled."""
+    if fd is None or fd < 0:
+        return None
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"API:"):
+                    return bool(int(line.split(b":")[2], 16) & UffdFeature.WP_ASYNC)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+#: Filled by :class:`pagescan.Userfaultfd` (its registrations, WP or not, async or not).
 wp_async_registry = _Registry()
+
+
+def read_smaps(stream: SmapsStream, read_size: int) -> Vma | None:
+    """The next smaps record the walk needs (a module-level function, so that profilers
+    such as ``benchmarks/emulated.py --breakdown`` can time smaps on its own)."""
+    return stream.next(read_size)
 
 
 def _eopnotsupp(what: str) -> OSError:
     return OSError(errno.EOPNOTSUPP, f"{os.strerror(errno.EOPNOTSUPP)}: emulated PAGEMAP_SCAN {what}")
+
+
+class _Mismatch(Exception):
+    """maps and smaps disagree about a VMA: the process changed between the two reads."""
 
 
 class EmulatedBackend:
@@ -242,24 +393,43 @@ class EmulatedBackend:
             )
         if start == end_r:
             return 0, end_r
+        pid = target.pid
+        vmas, below = maps_in_range(read_maps_text(pid, end_r), start, end_r)
+        try:
+            return self._walk(fd, pid, vmas, below, start, end_r, flags, inverted, mask, anyof,
+                              return_mask, max_pages, vec, index, vec_len, smaps_known=False)
+        except _Mismatch:
+            vmas = _read_all_smaps(pid, start, end_r, SCAN_FIELDS)
+            return self._walk(fd, pid, vmas, 0, start, end_r, flags, inverted, mask, anyof,
+                              return_mask, max_pages, vec, index, vec_len, smaps_known=True)
+
+    def _walk(self, fd: int, pid: int, vmas: list[Vma], below: int, start: int, end_r: int, flags: int,
+              inverted: int, mask: int, anyof: int, return_mask: int, max_pages: int,
+              vec: np.ndarray | None, index: int, vec_len: int, *, smaps_known: bool) -> tuple[int, int]:
         # As in the kernel, a category only in ``inverted`` cannot change the answer
         # (matching looks at ``mask`` and ``anyof`` only), so it is never computed.
         relevant = mask | anyof | return_mask
-        need_wpa = bool(relevant & Category.WPALLOWED) or bool(flags & ScanFlag.CHECK_WPASYNC)
-        pid = target.pid
-        vmas = [v for v in read_smaps(pid, start, end_r) if v.start < self._task_size]
+        check = bool(flags & ScanFlag.CHECK_WPASYNC)
+        need_wpa = bool(relevant & Category.WPALLOWED) or check
         col = _engine.Collector(
             vec, index, vec_len, inverted=inverted, mask=mask, anyof=anyof,
             return_mask=return_mask, max_pages=max_pages, page_size=P,
         )
-        ctx = _Context(fd, pid, inverted=inverted, mask=mask, anyof=anyof, return_mask=return_mask)
+        ctx = _Context(fd, pid, inverted=inverted, mask=mask, anyof=anyof, return_mask=return_mask,
+                       scan_start=start, scan_end=end_r)
         try:
-            check = bool(flags & ScanFlag.CHECK_WPASYNC)
-            for v in vmas:
+            for i, v in enumerate(vmas):
+                if v.start >= self._task_size:
+                    break  # [vsyscall]: above user space
+                v_index = below + i
+                if smaps_known:
+                    ctx.known[v.start] = True
+                elif not v.anonymous:
+                    ctx.smaps(v, v_index)  # hugetlb, VM_PFNMAP, uffd-WP: smaps only
                 # The kernel's per-VMA gate, met as the walk reaches each VMA: CHECK_WPASYNC
                 # fails the call at the first VMA that is not WP-async -- unless the walk
                 # has already stopped (buffer full, max_pages) before getting there.
-                vma_bits = int(Category.WPALLOWED) if need_wpa and ctx.wp_allowed(v) else 0
+                vma_bits = _WPA if need_wpa and ctx.wp_allowed(v, v_index) else 0
                 if check and not vma_bits:
                     raise OSError(errno.EPERM, os.strerror(errno.EPERM))
                 if "pf" in v.vmflags:
@@ -269,19 +439,93 @@ class EmulatedBackend:
                     continue  # the kernel's VMA-level pre-filter
                 lo = max(start, v.start)
                 hi = min(end_r, v.end)
-                for clo in range(lo, hi, CHUNK_PAGES * P):
-                    chi = min(hi, clo + CHUNK_PAGES * P)
-                    if not col.feed(clo, ctx.categories(v, clo, chi, vma_bits)):
+                step = CHUNK_PAGES * P
+                clo = lo
+                while clo < hi:
+                    chi = min(hi, clo + step)
+                    if chi < hi and chi - chi % _PMD_SPAN > clo:
+                        chi -= chi % _PMD_SPAN  # PMD-aligned: the chunks' windows do not overlap
+                    if not col.feed(clo, ctx.categories(v, v_index, clo, chi, vma_bits)):
                         return col.result(end_r)  # stopped: later VMAs are never reached
+                    clo = chi
             return col.result(end_r)
         finally:
             ctx.close()
 
 
-class _Context:
-    """Per-call state: the pagemap fd, the masks, and cached privileged lookups."""
+def _table(anon: bool, uw: bool, vma_bits: int, rel: int) -> np.ndarray:
+    """Categories (uint16, with the fix-up flags) of each value of a pagemap entry's top
+    nine bits (55-63), in a VMA that is not hugetlb."""
+    i = np.arange(512)
+    bit = {n: ((i >> (n - 55)) & 1).astype(bool) for n in (55, 56, 57, 58, 61, 62, 63)}
+    sd, excl, wp, guard, file, swap, present = (bit[n] for n in (55, 56, 57, 58, 61, 62, 63))
+    t = np.full(512, vma_bits, dtype=_c16)
+    t[present] |= _c16(_PR)
+    t[swap] |= _c16(_SW)
+    nonempty = present | swap
+    t[nonempty & ~wp] |= _c16(_WR)
+    empty = ~nonempty & ~wp
+    if uw:
+        t[empty] |= _c16(_WR)
+    elif rel & _WR:
+        t[empty] |= _c16(_F_TABLE)
+    if rel & _GU:
+        t[guard] |= _c16(_GU)
+    if rel & _SDC:
+        t[sd] |= _c16(_SDC)
+    # bit 61 on a present page of an anonymous VMA can only be the huge zero page
+    huge_zero = present & file if anon else np.zeros(512, dtype=bool)
+    if rel & _FI:
+        t[file & nonempty & ~huge_zero] |= _c16(_FI)
+    if rel & _ZE:
+        t[huge_zero] |= _c16(_ZE)
+        if anon:
+            # Exclusively mapped pages are never the (shared) zero page.
+            t[present & ~huge_zero & ~excl] |= _c16(_F_ZERO)
+    if rel & _HU:
+        t[huge_zero] |= _c16(_HU)
+    return t
 
-    def __init__(self, fd: int, pid: int, *, inverted: int, mask: int, anyof: int, return_mask: int) -> None:
+
+_tables: dict[tuple[bool, bool, int, int], np.ndarray] = {}
+
+
+def _table_for(anon: bool, uw: bool, vma_bits: int, rel: int) -> np.ndarray:
+    key = (anon, uw, vma_bits, rel & (_WR | _GU | _SDC | _FI | _ZE | _HU))
+    t = _tables.get(key)
+    if t is None:
+        t = _tables[key] = _table(*key)
+    return t
+
+
+def _uniform(e: np.ndarray, table: np.ndarray) -> np.ndarray | None:
+    """If every entry of ``e`` has the same top nine bits and their table value needs no
+    fix-up: that value for every page, as a read-only zero-stride array (which the
+    engine takes as one run). ``None`` otherwise. The top bits of the smallest and the
+    largest entry bound those of every entry in between."""
+    if not e.size:
+        return None
+    top = int(e[0]) >> 55
+    if int(e[-1]) >> 55 != top or int(e.min()) >> 55 != top or int(e.max()) >> 55 != top:
+        return None
+    value = table[top]
+    if value & _FLAGS:
+        return None
+    out: np.ndarray = np.broadcast_to(value, e.shape)
+    return out
+
+
+def _top_bits(e: np.ndarray) -> np.ndarray:
+    """Bits 55-63 of each entry (0-511), as ``intp`` indices for ``np.take``."""
+    idx: np.ndarray = np.right_shift(e, _u(55)).view(np.int64)
+    return idx
+
+
+class _Context:
+    """Per-call state: the pagemap fd, the masks, smaps read so far, cached lookups."""
+
+    def __init__(self, fd: int, pid: int, *, inverted: int, mask: int, anyof: int, return_mask: int,
+                 scan_start: int = 0, scan_end: int = 1 << 64) -> None:
         self.fd = fd
         self.pid = pid
         self.inverted = inverted
@@ -289,8 +533,14 @@ class _Context:
         self.anyof = anyof
         self.return_mask = return_mask
         self.relevant = mask | anyof | return_mask
+        self.scan_start = scan_start
+        self.scan_end = scan_end
+        #: VMA start -> its smaps fields are filled in
+        self.known: dict[int, bool] = {}
+        self._smaps: SmapsStream | None = None
         self._kpf_fd: int | None = None
         self._kpf_denied = False
+        self._pfns_visible: bool | None = None
         #: VMA start -> (block addresses known PMD-mapped, block addresses that may be)
         self._thp: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._pud_occupied: dict[int, bool] = {}  # 1 GiB block -> has a populated page
@@ -299,20 +549,23 @@ class _Context:
         fd, self._kpf_fd = self._kpf_fd, None
         if fd is not None:
             os.close(fd)
+        s, self._smaps = self._smaps, None
+        if s is not None:
+            s.close()
 
     # -- reading -------------------------------------------------------------------
 
     def entries(self, lo: int, hi: int) -> np.ndarray:
         n = (hi - lo) // P
-        buf = bytearray(n * 8)
-        view = memoryview(buf)
+        out = np.empty(n, dtype=np.uint64)
+        view = out.data.cast("B")
         got = 0
-        while got < len(buf):
+        while got < n * 8:
             k = os.preadv(self.fd, [view[got:]], lo // P * 8 + got)
             if k <= 0:
                 break
             got += k
-        return np.frombuffer(buf, dtype=np.uint64, count=got // 8)
+        return out[: got // 8]
 
     def kpageflags(self, pfns: np.ndarray) -> np.ndarray | None:
         """Flags of each PFN, or ``None`` when ``/proc/kpageflags`` is not readable."""
@@ -329,13 +582,42 @@ class _Context:
             out[i] = int.from_bytes(os.pread(self._kpf_fd, 8, pfn * 8), "little")
         return out
 
+    def smaps(self, v: Vma, v_index: int) -> Vma:
+        """Fill in ``v``'s smaps fields (``v_index``: its position in maps), reading smaps
+        only as far as ``v``. Raises :class:`_Mismatch` if smaps shows another layout."""
+        if self.known.get(v.start):
+            return v
+        s = self._smaps
+        if s is None:
+            s = self._smaps = SmapsStream(self.pid, self.scan_start, self.scan_end, SCAN_FIELDS)
+        while True:
+            # Read no further than the records before v could fill (records are at least
+            # ~600 bytes; 2 KiB stays clear of the seq_file's 4 KiB buffer, so the kernel
+            # never generates, discards and regenerates a record). Never above 4 KiB.
+            ahead = v_index - s.records_seen
+            r = read_smaps(s, max(512, min(2048, 512 * ahead)))
+            if r is None:
+                raise _Mismatch
+            if r.end <= v.start:
+                continue  # a VMA in range the walk did not need smaps for
+            if (r.start, r.end, r.inode, r.perms) != (v.start, v.end, v.inode, v.perms):
+                raise _Mismatch
+            v.vmflags = r.vmflags
+            v.fields = r.fields
+            self.known[v.start] = True
+            return v
+
     # -- VMA level -----------------------------------------------------------------
 
-    def wp_allowed(self, v: Vma) -> bool:
-        if "uw" not in v.vmflags:
+    def wp_allowed(self, v: Vma, v_index: int) -> bool:
+        if _wp_async_kernel.get() is False:
+            return False  # no uffd here can be asynchronous
+        if "uw" not in self.smaps(v, v_index).vmflags:
             return False
-        if self.pid == os.getpid() and wp_async_registry.covers(v.start, v.end):
-            return True
+        if self.pid == os.getpid():
+            known = wp_async_registry.lookup(v.start, v.end)
+            if known is not None:
+                return known
         raise _eopnotsupp(
             f"cannot tell whether the uffd-WP registration of {v.start:#x}-{v.end:#x} (pid {self.pid}) "
             "is asynchronous (PAGE_IS_WPALLOWED); only registrations made through pagescan in this "
@@ -344,85 +626,89 @@ class _Context:
 
     # -- page level ----------------------------------------------------------------
 
-    def categories(self, v: Vma, lo: int, hi: int, vma_bits: int) -> np.ndarray:
-        """Categories of the pages of ``[lo, hi)`` (inside ``v``), VMA bits included."""
-        rel = self.relevant
+    def categories(self, v: Vma, v_index: int, lo: int, hi: int, vma_bits: int) -> np.ndarray:
+        """Categories (uint16) of the pages of ``[lo, hi)`` (inside ``v``), VMA bits included."""
         if v.hugetlb:
-            e = self.entries(lo, hi)
-        else:
-            # Whole PMD blocks around the chunk, so page-table presence can be judged.
-            # The last block of user space is one page short (TASK_SIZE): pad it.
-            span = PMD_PAGES * P
-            wlo = lo - lo % span
-            whi = min(-(-hi // span) * span, _task_limit())
-            window = self.entries(wlo, whi)
-            if window.size % PMD_PAGES:
-                window = np.concatenate([window, np.zeros(-window.size % PMD_PAGES, dtype=np.uint64)])
-            first = (lo - wlo) // P
-            e = window[first : first + (hi - lo) // P]
-        if e.size != (hi - lo) // P:
+            return self._hugetlb_categories(v, lo, hi, vma_bits)
+        rel = self.relevant
+        # Whole PMD blocks around the chunk, so page-table presence can be judged.
+        # The last block of user space is one page short (TASK_SIZE): pad it.
+        span = PMD_PAGES * P
+        wlo = lo - lo % span
+        whi = min(-(-hi // span) * span, _task_limit())
+        window = self.entries(wlo, whi)
+        if window.size % PMD_PAGES:
+            window = np.concatenate([window, np.zeros(-window.size % PMD_PAGES, dtype=np.uint64)])
+        n = (hi - lo) // P
+        first = (lo - wlo) // P
+        e = window[first : first + n]
+        if e.size != n:
             raise OSError(errno.EFAULT, f"short pagemap read at {lo:#x}")
 
-        present = (e & _PRESENT) != 0
-        swap = (e & _SWAP) != 0
-        wp = (e & _UFFD_WP) != 0
-        cats = np.full(e.size, vma_bits, dtype=np.uint64)
-        cats[present] |= _u(Category.PRESENT)
-
-        if v.hugetlb:
-            marker = ~present & wp  # hugetlb never sets bit 62; a WP marker carries 57
-            cats[marker] |= _u(Category.SWAPPED)
-            nonempty = present | marker
-            cats[present & ~wp] |= _u(Category.WRITTEN)
-            # HUGE for populated entries, and for empty ones whose PMD table exists.
-            if not nonempty.all():
-                nonempty |= self._pmd_table(lo, hi)
-            cats[nonempty] |= _u(Category.HUGE)
+        anon = v.anonymous
+        uw = self.known.get(v.start, False) and "uw" in v.vmflags
+        table = _table_for(anon, uw, vma_bits, rel)
+        uniform = _uniform(e, table)
+        thp = self._thp_chunk(v, v_index, window, wlo, lo, n) if rel & _HU else None
+        if uniform is not None:
+            if thp is None:
+                return uniform  # the common case of populated memory: one value, no copy
+            cats = uniform.copy()
         else:
-            cats[swap] |= _u(Category.SWAPPED)
-            nonempty = present | swap
-            written = nonempty & ~wp
-            empty = ~nonempty & ~wp
-            if empty.any():
-                if "uw" in v.vmflags:
-                    written |= empty
-                else:
-                    occupied = ((window & (_PRESENT | _SWAP)) != 0).reshape(-1, PMD_PAGES).any(axis=1)
-                    table = np.repeat(occupied, PMD_PAGES)[first : first + e.size]
-                    written |= empty & table
-            cats[written] |= _u(Category.WRITTEN)
-
-        if rel & Category.GUARD:
-            cats[(e & _GUARD) != 0] |= _u(Category.GUARD)
-        if rel & Category.SOFT_DIRTY:
-            cats[(e & _SD) != 0] |= _u(Category.SOFT_DIRTY)
-        anon = _anonymous(v)
-        # bit 61 on a present page of an anonymous VMA can only be the huge zero page
-        huge_zero = present & ((e & _FILE) != 0) if anon else np.zeros(e.size, dtype=bool)
-        if rel & Category.FILE:
-            cats[((e & _FILE) != 0) & (present | swap) & ~huge_zero] |= _u(Category.FILE)
+            cats = np.take(table, _top_bits(e))
         unknown: np.ndarray | None = None  # per page: category bits that cannot be known
-        if rel & Category.PFNZERO:
-            cats[huge_zero] |= _u(Category.PFNZERO)
-            if anon:
-                # Exclusively mapped pages are never the (shared) zero page.
-                cand = present & ~huge_zero & ((e & _EXCL) == 0)
-                if cand.any():
-                    zero = self._zero_pfn_pages(e)
-                    if zero is None:
-                        unknown = np.where(cand, _u(Category.PFNZERO), _u(0))
-                    else:
-                        cats[cand & zero] |= _u(Category.PFNZERO)
-        if rel & Category.HUGE and not v.hugetlb:
-            cats[huge_zero] |= _u(Category.HUGE)
-            if v.pmd_mapped:
-                huge, unsure = self._thp_pmd(v, lo, e.size)
-                cats[huge] |= _u(Category.HUGE)
-                if unsure.any():
-                    bits = np.where(unsure, _u(Category.HUGE), _u(0))
-                    unknown = bits if unknown is None else unknown | bits
+        if uniform is None and int(cats.max()) >= _F_ZERO:
+            flagged = cats & _c16(_FLAGS)
+            empty = (flagged & _c16(_F_TABLE)) != 0
+            if empty.any():
+                occupied = ((window & (_PRESENT | _SWAP)) != 0).reshape(-1, PMD_PAGES).any(axis=1)
+                table_here = np.repeat(occupied, PMD_PAGES)[first : first + n]
+                written = empty & table_here
+                if not (empty <= table_here).all() and "uw" in self.smaps(v, v_index).vmflags:
+                    written = empty  # uffd-WP VMA: every empty slot is WRITTEN
+                cats[written] |= _c16(_WR)
+            cand = (flagged & _c16(_F_ZERO)) != 0
+            if cand.any():
+                zero = self._zero_pfn_pages(e)
+                if zero is None:
+                    unknown = np.where(cand, _c16(_ZE), _c16(0))
+                else:
+                    cats[cand & zero] |= _c16(_ZE)
+            cats &= _c16(_CATS)
+        if thp is not None:
+            huge, unsure = thp
+            cats[huge] |= _c16(_HU)
+            if unsure.any():
+                bits = np.where(unsure, _c16(_HU), _c16(0))
+                unknown = bits if unknown is None else unknown | bits
         if unknown is not None:
             self._settle(v, lo, cats, unknown)
+        result: np.ndarray = cats
+        return result
+
+    def _hugetlb_categories(self, v: Vma, lo: int, hi: int, vma_bits: int) -> np.ndarray:
+        e = self.entries(lo, hi)
+        if e.size != (hi - lo) // P:
+            raise OSError(errno.EFAULT, f"short pagemap read at {lo:#x}")
+        rel = self.relevant
+        present = (e & _PRESENT) != 0
+        wp = (e & _UFFD_WP) != 0
+        cats = np.full(e.size, vma_bits, dtype=_c16)
+        cats[present] |= _c16(_PR)
+        marker = ~present & wp  # hugetlb never sets bit 62; a WP marker carries 57
+        cats[marker] |= _c16(_SW)
+        nonempty = present | marker
+        cats[present & ~wp] |= _c16(_WR)
+        # HUGE for populated entries, and for empty ones whose PMD table exists.
+        if not nonempty.all():
+            nonempty |= self._pmd_table(lo, hi)
+        cats[nonempty] |= _c16(_HU)
+        if rel & _GU:
+            cats[(e & _GUARD) != 0] |= _c16(_GU)
+        if rel & _SDC:
+            cats[(e & _SD) != 0] |= _c16(_SDC)
+        if rel & _FI:
+            cats[((e & _FILE) != 0) & (present | ((e & _SWAP) != 0))] |= _c16(_FI)
         return cats
 
     def _settle(self, v: Vma, lo: int, cats: np.ndarray, unknown: np.ndarray) -> None:
@@ -431,10 +717,10 @@ class _Context:
         idx = np.flatnonzero(unknown)
         if not idx.size:
             return
-        c, u = cats[idx], unknown[idx]
+        c, u = cats[idx].astype(np.uint64), unknown[idx].astype(np.uint64)
         ret = _u(self.return_mask)
         outcomes = []
-        for guess in (0, int(Category.PFNZERO), int(Category.HUGE), int(Category.PFNZERO | Category.HUGE)):
+        for guess in (0, _ZE, _HU, _ZE | _HU):
             cg = c | (u & _u(guess))
             m = _engine.match(cg, self.inverted, self.mask, self.anyof)
             outcomes.append(np.where(m, cg & ret, _u(1 << 63)))
@@ -492,15 +778,75 @@ class _Context:
         zero: np.ndarray = pfn == _u(z)
         return zero
 
-    def _thp_pmd(self, v: Vma, lo: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    # -- THP -------------------------------------------------------------------------
+
+    def _thp_chunk(self, v: Vma, v_index: int, window: np.ndarray, wlo: int, lo: int,
+                   n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """HUGE for the ``n`` pages from ``lo`` (a chunk of ``v`` inside the PMD-aligned
+        ``window`` of entries from ``wlo``): ``(PMD-mapped THP, maybe)`` per page, or
+        ``None`` when no page of the chunk is.
+
+        Cheap tests on the chunk's own entries first: a block that fails one is not
+        PMD-mapped. Only if one passes them all does the VMA-wide count against smaps
+        (:meth:`_thp_blocks`) decide."""
+        if self.known.get(v.start) and not v.pmd_mapped:
+            return None
+        if v.start in self._thp:
+            return self._thp_pmd(v, v_index, lo, n)
+        span = PMD_PAGES * P
+        b0 = max(0, -(-(v.start - wlo) // span))
+        b1 = min(window.size // PMD_PAGES, (v.end - wlo) // span)
+        if b1 <= b0:
+            return None
+        blocks = window[b0 * PMD_PAGES : b1 * PMD_PAGES].reshape(-1, PMD_PAGES)
+        if not self._thp_candidates(v, blocks).any():
+            return None  # exact: a PMD mapping passes every test
+        if not self.smaps(v, v_index).pmd_mapped:
+            return None  # smaps: no PMD-mapped THP in this VMA at all
+        return self._thp_pmd(v, v_index, lo, n)
+
+    def _thp_candidates(self, v: Vma, blocks: np.ndarray) -> np.ndarray:
+        """Per row of ``blocks`` (whole PMD blocks of ``v``): passes every test a PMD
+        mapping passes (kpageflags included where readable)."""
+        head = blocks[:, 0]
+        present_head: np.ndarray = (head & _PRESENT) != 0
+        if self._pfns_visible is None and present_head.any():
+            self._pfns_visible = bool((head[present_head] & _PFN).any())
+        ok = present_head
+        if self._pfns_visible:
+            ok &= ((head & _PFN) % _u(PMD_PAGES)) == 0  # PMD mappings are physically aligned
+        if v.anonymous:
+            ok &= (head & _FILE) == 0  # the huge zero page (known already)
+        rows = np.flatnonzero(ok)
+        if not rows.size:
+            return ok
+        b = blocks[rows]
+        uniform_bits = _UFFD_WP | _FILE | _SD
+        good = ((b & _PRESENT) != 0).all(axis=1)
+        good &= ((b & uniform_bits) == (b[:, :1] & uniform_bits)).all(axis=1)
+        if self._pfns_visible:
+            pfn = b & _PFN
+            good &= (pfn == pfn[:, :1] + np.arange(PMD_PAGES, dtype=np.uint64)).all(axis=1)
+            sel = np.flatnonzero(good)
+            if sel.size:
+                flags = self.kpageflags(pfn[sel, 0])
+                if flags is not None:
+                    thp = ((flags >> _u(KPF.THP)) & _u(1)) != 0
+                    thp &= ((flags >> _u(KPF.ZERO_PAGE)) & _u(1)) == 0
+                    good[sel] = thp
+        ok[rows] = good
+        return ok
+
+    def _thp_pmd(self, v: Vma, v_index: int, lo: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         """For the ``n`` pages from ``lo``: (certainly PMD-mapped THP, maybe PMD-mapped)."""
         got = self._thp.get(v.start)
         if got is None:
+            self.smaps(v, v_index)
             got = self._thp[v.start] = self._thp_blocks(v)
         return _block_pages(got[0], lo, n), _block_pages(got[1], lo, n)
 
     def _thp_blocks(self, v: Vma) -> tuple[np.ndarray, np.ndarray]:
-        """(PMD-mapped THP blocks, blocks that may be) of ``v``.
+        """(PMD-mapped THP blocks, blocks that may be) of ``v`` (smaps fields filled in).
 
         A PMD mapping covers a whole aligned 2 MiB block inside the VMA, every page
         present with the same uffd-wp, soft-dirty and file bits (one PMD entry) and not
@@ -514,9 +860,9 @@ class _Context:
         blo = -(-v.start // span) * span
         bhi = v.end - v.end % span
         empty = np.empty(0, dtype=np.int64)
-        if bhi <= blo:
+        if bhi <= blo or not v.pmd_mapped:
             return empty, empty
-        anon = _anonymous(v)
+        anon = v.anonymous
         sure: list[np.ndarray] = []
         maybe: list[np.ndarray] = []
         uniform_bits = _UFFD_WP | _FILE | _SD
@@ -568,24 +914,6 @@ def _block_pages(blocks: np.ndarray, lo: int, n: int) -> np.ndarray:
         np.add.at(marks, np.clip(first + PMD_PAGES, 0, n), -1)
         out = np.cumsum(marks[:-1]) > 0
     return out
-
-
-def _anonymous(v: Vma) -> bool:
-    """Whether ``v`` is private anonymous memory (the kernel's ``vma_is_anonymous``), the
-    only kind that can map the zero page or the huge zero page.
-
-    maps names such VMAs ``""``, ``[heap]``, ``[stack]`` (``[stack:TID]`` before 4.5) or
-    ``[anon:NAME]`` (``PR_SET_VMA_ANON_NAME``), with inode 0. ``MAP_PRIVATE`` of
-    ``/dev/zero`` keeps the file for ``/proc`` but is set up as anonymous. Every other
-    bracketed name is a special mapping (``[vdso]``, ``[vvar]``, ``[uprobes]``, ...) whose
-    pages are ordinary kernel pages (FILE), not anonymous ones.
-    """
-    if v.shared:
-        return False
-    name = v.name
-    if v.inode == 0:
-        return name in ("", "[heap]", "[stack]") or name.startswith(("[anon:", "[stack:"))
-    return name == "/dev/zero"
 
 
 def _task_limit() -> int:

@@ -19,13 +19,18 @@ The rules are the kernel's (``shared/spec/kernel.md`` 1.4-1.7):
 * ``walk_end`` is the documented value (never the kernel's stale one).
 
 Everything is vectorised over the pages of a chunk; the only Python loop is over
-chunks (typically one per VMA or per bounded slice of one).
+chunks (typically one per VMA or per bounded slice of one). Categories may be any
+unsigned dtype (the emulation passes uint16); a zero-stride array (``np.broadcast_to``)
+says every page of the chunk has the same categories and is handled as one run; with
+no masks every page matches and run boundaries come straight from changes of the
+reported value.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 import numpy as np
 
@@ -72,27 +77,56 @@ def validate(
     return (end + page_size - 1) & ~(page_size - 1)
 
 
+def _as(categories: np.ndarray, *masks: int) -> tuple[np.ndarray, Any]:
+    """``categories`` as an unsigned array wide enough for ``masks``, and its scalar type
+    (per-page categories may be uint16: nine bits, a quarter of the memory traffic)."""
+    t = categories.dtype.type
+    if t is not _U64 and (categories.dtype.kind != "u" or any(m >> (8 * categories.dtype.itemsize) for m in masks)):
+        categories, t = categories.astype(_U64), _U64
+    return categories, t
+
+
 def match(categories: np.ndarray, inverted: int, mask: int, anyof: int) -> np.ndarray:
     """Boolean array: which pages match (the kernel's ``pagemap_scan_is_interesting_page``)."""
-    c = categories ^ _U64(inverted)
-    m: np.ndarray = (c & _U64(mask)) == _U64(mask)
+    categories, t = _as(categories, inverted, mask, anyof)
+    c = categories ^ t(inverted)
+    m: np.ndarray = (c & t(mask)) == t(mask)
     if anyof:
-        m &= (c & _U64(anyof)) != 0
+        m &= (c & t(anyof)) != 0
     return m
 
 
 def runs(
-    categories: np.ndarray, matched: np.ndarray, return_mask: int
+    categories: np.ndarray, matched: np.ndarray | None, return_mask: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maximal runs of matching pages with equal ``categories & return_mask``.
 
-    Returns ``(first_page, end_page, reported)`` index arrays (end exclusive).
+    ``matched`` ``None`` means every page matches. Returns ``(first_page, end_page,
+    reported)`` index arrays (end exclusive).
     """
+    categories, t = _as(categories, return_mask)
+    if matched is None:
+        # Every page matches: runs end only where the reported value changes.
+        n = categories.size
+        if not n:
+            empty = np.empty(0, np.int64)
+            return empty, empty, np.empty(0, categories.dtype)
+        if categories.strides[0] == 0:  # a zero-stride (broadcast) array: one value, one run
+            return np.zeros(1, np.int64), np.full(1, n, np.int64), categories[:1] & t(return_mask)
+        rep = categories & t(return_mask)
+        change = np.flatnonzero(rep[1:] != rep[:-1])
+        first = np.empty(change.size + 1, dtype=np.int64)
+        first[0] = 0
+        first[1:] = change + 1
+        stop = np.empty_like(first)
+        stop[:-1] = first[1:]
+        stop[-1] = n
+        return first, stop, rep[first]
     idx = np.flatnonzero(matched)
     if not idx.size:
         empty = np.empty(0, np.int64)
-        return empty, empty, np.empty(0, np.uint64)
-    rep = categories[idx] & _U64(return_mask)
+        return empty, empty, np.empty(0, categories.dtype)
+    rep = categories[idx] & t(return_mask)
     brk = np.empty(idx.size, dtype=bool)
     brk[0] = True
     np.not_equal(np.diff(idx), 1, out=brk[1:])
@@ -150,14 +184,18 @@ class Collector:
             return False
         if not self.vec_len:
             return True  # nothing reported, nothing counted
-        first, stop, rep = runs(categories, match(categories, self.inverted, self.mask, self.anyof), self.return_mask)
+        matched: np.ndarray | None = None  # no masks: every page matches (``inverted`` alone changes nothing)
+        if self.mask or self.anyof:
+            if categories.size > 1 and categories.strides[0] == 0:
+                # One value for every page (a zero-stride array): match it once.
+                if not match(categories[:1], self.inverted, self.mask, self.anyof)[0]:
+                    return True
+            else:
+                matched = match(categories, self.inverted, self.mask, self.anyof)
+        first, stop, rep = runs(categories, matched, self.return_mask)
         if not first.size:
             return True
         P = self.page_size
-        starts = first.astype(np.uint64) * _U64(P) + _U64(addr)
-        ends = stop.astype(np.uint64) * _U64(P) + _U64(addr)
-        lens = (stop - first).astype(np.uint64)
-
         out = self.out
         assert out is not None
         base = self.index
@@ -165,7 +203,29 @@ class Collector:
         merge_first = False
         if self.n:
             prev = out[base + self.n - 1]
-            merge_first = int(prev["end"]) == int(starts[0]) and int(prev["categories"]) == int(rep[0])
+            merge_first = int(prev["end"]) == addr + int(first[0]) * P and int(prev["categories"]) == int(rep[0])
+
+        if first.size <= 32:
+            # Few runs (typical of populated memory): when all of them fit in the buffer
+            # and the budget, emit them with plain ints.
+            fl, sl, rl = first.tolist(), stop.tolist(), rep.tolist()
+            pages = sum(sl) - sum(fl)
+            if self.n + len(fl) - merge_first <= self.vec_len and self.found + pages <= self.max_pages:
+                i = 0
+                if merge_first:
+                    out["end"][base + self.n - 1] = addr + sl[0] * P
+                    i = 1
+                j = base + self.n
+                for f, e, c in zip(fl[i:], sl[i:], rl[i:]):
+                    out[j] = (addr + f * P, addr + e * P, c)
+                    j += 1
+                self.n = j - base
+                self.found += pages
+                return True
+
+        starts = first.astype(np.uint64) * _U64(P) + _U64(addr)
+        ends = stop.astype(np.uint64) * _U64(P) + _U64(addr)
+        lens = (stop - first).astype(np.uint64)
 
         # Slots needed: every run but a merged first one.
         new_slot = np.ones(first.size, dtype=bool)

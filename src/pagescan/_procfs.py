@@ -1,16 +1,22 @@
 """Readers for ``/proc/PID/maps`` and ``/proc/PID/smaps``.
 
-``maps`` is cheap (no page-table walk); ``smaps`` walks every VMA's page tables to
-compute RSS and costs about as much as reading the pagemap of the whole process, so
-callers read it only when they need ``VmFlags`` or per-VMA counters.
+``maps`` is cheap (no page-table walk). ``smaps`` walks the page tables of every VMA it
+shows to count RSS -- for a populated VMA that costs more than reading its pagemap -- so
+callers read it only when they need ``VmFlags`` or per-VMA counters, and only as far as
+they need: the kernel generates smaps one VMA record at a time, in address order, as the
+reader asks for more, so a reader that stops early never walks the VMAs above where it
+stopped (:class:`SmapsStream`). It cannot skip the VMAs *below* a range: seeking a
+seq_file regenerates every record before the offset.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
+import os
 
-__all__ = ["Vma", "read_maps", "read_smaps"]
+__all__ = ["SmapsStream", "Vma", "read_maps", "read_smaps"]
 
 
 @dataclasses.dataclass
@@ -34,9 +40,22 @@ class Vma:
         return self.perms[3:4] == "s"
 
     @property
-    def anon_private(self) -> bool:
-        """Private and not backed by a file (heap, stack, anonymous mmap)."""
-        return not self.shared and self.inode == 0 and not self.name.startswith("/")
+    def anonymous(self) -> bool:
+        """Private anonymous memory: the kernel's ``vma_is_anonymous``.
+
+        maps names such VMAs ``""``, ``[heap]``, ``[stack]`` (``[stack:TID]`` before 4.5)
+        or ``[anon:NAME]`` (``PR_SET_VMA_ANON_NAME``), with inode 0. ``MAP_PRIVATE`` of
+        ``/dev/zero`` keeps the file for ``/proc`` but is set up as anonymous memory.
+        Every other bracketed name is a special mapping (``[vdso]``, ``[vvar]``,
+        ``[uprobes]``, ...), not anonymous memory; shared anonymous memory is shmem
+        (``/dev/zero (deleted)``). Such VMAs are never hugetlb and never ``VM_PFNMAP``.
+        """
+        if self.shared:
+            return False
+        name = self.name
+        if self.inode == 0:
+            return name in ("", "[heap]", "[stack]") or name.startswith(("[anon:", "[stack:"))
+        return name == "/dev/zero"
 
     @property
     def hugetlb(self) -> bool:
@@ -53,15 +72,57 @@ class Vma:
         return f.get("AnonHugePages", 0) + f.get("ShmemPmdMapped", 0) + f.get("FilePmdMapped", 0)
 
 
-def _open(pid: int, name: str) -> bytes:
-    path = f"/proc/{pid}/{name}"
+def _path(pid: int, name: str) -> str:
+    return f"/proc/{pid}/{name}"
+
+
+def _open_fd(pid: int, name: str) -> int:
+    path = _path(pid, name)
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ProcessLookupError(errno.ESRCH, f"no process with pid {pid}") from None
     except PermissionError as err:
         raise PermissionError(err.errno, f"may not read {path} (needs ptrace read access)") from None
+
+
+def _open(pid: int, name: str) -> bytes:
+    fd = _open_fd(pid, name)
+    try:
+        chunks: list[bytes] = []
+        while True:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+    except PermissionError as err:  # the ptrace check is made at read time too
+        raise PermissionError(err.errno, f"may not read {_path(pid, name)} (needs ptrace read access)") from None
+    finally:
+        os.close(fd)
+
+
+def read_maps_text(pid: int, end: int = 1 << 64) -> bytes:
+    """``/proc/PID/maps`` as far as the first VMA at or above ``end`` (the kernel
+    generates maps as it is read, so the VMAs above are never formatted)."""
+    fd = _open_fd(pid, "maps")
+    buf = bytearray()
+    try:
+        while True:
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return bytes(buf)
+            buf += data
+            last_nl = buf.rfind(b"\n")
+            if last_nl < 0 or end >= 1 << 64:
+                continue
+            line = buf[buf.rfind(b"\n", 0, last_nl) + 1 : last_nl]  # the last complete line
+            dash = line.find(b"-")
+            if dash > 0 and int(line[:dash], 16) >= end:
+                return bytes(buf[: last_nl + 1])
+    except PermissionError as err:
+        raise PermissionError(err.errno, f"may not read {_path(pid, 'maps')} (needs ptrace read access)") from None
+    finally:
+        os.close(fd)
 
 
 def _parse_header(line: bytes) -> Vma:
@@ -78,38 +139,146 @@ def _parse_header(line: bytes) -> Vma:
     )
 
 
+def _vma_end(line: bytes) -> int:
+    dash = line.find(b"-")
+    return int(line[dash + 1 : line.find(b" ", dash)], 16)
+
+
+def maps_in_range(data: bytes, start: int, end: int) -> tuple[list[Vma], int]:
+    """The VMAs of maps text ``data`` that intersect ``[start, end)``, and how many
+    VMAs come before the first of them (its record's index in smaps)."""
+    lines = [line for line in data.splitlines() if line]
+    # maps is in address order: find the first VMA ending above ``start`` by bisection.
+    below = bisect.bisect_right(lines, start, key=_vma_end)
+    out: list[Vma] = []
+    for line in lines[below:]:
+        if int(line[: line.find(b"-")], 16) >= end:
+            break
+        out.append(_parse_header(line))
+    return out, below
+
+
 def read_maps(pid: int, start: int = 0, end: int = 1 << 64) -> list[Vma]:
     """VMAs of ``pid`` that intersect ``[start, end)``, in address order."""
-    out = []
-    for line in _open(pid, "maps").splitlines():
-        if not line:
-            continue
-        vma = _parse_header(line)
-        if vma.end > start and vma.start < end:
-            out.append(vma)
-    return out
+    return maps_in_range(read_maps_text(pid, end), start, end)[0]
 
 
-def read_smaps(pid: int, start: int = 0, end: int = 1 << 64) -> list[Vma]:
-    """Like :func:`read_maps`, with ``VmFlags`` and the ``kB`` fields filled in."""
-    out: list[Vma] = []
-    cur: Vma | None = None
-    for line in _open(pid, "smaps").splitlines():
-        if not line:
-            continue
-        head, _, rest = line.partition(b":")
-        if b" " not in head and head[:1].isalpha() and rest[:1] in (b" ", b"\t", b""):
-            if cur is None:
+#: The smaps fields :class:`SmapsStream` parses by default (what the emulation uses).
+SCAN_FIELDS = ("AnonHugePages", "ShmemPmdMapped", "FilePmdMapped", "KernelPageSize")
+
+
+class SmapsStream:
+    """``/proc/PID/smaps`` read incrementally, one record at a time, in address order.
+
+    :meth:`next` returns the next record that intersects ``[start, end)`` (records below
+    are skipped unparsed), ``None`` once past the range or at the end. Reads are as
+    small as the caller's ``read_size`` (the kernel generates records only until the
+    read is filled), so stopping early leaves the VMAs above unwalked. Only the
+    ``fields`` named are parsed (``None``: every ``kB`` field) plus ``VmFlags``.
+    """
+
+    __slots__ = ("_buf", "_eof", "_fd", "_pos", "end", "fields", "pid", "records_seen", "start")
+
+    def __init__(self, pid: int, start: int = 0, end: int = 1 << 64,
+                 fields: tuple[str, ...] | None = SCAN_FIELDS) -> None:
+        self.pid = pid
+        self.start = start
+        self.end = end
+        self.fields = fields
+        self._buf = b""
+        self._pos = 0
+        self._eof = False
+        #: complete records consumed so far (in range or not)
+        self.records_seen = 0
+        self._fd = _open_fd(pid, "smaps")
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> SmapsStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _read(self, size: int) -> bool:
+        if self._eof or self._fd < 0:
+            return False
+        try:
+            data = os.read(self._fd, size)
+        except PermissionError as err:
+            raise PermissionError(
+                err.errno, f"may not read {_path(self.pid, 'smaps')} (needs ptrace read access)"
+            ) from None
+        if not data:
+            self._eof = True
+            return False
+        if self._pos:
+            self._buf = self._buf[self._pos :] + data
+            self._pos = 0
+        else:
+            self._buf += data
+        return True
+
+    def _record(self, read_size: int) -> bytes | None:
+        """The next complete record (ending with its ``VmFlags`` line), or ``None`` at the end."""
+        while True:
+            buf, pos = self._buf, self._pos
+            i = buf.find(b"\nVmFlags:", pos)
+            if i >= 0:
+                j = buf.find(b"\n", i + 1)
+                if j >= 0:
+                    self._pos = j + 1
+                    self.records_seen += 1
+                    return buf[pos : j + 1]
+            if not self._read(read_size):
+                return None
+
+    def next(self, read_size: int = 4096) -> Vma | None:
+        while True:
+            rec = self._record(read_size)
+            if rec is None:
+                return None
+            nl = rec.find(b"\n")
+            head = rec[:nl]
+            dash = head.find(b"-")
+            if int(head[dash + 1 : head.find(b" ", dash)], 16) <= self.start:
                 continue
-            if head == b"VmFlags":
-                cur.vmflags = frozenset(rest.decode().split())
-            else:
+            if int(head[:dash], 16) >= self.end:
+                self.close()  # nothing further is wanted: never generate it
+                return None
+            return self._parse(head, rec, nl)
+
+    def _parse(self, head: bytes, rec: bytes, nl: int) -> Vma:
+        vma = _parse_header(head)
+        f = rec.rfind(b"\nVmFlags:")
+        if f >= 0:
+            vma.vmflags = frozenset(rec[f + 9 :].decode().split())
+        fields = vma.fields
+        if self.fields is None:
+            for line in rec[nl + 1 : f if f >= 0 else len(rec)].splitlines():
+                key, _, rest = line.partition(b":")
                 parts = rest.split()
                 if len(parts) == 2 and parts[1] == b"kB":
-                    cur.fields[head.decode()] = int(parts[0]) * 1024
-            continue
-        vma = _parse_header(line)
-        cur = vma if vma.end > start and vma.start < end else None
-        if cur is not None:
-            out.append(cur)
+                    fields[key.decode()] = int(parts[0]) * 1024
+        else:
+            for name in self.fields:
+                k = rec.find(b"\n" + name.encode() + b":")
+                if k >= 0:
+                    parts = rec[k + len(name) + 2 : rec.find(b"\n", k + 1)].split()
+                    if len(parts) == 2 and parts[1] == b"kB":
+                        fields[name] = int(parts[0]) * 1024
+        return vma
+
+
+def read_smaps(pid: int, start: int = 0, end: int = 1 << 64,
+               fields: tuple[str, ...] | None = None) -> list[Vma]:
+    """Like :func:`read_maps`, with ``VmFlags`` and the ``kB`` fields (all of them, or
+    only ``fields``) filled in. Stops reading at the first VMA beyond ``end``."""
+    out: list[Vma] = []
+    with SmapsStream(pid, start, end, fields) as s:
+        while (v := s.next(1 << 16)) is not None:
+            out.append(v)
     return out

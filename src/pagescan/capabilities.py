@@ -80,6 +80,12 @@ class Capabilities:
     hugetlb_free: int
     #: feature name -> "needs Linux X" / why it is unavailable
     missing: dict[str, str]
+    #: kernel.md 1.8 behaviours that changed in bug-fix releases, probed on this kernel:
+    #: ``written_unpopulated_pte`` (2026: an empty PTE reads WRITTEN on the generic path),
+    #: ``written_pmd_hole`` (2026: a PMD hole in a uffd-WP VMA reads WRITTEN),
+    #: ``pfnzero_huge_zero`` (2025: the huge zero page reads PFNZERO). ``None``: not probed
+    #: (no ioctl, no WP-async, or no THP/huge zero page to try it on).
+    scan_generation: dict[str, bool | None] = dataclasses.field(default_factory=dict)
     #: categories the emulated backend derives exactly here (with this process's privileges)
     emulation_exact: Category = Category(0)
     #: category or flag -> when the emulated backend raises instead of guessing, or approximates
@@ -232,6 +238,9 @@ def _probe() -> Capabilities:
             if not feats & feat:
                 missing[f"UFFD_FEATURE_{feat.name}"] = f"needs Linux {FEATURE_SINCE[feat]}"
 
+    generation = _probe_generation() if pagemap_scan else {
+        "written_unpopulated_pte": None, "written_pmd_hole": None, "pfnzero_huge_zero": None}
+
     exact = Category.PRESENT | Category.SWAPPED | Category.GUARD | Category.SOFT_DIRTY | Category.FILE
     limits = {
         "WRITTEN": "approximate on empty slots: a PMD block whose pages were all zapped keeps its page "
@@ -278,4 +287,61 @@ def _probe() -> Capabilities:
         missing=missing,
         emulation_exact=exact,
         emulation_limits=limits,
+        scan_generation=generation,
     )
+
+
+def _generic_written(start: int, end: int) -> int:
+    """Pages the *generic* path reports WRITTEN (anyof, not the mask==return fast path)."""
+    from ._scan import scan
+
+    return scan(start, end, category_anyof_mask=int(Category.WRITTEN), return_mask=int(Category.WRITTEN)).pages
+
+
+def _probe_generation() -> dict[str, bool | None]:
+    """Which side of each kernel.md 1.8 behaviour change this kernel is on."""
+    from .userfaultfd import Userfaultfd
+    from ._uapi.userfaultfd import RegisterMode
+
+    out: dict[str, bool | None] = {"written_unpopulated_pte": None, "written_pmd_hole": None, "pfnzero_huge_zero": None}
+    pmd = 2 << 20
+    span = 2 * pmd
+    base = libc.mmap(0, span + pmd, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE)
+    try:
+        a = (base + pmd - 1) & ~(pmd - 1)  # two PMD-aligned blocks: [a, a+pmd) and [a+pmd, a+2pmd)
+        try:
+            uf = Userfaultfd(UffdFeature.WP_ASYNC)
+        except OSError:
+            uf = None
+        if uf is not None:
+            with uf:
+                try:
+                    libc.madvise(a, span, MADV.NOHUGEPAGE)
+                    uf.register(a, span, RegisterMode.WP)
+                    # Block 1: a PTE table with one zapped page (pte_none, no marker: never armed).
+                    libc.vm_write(os.getpid(), a, b"\x01")
+                    libc.vm_write(os.getpid(), a + PAGE_SIZE, b"\x01")
+                    libc.madvise(a, PAGE_SIZE, MADV.DONTNEED)
+                    out["written_unpopulated_pte"] = _generic_written(a, a + PAGE_SIZE) == 1
+                    # Block 2: never touched, so no page table at all (a PMD hole).
+                    out["written_pmd_hole"] = _generic_written(a + pmd, a + 2 * pmd) == pmd // PAGE_SIZE
+                except OSError:
+                    pass
+        # Huge zero page: a read fault in a MADV_HUGEPAGE block (needs THP and use_zero_page).
+        c = a + pmd
+        try:
+            libc.munmap(a, span)
+            libc.mmap(a, span, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED)
+            libc.madvise(c, pmd, MADV.HUGEPAGE)
+            libc.vm_read(os.getpid(), c, bytearray(1))
+            from ._scan import scan
+
+            res = scan(c, c + pmd, return_mask=int(Category.PFNZERO | Category.HUGE | Category.PRESENT))
+            cats = [int(c) for c in res.regions["categories"]]
+            if len(cats) == 1 and cats[0] & Category.HUGE:
+                out["pfnzero_huge_zero"] = bool(cats[0] & Category.PFNZERO)
+        except OSError:
+            pass
+    finally:
+        libc.munmap(base, span + pmd)
+    return out

@@ -284,6 +284,12 @@ class Userfaultfd:
 
     def __del__(self) -> None:
         fd, self._fd = getattr(self, "_fd", -1), -1
+        try:
+            # Always: once this object is gone its id may be reused by another one, and
+            # registrations of a detached fd are no longer this object's to vouch for.
+            wp_async_registry.remove(id(self))
+        except Exception:  # interpreter shutdown
+            pass
         if fd >= 0:
             try:
                 os.close(fd)
@@ -305,8 +311,9 @@ class Userfaultfd:
         """
         arg = U.uffdio_register(U.uffdio_range(_u64("start", start), _u64("length", length)), _u64("mode", mode), 0)
         libc.ioctl(self.fd, U.UFFDIO_REGISTER, arg)
-        if mode & RegisterMode.WP and self.features & UffdFeature.WP_ASYNC:
-            wp_async_registry.add(id(self), start, start + length)
+        # Recorded for the emulated PAGEMAP_SCAN (WPALLOWED, CHECK_WPASYNC): the range is
+        # now this uffd's, in this mode (the registry asks the kernel whether it is async).
+        wp_async_registry.add(id(self), start, start + length, wp=bool(mode & RegisterMode.WP), fd=self.fd)
         return UffdIoctl(arg.ioctls)
 
     def unregister(self, start: int, length: int) -> None:

@@ -45,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         ("  WP async", yes(caps.wp_async)),
         ("  MOVE", yes(caps.uffd_move)),
         ("soft-dirty", yes(caps.soft_dirty)),
+        (
+            "scan fixes",
+            " ".join(f"{k}={'?' if v is None else yes(v)}" for k, v in caps.scan_generation.items()) or "-",
+        ),
         ("PFNs visible", yes(caps.pfns_visible)),
         ("kpageflags", yes(caps.kpageflags)),
         ("guard regions", yes(caps.guard_regions)),
