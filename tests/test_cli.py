@@ -32,7 +32,7 @@ import pytest
 
 import pagescan
 from pagescan import Category
-from pagescan._backend_emulated import task_size
+from pagescan._procfs import task_size
 from pagescan._procfs import read_maps
 from pagescan._uapi.mman import MAP
 from pagescan.cli import build_parser, main

@@ -58,6 +58,7 @@ from pagescan._target import self_target
 from pagescan._uapi import libc, pagemap
 from pagescan._uapi import userfaultfd as U
 from pagescan._uapi.mman import MAP, MAP_HUGE_SHIFT, PROT
+from pagescan._procfs import task_size
 
 from .conftest import WP_FEATURES, arm, page_out, requires_pagemap_scan, requires_thp, requires_wp_async
 from .memory import P, Mapping, anon, child_process, pagemap_entries, thp_size
@@ -73,7 +74,7 @@ HP = H // P
 HT = 2 << 20  # hugetlb page size used here (the x86-64 default)
 CAPS = pagescan.capabilities()
 HAVE_GUARD = bool(CAPS.guard_regions and CAPS.categories & Category.GUARD)
-TASK_SIZE = emu.task_size()
+TASK_SIZE = task_size()
 #: Above this many regions the raw ioctl's walk_end may be stale (kernel.md 1.7).
 STALE_AFTER = 512
 

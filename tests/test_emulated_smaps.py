@@ -22,6 +22,7 @@ import pytest
 import pagescan
 from pagescan import MADV, Category, RegisterMode, Userfaultfd, scan
 from pagescan import _backend_emulated as emu
+from pagescan import _registry
 from pagescan import _procfs
 from pagescan._uapi import libc
 from pagescan._uapi import userfaultfd as U
@@ -234,7 +235,7 @@ def _raw_register(fd: int, start: int, length: int, mode: int) -> None:
 
 
 def test_registry_records_async_and_sync_registrations() -> None:
-    reg = emu.wp_async_registry
+    reg = _registry.wp_async_registry
     with anon(4) as a, anon(4) as s, anon(4) as x, Userfaultfd(WP_FEATURES) as ua, \
             Userfaultfd(U.UffdFeature.WP_HUGETLBFS_SHMEM) as us:
         for m in (a, s, x):
@@ -264,7 +265,7 @@ def test_registry_records_async_and_sync_registrations() -> None:
 
 
 def test_registry_forgets_a_garbage_collected_uffd() -> None:
-    reg = emu.wp_async_registry
+    reg = _registry.wp_async_registry
     with anon(4) as m:
         uf = Userfaultfd(WP_FEATURES)
         uf.register(m.addr, m.length, RegisterMode.WP)
@@ -288,12 +289,12 @@ def test_registry_asks_the_kernel_whether_an_adopted_uffd_is_async() -> None:
         with Userfaultfd.from_fd(fd, features=0) as uf:
             arm(uf, m)
             m.touch(1)
-            assert emu.wp_async_registry.lookup(m.addr, m.end) is True
+            assert _registry.wp_async_registry.lookup(m.addr, m.end) is True
             agree(m.addr, m.end, return_mask=ALL9)
 
 
 def test_registry_replaces_what_a_registration_covers() -> None:
-    r = emu._Registry()
+    r = _registry._Registry()
     r.add(1, 0x1000, 0x9000, wp=True, wp_async=True)
     r.add(2, 0x3000, 0x5000, wp=True, wp_async=False)
     assert r.lookup(0x1000, 0x3000) is True and r.lookup(0x3000, 0x5000) is False

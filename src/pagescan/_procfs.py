@@ -14,9 +14,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import errno
+import functools
+import mmap
 import os
+import platform
 
-__all__ = ["SmapsStream", "Vma", "read_maps", "read_smaps"]
+__all__ = ["SmapsStream", "Vma", "read_maps", "read_smaps", "task_size"]
+
+_PAGE_SIZE = mmap.PAGESIZE
 
 
 @dataclasses.dataclass
@@ -282,3 +287,30 @@ def read_smaps(pid: int, start: int = 0, end: int = 1 << 64,
         while (v := s.next(1 << 16)) is not None:
             out.append(v)
     return out
+
+
+@functools.cache
+def task_size() -> int:
+    """Highest user address + 1 as ``access_ok`` sees it (x86-64 4/5-level, arm64 48-bit)."""
+    machine = platform.machine()
+    if machine == "x86_64":
+        try:
+            with open("/proc/cpuinfo") as f:
+                la57 = " la57" in f.read(1 << 16)
+        except OSError:
+            la57 = False
+        # 5-level paging also needs a kernel that enabled it; VmallocTotal tells.
+        bits = 56 if la57 and _vmalloc_total() > (1 << 46) else 47
+        return (1 << bits) - _PAGE_SIZE
+    return 1 << 48
+
+
+def _vmalloc_total() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("VmallocTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -16,6 +16,8 @@ import os
 import threading
 from typing import Any
 
+from ._fdholder import FdHolder
+
 __all__ = ["Target", "resolve_pid", "self_target", "target_for"]
 
 
@@ -34,7 +36,7 @@ def resolve_pid(pid: Any) -> int:
     return pid
 
 
-class Target:
+class Target(FdHolder):
     """An open ``/proc/PID/pagemap`` file: pass it as ``pid=`` to reuse the fd.
 
     ``scan(..., pid=1234)`` opens and closes the file on every call; a ``Target`` keeps
@@ -43,7 +45,8 @@ class Target:
     ``PermissionError`` if we may not trace it.
     """
 
-    __slots__ = ("__weakref__", "_fd", "_owner_pid", "pid")
+    __slots__ = ("__weakref__", "_owner_pid", "pid")
+    _what = "pagescan.Target"
 
     def __init__(self, pid: Any = None) -> None:
         self._fd = -1
@@ -58,38 +61,6 @@ class Target:
             raise PermissionError(
                 err.errno, f"may not read {path} (needs ptrace read access to pid {self.pid})"
             ) from None
-
-    @property
-    def fd(self) -> int:
-        if self._fd < 0:
-            raise ValueError("I/O operation on closed pagescan.Target")
-        return self._fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-    def __enter__(self) -> Target:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ._procfs import _open as _read_proc_file
+from ._procfs import _open as _read_proc_file, task_size
 from ._scan import scan_iter
 from ._target import Target, resolve_pid
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category
@@ -102,7 +102,7 @@ def mapping_stats(pid: Any = None, *, backend: str = "auto") -> list[MappingStat
     # asking for those only skips the empty slots of existing page tables, which the
     # kernel would otherwise report as regions of their own.
     anyof = int(Category.PRESENT | Category.SWAPPED) & supported
-    limit = _task_limit()
+    limit = task_size()
     with Target(resolve_pid(pid)) as target:
         vmas = _read_maps(target.pid, limit)
         if not vmas:
@@ -220,11 +220,3 @@ def _account(vmas: list[tuple[int, int, str, int, str]], regions: np.ndarray, co
         row.update(zip(cols, row_counts))
         out.append(MappingStat(start, end, perms, offset, name, row))
     return out
-
-
-@functools.cache
-def _task_limit() -> int:
-    """The top of user space (fixed for the machine's life; reading it costs a few ms)."""
-    from ._backend_emulated import task_size
-
-    return task_size()

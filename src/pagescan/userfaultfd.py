@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._backend_emulated import wp_async_registry
 from ._errors import KernelFeatureError, PartialProgressError
+from ._fdholder import FdHolder
+from ._registry import wp_async_registry
 from ._uapi import libc
 from ._uapi import userfaultfd as U
 from ._uapi.userfaultfd import (
@@ -181,7 +182,7 @@ def _u64(name: str, value: Any) -> int:
     return v
 
 
-class Userfaultfd:
+class Userfaultfd(FdHolder):
     """A userfaultfd after its ``UFFDIO_API`` handshake.
 
     Args:
@@ -202,7 +203,8 @@ class Userfaultfd:
             EPERM (``EVENT_FORK`` without ``CAP_SYS_PTRACE``).
     """
 
-    __slots__ = ("__weakref__", "_fd", "features", "ioctls", "supported_features")
+    __slots__ = ("__weakref__", "features", "ioctls", "supported_features")
+    _what = "Userfaultfd"
 
     def __init__(
         self,
@@ -248,53 +250,19 @@ class Userfaultfd:
         self.ioctls = UffdIoctl(0)
         return self
 
-    # -- fd lifecycle (trio _FdHolder style) ---------------------------------------
-
-    @property
-    def fd(self) -> int:
-        fd = self._fd
-        if fd < 0:
-            raise ValueError("I/O operation on closed Userfaultfd")
-        return fd
-
-    def fileno(self) -> int:
-        return self.fd
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
+    # -- fd lifecycle (FdHolder) -------------------------------------------------------
 
     def close(self) -> None:
         """Close the fd: the kernel unregisters every range and wakes all waiters."""
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            wp_async_registry.remove(id(self))
-            os.close(fd)
+        super().close()
 
-    def detach(self) -> int:
-        """Give up ownership of the fd and return it."""
-        fd, self._fd = self.fd, -1
-        return fd
+    def _closing(self) -> None:
+        wp_async_registry.remove(id(self))
 
-    def __enter__(self) -> Userfaultfd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        fd, self._fd = getattr(self, "_fd", -1), -1
-        try:
-            # Always: once this object is gone its id may be reused by another one, and
-            # registrations of a detached fd are no longer this object's to vouch for.
-            wp_async_registry.remove(id(self))
-        except Exception:  # interpreter shutdown
-            pass
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    def _finalize(self) -> None:
+        # Always: once this object is gone its id may be reused by another one, and
+        # registrations of a detached fd are no longer this object's to vouch for.
+        wp_async_registry.remove(id(self))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"

@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         from PIL import Image, ImageDraw, ImageFont
     except ImportError as err:  # pragma: no cover - Pillow is a dependency
         raise OSError(f"pagescan map needs Pillow: {err}") from err
-    from pagescan._backend_emulated import task_size
+    from pagescan._procfs import task_size
 
     ret = 0
     for c in Category:

@@ -68,7 +68,7 @@ def resolve_range(pid: int, text: str | None) -> list[tuple[int, int, str]]:
     """``[(start, end, label)]`` for a hex range or a mapping name."""
     vmas = read_maps(pid)
     if text is None:
-        from pagescan._backend_emulated import task_size
+        from pagescan._procfs import task_size
 
         limit = task_size()
         vmas = [v for v in vmas if v.end <= limit]
