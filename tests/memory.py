@@ -174,6 +174,20 @@ def smaps_field(m: Mapping, field: str) -> int:
     return total
 
 
+def vmflags(addr: int) -> list[str]:
+    """``VmFlags`` of our VMA holding ``addr`` (empty if unmapped): ``uw`` = uffd-WP, ..."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(" ", 1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return []
+
+
 def is_thp(m: Mapping) -> bool:
     return smaps_field(m, "AnonHugePages") * 1024 >= thp_size()
 

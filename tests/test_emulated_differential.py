@@ -822,7 +822,9 @@ def test_whole_address_space_of_a_sleeping_process(aslr: bool) -> None:
     try:
         with pagescan.Target(proc.pid) as t:
             deadline = time.monotonic() + 10
-            while "sleep" not in _read_text(f"/proc/{proc.pid}/maps"):  # exec done
+            # exec builds the new mm in steps that maps can show half done: wait until
+            # ld.so has mapped libc, i.e. the program is running.
+            while "libc" not in _read_text(f"/proc/{proc.pid}/maps"):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             maps = [line.split() for line in _read_text(f"/proc/{proc.pid}/maps").splitlines()]

@@ -34,7 +34,7 @@ from pagescan import Category, FaultHandler, FileSource, RegisterMode, Userfault
 from pagescan._uapi import libc
 from pagescan._uapi.mman import MADV, MAP, PROT
 
-from .memory import Mapping, P, anon, pagemap_entries
+from .memory import Mapping, P, anon, pagemap_entries, vmflags
 from .procs import children_of, wait_gone
 
 N = 64  # pages per lazy region unless said otherwise
@@ -56,19 +56,6 @@ def source_of(data: bytes) -> Callable[[int, int], bytes]:
 
 def present(addr: int, npages: int) -> list[int]:
     return [int(e >> 63) for e in pagemap_entries(addr, npages)]
-
-
-def vmflags(addr: int) -> list[str]:
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("VmFlags:"):
-                return line.split()[1:]
-    return []
 
 
 def wchan(pid: int, tid: str) -> str:

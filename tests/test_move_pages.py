@@ -19,7 +19,7 @@ from pagescan._uapi import libc
 from pagescan._uapi.mman import MAP, PROT
 
 from .conftest import requires_uffd_move
-from .memory import Mapping, P, anon, child_process, memfd_mapping, pagemap_entries, shared_anon
+from .memory import Mapping, P, anon, child_process, memfd_mapping, pagemap_entries, shared_anon, vmflags
 
 pytestmark = requires_uffd_move
 
@@ -44,19 +44,6 @@ def fill_random(m: Mapping, seed: int, pages: list[int] | None = None) -> bytes:
 
 def page(data: bytes, i: int) -> bytes:
     return data[i * P : (i + 1) * P]
-
-
-def vmflags(addr: int) -> list[str]:
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("VmFlags:"):
-                return line.split()[1:]
-    return []
 
 
 def share_with_a_child(m: Mapping) -> None:

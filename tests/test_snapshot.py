@@ -67,7 +67,7 @@ from pagescan.snapshot._format import COMMIT, ENTRY_SIZE, GEN_HEADER
 from pagescan.snapshot._store import Store
 
 from .conftest import requires_wp_async
-from .memory import Mapping, P
+from .memory import Mapping, P, vmflags
 from .procs import wait_gone
 
 pytestmark = requires_wp_async
@@ -116,19 +116,6 @@ def restored(path: str | os.PathLike[str], npages: list[int], generation: int | 
     finally:
         for m in maps:
             m.close()
-
-
-def vmflags(addr: int) -> list[str]:
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("VmFlags:"):
-                return line.split()[1:]
-    return []
 
 
 class Owner:

@@ -47,6 +47,7 @@ from .memory import (
     smaps_field,
     thp,
     thp_size,
+    vmflags,
 )
 
 pytestmark = requires_wp_async
@@ -69,20 +70,6 @@ def got(w: WriteWatch, m: Mapping, **kw: object) -> list[int]:
     assert pages.dtype == np.uint64
     assert np.all(np.diff(pages.astype(np.int64)) > 0), "not strictly ascending"
     return rel(pages, m)
-
-
-def vmflags(addr: int) -> list[str]:
-    """``VmFlags`` of the VMA holding ``addr`` (empty if unmapped)."""
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo <= addr < hi
-            elif inside and line.startswith("VmFlags:"):
-                return line.split()[1:]
-    return []
 
 
 def raw_written(start: int, end: int) -> list[tuple[int, int]]:
