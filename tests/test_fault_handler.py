@@ -126,20 +126,20 @@ def read_pids(r: int, timeout: float = 10.0) -> tuple[int, int]:
     """The (handler, guardian) pids an owner reports first."""
     buf = b""
     deadline = time.monotonic() + timeout
-    while len(buf) < 8:
+    while len(buf) < 16:  # two ints, hex-encoded (a leading "!" marks a failure)
         left = deadline - time.monotonic()
         if left <= 0:
             pytest.fail("the owner did not report its handler")
         import select
 
         if select.select([r], [], [], left)[0]:
-            chunk = os.read(r, 8 - len(buf))
+            chunk = os.read(r, 16 - len(buf))
             if not chunk:
                 pytest.fail("the owner died before reporting its handler")
             if chunk.startswith(b"!"):
                 pytest.fail("owner failed:\n" + (chunk + os.read(r, 65536)).decode(errors="replace"))
             buf += chunk
-    hpid, gpid = struct.unpack("ii", buf)
+    hpid, gpid = struct.unpack("ii", bytes.fromhex(buf.decode()))
     return hpid, gpid
 
 
@@ -366,7 +366,7 @@ def test_remap_follows_the_moved_range() -> None:
 
 
 def _report_pids(w: int, fh: FaultHandler) -> None:
-    os.write(w, struct.pack("ii", fh.pid, fh.guardian_pid))
+    os.write(w, struct.pack("ii", fh.pid, fh.guardian_pid).hex().encode())
 
 
 def test_killed_handler_makes_the_next_touch_sigbus() -> None:

@@ -118,7 +118,7 @@ def restored(path: str | os.PathLike[str], npages: list[int], generation: int | 
             m.close()
 
 
-class Owner:
+class Owner:  # binary reports are sent hex-encoded: a leading "!" marks a failure
     """A forked child running ``body(report)``; ``report(bytes)`` sends to the parent.
 
     The child is killed by SIGALRM if it hangs; an exception in it is reported as a
@@ -820,13 +820,13 @@ def test_lazy_handler_killed_midway_is_a_clear_failure(tmp_path: Path) -> None:
         v = view(m)
         with lazy_restore(path, [region(m)], prefetch=False) as fh:
             ok = all(np.array_equal(v[p], exp[p]) for p in range(4))
-            report(struct.pack("iii", fh.pid, fh.guardian_pid, int(ok)))
+            report(struct.pack("iii", fh.pid, fh.guardian_pid, int(ok)).hex().encode())
             wait_go(go_r)  # the parent has killed the handler
             _ = int(v[40].sum())  # not served yet: must be SIGBUS, not zeros, not a hang
             report(b"!touched page 40 and read " + (b"zeros" if not v[40].any() else b"data"))
 
     o = Owner(body)
-    hpid, gpid, ok = struct.unpack("iii", o.read(12))
+    hpid, gpid, ok = struct.unpack("iii", bytes.fromhex(o.read(24).decode()))
     assert ok == 1, "served pages were wrong"
     os.kill(hpid, signal.SIGKILL)
     o.go()
@@ -1035,12 +1035,12 @@ def test_restore_into_another_process(tmp_path: Path) -> None:
 
     def body(report: Callable[[bytes], None], go_r: int) -> None:
         m = Mapping(32)
-        report(struct.pack("Q", m.addr))
+        report(struct.pack("Q", m.addr).hex().encode())
         wait_go(go_r)
         report(blake(view(m)).encode())
 
     o = Owner(body)
-    (addr,) = struct.unpack("Q", o.read(8))
+    (addr,) = struct.unpack("Q", bytes.fromhex(o.read(16).decode()))
     try:
         assert restore(path, [(addr, 32 * P)], 1, pid=o.pid) == 1
     finally:
@@ -1112,12 +1112,12 @@ def test_cli_restore_into_another_process(tmp_path: Path, capsys: pytest.Capture
 
     def body(report: Callable[[bytes], None], go_r: int) -> None:
         a, b = Mapping(24), Mapping(8)
-        report(struct.pack("QQ", a.addr, b.addr))
+        report(struct.pack("QQ", a.addr, b.addr).hex().encode())
         wait_go(go_r)
         report((blake(view(a)) + blake(view(b))).encode())
 
     o = Owner(body)
-    addr_a, addr_b = struct.unpack("QQ", o.read(16))
+    addr_a, addr_b = struct.unpack("QQ", bytes.fromhex(o.read(32).decode()))
     try:
         assert pagescan.cli.main(["restore", str(path), str(o.pid), hex(addr_a)]) == 1
         _, err = capsys.readouterr()
