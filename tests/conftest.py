@@ -8,6 +8,7 @@ restore it afterwards.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import subprocess
 import time
@@ -107,9 +108,27 @@ def _read(path: str) -> str:
 
 
 @contextlib.contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    """Hold an ``flock`` on ``path`` itself (a sysfs file or a device node: no lock
+    file is left behind), so that two test runs on one machine take turns with a
+    piece of machine state instead of tearing it down under each other."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def hugetlb_pool(pages: int, size_kb: int = 2048) -> Iterator[int]:
     """Reserve ``pages`` hugetlb pages of ``size_kb``; restore the old count after."""
     path = f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/nr_hugepages"
+    with _exclusive(path):
+        yield from _hugetlb_pool_locked(path, pages, size_kb)
+
+
+def _hugetlb_pool_locked(path: str, pages: int, size_kb: int) -> Iterator[int]:
     old = int(_read(path))
     _write(path, str(old + pages))
     try:
@@ -137,6 +156,11 @@ def zram_swap() -> Iterator[str]:
         subprocess.run(["modprobe", "zram", "num_devices=1"], check=False)
     if not os.path.exists(dev):
         pytest.fail("/dev/zram0 is missing and the zram module could not be loaded")
+    with _exclusive(dev):
+        yield from _zram_swap_locked(dev, sysdir)
+
+
+def _zram_swap_locked(dev: str, sysdir: str) -> Iterator[str]:
     if _read(f"{sysdir}/disksize") != "0":
         pytest.fail("/dev/zram0 is already in use; refusing to take it over")
     _write(f"{sysdir}/disksize", str(256 << 20))
