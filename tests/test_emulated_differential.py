@@ -75,7 +75,7 @@ HT = 2 << 20  # hugetlb page size used here (the x86-64 default)
 CAPS = pagescan.capabilities()
 HAVE_GUARD = bool(CAPS.guard_regions and CAPS.categories & Category.GUARD)
 TASK_SIZE = task_size()
-#: Above this many regions the raw ioctl's walk_end may be stale (kernel.md 1.7).
+#: Above this many regions the raw ioctl's walk_end may be stale (docs/kernel-facts.md).
 STALE_AFTER = 512
 
 
@@ -525,7 +525,7 @@ def _pmd_mapped(m: Mapping) -> bool:
 
 
 def _huge_zero(m: Mapping) -> bool:
-    """The huge zero PMD: present with PM_FILE in an anonymous VMA (kernel.md 2.2)."""
+    """The huge zero PMD: present with PM_FILE in an anonymous VMA (docs/kernel-facts.md)."""
     return all(e >> 63 & 1 and e >> 61 & 1 for e in pagemap_entries(m.addr, m.npages))
 
 
@@ -931,7 +931,7 @@ def test_pagemap_oracle_on_layouts(seed: int, tmp_path: Path, uffd_wp: Userfault
     """For every page of a layout (one full scan) and for single-page scans of a sample:
     SOFT_DIRTY <-> bit 55, SWAPPED <-> bit 62, PRESENT|SWAPPED <-> bits 63|62 -- except that
     a hugetlb uffd-wp marker is SWAPPED while pagemap never sets bit 62 for hugetlb
-    (kernel.md 2.2): there SWAPPED <-> bit 57 of a non-present entry."""
+    (docs/kernel-facts.md): there SWAPPED <-> bit 57 of a non-present entry."""
     with layout(seed, tmp_path, uffd_wp, hugetlb_budget) as lay:
         for _ in range(3):  # on memory that stayed the same during the scans
             before = pagemap_entries(lay.base, lay.length // P)

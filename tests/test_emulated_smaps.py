@@ -69,8 +69,7 @@ def smaps_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 @contextlib.contextmanager
 def kernel_without_wp_async(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(emu._wp_async_kernel, "done", True)
-    monkeypatch.setattr(emu._wp_async_kernel, "value", False)
+    monkeypatch.setattr(emu, "_kernel_has_wp_async", lambda: False)
     yield
 
 

@@ -1,4 +1,4 @@
-"""The fifteen extra kernel cases X-01..X-15 (``shared/spec/selftests.md`` Part 5).
+"""The fifteen extra kernel cases X-01..X-15 (the kernel selftest catalogue (``tools/testing/selftests/mm/pagemap_ioctl.c`` and ``uffd-unit-tests.c``) Part 5).
 
 Each test rebuilds the case's setup on real memory and asserts the observed values
 given in the spec, through ``scan()`` on the kernel backend. Where the public API cannot
@@ -587,7 +587,7 @@ def _pagemap(m: Mapping) -> list[int]:
 
 
 def test_scan_generation_probe_matches_the_kernel(uffd_wp: pagescan.Userfaultfd) -> None:
-    """capabilities().scan_generation (kernel.md 1.8) agrees with the behaviour itself:
+    """capabilities().scan_generation (docs/kernel-facts.md) agrees with the behaviour itself:
     armed-then-written-then-zapped pages read WRITTEN on the generic path (PM-UP-01)
     exactly when the probe says the 2026 fix is in; this kernel (6.18.44) has all three."""
     gen = pagescan.capabilities().scan_generation

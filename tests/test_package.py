@@ -38,6 +38,7 @@ _IMPORT_STATE = """
 import json, os, sys
 import pagescan
 caps_mod = sys.modules["pagescan.capabilities"]
+probes = sys.modules["pagescan._probe"]
 fds = []
 for fd in os.listdir("/proc/self/fd"):
     try:
@@ -47,13 +48,14 @@ for fd in os.listdir("/proc/self/fd"):
 state = {
     "fds": fds,
     "self_target": pagescan._target._self is not None,
-    "probe_cache": caps_mod._probe.cache_info().currsize,
+    "probe_cache": caps_mod._base_report.cache_info().currsize + probes.pagemap_scan.cache_info().currsize
+    + probes.uffd_api.cache_info().currsize,
     "libc_loaded": pagescan._uapi.libc.libc.cache_info().currsize,
 }
 if len(sys.argv) > 1:
     pagescan.scan(0, 0)
     pagescan.capabilities()
-    state["after"] = [pagescan._target._self is not None, caps_mod._probe.cache_info().currsize]
+    state["after"] = [pagescan._target._self is not None, caps_mod._base_report.cache_info().currsize]
 print(json.dumps(state))
 """
 

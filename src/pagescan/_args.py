@@ -1,0 +1,111 @@
+"""Argument checks, in one place, before any syscall.
+
+The rule (see :mod:`pagescan._errors`): what cannot even be said to the kernel -- not
+an integer, negative, over 64 bits, a buffer of the wrong kind -- is ``TypeError`` or
+``ValueError``; what the kernel would refuse -- an unaligned address, an empty range --
+is reported as the kernel reports it, ``OSError(EINVAL)``
+(:class:`~pagescan.InvalidArgumentError`, also a ``ValueError``). Every message names
+the argument.
+
+Integers: anything with ``__index__`` (Python ints, numpy integers, ``IntFlag``
+members); ``bool`` counts as the int it is in ``scan()`` and ``Scanner`` (pagescan 0.1
+decided so) and is refused where the userfaultfd methods, ``WriteWatch`` and
+``move_pages`` refused it in 0.1; numpy's
+``bool_`` is refused on every numpy version (numpy 2.x dropped its ``__index__``, 1.x
+had it), and so are floats.
+"""
+
+from __future__ import annotations
+
+import mmap
+import operator
+from typing import Any
+
+import numpy as np
+
+from ._errors import InvalidArgumentError
+
+__all__ = ["U64", "buffer_range", "buffer_span", "check_aligned", "u64"]
+
+P = mmap.PAGESIZE
+U64 = (1 << 64) - 1
+
+
+def u64(name: str, value: Any, *, bool_ok: bool = True) -> int:
+    """``value`` as a plain ``int`` in ``[0, 2**64)``, or ``TypeError``/``ValueError``.
+
+    ``bool_ok=False`` refuses ``True``/``False`` too (the userfaultfd methods,
+    ``WriteWatch`` and ``move_pages`` always have: an address or a length that is a
+    bool is a bug, while ``scan()`` takes them as the ints they are)."""
+    if type(value) is int and 0 <= value <= U64:
+        return value
+    if (isinstance(value, (np.bool_, float, complex, str, bytes)) or value is None
+            or (not bool_ok and isinstance(value, bool))):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    v = int(v)  # an IntFlag member -> plain int (``~`` and ``|`` then mean what they say)
+    if v < 0:
+        raise ValueError(f"{name} must not be negative, got {v}")
+    if v > U64:
+        raise ValueError(f"{name} does not fit in 64 bits: {v:#x}")
+    return v
+
+
+def check_aligned(call: str, name: str, value: int, page_size: int = P) -> None:
+    """``InvalidArgumentError`` unless ``value`` is a multiple of ``page_size``."""
+    if value % page_size:
+        lo = value - value % page_size
+        raise InvalidArgumentError(
+            f"{call}: {name} {value:#x} is not aligned to the page size ({page_size}); "
+            f"the nearest aligned values are {lo:#x} and {lo + page_size:#x}"
+        )
+
+
+def _as_bytes(obj: Any, name: str) -> np.ndarray:
+    """A uint8 view of a buffer object's bytes; refuses integers and non-buffers."""
+    if isinstance(obj, np.ndarray):
+        arr = obj
+    else:
+        if isinstance(obj, (int, np.integer, np.bool_)) or hasattr(obj, "__index__"):
+            raise TypeError(
+                f"{name} is an integer ({type(obj).__name__}): pass the end or length too, "
+                "or pass a buffer object"
+            )
+        try:
+            with memoryview(obj) as mv:
+                if not mv.contiguous:
+                    raise ValueError(f"{name} must be a contiguous buffer (this {type(obj).__name__} is strided)")
+        except TypeError:
+            raise TypeError(f"{name} must be a buffer object (mmap, numpy array, bytearray, ...), "
+                            f"not {type(obj).__name__}") from None
+        except ValueError as err:
+            if "released" in str(err) or "closed" in str(err):
+                raise ValueError(f"{name}: {err}") from None
+            raise
+        try:
+            arr = np.frombuffer(obj, dtype=np.uint8)
+        except (TypeError, ValueError, BufferError) as err:
+            raise ValueError(f"{name}: cannot use this {type(obj).__name__} as a buffer ({err})") from None
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        raise ValueError(f"{name} must be a contiguous buffer (this array has strides {arr.strides})")
+    return arr
+
+
+def buffer_span(obj: Any, name: str = "buffer") -> tuple[int, int]:
+    """``(address, nbytes)`` of a contiguous buffer object's own bytes."""
+    arr = _as_bytes(obj, name)
+    return int(arr.__array_interface__["data"][0]), int(arr.nbytes)
+
+
+def buffer_range(obj: Any, name: str = "buffer") -> tuple[int, int]:
+    """``(start, end)`` of the whole pages covering a buffer object (mmap, numpy array,
+    bytearray, memoryview, ctypes array): start rounded down, end rounded up. An empty
+    buffer covers no page (``start == end``)."""
+    lo, n = buffer_span(obj, name)
+    start = lo & ~(P - 1)
+    if not n:
+        return start, start
+    return start, (lo + n + P - 1) & ~(P - 1)
