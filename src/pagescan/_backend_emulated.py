@@ -200,6 +200,20 @@ def read_smaps(stream: SmapsStream, read_size: int) -> Vma | None:
     return stream.next(read_size)
 
 
+def _short_read(pid: int, address: int) -> OSError:
+    """A pagemap read came back short. The file reads as empty once the target's mm is
+    gone (it exited: the kernel's ioctl says ESRCH then); anything else is EFAULT."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            gone = f.read().split()[:1] in ([], [b"0"])
+    except OSError:
+        gone = True
+    if gone:
+        return ProcessLookupError(
+            errno.ESRCH, f"pid {pid} has no memory to scan (it exited, is a zombie or a kernel thread)")
+    return OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)}: short pagemap read at {address:#x} in pid {pid}")
+
+
 def _eopnotsupp(what: str) -> OSError:
     return OSError(errno.EOPNOTSUPP, f"{os.strerror(errno.EOPNOTSUPP)}: emulated PAGEMAP_SCAN {what}")
 
@@ -489,7 +503,7 @@ class _Context:
         first = (lo - wlo) // P
         e = window[first : first + n]
         if e.size != n:
-            raise OSError(errno.EFAULT, f"short pagemap read at {lo:#x}")
+            raise _short_read(self.pid, lo)
 
         anon = v.anonymous
         uw = self.known.get(v.start, False) and "uw" in v.vmflags
@@ -535,7 +549,7 @@ class _Context:
     def _hugetlb_categories(self, v: Vma, lo: int, hi: int, vma_bits: int) -> np.ndarray:
         e = self.entries(lo, hi)
         if e.size != (hi - lo) // P:
-            raise OSError(errno.EFAULT, f"short pagemap read at {lo:#x}")
+            raise _short_read(self.pid, lo)
         rel = self.relevant
         present = (e & _PRESENT) != 0
         wp = (e & _UFFD_WP) != 0
