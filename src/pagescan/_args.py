@@ -17,15 +17,20 @@ had it), and so are floats.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import operator
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 
 from ._errors import InvalidArgumentError
 
-__all__ = ["U64", "buffer_range", "buffer_span", "check_aligned", "u64"]
+__all__ = ["U64", "Buffer", "buffer_range", "buffer_span", "check_aligned", "u64"]
+
+#: What pagescan accepts as "a buffer object": anything with the buffer protocol; these
+#: are the usual ones (``collections.abc.Buffer`` needs Python 3.12).
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap, "np.ndarray[Any, Any]", "ctypes.Array[Any]"]
 
 P = mmap.PAGESIZE
 U64 = (1 << 64) - 1

@@ -36,8 +36,8 @@ import numpy as np
 
 from . import _backend
 from . import _target as _target_mod
-from ._args import U64, buffer_range, u64
-from ._target import Target, resolve_pid, self_target
+from ._args import U64, Buffer, buffer_range, u64
+from ._target import PidLike, Target, resolve_pid, self_target
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag, page_region, pm_scan_arg
 
 if TYPE_CHECKING:
@@ -187,7 +187,7 @@ class Scanner:
 
     def __init__(
         self,
-        pid: Any = None,
+        pid: PidLike = None,
         *,
         flags: int = 0,
         category_inverted: int = 0,
@@ -295,7 +295,6 @@ class Scanner:
                               self.category_mask, self.category_anyof_mask, self.return_mask)
         arg.start = start
         arg.end = end
-        arg.walk_end = 0
         arg.vec = vec
         arg.vec_len = vec_len
         arg.max_pages = max_pages
@@ -372,10 +371,10 @@ _CACHE_MAX = 256
 
 
 def scan(
-    start: Any,
+    start: int | Buffer,
     end: int | None = None,
     *,
-    pid: Any = None,
+    pid: PidLike = None,
     flags: int = 0,
     category_inverted: int = 0,
     category_mask: int = 0,
@@ -451,10 +450,10 @@ def scan(
 
 
 def scan_iter(
-    start: Any,
+    start: int | Buffer,
     end: int | None = None,
     *,
-    pid: Any = None,
+    pid: PidLike = None,
     flags: int = 0,
     category_inverted: int = 0,
     category_mask: int = 0,

@@ -14,11 +14,18 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from typing import Any
+from typing import Any, Protocol, Union
 
 from ._fdholder import FdHolder
 
-__all__ = ["Target", "resolve_pid", "self_target", "target_for"]
+__all__ = ["HasPid", "PidLike", "Target", "resolve_pid", "self_target", "target_for"]
+
+
+class HasPid(Protocol):
+    """Anything with an int ``pid`` (``subprocess.Popen``, ``multiprocessing.Process``)."""
+
+    @property
+    def pid(self) -> int: ...
 
 
 def resolve_pid(pid: Any) -> int:
@@ -68,6 +75,10 @@ class Target(FdHolder):
 
 
 Target.__module__ = "pagescan"
+
+#: What ``pid=`` accepts: ``None`` (this process), a pid, a :class:`Target`, or
+#: anything with ``.pid``.
+PidLike = Union[int, Target, HasPid, None]
 
 _self_lock = threading.Lock()
 _self: Target | None = None

@@ -61,7 +61,7 @@ from typing import Any, final
 import numpy as np
 
 from . import _probe
-from ._args import buffer_range, check_aligned, u64
+from ._args import Buffer, buffer_range, check_aligned, u64
 from ._errors import InvalidArgumentError, feature_error
 from ._scan import scan, scan_iter
 from ._uapi import libc
@@ -132,7 +132,7 @@ class WriteWatch:
 
     __slots__ = ("__weakref__", "_lock", "_owner", "_uffd", "end", "exclude", "start")
 
-    def __init__(self, start: Any, length: int | None = None, *, nohugepage: bool = False) -> None:
+    def __init__(self, start: int | Buffer, length: int | None = None, *, nohugepage: bool = False) -> None:
         self._uffd: Userfaultfd | None = None
         if length is None:
             lo, hi = buffer_range(start, "start")
