@@ -22,10 +22,11 @@ import pytest
 
 import pagescan
 from pagescan import Category, Target, UffdFeature, scan, scan_iter
-from pagescan._uapi import libc, pagemap
+from pagescan._uapi import libc
 from pagescan._uapi import userfaultfd as U
 from pagescan._uapi.mman import MADV
 
+from . import oracle
 from .conftest import hugetlb_pool, requires_pagemap_scan
 from .memory import P, anon, child_process
 
@@ -310,12 +311,7 @@ def test_capabilities_track_the_hugetlb_pool() -> None:
 
 
 def _raw_scan_errno(fd: int, addr: int, flags: int = 0, ret: int = 0) -> int:
-    arg = pagemap.pm_scan_arg(96, flags, addr, addr, 0, 0, 0, 0, 0, 0, 0, ret)
-    try:
-        libc.ioctl(fd, pagemap.PAGEMAP_SCAN, arg)
-        return 0
-    except OSError as exc:
-        return exc.errno
+    return oracle.raw_errno(addr, addr, fd=fd, flags=flags, return_mask=ret, vec_len=0)
 
 
 def test_capabilities_against_raw_probes() -> None:

@@ -27,6 +27,7 @@ from pagescan import PAGE_REGION_DTYPE, Category, KernelFeatureError, Target, sc
 from pagescan._uapi import libc, pagemap
 from pagescan._uapi.mman import PROT
 
+from . import oracle
 from .conftest import arm, requires_pagemap_scan, requires_wp_async
 from .memory import P, Mapping, anon, child_process
 
@@ -62,40 +63,9 @@ def m() -> Iterator[Mapping]:
 # -- the raw ioctl ----------------------------------------------------------------
 
 
-def raw_errno(
-    start: int,
-    end: int,
-    *,
-    size: int = 96,
-    flags: int = 0,
-    vec: int | None = None,
-    vec_len: int = 8,
-    max_pages: int = 0,
-    category_inverted: int = 0,
-    category_mask: int = 0,
-    category_anyof_mask: int = 0,
-    return_mask: int = 0,
-    fd: int | None = None,
-) -> int:
+def raw_errno(start: int, end: int, **kw: Any) -> int:
     """errno of one PAGEMAP_SCAN ioctl with these fields (0 on success)."""
-    buf = np.zeros(max(vec_len, 1) if vec_len < 1 << 20 else 1, PAGE_REGION_DTYPE)
-    if vec is None:
-        vec = int(buf.ctypes.data) if vec_len else 0
-    arg = pagemap.pm_scan_arg(
-        size, flags, start, end, 0, vec, vec_len, max_pages,
-        category_inverted, category_mask, category_anyof_mask, return_mask,
-    )
-    own = fd is None
-    if own:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        libc.ioctl(fd, pagemap.PAGEMAP_SCAN, arg)
-        return 0
-    except OSError as exc:
-        return exc.errno
-    finally:
-        if own:
-            os.close(fd)
+    return oracle.raw_errno(start, end, **kw)
 
 
 def scan_errno(start: int, end: int, **kw: Any) -> tuple[int, type]:

@@ -11,7 +11,6 @@ argument -- the same errno for the same bad input on both backends.
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from typing import TYPE_CHECKING, Protocol
