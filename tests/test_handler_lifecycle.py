@@ -22,7 +22,7 @@ import pytest
 from pagescan import FaultHandler
 from pagescan._child import Child, fork
 
-from .memory import P, anon, vmflags
+from .memory import anon, vmflags
 from .procs import children_of, run_in_child
 
 N = 32
