@@ -118,11 +118,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def print_table(head: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> None:
-    """Columns padded to their widest cell; the first ``left`` columns left-aligned."""
+def print_table(head: Sequence[str], rows: Sequence[Sequence[str]], align: str = "<>") -> None:
+    """Columns padded to their widest cell; ``align`` has one ``<`` (left) or ``>``
+    (right) per column, the last one repeated for the columns after it."""
     widths = [max(len(row[i]) for row in [head, *rows]) for i in range(len(head))]
+    align = align + align[-1] * (len(head) - len(align))
     for row in [head, *rows]:
-        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        cells = [c.ljust(w) if a == "<" else c.rjust(w) for c, w, a in zip(row, widths, align)]
         print("  ".join(cells).rstrip())
 
 
