@@ -128,6 +128,9 @@ class Tracker:
     #: False where writes run untouched (the method compares contents afterwards).
     intercepts_writes = True
 
+    def __init__(self, region: Region) -> None:
+        raise NotImplementedError
+
     def get_reset(self) -> np.ndarray:
         raise NotImplementedError
 
@@ -440,7 +443,7 @@ class ShadowTracker(Tracker):
         self.__dict__.pop("shadow", None)
 
 
-TRACKERS: dict[str, Callable[[Region], Tracker]] = {
+TRACKERS: dict[str, type[Tracker]] = {
     "writewatch": WriteWatchTracker,
     "uffd-sync": SyncUffdTracker,
     "soft-dirty": SoftDirtyTracker,
