@@ -30,8 +30,10 @@ Linux 6.6) on every page still empty and wakes the faulting threads: they get SI
 a clear failure, instead of waiting forever or -- had the uffd simply been closed --
 silently reading zero pages. (If handler and guardian are killed together, the kernel
 unregisters the ranges and later faults read zeros; keep them in the owner's process
-group and do not kill it.) Both are children of the owner, reaped by ``wait``/``close``;
-if the owner exits first, the handler notices (a pidfd) and both exit.
+group and do not kill it.) Both are children of the owner, watched through pidfds
+(``pagescan._child``) and reaped by ``wait``/``close``, or when a forgotten
+:class:`FaultHandler` is collected (``weakref.finalize``); if the owner exits first, the
+handler notices (a pidfd) and both exit.
 
 A process the owner forks later does not inherit the registration (no
 ``EVENT_FORK``): pages not yet served read as zeros there. Fork after :meth:`wait`.
