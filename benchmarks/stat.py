@@ -20,7 +20,7 @@ which keeps machine load that drifts between rounds out of it):
   (address range, permissions, path and every ``kB`` field in bytes) -- what
   ``psutil.Process.memory_maps(grouped=False)`` does (written here, psutil is not used);
 * **smaps read only**: the read alone (the kernel's share of the above);
-* **mapping_stats**: ``pagescan.inspect.mapping_stats(pid)`` (maps + one PAGEMAP_SCAN
+* **mapping_stats**: ``pagescan.mappings.mapping_stats(pid)`` (maps + one PAGEMAP_SCAN
   walk + per-mapping sums: present, swapped, zero, huge, file, written, guard);
 * **pagescan stat --json**: the whole command, ``main(["stat", PID, "--json"])`` with
   its output written to /dev/null.
@@ -50,7 +50,7 @@ from typing import Any
 import pagescan
 from pagescan._backend_emulated import task_size
 from pagescan.cli import main as cli_main
-from pagescan.inspect import mapping_stats
+from pagescan.mappings import mapping_stats
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20

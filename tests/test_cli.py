@@ -340,7 +340,7 @@ def test_stat_exact_counts_of_the_known_layout(child: Child, capsys: pytest.Capt
 
 
 def test_stat_json_is_mapping_stats(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
-    from pagescan.inspect import mapping_stats
+    from pagescan.mappings import mapping_stats
 
     rc, out, err = run(capsys, "stat", str(child.pid), "--json")
     assert rc == 0 and err == "" and out.isascii()

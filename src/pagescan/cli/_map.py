@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -117,8 +118,9 @@ def _width(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         from PIL import Image, ImageDraw, ImageFont
-    except ImportError as err:  # pragma: no cover - Pillow is a dependency
-        raise OSError(f"pagescan map needs Pillow: {err}") from err
+    except ImportError as err:  # Pillow is the optional extra pagescan[png]
+        print(f"pagescan: map --png needs Pillow ({err}): install pagescan[png]", file=sys.stderr)
+        return 1
     from pagescan._procfs import task_size
 
     ret = 0

@@ -7,7 +7,7 @@ import os
 from json.encoder import encode_basestring_ascii as _string
 from typing import Any
 
-from pagescan.inspect import STAT_CATEGORIES, MappingStat, mapping_stats
+from pagescan.mappings import STAT_CATEGORIES, MappingStat, mapping_stats
 
 from ._common import RawJSON, human, parse_pid, print_json, table, terminal_width
 
