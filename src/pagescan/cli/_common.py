@@ -203,6 +203,11 @@ def _json_lines(obj: object) -> str:
     return "{\n" + ",\n".join(parts) + "\n}" if parts else "{}"
 
 
+def printable(text: str) -> str:
+    """``text`` with every unprintable character (newline, tab, escape) shown as ``?``, as ps does."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
 def user_name(uid: int) -> str:
     """The login name of ``uid``, or the number when it has none."""
     return _user_name(uid)

@@ -19,7 +19,7 @@ from typing import Any
 from pagescan import Category, Target, scan_iter
 from pagescan._procfs import process_uid, read_cmdline, read_rollup, task_size
 
-from ._common import human, print_json, table, terminal_width, user_name
+from ._common import human, print_json, printable, table, terminal_width, user_name
 
 #: Columns of the table, in order; every numeric one is in bytes.
 NUMERIC = ("uss", "pss", "rss", "swap", "zero", "huge")
@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
                     "unreadable": unreadable, "exited": gone})
         return 0
     headers = ["PID", "USER", "USS", "PSS", "RSS", "SWAP", "ZERO", "HUGE", "COMMAND"]
-    rows = [[str(p["pid"]), p["user"][:12]] + [human(p[k]) for k in NUMERIC] + [p["command"]] for p in procs]
+    rows = [[str(p["pid"]), p["user"][:12]] + [human(p[k]) for k in NUMERIC] + [printable(p["command"])]
+            for p in procs]
     rows.append(["", "total"] + [human(totals[k]) for k in NUMERIC] + [f"{len(procs)} processes"])
     sys.stdout.write(table(headers, rows, ">" + "<" + ">" * len(NUMERIC) + "<",
                            cut="none" if args.wide else "right") + "\n")

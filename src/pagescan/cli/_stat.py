@@ -20,7 +20,9 @@ from typing import Any
 from pagescan._procfs import process_uid, read_cmdline, read_rollup
 from pagescan.mappings import SMAPS_FIELDS, STAT_CATEGORIES, MappingStat, mapping_stats
 
-from ._common import RawJSON, UsageError, human, parse_pid, print_json, table, terminal_width, user_name
+from ._common import (
+    RawJSON, UsageError, human, parse_pid, print_json, printable, table, terminal_width, user_name,
+)
 
 _P = os.sysconf("SC_PAGE_SIZE")
 
@@ -346,7 +348,7 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
     def lines_for(shown: list[int]) -> tuple[list[str], list[list[str]], str]:
         headers = [first, "PERM"] + [COLUMNS[columns[i]].header for i in shown] + ["MAPPING"]
         body = [
-            [r.label, r.perms] + [_cell(r.values[i], COLUMNS[columns[i]].kind) for i in shown] + [r.name]
+            [r.label, r.perms] + [_cell(r.values[i], COLUMNS[columns[i]].kind) for i in shown] + [printable(r.name)]
             for r in [*rows, total]
         ]
         align = "<<" + "".join("<" if COLUMNS[columns[i]].kind == "text" else ">" for i in shown) + "<"
@@ -366,7 +368,7 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
         shown.remove(victim)
         notes.append(f"{columns[victim]} (all zero)")
     cmd, user, _ = header_line(snap.pid)
-    out = [f"pid {snap.pid} ({user or '?'}): {cmd}"]
+    out = [f"pid {snap.pid} ({user or '?'}): {printable(cmd)}"]
     if not args.wide and len(out[0]) > term:
         out[0] = out[0][: max(term - 1, 20)] + "…"
     out.append(table(headers, body, align, cut="none" if args.wide else "middle"))
