@@ -36,14 +36,12 @@ from .memory import Mapping, P, child_process
 from .test_cli import (  # the target with a known layout, and the CLI helpers
     HAS_GUARD,
     HAS_THP,
+    HP,
     KB,
     WEIRD,
     Child,
     _cli,
-    _expected_layout,
-    by_start,
     child,
-    read_smaps,
     run,
     run_json,
     usage_error,
@@ -51,6 +49,61 @@ from .test_cli import (  # the target with a known layout, and the CLI helpers
 
 pytestmark = requires_pagemap_scan
 __all__ = ["child"]  # a fixture, used by name
+
+
+def _use_zero_page() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
+
+
+def read_smaps(pid: int) -> list[dict[str, Any]]:
+    """``/proc/PID/smaps`` parsed independently: start, end, perms, name, kB fields, VmFlags."""
+    out: list[dict[str, Any]] = []
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            m = _HEAD.match(line)
+            if m:
+                out.append({"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3], "name": m[4].strip(),
+                            "kb": {}, "flags": set()})
+                continue
+            key, _, rest = line.partition(":")
+            if key == "VmFlags":
+                out[-1]["flags"] = set(rest.split())
+            elif rest.strip().endswith(" kB"):
+                out[-1]["kb"][key] = int(rest.split()[0])
+    return out
+
+
+def by_start(doc: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {m["start"]: m for m in doc["mappings"]}
+
+
+def _expected_layout() -> dict[str, dict[str, int]]:
+    zeros = dict.fromkeys(("present", "swapped", "zero", "huge", "file", "written", "guard"), 0)
+    want = {
+        "written": {**zeros, "present": 64, "written": 64},
+        "zero": {**zeros, "present": 32, "zero": 32, "written": 32},
+        "file": {**zeros, "present": 16, "file": 16, "written": 16},
+        "weird": {**zeros, "present": 1, "file": 1, "written": 1},
+        "hugetlb": {**zeros, "present": 2 * HP, "huge": 2 * HP, "written": 2 * HP},
+        "swap": {**zeros, "swapped": 32, "written": 32},
+    }
+    if HAS_THP:
+        want["thp"] = {**zeros, "present": HP, "huge": HP, "written": HP}
+        if _use_zero_page():  # one read maps the huge zero page: 512 zero pages, not "huge"
+            want["hugezero"] = {**zeros, "present": HP, "zero": HP, "written": HP}
+        else:  # the read allocates a real THP
+            want["hugezero"] = {**zeros, "present": HP, "huge": HP, "written": HP}
+    if HAS_GUARD:  # 8 written, 4 guard markers (SWAPPED|GUARD: guard only), 4 empty
+        want["guard"] = {**zeros, "present": 8, "written": 8, "guard": 4}
+    return want
+
 
 #: smaps fields whose per-mapping values are not additive
 _NOT_SUMMED = {"KernelPageSize", "MMUPageSize", "THPeligible", "ProtectionKey"}

@@ -41,13 +41,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import mmap
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from ._procfs import _open as _read_proc_file, _parse_header, task_size
+from ._procfs import _open as _read_proc_file, _open_fd, _parse_header, task_size
 from ._scan import scan_iter
 from ._target import Target, resolve_pid
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category
@@ -199,39 +200,35 @@ def mapping_stats(
     pid = resolve_pid(pid)
     limit = task_size()
     with Target(pid) as target:  # first: ESRCH/EPERM as scan() reports them
-        if not cols_wanted:
-            supported, parts = 0, []
-            text = _read_proc_file(pid, "smaps" if smaps else "maps")
-        else:
-            from .capabilities import capabilities
+        # The maps or smaps text is read by another thread while this one scans the whole
+        # of user space (the reads and the ioctl wait in the kernel with the GIL
+        # released); the regions are then cut at the mappings that text lists. Parsing
+        # the text while it is read would not help: every read's return needs the GIL.
+        reader = _Reader(pid, "smaps" if smaps else "maps")
+        try:
+            parts = []
+            supported = 0
+            if cols_wanted:
+                from .capabilities import capabilities
 
-            supported = int(capabilities().categories) if backend != "emulated" else _ALL
-            anyof = ret = 0
-            for c in cols_wanted:
-                anyof |= int(_NEEDS[c][0])
-                ret |= int(_NEEDS[c][1])
-            # The maps or smaps text is read by another thread while this one scans the
-            # whole of user space (both wait in the kernel with the GIL released); the
-            # regions are then cut at the mappings that text lists.
-            box: list[Any] = []
-            reader = threading.Thread(target=_read_into, args=(box, pid, "smaps" if smaps else "maps"))
-            reader.start()
-            try:
+                supported = int(capabilities().categories) if backend != "emulated" else _ALL
+                anyof = ret = 0
+                for c in cols_wanted:
+                    anyof |= int(_NEEDS[c][0])
+                    ret |= int(_NEEDS[c][1])
                 parts = [
                     r.regions
                     for r in scan_iter(0, limit, pid=target, return_mask=ret & supported,
                                        category_anyof_mask=anyof & supported, backend=backend)
                 ]
-            finally:
-                reader.join()
-            if isinstance(box[0], BaseException):
-                raise box[0]
-            text = box[0]
+            text = reader.result()
+        finally:
+            reader.close()
     if smaps:
         vmas, fields, vmflags = _parse_smaps(text, limit)
-        shmem_devs = _shmem_devices(pid) if vmas else frozenset()
     else:
-        vmas, fields, vmflags, shmem_devs = _parse_maps(text, limit), None, None, frozenset()
+        vmas, fields, vmflags = _parse_maps(text, limit), None, None
+    shmem_devs = _shmem_devices(pid) if smaps and vmas else frozenset()
     if not vmas:
         return []
     cols = tuple(c for c in cols_wanted if int(STAT_CATEGORIES[c]) & supported)
@@ -306,11 +303,48 @@ def _indicator(cols: tuple[str, ...]) -> np.ndarray:
 _Vmas = list[tuple[int, int, str, int, str, str, int]]
 
 
-def _read_into(box: list[Any], pid: int, name: str) -> None:
+class _Reader:
+    """A ``/proc/PID/NAME`` file read whole by another thread."""
+
+    def __init__(self, pid: int, name: str) -> None:
+        self._out: list[bytes | BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(pid, name), daemon=True)
+        self._thread.start()
+
+    def _run(self, pid: int, name: str) -> None:
+        try:
+            self._out.append(_read_big(pid, name))
+        except BaseException as err:  # noqa: BLE001 - raised by result()
+            self._out.append(err)
+
+    def result(self) -> bytes:
+        self._thread.join()
+        item = self._out[0]
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._thread.join()
+
+
+def _read_big(pid: int, name: str) -> bytes:
+    """Like :func:`pagescan._procfs._open` with reads growing to 4 MiB: a seq_file fills
+    as much of a read as it can, so a big file takes few system calls."""
+    fd = _open_fd(pid, name)
     try:
-        box.append(_read_proc_file(pid, name))
-    except BaseException as err:  # noqa: BLE001 - re-raised by the caller
-        box.append(err)
+        chunks: list[bytes] = []
+        size = 1 << 16
+        while True:
+            data = os.read(fd, size)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+            size = min(size * 4, 1 << 22)
+    except PermissionError as err:  # the ptrace check is made at read time too
+        raise PermissionError(err.errno, f"may not read /proc/{pid}/{name} (needs ptrace read access)") from None
+    finally:
+        os.close(fd)
 
 
 def _parse_maps(text: bytes, limit: int) -> _Vmas:
@@ -389,7 +423,14 @@ def _parse_smaps(data: bytes, limit: int) -> tuple[_Vmas, list[dict[str, int]], 
         rows, vmas = [rows[i] for i in keep], [vmas[i] for i in keep]
         vm_s, vm_e = [vm_s[i] for i in keep], [vm_e[i] for i in keep]
     fields = [dict(zip(keys, row)) for row in rows]
-    flags = [frozenset(data[a + 8 : b].decode().split()) for a, b in zip(vm_s, vm_e)]
+    seen: dict[bytes, frozenset[str]] = {}  # most mappings share a few VmFlags lines
+    flags = []
+    for a, b in zip(vm_s, vm_e):
+        raw = data[a + 8 : b]
+        f = seen.get(raw)
+        if f is None:
+            f = seen[raw] = frozenset(raw.decode().split())
+        flags.append(f)
     return vmas, fields, flags
 
 

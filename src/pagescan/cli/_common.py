@@ -135,37 +135,37 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, las
 
     Cells of the last column that do not fit keep their end (a path's file name) behind
     a leading ``…`` (``cut="middle"``: shortened by :func:`shorten`; ``"right"``: keep
-    their start; ``"none"``: left whole, lines may be wider than the terminal); if even the fixed columns are
-    wider than the terminal, lines are cut.
+    their start; ``"none"``: left whole, lines may be wider than the terminal); if even
+    the fixed columns are wider than the terminal, lines are cut.
     """
+    ncol = len(headers)
     widths = [len(h) for h in headers]
-    for r in rows:
-        for i, cell in enumerate(r):
-            widths[i] = max(widths[i], len(cell))
+    if rows:
+        widths = [max(w, max(map(len, col))) for w, col in zip(widths, zip(*rows))]
     term = terminal_width()
     fixed = sum(widths[:-1]) + 2 * (len(widths) - 1)
     room = term - fixed  # for the last column
+    nfixed = ncol - 1 if last_free else ncol
+    # one format string for the aligned columns (str.format pads like ljust/rjust)
+    head_fmt = "  ".join("{:" + (">" if align[i] == ">" else "<") + str(widths[i]) + "}" for i in range(nfixed))
+    if last_free and nfixed:
+        head_fmt += "  "
 
     def fmt(cells: Sequence[str]) -> str:
-        parts = []
-        for i, cell in enumerate(cells):
-            if i == len(cells) - 1 and last_free:
-                if cut == "none":
-                    parts.append(cell)
-                    return "  ".join(parts).rstrip()
-                if len(cell) > room >= 8:
-                    if cut == "middle":
-                        cell = shorten(cell, room)
-                    elif cut == "right":
-                        cell = cell[: room - 1] + "…"
-                    else:
-                        cell = "…" + cell[len(cell) - room + 1 :]
-                parts.append(cell)
-            elif align[i] == ">":
-                parts.append(cell.rjust(widths[i]))
-            else:
-                parts.append(cell.ljust(widths[i]))
-        line = "  ".join(parts).rstrip()
+        line = head_fmt.format(*cells[:nfixed])
+        if last_free:
+            cell = cells[-1]
+            if cut == "none":
+                return (line + cell).rstrip()
+            if len(cell) > room >= 8:
+                if cut == "middle":
+                    cell = shorten(cell, room)
+                elif cut == "right":
+                    cell = cell[: room - 1] + "…"
+                else:
+                    cell = "…" + cell[len(cell) - room + 1 :]
+            line += cell
+        line = line.rstrip()
         return line if len(line) <= term else line[: max(term - 1, 20)] + "…"
 
     return "\n".join([fmt(headers)] + [fmt(r) for r in rows])

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import operator
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring_ascii as _string
 from typing import Any
 
@@ -226,7 +227,7 @@ def group_name(s: MappingStat) -> str:
     return s.name or "[anon]"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Row:
     """One line of the table: a mapping, a group of them or the total."""
 
@@ -247,9 +248,24 @@ def _busy(s: MappingStat) -> bool:
     )
 
 
-def mapping_rows(stats: Sequence[MappingStat], columns: Sequence[str]) -> list[Row]:
-    getters = [COLUMNS[c].get for c in columns]
-    return [Row(f"{s.start:x}", s.perms, s.name, [g(s) for g in getters], 1, s.start, _busy(s)) for s in stats]
+def _column_values(c: str, stats: Sequence[MappingStat]) -> list[Any]:
+    """The column's value for every mapping (fast paths for the plain ones)."""
+    col = COLUMNS[c]
+    if col.source == "smaps" and col.kind != "text":
+        field = next(f for f in SMAPS_FIELDS if f.lower() == c)
+        return [s.smaps.get(field) for s in stats]
+    if col.source == "scan" and c != "written":
+        return [s.pages[c] * _P for s in stats]
+    if c == "size":
+        return [s.end - s.start for s in stats]
+    return [col.get(s) for s in stats]
+
+
+def mapping_rows(stats: Sequence[MappingStat], per_column: Sequence[list[Any]], every: bool) -> list[Row]:
+    """One row per mapping (``every``: also those with nothing resident, swapped or guarded)."""
+    values: Iterable[Sequence[Any]] = zip(*per_column) if per_column else ([] for _ in stats)
+    return [Row(f"{s.start:x}", s.perms, s.name, list(v), 1, s.start) for s, v in zip(stats, values)
+            if every or _busy(s)]
 
 
 def _add(a: Any, b: Any, kind: str) -> Any:
@@ -260,21 +276,24 @@ def _add(a: Any, b: Any, kind: str) -> Any:
     return a + b
 
 
-def group_rows(stats: Sequence[MappingStat], rows: Sequence[Row], columns: Sequence[str]) -> list[Row]:
+def group_rows(stats: Sequence[MappingStat], per_column: Sequence[list[Any]], columns: Sequence[str],
+               every: bool) -> list[Row]:
     kinds = [COLUMNS[c].kind for c in columns]
     groups: dict[str, Row] = {}
-    for s, r in zip(stats, rows):
+    values: Iterable[Sequence[Any]] = zip(*per_column) if per_column else ([] for _ in stats)
+    for s, v in zip(stats, values):
         key = group_name(s)
         g = groups.get(key)
+        busy = _busy(s)
         if g is None:
-            groups[key] = Row("1 map", s.perms, key, list(r.values), 1, s.start, r.busy)
+            groups[key] = Row("1 map", s.perms, key, list(v), 1, s.start, busy)
         else:
-            g.values = [_add(a, b, k) for a, b, k in zip(g.values, r.values, kinds)]
+            g.values = [_add(a, b, k) for a, b, k in zip(g.values, v, kinds)]
             g.count += 1
             g.label = f"{g.count} maps"
             g.perms = g.perms if g.perms == s.perms else ""
-            g.busy = g.busy or r.busy
-    return list(groups.values())
+            g.busy = g.busy or busy
+    return [g for g in groups.values() if every or g.busy]
 
 
 #: Columns whose sum means nothing.
@@ -285,14 +304,14 @@ _NOT_SUMMED_SMAPS = frozenset({"KernelPageSize", "MMUPageSize", "THPeligible", "
 _ROLLUP_ONLY = {"pss_anon": "Pss_Anon", "pss_file": "Pss_File", "pss_shmem": "Pss_Shmem"}
 
 
-def total_row(snap: Snapshot, rows: Sequence[Row]) -> Row:
+def total_row(snap: Snapshot, per_column: Sequence[list[Any]]) -> Row:
     values: list[Any] = []
     for i, c in enumerate(snap.columns):
         col = COLUMNS[c]
         if col.kind == "text":
             values.append("")
             continue
-        xs = [r.values[i] for r in rows]
+        xs = per_column[i]
         if c in _ROLLUP_ONLY and any(x is None for x in xs):
             values.append(_rollup(snap).get(_ROLLUP_ONLY[c]))
         elif c == "written":
@@ -301,7 +320,7 @@ def total_row(snap: Snapshot, rows: Sequence[Row]) -> Row:
         elif c in _NOT_SUMMED:
             values.append(None)
         else:
-            values.append(sum(x for x in xs if x is not None))
+            values.append(sum([x for x in xs if x is not None]))
     return Row("total", "", f"{len(snap.stats)} mappings", values, len(snap.stats))
 
 
@@ -314,12 +333,15 @@ def _rollup(snap: Snapshot) -> dict[str, int]:
     return snap.rollup
 
 
-def _cell(value: Any, kind: str) -> str:
-    if value is None:
-        return "-"
+_human = functools.lru_cache(maxsize=4096)(human)  # sizes repeat: 0, 4.0K, ...
+
+
+def _cells(values: list[Any], kind: str) -> list[str]:
+    """One column's cells: sizes with units, ``-`` where there is no value."""
     if kind == "bytes":
-        return human(value)
-    return str(value)
+        h = _human
+        return ["-" if v is None else h(v) for v in values]
+    return ["-" if v is None else str(v) for v in values]
 
 
 def sort_rows(rows: list[Row], key: str, columns: Sequence[str]) -> list[Row]:
@@ -334,30 +356,38 @@ def sort_rows(rows: list[Row], key: str, columns: Sequence[str]) -> list[Row]:
 def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> list[str]:
     """The lines of the table (header line, column headers, rows, total, summary)."""
     columns = snap.columns
-    rows = mapping_rows(snap.stats, columns)
-    total = total_row(snap, rows)
+    per_column = [_column_values(c, snap.stats) for c in columns]
+    total = total_row(snap, per_column)
     if args.group:
-        rows = group_rows(snap.stats, rows, columns)
-    if not args.all:
-        rows = [r for r in rows if r.busy]
-    rows = sort_rows(rows, args.sort, columns)
+        rows = group_rows(snap.stats, per_column, columns, args.all)
+    else:
+        rows = mapping_rows(snap.stats, per_column, args.all)
+    if args.sort != "address" or args.group:
+        rows = sort_rows(rows, args.sort, columns)
     shown = list(range(len(columns)))
     notes: list[str] = []
     first = "MAPS" if args.group else "ADDRESS"
 
+    kinds = [COLUMNS[c].kind for c in columns]
+    every = [*rows, total]
+    per_column = [_cells([r.values[i] for r in every], k) for i, k in enumerate(kinds)]
+    cells = [list(c) for c in zip(*per_column)] if columns else [[] for _ in every]
+    fixed = [[r.label, r.perms] for r in every]
+    names = [printable(r.name) for r in every]
+
     def lines_for(shown: list[int]) -> tuple[list[str], list[list[str]], str]:
         headers = [first, "PERM"] + [COLUMNS[columns[i]].header for i in shown] + ["MAPPING"]
-        body = [
-            [r.label, r.perms] + [_cell(r.values[i], COLUMNS[columns[i]].kind) for i in shown] + [printable(r.name)]
-            for r in [*rows, total]
-        ]
-        align = "<<" + "".join("<" if COLUMNS[columns[i]].kind == "text" else ">" for i in shown) + "<"
+        if shown == list(range(len(columns))):
+            body = [f + c + [n] for f, c, n in zip(fixed, cells, names)]
+        else:
+            body = [f + [c[i] for i in shown] + [n] for f, c, n in zip(fixed, cells, names)]
+        align = "<<" + "".join("<" if kinds[i] == "text" else ">" for i in shown) + "<"
         return headers, body, align
 
     term = terminal_width()
     while True:
         headers, body, align = lines_for(shown)
-        widths = [max(len(h), *(len(b[k]) for b in body)) for k, h in enumerate(headers[:-1])]
+        widths = [max(len(h), max(map(len, col))) for h, col in zip(headers[:-1], zip(*body))]
         if explicit_columns or args.wide or sum(widths) + 2 * len(widths) + _MIN_NAME <= term:
             break
         # too wide: leave out default columns with nothing to show
@@ -385,19 +415,20 @@ def summary(snap: Snapshot, total: Row) -> str:
     parts = []
     if stats and stats[0].smaps:
         f = [s.smaps for s in stats]
-        rss = sum(x.get("Rss", 0) for x in f)
-        pss = sum(x.get("Pss", 0) for x in f)
-        uss = sum(s.uss or 0 for s in stats)
-        swap = sum(x.get("Swap", 0) for x in f)
-        hugetlb = sum(x.get("Shared_Hugetlb", 0) + x.get("Private_Hugetlb", 0) for x in f)
-        parts.append(f"RSS {human(rss)} (PSS {human(pss)}, USS {human(uss)}), swap {human(swap)}")
+
+        def tot(field: str) -> int:
+            return sum([x.get(field, 0) for x in f])
+
+        uss = tot("Private_Clean") + tot("Private_Dirty")
+        parts.append(f"RSS {human(tot('Rss'))} (PSS {human(tot('Pss'))}, USS {human(uss)}), swap {human(tot('Swap'))}")
+        hugetlb = tot("Shared_Hugetlb") + tot("Private_Hugetlb")
         if hugetlb:
             parts.append(f"hugetlb {human(hugetlb)} (not in RSS)")
     if "zero" in have:
         parts.append(f"zero pages {human(have['zero'])} (not in RSS)")
     if "huge" in have:
         parts.append(f"huge {human(have['huge'])}")
-    size = sum(s.size for s in stats)
+    size = sum([s.end - s.start for s in stats])
     parts.append(f"{len(stats)} mappings, {human(size)} mapped")
     return "total: " + ", ".join(parts)
 
