@@ -185,7 +185,7 @@ def rollup_loop() -> int:
 
 
 def psutil_full_info_loop() -> int:
-    import psutil
+    import psutil  # type: ignore[import-untyped]
 
     n = 0
     for p in psutil.process_iter():

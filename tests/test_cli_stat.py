@@ -31,7 +31,7 @@ from pagescan._uapi.mman import MAP
 from pagescan.cli._stat import COLUMNS, DEFAULT_COLUMNS
 from pagescan.mappings import SMAPS_FIELDS
 
-from .conftest import requires_pagemap_scan
+from .conftest import requires_pagemap_scan, requires_wp_async
 from .memory import Mapping, P, child_process
 from .test_cli import (  # the target with a known layout, and the CLI helpers
     HAS_GUARD,
@@ -412,10 +412,15 @@ def test_stat_fits_100_columns_and_shortens_names_in_the_middle(
 # -- real processes ---------------------------------------------------------------------------
 
 
-def _unchanged(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """The smaps records that are identical in both reads, by start address."""
-    b = {s["start"]: s for s in before}
-    return {s["start"]: s for s in after if b.get(s["start"]) == s}
+def _unchanged(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, Any]]:
+    """The smaps records that are identical in both reads, by address range."""
+    b = {(s["start"], s["end"]): s for s in before}
+    return {(s["start"], s["end"]): s for s in after if b.get((s["start"], s["end"])) == s}
+
+
+def _maps_have(pid: int, name: str) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return any(ln.rstrip().endswith(name) for ln in f)
 
 
 def test_stat_real_processes_agree_with_smaps(capsys: pytest.CaptureFixture[str]) -> None:
@@ -426,15 +431,15 @@ def test_stat_real_processes_agree_with_smaps(capsys: pytest.CaptureFixture[str]
     same = _unchanged(before, read_smaps(os.getpid()))
     checked = 0
     for m in doc["mappings"]:
-        if m["start"] in same:
-            check_against_smaps(m, same[m["start"]])
+        if (m["start"], m["end"]) in same:
+            check_against_smaps(m, same[m["start"], m["end"]])
             checked += 1
     assert checked > len(doc["mappings"]) // 2
     for argv in (["sleep", "60"], ["bash", "-c", "read x"]):
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
         try:
             deadline = time.monotonic() + 10
-            while not any(ln.endswith(("libc.so.6\n",)) for ln in open(f"/proc/{proc.pid}/maps")):
+            while not _maps_have(proc.pid, "libc.so.6"):
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             doc, smaps = stable(capsys, proc.pid)
@@ -464,10 +469,9 @@ def test_stat_pss_halves_with_a_forked_sibling(capsys: pytest.CaptureFixture[str
         assert row["smaps"]["Pss"] == 64 * P and row["uss"] == 64 * P
 
 
+@requires_wp_async
 def test_stat_written_only_where_uffd_wp_is_registered(capsys: pytest.CaptureFixture[str],
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    if not pagescan.capabilities().uffd_wp_async:
-        pytest.fail("this kernel has PAGEMAP_SCAN but no async uffd-wp (both are 6.7)")
     with Mapping(16, flags=MAP.SHARED | MAP.ANONYMOUS) as m, pagescan.WriteWatch(m.addr, m.length):
         m.touch(2, 3)
         doc = run_json(capsys, "stat", "self")
@@ -598,8 +602,8 @@ def test_map_png_row_with_more_mappings_than_pixels(capsys: pytest.CaptureFixtur
     try:
         assert proc.stdout is not None
         base = int(proc.stdout.readline())
-        maps = [ln for ln in open(f"/proc/{proc.pid}/maps") if ln.rstrip().endswith(str(data))]
-        assert len(maps) == n
+        with open(f"/proc/{proc.pid}/maps") as f:
+            assert len([ln for ln in f if ln.rstrip().endswith(str(data))]) == n
         path = tmp_path / "many.png"
         rc, out, err = run(capsys, "map", str(proc.pid), "--png", str(path), "--width", "900")
         assert rc == 0 and err == "", err
