@@ -33,6 +33,8 @@ from pagescan.mappings import SMAPS_FIELDS
 
 from .conftest import requires_pagemap_scan, requires_wp_async
 from .memory import Mapping, P, child_process
+from .procs import stop
+from .test_mapping_stats import Isolated
 from .test_cli import (  # the target with a known layout, and the CLI helpers
     HAS_GUARD,
     HAS_THP,
@@ -399,11 +401,7 @@ def test_stat_fits_100_columns_and_shortens_names_in_the_middle(
         rc, out, _ = run(capsys, "stat", str(proc.pid), "--wide")
         assert str(path) in out.split()
     finally:
-        proc.kill()
-        proc.wait()
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                f.close()
+        stop(proc)
     monkeypatch.setenv("COLUMNS", "70")  # too narrow: default columns with nothing in them go
     rc, out, _ = run(capsys, "stat", "self")
     assert "HUGE" not in out.splitlines()[1].split() or "(not shown" not in out
@@ -449,14 +447,11 @@ def test_stat_real_processes_agree_with_smaps(capsys: pytest.CaptureFixture[str]
                 check_against_smaps(m, s)
             assert doc["command"] == " ".join(argv)
         finally:
-            proc.kill()
-            proc.wait()
-            assert proc.stdin is not None
-            proc.stdin.close()
+            stop(proc)
 
 
 def test_stat_pss_halves_with_a_forked_sibling(capsys: pytest.CaptureFixture[str]) -> None:
-    with Mapping(64, flags=MAP.PRIVATE | MAP.ANONYMOUS) as m:
+    with Isolated(64) as m:  # private anonymous, its own VMA
         m.write(0, 64)
         with child_process(lambda: None) as pid:
             for who in ("self", str(pid)):
@@ -610,11 +605,7 @@ def test_map_png_row_with_more_mappings_than_pixels(capsys: pytest.CaptureFixtur
         rc, doc_out, _ = run(capsys, "stat", str(proc.pid), "--json")
         doc = json.loads(doc_out)
     finally:
-        proc.kill()
-        proc.wait()
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                f.close()
+        stop(proc)
     assert base == by_start(doc)[base]["start"]
     file_colour = dict(CLASSES)["file"]
     from pagescan.cli._map import layout

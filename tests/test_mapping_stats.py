@@ -22,6 +22,7 @@ from pagescan.mappings import STAT_CATEGORIES, MappingStat, _parse_smaps, _parse
 
 from .conftest import requires_pagemap_scan
 from .memory import Mapping, P, memfd_mapping
+from .test_cli import _free_pid
 
 pytestmark = requires_pagemap_scan
 
@@ -155,10 +156,3 @@ def test_errors() -> None:
         mapping_stats("1")
     assert pagescan.mappings.__all__ == ["SMAPS_FIELDS", "STAT_CATEGORIES", "MappingStat", "mapping_stats"]
 
-
-def _free_pid() -> int:
-    with open("/proc/sys/kernel/pid_max") as f:
-        pid = int(f.read()) - 1
-    while os.path.exists(f"/proc/{pid}"):
-        pid -= 1
-    return pid

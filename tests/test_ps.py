@@ -21,6 +21,8 @@ from pagescan.cli import _ps
 
 from .conftest import requires_pagemap_scan
 from .memory import P
+from .procs import stop
+from .test_cli_stat import read_rollup
 from .test_cli import _become_nobody, _cli, run, run_json
 
 pytestmark = requires_pagemap_scan
@@ -59,21 +61,17 @@ def idle_processes(n: int, *argv: str) -> Iterator[list[subprocess.Popen[str]]]:
         yield procs
     finally:
         for p in procs:
-            p.kill()
-            p.wait()
-            for f in (p.stdin, p.stdout):
-                if f is not None:
-                    f.close()
+            stop(p)
 
 
-def rollup_kb(pid: int) -> dict[str, int]:
-    out = {}
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f.readlines()[1:]:
-            key, _, rest = line.partition(":")
-            if rest.strip().endswith(" kB"):
-                out[key] = int(rest.split()[0])
-    return out
+def stable_ps(capsys: pytest.CaptureFixture[str], pids: list[int]) -> tuple[dict[str, Any], dict[int, dict[str, int]]]:
+    """``ps --json`` bracketed by two identical smaps_rollup reads of ``pids`` (idle)."""
+    for _ in range(5):
+        before = {pid: read_rollup(pid) for pid in pids}
+        doc = run_json(capsys, "ps")
+        if {pid: read_rollup(pid) for pid in pids} == before:
+            return doc, before
+    pytest.fail("the idle processes' smaps_rollup kept changing")
 
 
 def zero_pages(pid: int) -> int:
@@ -102,13 +100,7 @@ def zero_pages(pid: int) -> int:
 def test_ps_totals_equal_smaps_rollup(capsys: pytest.CaptureFixture[str]) -> None:
     with idle_processes(3) as procs:
         pids = [p.pid for p in procs]
-        for _ in range(5):
-            before = {pid: rollup_kb(pid) for pid in pids}
-            doc = run_json(capsys, "ps")
-            if {pid: rollup_kb(pid) for pid in pids} == before:
-                break
-        else:
-            pytest.fail("the idle processes' smaps_rollup kept changing")
+        doc, before = stable_ps(capsys, pids)
         rows = {p["pid"]: p for p in doc["processes"]}
         for pid in pids:
             r, kb = rows[pid], before[pid]
@@ -132,13 +124,7 @@ def test_ps_pss_halves_with_a_forked_sibling(capsys: pytest.CaptureFixture[str])
     below the written pages' size and PSS counts the shared pages half."""
     with idle_processes(1) as (single,), idle_processes(1, "fork") as (forked,):
         pids = [single.pid, forked.pid, forked.sibling]  # type: ignore[attr-defined]
-        for _ in range(5):
-            before = {pid: rollup_kb(pid) for pid in pids}
-            doc = run_json(capsys, "ps")
-            if {pid: rollup_kb(pid) for pid in pids} == before:
-                break
-        else:
-            pytest.fail("the idle processes' smaps_rollup kept changing")
+        doc, before = stable_ps(capsys, pids)
         rows = {p["pid"]: p for p in doc["processes"]}
         a, b, c = (rows[pid] for pid in pids)
         for r in (a, b, c):

@@ -204,14 +204,18 @@ def mapping_stats(
         # of user space (the reads and the ioctl wait in the kernel with the GIL
         # released); the regions are then cut at the mappings that text lists. Parsing
         # the text while it is read would not help: every read's return needs the GIL.
+        supported = 0
+        if cols_wanted:
+            from .capabilities import capabilities
+
+            # before the reader thread starts: the first call probes the kernel with
+            # mappings of its own (munmap then MAP_FIXED), not safe against another
+            # thread's allocations
+            supported = int(capabilities().categories) if backend != "emulated" else _ALL
         reader = _Reader(pid, "smaps" if smaps else "maps")
         try:
             parts = []
-            supported = 0
             if cols_wanted:
-                from .capabilities import capabilities
-
-                supported = int(capabilities().categories) if backend != "emulated" else _ALL
                 anyof = ret = 0
                 for c in cols_wanted:
                     anyof |= int(_NEEDS[c][0])

@@ -24,7 +24,7 @@ from pagescan._procfs import process_uid, read_cmdline, read_rollup
 from pagescan.mappings import SMAPS_FIELDS, STAT_CATEGORIES, MappingStat, mapping_stats
 
 from ._common import (
-    RawJSON, UsageError, human, parse_pid, print_json, printable, table, terminal_width, user_name,
+    RawJSON, UsageError, human, nonneg_int, parse_pid, print_json, printable, table, terminal_width, user_name,
 )
 
 _P = os.sysconf("SC_PAGE_SIZE")
@@ -131,11 +131,8 @@ def positive_float(text: str) -> float:
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
+    value = nonneg_int(text)
+    if value == 0:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
 
