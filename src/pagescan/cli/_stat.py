@@ -164,9 +164,10 @@ def add_parser(sub: Any) -> None:
                    help="comma-separated column names (see above), 'all', or +NAME,... to add to the defaults")
     p.add_argument("--sort", type=_sort_key, default="address", metavar="COLUMN",
                    help="row order: by address (default), or largest first by any numeric column (size, rss, "
-                   "pss, uss, swap, zero, ...)")
+                   "pss, uss, swap, zero, ...; a column not shown is added)")
     p.add_argument("--group", action="store_true",
-                   help="one row per file (its mappings summed), anonymous memory under [anon], [heap], [stack]")
+                   help="one row per file (its mappings summed), anonymous memory under [anon], [heap], [stack]; "
+                   "in the order of their first mappings unless --sort")
     p.add_argument("--all", action="store_true",
                    help="also list mappings with nothing resident, swapped or guarded")
     p.add_argument("--wide", "-w", action="store_true", help="never shorten names (lines may exceed the terminal)")
