@@ -135,6 +135,24 @@ def fam_scan(ctx: Ctx, data: Any, env: Env) -> None:
     }
     vl = data.draw(st.one_of(st.just(None), st.just(None),
                              intlike(st.sampled_from([0, 1, 2, 3, 10, 512, 1 << 20, 1 << 40, U64]), plain_weight=6)))
+    mode = data.draw(st.sampled_from(["random", "one-bad", "one-bad", "flag-masks", "wide"]))
+    if mode in ("one-bad", "flag-masks", "wide"):
+        # Every argument valid except (maybe) one, the masks IntFlag members: the fast
+        # path ORs the arguments together (issue 9 item 3).
+        for k in _SCAN_U64:
+            if int_ok(recipes[k]) is not True:
+                recipes[k] = ("int", 0) if k not in ("start", "end") else ("int", A.addr)
+        for k in ("category_mask", "return_mask"):
+            recipes[k] = ("flag", data.draw(st.sampled_from(["Category.PRESENT", "Category.WRITTEN"])))
+        if mode == "one-bad":
+            k = data.draw(st.sampled_from(_SCAN_U64))
+            recipes[k] = data.draw(hostile())
+    if mode == "wide":  # a range of the whole address space with a large vec_len (item 4)
+        recipes["start"] = ("int", data.draw(st.sampled_from([0, P])))
+        recipes["end"] = ("int", data.draw(st.sampled_from([(1 << 47) - P, 1 << 46])))
+        vl = ("int", data.draw(st.sampled_from([1 << 30, 1 << 40, U64])))
+    if vl == ("none",):
+        vl = None  # vec_len=None is the documented default
     backend = data.draw(st.sampled_from(["kernel", "kernel", "emulated", "auto", "bogus", None]))
     fn_name = data.draw(st.sampled_from(["scan", "scan", "scan", "scan_iter"]))
     args = {k: build(r) for k, r in recipes.items()}
@@ -167,7 +185,7 @@ def fam_scan(ctx: Ctx, data: Any, env: Env) -> None:
                 raise AssertionError("scan_iter did not end")
         return out
 
-    got = ctx.call(desc, lambda: run(backend), valid=valid, arg=tuple(bad + ambiguous) or None)
+    got = ctx.call(desc, lambda: run(backend), valid=valid, arg=(tuple(bad + ambiguous) + (("buffer",) if "end" in bad else ())) or None)
     if valid is not True or fn_name != "scan":
         return
     v = {k: classify(r)[1] for k, r in recipes.items()}
@@ -558,7 +576,7 @@ def fam_uffd(ctx: Ctx, data: Any, env: Env) -> None:
             st.tuples(st.integers(-1, npages + 1), st.sampled_from([0, 0, 0, 1])).map(lambda t: m + t[0] * P + t[1]),
             st.sampled_from([1 << 47, U64 - P + 1, 0]),
         )
-        length = st.sampled_from([0, P, P, 2 * P, npages * P, P - 1, (npages + 2) * P, 1 << 62])
+        length = st.sampled_from([P, 2 * P, npages * P, 0, P - 1, (npages + 2) * P, 1 << 62])
         feat_r = data.draw(st.one_of(
             st.sampled_from([int(UffdFeature.WP_ASYNC), 0, int(UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED),
                              int(UffdFeature.MOVE), int(UffdFeature.EVENT_REMOVE)]).map(lambda v: ("int", v)),
@@ -603,6 +621,11 @@ def fam_uffd(ctx: Ctx, data: Any, env: Env) -> None:
                 else:
                     recipes.append(data.draw(intlike(addr, plain_weight=8)))
             kwargs: dict[str, Any] = {}
+            if op == "register" and data.draw(st.integers(0, 2)) == 0:
+                i = data.draw(st.integers(0, 1))  # an __index__-only start or length (issue 9 item 8)
+                kind_, v_ = classify(recipes[i])
+                if kind_ == "int" and v_ is not None:
+                    recipes[i] = ("index", v_)
             if op == "register":
                 mode_r = data.draw(st.one_of(intlike(st.sampled_from([1, 2, 3, 4, 8, 0]), plain_weight=4),
                                              st.sampled_from([("flag", "RegisterMode.WP"), ("flag", "RegisterMode.MISSING")])))
@@ -731,9 +754,29 @@ def fam_writewatch(ctx: Ctx, data: Any, env: Env) -> None:
         if not got[0]:
             return
         ww = got[1]
+        if not (m <= ww.start < ww.end <= m + npages * P):
+            # Accepted arguments that are not this mapping (a finding already if they
+            # were bad): never write to or remap memory the fuzzer does not own.
+            ctx.finding("accepted-invalid", f"WriteWatch covers {ww.start:#x}-{ww.end:#x}, outside the mapping "
+                        f"{m:#x}+{npages * P:#x}") if valid else None
+            return
         watched = (ww.end - ww.start) // P
         written: set[int] = set()
         replaced = False
+        if watched >= 8 and data.draw(st.integers(0, 3)) == 0:
+            # Pages written before a replaced one, and a max_pages that stops short of it
+            # (issue 9 item 7): still PermissionError, never pages.
+            for i in range(3):
+                ctypes.memset(ww.start + i * P, 1, 1)
+            mmap_anon(1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, ww.start + 6 * P)
+            mp = data.draw(st.sampled_from([1, 2, 3]))
+            reset = data.draw(st.booleans())
+            got = ctx.call(f"ww.get(max_pages={mp}, reset={reset})  # pages 0-2 written, page 6 replaced by a new mapping",
+                           lambda: ww.get(max_pages=mp, reset=reset))
+            if got[0] or not isinstance(got[1], PermissionError):
+                ctx.finding("oracle-mismatch", f"get() after a page of the range was replaced: {_outcome(got)}, "
+                            "documented PermissionError")
+            return
         for _ in range(data.draw(st.integers(1, 6))):
             op = data.draw(st.sampled_from(["write", "write", "get", "regions", "reset", "replace", "get_max"]))
             if op == "write":
@@ -943,8 +986,8 @@ def _mutate(data: Any, raw: bytes) -> tuple[str, bytes]:
     from pagescan.snapshot._format import FILE_HEADER, GEN_HEADER, digest
 
     b = bytearray(raw)
-    how = data.draw(st.sampled_from(["none", "flip", "flip", "flip", "truncate", "page_size", "nregions", "length",
-                                     "gen_npages", "garbage", "empty"]))
+    how = data.draw(st.sampled_from(["none", "flip", "flip", "flip", "truncate", "page_size", "page_size", "nregions",
+                                     "length", "length", "gen_npages", "garbage", "empty"]))
     if how == "flip":
         i = data.draw(st.integers(0, len(b) - 1))
         bit = data.draw(st.integers(0, 7))
@@ -1001,8 +1044,8 @@ def fam_snapshot(ctx: Ctx, data: Any, env: Env) -> None:
         ("bytes", os.fsencode(path))]))
     if pk == "fifo":
         pth = _fifo(env)
-    op = data.draw(st.sampled_from(["verify", "verify", "inspect", "compact", "restore", "restore", "lazy_restore",
-                                    "checkpointer"]))
+    op = data.draw(st.sampled_from(["verify", "verify", "inspect", "compact", "compact", "restore", "restore",
+                                    "lazy_restore", "checkpointer"]))
     gen_r = data.draw(st.one_of(st.just(("none",)), st.just(("none",)), intlike(st.sampled_from([1, 2, 3, 0]), plain_weight=3)))
     pid_r = data.draw(st.sampled_from([("none",), ("none",), ("none",), ("self",), ("str", "x"), ("int", -1), ("int", 0),
                                        ("int", 1 << 70), ("bool", True), ("float", 1.0)]))
@@ -1148,8 +1191,8 @@ def fam_pid_exit(ctx: Ctx, data: Any, env: Env) -> None:
     """scan(pid=child) while the child exits: ProcessLookupError, never another errno."""
     A = env.arena
     delay = data.draw(st.sampled_from([0, 0.0002, 0.0005, 0.001, 0.003]))
-    backend = data.draw(st.sampled_from(["kernel", "emulated", "emulated"]))
-    big = data.draw(st.booleans())
+    backend = data.draw(st.sampled_from(["kernel", "emulated", "emulated", "emulated"]))
+    big = data.draw(st.sampled_from([False, True, True]))
     r, w = os.pipe()
     child = os.fork()
     if child == 0:  # pragma: no cover - child

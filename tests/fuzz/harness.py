@@ -122,7 +122,7 @@ def summary(findings: list[dict[str, Any]], limit: int = 3) -> str:
         groups.setdefault(key, []).append(f)
     lines = []
     for (known, kind, exc), fs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        tag = f"issue 9 item {known}" if known != "-" else "NEW"
+        tag = "NEW" if known == "-" else (f"known {known}" if known.startswith("N") else f"issue 9 item {known}")
         lines.append(f"{len(fs)} x {kind}{' ' + exc if exc else ''} [{tag}]")
         for f in fs[:limit]:
             lines.append(f"    call:   {f['call'][:400]}")
