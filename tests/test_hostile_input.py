@@ -8,7 +8,6 @@ files) are covered with the snapshot tests; the fuzz suite (``tests/fuzz``) cove
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import resource
@@ -95,8 +94,9 @@ def test_item2_scan_reentrant_from_signal_handler(primed: bool) -> None:
                 m.write(i)
             m.read(1)
             a, b = (m.addr, m[40]), (m[8], m.end)
-            want_a = raw_scan(*a, vec_len=40, ret=ALL).vec.tolist()
-            want_b = raw_scan(*b, vec_len=40, ret=ALL).vec.tolist()
+            ra, rb = raw_scan(*a, vec_len=40, ret=ALL), raw_scan(*b, vec_len=40, ret=ALL)
+            assert ra.vec is not None and rb.vec is not None
+            want_a, want_b = ra.vec.tolist(), rb.vec.tolist()
             wrong, inner, outer = [0], [0], 0
 
             def handler(signum: int, frame: Any) -> None:
@@ -240,14 +240,14 @@ def test_item8_register_index_only_objects() -> None:
     registered, and unregistered again, consistently) or refused before the syscall."""
     with anon(4) as m, Userfaultfd(UffdFeature.WP_ASYNC) as uf:
         try:
-            uf.register(OnlyIndex(m.addr), OnlyIndex(m.length), RegisterMode.WP)
+            uf.register(OnlyIndex(m.addr), OnlyIndex(m.length), RegisterMode.WP)  # type: ignore[arg-type]
         except TypeError:
             assert not uffd_registered(m.addr), "register() raised TypeError but left the range registered"
         else:
             assert uffd_registered(m.addr)
         uf.register(m.addr, m.length, RegisterMode.WP) if not uffd_registered(m.addr) else None
         try:
-            uf.unregister(OnlyIndex(m.addr), OnlyIndex(m.length))
+            uf.unregister(OnlyIndex(m.addr), OnlyIndex(m.length))  # type: ignore[arg-type]
         except TypeError:
             assert uffd_registered(m.addr), "unregister() raised TypeError after unregistering the range"
             uf.unregister(m.addr, m.length)
@@ -283,7 +283,7 @@ def test_item11_read_events_bad_max_events_without_pending_event(uffd: Userfault
 @pytest.mark.parametrize("call", ["scan", "buffer_range", "WriteWatch"])
 def test_item11_non_contiguous_memoryview(call: str) -> None:
     mv = memoryview(bytearray(4 * P))[::2]
-    fn = {"scan": scan, "buffer_range": pagescan.buffer_range, "WriteWatch": WriteWatch}[call]
+    fn: Any = {"scan": scan, "buffer_range": pagescan.buffer_range, "WriteWatch": WriteWatch}[call]
     with pytest.raises(ValueError, match="contiguous"):
         fn(mv)
 

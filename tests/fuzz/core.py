@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import errno
 import json
 import math
 import operator
@@ -24,7 +23,6 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-import pagescan
 from pagescan import Category, PagefaultFlag, RegisterMode, ScanFlag, UffdFeature
 
 P = os.sysconf("SC_PAGE_SIZE")
@@ -152,7 +150,7 @@ def show(recipe: tuple[Any, ...]) -> str:
     if kind == "np":
         return f"np.{recipe[1]}({recipe[2]!r})"
     if kind == "flag":
-        return recipe[1]
+        return str(recipe[1])
     if kind == "index":
         return f"OnlyIndex({recipe[1]:#x})"
     if kind == "frac":

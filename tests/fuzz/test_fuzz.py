@@ -12,7 +12,7 @@ from .harness import Report, known_defect, run_family, summary
 
 #: family -> (short examples, long examples, long minimum calls, batch timeout in s)
 BUDGET = {
-    "scan": (120, 20000, 40000, 900),
+    "scan": (200, 20000, 40000, 900),
     "buffers": (120, 8000, 8000, 600),
     "out": (80, 5000, 5000, 600),
     "uffd": (60, 5000, 12000, 900),
