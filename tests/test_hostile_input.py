@@ -24,6 +24,7 @@ import pagescan
 from pagescan import PAGE_REGION_DTYPE, Category, RegisterMode, UffdFeature, Userfaultfd, WriteWatch, scan
 
 from .conftest import requires_pagemap_scan, requires_wp_async
+from .fuzz.core import exiting_child
 from .memory import P, anon, vmflags
 from .procs import run_in_child
 from .test_kernel_quirks import raw_scan
@@ -168,18 +169,7 @@ def test_item5_emulated_process_exiting_mid_call() -> None:
     for trial in range(40):
         if time.monotonic() > deadline:
             break
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child: exits while the parent scans it
-            os.close(r)
-            os.write(w, b"x")
-            end = time.monotonic() + 0.0005 * (trial % 8)
-            while time.monotonic() < end:
-                pass
-            os._exit(0)
-        os.close(w)
-        os.read(r, 1)
-        os.close(r)
+        pid = exiting_child(0.0005 * (trial % 8))  # exits while we scan it
         try:
             for _ in range(200):
                 try:

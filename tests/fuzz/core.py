@@ -125,15 +125,36 @@ def classify(recipe: tuple[Any, ...]) -> tuple[str, int | None]:
         return "nonint", None
 
 
-def int_ok(recipe: tuple[Any, ...]) -> bool | None:
-    """Whether a u64 argument built from ``recipe`` is valid: True, False, None (either)."""
+def int_ok(recipe: tuple[Any, ...], lo: int = 0, hi: int = U64, above: bool | None = False) -> bool | None:
+    """Whether an integer argument built from ``recipe`` is valid: True, False, None
+    (either). Valid: ``lo <= value <= hi``; a value above ``hi`` gives ``above``."""
     kind, v = classify(recipe)
     if kind == "nonint":
         return False
     if kind == "bool":
         return None
     assert v is not None
-    return 0 <= v <= U64
+    if v < lo:
+        return False
+    return True if v <= hi else above
+
+
+def exiting_child(delay: float) -> int:
+    """Fork a child that busy-waits ``delay`` seconds, then exits; returns its pid once
+    it runs. The caller reaps it."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        os.write(w, b"x")
+        t = time.monotonic() + delay
+        while time.monotonic() < t:
+            pass
+        os._exit(0)
+    os.close(w)
+    os.read(r, 1)
+    os.close(r)
+    return pid
 
 
 def show(recipe: tuple[Any, ...]) -> str:

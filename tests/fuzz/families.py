@@ -50,6 +50,7 @@ from .core import (
     build,
     classify,
     errno_of,
+    exiting_child,
     hostile,
     int_ok,
     intlike,
@@ -543,15 +544,7 @@ def _max_events() -> st.SearchStrategy[tuple[Any, ...]]:
 
 
 def _max_events_valid(recipe: tuple[Any, ...]) -> bool | None:
-    kind, v = classify(recipe)
-    if kind == "nonint":
-        return False
-    if kind == "bool":
-        return None
-    assert v is not None
-    if v < 1:
-        return False
-    return True if v <= 1 << 20 else None
+    return int_ok(recipe, 1, 1 << 20, above=None)
 
 
 def fam_uffd(ctx: Ctx, data: Any, env: Env) -> None:
@@ -1185,18 +1178,7 @@ def fam_pid_exit(ctx: Ctx, data: Any, env: Env) -> None:
     delay = data.draw(st.sampled_from([0, 0.0002, 0.0005, 0.001, 0.003]))
     backend = data.draw(st.sampled_from(["kernel", "emulated", "emulated", "emulated"]))
     big = data.draw(st.sampled_from([False, True, True]))
-    r, w = os.pipe()
-    child = os.fork()
-    if child == 0:  # pragma: no cover - child
-        os.close(r)
-        os.write(w, b"x")
-        t = time.monotonic() + delay
-        while time.monotonic() < t:
-            pass
-        os._exit(0)
-    os.close(w)
-    os.read(r, 1)
-    os.close(r)
+    child = exiting_child(delay)
     try:
         start, end = (A.addr, A.end) if not big else (0, (1 << 47) - P)  # all of user space
         for i in range(200):
