@@ -577,7 +577,19 @@ def fam_uffd(ctx: Ctx, data: Any, env: Env) -> None:
         first = True
         for _ in range(data.draw(st.integers(1, 4))):
             op = data.draw(st.sampled_from(["register", "register", "unregister", "writeprotect", "copy", "zeropage",
-                                            "continue_", "poison", "move", "wake", "read_events", "parse"]))
+                                            "continue_", "poison", "move", "wake", "read_events", "parse",
+                                            "copy_from", "lifecycle"]))
+            if op == "copy_from":
+                brec = data.draw(buffers())
+                obj = build_buffer(brec, env)
+                d_r = data.draw(intlike(addr, plain_weight=8))
+                dv = build(d_r)
+                ctx.call(f"uf.copy_from({show(d_r)}, {_show_buffer(brec)})  # mapping at {m:#x}",
+                         lambda: uf.copy_from(dv, obj), valid=False if int_ok(d_r) is False else None)
+                continue
+            if op == "lifecycle":
+                _fuzz_uffd_lifecycle(ctx, data, m)
+                continue
             if op == "read_events":
                 t_r, me_r = data.draw(_timeouts()), data.draw(_max_events())
                 if t_r == ("none",):
@@ -637,6 +649,28 @@ def fam_uffd(ctx: Ctx, data: Any, env: Env) -> None:
             uf.close()
         munmap(m, npages)
         munmap(srcmap, npages)
+
+
+def _fuzz_uffd_lifecycle(ctx: Ctx, data: Any, m: int) -> None:
+    """A closed Userfaultfd refuses every method with ValueError; from_fd() of a non-int
+    is refused (never an fd the fuzzer does not own: the object would close it)."""
+    what = data.draw(st.sampled_from(["closed", "closed", "from_fd"]))
+    if what == "from_fd":
+        r = data.draw(st.sampled_from([("str", "3"), ("none",), ("float", 3.0), ("int", -1), ("int", 1 << 70)]))
+        v = build(r)
+        got = ctx.call(f"pagescan.Userfaultfd.from_fd({show(r)})", lambda: Userfaultfd.from_fd(v), valid=False, arg="fd")
+        if got[0]:
+            with contextlib.suppress(Exception):
+                got[1].detach() if got[1]._fd != -1 and isinstance(got[1]._fd, int) and got[1]._fd >= 0 else None
+            got[1]._fd = -1  # never let it close an fd it does not own
+        return
+    uf = Userfaultfd(0)
+    uf.close()
+    ctx.call("uf.close() twice", uf.close)
+    op = data.draw(st.sampled_from(["register", "unregister", "writeprotect", "zeropage", "wake", "read_events", "fileno",
+                                    "detach"]))
+    args: tuple[Any, ...] = () if op in ("read_events", "fileno", "detach") else (m, P)
+    ctx.call(f"<closed Userfaultfd>.{op}{args}", lambda: getattr(uf, op)(*args), valid=False, arg="closed")
 
 
 def _fuzz_parse(ctx: Ctx, data: Any, env: Env) -> None:
@@ -845,7 +879,16 @@ def fam_move(ctx: Ctx, data: Any, env: Env) -> None:
         vals = [build(r) for r in rs]
         desc = (f"pagescan.move_pages({show(d_r)}, {show(s_r)}, {show(l_r)}, fallback={fb!r}, allow_src_holes={holes!r})"
                 f"  # src {src:#x}, dst {dst:#x}, {n} pages")
-        got = ctx.call(desc, lambda: pagescan.move_pages(*vals, fallback=fb, allow_src_holes=holes), valid=valid,
+        uffd: Any = None
+        if data.draw(st.integers(0, 5)) == 0:
+            uffd = data.draw(st.sampled_from(["uffd", 5, "closed"]))
+            if uffd == "closed":
+                uffd = Userfaultfd(0)
+                uffd.close()
+            desc += f", uffd={uffd!r}"
+            valid = False if valid is not True else False
+            bad.append("uffd")
+        got = ctx.call(desc, lambda: pagescan.move_pages(*vals, fallback=fb, allow_src_holes=holes, uffd=uffd), valid=valid,
                        arg=tuple(bad + amb) or None)
         if got[0] and valid and vals == [dst, src, n * P]:
             r = got[1]
