@@ -15,6 +15,7 @@ import math
 import operator
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -38,8 +39,51 @@ class CallTimeout(BaseException):
     """Raised by the watchdog's SIGALRM handler inside a call that hangs."""
 
 
-def _watchdog(signum: int, frame: Any) -> None:
-    raise CallTimeout()
+class Watchdog:
+    """Interrupts the main thread's call after a deadline: a thread sends SIGALRM to the
+    main thread itself (``pthread_kill``; a process-directed timer signal may be taken by
+    another thread, e.g. a library's worker, and never interrupt a blocking ``open``),
+    whose handler raises :class:`CallTimeout` if the call is still armed."""
+
+    def __init__(self) -> None:
+        self.main = threading.main_thread().ident or 0
+        self.cv = threading.Condition()
+        self.deadline: float | None = None
+        self.armed = False  # read by the handler, in the main thread
+        threading.Thread(target=self._run, name="fuzz-watchdog", daemon=True).start()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.armed:
+            self.armed = False
+            raise CallTimeout()
+
+    def arm(self, seconds: float) -> None:
+        signal.signal(signal.SIGALRM, self._handler)
+        self.armed = True
+        with self.cv:
+            self.deadline = time.monotonic() + seconds
+            self.cv.notify()
+
+    def disarm(self) -> None:
+        self.armed = False
+        with self.cv:
+            self.deadline = None
+
+    def _run(self) -> None:
+        with self.cv:
+            while True:
+                if self.deadline is None:
+                    self.cv.wait()
+                    continue
+                left = self.deadline - time.monotonic()
+                if left > 0:
+                    self.cv.wait(left)
+                    continue
+                self.deadline = None
+                signal.pthread_kill(self.main, signal.SIGALRM)
+
+
+_watchdog: Watchdog | None = None
 
 #: Exceptions the public API may raise (OSError subclasses must carry an errno).
 DOCUMENTED = (OSError, TypeError, ValueError)
@@ -264,15 +308,17 @@ class Ctx:
         """
         self.begin(desc)
         t0 = time.monotonic()
+        global _watchdog
         if watchdog:
-            signal.signal(signal.SIGALRM, _watchdog)
-            signal.setitimer(signal.ITIMER_REAL, HANG_SECONDS)
+            if _watchdog is None:
+                _watchdog = Watchdog()
+            _watchdog.arm(HANG_SECONDS)
         try:
             try:
                 result = fn()
             finally:
-                if watchdog:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
+                if watchdog and _watchdog is not None:
+                    _watchdog.disarm()
         except CallTimeout:
             self.finding("hang", f"still running after {HANG_SECONDS} s (interrupted by the watchdog)")
             return False, TimeoutError(f"hang: interrupted after {HANG_SECONDS} s")

@@ -1,51 +1,70 @@
-"""The fuzz families, one test each, every batch in a worker process (see the package
-docstring for profiles, oracles and the known-defects switch)."""
+"""The fuzz families, one test per batch, every batch in a worker process (see the
+package docstring for profiles, oracles and the known-defects switch)."""
 
 from __future__ import annotations
 
 import os
 import random
+from typing import NamedTuple
 
 import pytest
 
 from .harness import Report, known_defect, run_family, summary
 
-#: family -> (short examples, long examples, long minimum calls, batch timeout in s)
+
+class Budget(NamedTuple):
+    short: int  # examples in the short profile (one batch)
+    long: int  # examples per batch in the long profile
+    batches: int  # batches in the long profile (each a test, well under 120 s)
+    calls: int  # calls each long batch must at least make (>= 100,000 in total)
+
+
 BUDGET = {
-    "scan": (200, 20000, 40000, 900),
-    "buffers": (120, 8000, 8000, 600),
-    "out": (80, 5000, 5000, 600),
-    "uffd": (60, 5000, 12000, 900),
-    "parse": (100, 6000, 6000, 300),
-    "writewatch": (50, 3000, 5000, 900),
-    "move": (60, 3000, 3000, 600),
-    "handler": (25, 600, 600, 900),
-    "snapshot": (40, 1500, 1500, 1200),
-    "cli": (40, 1500, 1500, 900),
-    "pid_exit": (30, 300, 3000, 600),
-    "reentrancy": (3, 60, 20000, 600),
+    "buffers": Budget(120, 2000, 4, 1900),
+    "cli": Budget(40, 300, 5, 280),
+    "handler": Budget(25, 200, 3, 300),
+    "move": Budget(60, 1000, 3, 900),
+    "out": Budget(80, 1000, 5, 900),
+    "parse": Budget(100, 2000, 3, 1900),
+    "pid_exit": Budget(30, 100, 3, 500),
+    "reentrancy": Budget(3, 30, 2, 8000),
+    "scan": Budget(200, 1000, 20, 2000),
+    "snapshot": Budget(40, 300, 5, 280),
+    "uffd": Budget(60, 1000, 5, 2500),
+    "writewatch": Budget(50, 1000, 3, 2500),
 }
-SHORT_TIMEOUT = 60.0
+#: Kill a worker batch after this long (a hang no watchdog could interrupt).
+TIMEOUT = {False: 60.0, True: 300.0}
+LONG_CALLS = sum(b.batches * b.calls for b in BUDGET.values())
+assert LONG_CALLS >= 100_000
 
 
-def _seed(family: str, long: bool) -> int:
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "batch" in metafunc.fixturenames:
+        long = bool(metafunc.config.getoption("--fuzz-long"))
+        cases = [(f, i) for f in sorted(BUDGET) for i in range(BUDGET[f].batches if long else 1)]
+        metafunc.parametrize(("family", "batch"), cases, ids=[f"{f}-{i}" if long else f for f, i in cases])
+
+
+def _seed(family: str, batch: int, long: bool) -> int:
     env = os.environ.get("PAGESCAN_FUZZ_SEED")
     if env:
-        return int(env)
-    return random.randrange(1 << 30) if long else 1000 + sorted(BUDGET).index(family)
+        return int(env) + batch
+    if long:
+        return random.randrange(1 << 30)
+    return 1000 + sorted(BUDGET).index(family)
 
 
-@pytest.mark.parametrize("family", sorted(BUDGET))
-def test_fuzz(family: str, request: pytest.FixtureRequest) -> None:
+def test_fuzz(family: str, batch: int, request: pytest.FixtureRequest) -> None:
     long = bool(request.config.getoption("--fuzz-long"))
     mode = request.config.getoption("--fuzz-known-defects") or os.environ.get("PAGESCAN_FUZZ_KNOWN_DEFECTS", "fail")
-    short_n, long_n, long_calls, long_timeout = BUDGET[family]
-    seed = _seed(family, long)
-    rep: Report = run_family(family, long_n if long else short_n, seed, long_timeout if long else SHORT_TIMEOUT)
+    b = BUDGET[family]
+    seed = _seed(family, batch, long)
+    rep: Report = run_family(family, b.long if long else b.short, seed, TIMEOUT[long])
     for f in rep.findings:
         f["known"] = known_defect(f)
-    head = (f"fuzz family {family!r}: {rep.calls} calls, {rep.examples} examples, {rep.workers} worker(s), "
-            f"seed {seed} (PAGESCAN_FUZZ_SEED={seed} reproduces), {len(rep.findings)} finding(s)")
+    head = (f"fuzz family {family!r} batch {batch}: {rep.calls} calls, {rep.examples} examples, {rep.workers} "
+            f"worker(s), seed {seed} (PAGESCAN_FUZZ_SEED={seed - batch} reproduces), {len(rep.findings)} finding(s)")
     if rep.findings:
         text = head + "\n" + summary(rep.findings)
         if mode == "xfail" and all(f["known"] for f in rep.findings):
@@ -53,4 +72,4 @@ def test_fuzz(family: str, request: pytest.FixtureRequest) -> None:
         pytest.fail(text, pytrace=False)
     assert rep.examples > 0, head
     if long:
-        assert rep.calls >= long_calls, head + f"; the long profile needs at least {long_calls} calls here"
+        assert rep.calls >= b.calls, head + f"; a long batch must make at least {b.calls} calls"

@@ -37,16 +37,26 @@ def main(argv: list[str]) -> int:
     env = Env(seed)
     fn = FAMILIES[family]
 
-    @hseed(seed)
-    @settings(max_examples=examples, database=None, deadline=None, phases=[Phase.generate],
-              suppress_health_check=list(HealthCheck), derandomize=False, report_multiple_bugs=False)
-    @given(data=st.data())
-    def run(data: object) -> None:
+    ran = 0
+
+    def one(data: object) -> None:
+        nonlocal ran
+        ran += 1
         ctx.log({"e": 1})
         fn(ctx, data, env)
 
     try:
-        run()
+        # Hypothesis stops early once a small search space is exhausted: go on with
+        # further seeds until the batch has run its examples.
+        for round_ in range(50):
+            before = ran
+            run = hseed(seed + round_)(settings(
+                max_examples=examples - ran, database=None, deadline=None, phases=[Phase.generate],
+                suppress_health_check=list(HealthCheck), derandomize=False, report_multiple_bugs=False,
+            )(given(data=st.data())(one)))
+            run()
+            if ran >= examples or ran == before:
+                break
     finally:
         shutil.rmtree(env.tmp, ignore_errors=True)
     ctx.log({"done": ctx.calls})
