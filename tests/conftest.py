@@ -25,6 +25,13 @@ from .procs import children_of
 RELEASE = os.uname().release
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options of the fuzz suite (tests/fuzz): see its package docstring."""
+    parser.addoption("--fuzz-long", action="store_true", help="run the long fuzz profile (>= 100,000 calls)")
+    parser.addoption("--fuzz-known-defects", choices=("fail", "xfail"), default=None,
+                     help="fuzz findings that are all known defects (tests/fuzz KNOWN_DEFECTS): fail (default) or xfail")
+
+
 def _caps() -> pagescan.Capabilities:
     return pagescan.capabilities()
 
