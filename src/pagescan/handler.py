@@ -149,6 +149,11 @@ class FaultHandler:
         source: a :class:`Source`, or a callable ``(offset, length) -> bytes | None``
             (``None``: zeros).
         prefetch: copy pages ahead while no fault is waiting.
+        hot: page numbers (counted over the regions in order) to prefetch first, in
+            this order, before the address-order prefetch (a recorded working set).
+        on_exit: called in the handler process when every page is in, with the page
+            numbers that faulted, in first-touch order (a working-set record); its
+            errors are ignored.
 
     Use as a context manager; :meth:`wait` blocks until every page is in. Raises
     ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
@@ -161,6 +166,8 @@ class FaultHandler:
         source: Source | Callable[[int, int], Any],
         *,
         prefetch: bool = True,
+        hot: Sequence[int] | np.ndarray | None = None,
+        on_exit: Callable[[np.ndarray], None] | None = None,
     ) -> None:
         self.regions = [(int(a), int(n)) for a, n in regions]
         for a, n in self.regions:
@@ -169,6 +176,12 @@ class FaultHandler:
         self.total_pages = sum(n for _, n in self.regions) // P
         self.source: Source = source if hasattr(source, "read") else _CallableSource(source)
         self.prefetch = prefetch
+        self.hot = None if hot is None else np.asarray(hot, dtype=np.int64)
+        if self.hot is not None and self.hot.size and not (
+            self.hot.ndim == 1 and int(self.hot.min()) >= 0 and int(self.hot.max()) < self.total_pages
+        ):
+            raise ValueError(f"hot must be page numbers in [0, {self.total_pages})")
+        self.on_exit = on_exit
         self.pid = 0
         #: pid of the guardian process (0 once reaped)
         self.guardian_pid = 0
@@ -368,6 +381,11 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     window = MIN_WINDOW
     cursor = 0  # global page index for prefetch
+    hot = fh.hot if fh.hot is not None else np.empty(0, np.int64)
+    hot_pos = 0  # next entry of `hot` to prefetch
+    # First-touch record: pages that faulted, in order (a working set for next time).
+    touched = np.zeros(pages.state.size, dtype=bool)
+    order: list[int] = []
     state = STATE_FAILED
     try:
         while True:
@@ -376,7 +394,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 state = STATE_DONE
                 break
             try:
-                ready = poller.poll(int(IDLE * 1000) if fh.prefetch else -1)
+                ready = poller.poll(int(IDLE * 1000) if fh.prefetch or hot_pos < hot.size else -1)
             except InterruptedError:
                 continue
             if any(fd == owner_fd for fd, _ in ready):
@@ -389,7 +407,11 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                         loc = pages.locate(ev.address)
                         if loc is None:
                             continue
-                        _serve(uf, fh, pages, loc[1], window, bufmv, buf_addr, shared)
+                        g = loc[1]
+                        if not touched[g]:
+                            touched[g] = True
+                            order.append(g)
+                        _serve(uf, fh, pages, g, window, bufmv, buf_addr, shared)
                     elif isinstance(ev, RemoveEvent):
                         pages.mark(ev.start, ev.end, 2)  # discarded: later faults get zero pages
                     elif isinstance(ev, UnmapEvent):
@@ -399,6 +421,18 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                             if ev.from_ <= a < ev.from_ + ev.len:
                                 pages.addr[i] = ev.to + (a - ev.from_)
                 shared[0] = int(np.count_nonzero(pages.state))
+                continue
+            if hot_pos < hot.size:
+                # Idle, with a recorded working set: its pages first, in recorded order,
+                # a batch at a time (each batch sorted into runs: few copies).
+                batch = hot[hot_pos : hot_pos + HOT_BATCH]
+                hot_pos += batch.size
+                batch = np.unique(batch[pages.state[batch] == 0])
+                for lo, hi in _runs_within_regions(batch, pages.base):
+                    _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
+                shared[0] = int(np.count_nonzero(pages.state))
+                continue
+            if not fh.prefetch:
                 continue
             # Idle: prefetch the next pending pages.
             if cursor >= pages.state.size or pages.state[cursor]:
@@ -411,6 +445,9 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
             for a, n in zip(pages.addr, (n for _, n in pages.regions)):
                 with contextlib.suppress(OSError):
                     uf.unregister(a, n)
+            if fh.on_exit is not None and order:
+                with contextlib.suppress(Exception):
+                    fh.on_exit(np.array(order, dtype=np.int64))
     except ProcessLookupError:
         state = STATE_FAILED  # the owner is gone
     finally:
@@ -420,6 +457,26 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
         os.close(life_w)
         os.close(owner_fd)
     return 0 if state == STATE_DONE else 1
+
+
+#: Pages of a recorded working set prefetched between two looks at the fault queue.
+HOT_BATCH = 256
+
+
+def _runs_within_regions(sorted_pages: np.ndarray, base: list[int]) -> list[tuple[int, int]]:
+    """Runs ``[lo, hi)`` of consecutive pages, cut at region boundaries."""
+    if not sorted_pages.size:
+        return []
+    region = np.searchsorted(np.asarray(base), sorted_pages, side="right")
+    cuts = np.flatnonzero((np.diff(sorted_pages) != 1) | (np.diff(region) != 0)) + 1
+    first = np.concatenate([[0], cuts])
+    last = np.concatenate([cuts, [sorted_pages.size]]) - 1
+    out: list[tuple[int, int]] = []
+    for f, la in zip(first.tolist(), last.tolist()):
+        lo, hi = int(sorted_pages[f]), int(sorted_pages[la]) + 1
+        for s in range(lo, hi, MAX_WINDOW // P):  # the copy buffer holds MAX_WINDOW
+            out.append((s, min(hi, s + MAX_WINDOW // P)))
+    return out
 
 
 class _Retry(Exception):
@@ -435,6 +492,14 @@ def _serve(
     wpages = window // P
     lo = max(pages.base[i], gidx - gidx % wpages)  # window aligned down: serve the fault's neighbours too
     hi = min(pages.base[i + 1], lo + wpages)
+    _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
+    shared[0] = int(np.count_nonzero(pages.state))
+
+
+def _serve_span(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, lo: int, hi: int,
+                bufmv: memoryview, buf_addr: int) -> None:
+    """Resolve the pending pages among the global pages ``[lo, hi)`` (within one region)."""
+    i = next(k for k in range(len(pages.regions)) if pages.base[k] <= lo < pages.base[k + 1])
     st = pages.state[lo:hi]
     n = hi - lo
     k = 0
@@ -460,7 +525,6 @@ def _serve(
             return  # pages stay pending
         pages.state[page0 : lo + j] = 1
         k = j
-    shared[0] = int(np.count_nonzero(pages.state))
 
 
 def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:
