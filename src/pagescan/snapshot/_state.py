@@ -154,7 +154,8 @@ def match(store: Store, mapping: bool, ts: list[Target]) -> list[Target]:
     where = store.path
     if mapping != store.mapping:
         have = "a mapping (dict) of entries" if store.mapping else "a sequence of entries"
-        raise CheckpointError(f"{where} holds {have}; pass the state the same way")
+        raise CheckpointError(f"{where}: the entries do not match: the checkpoint holds {have}; pass the state "
+                              "the same way")
     if mapping:
         by_name = {t.name: t for t in ts}
         names = [e.name for e in store.entries]
@@ -162,7 +163,7 @@ def match(store: Store, mapping: bool, ts: list[Target]) -> list[Target]:
         extra = [t.name for t in ts if t.name not in set(names)]
         if missing or extra:
             raise CheckpointError(
-                f"{where}: the state does not match the checkpoint's entries"
+                f"{where}: the entries do not match the checkpoint's"
                 + (f"; missing: {', '.join(map(repr, missing))}" if missing else "")
                 + (f"; not in the checkpoint: {', '.join(map(repr, extra))}" if extra else "")
             )
@@ -170,17 +171,17 @@ def match(store: Store, mapping: bool, ts: list[Target]) -> list[Target]:
     else:
         if len(ts) != len(store.entries):
             raise CheckpointError(
-                f"{where}: {len(ts)} entr{'y' if len(ts) == 1 else 'ies'} given, the checkpoint has "
+                f"{where}: the entries do not match: {len(ts)} given, the checkpoint has "
                 f"{len(store.entries)} (of lengths {store.lengths})"
             )
         ordered = ts
     for t, e in zip(ordered, store.entries):
         if t.nbytes != e.nbytes:
-            raise CheckpointError(f"{where}: {t.label} is {t.nbytes} bytes here and {e.nbytes} bytes in the "
-                                  "checkpoint (its size changed?)")
+            raise CheckpointError(f"{where}: the entries do not match: {t.label} is {t.nbytes} bytes here and "
+                                  f"{e.nbytes} bytes in the checkpoint (its size changed?)")
         if t.array and e.array and (t.dtype != e.dtype or t.shape != e.shape):
-            raise CheckpointError(f"{where}: {t.label} is {t.dtype} {t.shape} here and {e.dtype} {e.shape} in the "
-                                  "checkpoint")
+            raise CheckpointError(f"{where}: the entries do not match: {t.label} is {t.dtype} {t.shape} here and "
+                                  f"{e.dtype} {e.shape} in the checkpoint")
     return ordered
 
 
