@@ -368,8 +368,14 @@ def restore(
     page-aligned ``(address, length)`` pairs in that process. Returns the generation
     restored.
     """
+    return _restore(path, state, generation, pid, progress, exact_pairs=False)
+
+
+def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
+             progress: Progress | None, *, exact_pairs: bool) -> int:
+    """:func:`restore`; ``exact_pairs``: ``(address, length)`` pairs are exact bytes, any alignment (the CLI)."""
     target = _pid_arg(pid)
-    store, ts, gen = _open_for_targets(path, state, generation)
+    store, ts, gen = _open_for_targets(path, state, generation, exact_pairs=exact_pairs)
     try:
         gen_of, pos_of = store.latest_map(gen.number)
         _restore_chunks(store, gen_of, pos_of, ts, target, progress)

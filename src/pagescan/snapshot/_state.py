@@ -92,6 +92,8 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
     except TypeError:
         raise TypeError(f"{label}: expected a buffer object (a numpy array, bytearray, mmap, ...), "
                         f"not {type(value).__name__}") from None
+    except (ValueError, BufferError) as err:  # a closed mmap, a released memoryview
+        raise ValueError(f"{label}: cannot use the buffer ({err})") from None
     if not mv.c_contiguous:
         mv.release()
         raise ValueError(f"{label}: the buffer is not C-contiguous")
