@@ -107,24 +107,40 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+_MACHINE_LOCK = "/sys/kernel/mm"
+_held = {"fd": -1, "depth": 0}
+
+
 @contextlib.contextmanager
-def _exclusive(path: str) -> Iterator[None]:
-    """Hold an ``flock`` on ``path`` itself (a sysfs file or a device node: no lock
-    file is left behind), so that two test runs on one machine take turns with a
-    piece of machine state instead of tearing it down under each other."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def _machine_state() -> Iterator[None]:
+    """Hold the machine-state lock: an ``flock`` on ``/sys/kernel/mm`` itself (no lock
+    file is left behind), so that two test runs on one machine take turns with the
+    hugetlb pool and the zram swap device instead of tearing them down under each
+    other. One lock for all such state (no lock-order deadlock between runs), taken
+    once per process however often the fixtures nest."""
+    if _held["depth"] == 0:
+        fd = os.open(_MACHINE_LOCK, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        _held["fd"] = fd
+    _held["depth"] += 1
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
-        os.close(fd)
+        _held["depth"] -= 1
+        if _held["depth"] == 0:
+            fd, _held["fd"] = _held["fd"], -1
+            os.close(fd)
 
 
 @contextlib.contextmanager
 def hugetlb_pool(pages: int, size_kb: int = 2048) -> Iterator[int]:
     """Reserve ``pages`` hugetlb pages of ``size_kb``; restore the old count after."""
     path = f"/sys/kernel/mm/hugepages/hugepages-{size_kb}kB/nr_hugepages"
-    with _exclusive(path):
+    with _machine_state():
         yield from _hugetlb_pool_locked(path, pages, size_kb)
 
 
@@ -156,13 +172,18 @@ def zram_swap() -> Iterator[str]:
         subprocess.run(["modprobe", "zram", "num_devices=1"], check=False)
     if not os.path.exists(dev):
         pytest.fail("/dev/zram0 is missing and the zram module could not be loaded")
-    with _exclusive(dev):
+    with _machine_state():
         yield from _zram_swap_locked(dev, sysdir)
 
 
 def _zram_swap_locked(dev: str, sysdir: str) -> Iterator[str]:
     if _read(f"{sysdir}/disksize") != "0":
-        pytest.fail("/dev/zram0 is already in use; refusing to take it over")
+        with open("/proc/swaps") as f:
+            if dev in f.read():
+                pytest.fail("/dev/zram0 is in use as swap; refusing to take it over")
+        # Configured but not swapping, and we hold the lock every test run takes: left
+        # behind by a run that was killed. Reset it.
+        _write(f"{sysdir}/reset", "1")
     _write(f"{sysdir}/disksize", str(256 << 20))
     try:
         subprocess.run(["mkswap", dev], check=True, capture_output=True)
