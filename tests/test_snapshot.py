@@ -1057,9 +1057,11 @@ def test_cli_inspect_text_and_json(tmp_path: Path, capsys: pytest.CaptureFixture
     out, err = capsys.readouterr()
     assert err == ""
     lines = out.splitlines()
-    assert "2 region(s)" in lines[0] and "3 sealed generation(s)" in lines[0]
-    assert lines[1].split() == ["GEN", "PARENT", "PAGES", "DATA", "ZERO", "SIZE"]
-    assert lines[2].split()[:3] == ["1", "full", "40"] and lines[3].split()[:2] == ["2", "1"]
+    assert "2 entries (sequence" in lines[0] and "3 sealed generation(s)" in lines[0]
+    assert lines[1].split() == ["ENTRY", "DTYPE", "SHAPE", "BYTES"]
+    assert lines[2].split() == ["0", "bytes", f"({32 * P},)", str(32 * P)]
+    assert lines[4].split() == ["GEN", "PARENT", "PAGES", "DATA", "ZERO", "SIZE"]
+    assert lines[5].split()[:3] == ["1", "full", "40"] and lines[6].split()[:2] == ["2", "1"]
     assert pagescan.cli.main(["checkpoint", "inspect", "--json", str(path)]) == 0
     out, _ = capsys.readouterr()
     assert json.loads(out) == inspect(path)

@@ -36,7 +36,7 @@ def _shape(shape: SupportsIndex | Sequence[SupportsIndex]) -> tuple[int, ...]:
     if isinstance(shape, (bool, np.bool_)):
         raise TypeError("shape must be an int or a sequence of ints, not a bool")
     try:
-        dims = (shape.__index__(),) if hasattr(shape, "__index__") else tuple(d.__index__() for d in shape)  # type: ignore[union-attr]
+        dims = (shape.__index__(),) if hasattr(shape, "__index__") else tuple(d.__index__() for d in shape)
     except (AttributeError, TypeError):
         raise TypeError(f"shape must be an int or a sequence of ints, not {shape!r}") from None
     if any(d < 0 for d in dims):

@@ -248,14 +248,13 @@ def run_load(args: argparse.Namespace) -> int:
             print(f"verified: {len(gens)} generation(s), {sum(g.pages for g in gens)} pages")
     loaded = load(args.path, args.generation)
     items = list(loaded.items()) if isinstance(loaded, dict) else list(enumerate(loaded))
-    rows = [{"name": k, "dtype": str(a.dtype), "shape": list(a.shape), "bytes": int(a.nbytes)} for k, a in items]
     if args.json:
+        rows = [{"name": k, "dtype": str(a.dtype), "shape": list(a.shape), "bytes": int(a.nbytes)} for k, a in items]
         print_json({"path": args.path, "generation": loaded.generation, "checked": bool(args.check), "entries": rows})
         return 0
     print(table(["ENTRY", "DTYPE", "SHAPE", "BYTES"],
-                [[str(r["name"]), str(r["dtype"]), str(tuple(r["shape"])), str(r["bytes"])] for r in rows],
-                "<<>>", last_free=False))
-    total = sum(int(r["bytes"]) for r in rows)
+                [[str(k), str(a.dtype), str(a.shape), str(a.nbytes)] for k, a in items], "<<>>", last_free=False))
+    total = sum(int(a.nbytes) for _, a in items)
     print(f"ok: loaded generation {loaded.generation} of {args.path}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, "
           f"{human(total)} ({total} bytes)")
     return 0

@@ -417,7 +417,7 @@ def _end_lazy(fh: FaultHandler, src: _CheckpointSource) -> None:
 
 
 def load(path: str | os.PathLike[str], generation: int | None = None, *, lazy: bool = False,
-         working_set: bool = True) -> LoadedState | LoadedList:
+         prefetch: bool = True, working_set: bool = True) -> LoadedState | LoadedList:
     """New arrays holding generation ``generation`` (default: the newest) of a checkpoint.
 
     Returns a dict name -> ``numpy.ndarray`` (stored dtype and shape) for a checkpoint
@@ -430,15 +430,16 @@ def load(path: str | os.PathLike[str], generation: int | None = None, *, lazy: b
     (``result.handler``). If the file holds a working set recorded for this generation
     (and ``working_set``), those pages are prefetched first, in recorded order; if it
     holds none, the pages touched first are recorded into it when every page is in
-    (a best-effort append: skipped if a writer holds the file). The handler is
-    stopped when all arrays are gone; pages it had not served by then raise SIGBUS
-    when touched (as does every unserved page if the handler dies).
+    (a best-effort append: skipped if a writer holds the file). ``prefetch=False``:
+    no address-order prefetch (pages come on touch, the working set still first).
+    The handler is stopped when all arrays are gone; pages it had not served by then
+    raise SIGBUS when touched (as does every unserved page if the handler dies).
     """
     if not isinstance(lazy, bool):
         raise TypeError(f"lazy must be a bool, not {type(lazy).__name__}")
     path = os.fspath(path)
     if lazy:
-        return _load_lazy(path, generation, working_set)
+        return _load_lazy(path, generation, prefetch, working_set)
     with Store(path) as store:
         gen = store.generation(generation)
         gen_of, pos_of = store.latest_map(gen.number)
@@ -597,7 +598,7 @@ def _hot(src: _CheckpointSource, lazymap: _LazyMap, use: bool) -> tuple[np.ndarr
     return lazymap.from_chunks(chunks), False
 
 
-def _load_lazy(path: str, generation: int | None, working_set: bool) -> LoadedState | LoadedList:
+def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: bool) -> LoadedState | LoadedList:
     src = _CheckpointSource(path, generation)
     try:
         store = src.store
@@ -619,7 +620,7 @@ def _load_lazy(path: str, generation: int | None, working_set: bool) -> LoadedSt
         lazymap = _LazyMap(store, spans)
         src.bind(lazymap)
         hot, rec = _hot(src, lazymap, working_set)
-        fh = FaultHandler(regions, src, prefetch=True, hot=hot,
+        fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
                           on_exit=_recorder(path, src.generation, lazymap) if rec else None)
         fh.start()
     except BaseException:

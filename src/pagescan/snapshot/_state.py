@@ -81,7 +81,7 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
         if writable and not value.flags.writeable:
             raise ValueError(f"{label}: the array is read-only")
         try:
-            keep: Any = memoryview(value)
+            keep: Any = memoryview(value)  # type: ignore[arg-type]  # ndarray is a buffer
         except (TypeError, ValueError, BufferError) as err:  # e.g. a dtype the buffer protocol cannot express
             keep = value
             del err
