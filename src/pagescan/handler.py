@@ -151,9 +151,12 @@ class FaultHandler:
         prefetch: copy pages ahead while no fault is waiting.
         hot: page numbers (counted over the regions in order) to prefetch first, in
             this order, before the address-order prefetch (a recorded working set).
-        on_exit: called in the handler process when every page is in, with the page
-            numbers that faulted, in first-touch order (a working-set record); its
-            errors are ignored.
+        record: a writable ``uint64`` array in memory shared with the handler (a
+            ``MAP_SHARED`` mapping), of ``1 + total pages`` elements: the handler
+            records every page that faults, in first-touch order, from element 1 on,
+            and keeps the count in element 0 (a working set). While recording, each
+            fault is served alone (no window, no prefetch), so that every first touch
+            is seen.
 
     Use as a context manager; :meth:`wait` blocks until every page is in. Raises
     ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
@@ -167,7 +170,7 @@ class FaultHandler:
         *,
         prefetch: bool = True,
         hot: Sequence[int] | np.ndarray | None = None,
-        on_exit: Callable[[np.ndarray], None] | None = None,
+        record: np.ndarray | None = None,
     ) -> None:
         self.regions = [(int(a), int(n)) for a, n in regions]
         for a, n in self.regions:
@@ -181,7 +184,10 @@ class FaultHandler:
             self.hot.ndim == 1 and int(self.hot.min()) >= 0 and int(self.hot.max()) < self.total_pages
         ):
             raise ValueError(f"hot must be page numbers in [0, {self.total_pages})")
-        self.on_exit = on_exit
+        if record is not None and (record.dtype != np.uint64 or record.ndim != 1 or len(record) < self.total_pages + 1
+                                   or not record.flags.writeable):
+            raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 1} elements")
+        self.record = record
         self.pid = 0
         #: pid of the guardian process (0 once reaped)
         self.guardian_pid = 0
@@ -384,8 +390,10 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     hot = fh.hot if fh.hot is not None else np.empty(0, np.int64)
     hot_pos = 0  # next entry of `hot` to prefetch
     # First-touch record: pages that faulted, in order (a working set for next time).
-    touched = np.zeros(pages.state.size, dtype=bool)
-    order: list[int] = []
+    rec = fh.record
+    if rec is not None:
+        rec[0] = 0
+    prefetch = fh.prefetch and rec is None
     state = STATE_FAILED
     try:
         while True:
@@ -394,7 +402,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 state = STATE_DONE
                 break
             try:
-                ready = poller.poll(int(IDLE * 1000) if fh.prefetch or hot_pos < hot.size else -1)
+                ready = poller.poll(0 if hot_pos < hot.size else int(IDLE * 1000) if prefetch else -1)
             except InterruptedError:
                 continue
             if any(fd == owner_fd for fd, _ in ready):
@@ -408,10 +416,14 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                         if loc is None:
                             continue
                         g = loc[1]
-                        if not touched[g]:
-                            touched[g] = True
-                            order.append(g)
-                        _serve(uf, fh, pages, g, window, bufmv, buf_addr, shared)
+                        if rec is not None:
+                            if pages.state[g] == 0:  # first touch (a repeated message: already in)
+                                n = int(rec[0])
+                                rec[n + 1] = g
+                                rec[0] = n + 1
+                            _serve_span(uf, fh, pages, g, g + 1, bufmv, buf_addr)
+                        else:
+                            _serve(uf, fh, pages, g, window, bufmv, buf_addr, shared)
                     elif isinstance(ev, RemoveEvent):
                         pages.mark(ev.start, ev.end, 2)  # discarded: later faults get zero pages
                     elif isinstance(ev, UnmapEvent):
@@ -421,18 +433,19 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                             if ev.from_ <= a < ev.from_ + ev.len:
                                 pages.addr[i] = ev.to + (a - ev.from_)
                 shared[0] = int(np.count_nonzero(pages.state))
-                continue
+                if hot_pos >= hot.size:
+                    continue
             if hot_pos < hot.size:
-                # Idle, with a recorded working set: its pages first, in recorded order,
-                # a batch at a time (each batch sorted into runs: few copies).
+                # A recorded working set: its pages first, in recorded order, a batch at
+                # a time (sorted into runs: few copies), between faults too -- a program
+                # that faults continuously never leaves the handler idle.
                 batch = hot[hot_pos : hot_pos + HOT_BATCH]
                 hot_pos += batch.size
                 batch = np.unique(batch[pages.state[batch] == 0])
-                for lo, hi in _runs_within_regions(batch, pages.base):
-                    _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
+                _serve_pages(uf, fh, pages, batch, bufmv, buf_addr)
                 shared[0] = int(np.count_nonzero(pages.state))
                 continue
-            if not fh.prefetch:
+            if not prefetch:
                 continue
             # Idle: prefetch the next pending pages.
             if cursor >= pages.state.size or pages.state[cursor]:
@@ -445,9 +458,6 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
             for a, n in zip(pages.addr, (n for _, n in pages.regions)):
                 with contextlib.suppress(OSError):
                     uf.unregister(a, n)
-            if fh.on_exit is not None and order:
-                with contextlib.suppress(Exception):
-                    fh.on_exit(np.array(order, dtype=np.int64))
     except ProcessLookupError:
         state = STATE_FAILED  # the owner is gone
     finally:
@@ -477,6 +487,37 @@ def _runs_within_regions(sorted_pages: np.ndarray, base: list[int]) -> list[tupl
         for s in range(lo, hi, MAX_WINDOW // P):  # the copy buffer holds MAX_WINDOW
             out.append((s, min(hi, s + MAX_WINDOW // P)))
     return out
+
+
+def _serve_pages(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, batch: np.ndarray,
+                 bufmv: memoryview, buf_addr: int) -> None:
+    """Resolve the pending pages ``batch`` (sorted global pages, at most MAX_WINDOW of them).
+
+    A source with ``read_many(offsets, rows)`` reads them all in one call (scattered
+    pages: one pass instead of one call per page); each run of consecutive pages is
+    then one ``UFFDIO_COPY``.
+    """
+    read_many = getattr(fh.source, "read_many", None)
+    if read_many is None or not batch.size:
+        for lo, hi in _runs_within_regions(batch, pages.base):
+            _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
+        return
+    base = np.asarray(pages.base)
+    region = np.searchsorted(base, batch, side="right") - 1
+    rel = batch - base[region]
+    offsets = np.asarray(pages.offset, dtype=np.int64)[region] + rel * P
+    rows = np.frombuffer(bufmv, dtype=np.uint8, count=batch.size * P).reshape(batch.size, P)
+    read_many(offsets, rows)
+    k = 0
+    for lo, hi in _runs_within_regions(batch, pages.base):
+        i = int(region[k])
+        addr = pages.addr[i] + int(rel[k]) * P
+        try:
+            _fill(uf, addr, (hi - lo) * P, buf_addr + k * P)
+        except _Retry:
+            return  # pages stay pending
+        pages.state[lo:hi] = 1
+        k += hi - lo
 
 
 class _Retry(Exception):

@@ -255,6 +255,6 @@ def run_load(args: argparse.Namespace) -> int:
     print(table(["ENTRY", "DTYPE", "SHAPE", "BYTES"],
                 [[str(k), str(a.dtype), str(a.shape), str(a.nbytes)] for k, a in items], "<<>>", last_free=False))
     total = sum(int(a.nbytes) for _, a in items)
-    print(f"ok: loaded generation {loaded.generation} of {args.path}: {len(rows)} entr{'y' if len(rows) == 1 else 'ies'}, "
+    print(f"ok: loaded generation {loaded.generation} of {args.path}: {len(items)} entr{'y' if len(items) == 1 else 'ies'}, "
           f"{human(total)} ({total} bytes)")
     return 0

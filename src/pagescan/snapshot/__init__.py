@@ -407,17 +407,19 @@ class LoadedList(list):  # type: ignore[type-arg]
 class _LazyGroup:
     """Keeps a lazy load's handler and source alive while any of its arrays lives."""
 
-    def __init__(self, fh: FaultHandler, src: _CheckpointSource) -> None:
-        self.finalizer = weakref.finalize(self, _end_lazy, fh, src)
+    def __init__(self, fh: FaultHandler, src: _CheckpointSource, recording: _Recording | None) -> None:
+        self.finalizer = weakref.finalize(self, _end_lazy, fh, src, recording)
 
 
-def _end_lazy(fh: FaultHandler, src: _CheckpointSource) -> None:
+def _end_lazy(fh: FaultHandler, src: _CheckpointSource, recording: _Recording | None) -> None:
     fh.close()
     src.store.close()
+    if recording is not None:
+        recording.save()
 
 
 def load(path: str | os.PathLike[str], generation: int | None = None, *, lazy: bool = False,
-         prefetch: bool = True, working_set: bool = True) -> LoadedState | LoadedList:
+         prefetch: bool = True, working_set: bool = True, record: bool = False) -> LoadedState | LoadedList:
     """New arrays holding generation ``generation`` (default: the newest) of a checkpoint.
 
     Returns a dict name -> ``numpy.ndarray`` (stored dtype and shape) for a checkpoint
@@ -427,19 +429,23 @@ def load(path: str | os.PathLike[str], generation: int | None = None, *, lazy: b
 
     ``lazy=True``: returns at once; each page arrives when first touched (or earlier,
     prefetched), served by a :class:`~pagescan.FaultHandler` process from the file
-    (``result.handler``). If the file holds a working set recorded for this generation
-    (and ``working_set``), those pages are prefetched first, in recorded order; if it
-    holds none, the pages touched first are recorded into it when every page is in
-    (a best-effort append: skipped if a writer holds the file). ``prefetch=False``:
-    no address-order prefetch (pages come on touch, the working set still first).
-    The handler is stopped when all arrays are gone; pages it had not served by then
-    raise SIGBUS when touched (as does every unserved page if the handler dies).
+    (``result.handler``). ``prefetch=False``: no address-order prefetch (pages come on
+    touch). The handler is stopped when all arrays are gone; pages it had not served
+    by then raise SIGBUS when touched (as does every unserved page if the handler dies).
+
+    Working sets (REAP): ``record=True`` records the pages this program touches, in
+    first-touch order, and appends them to the file as an optional section when the
+    load ends (the arrays are collected, or the interpreter exits; skipped if a writer
+    holds the file). While recording, every page is served on its own first touch
+    (no prefetch): slower, so it is off by default. A later lazy load of the same
+    generation (``working_set=True``, the default) prefetches the recorded pages
+    first, in that order, then the rest.
     """
     if not isinstance(lazy, bool):
         raise TypeError(f"lazy must be a bool, not {type(lazy).__name__}")
     path = os.fspath(path)
     if lazy:
-        return _load_lazy(path, generation, prefetch, working_set)
+        return _load_lazy(path, generation, prefetch, working_set, record)
     with Store(path) as store:
         gen = store.generation(generation)
         gen_of, pos_of = store.latest_map(gen.number)
@@ -549,10 +555,33 @@ class _CheckpointSource:
         np.frombuffer(out, dtype=np.uint8)[:] = tmp.reshape(-1)[shift : shift + len(out)]
         return True
 
+    def read_many(self, offsets: np.ndarray, rows: np.ndarray) -> None:
+        """The pages at handler ``offsets`` (scattered) into ``rows``, verified, in a few reads."""
+        m = self.map
+        assert m is not None
+        r = np.searchsorted(self.hbyte, offsets, side="right") - 1
+        byte = m.skip[r] + offsets - self.hbyte[r]
+        if bool((byte % P).any()):  # pages straddling chunks (an unaligned target): one by one
+            for j, off in enumerate(offsets.tolist()):
+                if not self.read(int(off), rows[j].data.cast("B")):
+                    rows[j] = 0
+            return
+        chunks = m.cbase[m.entry[r]] + byte // P
+        gens = self.gen_of[chunks]
+        pos = self.pos_of[chunks]
+        for g in np.unique(gens).tolist():
+            sel = np.flatnonzero(gens == g)
+            if g == 0:
+                rows[sel] = 0
+            elif sel.size == len(rows):
+                self.store.read_pages(self.store.generations[g - 1], pos, out=rows)
+            else:
+                rows[sel] = self.store.read_pages(self.store.generations[g - 1], pos[sel])
+
 
 def _working_set(store: Store, generation: int) -> np.ndarray | None:
-    """The recorded first-touch chunks for ``generation`` (``None`` if none)."""
-    for sec in store.sections:
+    """The newest first-touch chunks recorded for ``generation`` (``None`` if none)."""
+    for sec in reversed(store.sections):
         if sec.type == SECTION_WORKING_SET and sec.generation == generation:
             raw = store.read_section(sec)
             if len(raw) % 8:
@@ -564,41 +593,49 @@ def _working_set(store: Store, generation: int) -> np.ndarray | None:
     return None
 
 
-def _recorder(path: str, generation: int, lazymap: _LazyMap) -> Callable[[np.ndarray], None]:
-    """The handler's ``on_exit``: append the first-touch record (in chunks) to the file, if still fitting."""
+class _Recording:
+    """A first-touch record shared with the handler (``MAP_SHARED``), saved as a section when done."""
 
-    def record(hpages: np.ndarray) -> None:
+    def __init__(self, path: str, generation: int, lazymap: _LazyMap, total: int) -> None:
+        self.path, self.generation, self.lazymap = path, generation, lazymap
+        self.mm = mmap.mmap(-1, 8 * (total + 1), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.array = np.frombuffer(self.mm, dtype=np.uint64)
+
+    def save(self) -> None:
+        """Append the record to the file (best effort: skipped if a writer holds it or it changed)."""
+        arr, self.array = self.array, np.empty(0, np.uint64)
+        if not arr.size:
+            return
+        n = int(arr[0])
+        hpages = arr[1 : n + 1].astype(np.int64)
+        del arr  # the mapping goes with the last reference (the handler object may hold one)
+        if not n:
+            return
         try:
-            store = Store(path, writable=True, lock=True)
+            store = Store(self.path, writable=True, lock=True)
         except (CheckpointError, OSError):
-            return  # in use by a writer, read-only, gone: no record this time
+            return
         with store:
-            if store.damage is not None or len(store.generations) < generation or _has_working_set(store, generation):
+            if store.damage is not None or len(store.generations) < self.generation:
                 return
-            chunks = lazymap.to_chunks(hpages)
-            store.append_section(SECTION_WORKING_SET, generation, chunks.astype("<u8").tobytes())
-
-    return record
-
-
-def _has_working_set(store: Store, generation: int) -> bool:
-    return any(s.type == SECTION_WORKING_SET and s.generation == generation for s in store.sections)
+            chunks = self.lazymap.to_chunks(hpages)
+            with contextlib.suppress(OSError):
+                store.append_section(SECTION_WORKING_SET, self.generation, chunks.astype("<u8").tobytes())
 
 
-def _hot(src: _CheckpointSource, lazymap: _LazyMap, use: bool) -> tuple[np.ndarray | None, bool]:
-    """(pages to prefetch first, whether to record a working set this time)."""
+def _hot(src: _CheckpointSource, lazymap: _LazyMap, use: bool) -> np.ndarray | None:
+    """The handler pages to prefetch first: the newest working set recorded for the generation."""
     if not use:
-        return None, False
+        return None
     try:
         chunks = _working_set(src.store, src.generation)
     except CorruptCheckpointError:
-        return None, False  # a damaged record only costs speed
-    if chunks is None:
-        return None, True
-    return lazymap.from_chunks(chunks), False
+        return None  # a damaged record only costs speed
+    return None if chunks is None else lazymap.from_chunks(chunks)
 
 
-def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: bool) -> LoadedState | LoadedList:
+def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: bool,
+               record: bool) -> LoadedState | LoadedList:
     src = _CheckpointSource(path, generation)
     try:
         store = src.store
@@ -619,14 +656,15 @@ def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: b
             return _result(store, arrays, src.generation, None)
         lazymap = _LazyMap(store, spans)
         src.bind(lazymap)
-        hot, rec = _hot(src, lazymap, working_set)
+        hot = _hot(src, lazymap, working_set)
+        recording = _Recording(path, src.generation, lazymap, int(lazymap.hbase[-1])) if record else None
         fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
-                          on_exit=_recorder(path, src.generation, lazymap) if rec else None)
+                          record=None if recording is None else recording.array)
         fh.start()
     except BaseException:
         src.store.close()
         raise
-    group = _LazyGroup(fh, src)
+    group = _LazyGroup(fh, src, recording)
     for m in maps:
         m.keep = group
     return _result(store, arrays, src.generation, fh)
@@ -669,7 +707,7 @@ def _restore_bytes(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, t: Targ
 @contextmanager
 def lazy_restore(
     path: str | os.PathLike[str], state: Any, generation: int | None = None, *, prefetch: bool = True,
-    working_set: bool = True,
+    working_set: bool = True, record: bool = False,
 ) -> Iterator[FaultHandler]:
     """Restore into the objects of ``state`` lazily: pages arrive on first touch.
 
@@ -684,7 +722,8 @@ def lazy_restore(
 
     Yields the :class:`~pagescan.FaultHandler` (``progress()``, ``wait()``); with
     ``prefetch`` the handler copies pages ahead while no fault waits; a recorded
-    working set is prefetched first (see :func:`load`). Leaving the block stops the
+    working set is prefetched first, and ``record`` records one, saved when the block
+    ends (see :func:`load`). Leaving the block stops the
     handler: pages not served by then raise SIGBUS when touched -- call ``wait()``
     first. If the handler dies, touching a page not yet restored raises SIGBUS (never
     wrong data, never a hang); a damaged page is not served either.
@@ -720,11 +759,17 @@ def lazy_restore(
             _drop(a, n)
         lazymap = _LazyMap(src.store, spans)
         src.bind(lazymap)
-        hot, rec = _hot(src, lazymap, working_set)
+        hot = _hot(src, lazymap, working_set)
+        recording = (_Recording(os.fspath(path), src.generation, lazymap, int(lazymap.hbase[-1]))
+                     if record else None)
         fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
-                          on_exit=_recorder(os.fspath(path), src.generation, lazymap) if rec else None)
-        with fh:
-            yield fh
+                          record=None if recording is None else recording.array)
+        try:
+            with fh:
+                yield fh
+        finally:
+            if recording is not None:
+                recording.save()
     finally:
         src.store.close()
         _release(ts)
