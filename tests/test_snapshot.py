@@ -822,6 +822,13 @@ def test_lazy_handler_killed_midway_is_a_clear_failure(tmp_path: Path) -> None:
             _ = int(v[40].sum())  # not served yet: must be SIGBUS, not zeros, not a hang
             report(b"!touched page 40 and read " + (b"zeros" if not v[40].any() else b"data"))
 
+    kill_handler_expect_sigbus(body)
+
+
+def kill_handler_expect_sigbus(body: Callable[[Callable[[bytes], None], int], None]) -> None:
+    """Run ``body`` in an Owner: it reports (handler pid, guardian pid, served pages right) packed
+    as "iii" and hex, waits for "go", then touches a page not served; we kill the handler in
+    between. The owner must die of SIGBUS (not hang, not read zeros); both helpers must be gone."""
     o = Owner(body)
     hpid, gpid, ok = struct.unpack("iii", bytes.fromhex(o.read(24).decode()))
     assert ok == 1, "served pages were wrong"

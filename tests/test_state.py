@@ -21,13 +21,11 @@ Real processes, real files, real memory. What is checked:
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import hashlib
 import json
 import mmap
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -60,7 +58,7 @@ from pagescan.snapshot._store import Store
 from .conftest import requires_wp_async
 from .memory import P
 from .procs import wait_gone
-from .test_snapshot import Owner, wait_go
+from .test_snapshot import kill_handler_expect_sigbus, wait_go
 
 pytestmark = requires_wp_async
 
@@ -425,15 +423,7 @@ def test_lazy_load_handler_killed_is_sigbus_not_a_hang(tmp_path: Path) -> None:
         _ = float(got["big"][900].sum())  # never served: SIGBUS, not zeros, not a hang
         report(b"!read " + (b"zeros" if not got["big"][900].any() else b"data"))
 
-    o = Owner(body)
-    hpid, gpid, ok = struct.unpack("iii", bytes.fromhex(o.read(24).decode()))
-    assert ok == 1, "a served page was wrong"
-    os.kill(hpid, signal.SIGKILL)
-    o.go()
-    status, rest = o.finish()
-    assert not rest.startswith(b"!"), rest.decode(errors="replace")
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, f"status {status:#x}: {rest!r}"
-    wait_gone([hpid, gpid])
+    kill_handler_expect_sigbus(body)
 
 
 def present_pages(a: np.ndarray) -> np.ndarray:

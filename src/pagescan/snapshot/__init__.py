@@ -376,6 +376,10 @@ def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, p
     """:func:`restore`; ``exact_pairs``: ``(address, length)`` pairs are exact bytes, any alignment (the CLI)."""
     target = _pid_arg(pid)
     store, ts, gen = _open_for_targets(path, state, generation, exact_pairs=exact_pairs)
+    if pid is not None and target != os.getpid() and any(t.keep is not None for t in ts):
+        store.close()
+        _release(ts)
+        raise TypeError("with pid, the entries must be (address, length) pairs in that process, not buffer objects")
     try:
         gen_of, pos_of = store.latest_map(gen.number)
         _restore_chunks(store, gen_of, pos_of, ts, target, progress)

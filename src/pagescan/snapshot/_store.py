@@ -296,14 +296,9 @@ class Store:
         if digest(raw[:-8]) != dig:
             return "section header damaged"
         commit_off = off + SECTION_HEADER.size + nbytes
-        if commit_off + COMMIT.size > size:
-            return "section commit record missing"
-        craw = _pread_exact(self.fd, COMMIT.size, commit_off)
-        cmagic, cgen, goff, length, pdig, hdig, _x, cdig = COMMIT.unpack(craw)
-        if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig:
-            return "section commit record missing or damaged"
-        if cgen != gen or goff != off or length != commit_off - off or hdig != dig:
-            return "section commit record does not match the section header"
+        why = self._commit_mismatch(off, commit_off, size, gen, dig)
+        if why:
+            return f"section {why}"
         if not 1 <= gen <= len(self.generations):
             raise CorruptCheckpointError(f"{self.path}: section at offset {off} names generation {gen}, "
                                          f"which is not before it")
@@ -329,8 +324,7 @@ class Store:
         head = SECTION_HEADER.pack(MAGIC_SECTION, type_, generation, len(payload), 0, 0, 0, b"\0" * 8)
         head = head[:-8] + digest(head[:-8])
         length = len(head) + len(payload)
-        commit = COMMIT.pack(MAGIC_COMMIT, generation, off, length, digest(payload), head[-8:], 0, b"\0" * 8)
-        commit = commit[:-8] + digest(commit[:-8])
+        commit = _commit_record(generation, off, length, digest(payload), head[-8:])
         try:
             os.ftruncate(self.fd, off)
             _pwrite_all(self.fd, head + payload, off)
@@ -360,6 +354,18 @@ class Store:
             return None
         return int(cgen)
 
+    def _commit_mismatch(self, off: int, commit_off: int, size: int, number: int, head_digest: bytes) -> str:
+        """Why the commit record at ``commit_off`` does not seal the record at ``off`` ("" if it does)."""
+        if commit_off + COMMIT.size > size:
+            return "commit record missing"
+        craw = _pread_exact(self.fd, COMMIT.size, commit_off)
+        cmagic, cgen, goff, length, _d, hdig, _x, cdig = COMMIT.unpack(craw)
+        if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig:
+            return "commit record missing or damaged"
+        if cgen != number or goff != off or length != commit_off - off or hdig != head_digest:
+            return "commit record does not match the record header"
+        return ""
+
     def _read_generation(self, off: int, size: int) -> Generation | str:
         """The sealed generation at ``off``, or why there is none (a string).
 
@@ -375,14 +381,10 @@ class Store:
             return "record header inconsistent"
         data_off = off + GEN_HEADER.size + index_bytes
         commit_off = data_off + ndata * self.page_size
-        if commit_off + COMMIT.size > size:  # bounds npages and ndata by the file size
-            return "commit record missing"
-        craw = _pread_exact(self.fd, COMMIT.size, commit_off)
-        cmagic, cgen, goff, length, idig, hdig, _x, cdig = COMMIT.unpack(craw)
-        if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig:
-            return "commit record missing or damaged"
-        if cgen != number or goff != off or length != commit_off - off or hdig != dig:
-            return "commit record does not match the record header"
+        why = self._commit_mismatch(off, commit_off, size, number, dig)  # bounds npages, ndata by the size
+        if why:
+            return why
+        idig = COMMIT.unpack(_pread_exact(self.fd, COMMIT.size, commit_off))[4]
         # Sealed: from here on, anything wrong is damage.
         expected = len(self.generations) + 1
         where = f"{self.path}: generation {number}"
@@ -604,8 +606,7 @@ class Appender:
         head = GEN_HEADER.pack(MAGIC_GEN, self.number, self.npages, self.ndata, parent, len(idx_raw), 0, b"\0" * 8)
         head = head[:-8] + digest(head[:-8])
         length = GEN_HEADER.size + len(idx_raw) + self.ndata * P
-        commit = COMMIT.pack(MAGIC_COMMIT, self.number, self.offset, length, digest(idx_raw), head[-8:], 0, b"\0" * 8)
-        commit = commit[:-8] + digest(commit[:-8])
+        commit = _commit_record(self.number, self.offset, length, digest(idx_raw), head[-8:])
         with self._io():
             _pwrite_all(st.fd, head + idx_raw, self.offset)
             os.fsync(st.fd)  # everything the commit record vouches for is durable first
@@ -624,6 +625,11 @@ class Appender:
         with contextlib.suppress(OSError):
             os.ftruncate(self.store.fd, self.offset)
             os.fsync(self.store.fd)
+
+
+def _commit_record(number: int, off: int, length: int, body_digest: bytes, head_digest: bytes) -> bytes:
+    rec = COMMIT.pack(MAGIC_COMMIT, number, off, length, body_digest, head_digest, 0, b"\0" * 8)
+    return rec[:-8] + digest(rec[:-8])
 
 
 def new_file(path: str, page_size: int, mapping: bool, entries: list[EntryMeta]) -> tuple[int, str | None]:
