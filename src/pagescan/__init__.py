@@ -19,6 +19,7 @@ from ._uapi.pagemap import (
     ScanFlag,
 )
 from ._uapi.userfaultfd import PagefaultFlag, RegisterMode, UffdEventType, UffdFeature, UffdIoctl
+from .arrays import empty, empty_like, zeros, zeros_like
 from .capabilities import Capabilities, capabilities
 from ._scan import PageRegion, Scanner, ScanResult, buffer_range, masks, scan, scan_iter
 from .handler import FaultHandler, FileSource
@@ -70,12 +71,16 @@ __all__ = [
     "WriteWatch",
     "buffer_range",
     "capabilities",
+    "empty",
+    "empty_like",
     "masks",
     "move_pages",
     "parse_uffd_msgs",
     "regions_to_pages",
     "scan",
     "scan_iter",
+    "zeros",
+    "zeros_like",
 ]
 
 for _name in ("MADV", "Category", "ScanFlag", "PageRegion", "ScanResult", "Capabilities", "UffdFeature",
