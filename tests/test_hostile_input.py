@@ -58,7 +58,6 @@ def uffd_registered(addr: int) -> bool:
 # -- item 1: scan(out=...) is validated for what the kernel will write -------------------------
 
 
-@fixed(1)
 @pytest.mark.parametrize("shape", [(4, 0), (16, 0), (2, 3)])
 def test_item1_scan_out_multidimensional_refused_before_syscall(shape: tuple[int, int]) -> None:
     # The array is a view into a canary-filled buffer the test owns: while the defect
@@ -76,7 +75,6 @@ def test_item1_scan_out_multidimensional_refused_before_syscall(shape: tuple[int
 # -- item 2: scan() is reentrant -----------------------------------------------------------------
 
 
-@fixed(2)
 @pytest.mark.parametrize("primed", [True, False], ids=["cached-fd", "first-call-after-fork"])
 def test_item2_scan_reentrant_from_signal_handler(primed: bool) -> None:
     """A 100 us timer whose handler scans one range while the main code scans another,
@@ -128,7 +126,6 @@ def test_item2_scan_reentrant_from_signal_handler(primed: bool) -> None:
 # -- item 3: an IntFlag mask does not switch off range checks --------------------------------------
 
 
-@fixed(3)
 @pytest.mark.parametrize("backend", ["kernel", "emulated"])
 @pytest.mark.parametrize("arg", ["start", "end", "max_pages"])
 def test_item3_intflag_mask_keeps_range_checks(arg: str, backend: str) -> None:
@@ -143,7 +140,6 @@ def test_item3_intflag_mask_keeps_range_checks(arg: str, backend: str) -> None:
 # -- item 4: a large vec_len costs nothing ---------------------------------------------------------
 
 
-@fixed(4)
 def test_item4_large_vec_len_costs_nothing() -> None:
     """``vec_len=2**40`` over all of user space: the same answer as the default, and no
     allocation beyond what the regions found need (address space capped in the child)."""
@@ -164,7 +160,6 @@ def test_item4_large_vec_len_costs_nothing() -> None:
 # -- item 5: a process exiting mid-call gives ProcessLookupError on every backend ---------------------
 
 
-@fixed(5)
 def test_item5_emulated_process_exiting_mid_call() -> None:
     errors: list[str] = []
     deadline = time.monotonic() + 10
@@ -189,7 +184,6 @@ def test_item5_emulated_process_exiting_mid_call() -> None:
 # -- item 6: an integer-like start without an end is refused -----------------------------------------
 
 
-@fixed(6)
 @pytest.mark.parametrize("make", [np.uint64, np.int64, lambda a: np.array(a, np.uint64)], ids=["uint64", "int64", "0-d"])
 @pytest.mark.parametrize("call", ["scan", "scan_iter", "WriteWatch"])
 def test_item6_numpy_integer_is_not_a_buffer(call: str, make: Any) -> None:
@@ -208,7 +202,7 @@ def test_item6_numpy_integer_is_not_a_buffer(call: str, make: Any) -> None:
 
 
 @requires_wp_async
-@fixed(7)
+
 @pytest.mark.parametrize("method", ["get", "regions"])
 def test_item7_writewatch_max_pages_after_replaced_page(method: str) -> None:
     from pagescan._uapi import libc
@@ -226,7 +220,7 @@ def test_item7_writewatch_max_pages_after_replaced_page(method: str) -> None:
 
 
 @requires_wp_async
-@fixed(8)
+
 def test_item8_register_index_only_objects() -> None:
     """An ``__index__``-only start/length is either taken as an int (and the range is
     registered, and unregistered again, consistently) or refused before the syscall."""
@@ -257,21 +251,18 @@ def uffd() -> Any:
         yield uf
 
 
-@fixed(11)
 @pytest.mark.parametrize("timeout", [math.inf, 1e300, math.nan], ids=["inf", "1e300", "nan"])
 def test_item11_read_events_bad_timeout(uffd: Userfaultfd, timeout: float) -> None:
     with pytest.raises((ValueError, TypeError), match="timeout"):
         uffd.read_events(timeout=timeout)
 
 
-@fixed(11)
 @pytest.mark.parametrize("max_events", [0, -1])
 def test_item11_read_events_bad_max_events_without_pending_event(uffd: Userfaultfd, max_events: int) -> None:
     with pytest.raises(ValueError, match="max_events"):
         uffd.read_events(timeout=0, max_events=max_events)
 
 
-@fixed(11)
 @pytest.mark.parametrize("call", ["scan", "buffer_range", "WriteWatch"])
 def test_item11_non_contiguous_memoryview(call: str) -> None:
     mv = memoryview(bytearray(4 * P))[::2]
@@ -280,7 +271,6 @@ def test_item11_non_contiguous_memoryview(call: str) -> None:
         fn(mv)
 
 
-@fixed(11)
 @pytest.mark.parametrize("out", [[], bytearray(96), 4], ids=["list", "bytearray", "int"])
 def test_item11_out_not_an_array(out: Any) -> None:
     with anon(2) as m, pytest.raises(TypeError, match="out"):
@@ -288,7 +278,7 @@ def test_item11_out_not_an_array(out: Any) -> None:
 
 
 @requires_wp_async
-@fixed(11)
+
 def test_item11_restore_bad_pid(tmp_path: Path) -> None:
     from pagescan.snapshot import Checkpointer, restore
 

@@ -20,13 +20,16 @@ from __future__ import annotations
 import ctypes
 import mmap
 import operator
+import os
+import stat
 from typing import Any, Union
 
 import numpy as np
 
 from ._errors import InvalidArgumentError
 
-__all__ = ["U64", "Buffer", "buffer_range", "buffer_span", "check_aligned", "u64"]
+__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "check_aligned", "open_regular",
+           "u64"]
 
 #: What pagescan accepts as "a buffer object": anything with the buffer protocol; these
 #: are the usual ones (``collections.abc.Buffer`` needs Python 3.12).
@@ -108,9 +111,40 @@ def buffer_span(obj: Any, name: str = "buffer") -> tuple[int, int]:
 def buffer_range(obj: Any, name: str = "buffer") -> tuple[int, int]:
     """``(start, end)`` of the whole pages covering a buffer object (mmap, numpy array,
     bytearray, memoryview, ctypes array): start rounded down, end rounded up. An empty
-    buffer covers no page (``start == end``)."""
+    buffer covers no page (``start == end``). A 0-d integer array is refused like any
+    integer: it is almost certainly an address meant with an end or length."""
+    if isinstance(obj, np.ndarray) and obj.ndim == 0 and obj.dtype.kind in "iub":
+        raise TypeError(f"{name} is a 0-d integer array ({obj.dtype}): pass the end or length too, "
+                        "or pass a buffer object")
     lo, n = buffer_span(obj, name)
     start = lo & ~(P - 1)
     if not n:
         return start, start
     return start, (lo + n + P - 1) & ~(P - 1)
+
+
+class NotRegularFileError(ValueError):
+    """A path that had to be a regular file is a FIFO, a device, a directory, ..."""
+
+
+def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, name: str = "path") -> int:
+    """``open`` without blocking (``O_NONBLOCK``), then refuse anything but a regular file.
+
+    A FIFO (or a device) would block in ``open`` or ``read`` forever; ``O_NONBLOCK``
+    makes ``open`` return at once and ``fstat`` tells what it is. The fd returned is
+    blocking again and ``O_CLOEXEC``. Raises :class:`NotRegularFileError` (a
+    ``ValueError``) naming ``name``, or the ``OSError`` of ``open``."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise NotRegularFileError(f"{name} {os.fspath(path)!r} is a directory, not a regular file") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise NotRegularFileError(f"{name} {os.fspath(path)!r} is {what}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

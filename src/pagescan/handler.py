@@ -57,7 +57,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from ._child import Child, fork
-from ._errors import PartialProgressError
+from ._args import U64, open_regular, u64
+from ._errors import InvalidArgumentError, PartialProgressError
 from ._uapi import libc
 from ._uapi.mman import MAP, PROT
 from ._uapi.pagemap import Category
@@ -89,15 +90,39 @@ class Source(Protocol):
     def read(self, offset: int, out: memoryview) -> bool: ...
 
 
+def _regions(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(address, length)`` pairs as ints: page aligned, non-empty, inside 64 bits."""
+    if isinstance(regions, (str, bytes)) or not hasattr(regions, "__iter__"):
+        raise TypeError(f"regions must be a sequence of (address, length) pairs, not {type(regions).__name__}")
+    out = []
+    for i, r in enumerate(regions):
+        try:
+            a, n = r
+        except (TypeError, ValueError):
+            raise TypeError(f"regions[{i}] must be an (address, length) pair, not {r!r}") from None
+        a, n = u64(f"regions[{i}] address", a, bool_ok=False), u64(f"regions[{i}] length", n, bool_ok=False)
+        if a % P or n % P or n == 0 or a + n > U64:
+            raise InvalidArgumentError(f"FaultHandler: regions[{i}] {a:#x}+{n:#x} is not page aligned and "
+                                       "non-empty, or runs past the top of the address space")
+        out.append((a, n))
+    return out
+
+
 class FileSource:
     """Pages from a file (or a slice of it starting at ``base``)."""
 
     def __init__(self, path: str | os.PathLike[str], base: int = 0) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.base = base
+        self.fd = -1
+        self.base = u64("base", base, bool_ok=False)
+        if self.base >= 1 << 63:
+            raise ValueError(f"base {self.base:#x} is beyond the largest file offset (2**63 - 1)")
+        self.fd = open_regular(path, os.O_RDONLY, "FileSource path")  # a FIFO would block forever
 
     def read(self, offset: int, out: memoryview) -> bool:
-        got = os.preadv(self.fd, [out], self.base + offset)
+        pos = self.base + offset
+        if pos >= 1 << 63:
+            raise ValueError(f"offset {offset:#x} from base {self.base:#x} is beyond the largest file offset")
+        got = os.preadv(self.fd, [out], pos)
         if got < len(out):
             out[got:] = bytes(len(out) - got)
         return True
@@ -219,10 +244,7 @@ class FaultHandler:
         hot: Sequence[int] | np.ndarray | None = None,
         record: np.ndarray | None = None,
     ) -> None:
-        self.regions = [(int(a), int(n)) for a, n in regions]
-        for a, n in self.regions:
-            if a % P or n % P or n <= 0:
-                raise ValueError(f"region {a:#x}+{n:#x} is not page aligned and non-empty")
+        self.regions = _regions(regions)
         self.total_pages = sum(n for _, n in self.regions) // P
         self.source: Source = source if hasattr(source, "read") else _CallableSource(source)
         self.prefetch = prefetch

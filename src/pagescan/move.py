@@ -86,6 +86,8 @@ def move_pages(
                         u64("length", length, bool_ok=False))
     if fallback not in _FALLBACKS:
         raise ValueError(f"fallback must be one of {_FALLBACKS}, not {fallback!r}")
+    if uffd is not None and not isinstance(uffd, Userfaultfd):
+        raise TypeError(f"uffd must be a pagescan.Userfaultfd or None, not {type(uffd).__name__}")
     check_aligned("move_pages", "dst", dst)
     check_aligned("move_pages", "src", src)
     if length == 0 or length % P:

@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 _MSG_SIZE = 32
+#: The longest finite ``read_events`` timeout, in seconds: ``poll`` takes an int of ms.
+MAX_TIMEOUT = (2**31 - 1) / 1000
 _P = mmap.PAGESIZE
 
 
@@ -394,16 +396,17 @@ class Userfaultfd(FdHolder):
     # -- events ---------------------------------------------------------------------
 
     def read_events(self, timeout: float | None = 0, max_events: int = 64) -> list[UffdEvent]:
-        """Wait up to ``timeout`` seconds (``None`` or ``inf``: forever) and read pending
-        messages.
+        """Wait up to ``timeout`` seconds (``None``: forever) and read pending messages.
 
         Returns a possibly empty list (empty on timeout or EAGAIN). Reads up to
         ``max_events`` (1 to 65536) messages with one ``read``. Needs a non-blocking fd
         for a timeout other than ``None``.
 
         Raises:
-            TypeError, ValueError: ``timeout`` not a non-negative number (NaN too);
-                ``max_events`` not an int in range. Checked before waiting.
+            TypeError, ValueError: ``timeout`` not a number of seconds from 0 to
+                ``MAX_TIMEOUT`` (about 24.8 days, what ``poll`` can wait; NaN and
+                infinity too: pass ``None`` to wait forever); ``max_events`` not an int
+                in range. Checked before waiting.
         """
         if isinstance(max_events, bool) or not isinstance(max_events, int):
             raise TypeError(f"max_events must be an int, not {type(max_events).__name__}")
@@ -413,10 +416,10 @@ class Userfaultfd(FdHolder):
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
                 raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-            if math.isnan(timeout) or timeout < 0:
-                raise ValueError(f"timeout must be a non-negative number of seconds or None, got {timeout}")
-            # poll() takes an int of milliseconds; beyond ~24 days wait forever.
-            ms = -1 if timeout * 1000 >= 2**31 - 1 else int(math.ceil(timeout * 1000))
+            if not 0 <= timeout <= MAX_TIMEOUT:  # also NaN
+                raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT} seconds (None waits forever), "
+                                 f"got {timeout}")
+            ms = int(math.ceil(timeout * 1000))
         fd = self.fd
         if timeout is not None or not os.get_blocking(fd):
             poller = select.poll()
