@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 from typing import Any, Protocol, Union
 
 from ._fdholder import FdHolder
@@ -80,21 +79,24 @@ Target.__module__ = "pagescan"
 #: anything with ``.pid``.
 PidLike = Union[int, Target, HasPid, None]
 
-_self_lock = threading.Lock()
 _self: Target | None = None
 
 
 def self_target() -> Target:
-    """The cached ``/proc/<our pid>/pagemap`` (reopened after fork)."""
+    """The cached ``/proc/<our pid>/pagemap`` (reopened after fork).
+
+    No lock: a signal handler that scans while this function runs in the same thread
+    must not wait for a lock its own thread holds. Two callers racing to open it each
+    open one; the last assignment wins and the other ``Target`` is closed when its
+    caller drops it.
+    """
     global _self
     t = _self
     if t is not None and t._fd >= 0 and t._owner_pid == os.getpid():
         return t
-    with _self_lock:
-        t = _self
-        if t is None or t._fd < 0 or t._owner_pid != os.getpid():
-            t = _self = Target(os.getpid())
-        return t
+    t = Target(os.getpid())
+    _self = t
+    return t
 
 
 def _forget_self_after_fork() -> None:
