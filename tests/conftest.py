@@ -184,12 +184,16 @@ def zram_swap() -> Iterator[str]:
 
 
 def _zram_swap_locked(dev: str, sysdir: str) -> Iterator[str]:
-    if _read(f"{sysdir}/disksize") != "0":
+    size = _read(f"{sysdir}/disksize")
+    if size != "0":
+        # We hold the lock every test run takes, so a configured zram0 of the size this
+        # fixture makes was left behind by a run that was killed: take it back. Any
+        # other size is somebody's real swap device: leave it alone.
+        if size != str(256 << 20):
+            pytest.fail(f"/dev/zram0 is in use ({size} bytes); refusing to take it over")
         with open("/proc/swaps") as f:
             if dev in f.read():
-                pytest.fail("/dev/zram0 is in use as swap; refusing to take it over")
-        # Configured but not swapping, and we hold the lock every test run takes: left
-        # behind by a run that was killed. Reset it.
+                subprocess.run(["swapoff", dev], check=True, capture_output=True)
         _write(f"{sysdir}/reset", "1")
     _write(f"{sysdir}/disksize", str(256 << 20))
     try:
