@@ -235,7 +235,22 @@ class Userfaultfd(FdHolder):
 
         The handshake is not repeated (it is one-shot); ``features`` records what the
         creator enabled. The object owns ``fd`` from now on.
+
+        Raises:
+            TypeError, ValueError: ``fd`` is not an int >= 0, or not a userfaultfd.
+            OSError: EBADF, ``fd`` is not open.
         """
+        fd = _u64("fd", fd)
+        if fd > 2**31 - 1:
+            raise ValueError(f"fd {fd} is not a file descriptor")
+        os.fstat(fd)  # EBADF if not open
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            link = ""
+        if link and link != "anon_inode:[userfaultfd]":
+            raise ValueError(f"fd {fd} is not a userfaultfd ({link})")
+        features = _u64("features", features)
         self = object.__new__(cls)
         self._fd = fd
         self.features = UffdFeature(features)
@@ -408,18 +423,18 @@ class Userfaultfd(FdHolder):
                 infinity too: pass ``None`` to wait forever); ``max_events`` not an int
                 in range. Checked before waiting.
         """
-        if isinstance(max_events, bool) or not isinstance(max_events, int):
-            raise TypeError(f"max_events must be an int, not {type(max_events).__name__}")
-        if not 1 <= max_events <= 65536:
-            raise ValueError(f"max_events must be between 1 and 65536, got {max_events}")
         ms = -1
         if timeout is not None:
-            if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            if not isinstance(timeout, (int, float)):
                 raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
             if not 0 <= timeout <= MAX_TIMEOUT:  # also NaN
                 raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT} seconds (None waits forever), "
                                  f"got {timeout}")
             ms = int(math.ceil(timeout * 1000))
+        if isinstance(max_events, bool) or not isinstance(max_events, int):
+            raise TypeError(f"max_events must be an int, not {type(max_events).__name__}")
+        if not 1 <= max_events <= 65536:
+            raise ValueError(f"max_events must be between 1 and 65536, got {max_events}")
         fd = self.fd
         if timeout is not None or not os.get_blocking(fd):
             poller = select.poll()
