@@ -180,7 +180,7 @@ class Scanner:
     """
 
     __slots__ = (
-        "__weakref__", "_fallback", "_free", "_impl", "_out", "_owned", "_target", "backend",
+        "__weakref__", "_fallback", "_free", "_impl", "_out", "_owned", "_scratch", "_target", "backend",
         "category_anyof_mask", "category_inverted", "category_mask", "flags", "max_pages",
         "return_mask", "vec_len",
     )
@@ -213,6 +213,7 @@ class Scanner:
         self._impl: Backend = impl
         self.backend = backend
         self._free: list[pm_scan_arg] = []
+        self._scratch: list[tuple[np.ndarray, int]] = []
         self._out: tuple[np.ndarray, int, int] | None = None
         if isinstance(pid, Target):
             self._target = pid
@@ -332,8 +333,20 @@ class Scanner:
         """A call that may return more than ``_SMALL`` regions: kernel calls of at most
         ``_CHUNK`` regions into a scratch buffer, each resuming at the last ``walk_end``
         with what is left of ``cap`` and ``max_pages``; the result owns exactly its
-        regions."""
-        scratch, addr = _owned(_CHUNK)
+        regions. Scratch buffers are reused (taken from and given back to a list, so
+        reentrant and concurrent calls never share one): the kernel writes into memory
+        that is already faulted in."""
+        try:
+            scratch, addr = self._scratch.pop()
+        except IndexError:
+            scratch, addr = _owned(_CHUNK)
+        try:
+            return self._chunks(start, end, max_pages, cap, scratch, addr)
+        finally:
+            self._scratch.append((scratch, addr))
+
+    def _chunks(self, start: int, end: int, max_pages: int, cap: int, scratch: np.ndarray,
+                addr: int) -> ScanResult:
         end_r = -(-end // _P) * _P
         parts: list[np.ndarray] = []
         cur, left, budget = start, cap, max_pages
