@@ -57,7 +57,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from ._child import Child, fork
-from ._errors import PartialProgressError
+from ._args import U64, open_regular, u64
+from ._errors import InvalidArgumentError, PartialProgressError
 from ._uapi import libc
 from ._uapi.mman import MAP, PROT
 from ._uapi.pagemap import Category
@@ -89,15 +90,39 @@ class Source(Protocol):
     def read(self, offset: int, out: memoryview) -> bool: ...
 
 
+def _regions(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(address, length)`` pairs as ints: page aligned, non-empty, inside 64 bits."""
+    if isinstance(regions, (str, bytes)) or not hasattr(regions, "__iter__"):
+        raise TypeError(f"regions must be a sequence of (address, length) pairs, not {type(regions).__name__}")
+    out = []
+    for i, r in enumerate(regions):
+        try:
+            a, n = r
+        except (TypeError, ValueError):
+            raise TypeError(f"regions[{i}] must be an (address, length) pair, not {r!r}") from None
+        a, n = u64(f"regions[{i}] address", a, bool_ok=False), u64(f"regions[{i}] length", n, bool_ok=False)
+        if a % P or n % P or n == 0 or a + n > U64:
+            raise InvalidArgumentError(f"FaultHandler: regions[{i}] {a:#x}+{n:#x} is not page aligned and "
+                                       "non-empty, or runs past the top of the address space")
+        out.append((a, n))
+    return out
+
+
 class FileSource:
     """Pages from a file (or a slice of it starting at ``base``)."""
 
     def __init__(self, path: str | os.PathLike[str], base: int = 0) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.base = base
+        self.fd = -1
+        self.base = u64("base", base, bool_ok=False)
+        if self.base >= 1 << 63:
+            raise ValueError(f"base {self.base:#x} is beyond the largest file offset (2**63 - 1)")
+        self.fd = open_regular(path, os.O_RDONLY, "FileSource path")  # a FIFO would block forever
 
     def read(self, offset: int, out: memoryview) -> bool:
-        got = os.preadv(self.fd, [out], self.base + offset)
+        pos = self.base + offset
+        if pos >= 1 << 63:
+            raise ValueError(f"offset {offset:#x} from base {self.base:#x} is beyond the largest file offset")
+        got = os.preadv(self.fd, [out], pos)
         if got < len(out):
             out[got:] = bytes(len(out) - got)
         return True
@@ -192,6 +217,14 @@ class FaultHandler:
         source: a :class:`Source`, or a callable ``(offset, length) -> bytes | None``
             (``None``: zeros).
         prefetch: copy pages ahead while no fault is waiting.
+        hot: page numbers (counted over the regions in order) to prefetch first, in
+            this order, before the address-order prefetch (a recorded working set).
+        record: a writable ``uint64`` array in memory shared with the handler (a
+            ``MAP_SHARED`` mapping), of ``1 + total pages`` elements: the handler
+            records every page that faults, in first-touch order, from element 1 on,
+            and keeps the count in element 0 (a working set). While recording, each
+            fault is served alone (no window, no prefetch), so that every first touch
+            is seen.
 
     Use as a context manager; :meth:`wait` blocks until every page is in. Raises
     ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
@@ -208,14 +241,22 @@ class FaultHandler:
         source: Source | Callable[[int, int], Any],
         *,
         prefetch: bool = True,
+        hot: Sequence[int] | np.ndarray | None = None,
+        record: np.ndarray | None = None,
     ) -> None:
-        self.regions = [(int(a), int(n)) for a, n in regions]
-        for a, n in self.regions:
-            if a % P or n % P or n <= 0:
-                raise ValueError(f"region {a:#x}+{n:#x} is not page aligned and non-empty")
+        self.regions = _regions(regions)
         self.total_pages = sum(n for _, n in self.regions) // P
         self.source: Source = source if hasattr(source, "read") else _CallableSource(source)
         self.prefetch = prefetch
+        self.hot = None if hot is None else np.asarray(hot, dtype=np.int64)
+        if self.hot is not None and self.hot.size and not (
+            self.hot.ndim == 1 and int(self.hot.min()) >= 0 and int(self.hot.max()) < self.total_pages
+        ):
+            raise ValueError(f"hot must be page numbers in [0, {self.total_pages})")
+        if record is not None and (record.dtype != np.uint64 or record.ndim != 1 or len(record) < self.total_pages + 1
+                                   or not record.flags.writeable):
+            raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 1} elements")
+        self.record = record
         #: ``waitpid`` status of the handler process once reaped by :meth:`wait`.
         self.exit_status: int | None = None
         self.owner = os.getpid()
@@ -400,6 +441,13 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     window = MIN_WINDOW
     cursor = 0  # global page index for prefetch
+    hot = fh.hot if fh.hot is not None else np.empty(0, np.int64)
+    hot_pos = 0  # next entry of `hot` to prefetch
+    # First-touch record: pages that faulted, in order (a working set for next time).
+    rec = fh.record
+    if rec is not None:
+        rec[0] = 0
+    prefetch = fh.prefetch and rec is None
     state = STATE_FAILED
     try:
         while True:
@@ -408,7 +456,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 state = STATE_DONE
                 break
             try:
-                ready = poller.poll(int(IDLE * 1000) if fh.prefetch else -1)
+                ready = poller.poll(0 if hot_pos < hot.size else int(IDLE * 1000) if prefetch else -1)
             except InterruptedError:
                 continue
             if any(fd == owner_fd for fd, _ in ready):
@@ -421,7 +469,15 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                         loc = pages.locate(ev.address)
                         if loc is None:
                             continue
-                        _serve(uf, fh, pages, loc[1], window, bufmv, buf_addr, shared)
+                        g = loc[1]
+                        if rec is not None:
+                            if pages.state[g] == 0:  # first touch (a repeated message: already in)
+                                n = int(rec[0])
+                                rec[n + 1] = g
+                                rec[0] = n + 1
+                            _serve_span(uf, fh, pages, g, g + 1, bufmv, buf_addr)
+                        else:
+                            _serve(uf, fh, pages, g, window, bufmv, buf_addr, shared)
                     elif isinstance(ev, RemoveEvent):
                         pages.mark(ev.start, ev.end, 2)  # discarded: later faults get zero pages
                     elif isinstance(ev, UnmapEvent):
@@ -431,6 +487,19 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                             if ev.from_ <= a < ev.from_ + ev.len:
                                 pages.addr[i] = ev.to + (a - ev.from_)
                 shared[0] = int(np.count_nonzero(pages.state))
+                if hot_pos >= hot.size:
+                    continue
+            if hot_pos < hot.size:
+                # A recorded working set: its pages first, in recorded order, a batch at
+                # a time (sorted into runs: few copies), between faults too -- a program
+                # that faults continuously never leaves the handler idle.
+                batch = hot[hot_pos : hot_pos + HOT_BATCH]
+                hot_pos += batch.size
+                batch = np.unique(batch[pages.state[batch] == 0])
+                _serve_pages(uf, fh, pages, batch, bufmv, buf_addr)
+                shared[0] = int(np.count_nonzero(pages.state))
+                continue
+            if not prefetch:
                 continue
             # Idle: prefetch the next pending pages.
             if cursor >= pages.state.size or pages.state[cursor]:
@@ -454,6 +523,57 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     return 0 if state == STATE_DONE else 1
 
 
+#: Pages of a recorded working set prefetched between two looks at the fault queue.
+HOT_BATCH = 256
+
+
+def _runs_within_regions(sorted_pages: np.ndarray, base: list[int]) -> list[tuple[int, int]]:
+    """Runs ``[lo, hi)`` of consecutive pages, cut at region boundaries."""
+    if not sorted_pages.size:
+        return []
+    region = np.searchsorted(np.asarray(base), sorted_pages, side="right")
+    cuts = np.flatnonzero((np.diff(sorted_pages) != 1) | (np.diff(region) != 0)) + 1
+    first = np.concatenate([[0], cuts])
+    last = np.concatenate([cuts, [sorted_pages.size]]) - 1
+    out: list[tuple[int, int]] = []
+    for f, la in zip(first.tolist(), last.tolist()):
+        lo, hi = int(sorted_pages[f]), int(sorted_pages[la]) + 1
+        for s in range(lo, hi, MAX_WINDOW // P):  # the copy buffer holds MAX_WINDOW
+            out.append((s, min(hi, s + MAX_WINDOW // P)))
+    return out
+
+
+def _serve_pages(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, batch: np.ndarray,
+                 bufmv: memoryview, buf_addr: int) -> None:
+    """Resolve the pending pages ``batch`` (sorted global pages, at most MAX_WINDOW of them).
+
+    A source with ``read_many(offsets, rows)`` reads them all in one call (scattered
+    pages: one pass instead of one call per page); each run of consecutive pages is
+    then one ``UFFDIO_COPY``.
+    """
+    read_many = getattr(fh.source, "read_many", None)
+    if read_many is None or not batch.size:
+        for lo, hi in _runs_within_regions(batch, pages.base):
+            _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
+        return
+    base = np.asarray(pages.base)
+    region = np.searchsorted(base, batch, side="right") - 1
+    rel = batch - base[region]
+    offsets = np.asarray(pages.offset, dtype=np.int64)[region] + rel * P
+    rows = np.frombuffer(bufmv, dtype=np.uint8, count=batch.size * P).reshape(batch.size, P)
+    read_many(offsets, rows)
+    k = 0
+    for lo, hi in _runs_within_regions(batch, pages.base):
+        i = int(region[k])
+        addr = pages.addr[i] + int(rel[k]) * P
+        try:
+            _fill(uf, addr, (hi - lo) * P, buf_addr + k * P)
+        except _Retry:
+            return  # pages stay pending
+        pages.state[lo:hi] = 1
+        k += hi - lo
+
+
 class _Retry(Exception):
     """The mm is changing (a non-cooperative event is pending): read events, then retry."""
 
@@ -467,6 +587,14 @@ def _serve(
     wpages = window // P
     lo = max(pages.base[i], gidx - gidx % wpages)  # window aligned down: serve the fault's neighbours too
     hi = min(pages.base[i + 1], lo + wpages)
+    _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
+    shared[0] = int(np.count_nonzero(pages.state))
+
+
+def _serve_span(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, lo: int, hi: int,
+                bufmv: memoryview, buf_addr: int) -> None:
+    """Resolve the pending pages among the global pages ``[lo, hi)`` (within one region)."""
+    i = next(k for k in range(len(pages.regions)) if pages.base[k] <= lo < pages.base[k + 1])
     st = pages.state[lo:hi]
     n = hi - lo
     k = 0
@@ -492,7 +620,6 @@ def _serve(
             return  # pages stay pending
         pages.state[page0 : lo + j] = 1
         k = j
-    shared[0] = int(np.count_nonzero(pages.state))
 
 
 def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:
