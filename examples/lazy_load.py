@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 import pagescan
-from pagescan.snapshot import Checkpointer, load
+from pagescan.snapshot import Checkpointer, LoadedState, load
 
 
 def main() -> None:
@@ -40,6 +40,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         state = load(path, lazy=True)                  # returns at once
+        assert isinstance(state, LoadedState)          # a dict: the checkpoint was of one
         t_return = time.perf_counter() - t0
         head = float(state["big"][:1000].sum() * state["scale"][0])   # touches 2 pages
         t_first = time.perf_counter() - t0

@@ -30,9 +30,12 @@ def heap_range(pid: int) -> tuple[int, int]:
 
 def swapped_pages(pid: int) -> pagescan.ScanResult:
     start, end = heap_range(pid)
+    # The kernel's masks: a page matches when (categories ^ inverted) has every bit of
+    # category_mask, so this reads "SWAPPED and not GUARD".
     return pagescan.scan(start, end, pid=pid,
-                         **pagescan.masks(require=Category.SWAPPED, exclude=Category.GUARD,
-                                          report=Category.SWAPPED))
+                         category_inverted=Category.GUARD,
+                         category_mask=Category.SWAPPED | Category.GUARD,
+                         return_mask=Category.SWAPPED)
 
 
 # The demo child: malloc'ed objects (2 KiB bytes objects live on the brk heap), then
