@@ -214,6 +214,12 @@ def test_every_dtype_kind_round_trips_through_a_chain(tmp_path: Path) -> None:
             history.append({k: raw(v) for k, v in state.items()})
     info = inspect(path)
     assert [e["name"] for e in info["entries"]] == list(state)
+    # Continued with the keys in another order: entries matched by name.
+    backwards = dict(reversed(list(state.items())))
+    with Checkpointer(path, backwards) as ck:
+        state["i4"][0, 0] = 77
+        ck.checkpoint()  # full again (a new Checkpointer)
+    history.append({k: raw(v) for k, v in state.items()})
     for g, want in enumerate(history, 1):
         got = load(path, g)
         assert isinstance(got, dict) and list(got) == list(state) and got.generation == g

@@ -148,7 +148,9 @@ class Checkpointer:
             if store.version != VERSION:
                 raise CheckpointError(f"{self.path} is a version {store.version} checkpoint (pagescan 0.1): it can be "
                                       "restored, loaded and compacted, not continued; compact it or start a new file")
-            match(store, self.mapping, self.targets)
+            # The file's entry order (a mapping given with its keys in another order).
+            self.targets = match(store, self.mapping, self.targets)
+            self._base = _bases(self.targets)
             if store.damage is not None:
                 raise store.damage
             store.truncate_unsealed()
