@@ -536,6 +536,13 @@ class _CheckpointSource:
             raise
         self.map: _LazyMap | None = None
         self.hbyte = np.zeros(1, np.int64)
+        # Chunks with data: the others are served as zero pages (UFFDIO_ZEROPAGE: no copy,
+        # no memory), never stored or stored as ZERO.
+        data = self.gen_of != 0
+        for g in np.unique(self.gen_of[data]).tolist():
+            sel = np.flatnonzero(self.gen_of == g)
+            data[sel] = self.store.generations[g - 1].index["kind"][self.pos_of[sel]] == KIND_DATA
+        self.has_data = data
 
     def bind(self, lazymap: _LazyMap) -> None:
         self.map = lazymap
@@ -550,8 +557,8 @@ class _CheckpointSource:
         c0 = int(m.cbase[ent]) + byte // P
         shift = byte % P
         n = (shift + len(out) + P - 1) // P
-        if not self.gen_of[c0 : c0 + n].any():
-            return False  # never stored: zero pages
+        if not self.has_data[c0 : c0 + n].any():
+            return False  # zero pages
         if not shift:
             rows = np.frombuffer(out, dtype=np.uint8).reshape(len(out) // P, P)
             _pages_of(self.store, self.gen_of, self.pos_of, c0, c0 + n, rows)

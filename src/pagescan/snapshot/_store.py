@@ -122,13 +122,19 @@ def open_regular(path: str, flags: int) -> int:
 
 
 def _pread_exact(fd: int, n: int, off: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = os.pread(fd, n - len(out), off + len(out))
-        if not chunk:
+    """Up to ``n`` bytes at ``off`` (fewer only at the end of the file), read in place."""
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [mv[got:]], off + got)
+        if not k:
             break
-        out += chunk
-    return bytes(out)
+        got += k
+    mv.release()
+    if got < n:
+        del buf[got:]
+    return bytes(buf) if n < 4096 else buf  # type: ignore[return-value]  # bytes-like either way
 
 
 class Store:
