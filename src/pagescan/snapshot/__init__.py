@@ -611,11 +611,17 @@ class _Recording:
 
     def __init__(self, path: str, generation: int, lazymap: _LazyMap, total: int) -> None:
         self.path, self.generation, self.lazymap = path, generation, lazymap
-        self.mm = mmap.mmap(-1, 8 * (total + 1), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.mm = mmap.mmap(-1, 8 * (total + 2), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self.array = np.frombuffer(self.mm, dtype=np.uint64)
+
+    def stop(self) -> None:
+        """End the recording: the handler serves the rest as a normal lazy restore (with prefetch)."""
+        if self.array.size:
+            self.array[-1] = 1
 
     def save(self) -> None:
         """Append the record to the file (best effort: skipped if a writer holds it or it changed)."""
+        self.stop()
         arr, self.array = self.array, np.empty(0, np.uint64)
         if not arr.size:
             return
@@ -669,7 +675,7 @@ def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: b
             return _result(store, arrays, src.generation, None)
         lazymap = _LazyMap(store, spans)
         src.bind(lazymap)
-        hot = _hot(src, lazymap, working_set)
+        hot = _hot(src, lazymap, working_set and not record)  # a recording sees every touch
         recording = _Recording(path, src.generation, lazymap, int(lazymap.hbase[-1])) if record else None
         fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
                           record=None if recording is None else recording.array)
@@ -735,8 +741,10 @@ def lazy_restore(
 
     Yields the :class:`~pagescan.FaultHandler` (``progress()``, ``wait()``); with
     ``prefetch`` the handler copies pages ahead while no fault waits; a recorded
-    working set is prefetched first, and ``record`` records one, saved when the block
-    ends (see :func:`load`). Leaving the block stops the
+    working set is prefetched first, and ``record`` records one (every first touch
+    served alone, no prefetch; see :func:`load`): when the block ends the recording is
+    saved and the handler prefetches the rest, which the block's end waits for.
+    Leaving the block stops the
     handler: pages not served by then raise SIGBUS when touched -- call ``wait()``
     first. If the handler dies, touching a page not yet restored raises SIGBUS (never
     wrong data, never a hang); a damaged page is not served either.
@@ -772,17 +780,16 @@ def lazy_restore(
             _drop(a, n)
         lazymap = _LazyMap(src.store, spans)
         src.bind(lazymap)
-        hot = _hot(src, lazymap, working_set)
+        hot = _hot(src, lazymap, working_set and not record)  # a recording sees every touch
         recording = (_Recording(os.fspath(path), src.generation, lazymap, int(lazymap.hbase[-1]))
                      if record else None)
         fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
                           record=None if recording is None else recording.array)
-        try:
-            with fh:
-                yield fh
-        finally:
-            if recording is not None:
+        with fh:
+            yield fh
+            if recording is not None:  # the rest comes in, prefetched, before the block ends
                 recording.save()
+                fh.wait()
     finally:
         src.store.close()
         _release(ts)
