@@ -507,8 +507,9 @@ class _LazyMap:
     def from_chunks(self, chunks: np.ndarray) -> np.ndarray:
         """The handler pages that start in each chunk (chunks outside the lazy spans dropped)."""
         ent = np.searchsorted(self.cbase, chunks, side="right") - 1
-        where = {int(e): i for i, e in enumerate(self.entry.tolist())}
-        r = np.array([where.get(int(e), -1) for e in ent.tolist()], dtype=np.int64)
+        region_of = np.full(len(self.cbase) - 1, -1, dtype=np.int64)  # entry -> its lazy region
+        region_of[self.entry] = np.arange(len(self.entry))
+        r = region_of[ent]
         keep = r >= 0
         chunks, ent, r = chunks[keep], ent[keep], r[keep]
         byte = (chunks - self.cbase[ent]) * P - self.skip[r]
