@@ -539,11 +539,7 @@ class _CheckpointSource:
         self.hbyte = np.zeros(1, np.int64)
         # Chunks with data: the others are served as zero pages (UFFDIO_ZEROPAGE: no copy,
         # no memory), never stored or stored as ZERO.
-        data = self.gen_of != 0
-        for g in np.unique(self.gen_of[data]).tolist():
-            sel = np.flatnonzero(self.gen_of == g)
-            data[sel] = self.store.generations[g - 1].index["kind"][self.pos_of[sel]] == KIND_DATA
-        self.has_data = data
+        self.has_data = self.store.data_map(self.generation)
 
     def bind(self, lazymap: _LazyMap) -> None:
         self.map = lazymap

@@ -444,24 +444,36 @@ class Store:
     def total_pages(self) -> int:
         return int(self.base[-1])
 
-    def latest_map(self, number: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """For every page of every region: (generation number, index position) holding it.
-
-        Generation 0 means "never stored" (reads as zeros). Pages are numbered region by
-        region. Only the chain since the newest full generation is consulted.
-        """
+    def _chain(self, number: int | None) -> Iterator[tuple[Generation, np.ndarray]]:
+        """The generations that make up generation ``number`` (from the newest full one),
+        oldest first, each with the global chunk number of each index entry."""
         target = self.generation(number).number
-        gen_of = np.zeros(self.total_pages, dtype=np.int64)
-        pos_of = np.zeros(self.total_pages, dtype=np.int64)
         first = 0
         for g in self.generations[:target]:
             if g.parent == 0:
                 first = g.number - 1
         for g in self.generations[first:target]:
-            flat = self.base[g.index["region"].astype(np.int64)] + g.index["page"].astype(np.int64)
+            yield g, self.base[g.index["region"].astype(np.int64)] + g.index["page"].astype(np.int64)
+
+    def latest_map(self, number: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """For every chunk of every entry: (generation number, index position) holding it.
+
+        Generation 0 means "never stored" (reads as zeros). Chunks are numbered entry by
+        entry. Only the chain since the newest full generation is consulted.
+        """
+        gen_of = np.zeros(self.total_pages, dtype=np.int64)
+        pos_of = np.zeros(self.total_pages, dtype=np.int64)
+        for g, flat in self._chain(number):
             gen_of[flat] = g.number
             pos_of[flat] = np.arange(len(g.index))
         return gen_of, pos_of
+
+    def data_map(self, number: int | None = None) -> np.ndarray:
+        """For every chunk: whether generation ``number`` holds data for it (not zeros)."""
+        out = np.zeros(self.total_pages, dtype=bool)
+        for g, flat in self._chain(number):
+            out[flat] = g.index["kind"] == KIND_DATA
+        return out
 
     def data_offsets(self, g: Generation) -> np.ndarray:
         """File offset of each index entry's data (-1 for zero pages); cached."""
