@@ -18,18 +18,32 @@ which keeps machine load that drifts between rounds out of it):
 
 * **smaps parse**: read ``/proc/PID/smaps`` and parse it into one dict per mapping
   (address range, permissions, path and every ``kB`` field in bytes) -- what
-  ``psutil.Process.memory_maps(grouped=False)`` does (written here, psutil is not used);
+  ``psutil.Process.memory_maps(grouped=False)`` does, written here;
 * **smaps read only**: the read alone (the kernel's share of the above);
-* **mapping_stats**: ``pagescan.inspect.mapping_stats(pid)`` (maps + one PAGEMAP_SCAN
-  walk + per-mapping sums: present, swapped, zero, huge, file, written, guard);
-* **pagescan stat --json**: the whole command, ``main(["stat", PID, "--json"])`` with
-  its output written to /dev/null.
+* **mapping_stats**: ``pagescan.mappings.mapping_stats(pid)`` (smaps parsed with numpy
+  while one PAGEMAP_SCAN walk runs: every smaps field plus present, swapped, zero, huge,
+  file, written, guard per mapping);
+* **pagescan stat**: the whole command with its default columns (size, rss, pss, uss,
+  swap, zero, huge), ``main(["stat", PID])``, output to /dev/null;
+* **pagescan stat --json**: the whole command with everything;
+* **psutil memory_maps**: ``psutil.Process(pid).memory_maps(grouped=False)``, if psutil
+  is installed (a benchmark-only dependency);
+* **pmap -X** and **smem -m** (``smem -m -P`` this target, if installed: Debian package
+  ``smem``): run as commands, so their times include starting them (pmap is C; smem a
+  Python program that parses smaps).
+
+Then the whole machine, ``pagescan ps`` against reading every process's
+``smaps_rollup`` (the kernel's per-process sums, the least any such tool must read),
+``psutil`` ``memory_full_info()`` for every process (which reads smaps_rollup too) and
+``smem`` (every process's smaps). ``--idle N`` (10) idle Python processes of about 50 MiB
+each are started first so that there is memory to account.
 
 Before timing, every mapping's counts are checked against smaps (``present - zero ==
-Rss``, ``huge == AnonHugePages``, ``swapped == Swap``). Target: ``pagescan stat`` is
-not slower than the smaps parse (ratio <= 1.0) while reporting more.
+Rss``, ``huge == AnonHugePages``, ``swapped == Swap``). Targets: ``pagescan stat`` is
+not slower than the smaps parse (ratio <= 1.0) while reporting more; ``pagescan ps`` is
+within 1.5x of the smaps_rollup loop and faster than smem.
 
-    python benchmarks/stat.py [--repeat 11] [--json PATH] [--strict]
+    python benchmarks/stat.py [--repeat 11] [--idle 10] [--json PATH] [--strict]
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ import json
 import os
 import platform
 import select
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,9 +63,9 @@ from collections.abc import Callable
 from typing import Any
 
 import pagescan
-from pagescan._backend_emulated import task_size
+from pagescan._procfs import task_size
 from pagescan.cli import main as cli_main
-from pagescan.inspect import mapping_stats
+from pagescan.mappings import mapping_stats
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20
@@ -136,11 +151,69 @@ def smaps_read(pid: int) -> bytes:
         return f.read()
 
 
-def stat_json(pid: int) -> None:
+def quiet_cli(*argv: str) -> None:
+    """``pagescan ARGV`` in this process, output to /dev/null."""
     with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
-        rc = cli_main(["stat", str(pid), "--json"])
+        rc = cli_main(list(argv))
     if rc != 0:
-        raise RuntimeError(f"pagescan stat exited {rc}")
+        raise RuntimeError(f"pagescan {' '.join(argv)} exited {rc}")
+
+
+def command(*argv: str) -> Callable[[], None]:
+    def run() -> None:
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+
+    return run
+
+
+def rollup_loop() -> int:
+    """Read every process's smaps_rollup (what any per-process memory tool must read)."""
+    n = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                fd = os.open(f"/proc/{d}/smaps_rollup", os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                n += len(os.read(fd, 1 << 16))
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    return n
+
+
+def psutil_full_info_loop() -> int:
+    import psutil  # type: ignore[import-untyped]
+
+    n = 0
+    for p in psutil.process_iter():
+        try:
+            n += p.memory_full_info().uss
+        except (psutil.Error, OSError):
+            pass
+    return n
+
+
+@contextlib.contextmanager
+def idle_processes(n: int) -> Any:
+    """``n`` Python processes holding ~50 MiB each (written, read as zero pages, a file)."""
+    code = ("import mmap, sys; a = bytearray(40 << 20); z = mmap.mmap(-1, 10 << 20); "
+            "[z[i] for i in range(0, 10 << 20, 4096)]; print('ready', flush=True); sys.stdin.read()")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+            for f in (p.stdin, p.stdout):
+                if f is not None:
+                    f.close()
 
 
 # -- the target -------------------------------------------------------------------------
@@ -192,13 +265,7 @@ def check(pid: int) -> dict[str, int]:
     }
 
 
-def bench(pid: int, repeat: int) -> dict[str, list[float]]:
-    methods: dict[str, Callable[[], Any]] = {
-        "smaps parse": lambda: smaps_parse(pid),
-        "smaps read only": lambda: smaps_read(pid),
-        "mapping_stats": lambda: mapping_stats(pid),
-        "pagescan stat --json": lambda: stat_json(pid),
-    }
+def bench(methods: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {k: [] for k in methods}
     for rnd in range(repeat + 1):
         order = list(methods) if rnd % 2 == 0 else list(reversed(methods))
@@ -211,33 +278,76 @@ def bench(pid: int, repeat: int) -> dict[str, list[float]]:
     return samples
 
 
+def rows_of(samples: dict[str, list[float]], base_name: str) -> list[dict[str, Any]]:
+    """Ratios are taken round by round (both sides saw the same machine load), then the
+    median of those; the medians of the times are shown too."""
+    base = samples[base_name]
+    return [{"method": name, "median_ms": statistics.median(xs) * 1e3, "min_ms": min(xs) * 1e3,
+             "ratio": statistics.median(x / b for x, b in zip(xs, base))} for name, xs in samples.items()]
+
+
+def print_rows(rows: list[dict[str, Any]], base_name: str) -> None:
+    print(f"{'method':<26} {'median ms':>10} {'min ms':>9} {'vs ' + base_name:>20}")
+    for r in rows:
+        print(f"{r['method']:<26} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>19.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--mappings", type=int, default=1000, help="mappings in the target (default 1000)")
     ap.add_argument("--size-gib", type=float, default=8.0, help="total size of those mappings (default 8)")
     ap.add_argument("--repeat", type=int, default=11, help="timed rounds (default 11)")
+    ap.add_argument("--idle", type=int, default=10, help="idle ~50 MiB processes started for the ps part (default 10)")
     ap.add_argument("--json", metavar="PATH", help="write every sample and the summary here")
-    ap.add_argument("--strict", action="store_true", help="exit 1 if the target is not met")
+    ap.add_argument("--strict", action="store_true", help="exit 1 if a target is not met")
     args = ap.parse_args(argv)
 
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    smem = shutil.which("smem")
+    pmap = shutil.which("pmap")
     total = int(args.size_gib * (1 << 30))
     t0 = time.perf_counter()
-    with target(args.mappings, total) as (pid, info):
+    with target(args.mappings, total) as (pid, info), idle_processes(args.idle):
         build = time.perf_counter() - t0
         facts = check(pid)
-        samples = bench(pid, args.repeat)
-    # Ratios are taken round by round (both sides saw the same machine load), then the
-    # median of those; the medians of the times are shown too.
-    base = samples["smaps parse"]
-    rows: list[dict[str, Any]] = []
-    for name, xs in samples.items():
-        paired = statistics.median(x / b for x, b in zip(xs, base))
-        rows.append({"method": name, "median_ms": statistics.median(xs) * 1e3, "min_ms": min(xs) * 1e3,
-                     "ratio": paired})
+        methods: dict[str, Callable[[], Any]] = {
+            "smaps parse": lambda: smaps_parse(pid),
+            "smaps read only": lambda: smaps_read(pid),
+            "mapping_stats": lambda: mapping_stats(pid),
+            "pagescan stat": lambda: quiet_cli("stat", str(pid)),
+            "pagescan stat --json": lambda: quiet_cli("stat", str(pid), "--json"),
+        }
+        if psutil is not None:
+            methods["psutil memory_maps"] = lambda: psutil.Process(pid).memory_maps(grouped=False)
+        if pmap:
+            methods["pmap -X (command)"] = command(pmap, "-X", str(pid))
+        if smem:
+            methods["smem -m (command)"] = command(smem, "-m", "-P", f"^{sys.executable} -c ")
+        samples = bench(methods, args.repeat)
+        machine: dict[str, Callable[[], Any]] = {
+            "smaps_rollup loop": rollup_loop,
+            "pagescan ps --json": lambda: quiet_cli("ps", "--json"),
+            "pagescan ps": lambda: quiet_cli("ps"),
+        }
+        if psutil is not None:
+            machine["psutil memory_full_info"] = psutil_full_info_loop
+        if smem:
+            machine["smem (command)"] = command(smem)
+        nprocs = len([d for d in os.listdir("/proc") if d.isdigit()])
+        ps_samples = bench(machine, args.repeat)
+    rows = rows_of(samples, "smaps parse")
+    ps_rows = rows_of(ps_samples, "smaps_rollup loop")
     by_name = {r["method"]: r for r in rows}
-    ratio: float = by_name["pagescan stat --json"]["ratio"]
-    core: float = by_name["mapping_stats"]["ratio"]
+    ps_by_name = {r["method"]: r for r in ps_rows}
+    ratio: float = by_name["pagescan stat"]["ratio"]
+    ratio_json: float = by_name["pagescan stat --json"]["ratio"]
+    ps_ratio: float = ps_by_name["pagescan ps"]["ratio"]
+    smem_ms = ps_by_name["smem (command)"]["median_ms"] if smem else None
     met = ratio <= 1.0
+    ps_met = ps_ratio <= 1.5 and (smem_ms is None or ps_by_name["pagescan ps"]["median_ms"] < smem_ms)
 
     print(f"target pid {pid}: {facts['mappings']} mappings, {facts['mapped'] / (1 << 30):.2f} GiB mapped "
           f"({info['mappings']} made, {info['mapped'] / (1 << 30):.2f} GiB), "
@@ -245,19 +355,23 @@ def main(argv: list[str] | None = None) -> int:
           f"{facts['zero'] / MIB:.0f} MiB, {facts['regions']} PAGEMAP_SCAN regions; built in {build:.1f} s")
     print(f"{platform.release()} {platform.machine()}, Python {platform.python_version()}, "
           f"{args.repeat} rounds\n")
-    print(f"{'method':<22} {'median ms':>10} {'min ms':>9} {'vs smaps parse':>15}  (median of per-round ratios)")
-    for r in rows:
-        print(f"{r['method']:<22} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>14.2f}x")
+    print_rows(rows, "smaps parse")
     print(f"\ntarget: `pagescan stat` not slower than the smaps parse: {'met' if met else 'not met'} "
-          f"(stat --json {ratio:.2f}x, mapping_stats {core:.2f}x)")
+          f"(stat {ratio:.2f}x, stat --json {ratio_json:.2f}x, mapping_stats {by_name['mapping_stats']['ratio']:.2f}x)")
+    print(f"\nthe whole machine: {nprocs} processes (kernel threads included), {args.idle} idle ones started\n")
+    print_rows(ps_rows, "smaps_rollup loop")
+    print(f"\ntarget: `pagescan ps` within 1.5x of the smaps_rollup loop and faster than smem: "
+          f"{'met' if ps_met else 'not met'} (ps {ps_ratio:.2f}x"
+          + (f", smem {ps_by_name['smem (command)']['ratio']:.2f}x)" if smem else ", smem not installed)"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({
                 "kernel": platform.release(), "machine": platform.machine(), "python": platform.python_version(),
-                "target": facts, "made": info, "repeat": args.repeat, "rows": rows,
-                "samples_s": samples, "ratio": ratio, "mapping_stats_ratio": core, "met": met,
+                "target": facts, "made": info, "repeat": args.repeat, "rows": rows, "samples_s": samples,
+                "ratio": ratio, "ratio_json": ratio_json, "met": met, "processes": nprocs,
+                "ps_rows": ps_rows, "ps_samples_s": ps_samples, "ps_ratio": ps_ratio, "ps_met": ps_met,
             }, f, indent=2)
-    return 1 if args.strict and not met else 0
+    return 1 if args.strict and not (met and ps_met) else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import pickle
 import select
 import signal
+import subprocess
 import time
 import traceback
 from collections.abc import Callable
@@ -86,3 +87,12 @@ def wait_gone(pids: list[int], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"processes left behind: {[p for p in pids if running(p)]}")
         time.sleep(0.01)
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """Kill and reap a child started with pipes, and close them."""
+    proc.kill()
+    proc.wait()
+    for f in (proc.stdin, proc.stdout, proc.stderr):
+        if f is not None:
+            f.close()

@@ -7,15 +7,12 @@ written anon pages, zero pages, a private file mapping, a PMD THP, the huge zero
 hugetlb pages, swapped pages and guard pages, each its own mapping between PROT_NONE
 separators -- prints the addresses as JSON and waits on stdin.
 
-``stat`` is checked against the child's ``/proc/PID/smaps`` (the kernel's own
-accounting) for every mapping, and against the layout for exact page counts.
+``stat`` and ``map`` are tested in test_cli_stat.py (with this module's target).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import fcntl
 import json
 import os
 import re
@@ -32,13 +29,11 @@ import pytest
 
 import pagescan
 from pagescan import Category
-from pagescan._procfs import task_size
 from pagescan._procfs import read_maps
-from pagescan._uapi.mman import MAP
 from pagescan.cli import build_parser, main
 
 from .conftest import requires_pagemap_scan
-from .memory import P, Mapping
+from .memory import P
 
 pytestmark = requires_pagemap_scan
 
@@ -50,14 +45,6 @@ HAS_GUARD = CAPS.guard_regions and bool(CAPS.categories & Category.GUARD)
 #: A file name that JSON must escape (quote, backslash, non-ASCII, tab).
 WEIRD = 'we"ird\\ n\u00e4me\t.bin'
 HAS_THP = CAPS.thp_mode in ("always", "madvise") and CAPS.thp_pmd_size == HUGE
-
-
-def _use_zero_page() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
-            return f.read().strip() == "1"
-    except OSError:
-        return False
 
 
 # -- the target process ---------------------------------------------------------------
@@ -199,27 +186,6 @@ def child(tmp_path_factory: pytest.TempPathFactory, zram_swap: str, hugetlb_2m: 
 
 # -- oracles ----------------------------------------------------------------------------
 
-_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
-
-
-def read_smaps(pid: int) -> list[dict[str, Any]]:
-    """``/proc/PID/smaps`` parsed independently: start, end, perms, name, kB fields, VmFlags."""
-    out: list[dict[str, Any]] = []
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            m = _HEAD.match(line)
-            if m:
-                out.append({"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3], "name": m[4].strip(),
-                            "kb": {}, "flags": set()})
-                continue
-            key, _, rest = line.partition(":")
-            if key == "VmFlags":
-                out[-1]["flags"] = set(rest.split())
-            elif rest.strip().endswith(" kB"):
-                out[-1]["kb"][key] = int(rest.split()[0])
-    return out
-
-
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     rc = main(list(argv))
     out, err = capsys.readouterr()
@@ -246,175 +212,6 @@ def one_line_error(rc: int, out: str, err: str, kind: str) -> str:
     assert err.endswith("\n") and err.count("\n") == 1, err
     assert err.startswith(f"pagescan: {kind}: ") and "Traceback" not in err
     return err
-
-
-def by_start(doc: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    return {m["start"]: m for m in doc["mappings"]}
-
-
-def stable_stat(capsys: pytest.CaptureFixture[str], pid: int, *extra: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """``stat --json`` bracketed by two identical smaps reads (the target is idle)."""
-    for _ in range(5):
-        before = read_smaps(pid)
-        doc = run_json(capsys, "stat", str(pid), *extra)
-        if read_smaps(pid) == before:
-            return doc, before
-    pytest.fail("the target's smaps kept changing")
-
-
-# -- stat -------------------------------------------------------------------------------
-
-
-def test_stat_agrees_with_smaps_for_every_mapping(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
-    doc, smaps = stable_stat(capsys, child.pid)
-    limit = task_size()
-    smaps = [s for s in smaps if s["end"] <= limit]  # [vsyscall] is above user space
-    assert [(m["start"], m["end"], m["perms"], m["name"]) for m in doc["mappings"]] == [
-        (s["start"], s["end"], s["perms"], s["name"]) for s in smaps
-    ]
-    assert doc["pid"] == child.pid and doc["page_size"] == P
-    kinds = set()
-    for m, s in zip(doc["mappings"], smaps):
-        pages, kb, where = m["pages"], s["kb"], f"{s['start']:x} {s['name']}"
-        assert m["size"] == m["end"] - m["start"] and m["bytes"] == {k: v * P for k, v in pages.items()}
-        pmd_kb = kb.get("AnonHugePages", 0) + kb.get("ShmemPmdMapped", 0) + kb.get("FilePmdMapped", 0)
-        assert pages["swapped"] * P == kb["Swap"] * KB, where
-        if "ht" in s["flags"]:
-            kinds.add("hugetlb")
-            hugetlb_kb = kb["Shared_Hugetlb"] + kb["Private_Hugetlb"]
-            assert pages["present"] * P == hugetlb_kb * KB > 0, where
-            assert pages["huge"] * P == (pmd_kb + hugetlb_kb) * KB, where
-            assert kb["Rss"] == 0 and pages["zero"] == 0, where
-        else:
-            assert (pages["present"] - pages["zero"]) * P == kb["Rss"] * KB, where
-            assert pages["huge"] * P == pmd_kb * KB, where
-        kinds |= {k for k in ("zero", "huge", "swapped", "file", "guard") if pages[k]}
-        assert pages["written"] <= pages["present"] + pages["swapped"], where
-        if "pf" in s["flags"]:  # VM_PFNMAP ([vvar]): the kernel skips it
-            assert not any(pages.values()), where
-    want = {"zero", "file", "swapped", "hugetlb", "huge"} | ({"guard"} if HAS_GUARD else set())
-    assert want <= kinds
-    total = doc["totals"]
-    assert total["mappings"] == len(doc["mappings"])
-    assert total["size"] == sum(m["size"] for m in doc["mappings"])
-    for k, v in total["pages"].items():
-        assert v == sum(m["pages"][k] for m in doc["mappings"]) and total["bytes"][k] == v * P
-
-
-def _expected_layout() -> dict[str, dict[str, int]]:
-    zeros = dict.fromkeys(("present", "swapped", "zero", "huge", "file", "written", "guard"), 0)
-    want = {
-        "written": {**zeros, "present": 64, "written": 64},
-        "zero": {**zeros, "present": 32, "zero": 32, "written": 32},
-        "file": {**zeros, "present": 16, "file": 16, "written": 16},
-        "weird": {**zeros, "present": 1, "file": 1, "written": 1},
-        "hugetlb": {**zeros, "present": 2 * HP, "huge": 2 * HP, "written": 2 * HP},
-        "swap": {**zeros, "swapped": 32, "written": 32},
-    }
-    if HAS_THP:
-        want["thp"] = {**zeros, "present": HP, "huge": HP, "written": HP}
-        if _use_zero_page():  # one read maps the huge zero page: 512 zero pages, not "huge"
-            want["hugezero"] = {**zeros, "present": HP, "zero": HP, "written": HP}
-        else:  # the read allocates a real THP
-            want["hugezero"] = {**zeros, "present": HP, "huge": HP, "written": HP}
-    if HAS_GUARD:  # 8 written, 4 guard markers (SWAPPED|GUARD: guard only), 4 empty
-        want["guard"] = {**zeros, "present": 8, "written": 8, "guard": 4}
-    return want
-
-
-@pytest.mark.parametrize("backend", ["kernel", "emulated"])
-def test_stat_exact_counts_of_the_known_layout(child: Child, capsys: pytest.CaptureFixture[str], backend: str) -> None:
-    assert child.info["swapped_ok"], "MADV_PAGEOUT did not swap the target's pages out"
-    if HAS_THP:
-        assert child.info["thp_kb"] == HUGE // KB, "no PMD THP formed (MADV_HUGEPAGE and MADV_COLLAPSE)"
-    doc = run_json(capsys, "stat", str(child.pid), "--backend", backend)
-    maps = by_start(doc)
-    for name, want in _expected_layout().items():
-        lo, hi = child.piece(name)
-        m = maps[lo]
-        assert m["end"] == hi, name
-        assert m["pages"] == want, name
-        # The PROT_NONE separator after each piece: nothing in it (no WRITTEN noise either).
-        sep = maps[hi]
-        assert sep["perms"] == "---p" and not any(sep["pages"].values()), name
-
-
-def test_stat_json_is_mapping_stats(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
-    from pagescan.inspect import mapping_stats
-
-    rc, out, err = run(capsys, "stat", str(child.pid), "--json")
-    assert rc == 0 and err == "" and out.isascii()
-    doc = json.loads(out)
-    assert doc["mappings"] == [s.as_dict() for s in mapping_stats(child.pid)]
-    lo, _ = child.piece("weird")
-    assert by_start(doc)[lo]["name"] == os.path.join(os.path.dirname(child.file), WEIRD)
-    # one line per mapping
-    lines = out.splitlines()
-    assert lines[:2] == ["{", '  "mappings": [']
-    assert len([ln for ln in lines if ln.startswith('    {"bytes": ')]) == len(doc["mappings"])
-
-
-def test_stat_table(child: Child, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "250")
-    rc, out, err = run(capsys, "stat", str(child.pid))
-    assert rc == 0 and err == ""
-    lines = out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "PERM", "SIZE", "PRESENT", "SWAPPED", "ZERO", "HUGE", "FILE",
-                                "WRITTEN", "GUARD", "MAPPING"]
-    rows = {int(ln.split()[0], 16): ln.split() for ln in lines[1:-1]}
-    assert rows[child.piece("written")[0]][1:5] == ["rw-p", "256K", "256K", "0"]
-    assert rows[child.piece("file")[0]][-1] == child.file
-    assert rows[child.piece("file")[0]][2:5] == ["64K", "64K", "0"]
-    assert rows[child.piece("hugetlb")[0]][2:4] == ["4.0M", "4.0M"]
-    assert rows[child.piece("swap")[0]][3:5] == ["0", "128K"]
-    assert child.piece("written")[1] not in rows  # empty separators only with --all
-    total = lines[-1].split()
-    doc = run_json(capsys, "stat", str(child.pid))
-    assert total[0] == "total" and total[-2:] == [str(len(doc["mappings"])), "mappings"]
-    starts = [int(k, 16) for k in (ln.split()[0] for ln in lines[1:-1])]
-    assert starts == sorted(starts)
-
-    rc, out, _ = run(capsys, "stat", str(child.pid), "--all")
-    assert len(out.splitlines()) == len(doc["mappings"]) + 2
-    rc, out, _ = run(capsys, "stat", str(child.pid), "--sort", "present")
-    present = [doc_m["pages"]["present"] for doc_m in
-               (by_start(doc)[int(ln.split()[0], 16)] for ln in out.splitlines()[1:-1])]
-    assert present == sorted(present, reverse=True) and present[0] > 0
-    rc, out, _ = run(capsys, "stat", str(child.pid), "--sort", "size")
-    sizes = [by_start(doc)[int(ln.split()[0], 16)]["size"] for ln in out.splitlines()[1:-1]]
-    assert sizes == sorted(sizes, reverse=True)
-
-
-def test_stat_table_fits_the_terminal(child: Child, capsys: pytest.CaptureFixture[str],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "80")
-    rc, out, err = run(capsys, "stat", str(child.pid))
-    assert rc == 0 and err == ""
-    lines = out.splitlines()
-    assert all(len(ln) <= 80 for ln in lines), max(lines, key=len)
-    file_row = next(ln for ln in lines if ln.startswith(f"{child.piece('file')[0]:x} "))
-    assert file_row.endswith(os.path.basename(child.file))  # the name keeps its end
-    # every category has something in the target: only 'written' (= present + swapped)
-    # may go, and the headers are abbreviated
-    assert lines[0].split() == (["ADDRESS", "PERM", "SIZE", "PRES", "SWAP", "ZERO", "HUGE", "FILE"]
-                                + (["GUARD"] if HAS_GUARD else []) + ["MAPPING"])
-    notes = ([] if HAS_GUARD else ["guard (all zero)"]) + ["written (= present + swapped)"]
-    assert lines[-1] == f"(not shown: {', '.join(notes)})"
-    monkeypatch.setenv("COLUMNS", "100")
-    rc, out, err = run(capsys, "stat", "self")  # guard, swapped, huge: all zero here
-    lines = out.splitlines()
-    assert rc == 0 and all(len(ln) <= 100 for ln in lines)
-    assert "PRESENT" in lines[0].split() and lines[-1].startswith("(not shown: guard (all zero)")
-
-
-def test_stat_self(capsys: pytest.CaptureFixture[str]) -> None:
-    with Mapping(8, flags=MAP.SHARED | MAP.ANONYMOUS) as m:  # shmem: never merged with a neighbour
-        m.write(0, 5)
-        doc = run_json(capsys, "stat", "self")
-        assert doc["pid"] == os.getpid()
-        row = by_start(doc)[m.addr]
-        assert row["end"] == m.end and row["perms"] == "rw-s"
-        assert row["pages"]["present"] == 5 and row["pages"]["file"] == 5 and row["pages"]["zero"] == 0
 
 
 # -- scan -------------------------------------------------------------------------------
@@ -521,7 +318,6 @@ def test_scan_usage_errors(child: Child, capsys: pytest.CaptureFixture[str]) -> 
     assert "END must be above START" in usage_error(capsys, "scan", pid, f"{lo + P:x}-{lo:x}")
     assert "not a pid" in usage_error(capsys, "stat", "-5")
     assert "not a pid" in usage_error(capsys, "scan", "me")
-    assert "invalid choice" in usage_error(capsys, "stat", pid, "--sort", "colour")
     assert "must be at least 600" in usage_error(capsys, "map", pid, "--png", "x.png", "--width", "100")
     assert "required" in usage_error(capsys, "map", pid)
 
@@ -650,43 +446,6 @@ def test_caps_text(capsys: pytest.CaptureFixture[str]) -> None:
 # -- map ----------------------------------------------------------------------------------
 
 
-def test_map_png(child: Child, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from PIL import Image
-
-    from pagescan.cli._map import CLASSES
-
-    path = tmp_path / "map"  # no extension: still a PNG
-    rc, out, err = run(capsys, "map", str(child.pid), "--png", str(path), "--width", "900")
-    assert rc == 0 and err == ""
-    with Image.open(path) as img:
-        assert img.format == "PNG" and img.mode == "RGB"
-        assert out.strip().startswith(f"wrote {path} (900x{img.height}, ")
-        assert img.width == 900 and img.height > 100
-        legend = img.crop((0, 0, img.width, 60))
-        bars = img.crop((0, 60, img.width, img.height))
-        legend_colours = {c for _, c in legend.getcolors(1 << 16)}
-        bar_colours = {c for _, c in bars.getcolors(1 << 16)}
-    names = dict(CLASSES)
-    assert set(names.values()) <= legend_colours
-    want = {"anon", "zero page", "file", "huge", "swapped", "not present"} | ({"guard"} if HAS_GUARD else set())
-    for name in want:
-        assert names[name] in bar_colours, name
-    (tmp_path / "map").unlink()
-
-
-def test_map_png_all_is_taller(child: Child, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from PIL import Image
-
-    heights = []
-    for extra in ([], ["--all"]):
-        path = tmp_path / f"m{len(extra)}.png"
-        assert run(capsys, "map", str(child.pid), "--png", str(path), *extra)[0] == 0
-        with Image.open(path) as img:
-            heights.append(img.height)
-        path.unlink()
-    assert heights[1] > heights[0]
-
-
 # -- help, version ------------------------------------------------------------------------
 
 
@@ -720,13 +479,6 @@ def test_help_of_every_command(capsys: pytest.CaptureFixture[str]) -> None:
 # -- real subprocess runs -----------------------------------------------------------------
 
 
-def test_subprocess_stat_equals_in_process(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
-    r = _cli("stat", str(child.pid), "--json")
-    assert r.returncode == 0 and r.stderr == ""
-    doc = run_json(capsys, "stat", str(child.pid))
-    assert json.loads(r.stdout) == doc
-
-
 def test_subprocess_scan_self_and_errors() -> None:
     r = _cli("scan", "self", "[heap]", "--require", "present")
     assert r.returncode == 0 and r.stderr == ""
@@ -738,24 +490,6 @@ def test_subprocess_scan_self_and_errors() -> None:
     assert r.stderr == f"pagescan: ProcessLookupError: [Errno 3] no process with pid {pid}\n"
     r = _cli("scan", "self", "--require", "bogus")
     assert r.returncode == 2 and "unknown category 'bogus'" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_subprocess_broken_pipe() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "pagescan", "stat", "self", "--all"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, cwd="/", env={**os.environ, "COLUMNS": "300"})
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
-        fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ: the rest must block
-        first = proc.stdout.readline()
-        proc.stdout.close()
-        err = proc.stderr.read()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert first.split()[0] == b"ADDRESS" and err == b""
 
 
 def test_python_m_pagescan_cli() -> None:

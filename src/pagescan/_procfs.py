@@ -314,3 +314,41 @@ def _vmalloc_total() -> int:
     except OSError:
         pass
     return 0
+
+
+# -- whole-process views: smaps_rollup, command line, owner (for `pagescan stat` / `ps`) --
+
+
+def read_rollup(pid: int) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup``: every field of the process's sums, sizes in bytes.
+
+    Empty for a process without an address space (a kernel thread, a zombie). The sums
+    are taken in the kernel's finer unit before rounding, so ``Pss`` can exceed the sum
+    of the per-mapping smaps values (each rounded down to a KiB) by up to a KiB per
+    mapping.
+    """
+    out: dict[str, int] = {}
+    for line in _open(pid, "smaps_rollup").split(b"\n")[1:]:
+        key, _, rest = line.partition(b":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key.decode()] = int(parts[0]) * (1024 if parts[1:] == [b"kB"] else 1)
+    return out
+
+
+def read_cmdline(pid: int) -> str:
+    """The command line, arguments joined by spaces; ``[comm]`` when it is empty (a
+    kernel thread, a zombie). Raises ``ProcessLookupError`` if there is no such process."""
+    data = _open(pid, "cmdline")
+    if data:
+        return data.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    return "[" + _open(pid, "comm").rstrip(b"\n").decode(errors="replace") + "]"
+
+
+def process_uid(pid: int) -> int:
+    """The owner of ``/proc/PID``: the process's effective uid (root when the process
+    is not dumpable, e.g. after a setuid exec)."""
+    try:
+        return os.stat(_path(pid, "")).st_uid
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"no process with pid {pid}") from None

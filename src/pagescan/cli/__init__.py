@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import _bench, _caps, _checkpoint, _map, _scan, _stat
+from . import _bench, _caps, _checkpoint, _map, _ps, _scan, _stat
 from ._common import RawJSON, UsageError, print_json
 
 __all__ = ["RawJSON", "build_parser", "main", "print_json"]
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     _caps.add_parser(sub)
     _scan.add_parser(sub)
     _stat.add_parser(sub)
+    _ps.add_parser(sub)
     _map.add_parser(sub)
     _bench.add_parser(sub)
     _checkpoint.add_parser(sub)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import pwd
 import shutil
 import sys
 from collections.abc import Sequence
@@ -109,32 +111,61 @@ def human(nbytes: int) -> str:
     return str(nbytes)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, last_free: bool = True) -> str:
+def shorten(name: str, width: int) -> str:
+    """``name`` in at most ``width`` characters, cut in the middle: a path keeps its
+    directory's start and its whole file name (``/usr/lib/…/libc.so.6``); a file name
+    too long for that is cut in its own middle, keeping more of its start than of its
+    end (``_multiarray_um…linux-gnu.so``)."""
+    if len(name) <= width:
+        return name
+    if width < 2:
+        return name[:width]
+    slash = name.rfind("/")
+    base = name[slash + 1 :] if slash >= 0 else name
+    if 0 <= slash and len(base) + 3 <= width:  # room for at least one leading character
+        return name[: width - len(base) - 2] + "…/" + base
+    head = (width - 1) * 3 // 5  # the start of a file name says more than its end
+    tail = width - 1 - head
+    return base[:head] + "…" + (base[-tail:] if tail else "")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, last_free: bool = True,
+          cut: str = "left") -> str:
     """Fixed columns; the last column gets what is left of the terminal width.
 
     Cells of the last column that do not fit keep their end (a path's file name) behind
-    a leading ``…``; if even the fixed columns are wider than the terminal, lines are cut.
+    a leading ``…`` (``cut="middle"``: shortened by :func:`shorten`; ``"right"``: keep
+    their start; ``"none"``: left whole, lines may be wider than the terminal); if even
+    the fixed columns are wider than the terminal, lines are cut.
     """
+    ncol = len(headers)
     widths = [len(h) for h in headers]
-    for r in rows:
-        for i, cell in enumerate(r):
-            widths[i] = max(widths[i], len(cell))
+    if rows:
+        widths = [max(w, max(map(len, col))) for w, col in zip(widths, zip(*rows))]
     term = terminal_width()
     fixed = sum(widths[:-1]) + 2 * (len(widths) - 1)
     room = term - fixed  # for the last column
+    nfixed = ncol - 1 if last_free else ncol
+    # one format string for the aligned columns (str.format pads like ljust/rjust)
+    head_fmt = "  ".join("{:" + (">" if align[i] == ">" else "<") + str(widths[i]) + "}" for i in range(nfixed))
+    if last_free and nfixed:
+        head_fmt += "  "
 
     def fmt(cells: Sequence[str]) -> str:
-        parts = []
-        for i, cell in enumerate(cells):
-            if i == len(cells) - 1 and last_free:
-                if len(cell) > room >= 8:
+        line = head_fmt.format(*cells[:nfixed])
+        if last_free:
+            cell = cells[-1]
+            if cut == "none":
+                return (line + cell).rstrip()
+            if len(cell) > room >= 8:
+                if cut == "middle":
+                    cell = shorten(cell, room)
+                elif cut == "right":
+                    cell = cell[: room - 1] + "…"
+                else:
                     cell = "…" + cell[len(cell) - room + 1 :]
-                parts.append(cell)
-            elif align[i] == ">":
-                parts.append(cell.rjust(widths[i]))
-            else:
-                parts.append(cell.ljust(widths[i]))
-        line = "  ".join(parts).rstrip()
+            line += cell
+        line = line.rstrip()
         return line if len(line) <= term else line[: max(term - 1, 20)] + "…"
 
     return "\n".join([fmt(headers)] + [fmt(r) for r in rows])
@@ -170,3 +201,21 @@ def _json_lines(obj: object) -> str:
         else:
             parts.append(f"  {dumps(key)}: {dumps(value, sort_keys=True)}")
     return "{\n" + ",\n".join(parts) + "\n}" if parts else "{}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every unprintable character (newline, tab, escape) shown as ``?``, as ps does."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "?" for c in text)
+
+
+def user_name(uid: int) -> str:
+    """The login name of ``uid``, or the number when it has none."""
+    return _user_name(uid)
+
+
+@functools.lru_cache(maxsize=256)
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

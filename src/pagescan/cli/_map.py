@@ -9,7 +9,9 @@ separator instead of to scale, so a 47-bit address space fits on one page.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -88,12 +90,64 @@ def bucket_classes(lo: int, hi: int, regions: np.ndarray, width: int) -> np.ndar
     return best
 
 
+#: Boundaries between the mappings of a row are drawn only if there are at most one per
+#: this many pixels of bar (else they would paint over it).
+_MIN_SEGMENT_PX = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Geometry of the picture, in pixels."""
+
+    width: int
+    top: int = 76  #: first row
+    label_w: int = 380
+    row_h: int = 16
+    gap_h: int = 14
+
+    @property
+    def bar_x(self) -> int:
+        return self.label_w + 10
+
+    @property
+    def bar_w(self) -> int:
+        return self.width - self.bar_x - 20
+
+
+def layout(width: int) -> Layout:
+    return Layout(width)
+
+
+def _title(pid: int, regions: np.ndarray, nvmas: int) -> str:
+    """``pid 123 (root): cmdline: present 300M (zero pages 10M), swapped 0``."""
+    from pagescan._procfs import process_uid, read_cmdline
+
+    from ._common import user_name
+
+    try:
+        who = f"pid {pid} ({user_name(process_uid(pid))}): {read_cmdline(pid)}"
+    except OSError:
+        who = f"pid {pid}"
+    if len(who) > 110:
+        who = who[:109] + "…"
+    pages = (regions["end"] - regions["start"]) if len(regions) else np.zeros(0, np.uint64)
+    cats = regions["categories"] if len(regions) else np.zeros(0, np.uint64)
+
+    def total(bit: Category) -> int:
+        return int(pages[(cats & np.uint64(bit)) != 0].sum())
+
+    return (f"{who} -- present {human(total(Category.PRESENT))} (zero pages {human(total(Category.PFNZERO))}), "
+            f"swapped {human(total(Category.SWAPPED) - total(Category.GUARD))}, {nvmas} mappings")
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "map",
         help="draw a picture of a process's address space (PNG)",
-        description="One row per mapping, each pixel coloured by the page class covering most of "
-        "its share of the mapping; big gaps compressed; legend on top.",
+        description="A title (pid, user, command line, present/zero/swapped totals), a legend, then "
+        "one row per mapping (adjacent mappings of one file share a row), each pixel coloured by "
+        "the page class covering most of its share of the mapping; big gaps compressed. Needs "
+        "Pillow (pip install pagescan[png]).",
     )
     p.add_argument("pid", type=parse_pid, help="process id, or 'self'")
     p.add_argument("--png", required=True, metavar="FILE", help="output file (always PNG, whatever its name)")
@@ -117,8 +171,9 @@ def _width(text: str) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         from PIL import Image, ImageDraw, ImageFont
-    except ImportError as err:  # pragma: no cover - Pillow is a dependency
-        raise OSError(f"pagescan map needs Pillow: {err}") from err
+    except ImportError as err:  # Pillow is the optional extra pagescan[png]
+        print(f"pagescan: map --png needs Pillow ({err}): install pagescan[png]", file=sys.stderr)
+        return 1
     from pagescan._procfs import task_size
 
     ret = 0
@@ -158,27 +213,22 @@ def run(args: argparse.Namespace) -> int:
             rows.append((g, lo, hi, sub))
 
     font = ImageFont.load_default(size=12) if hasattr(ImageFont, "load_default") else None
-    W = args.width
-    label_w = 380
-    bar_x = label_w + 10
-    bar_w = W - bar_x - 20
-    row_h = 16
-    gap_h = 14
-    top = 70
-    height = top + sum(row_h for _ in rows) + gap_h * len(rows) + 20
+    geo = layout(args.width)
+    W, bar_x, bar_w, row_h, gap_h = geo.width, geo.bar_x, geo.bar_w, geo.row_h, geo.gap_h
+    height = geo.top + sum(row_h for _ in rows) + gap_h * len(rows) + 20
     img = Image.new("RGB", (W, height), (255, 255, 255))
     d = ImageDraw.Draw(img)
     total = sum(hi - lo for _, lo, hi, _ in rows)
     nmaps = sum(len(g) for g, _, _, _ in rows)
-    d.text((10, 8), f"pid {args.pid}: {nmaps} mappings in {len(rows)} rows, {human(total)} mapped "
-           "(each bar is one mapping, or one file's adjacent mappings; bars are not to scale)",
-           fill=(0, 0, 0), font=font)
+    d.text((10, 4), _title(args.pid, regions, len(vmas)), fill=(0, 0, 0), font=font)
+    d.text((10, 20), f"{nmaps} mappings in {len(rows)} rows, {human(total)} mapped (each bar is one mapping, "
+           "or one file's adjacent mappings; bars are not to scale)", fill=(90, 90, 90), font=font)
     x = 10
     for name, colour in CLASSES:
-        d.rectangle([x, 30, x + 14, 44], fill=colour, outline=(90, 90, 90))
-        d.text((x + 19, 31), name, fill=(0, 0, 0), font=font)
+        d.rectangle([x, 40, x + 14, 54], fill=colour, outline=(90, 90, 90))
+        d.text((x + 19, 41), name, fill=(0, 0, 0), font=font)
         x += 24 + int(d.textlength(name, font=font)) + 14
-    y = top
+    y = geo.top
     prev_end = None
     for g, lo, hi, sub in rows:
         if prev_end is not None and lo - prev_end >= 1 << 30:
@@ -189,16 +239,17 @@ def run(args: argparse.Namespace) -> int:
         colours = np.array([c for _, c in CLASSES], dtype=np.uint8)[cls]
         strip = np.repeat(colours[np.newaxis, :, :], row_h - 4, axis=0)
         img.paste(Image.fromarray(strip, "RGB"), (bar_x, y + 2))
-        for v in g[1:]:  # segment boundaries inside a grouped row
-            xb = bar_x + int((v.start - lo) / (hi - lo) * bar_w)
-            d.line([xb, y + 2, xb, y + row_h - 3], fill=(255, 255, 255), width=1)
+        if (len(g) - 1) * _MIN_SEGMENT_PX <= bar_w:  # segment boundaries, if they leave the bar visible
+            for v in g[1:]:
+                xb = bar_x + int((v.start - lo) / (hi - lo) * bar_w)
+                d.line([xb, y + 2, xb, y + row_h - 3], fill=(255, 255, 255), width=1)
         d.rectangle([bar_x - 1, y + 1, bar_x + bar_w, y + row_h - 2], outline=(120, 120, 120))
         v = g[0]
         name = v.name or "[anon]"
         short = os.path.basename(name) if name.startswith("/") else name
         perms = v.perms if len(g) == 1 else f"{len(g)} maps"
         label = f"{lo:012x} {perms:>6} {human(hi - lo):>6} {short}"
-        while d.textlength(label, font=font) > label_w and len(label) > 10:
+        while d.textlength(label, font=font) > geo.label_w and len(label) > 10:
             label = label[:-2] + "…"
         d.text((10, y + 1), label, fill=(0, 0, 0), font=font)
         y += row_h

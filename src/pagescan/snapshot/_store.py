@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .._args import NotRegularFileError
+from .._args import open_regular as _open_regular
+
 import contextlib
 import ctypes
 import dataclasses
@@ -9,7 +12,6 @@ import errno
 import fcntl
 import os
 import mmap
-import stat
 from collections.abc import Iterator
 from typing import Any
 
@@ -100,25 +102,12 @@ class Section:
 
 
 def open_regular(path: str, flags: int) -> int:
-    """``open`` without blocking (``O_NONBLOCK``), then refuse anything but a regular file.
-
-    A FIFO (or a device) as a checkpoint path would block in ``open`` or ``read``
-    forever; ``O_NONBLOCK`` makes ``open`` return, ``fstat`` tells what it is.
-    """
+    """``open`` without blocking, refusing anything but a regular file
+    (:func:`pagescan._args.open_regular`) as a :class:`CheckpointError`."""
     try:
-        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
-    except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a pagescan checkpoint") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
-            raise CheckpointError(f"{path} is {what}, not a pagescan checkpoint")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return _open_regular(path, flags, "checkpoint path")
+    except NotRegularFileError as err:
+        raise CheckpointError(f"{err}, not a pagescan checkpoint") from None
 
 
 def _pread_exact(fd: int, n: int, off: int) -> bytes:

@@ -1,0 +1,128 @@
+"""``pagescan ps``: every process the caller may read, one line each: who uses the memory.
+
+Per process: ``/proc/PID/smaps_rollup`` (the kernel's sums over all mappings: RSS, PSS,
+USS = Private_Clean + Private_Dirty, swap, PMD-mapped and hugetlb sizes) and one
+``PAGEMAP_SCAN`` walk asking only for zero pages (not in RSS: smaps does not count
+them). Processes without an address space (kernel threads) are left out; processes that
+exit while being read are skipped; those the caller may not read (no ptrace access)
+are counted in the footer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+from pagescan import Category, Target, scan_iter
+from pagescan._procfs import process_uid, read_cmdline, read_rollup, task_size
+
+from ._common import human, print_json, printable, table, terminal_width, user_name
+
+#: Columns of the table, in order; every numeric one is in bytes.
+NUMERIC = ("uss", "pss", "rss", "swap", "zero", "huge")
+SORT_KEYS = ("pid", "user", "command", *NUMERIC)
+_ZERO = int(Category.PFNZERO)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "ps",
+        help="memory of every process you may read: USS, PSS, RSS, swap, zero pages, huge pages",
+        description="One line per process with an address space that the caller may read (ptrace "
+        "read access: your own processes, all of them as root): pid, user, USS (private memory: "
+        "Private_Clean + Private_Dirty), PSS, RSS, swap (the kernel's sums, from "
+        "/proc/PID/smaps_rollup: they match ps and smaps_rollup), zero (zero-page and huge "
+        "zero-page mappings, from PAGEMAP_SCAN: not in RSS), huge (PMD-mapped THPs and hugetlb "
+        "pages) and the command line. Processes that exit while being read are skipped; those "
+        "you may not read are counted in the last line. Sizes in bytes with binary units.",
+    )
+    p.add_argument("--sort", choices=SORT_KEYS, default="pss",
+                   help="row order: largest first by uss, pss (default), rss, swap, zero or huge; "
+                   "or by pid, user, command")
+    p.add_argument("--wide", "-w", action="store_true",
+                   help="never cut command lines (they are cut at the terminal's width otherwise)")
+    p.add_argument("--json", action="store_true",
+                   help="machine-readable output: every process (with all smaps_rollup fields) and totals")
+    p.set_defaults(run=run, subparser=p)
+
+
+def all_pids() -> list[int]:
+    return sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
+
+
+def read_process(pid: int, top: int) -> dict[str, Any] | None:
+    """One process's line; ``None`` without an address space. Raises ``PermissionError``
+    (may not read it) or ``ProcessLookupError`` (gone)."""
+    with Target(pid) as target:
+        rollup = read_rollup(pid)
+        if not rollup:
+            return None  # kernel thread, zombie
+        zero = 0
+        for res in scan_iter(0, top, pid=target, category_anyof_mask=_ZERO, return_mask=_ZERO):
+            r = res.regions
+            if len(r):
+                zero += int((r["end"] - r["start"]).sum())
+    uid = process_uid(pid)
+    cmd = read_cmdline(pid)
+    uss = rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)
+    huge = sum(rollup.get(k, 0) for k in ("AnonHugePages", "ShmemPmdMapped", "FilePmdMapped",
+                                          "Shared_Hugetlb", "Private_Hugetlb"))
+    return {
+        "pid": pid, "uid": uid, "user": user_name(uid), "command": cmd,
+        "uss": uss, "pss": rollup.get("Pss", 0), "rss": rollup.get("Rss", 0), "swap": rollup.get("Swap", 0),
+        "zero": zero, "huge": huge, "rollup": rollup,
+    }
+
+
+def collect(pids: Iterable[int]) -> tuple[list[dict[str, Any]], int, int]:
+    """(processes, how many may not be read, how many exited while being read)."""
+    out = []
+    unreadable = gone = 0
+    top = task_size()
+    for pid in pids:
+        try:
+            p = read_process(pid, top)
+        except PermissionError:
+            unreadable += 1
+            continue
+        except (ProcessLookupError, FileNotFoundError):
+            # ESRCH also means "no address space" (a kernel thread, a zombie): not counted
+            if not os.path.exists(f"/proc/{pid}"):
+                gone += 1
+            continue
+        if p is not None:
+            out.append(p)
+    return out, unreadable, gone
+
+
+def run(args: argparse.Namespace) -> int:
+    procs, unreadable, gone = collect(all_pids())
+    key = args.sort
+    if key in NUMERIC:
+        procs.sort(key=lambda p: (-p[key], p["pid"]))
+    else:
+        procs.sort(key=lambda p: (p[key], p["pid"]))
+    totals = {k: sum(p[k] for p in procs) for k in NUMERIC}
+    if args.json:
+        print_json({"processes": procs, "totals": {"processes": len(procs), **totals},
+                    "unreadable": unreadable, "exited": gone})
+        return 0
+    headers = ["PID", "USER", "USS", "PSS", "RSS", "SWAP", "ZERO", "HUGE", "COMMAND"]
+    rows = [[str(p["pid"]), p["user"][:12]] + [human(p[k]) for k in NUMERIC] + [printable(p["command"])]
+            for p in procs]
+    rows.append(["", "total"] + [human(totals[k]) for k in NUMERIC] + [f"{len(procs)} processes"])
+    sys.stdout.write(table(headers, rows, ">" + "<" + ">" * len(NUMERIC) + "<",
+                           cut="none" if args.wide else "right") + "\n")
+    notes = []
+    if unreadable:
+        who = "" if os.geteuid() == 0 else " (no ptrace access: another user's; run as root to see them)"
+        notes.append(f"{unreadable} processes not readable{who}")
+    if gone:
+        notes.append(f"{gone} exited while being read")
+    if notes:
+        line = "; ".join(notes)
+        print(line if args.wide else line[: max(terminal_width(), 20)])
+    return 0

@@ -1,0 +1,84 @@
+"""``pagescan stat PID --watch SECONDS``: the stat table redrawn in place with curses.
+
+Cells whose value changed since the previous screen are shown in bold (reverse video
+for the row's address), so growth is visible at a glance. ``q`` quits; ``--count N``
+stops after N screens (scripts, tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from ._stat import collect, render
+
+
+def watch(args: argparse.Namespace, columns: list[str], explicit: bool) -> int:
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        print("pagescan: stat --watch needs a terminal (stdin and stdout); use --json for scripts",
+              file=sys.stderr)
+        return 1
+    try:
+        import curses
+    except ImportError as err:  # pragma: no cover - a Python built without curses
+        print(f"pagescan: stat --watch needs the curses module ({err})", file=sys.stderr)
+        return 1
+    result: list[int] = []
+    curses.wrapper(_loop, args, columns, explicit, result)
+    return result[0] if result else 0
+
+
+def _loop(screen: Any, args: argparse.Namespace, columns: list[str], explicit: bool, result: list[int]) -> None:
+    import curses
+
+    curses.curs_set(0)
+    screen.timeout(0)
+    previous: dict[str, list[str]] = {}
+    shown = 0
+    while True:
+        rows, cols = screen.getmaxyx()
+        os.environ["COLUMNS"] = str(cols)  # render() fits the table to the window
+        try:
+            lines = render(collect(args.pid, columns, args.backend), args, explicit)
+        except ProcessLookupError:
+            result.append(0)
+            return  # the process exited: the last screen stays on the terminal until exit
+        text = "\n".join(lines).split("\n")
+        screen.erase()
+        stamp = time.strftime("%H:%M:%S")
+        screen.addnstr(0, 0, f"every {args.watch:g}s, {stamp}; q quits", cols - 1, curses.A_DIM)
+        current: dict[str, list[str]] = {}
+        for y, line in enumerate(text[: rows - 1], start=1):
+            cells = line.split()
+            key = cells[0] + " " + (cells[-1] if cells else "") if cells else ""
+            current[key] = cells
+            old = previous.get(key)
+            if old is None or not previous or old == cells or y <= 3:
+                screen.addnstr(y, 0, line, cols - 1)
+                continue
+            # draw cell by cell, changed cells in bold
+            x = 0
+            for k, cell in enumerate(cells):
+                pos = line.find(cell, x)
+                if pos < 0 or pos >= cols - 1:
+                    break
+                changed = k >= len(old) or old[k] != cell
+                attr = curses.A_BOLD | (curses.A_REVERSE if k == 0 else 0) if changed else curses.A_NORMAL
+                screen.addnstr(y, pos, cell, cols - 1 - pos, attr)
+                x = pos + len(cell)
+        previous = current
+        screen.refresh()
+        shown += 1
+        if args.count is not None and shown >= args.count:
+            result.append(0)
+            return
+        deadline = time.monotonic() + args.watch
+        while (left := deadline - time.monotonic()) > 0:
+            curses.napms(int(min(left, 0.1) * 1000) or 1)
+            ch = screen.getch()
+            if ch in (ord("q"), ord("Q")):
+                result.append(0)
+                return

@@ -1,0 +1,666 @@
+"""``pagescan stat`` and ``pagescan map`` against real processes.
+
+The target with a known layout is test_cli's ``child`` fixture (written anon pages, zero
+pages, a private file mapping, a PMD THP, the huge zero page, hugetlb pages, swapped
+pages and guard pages, each its own mapping). Every column is checked against the
+child's ``/proc/PID/smaps`` (the kernel's own accounting), the totals against
+``smaps_rollup``, and the page classes against the layout. Real processes too: the test
+runner, a ``sleep``, and a forked sibling sharing pages (PSS halves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pagescan
+from pagescan._procfs import task_size
+from pagescan._uapi.mman import MAP
+from pagescan.cli._stat import COLUMNS, DEFAULT_COLUMNS
+from pagescan.mappings import SMAPS_FIELDS
+
+from .conftest import requires_pagemap_scan, requires_wp_async
+from .memory import Mapping, P, child_process
+from .procs import stop
+from .test_mapping_stats import Isolated
+from .test_cli import (  # the target with a known layout, and the CLI helpers
+    HAS_GUARD,
+    HAS_THP,
+    HP,
+    KB,
+    WEIRD,
+    Child,
+    _cli,
+    child,
+    run,
+    run_json,
+    usage_error,
+)
+
+pytestmark = requires_pagemap_scan
+__all__ = ["child"]  # a fixture, used by name
+
+
+def _use_zero_page() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/use_zero_page") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
+
+
+def read_smaps(pid: int) -> list[dict[str, Any]]:
+    """``/proc/PID/smaps`` parsed independently: start, end, perms, name, kB fields, VmFlags."""
+    out: list[dict[str, Any]] = []
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            m = _HEAD.match(line)
+            if m:
+                out.append({"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3], "name": m[4].strip(),
+                            "kb": {}, "flags": set()})
+                continue
+            key, _, rest = line.partition(":")
+            if key == "VmFlags":
+                out[-1]["flags"] = set(rest.split())
+            elif rest.strip().endswith(" kB"):
+                out[-1]["kb"][key] = int(rest.split()[0])
+    return out
+
+
+def by_start(doc: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {m["start"]: m for m in doc["mappings"]}
+
+
+def _expected_layout() -> dict[str, dict[str, int]]:
+    zeros = dict.fromkeys(("present", "swapped", "zero", "huge", "file", "written", "guard"), 0)
+    want = {
+        "written": {**zeros, "present": 64, "written": 64},
+        "zero": {**zeros, "present": 32, "zero": 32, "written": 32},
+        "file": {**zeros, "present": 16, "file": 16, "written": 16},
+        "weird": {**zeros, "present": 1, "file": 1, "written": 1},
+        "hugetlb": {**zeros, "present": 2 * HP, "huge": 2 * HP, "written": 2 * HP},
+        "swap": {**zeros, "swapped": 32, "written": 32},
+    }
+    if HAS_THP:
+        want["thp"] = {**zeros, "present": HP, "huge": HP, "written": HP}
+        if _use_zero_page():  # one read maps the huge zero page: 512 zero pages, not "huge"
+            want["hugezero"] = {**zeros, "present": HP, "zero": HP, "written": HP}
+        else:  # the read allocates a real THP
+            want["hugezero"] = {**zeros, "present": HP, "huge": HP, "written": HP}
+    if HAS_GUARD:  # 8 written, 4 guard markers (SWAPPED|GUARD: guard only), 4 empty
+        want["guard"] = {**zeros, "present": 8, "written": 8, "guard": 4}
+    return want
+
+
+#: smaps fields whose per-mapping values are not additive
+_NOT_SUMMED = {"KernelPageSize", "MMUPageSize", "THPeligible", "ProtectionKey"}
+
+
+def read_rollup(pid: int | str) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup`` parsed independently: field -> kB."""
+    out = {}
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f.readlines()[1:]:
+            key, _, rest = line.partition(":")
+            if rest.strip().endswith(" kB"):
+                out[key] = int(rest.split()[0])
+    return out
+
+
+def stable(capsys: pytest.CaptureFixture[str], pid: int, *argv: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``stat --json`` bracketed by two identical smaps reads (the target is idle)."""
+    for _ in range(5):
+        before = read_smaps(pid)
+        doc = run_json(capsys, "stat", str(pid), *argv)
+        if read_smaps(pid) == before:
+            return doc, before
+    pytest.fail("the target's smaps kept changing")
+
+
+def check_against_smaps(m: dict[str, Any], s: dict[str, Any]) -> None:
+    """Every smaps-derived value of one JSON mapping equals the oracle's record ``s``."""
+    where = f"{s['start']:x} {s['name']}"
+    kb = s["kb"]
+    assert (m["start"], m["end"], m["perms"], m["name"]) == (s["start"], s["end"], s["perms"], s["name"])
+    smaps = m["smaps"]
+    for field, value in kb.items():
+        assert smaps[field] == value * KB, (where, field)
+    assert set(smaps) - set(kb) <= {"THPeligible", "ProtectionKey"}, where
+    assert set(m["vmflags"]) == s["flags"], where
+    assert m["uss"] == (kb["Private_Clean"] + kb["Private_Dirty"]) * KB, where
+    split = (m["pss_anon"], m["pss_file"], m["pss_shmem"])
+    if kb["Anonymous"] == kb["Rss"]:
+        assert split == (kb["Pss"] * KB, 0, 0), where
+    elif kb["Anonymous"] == 0:
+        assert sorted(split) == [0, 0, kb["Pss"] * KB], where
+        assert split[0] == 0
+    else:
+        assert split == (None, None, None), where
+    pages = m["pages"]
+    pmd_kb = kb.get("AnonHugePages", 0) + kb.get("ShmemPmdMapped", 0) + kb.get("FilePmdMapped", 0)
+    assert pages["swapped"] * P == kb["Swap"] * KB, where
+    if "ht" in s["flags"]:
+        hugetlb_kb = kb["Shared_Hugetlb"] + kb["Private_Hugetlb"]
+        assert pages["present"] * P == hugetlb_kb * KB > 0, where
+        assert pages["huge"] * P == (pmd_kb + hugetlb_kb) * KB, where
+        assert kb["Rss"] == 0 and pages["zero"] == 0, where
+    else:
+        assert (pages["present"] - pages["zero"]) * P == kb["Rss"] * KB, where
+        assert pages["huge"] * P == pmd_kb * KB, where
+    assert pages["file"] <= pages["present"], where
+    if "uw" in s["flags"]:
+        assert pages["written"] is not None and pages["written"] <= pages["present"] + pages["swapped"], where
+    else:
+        assert pages["written"] is None and m["bytes"]["written"] is None, where
+    assert m["bytes"] == {k: None if v is None else v * P for k, v in pages.items()}
+    if "pf" in s["flags"]:  # VM_PFNMAP ([vvar]): the kernel skips it
+        assert not any(pages.values()), where
+
+
+# -- the known layout -------------------------------------------------------------------------
+
+
+def test_stat_agrees_with_smaps_for_every_mapping(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
+    doc, smaps = stable(capsys, child.pid)
+    smaps = [s for s in smaps if s["end"] <= task_size()]  # [vsyscall] is above user space
+    assert len(doc["mappings"]) == len(smaps)
+    assert doc["pid"] == child.pid and doc["page_size"] == P
+    assert doc["user"] == "root" and doc["uid"] == 0
+    assert doc["command"].startswith(sys.executable) and "target.py" in doc["command"]
+    kinds = set()
+    for m, s in zip(doc["mappings"], smaps):
+        check_against_smaps(m, s)
+        kinds |= {k for k in ("zero", "huge", "swapped", "file", "guard") if m["pages"][k]}
+        if "ht" in s["flags"]:
+            kinds.add("hugetlb")
+    assert {"zero", "file", "swapped", "hugetlb", "huge"} | ({"guard"} if HAS_GUARD else set()) <= kinds
+    total = doc["totals"]
+    assert total["mappings"] == len(doc["mappings"])
+    assert total["size"] == sum(m["size"] for m in doc["mappings"])
+    for k, v in total["pages"].items():
+        if k == "written":
+            assert v is None  # no mapping of the target is registered for uffd-wp
+        else:
+            assert v == sum(m["pages"][k] for m in doc["mappings"]) and total["bytes"][k] == v * P
+    for field in doc["mappings"][0]["smaps"]:
+        if field not in _NOT_SUMMED:
+            assert total["smaps"][field] == sum(m["smaps"][field] for m in doc["mappings"]), field
+    assert total["uss"] == sum(m["uss"] for m in doc["mappings"])
+
+
+def test_stat_totals_match_smaps_rollup(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in range(5):
+        before = read_rollup(child.pid)
+        doc = run_json(capsys, "stat", str(child.pid))
+        if read_rollup(child.pid) == before:
+            break
+    else:
+        pytest.fail("the target's smaps_rollup kept changing")
+    t = doc["totals"]
+    # Page-granular sums are exact; PSS is rounded down to a KiB per mapping in smaps
+    # and only once in smaps_rollup.
+    for field in ("Rss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty", "Referenced",
+                  "Anonymous", "AnonHugePages", "Swap", "Locked", "Shared_Hugetlb", "Private_Hugetlb"):
+        assert t["smaps"][field] == before[field] * KB, field
+    n = len(doc["mappings"])
+    for field in ("Pss", "Pss_Dirty", "SwapPss"):
+        assert before[field] - n <= t["smaps"][field] // KB <= before[field], field
+    for key, field in (("pss_anon", "Pss_Anon"), ("pss_file", "Pss_File"), ("pss_shmem", "Pss_Shmem")):
+        assert before[field] - n <= t[key] // KB <= before[field], field
+    assert t["uss"] == (before["Private_Clean"] + before["Private_Dirty"]) * KB
+    # RSS does not count the zero pages: they are apart
+    assert t["bytes"]["present"] - t["bytes"]["zero"] == (before["Rss"] + before["Shared_Hugetlb"]
+                                                          + before["Private_Hugetlb"]) * KB
+    assert t["pages"]["zero"] >= 32
+
+
+@pytest.mark.parametrize("backend", ["kernel", "emulated"])
+def test_stat_exact_counts_of_the_known_layout(child: Child, capsys: pytest.CaptureFixture[str], backend: str) -> None:
+    assert child.info["swapped_ok"], "MADV_PAGEOUT did not swap the target's pages out"
+    if HAS_THP:
+        assert child.info["thp_kb"] == 2048, "no PMD THP formed (MADV_HUGEPAGE and MADV_COLLAPSE)"
+    doc = run_json(capsys, "stat", str(child.pid), "--backend", backend)
+    maps = by_start(doc)
+    for name, want in _expected_layout().items():
+        lo, hi = child.piece(name)
+        m = maps[lo]
+        assert m["end"] == hi, name
+        assert m["pages"] == {**want, "written": None}, name  # no uffd-wp: WRITTEN means nothing
+        sep = maps[hi]  # the PROT_NONE separator after each piece: nothing in it
+        assert sep["perms"] == "---p" and not any(sep["pages"].values()), name
+    lo, _ = child.piece("written")
+    assert maps[lo]["uss"] == 64 * P and maps[lo]["smaps"]["Rss"] == 64 * P
+    lo, _ = child.piece("zero")  # zero pages: present, not resident in smaps' sense
+    assert maps[lo]["smaps"]["Rss"] == 0 and maps[lo]["pages"]["zero"] == 32
+
+
+def test_stat_json_is_mapping_stats(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
+    from pagescan.mappings import mapping_stats
+
+    for _ in range(5):
+        rc, out, err = run(capsys, "stat", str(child.pid), "--json")
+        want = [s.as_dict() for s in mapping_stats(child.pid)]
+        assert rc == 0 and err == "" and out.isascii()
+        doc = json.loads(out)
+        if doc["mappings"] == want:
+            break
+    else:
+        pytest.fail("stat --json and mapping_stats() differ")
+    lo, _ = child.piece("weird")
+    assert by_start(doc)[lo]["name"] == os.path.join(os.path.dirname(child.file), WEIRD)
+    lines = out.splitlines()  # one line per mapping
+    assert len([ln for ln in lines if ln.startswith('    {"bytes": ')]) == len(doc["mappings"])
+    assert {"command", "user", "uid", "pid", "page_size", "mappings", "groups", "totals"} <= set(doc)
+
+
+def test_stat_table(child: Child, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "250")
+    rc, out, err = run(capsys, "stat", str(child.pid))
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert re.fullmatch(rf"pid {child.pid} \(root\): {re.escape(sys.executable)} \S*target.py .*", lines[0])
+    assert lines[1].split() == ["ADDRESS", "PERM", "SIZE", "RSS", "PSS", "USS", "SWAP", "ZERO", "HUGE", "MAPPING"]
+    rows = {int(ln.split()[0], 16): ln.split() for ln in lines[2:-2]}
+    assert rows[child.piece("written")[0]][1:9] == ["rw-p", "256K", "256K", "256K", "256K", "0", "0", "0"]
+    assert rows[child.piece("zero")[0]][1:9] == ["r--p", "128K", "0", "0", "0", "0", "128K", "0"]
+    assert rows[child.piece("file")[0]][-1] == child.file
+    assert rows[child.piece("file")[0]][2:4] == ["64K", "64K"]
+    assert rows[child.piece("swap")[0]][3:6] == ["0", "0", "0"] and rows[child.piece("swap")[0]][6] == "128K"
+    assert rows[child.piece("hugetlb")[0]][2:4] == ["4.0M", "0"]  # hugetlb is not in RSS
+    assert rows[child.piece("hugetlb")[0]][8] == "4.0M"
+    assert child.piece("written")[1] not in rows  # empty separators only with --all
+    doc = run_json(capsys, "stat", str(child.pid))
+    total = lines[-2].split()
+    assert total[0] == "total" and total[-2:] == [str(len(doc["mappings"])), "mappings"]
+    t = doc["totals"]
+    assert total[2] == pagescan.cli._common.human(t["smaps"]["Rss"])
+    summary = lines[-1]
+    assert summary.startswith("total: RSS ") and "zero pages" in summary and "(not in RSS)" in summary
+    assert f"{len(doc['mappings'])} mappings" in summary
+    starts = [int(ln.split()[0], 16) for ln in lines[2:-2]]
+    assert starts == sorted(starts)
+
+    rc, out, _ = run(capsys, "stat", str(child.pid), "--all")
+    assert len(out.splitlines()) == len(doc["mappings"]) + 4
+    for key, field in (("rss", "Rss"), ("pss", "Pss"), ("swap", "Swap")):
+        rc, out, _ = run(capsys, "stat", str(child.pid), "--sort", key)
+        got = [by_start(doc)[int(ln.split()[0], 16)]["smaps"][field] for ln in out.splitlines()[2:-2]]
+        assert got == sorted(got, reverse=True) and got[0] > 0, key
+    rc, out, _ = run(capsys, "stat", str(child.pid), "--sort", "zero")
+    got = [by_start(doc)[int(ln.split()[0], 16)]["pages"]["zero"] for ln in out.splitlines()[2:-2]]
+    assert got == sorted(got, reverse=True) and got[0] >= 32
+
+
+def test_stat_columns_by_name(child: Child, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")
+    doc = run_json(capsys, "stat", str(child.pid))
+    names = [f.lower() for f in SMAPS_FIELDS if f not in ("Size", "ProtectionKey")]
+    assert set(names) <= set(COLUMNS)
+    want = ["rss", "pss", "pss_dirty", "shared_clean", "shared_dirty", "private_clean", "private_dirty",
+            "referenced", "anonymous", "lazyfree", "anonhugepages", "swappss", "locked", "uss", "file", "guard"]
+    rc, out, err = run(capsys, "stat", str(child.pid), "--columns", ",".join(want), "--all")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[1].split() == ["ADDRESS", "PERM", *(COLUMNS[c].header for c in want), "MAPPING"]
+    human = pagescan.cli._common.human
+    maps = by_start(doc)
+    for ln in lines[2:-2]:
+        cells = ln.split()
+        m = maps[int(cells[0], 16)]
+        expect = []
+        for c in want:
+            if c == "uss":
+                expect.append(human(m["uss"]))
+            elif c in ("file", "guard"):
+                expect.append(human(m["bytes"][c]))
+            else:
+                field = next(f for f in SMAPS_FIELDS if f.lower() == c)
+                expect.append(human(m["smaps"][field]))
+        assert cells[2 : 2 + len(want)] == expect, cells
+    # +NAME adds to the defaults; the VmFlags text column; THPeligible as a number
+    rc, out, _ = run(capsys, "stat", str(child.pid), "--columns", "+thpeligible,+vmflags")
+    header = out.splitlines()[1].split()
+    assert header[:2 + len(DEFAULT_COLUMNS)] == ["ADDRESS", "PERM", *(COLUMNS[c].header for c in DEFAULT_COLUMNS)]
+    assert header[-3:] == ["THPELIGIBLE", "VMFLAGS", "MAPPING"]
+    rc, out, _ = run(capsys, "stat", str(child.pid), "--columns", "all")
+    assert out.splitlines()[1].split()[2:-1] == [c.header for c in COLUMNS.values()]
+    assert "unknown column 'colour'" in usage_error(capsys, "stat", str(child.pid), "--columns", "rss,colour")
+    assert "cannot sort by 'colour'" in usage_error(capsys, "stat", str(child.pid), "--sort", "colour")
+    assert "cannot sort by 'vmflags'" in usage_error(capsys, "stat", str(child.pid), "--sort", "vmflags")
+    assert "--count needs --watch" in usage_error(capsys, "stat", str(child.pid), "--count", "2")
+
+
+def test_stat_group(child: Child, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")
+    doc = run_json(capsys, "stat", str(child.pid))
+    groups = {g["name"]: g for g in doc["groups"]}
+    for name in ("[anon]", "[heap]", "[stack]", child.file, sys.executable):
+        members = [m for m in doc["mappings"] if (m["name"] or "[anon]") == name]
+        if name == sys.executable:
+            members = [m for m in doc["mappings"] if m["name"] == os.path.realpath(sys.executable)]
+            name = os.path.realpath(sys.executable)
+        g = groups[name]
+        assert members and g["mappings"] == len(members), name
+        assert g["size"] == sum(m["size"] for m in members)
+        assert g["smaps"]["Rss"] == sum(m["smaps"]["Rss"] for m in members)
+        assert g["smaps"]["Pss"] == sum(m["smaps"]["Pss"] for m in members)
+        assert g["uss"] == sum(m["uss"] for m in members)
+        assert g["pages"]["zero"] == sum(m["pages"]["zero"] for m in members)
+    assert sum(g["mappings"] for g in doc["groups"]) == len(doc["mappings"])
+    assert sum(g["smaps"]["Rss"] for g in doc["groups"]) == doc["totals"]["smaps"]["Rss"]
+    rc, out, err = run(capsys, "stat", str(child.pid), "--group", "--sort", "rss")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[1].split()[:2] == ["MAPS", "PERM"]
+    by_name = {ln.split()[-1]: ln.split() for ln in lines[2:-2]}
+    libpython = max((g for g in doc["groups"] if g["name"].startswith("/")), key=lambda g: g["mappings"])
+    assert by_name[libpython["name"]][:2] == [str(libpython["mappings"]), "maps"]
+    assert by_name["[anon]"][0] == str(groups["[anon]"]["mappings"])
+    rss = [groups[ln.split()[-1]]["smaps"]["Rss"] for ln in lines[2:-2]]
+    assert rss == sorted(rss, reverse=True)
+
+
+def test_stat_fits_100_columns_and_shortens_names_in_the_middle(
+    child: Child, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    rc, out, err = run(capsys, "stat", str(child.pid))
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    assert all(len(ln) <= 100 for ln in lines), max(lines, key=len)
+    assert lines[1].split() == ["ADDRESS", "PERM", "SIZE", "RSS", "PSS", "USS", "SWAP", "ZERO", "HUGE", "MAPPING"]
+    # a long path: shortened in its middle, the file name kept
+    long_dir = tmp_path / ("d" * 60) / ("e" * 40)
+    long_dir.mkdir(parents=True)
+    path = long_dir / "libexample-1.2.so"
+    path.write_bytes(b"x" * P)
+    code = ("import mmap, sys; f = open(sys.argv[1], 'rb'); m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); "
+            "m[0]; print('ready', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        rc, out, _ = run(capsys, "stat", str(proc.pid))
+        row = next(ln for ln in out.splitlines() if ln.endswith("/libexample-1.2.so"))
+        assert len(row) <= 100 and "…/" in row and row.split()[-1].startswith(str(tmp_path)[:8])
+        rc, out, _ = run(capsys, "stat", str(proc.pid), "--wide")
+        assert str(path) in out.split()
+    finally:
+        stop(proc)
+    monkeypatch.setenv("COLUMNS", "70")  # too narrow: default columns with nothing in them go
+    rc, out, _ = run(capsys, "stat", "self")
+    assert "HUGE" not in out.splitlines()[1].split() or "(not shown" not in out
+
+
+# -- real processes ---------------------------------------------------------------------------
+
+
+def _unchanged(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[tuple[int, int], dict[str, Any]]:
+    """The smaps records that are identical in both reads, by address range."""
+    b = {(s["start"], s["end"]): s for s in before}
+    return {(s["start"], s["end"]): s for s in after if b.get((s["start"], s["end"])) == s}
+
+
+def _maps_have(pid: int, name: str) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return any(ln.rstrip().endswith(name) for ln in f)
+
+
+def test_stat_real_processes_agree_with_smaps(capsys: pytest.CaptureFixture[str]) -> None:
+    """The test runner (busy: only the mappings that did not change while reading) and
+    idle ``sleep`` and ``bash`` processes (every mapping)."""
+    before = read_smaps(os.getpid())
+    doc = run_json(capsys, "stat", "self")
+    same = _unchanged(before, read_smaps(os.getpid()))
+    checked = 0
+    for m in doc["mappings"]:
+        if (m["start"], m["end"]) in same:
+            check_against_smaps(m, same[m["start"], m["end"]])
+            checked += 1
+    assert checked > len(doc["mappings"]) // 2
+    for argv in (["sleep", "60"], ["bash", "-c", "read x"]):
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while not _maps_have(proc.pid, "libc.so.6"):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            doc, smaps = stable(capsys, proc.pid)
+            smaps = [s for s in smaps if s["end"] <= task_size()]
+            assert len(doc["mappings"]) == len(smaps) > 5
+            for m, s in zip(doc["mappings"], smaps):
+                check_against_smaps(m, s)
+            assert doc["command"] == " ".join(argv)
+        finally:
+            stop(proc)
+
+
+def test_stat_pss_halves_with_a_forked_sibling(capsys: pytest.CaptureFixture[str]) -> None:
+    with Isolated(64) as m:  # private anonymous, its own VMA
+        m.write(0, 64)
+        with child_process(lambda: None) as pid:
+            for who in ("self", str(pid)):
+                row = by_start(run_json(capsys, "stat", who))[m.addr]
+                sm = row["smaps"]
+                assert sm["Rss"] == 64 * P and sm["Shared_Dirty"] == 64 * P, who
+                assert sm["Pss"] == 32 * P and row["uss"] == 0, who
+                assert row["pss_anon"] == 32 * P, who
+        row = by_start(run_json(capsys, "stat", "self"))[m.addr]  # the sibling has gone
+        assert row["smaps"]["Pss"] == 64 * P and row["uss"] == 64 * P
+
+
+@requires_wp_async
+def test_stat_written_only_where_uffd_wp_is_registered(capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    with Mapping(16, flags=MAP.SHARED | MAP.ANONYMOUS) as m, pagescan.WriteWatch(m.addr, m.length):
+        m.touch(2, 3)
+        doc = run_json(capsys, "stat", "self")
+        row = by_start(doc)[m.addr]
+        assert "uw" in row["vmflags"]
+        assert row["pages"]["written"] == 3 and row["bytes"]["written"] == 3 * P
+        others = [r for r in doc["mappings"] if r["start"] != m.addr]
+        assert all(r["pages"]["written"] is None for r in others)
+        assert doc["totals"]["pages"]["written"] == 3
+        monkeypatch.setenv("COLUMNS", "200")
+        rc, out, _ = run(capsys, "stat", "self", "--columns", "rss,written")
+        cells = {int(ln.split()[0], 16): ln.split() for ln in out.splitlines()[2:-2]}
+        assert cells[m.addr][3] == "12K"
+        assert {c[3] for a, c in cells.items() if a != m.addr} == {"-"}
+
+
+# -- --watch ----------------------------------------------------------------------------------
+
+
+def test_stat_watch_under_a_pty(child: Child) -> None:
+    """Three screens in a pseudo-terminal, then exit 0; without a terminal: a clear error."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.environ.update(TERM="xterm", COLUMNS="120", LINES="60")
+            os.execv(sys.executable, [sys.executable, "-m", "pagescan", "stat", str(child.pid),
+                                      "--watch", "0.2", "--count", "3"])
+        finally:
+            os._exit(127)
+    chunks = []
+    try:
+        fcntl.ioctl(fd, 0x5414, b"\x3c\x00\x78\x00\x00\x00\x00\x00")  # TIOCSWINSZ: 60 rows, 120 columns
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1)
+            if ready:
+                try:
+                    data = os.read(fd, 1 << 16)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+        _, status = os.waitpid(pid, 0)
+        pid = 0
+    finally:
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, screen[-2000:]
+    assert "q quits" in screen and "RSS" in screen and "USS" in screen
+    assert f"pid {child.pid}" in screen and os.path.basename(child.file) in screen
+    assert "\x1b[" in screen  # drawn by curses, not printed
+    r = _cli("stat", str(child.pid), "--watch", "1", stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == "pagescan: stat --watch needs a terminal (stdin and stdout); use --json for scripts\n"
+
+
+# -- map --------------------------------------------------------------------------------------
+
+
+def test_map_png(child: Child, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from pagescan.cli._map import CLASSES
+
+    path = tmp_path / "map"  # no extension: still a PNG
+    rc, out, err = run(capsys, "map", str(child.pid), "--png", str(path), "--width", "900")
+    assert rc == 0 and err == ""
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        assert out.strip().startswith(f"wrote {path} (900x{img.height}, ")
+        assert img.width == 900 and img.height > 100
+        legend = img.crop((0, 0, img.width, 60))
+        bars = img.crop((0, 60, img.width, img.height))
+        legend_colours = {c for _, c in legend.getcolors(1 << 16)}
+        bar_colours = {c for _, c in bars.getcolors(1 << 16)}
+    names = dict(CLASSES)
+    assert set(names.values()) <= legend_colours
+    want = {"anon", "zero page", "file", "huge", "swapped", "not present"} | ({"guard"} if HAS_GUARD else set())
+    for name in want:
+        assert names[name] in bar_colours, name
+
+
+def test_map_png_all_is_taller(child: Child, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from PIL import Image
+
+    heights = []
+    for extra in ([], ["--all"]):
+        path = tmp_path / f"m{len(extra)}.png"
+        assert run(capsys, "map", str(child.pid), "--png", str(path), *extra)[0] == 0
+        with Image.open(path) as img:
+            heights.append(img.height)
+    assert heights[1] > heights[0]
+
+
+_MANY = r"""
+import ctypes, os, sys
+from pagescan._uapi import libc
+from pagescan._uapi.mman import MAP, PROT
+P = os.sysconf("SC_PAGE_SIZE")
+n = int(sys.argv[2])
+fd = os.open(sys.argv[1], os.O_RDONLY)
+base = libc.mmap(0, n * P, PROT.READ, MAP.PRIVATE, fd, 0)
+for i in range(0, n, 2):  # alternate protections: n mappings of one file, side by side
+    libc.mprotect(base + i * P, P, PROT.READ | PROT.EXEC)
+ctypes.string_at(base, n * P)  # every page present
+print(base, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_map_png_row_with_more_mappings_than_pixels(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """2,000 adjacent mappings of one file in one bar of ~500 pixels: the bar is the
+    file colour, not white boundary lines; the title names the process."""
+    from PIL import Image
+
+    from pagescan.cli._map import CLASSES
+
+    n = 2000
+    data = tmp_path / "many.bin"
+    data.write_bytes(b"m" * (n * P))
+    proc = subprocess.Popen([sys.executable, "-c", _MANY, str(data), str(n)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        base = int(proc.stdout.readline())
+        with open(f"/proc/{proc.pid}/maps") as f:
+            assert len([ln for ln in f if ln.rstrip().endswith(str(data))]) == n
+        path = tmp_path / "many.png"
+        rc, out, err = run(capsys, "map", str(proc.pid), "--png", str(path), "--width", "900")
+        assert rc == 0 and err == "", err
+        rc, doc_out, _ = run(capsys, "stat", str(proc.pid), "--json")
+        doc = json.loads(doc_out)
+    finally:
+        stop(proc)
+    assert base == by_start(doc)[base]["start"]
+    file_colour = dict(CLASSES)["file"]
+    from pagescan.cli._map import layout
+
+    with Image.open(path) as img:
+        rgb = img.convert("RGB")
+        geo = layout(img.width)
+        ys = [y for y in range(geo.top, img.height) if rgb.getpixel((geo.bar_x + 5, y)) == file_colour]
+        assert ys, "no bar in the file colour"
+        rows = {}
+        for y in ys:  # the rows drawn in the file colour; the 2,000-mapping one is fully covered
+            pixels = [rgb.getpixel((x, y)) for x in range(geo.bar_x, geo.bar_x + geo.bar_w)]
+            rows[y] = sum(p == file_colour for p in pixels) / len(pixels)
+        assert max(rows.values()) == 1.0, rows
+        title = img.crop((0, 0, img.width, 24)).getcolors(1 << 16)
+    assert title is not None and len(title) > 1  # some text in the title
+    assert out.strip().endswith("rows)")
+
+
+def test_map_without_pillow(child: Child, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL raises ImportError
+    path = tmp_path / "x.png"
+    rc, out, err = run(capsys, "map", str(child.pid), "--png", str(path))
+    assert rc == 1 and out == "" and not path.exists()
+    assert err.startswith("pagescan: map --png needs Pillow (") and err.endswith("): install pagescan[png]\n")
+
+
+# -- real subprocess runs -----------------------------------------------------------------------
+
+
+def test_subprocess_stat_equals_in_process(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
+    for _ in range(5):
+        r = _cli("stat", str(child.pid), "--json")
+        assert r.returncode == 0 and r.stderr == ""
+        doc = run_json(capsys, "stat", str(child.pid))
+        if json.loads(r.stdout) == doc:
+            return
+    pytest.fail("python -m pagescan stat --json differs from main(['stat', ...])")
+
+
+def test_subprocess_broken_pipe() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "pagescan", "stat", "self", "--all"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd="/", env={**os.environ, "COLUMNS": "300"})
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        fcntl.fcntl(proc.stdout.fileno(), 1031, 4096)  # F_SETPIPE_SZ: the rest must block
+        first = proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert first.startswith(b"pid ") and err == b""
+
