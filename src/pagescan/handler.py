@@ -158,13 +158,14 @@ class _Shared:
     """A small MAP_SHARED page for progress counters: [served_pages, state, error]."""
 
     def __init__(self) -> None:
-        self.addr = libc.mmap(0, P, PROT.READ | PROT.WRITE, MAP.SHARED | MAP.ANONYMOUS)
+        self._map = libc.RawMapping(P, PROT.READ | PROT.WRITE, MAP.SHARED | MAP.ANONYMOUS)
+        self.addr = self._map.addr
+        # Our own mapping, alive as long as this object is: safe to view in place.
         self.arr = (ctypes.c_uint64 * 4).from_address(self.addr)
 
     def close(self) -> None:
-        if self.addr:
-            libc.munmap(self.addr, P)
-            self.addr = 0
+        self.addr = 0
+        self._map.close()
 
 
 STATE_RUNNING, STATE_DONE, STATE_FAILED = 0, 1, 2
