@@ -53,7 +53,7 @@ from ..writewatch import WriteWatch
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
-from ._vm import read_runs, write_runs
+from .._uapi.libc import read_runs, write_runs
 
 __all__ = [
     "CheckpointError",

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from .._args import NotRegularFileError
-from .._args import open_regular as _open_regular
-
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import fcntl
 import os
 import mmap
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
+from .._args import NotRegularFileError
+from .._args import open_regular as _open_regular
+from .._uapi import libc
 from ._format import (
     COMMIT,
     ENTRY_SIZE,
@@ -672,23 +670,14 @@ def new_file(path: str, page_size: int, mapping: bool, entries: list[EntryMeta])
     return fd, named_tmp
 
 
-_SYNC_FILE_RANGE_WRITE = 2
-_sfr: Any = None
 
 
 def _start_writeback(fd: int, off: int, length: int) -> None:
     """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writeback, do not wait (a hint)."""
-    global _sfr
-    if _sfr is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _sfr = fn
-        except (OSError, AttributeError):
-            _sfr = False
-    if _sfr:
-        _sfr(fd, off, length, _SYNC_FILE_RANGE_WRITE)  # failure is harmless: fsync follows
+    try:
+        libc.sync_file_range(fd, off, length)
+    except (OSError, AttributeError):
+        pass  # a hint only: the fsync in seal() follows
 
 
 def _lock(fd: int, path: str) -> None:
