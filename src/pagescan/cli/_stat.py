@@ -14,6 +14,7 @@ import functools
 import operator
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring_ascii as _string
 from typing import Any
@@ -402,7 +403,9 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
     if not args.wide and len(out[0]) > term:
         out[0] = out[0][: max(term - 1, 20)] + "…"
     out.append(table(headers, body, align, cut="none" if args.wide else "middle"))
-    out.append(summary(snap, total))
+    line = summary(snap, total)
+    out.extend([line] if args.wide else textwrap.wrap(line, max(term, 40), subsequent_indent="  ",
+                                                      break_on_hyphens=False))
     if notes:
         out.append(f"(not shown: {', '.join(notes)})")
     return out
