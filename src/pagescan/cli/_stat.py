@@ -597,7 +597,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--watch and --json do not go together")
         from ._watch import watch
 
-        return watch(args, columns, explicit)
+        return watch(args.watch, args.count,
+                     lambda: render(collect(args.pid, columns, args.backend), args, explicit))
     if args.json:
         snap = collect(args.pid, list(COLUMNS), args.backend)
         print_json(to_json(snap))
