@@ -46,7 +46,6 @@ import gc
 import json
 import mmap
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,11 +54,23 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 
 import pagescan
 from pagescan._uapi import libc
 from pagescan._uapi.mman import MADV, MAP, PROT
+
+from _common import (
+    alternating_rounds,
+    fmt_size,
+    gc_paused,
+    machine,
+    median,
+    positive_int,
+    print_table,
+    size_arg,
+    timed,
+    write_json,
+)
 
 PAGE = mmap.PAGESIZE
 PMD = 2 << 20
@@ -73,35 +84,6 @@ MEMORY_SLACK = 1 << 20
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = units.get(t[-1:], 1)
-    if t[-1:] in units:
-        t = t[:-1]
-    try:
-        value = int(float(t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1G, 64T, 4096)") from None
-    if value < PAGE:
-        raise argparse.ArgumentTypeError(f"size must be at least one page ({PAGE} bytes)")
-    return value - value % PAGE
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def fmt_size(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
 
 
 def fmt_ms(ms: float | None) -> str:
@@ -158,10 +140,6 @@ def map_fixed(addr: int, length: int) -> int:
 
 def regions_of(res: pagescan.ScanResult) -> list[tuple[int, int, int]]:
     return [tuple(r) for r in res.regions.tolist()]
-
-
-def median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
 
 
 # -- the memory --------------------------------------------------------------------------
@@ -238,25 +216,6 @@ class Sparse:
 # -- timing ----------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], Any]) -> int:
-    t0 = time.perf_counter_ns()
-    fn()
-    return time.perf_counter_ns() - t0
-
-
-def rounds(contenders: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[int]]:
-    """``repeat`` rounds; each round runs every contender once, in a rotating order."""
-    names = list(contenders)
-    samples: dict[str, list[int]] = {n: [] for n in names}
-    for name in names:  # warm-up
-        contenders[name]()
-    for r in range(repeat):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
-            samples[name].append(timed(contenders[name]))
-    return samples
-
-
 def scan_fn(start: int, end: int, backend: str, rm: int) -> Callable[[], Any]:
     scan = pagescan.scan
 
@@ -293,7 +252,7 @@ def dense_round_set(d: Dense, rm: int, repeat: int, kernel_ok: bool) -> dict[str
         if kernel_ok:
             contenders["kernel"] = scan_fn(d.start, d.end, "kernel", rm)
         contenders["emulated"] = scan_fn(d.start, d.end, "emulated", rm)
-        return rounds(contenders, repeat)
+        return alternating_rounds(contenders, repeat)
     finally:
         os.close(fd)
 
@@ -303,7 +262,7 @@ def sparse_round_set(s: Sparse, rm: int, repeat: int, kernel_ok: bool) -> dict[s
     if kernel_ok:
         contenders["kernel"] = scan_fn(s.start, s.end, "kernel", rm)
     contenders["emulated"] = scan_fn(s.start, s.end, "emulated", rm)
-    return rounds(contenders, repeat)
+    return alternating_rounds(contenders, repeat)
 
 
 # -- where the emulated time goes ------------------------------------------------------------
@@ -417,7 +376,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     try:
         # Warm up on one page: lazy imports, the pagemap fd, caches. Not on the range
         # itself: a second scan could reuse memory freed by the first.
-        probe = mem.start if spec["kind"] == "dense" else mem.maps[0]
+        probe = mem.maps[0] if isinstance(mem, Sparse) else mem.start
         pagescan.scan(probe, probe + PAGE, return_mask=rm, backend=backend)
         gc.collect()
         try:
@@ -473,7 +432,7 @@ def memory_bounded(rows: list[dict[str, Any]]) -> bool | None:
     peaks = [r["tracemalloc_peak"] for r in rows if r["kind"] == "sparse" and r["backend"] == "emulated"]
     if len(peaks) < 2:
         return None
-    return max(peaks) - peaks[0] <= MEMORY_SLACK
+    return bool(max(peaks) - peaks[0] <= MEMORY_SLACK)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -486,7 +445,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {}
     dense: Dense | None = None
     sparse: Sparse | None = None
-    gc_was_enabled = gc.isenabled()
     try:
         dense = Dense(args.size, args.thp)
         sparse = Sparse(args.sparse_range, args.sparse_maps, args.sparse_map_size)
@@ -495,17 +453,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise AssertionError(f"dense: {dense_check[0]} pages reported, {args.size // PAGE} mapped")
         sparse_check = check_same(sparse.start, sparse.end, rm, "sparse", kernel_ok)
         sparse_start = sparse.start
-        gc.disable()  # nothing here makes reference cycles
-        result["dense"] = dense_round_set(dense, rm, args.repeat, kernel_ok)
-        result["sparse_with_dense"] = sparse_round_set(sparse, rm, args.repeat, kernel_ok)
-        if args.breakdown:
-            result["breakdown"] = breakdown(dense, rm, args.repeat)
-        dense.close()
-        dense = None
-        result["sparse"] = sparse_round_set(sparse, rm, args.repeat, kernel_ok)
+        with gc_paused():  # nothing here makes reference cycles
+            result["dense"] = dense_round_set(dense, rm, args.repeat, kernel_ok)
+            result["sparse_with_dense"] = sparse_round_set(sparse, rm, args.repeat, kernel_ok)
+            if args.breakdown:
+                result["breakdown"] = breakdown(dense, rm, args.repeat)
+            dense.close()
+            dense = None
+            result["sparse"] = sparse_round_set(sparse, rm, args.repeat, kernel_ok)
     finally:
-        if gc_was_enabled:
-            gc.enable()
         if dense is not None:
             dense.close()
         if sparse is not None:
@@ -526,19 +482,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "size": args.size,
             "pages": args.size // PAGE,
             "thp": "MADV_HUGEPAGE, 2 MiB aligned" if args.thp else "MADV_NOHUGEPAGE (4 KiB PTEs only)",
-            "thp_mode": caps.thp_mode,
             "repeat": args.repeat,
             "return_mask": rm,
             "sparse_range": args.sparse_range,
             "sparse_start": sparse_start,
             "sparse_maps": args.sparse_maps,
             "sparse_map_size": args.sparse_map_size,
-            "kernel": platform.release(),
-            "machine": platform.machine(),
-            "cpus": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "pagescan": pagescan.__version__,
+            **machine(),
             "kernel_backend": kernel_ok,
         },
         "dense": {
@@ -574,13 +524,6 @@ def ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def table(head: tuple[str, ...], lines: list[tuple[str, ...]], left: int = 1) -> None:
-    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
-    for row in [head, *lines]:
-        cells = [c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        print("  ".join(cells).rstrip())
-
-
 def print_report(r: dict[str, Any]) -> None:
     cfg, d = r["config"], r["dense"]
     print(f"pagescan {cfg['pagescan']} on Linux {cfg['kernel']} {cfg['machine']}, {cfg['cpus']} CPUs, "
@@ -591,7 +534,7 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"(1) dense: {fmt_size(cfg['size'])} = {cfg['pages']} pages populated, {cfg['thp']}, "
           f"THP mode {cfg['thp_mode']}; each scan {pages} pages in {regions} region(s)")
     status = "-" if d["met"] is None else ("met" if d["met"] else "NOT met")
-    table(("", "ms", "x pread", "target"), [
+    print_table(("", "ms", "x pread", "target"), [
         (f"bare os.pread of the pagemap range ({fmt_size(cfg['pages'] * 8)})", fmt_ms(d["pread_ms"]), "1.00x", ""),
         ("kernel PAGEMAP_SCAN", fmt_ms(d["kernel_ms"]), ratio(d["kernel_over_pread"]), ""),
         ("emulated", fmt_ms(d["emulated_ms"]), ratio(d["emulated_over_pread"]),
@@ -606,7 +549,7 @@ def print_report(r: dict[str, Any]) -> None:
         "sparse_with_dense": f"process also holds the populated {fmt_size(cfg['size'])} (outside the range)",
         "sparse": "after unmapping it",
     }
-    table(("", "kernel ms", "emulated ms", "emulated/kernel"), [
+    print_table(("", "kernel ms", "emulated ms", "emulated/kernel"), [
         (title, fmt_ms(r["sparse"][key]["kernel_ms"]), fmt_ms(r["sparse"][key]["emulated_ms"]),
          ratio(r["sparse"][key]["emulated_over_kernel"]))
         for key, title in titles.items()
@@ -623,8 +566,7 @@ def print_report(r: dict[str, Any]) -> None:
                     else f"dense {fmt_size(m['size'])} populated")
             lines.append((what, m["backend"], fmt_kib(m["rss_growth"]), fmt_kib(m["tracemalloc_peak"]),
                           fmt_kib(m["per_page_array_bytes"]), f"{m['ms']:.2f}"))
-        table(("range", "backend", "RSS growth", "tracemalloc", "8 B/page would be", "ms (1 run)"), lines,
-              left=2)
+        print_table(("range", "backend", "RSS growth", "tracemalloc", "8 B/page would be", "ms (1 run)"), lines, "<<>")
         if not all(m["hwm_reset"] for m in r["memory"]):
             print("note: /proc/self/clear_refs was not writable: RSS growth is only what exceeded the "
                   "process's earlier peak")
@@ -633,7 +575,7 @@ def print_report(r: dict[str, Any]) -> None:
         print()
         print(f"where the emulated dense scan's time goes (medians, exclusive ms; raw read of "
               f"/proc/self/smaps alone: {b['smaps_raw_read_ms']:.2f} ms)")
-        table(("part", "ms"), [(row["part"], f"{row['ms']:.2f}") for row in b["rows"]])
+        print_table(("part", "ms"), [(row["part"], f"{row['ms']:.2f}") for row in b["rows"]])
         if b["not_instrumented"]:
             print(f"not found, so not instrumented: {', '.join(b['not_instrumented'])}")
 
@@ -641,15 +583,15 @@ def print_report(r: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_size, default=GIB, help="dense range (default 1G)")
+    ap.add_argument("--size", type=size_arg(), default=GIB, help="dense range (default 1G)")
     ap.add_argument("--repeat", type=positive_int, default=15, help="timed rounds per measurement (default 15)")
     ap.add_argument("--thp", action="store_true",
                     help="dense range with MADV_HUGEPAGE (2 MiB aligned) instead of MADV_NOHUGEPAGE")
-    ap.add_argument("--sparse-range", type=parse_size, default=64 * TIB,
+    ap.add_argument("--sparse-range", type=size_arg(), default=64 * TIB,
                     help="sparse address range (default 64T)")
     ap.add_argument("--sparse-maps", type=positive_int, default=4,
                     help="small mappings in the sparse range (default 4)")
-    ap.add_argument("--sparse-map-size", type=parse_size, default=64 << 10,
+    ap.add_argument("--sparse-map-size", type=size_arg(), default=64 << 10,
                     help="size of each (default 64K)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--breakdown", action="store_true",
@@ -673,12 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(result)
     print(f"\ntook {result['config']['seconds']} s")
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     if args.strict and (result["dense"]["met"] is False or result["memory_bounded"] is False):
         return 1
     return 0

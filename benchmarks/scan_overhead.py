@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
-import json
 import mmap
 import os
 import platform
@@ -52,6 +50,8 @@ import pagescan
 from pagescan import PM_SCAN_WP_MATCHING, Category, RegisterMode, UffdFeature, Userfaultfd
 from pagescan._uapi import libc
 from pagescan._uapi.mman import MADV, MAP, PROT
+
+from _common import fmt_size, gc_paused, machine, positive_int, print_table, size_arg, write_json
 
 PAGE = mmap.PAGESIZE
 HERE = Path(__file__).resolve().parent
@@ -92,28 +92,6 @@ def draw_pages(rng: SplitMix64, npages: int, count: int) -> np.ndarray:
             seen.add(page)
             order.append(page)
     return np.array(order, dtype=np.int64)
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    mult = units.get(t[-1:], 1)
-    if t[-1:] in units:
-        t = t[:-1]
-    try:
-        value = int(float(t) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 1G, 256M, 4096)") from None
-    if value < PAGE:
-        raise argparse.ArgumentTypeError(f"size must be at least one page ({PAGE} bytes)")
-    return value - value % PAGE
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
 
 
 # -- the Python side -----------------------------------------------------------------
@@ -290,7 +268,6 @@ def run(args: argparse.Namespace, binary: Path | None) -> dict[str, Any]:
     sides: dict[str, Any] = {}
     samples: dict[str, dict[str, list[float]]] = {w: {"python": [], "c": []} for w in "abc"}
     counts: dict[str, dict[str, list[tuple[int, int]]]] = {w: {"python": [], "c": []} for w in "bc"}
-    gc_was_enabled = gc.isenabled()
     try:
         if binary is not None:
             sides["c"] = CSide(binary, args.size, dirty, args.seed, categories, args.clock)
@@ -304,36 +281,33 @@ def run(args: argparse.Namespace, binary: Path | None) -> dict[str, Any]:
                 side.populate(offset, min(POPULATE_CHUNK, args.size - offset))
         for side in sides.values():
             side.arm()
-        gc.disable()  # as timeit does; nothing here makes reference cycles
+        with gc_paused():  # nothing here makes reference cycles
+            # (a): warm up, then alternate batches.
+            for side in sides.values():
+                side.a(args.calls)
+            for _ in range(args.repeat):
+                for name, side in sides.items():
+                    samples["a"][name].append(side.a(args.calls) / args.calls)
 
-        # (a): warm up, then alternate batches.
-        for side in sides.values():
-            side.a(args.calls)
-        for _ in range(args.repeat):
-            for name, side in sides.items():
-                samples["a"][name].append(side.a(args.calls) / args.calls)
+            # (b): one warm-up round each, then alternate rounds (same pages on both sides).
+            for side in sides.values():
+                side.b()
+            for _ in range(args.repeat):
+                for name, side in sides.items():
+                    ns, pages, regions = side.b()
+                    samples["b"][name].append(ns / 1000)
+                    counts["b"][name].append((pages, regions))
 
-        # (b): one warm-up round each, then alternate rounds (same pages on both sides).
-        for side in sides.values():
-            side.b()
-        for _ in range(args.repeat):
-            for name, side in sides.items():
-                ns, pages, regions = side.b()
-                samples["b"][name].append(ns / 1000)
-                counts["b"][name].append((pages, regions))
-
-        # (c): leave one round of written pages in place, then alternate scans.
-        for side in sides.values():
-            side.dirty_round()
-            side.c()
-        for _ in range(args.repeat):
-            for name, side in sides.items():
-                ns, pages, regions = side.c()
-                samples["c"][name].append(ns / 1000)
-                counts["c"][name].append((pages, regions))
+            # (c): leave one round of written pages in place, then alternate scans.
+            for side in sides.values():
+                side.dirty_round()
+                side.c()
+            for _ in range(args.repeat):
+                for name, side in sides.items():
+                    ns, pages, regions = side.c()
+                    samples["c"][name].append(ns / 1000)
+                    counts["c"][name].append((pages, regions))
     finally:
-        if gc_was_enabled:
-            gc.enable()
         for side in sides.values():
             side.close()
 
@@ -378,24 +352,13 @@ def run(args: argparse.Namespace, binary: Path | None) -> dict[str, Any]:
             "clock": args.clock,
             "return_mask": categories,
             "thp": "MADV_NOHUGEPAGE on the range (4 KiB PTEs only)",
-            "thp_mode": pagescan.capabilities().thp_mode,
-            "kernel": platform.release(),
-            "machine": platform.machine(),
+            **machine(),
             "cpus": os.cpu_count(),
             "pinned_cpu": args.pinned,
-            "python": platform.python_version(),
-            "pagescan": pagescan.__version__,
             "compiler": args.compiler_used,
         },
         "rows": rows,
     }
-
-
-def fmt_size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift} {unit}"
-    return f"{n} B"
 
 
 def fmt_num(x: float | None) -> str:
@@ -404,7 +367,7 @@ def fmt_num(x: float | None) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
 
 
-def print_table(result: dict[str, Any]) -> None:
+def print_report(result: dict[str, Any]) -> None:
     cfg = result["config"]
     pinned = "unpinned" if cfg["pinned_cpu"] is None else f"both sides on CPU {cfg['pinned_cpu']}"
     print(f"pagescan {cfg['pagescan']} on Linux {cfg['kernel']} {cfg['machine']}, {cfg['cpus']} CPUs ({pinned}), "
@@ -422,12 +385,7 @@ def print_table(result: dict[str, Any]) -> None:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
         lines.append((f"({r['workload']}) {r['title']}", r["unit"], fmt_num(r["python"]), fmt_num(r["c"]),
                       ratio, f"<= {r['target']:.2f}x", status))
-    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
-    for row in [head, *lines]:
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [cell.rjust(w) for cell, w in zip(row[2:6], widths[2:6])]
-        cells.append(row[6])
-        print("  ".join(cells))
+    print_table(head, lines, "<<>>>><")
     for r in result["rows"]:
         if r["pages_regions"]:
             pages, regions = r["pages_regions"]
@@ -447,7 +405,7 @@ def build(compiler: list[str], out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_size, default=1 << 30,
+    ap.add_argument("--size", type=size_arg(), default=1 << 30,
                     help="range for (b) and (c), e.g. 1G, 256M (default 1G)")
     ap.add_argument("--repeat", type=positive_int, default=21,
                     help="batches for (a), rounds for (b) and (c), per side (default 21)")
@@ -509,14 +467,9 @@ def main(argv: list[str] | None = None) -> int:
         if temp_dir is not None:
             shutil.rmtree(temp_dir, ignore_errors=True)
 
-    print_table(result)
+    print_report(result)
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, args.json)
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     if args.strict and any(r["met"] is False for r in result["rows"]):
         return 1
     return 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import mmap
 import os
 import statistics
@@ -43,6 +42,8 @@ from typing import Any
 import numpy as np
 
 from pagescan.snapshot import Checkpointer, lazy_restore, restore
+
+from _common import write_json
 
 P = mmap.PAGESIZE
 MiB = 1 << 20
@@ -265,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfile after two generations: {med['file_bytes'] / MiB:.1f} MiB")
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "samples": samples, "medians": med, "results": results}, f, indent=2)
+        write_json(args.json, {"args": vars(args), "samples": samples, "medians": med, "results": results})
     if args.strict and not all(results["targets_met"].values()):  # type: ignore[union-attr]
         return 1
     return 0

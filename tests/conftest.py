@@ -25,6 +25,13 @@ from .procs import children_of
 RELEASE = os.uname().release
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """Options of the fuzz suite (tests/fuzz): see its package docstring."""
+    parser.addoption("--fuzz-long", action="store_true", help="run the long fuzz profile (>= 100,000 calls)")
+    parser.addoption("--fuzz-known-defects", choices=("fail", "xfail"), default=None,
+                     help="fuzz findings that are all known defects (tests/fuzz KNOWN_DEFECTS): fail (default) or xfail")
+
+
 def _caps() -> pagescan.Capabilities:
     return pagescan.capabilities()
 
@@ -177,12 +184,16 @@ def zram_swap() -> Iterator[str]:
 
 
 def _zram_swap_locked(dev: str, sysdir: str) -> Iterator[str]:
-    if _read(f"{sysdir}/disksize") != "0":
+    size = _read(f"{sysdir}/disksize")
+    if size != "0":
+        # We hold the lock every test run takes, so a configured zram0 of the size this
+        # fixture makes was left behind by a run that was killed: take it back. Any
+        # other size is somebody's real swap device: leave it alone.
+        if size != str(256 << 20):
+            pytest.fail(f"/dev/zram0 is in use ({size} bytes); refusing to take it over")
         with open("/proc/swaps") as f:
             if dev in f.read():
-                pytest.fail("/dev/zram0 is in use as swap; refusing to take it over")
-        # Configured but not swapping, and we hold the lock every test run takes: left
-        # behind by a run that was killed. Reset it.
+                subprocess.run(["swapoff", dev], check=True, capture_output=True)
         _write(f"{sysdir}/reset", "1")
     _write(f"{sysdir}/disksize", str(256 << 20))
     try:

@@ -161,17 +161,9 @@ def thp(n_huge: int = 1) -> Mapping:
 
 def smaps_field(m: Mapping, field: str) -> int:
     """Sum of ``field`` (in kB) over the smaps entries that overlap ``m``."""
-    total = 0
-    inside = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and not head.endswith(":"):
-                lo, hi = (int(x, 16) for x in head.split("-"))
-                inside = lo < m.end and hi > m.addr
-            elif inside and line.startswith(field + ":"):
-                total += int(line.split()[1])
-    return total
+    from .oracle import smaps_sum
+
+    return smaps_sum(field, m.addr, m.end) // 1024
 
 
 def vmflags(addr: int) -> list[str]:

@@ -1,6 +1,6 @@
 """Every PAGE_IS_* category, shown on real memory and cross-checked against the raw
 ``/proc/self/pagemap`` bits (and ``/proc/kpageflags``, smaps) wherever those carry the
-information. Kernel facts: ``shared/spec/kernel.md`` 1.3 and 2.2; selftests.md Part 5.
+information. Kernel facts: ``docs/kernel-facts.md`` 1.3 and 2.2; selftest catalogue part 5.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def test_swapped_uffd_wp_markers(uffd_wp: Userfaultfd) -> None:
 
 def test_swapped_hugetlb_marker_differs_from_pagemap(hugetlb_2m: int, uffd_wp: Userfaultfd) -> None:
     """An armed empty hugetlb page reads SWAPPED|HUGE|WPALLOWED to PAGEMAP_SCAN, but
-    pagemap never sets bit 62 for hugetlb (only 57): kernel.md 2.2. Pinned here because
+    pagemap never sets bit 62 for hugetlb (only 57): docs/kernel-facts.md Pinned here because
     it is the one place the two interfaces disagree about SWAPPED."""
     with hugetlb_anon(1) as m:
         arm(uffd_wp, m)

@@ -55,11 +55,12 @@ import pagescan
 from pagescan import MADV, PAGE_REGION_DTYPE, Category, RegisterMode, Userfaultfd, scan
 from pagescan import _backend_emulated as emu
 from pagescan._target import self_target
-from pagescan._uapi import libc, pagemap
+from pagescan._uapi import libc
 from pagescan._uapi import userfaultfd as U
 from pagescan._uapi.mman import MAP, MAP_HUGE_SHIFT, PROT
 from pagescan._procfs import task_size
 
+from . import oracle
 from .conftest import WP_FEATURES, arm, page_out, requires_pagemap_scan, requires_thp, requires_wp_async
 from .memory import P, Mapping, anon, child_process, pagemap_entries, thp_size
 
@@ -75,7 +76,7 @@ HT = 2 << 20  # hugetlb page size used here (the x86-64 default)
 CAPS = pagescan.capabilities()
 HAVE_GUARD = bool(CAPS.guard_regions and CAPS.categories & Category.GUARD)
 TASK_SIZE = task_size()
-#: Above this many regions the raw ioctl's walk_end may be stale (kernel.md 1.7).
+#: Above this many regions the raw ioctl's walk_end may be stale (docs/kernel-facts.md).
 STALE_AFTER = 512
 
 
@@ -525,7 +526,7 @@ def _pmd_mapped(m: Mapping) -> bool:
 
 
 def _huge_zero(m: Mapping) -> bool:
-    """The huge zero PMD: present with PM_FILE in an anonymous VMA (kernel.md 2.2)."""
+    """The huge zero PMD: present with PM_FILE in an anonymous VMA (docs/kernel-facts.md)."""
     return all(e >> 63 & 1 and e >> 61 & 1 for e in pagemap_entries(m.addr, m.npages))
 
 
@@ -558,15 +559,15 @@ def via_ioctl(start: int, end: int, a: dict[str, int], target: Any = None) -> Ou
     vec_len = a["vec_len"]
     cap = max(0, (end - start + P - 1) // P) + 1 if end >= start else 1
     vec = np.zeros(max(1, min(vec_len, cap)), PAGE_REGION_DTYPE)
-    arg = pagemap.pm_scan_arg(
-        96, a["flags"], start, end, 0, int(vec.ctypes.data) if vec_len else 0, vec_len, a["max_pages"],
-        a["category_inverted"], a["category_mask"], a["category_anyof_mask"], a["return_mask"],
+    r = oracle.raw_scan(
+        start, end, fd=(target or self_target()).fd, flags=a["flags"], vec=int(vec.ctypes.data) if vec_len else 0,
+        vec_len=vec_len, max_pages=a["max_pages"], category_inverted=a["category_inverted"],
+        category_mask=a["category_mask"], category_anyof_mask=a["category_anyof_mask"],
+        return_mask=a["return_mask"],
     )
-    try:
-        n = libc.ioctl((target or self_target()).fd, pagemap.PAGEMAP_SCAN, arg)
-    except OSError as exc:
-        return ("err", exc.errno, str(exc))
-    return ("ok", vec[:n].tolist(), arg.walk_end)
+    if r.err:
+        return ("err", r.err, os.strerror(r.err))
+    return ("ok", vec[: r.ret].tolist(), r.walk_end)
 
 
 def rounded(end: int) -> int:
@@ -931,7 +932,7 @@ def test_pagemap_oracle_on_layouts(seed: int, tmp_path: Path, uffd_wp: Userfault
     """For every page of a layout (one full scan) and for single-page scans of a sample:
     SOFT_DIRTY <-> bit 55, SWAPPED <-> bit 62, PRESENT|SWAPPED <-> bits 63|62 -- except that
     a hugetlb uffd-wp marker is SWAPPED while pagemap never sets bit 62 for hugetlb
-    (kernel.md 2.2): there SWAPPED <-> bit 57 of a non-present entry."""
+    (docs/kernel-facts.md): there SWAPPED <-> bit 57 of a non-present entry."""
     with layout(seed, tmp_path, uffd_wp, hugetlb_budget) as lay:
         for _ in range(3):  # on memory that stayed the same during the scans
             before = pagemap_entries(lay.base, lay.length // P)
@@ -1027,8 +1028,7 @@ def test_divergence_fully_zapped_block_absent_in_uffd_wp_vma(uffd_wp: Userfaultf
 
 
 def _raw_register_wp(fd: int, start: int, length: int) -> None:
-    arg = U.uffdio_register(U.uffdio_range(start, length), int(RegisterMode.WP), 0)
-    libc.ioctl(fd, U.UFFDIO_REGISTER, arg)
+    oracle.raw_register(fd, start, length, int(RegisterMode.WP))
 
 
 def test_refusal_wpallowed_for_foreign_uffd_registration() -> None:

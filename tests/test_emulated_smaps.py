@@ -24,10 +24,10 @@ from pagescan import MADV, Category, RegisterMode, Userfaultfd, scan
 from pagescan import _backend_emulated as emu
 from pagescan import _registry
 from pagescan import _procfs
-from pagescan._uapi import libc
 from pagescan._uapi import userfaultfd as U
 from pagescan._uapi.mman import MAP, PROT
 
+from . import oracle
 from .conftest import WP_FEATURES, arm, requires_pagemap_scan, requires_wp_async
 from .memory import P, Mapping, anon, file_mapping
 
@@ -69,8 +69,7 @@ def smaps_reads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
 
 @contextlib.contextmanager
 def kernel_without_wp_async(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(emu._wp_async_kernel, "done", True)
-    monkeypatch.setattr(emu._wp_async_kernel, "value", False)
+    monkeypatch.setattr(emu, "_kernel_has_wp_async", lambda: False)
     yield
 
 
@@ -231,7 +230,7 @@ def test_layout_changed_between_maps_and_smaps_starts_over_from_smaps(monkeypatc
 
 
 def _raw_register(fd: int, start: int, length: int, mode: int) -> None:
-    libc.ioctl(fd, U.UFFDIO_REGISTER, U.uffdio_register(U.uffdio_range(start, length), mode, 0))
+    oracle.raw_register(fd, start, length, mode)
 
 
 def test_registry_records_async_and_sync_registrations() -> None:
@@ -313,19 +312,7 @@ def test_registry_replaces_what_a_registration_covers() -> None:
 
 
 def _plain_smaps() -> list[tuple[int, int, frozenset[str], dict[str, int]]]:
-    out: list[tuple[int, int, frozenset[str], dict[str, int]]] = []
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head, _, rest = line.partition(":")
-            if " " not in head and head[:1].isupper():
-                if head == "VmFlags":
-                    out[-1] = (*out[-1][:2], frozenset(rest.split()), out[-1][3])
-                elif rest.split()[-1:] == ["kB"]:
-                    out[-1][3][head] = int(rest.split()[0]) * 1024
-            else:
-                lo, _, hi = line.split()[0].partition("-")
-                out.append((int(lo, 16), int(hi, 16), frozenset(), {}))
-    return out
+    return [(r.start, r.end, r.vmflags, r.fields) for r in oracle.smaps()]
 
 
 def test_smaps_reader_matches_a_plain_parse() -> None:

@@ -34,6 +34,7 @@ import pagescan
 from pagescan import MADV, Category, RegisterMode, Userfaultfd, scan
 from pagescan import _backend_emulated as emu
 
+from . import oracle
 from .conftest import WP_FEATURES, requires_pagemap_scan, requires_thp, requires_wp_async
 from .memory import P, Mapping, anon, pagemap_entries
 from .test_emulated_differential import ALL9, Builder, H, HP, random_args, rounded
@@ -83,18 +84,9 @@ def privilege_facts(addr: int) -> dict[str, Any]:
 
 def smaps_vmas(lo: int, hi: int) -> list[tuple[int, int, bool, int]]:
     """(start, end, registered uffd-WP, PMD-mapped bytes) of the VMAs in [lo, hi)."""
-    out: list[list[Any]] = []
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split(" ", 1)[0]
-            if "-" in head and not head.endswith(":"):
-                s, e = (int(x, 16) for x in head.split("-"))
-                out.append([s, e, False, 0, s < hi and e > lo])
-            elif line.startswith(("AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:")):
-                out[-1][3] += int(line.split()[1]) * 1024
-            elif line.startswith("VmFlags:"):
-                out[-1][2] = "uw" in line.split()[1:]
-    return [(s, e, uw, pmd) for s, e, uw, pmd, inside in out if inside]
+    pmd_fields = ("AnonHugePages", "ShmemPmdMapped", "FilePmdMapped")
+    return [(r.start, r.end, "uw" in r.vmflags, sum(r.fields.get(f, 0) for f in pmd_fields))
+            for r in oracle.smaps() if r.start < hi and r.end > lo]
 
 
 def child_body(seed: int, tmp_path: Path, budget: int, shared_cow: Mapping, n_cases: int) -> dict[str, Any]:

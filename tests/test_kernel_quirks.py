@@ -1,4 +1,4 @@
-"""The fifteen extra kernel cases X-01..X-15 (``shared/spec/selftests.md`` Part 5).
+"""The fifteen extra kernel cases X-01..X-15 (the kernel selftest catalogue (``tools/testing/selftests/mm/pagemap_ioctl.c`` and ``uffd-unit-tests.c``) Part 5).
 
 Each test rebuilds the case's setup on real memory and asserts the observed values
 given in the spec, through ``scan()`` on the kernel backend. Where the public API cannot
@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 
 import pagescan
-from pagescan import PAGE_REGION_DTYPE, Category, RegisterMode, Userfaultfd, scan, scan_iter
-from pagescan._uapi import libc, pagemap
+from pagescan import Category, RegisterMode, Userfaultfd, scan, scan_iter
+from pagescan._uapi import libc
 from pagescan._uapi.mman import MADV, MAP, PROT
 
+from . import oracle
 from .conftest import arm, requires_guard, requires_pagemap_scan, requires_thp, requires_wp_async
 from .memory import P, Mapping, anon, child_process, file_mapping, hugetlb_anon, is_thp, shared_anon, thp
 from .procs import run_in_child
@@ -77,24 +78,11 @@ def raw_scan(
     ret: int = 0,
     walk_end: int = 0,
 ) -> Raw:
-    """The ioctl itself, on our own pagemap unless ``fd`` is given."""
-    vec = None
-    if vec_addr is None:
-        vec = np.zeros(max(vec_len, 1), PAGE_REGION_DTYPE)
-        vec_addr = int(vec.ctypes.data) if vec_len else 0
-    arg = pagemap.pm_scan_arg(96, flags, start, end, walk_end, vec_addr, vec_len, max_pages, inv, req, anyof, ret)
-    own = fd is None
-    if own:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            n, err = libc.ioctl(fd, pagemap.PAGEMAP_SCAN, arg), 0
-        except OSError as exc:
-            n, err = -1, exc.errno
-    finally:
-        if own:
-            os.close(fd)
-    return Raw(n, err, arg.walk_end, None if vec is None or n < 0 else vec[:n])
+    """The ioctl itself (:func:`tests.oracle.raw_scan`), on our own pagemap unless ``fd`` is given."""
+    r = oracle.raw_scan(start, end, fd=fd, flags=flags, vec=vec_addr, vec_len=vec_len, max_pages=max_pages,
+                        category_inverted=inv, category_mask=req, category_anyof_mask=anyof, return_mask=ret,
+                        walk_end=walk_end)
+    return Raw(r.ret, r.err, r.walk_end, r.regions)
 
 
 def vma_starts() -> set[int]:
@@ -587,7 +575,7 @@ def _pagemap(m: Mapping) -> list[int]:
 
 
 def test_scan_generation_probe_matches_the_kernel(uffd_wp: pagescan.Userfaultfd) -> None:
-    """capabilities().scan_generation (kernel.md 1.8) agrees with the behaviour itself:
+    """capabilities().scan_generation (docs/kernel-facts.md) agrees with the behaviour itself:
     armed-then-written-then-zapped pages read WRITTEN on the generic path (PM-UP-01)
     exactly when the probe says the 2026 fix is in; this kernel (6.18.44) has all three."""
     gen = pagescan.capabilities().scan_generation

@@ -244,7 +244,7 @@ def test_shared_memory_is_einval(kind: str) -> None:
 def test_bad_arguments() -> None:
     with anon(4) as src, anon(4) as dst:
         src.write(0, 4)
-        for args in (("0", src.addr, P), (dst.addr, 1.0, P), (dst.addr, src.addr, True)):
+        for args in (("0", src.addr, P), (dst.addr, 1.0, P), (dst.addr, src.addr, True), (dst.addr, src.addr, None)):
             with pytest.raises(TypeError):
                 move_pages(*args)
         with pytest.raises(ValueError):

@@ -22,10 +22,11 @@ import pytest
 
 import pagescan
 from pagescan import Category, Target, UffdFeature, scan, scan_iter
-from pagescan._uapi import libc, pagemap
+from pagescan._uapi import libc
 from pagescan._uapi import userfaultfd as U
 from pagescan._uapi.mman import MADV
 
+from . import oracle
 from .conftest import hugetlb_pool, requires_pagemap_scan
 from .memory import P, anon, child_process
 
@@ -38,6 +39,7 @@ _IMPORT_STATE = """
 import json, os, sys
 import pagescan
 caps_mod = sys.modules["pagescan.capabilities"]
+probes = sys.modules["pagescan._probe"]
 fds = []
 for fd in os.listdir("/proc/self/fd"):
     try:
@@ -47,13 +49,14 @@ for fd in os.listdir("/proc/self/fd"):
 state = {
     "fds": fds,
     "self_target": pagescan._target._self is not None,
-    "probe_cache": caps_mod._probe.cache_info().currsize,
+    "probe_cache": caps_mod._base_report.cache_info().currsize + probes.pagemap_scan.cache_info().currsize
+    + probes.uffd_api.cache_info().currsize,
     "libc_loaded": pagescan._uapi.libc.libc.cache_info().currsize,
 }
 if len(sys.argv) > 1:
     pagescan.scan(0, 0)
     pagescan.capabilities()
-    state["after"] = [pagescan._target._self is not None, caps_mod._probe.cache_info().currsize]
+    state["after"] = [pagescan._target._self is not None, caps_mod._base_report.cache_info().currsize]
 print(json.dumps(state))
 """
 
@@ -308,12 +311,7 @@ def test_capabilities_track_the_hugetlb_pool() -> None:
 
 
 def _raw_scan_errno(fd: int, addr: int, flags: int = 0, ret: int = 0) -> int:
-    arg = pagemap.pm_scan_arg(96, flags, addr, addr, 0, 0, 0, 0, 0, 0, 0, ret)
-    try:
-        libc.ioctl(fd, pagemap.PAGEMAP_SCAN, arg)
-        return 0
-    except OSError as exc:
-        return exc.errno
+    return oracle.raw_errno(addr, addr, fd=fd, flags=flags, return_mask=ret, vec_len=0)
 
 
 def test_capabilities_against_raw_probes() -> None:

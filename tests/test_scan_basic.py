@@ -26,7 +26,7 @@ def test_written_and_untouched_pages() -> None:
         got = [(r.start, r.end, r.categories) for r in res]
         assert got == [
             (m[0], m[1], Category.PRESENT | Category.WRITTEN),
-            (m[1], m[2], Category.WRITTEN),  # pte_none in an allocated table: WRITTEN (kernel.md 1.8)
+            (m[1], m[2], Category.WRITTEN),  # pte_none in an allocated table: WRITTEN (docs/kernel-facts.md)
             (m[2], m[10], Category.PRESENT | Category.WRITTEN),
         ]
         present = [bool(e >> 63) for e in pagemap_entries(m.addr, 10)]

@@ -1,4 +1,4 @@
-"""Errors of ``scan()``: every errno of kernel.md 1.6 and X-11, and bad Python input.
+"""Errors of ``scan()``: every errno of docs/kernel-facts.md and X-11, and bad Python input.
 
 For input the public API can express, pagescan's errno is compared with the raw
 ioctl's errno for the same fields. Input it cannot express (``size != 96``, a NULL or
@@ -27,6 +27,7 @@ from pagescan import PAGE_REGION_DTYPE, Category, KernelFeatureError, Target, sc
 from pagescan._uapi import libc, pagemap
 from pagescan._uapi.mman import PROT
 
+from . import oracle
 from .conftest import arm, requires_pagemap_scan, requires_wp_async
 from .memory import P, Mapping, anon, child_process
 
@@ -62,40 +63,9 @@ def m() -> Iterator[Mapping]:
 # -- the raw ioctl ----------------------------------------------------------------
 
 
-def raw_errno(
-    start: int,
-    end: int,
-    *,
-    size: int = 96,
-    flags: int = 0,
-    vec: int | None = None,
-    vec_len: int = 8,
-    max_pages: int = 0,
-    category_inverted: int = 0,
-    category_mask: int = 0,
-    category_anyof_mask: int = 0,
-    return_mask: int = 0,
-    fd: int | None = None,
-) -> int:
+def raw_errno(start: int, end: int, **kw: Any) -> int:
     """errno of one PAGEMAP_SCAN ioctl with these fields (0 on success)."""
-    buf = np.zeros(max(vec_len, 1) if vec_len < 1 << 20 else 1, PAGE_REGION_DTYPE)
-    if vec is None:
-        vec = int(buf.ctypes.data) if vec_len else 0
-    arg = pagemap.pm_scan_arg(
-        size, flags, start, end, 0, vec, vec_len, max_pages,
-        category_inverted, category_mask, category_anyof_mask, return_mask,
-    )
-    own = fd is None
-    if own:
-        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        libc.ioctl(fd, pagemap.PAGEMAP_SCAN, arg)
-        return 0
-    except OSError as exc:
-        return exc.errno
-    finally:
-        if own:
-            os.close(fd)
+    return oracle.raw_errno(start, end, **kw)
 
 
 def scan_errno(start: int, end: int, **kw: Any) -> tuple[int, type]:
@@ -106,7 +76,7 @@ def scan_errno(start: int, end: int, **kw: Any) -> tuple[int, type]:
     return 0, type(None)
 
 
-# -- kernel.md 1.6 / X-11 through scan() and the raw ioctl ------------------------------
+# -- docs/kernel-facts.md through scan() and the raw ioctl ------------------------------
 
 # (id, (m -> (start, end)), scan keywords, errno)
 CASES: list[tuple[str, Callable[[Mapping], tuple[int, int]], dict[str, int], int]] = [
@@ -211,7 +181,7 @@ def test_argument_struct_unreadable(m: Mapping) -> None:
 
 
 def test_validation_order(m: Mapping) -> None:
-    """kernel.md 1.6 checks in order: the first failing check decides the errno."""
+    """docs/kernel-facts.md checks in order: the first failing check decides the errno."""
     assert raw_errno(m.addr, m.end, size=88, vec=(1 << 64) - 1) == errno.EINVAL  # size before vec
     assert raw_errno(m[4], m[2], flags=4) == errno.EINVAL  # flags before range
     assert raw_errno(m[4], m[2], return_mask=1 << 9) == errno.EINVAL  # categories before range
@@ -471,7 +441,16 @@ def test_out_is_validated(m: Mapping) -> None:
     with pytest.raises(ValueError):
         scan(m.addr, m.end, out=ro, **kw)
     with pytest.raises(ValueError):
-        scan(m.addr, m.end, out=np.zeros(8, PAGE_REGION_DTYPE), vec_len=4, **kw)
+        scan(m.addr, m.end, out=np.zeros(4, PAGE_REGION_DTYPE), vec_len=8, **kw)  # vec_len beyond out
+    for shape in ((4, 0), (2, 3), (0, 4)):  # 2-D: the kernel would write len(out) regions
+        with pytest.raises(ValueError, match="1-D"):
+            scan(m.addr, m.end, out=np.zeros(shape, PAGE_REGION_DTYPE), **kw)
+    with pytest.raises(TypeError, match="numpy array"):
+        scan(m.addr, m.end, out=[], **kw)  # type: ignore[arg-type]
+    # vec_len below len(out) bounds the call, as the kernel's vec_len does.
+    small = scan(m.addr, m.end, out=np.zeros(8, PAGE_REGION_DTYPE), vec_len=1, category_anyof_mask=C.PRESENT,
+                 return_mask=C.PRESENT | C.WRITTEN)
+    assert len(small) <= 1
     assert ro.tobytes() == bytes(ro.nbytes)  # the kernel never wrote into it
 
 

@@ -1,6 +1,6 @@
 """Port of the kernel selftest ``pagemap_ioctl.c``, Groups 1-6, on anonymous memory.
 
-Test names carry the catalog IDs of ``shared/spec/selftests.md`` Part 1 (PM-SD-01..35,
+Test names carry the catalog IDs of the kernel selftest catalogue (``tools/testing/selftests/mm/pagemap_ioctl.c`` and ``uffd-unit-tests.c``) Part 1 (PM-SD-01..35,
 PM-ST-01..11, PM-SIM-01). Where the C test only checks "no error", or relies on a stale
 buffer, these tests assert the real values the catalog gives (Part 4).
 

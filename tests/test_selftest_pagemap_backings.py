@@ -1,4 +1,4 @@
-"""Port of the kernel's pagemap_ioctl selftest, groups 7-14 (``shared/spec/selftests.md``).
+"""Port of the kernel's pagemap_ioctl selftest, groups 7-14 (the kernel selftest catalogue (``tools/testing/selftests/mm/pagemap_ioctl.c`` and ``uffd-unit-tests.c``)).
 
 Each test is named after its catalog ID. Where the C test accepts a range or only checks
 "no error", the exact value this kernel gives is asserted instead (catalog Part 4):

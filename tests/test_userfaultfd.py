@@ -1,7 +1,7 @@
 """pagescan.Userfaultfd against the real kernel.
 
-Sources: ``shared/spec/selftests.md`` Part 2 (UF-API, register-ioctls, UF-MOVE) and
-Part 5 X-14; ``shared/spec/kernel.md`` section 4 (every errno).
+Sources: the kernel selftest catalogue (``tools/testing/selftests/mm/pagemap_ioctl.c`` and ``uffd-unit-tests.c``) Part 2 (UF-API, register-ioctls, UF-MOVE) and
+Part 5 X-14; ``docs/kernel-facts.md`` section 4 (every errno).
 
 Rules kept here:
 
@@ -296,7 +296,7 @@ def _handshake_selftest(fd: int) -> None:
     bad = U.uffdio_api(0xAB, 0, 0)
     with expect_errno(errno.EINVAL):
         libc.ioctl(fd, U.UFFDIO_API, bad)
-    assert (bad.api, bad.features, bad.ioctls) == (0, 0, 0)  # kernel.md 4.2 rule 7: zeroed on failure
+    assert (bad.api, bad.features, bad.ioctls) == (0, 0, 0)  # docs/kernel-facts.md rule 7: zeroed on failure
     with expect_errno(errno.EINVAL):
         raw_api(fd, features=1 << 63)
     # Before a successful handshake every other ioctl and read() fail with EINVAL.
@@ -504,7 +504,7 @@ _REG_FEATURES = (
 
 
 def _expected_register_ioctls(mode: int, hugetlb: bool) -> int:
-    """kernel.md 4.5: full set 0x1FC (hugetlb 0x1CC), minus WRITEPROTECT without WP, minus CONTINUE without MINOR."""
+    """docs/kernel-facts.md: full set 0x1FC (hugetlb 0x1CC), minus WRITEPROTECT without WP, minus CONTINUE without MINOR."""
     mask = 0x1CC if hugetlb else 0x1FC
     if not mode & WP:
         mask &= ~int(UffdIoctl.WRITEPROTECT)
@@ -1341,7 +1341,7 @@ def test_move_einval_cases(move_uffd: Userfaultfd, tmp_path: Any) -> None:
                     libc.ioctl(uf.fileno(), U.UFFDIO_MOVE, arg)
                 assert arg.move == -errno.EINVAL, name
             assert all(e & PM_PRESENT for e in pagemap_entries(two_vmas.addr, 3))
-        # Validation failures leave the field untouched (kernel.md 4.8 / X-14).
+        # Validation failures leave the field untouched (docs/kernel-facts.md).
         for name, (d, s, n, mode) in {
             "unaligned src": (dst[0], src[0] + 8, P, 0),
             "unaligned dst": (dst[0] + 8, src[0], P, 0),

@@ -4,7 +4,7 @@ Every decision listed in ``pagescan.writewatch``'s docstring is checked here aga
 what the kernel actually does: memory types, THP, hugetlb granularity, guard pages,
 MADV_DONTNEED, fork, mremap/munmap, overlap, close, ``max_pages`` with reset, bad
 input; then the "no lost writes" properties: a shadow-copy stress test and the kernel
-selftest's "transact" case (``shared/spec/selftests.md`` Group 11, PM-TR-01..03).
+selftest's "transact" case (the kernel selftest catalogue (``tools/testing/selftests/mm/pagemap_ioctl.c`` and ``uffd-unit-tests.c``) Group 11, PM-TR-01..03).
 
 Independent oracles: ``/proc/self/smaps`` (``VmFlags``: ``uw`` = registered for uffd-wp,
 ``nh`` = MADV_NOHUGEPAGE; ``AnonHugePages``) and raw ``pagescan.scan`` categories.
@@ -686,7 +686,7 @@ def test_stress_shadow_copy_reproduces_memory() -> None:
 
 
 def test_transact_pm_tr(record_property: Callable[[str, object], None]) -> None:
-    """selftests.md Group 11 through WriteWatch: concurrent get-and-reset loses nothing."""
+    """the selftest catalogue, group 11 through WriteWatch: concurrent get-and-reset loses nothing."""
     nthreads, per_thread, hot, iterations = 6, 32, 8, 1000
     npages = nthreads * per_thread
     with anon(npages) as m, WriteWatch(m.addr, m.length) as w:

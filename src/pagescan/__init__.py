@@ -8,7 +8,7 @@ MOVE and fault events).
 
 from __future__ import annotations
 
-from ._errors import KernelFeatureError, PartialProgressError
+from ._errors import InvalidArgumentError, KernelFeatureError, PartialProgressError
 from ._target import Target
 from ._uapi.mman import MADV
 from ._uapi.pagemap import (
@@ -19,8 +19,9 @@ from ._uapi.pagemap import (
     ScanFlag,
 )
 from ._uapi.userfaultfd import PagefaultFlag, RegisterMode, UffdEventType, UffdFeature, UffdIoctl
+from .arrays import empty, empty_like, zeros, zeros_like
 from .capabilities import Capabilities, capabilities
-from ._scan import PageRegion, ScanResult, buffer_range, masks, scan, scan_iter
+from ._scan import PageRegion, Scanner, ScanResult, buffer_range, masks, scan, scan_iter
 from .handler import FaultHandler, FileSource
 from .move import MoveResult, move_pages
 from .userfaultfd import (
@@ -47,6 +48,7 @@ __all__ = [
     "FaultHandler",
     "FileSource",
     "ForkEvent",
+    "InvalidArgumentError",
     "KernelFeatureError",
     "MoveResult",
     "PageRegion",
@@ -58,6 +60,7 @@ __all__ = [
     "RemoveEvent",
     "ScanFlag",
     "ScanResult",
+    "Scanner",
     "Target",
     "UffdEventType",
     "UffdFeature",
@@ -68,16 +71,20 @@ __all__ = [
     "WriteWatch",
     "buffer_range",
     "capabilities",
+    "empty",
+    "empty_like",
     "masks",
     "move_pages",
     "parse_uffd_msgs",
     "regions_to_pages",
     "scan",
     "scan_iter",
+    "zeros",
+    "zeros_like",
 ]
 
 for _name in ("MADV", "Category", "ScanFlag", "PageRegion", "ScanResult", "Capabilities", "UffdFeature",
               "UffdIoctl", "RegisterMode", "PagefaultFlag", "UffdEventType", "PagefaultEvent",
-              "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent", "MoveResult", "WriteWatch", "FaultHandler", "FileSource"):
+              "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent", "MoveResult", "WriteWatch", "FaultHandler", "FileSource", "Scanner"):
     globals()[_name].__module__ = "pagescan"
 del _name

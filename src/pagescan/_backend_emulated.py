@@ -12,7 +12,7 @@ pagemap bits (55-63) in a 512-entry table per kind of VMA; only the entries the 
 flags are looked at again (empty slots, for the page-table rule under WRITTEN; present
 shared pages of anonymous VMAs, for PFNZERO).
 
-How each category is derived, and where it cannot be known (``kernel.md`` 2.3). Checked
+How each category is derived, and where it cannot be known (``docs/kernel-facts.md``, emulation). Checked
 against the kernel on random layouts of every mapping kind by
 ``tests/test_emulated_differential.py`` and, unprivileged, by
 ``tests/test_emulated_unprivileged.py``:
@@ -109,13 +109,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import _engine
+from . import _engine, _probe
 from ._procfs import SCAN_FIELDS, SmapsStream, Vma, maps_in_range, read_maps_text, task_size
 from ._procfs import read_smaps as _read_all_smaps
 from ._registry import wp_async_registry
 from ._uapi import libc
 from ._uapi.mman import MAP, PROT
-from ._uapi.pagemap import KPF, PM, Category, ScanFlag
+from ._uapi.pagemap import KPF, PM, Category, ScanFlag, pm_scan_arg
 from ._uapi.userfaultfd import UffdFeature
 
 if TYPE_CHECKING:
@@ -172,16 +172,13 @@ class _ZeroPfn:
     def get(self) -> int:
         with self.lock:
             if self.value is None:
-                page = libc.mmap(0, P, PROT.READ, MAP.PRIVATE | MAP.ANONYMOUS)
-                try:
-                    libc.vm_read(os.getpid(), page, bytearray(1))  # read fault: maps the zero page
+                with libc.RawMapping(P, PROT.READ, MAP.PRIVATE | MAP.ANONYMOUS) as page:
+                    libc.vm_read(os.getpid(), page.addr, bytearray(1))  # read fault: maps the zero page
                     fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
                     try:
-                        e = int.from_bytes(os.pread(fd, 8, page // P * 8), "little")
+                        e = int.from_bytes(os.pread(fd, 8, page.addr // P * 8), "little")
                     finally:
                         os.close(fd)
-                finally:
-                    libc.munmap(page, P)
                 self.value = e & int(PM.PFN_MASK) if e >> 63 else 0
             return self.value
 
@@ -189,39 +186,32 @@ class _ZeroPfn:
 _zero_pfn = _ZeroPfn()
 
 
-class _WpAsyncKernel:
+def _kernel_has_wp_async() -> bool | None:
     """Whether this kernel's userfaultfd has ``UFFD_FEATURE_WP_ASYNC`` (6.7): ``False``
     only when a ``UFFDIO_API`` handshake said it has not; ``None`` if no userfaultfd
     could be made to ask (then nothing is concluded from it)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.done = False
-        self.value: bool | None = None
-
-    def get(self) -> bool | None:
-        with self.lock:
-            if not self.done:
-                from .userfaultfd import Userfaultfd
-
-                for user_mode_only in (False, True):
-                    try:
-                        with Userfaultfd(0, user_mode_only=user_mode_only) as uf:
-                            self.value = bool(uf.supported_features & UffdFeature.WP_ASYNC)
-                        break
-                    except OSError:
-                        continue
-                self.done = True
-            return self.value
-
-
-_wp_async_kernel = _WpAsyncKernel()
+    probe = _probe.uffd_api()
+    return bool(probe.features & UffdFeature.WP_ASYNC) if probe.available else None
 
 
 def read_smaps(stream: SmapsStream, read_size: int) -> Vma | None:
     """The next smaps record the walk needs (a module-level function, so that profilers
     such as ``benchmarks/emulated.py --breakdown`` can time smaps on its own)."""
     return stream.next(read_size)
+
+
+def _short_read(pid: int, address: int) -> OSError:
+    """A pagemap read came back short. The file reads as empty once the target's mm is
+    gone (it exited: the kernel's ioctl says ESRCH then); anything else is EFAULT."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            gone = f.read().split()[:1] in ([], [b"0"])
+    except OSError:
+        gone = True
+    if gone:
+        return ProcessLookupError(
+            errno.ESRCH, f"pid {pid} has no memory to scan (it exited, is a zombie or a kernel thread)")
+    return OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)}: short pagemap read at {address:#x} in pid {pid}")
 
 
 def _eopnotsupp(what: str) -> OSError:
@@ -240,29 +230,22 @@ class EmulatedBackend:
     def __init__(self) -> None:
         self._task_size = task_size()
 
-    def scan(
-        self,
-        target: Target,
-        start: int,
-        end: int,
-        flags: int,
-        inverted: int,
-        mask: int,
-        anyof: int,
-        return_mask: int,
-        max_pages: int,
-        vec: np.ndarray | None,
-        index: int,
-        vec_addr: int,
-        vec_len: int,
-    ) -> tuple[int, int]:
+    def scan(self, target: Target, arg: pm_scan_arg, out: np.ndarray | None) -> tuple[int, int]:
         fd = target.fd  # ValueError if closed
+        start, end, flags = arg.start, arg.end, arg.flags
+        inverted, mask, anyof = arg.category_inverted, arg.category_mask, arg.category_anyof_mask
+        return_mask, max_pages, vec_len = arg.return_mask, arg.max_pages, arg.vec_len
+        vec = out if vec_len else None
+        index = 0
         end_r = _engine.validate(
             start=start, end=end, flags=flags, inverted=inverted, mask=mask, anyof=anyof,
-            return_mask=return_mask, vec_is_null=vec is None and vec_addr == 0, vec_len=vec_len,
+            return_mask=return_mask, vec_is_null=not arg.vec, vec_len=vec_len,
             known_flags=_KNOWN_FLAGS, known_categories=_KNOWN_CATEGORIES, page_size=P,
             task_size=self._task_size,
         )
+        if vec_len and (out is None or len(out) < vec_len):
+            raise OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)}: PAGEMAP_SCAN: the region vector is "
+                                        f"smaller than vec_len ({vec_len})")
         if flags & ScanFlag.WP_MATCHING:
             raise _eopnotsupp(
                 "cannot write-protect: PM_SCAN_WP_MATCHING needs the kernel ioctl (Linux 6.7); "
@@ -487,7 +470,7 @@ class _Context:
     # -- VMA level -----------------------------------------------------------------
 
     def wp_allowed(self, v: Vma, v_index: int) -> bool:
-        if _wp_async_kernel.get() is False:
+        if _kernel_has_wp_async() is False:
             return False  # no uffd here can be asynchronous
         if "uw" not in self.smaps(v, v_index).vmflags:
             return False
@@ -520,7 +503,7 @@ class _Context:
         first = (lo - wlo) // P
         e = window[first : first + n]
         if e.size != n:
-            raise OSError(errno.EFAULT, f"short pagemap read at {lo:#x}")
+            raise _short_read(self.pid, lo)
 
         anon = v.anonymous
         uw = self.known.get(v.start, False) and "uw" in v.vmflags
@@ -566,7 +549,7 @@ class _Context:
     def _hugetlb_categories(self, v: Vma, lo: int, hi: int, vma_bits: int) -> np.ndarray:
         e = self.entries(lo, hi)
         if e.size != (hi - lo) // P:
-            raise OSError(errno.EFAULT, f"short pagemap read at {lo:#x}")
+            raise _short_read(self.pid, lo)
         rel = self.relevant
         present = (e & _PRESENT) != 0
         wp = (e & _UFFD_WP) != 0

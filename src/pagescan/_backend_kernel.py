@@ -1,6 +1,6 @@
 """The kernel backend: one ``PAGEMAP_SCAN`` ioctl per call.
 
-Facts this module relies on (see ``shared/spec/kernel.md`` section 1):
+Facts this module relies on (``docs/kernel-facts.md``, PAGEMAP_SCAN):
 
 * The kernel validates the whole argument struct before looking at the range, so
   errors for bad input come back before anything is walked or write-protected.
@@ -13,6 +13,9 @@ Facts this module relies on (see ``shared/spec/kernel.md`` section 1):
 * Under ``PM_SCAN_WP_MATCHING`` a hugetlb page that is only partly inside the range (or
   cut by ``max_pages``) cannot be write-protected: the kernel withdraws it, sets
   ``walk_end`` to its (clipped) start and keeps walking. That ``walk_end`` is kept.
+
+Errors are translated here, in one place (:func:`_explain`): the errno and the
+exception class stay the kernel's; the message says which argument or which memory.
 """
 
 from __future__ import annotations
@@ -20,84 +23,46 @@ from __future__ import annotations
 import errno
 import fcntl
 import mmap
-import struct
-import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ._errors import KernelFeatureError
-from ._uapi import libc
-from ._uapi.pagemap import CATEGORY_SINCE, PAGEMAP_SCAN, Category, ScanFlag
+from . import _engine, _probe
+from ._errors import feature_error, with_context
+from ._procfs import task_size
+from ._uapi.pagemap import PAGEMAP_SCAN, Category, ScanFlag, pm_scan_arg
 
 if TYPE_CHECKING:
     from ._target import Target
 
 __all__ = ["KernelBackend"]
 
-_ARG = struct.Struct("=12Q")
-_WALK_END = struct.Struct("=Q")
-_WALK_END_OFFSET = 32
-_pack_into = _ARG.pack_into
-_unpack_walk_end = _WALK_END.unpack_from
-_fcntl_ioctl = fcntl.ioctl
+_ioctl = fcntl.ioctl
 _PAGE_SIZE = mmap.PAGESIZE
 _WP_MATCHING = int(ScanFlag.WP_MATCHING)
 
 
-class _ThreadBuffers(threading.local):
-    def __init__(self) -> None:
-        self.arg = bytearray(_ARG.size)
-
-
-_tls = _ThreadBuffers()
-
-
 class KernelBackend:
-    """``backend="kernel"``: the ``PAGEMAP_SCAN`` ioctl (Linux 6.7).
-
-    The backend contract (shared with the emulated backend): ``scan()`` takes the
-    kernel's arguments, an output array ``vec`` whose slots ``vec[index:index+vec_len]``
-    may be written (``vec_addr`` is the address of ``vec[index]``), and returns
-    ``(regions written, documented walk_end)``.
-    """
+    """``backend="kernel"``: the ``PAGEMAP_SCAN`` ioctl (Linux 6.7)."""
 
     name = "kernel"
 
-    def scan(
-        self,
-        target: Target,
-        start: int,
-        end: int,
-        flags: int,
-        inverted: int,
-        mask: int,
-        anyof: int,
-        return_mask: int,
-        max_pages: int,
-        vec: np.ndarray | None,
-        index: int,
-        vec_addr: int,
-        vec_len: int,
-    ) -> tuple[int, int]:
-        arg = _tls.arg
-        _pack_into(arg, 0, 96, flags, start, end, 0, vec_addr, vec_len, max_pages, inverted, mask, anyof, return_mask)
-        try:
-            n: int = _fcntl_ioctl(target._fd, PAGEMAP_SCAN, arg, True)
-        except InterruptedError:
-            n = libc.ioctl(target.fd, PAGEMAP_SCAN, arg)  # the EINTR-retrying path
-        except OSError as err:
-            if target._fd < 0:
-                target.fd  # raises ValueError: closed Target
-            if err.errno == errno.ESRCH:
-                raise ProcessLookupError(
-                    errno.ESRCH, f"pid {target.pid} has no memory to scan (it exited, is a zombie or a kernel thread)"
-                ) from None
-            raise _explain(err, inverted | mask | anyof | return_mask) from None
-        walk_end: int = _unpack_walk_end(arg, _WALK_END_OFFSET)[0]
-        if n and walk_end < end and vec is not None:
-            got = vec[index : index + n]
-            if walk_end < int(got["end"][-1]) and _is_stale(target.pid, flags, walk_end, got):
+    def scan(self, target: Target, arg: pm_scan_arg, out: np.ndarray | None) -> tuple[int, int]:
+        while True:
+            try:
+                n: int = _ioctl(target._fd, PAGEMAP_SCAN, arg, True)
+                break
+            except InterruptedError:
+                continue  # a fatal signal is pending at a chunk boundary: we are dying anyway
+            except OSError as err:
+                if target._fd < 0:
+                    target.fd  # raises ValueError: closed Target
+                raise _explain(err, target, arg) from None
+        walk_end: int = arg.walk_end
+        end = arg.end
+        if n and walk_end < end and out is not None:
+            got = out[:n]
+            if walk_end < int(got["end"][n - 1]) and _is_stale(target.pid, arg.flags, walk_end, got):
                 walk_end = -(-end // _PAGE_SIZE) * _PAGE_SIZE  # completed; the kernel rounds end up
         return n, walk_end
 
@@ -119,22 +84,44 @@ def _is_stale(pid: int, flags: int, walk_end: int, regions: np.ndarray) -> bool:
     return not _in_hugetlb(pid, walk_end)
 
 
-def _explain(err: OSError, category_bits: int) -> OSError:
-    """Give ENOTTY / unknown-category EINVAL a message naming the kernel needed."""
-    if err.errno == errno.ENOTTY:
-        return KernelFeatureError(errno.ENOTTY, "PAGEMAP_SCAN", "6.7", "the ioctl on /proc/PID/pagemap")
-    if err.errno == errno.EINVAL and category_bits:
-        from .capabilities import capabilities
-
-        known = 0
-        for cat in Category:
-            known |= cat
-        missing = Category(category_bits & known & ~int(capabilities().categories))
+def _explain(err: OSError, target: Target, arg: pm_scan_arg) -> OSError:
+    """The error the caller sees: same errno and class, a message that says why."""
+    e = err.errno
+    where = f"PAGEMAP_SCAN of [{arg.start:#x}, {arg.end:#x}) in pid {target.pid}"
+    if e == errno.ENOTTY:
+        return feature_error(errno.ENOTTY, ["PAGEMAP_SCAN"], "the ioctl on /proc/PID/pagemap")
+    if e == errno.ESRCH:
+        return ProcessLookupError(
+            errno.ESRCH, f"pid {target.pid} has no memory to scan (it exited, is a zombie or a kernel thread)"
+        )
+    if e == errno.EPERM and arg.flags & ScanFlag.CHECK_WPASYNC:
+        return PermissionError(errno.EPERM, f"{err.strerror}: {where}: PM_SCAN_CHECK_WPASYNC and a mapping in "
+                                            "range is not registered for asynchronous uffd write-protect")
+    if e == errno.EINVAL:
+        bits = arg.category_inverted | arg.category_mask | arg.category_anyof_mask | arg.return_mask
+        probe = _probe.pagemap_scan()
+        missing = Category(bits & _ALL & ~int(probe.categories))
         if missing:
-            name = "PAGE_IS_" + "|PAGE_IS_".join(c.name or "?" for c in missing)
-            since = max((CATEGORY_SINCE[c] for c in missing), key=lambda v: tuple(map(int, v.split("."))))
-            return KernelFeatureError(errno.EINVAL, name, since, "category bit rejected by PAGEMAP_SCAN")
-    return err
+            names = [f"PAGE_IS_{c.name}" for c in Category if c & missing]
+            return feature_error(errno.EINVAL, names, "category bit rejected by PAGEMAP_SCAN")
+    if e in (errno.EINVAL, errno.EFAULT):
+        probe = _probe.pagemap_scan()
+        try:
+            _engine.validate(
+                start=arg.start, end=arg.end, flags=arg.flags, inverted=arg.category_inverted,
+                mask=arg.category_mask, anyof=arg.category_anyof_mask, return_mask=arg.return_mask,
+                vec_is_null=not arg.vec, vec_len=arg.vec_len, known_flags=int(probe.flags),
+                known_categories=int(probe.categories), page_size=_PAGE_SIZE, task_size=task_size(),
+            )
+        except OSError as ours:
+            if ours.errno == e:
+                return ours
+    return with_context(err, where)
+
+
+_ALL = 0
+for _c in Category.__members__.values():
+    _ALL |= int(_c)
 
 
 def _in_hugetlb(pid: int, address: int) -> bool:

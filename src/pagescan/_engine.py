@@ -2,7 +2,7 @@
 
 No syscalls and no knowledge of where categories come from: the emulated backend feeds
 it categories derived from ``/proc/PID/pagemap``, and tests feed it arrays directly.
-The rules are the kernel's (``shared/spec/kernel.md`` 1.4-1.7):
+The rules are the kernel's (``docs/kernel-facts.md``, PAGEMAP_SCAN):
 
 * matching: ``c = categories ^ inverted``; a page matches when ``c`` has every bit of
   ``mask`` and (``anyof == 0`` or ``c & anyof``). ``return_mask`` plays no part.
@@ -57,24 +57,35 @@ def validate(
 ) -> int:
     """Check the arguments in the kernel's order; return the page-rounded ``end``.
 
-    Raises ``OSError`` with the errno the kernel gives for the first failing check:
-    unknown flags, then unknown category bits (EINVAL); unaligned ``start`` (EINVAL);
-    ``end < start`` or a range beyond user space (EFAULT); ``vec`` NULL with a non-zero
-    ``vec_len`` (EINVAL).
+    Raises ``OSError`` with the errno the kernel gives for the first failing check, and
+    a message naming the argument: unknown flags, then unknown category bits (EINVAL);
+    unaligned ``start`` (EINVAL); ``end < start`` or a range beyond user space
+    (EFAULT); ``vec`` NULL with a non-zero ``vec_len`` (EINVAL).
     """
     # Plain ints: ``~`` of an IntFlag complements within the flag's own bits only.
     known_flags, known_categories = int(known_flags), int(known_categories)
     if flags & ~known_flags:
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-    if (inverted | mask | anyof | return_mask) & ~known_categories:
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        raise _error(errno.EINVAL, f"flags has bits this kernel does not know: {flags & ~known_flags:#x}")
+    for name, value in (("category_inverted", inverted), ("category_mask", mask),
+                        ("category_anyof_mask", anyof), ("return_mask", return_mask)):
+        if value & ~known_categories:
+            raise _error(errno.EINVAL, f"{name} has category bits this kernel does not know: "
+                                       f"{value & ~known_categories:#x}")
     if start & (page_size - 1):
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-    if end < start or end > task_size:
-        raise OSError(errno.EFAULT, os.strerror(errno.EFAULT))
+        lo = start & ~(page_size - 1)
+        raise _error(errno.EINVAL, f"start {start:#x} is not aligned to the page size ({page_size}); "
+                                   f"the nearest aligned values are {lo:#x} and {lo + page_size:#x}")
+    if end < start:
+        raise _error(errno.EFAULT, f"end {end:#x} is below start {start:#x}")
+    if end > task_size:
+        raise _error(errno.EFAULT, f"end {end:#x} is beyond user space (which ends at {task_size:#x})")
     if vec_is_null and vec_len:
-        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        raise _error(errno.EINVAL, f"vec is NULL but vec_len is {vec_len}")
     return (end + page_size - 1) & ~(page_size - 1)
+
+
+def _error(err: int, detail: str) -> OSError:
+    return OSError(err, f"{os.strerror(err)}: PAGEMAP_SCAN: {detail}")
 
 
 def _as(categories: np.ndarray, *masks: int) -> tuple[np.ndarray, Any]:

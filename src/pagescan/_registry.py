@@ -26,7 +26,7 @@ class _Registry:
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entered by a signal handler that registers: no deadlock
         self.spans: list[tuple[int, int, int, bool]] = []  # (start, end, key, wp)
         self.wp_async: dict[int, bool] = {}  # key -> the uffd is asynchronous
 

@@ -1,45 +1,62 @@
-"""``scan()`` and ``scan_iter()``: one ``PAGEMAP_SCAN`` call, and a resumable walk.
+"""``Scanner``, ``scan()`` and ``scan_iter()``: prepared and one-off ``PAGEMAP_SCAN`` calls.
 
 The keyword names are the kernel's ``struct pm_scan_arg`` field names and mean exactly
-what the kernel means (``shared/spec/kernel.md`` 1.4-1.8). Where pagescan differs:
+what the kernel means (``docs/kernel-facts.md``, PAGEMAP_SCAN). Where pagescan differs:
 
 * ``walk_end`` is the documented value on every backend; the kernel's stale value after
   more than 512 regions is corrected (see :mod:`pagescan._backend_kernel`).
-* The region buffer is allocated for you. ``vec_len`` only bounds how many regions the
-  call may return; the allocation is clamped to what the range can hold, so a large
-  ``vec_len`` costs nothing. ``vec_len=0`` keeps the kernel's meaning (walk, report
-  nothing; with ``PM_SCAN_WP_MATCHING`` it write-protects *every* PTE in range,
-  ignoring the masks and ``max_pages`` -- the kernel's "reset everything" fast path).
+* The region buffer is allocated for you, sized to what the call can return (one slot
+  per page of the range at most, ``max_pages`` at most, ``vec_len`` at most), and a
+  result keeps only its own regions. A large ``vec_len`` costs nothing: a call that
+  could return more than a few thousand regions is made as several kernel calls that
+  each resume at the previous ``walk_end``, which returns exactly what one call with a
+  huge buffer would (a buffer stop happens exactly where a new region would start).
+  ``vec_len=0`` keeps the kernel's meaning (walk, report nothing; with
+  ``PM_SCAN_WP_MATCHING`` it write-protects *every* PTE in range, ignoring the masks
+  and ``max_pages`` -- the kernel's "reset everything" fast path).
+* ``end`` is rounded up to a page boundary, as the kernel does; an unaligned ``start``
+  is ``EINVAL`` (:class:`~pagescan.InvalidArgumentError`-style message naming the
+  nearest aligned addresses), as the kernel says.
+
+Reentrancy: every call takes its own request struct and its own region buffer (spare
+ones are kept in a list whose ``pop``/``append`` are atomic), so a ``scan()`` made from
+a signal handler, a ``__del__`` or another thread while another call is in progress is
+safe and correct.
 """
 
 from __future__ import annotations
 
-import errno
+import ctypes
 import mmap
-import operator
 import os
-from os import getpid as _getpid
-import threading
 from collections.abc import Iterator
-from typing import Any, NamedTuple, final
+from typing import TYPE_CHECKING, Any, NamedTuple, final
 
 import numpy as np
 
-from ._backend_kernel import KernelBackend
-from ._errors import KernelFeatureError
+from . import _backend
 from . import _target as _target_mod
-from ._target import Target, target_for
-from ._uapi.pagemap import PAGE_REGION_DTYPE, Category
+from ._args import U64, Buffer, buffer_range, u64
+from ._target import PidLike, Target, resolve_pid, self_target
+from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag, page_region, pm_scan_arg
 
-__all__ = ["PageRegion", "ScanResult", "buffer_range", "masks", "scan", "scan_iter"]
+if TYPE_CHECKING:
+    from ._backend import Backend
+
+__all__ = ["PageRegion", "ScanResult", "Scanner", "buffer_range", "masks", "scan", "scan_iter"]
 
 PAGE_SIZE = mmap.PAGESIZE
-_U64 = (1 << 64) - 1
+_P = PAGE_SIZE
 #: Default region capacity of one call when ``vec_len`` is not given.
 DEFAULT_VEC_LEN = 1 << 16
-#: Calls needing at most this many slots reuse a per-thread buffer (results are copied).
-_SCRATCH_REGIONS = 4096
-_BACKENDS = ("auto", "kernel", "emulated")
+#: Calls that can return at most this many regions get an exactly sized buffer.
+_SMALL = 512
+#: Larger calls go through a scratch buffer of this many regions per kernel call.
+_CHUNK = 4096
+
+_EMPTY = np.empty(0, PAGE_REGION_DTYPE)
+_EMPTY.flags.writeable = False
+_INT_TYPES = (int, Category, ScanFlag)
 
 
 class PageRegion(NamedTuple):
@@ -59,6 +76,7 @@ class ScanResult:
         walk_end: where the walk stopped; everything in ``[start, walk_end)`` was
             examined. Equals the page-rounded ``end`` when the walk completed.
         complete: ``walk_end`` reached ``end``.
+        start, end: the range asked for.
     """
 
     __slots__ = ("complete", "end", "regions", "start", "walk_end")
@@ -96,138 +114,287 @@ class ScanResult:
         )
 
 
-class _Arena(threading.local):
-    """Per-thread bump allocator for small region vectors.
+_new_result = object.__new__
 
-    The kernel writes a call's regions straight into ``buf[pos:]`` and the result is
-    the zero-copy view ``buf[pos:pos+n]``; ``pos`` then moves past it, so a later call
-    never overwrites a result handed out. A full arena is replaced (old results keep
-    theirs alive). A small result pins at most one arena (96 KiB).
+
+def _result(regions: np.ndarray, walk_end: int, start: int, end: int) -> ScanResult:
+    res: ScanResult = _new_result(ScanResult)
+    res.regions = regions
+    res.walk_end = walk_end
+    res.complete = walk_end >= end
+    res.start = start
+    res.end = end
+    return res
+
+
+_array_types: dict[int, Any] = {}
+
+
+def _owned(cap: int) -> tuple[np.ndarray, int]:
+    """A zeroed region array of ``cap`` slots that owns its memory, and its address
+    (a ctypes array: its address is free to read, unlike ``ndarray.ctypes.data``)."""
+    t = _array_types.get(cap)
+    if t is None:
+        t = _array_types[cap] = page_region * cap
+    c = t()
+    arr: np.ndarray = np.frombuffer(c, PAGE_REGION_DTYPE)  # type: ignore[arg-type]  # ctypes arrays are buffers
+    return arr, ctypes.addressof(c)
+
+
+def check_out(out: Any, name: str = "out") -> int:
+    """Validate an array the kernel will write regions into; return its address.
+
+    1-D, C-contiguous, writable, exactly :data:`PAGE_REGION_DTYPE`: anything else would
+    let the kernel write where the array's memory is not (``ValueError``/``TypeError``).
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array of PAGE_REGION_DTYPE, not {type(out).__name__}")
+    if out.dtype != PAGE_REGION_DTYPE:
+        raise ValueError(f"{name} must have dtype PAGE_REGION_DTYPE {PAGE_REGION_DTYPE}, not {out.dtype}")
+    if out.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, not of shape {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (its stride is {out.strides[0]}, not 24)")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    return int(out.ctypes.data)
+
+
+@final
+class Scanner:
+    """A prepared ``PAGEMAP_SCAN``: arguments validated and packed once.
+
+    Args:
+        pid: ``None`` for this process (after ``fork``, the child's own memory), a pid,
+            a :class:`Target`, or anything with ``.pid``. A Scanner that opened another
+            process's pagemap owns it: :meth:`close` it (or use ``with``).
+        flags, category_inverted, category_mask, category_anyof_mask, return_mask,
+        max_pages, vec_len, backend: as for :func:`scan`.
+
+    :meth:`scan` returns the same :class:`ScanResult` as :func:`scan`; :meth:`scan_into`
+    fills a caller's array and allocates nothing. A Scanner may be used from several
+    threads and from signal handlers at once.
+
+    Raises:
+        TypeError, ValueError: bad arguments (checked here, not at each call).
     """
 
-    def __init__(self) -> None:
-        self.new()
+    __slots__ = (
+        "__weakref__", "_fallback", "_free", "_impl", "_out", "_owned", "_scratch", "_target", "backend",
+        "category_anyof_mask", "category_inverted", "category_mask", "flags", "max_pages",
+        "return_mask", "vec_len",
+    )
 
-    def new(self) -> None:
-        self.buf = np.empty(_SCRATCH_REGIONS, PAGE_REGION_DTYPE)
-        self.addr = int(self.buf.ctypes.data)
-        self.pos = 0
+    def __init__(
+        self,
+        pid: PidLike = None,
+        *,
+        flags: int = 0,
+        category_inverted: int = 0,
+        category_mask: int = 0,
+        category_anyof_mask: int = 0,
+        return_mask: int = 0,
+        max_pages: int = 0,
+        vec_len: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        self._target: Target | None = None
+        self._owned = False
+        self.flags = u64("flags", flags)
+        self.category_inverted = u64("category_inverted", category_inverted)
+        self.category_mask = u64("category_mask", category_mask)
+        self.category_anyof_mask = u64("category_anyof_mask", category_anyof_mask)
+        self.return_mask = u64("return_mask", return_mask)
+        self.max_pages = u64("max_pages", max_pages)
+        self.vec_len = None if vec_len is None else u64("vec_len", vec_len)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, not {type(backend).__name__}")
+        impl, self._fallback = _backend.pick(backend)
+        self._impl: Backend = impl
+        self.backend = backend
+        self._free: list[pm_scan_arg] = []
+        self._scratch: list[tuple[np.ndarray, int]] = []
+        self._out: tuple[np.ndarray, int, int] | None = None
+        if isinstance(pid, Target):
+            self._target = pid
+        elif pid is not None:
+            p = resolve_pid(pid)
+            if p != os.getpid():
+                self._target, self._owned = Target(p), True
 
+    # -- lifecycle --------------------------------------------------------------------
 
-_arena = _Arena()
-_kernel = KernelBackend()
-_EMPTY = np.empty(0, PAGE_REGION_DTYPE)
-_EMPTY.flags.writeable = False
-_env_backend: str | None = None
-_emulated: Any = None
-#: Set once the kernel answered ENOTTY: "auto" then uses the emulation.
-_kernel_missing = False
+    def close(self) -> None:
+        """Close the pagemap this Scanner opened (not a :class:`Target` it was given)."""
+        t, owned = self._target, self._owned
+        self._owned = False
+        if owned and t is not None:
+            t.close()
 
+    def __enter__(self) -> Scanner:
+        return self
 
-def _emulated_backend() -> Any:
-    global _emulated
-    if _emulated is None:
-        from ._backend_emulated import EmulatedBackend
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-        _emulated = EmulatedBackend()
-    return _emulated
+    def __repr__(self) -> str:
+        who = "self" if self._target is None else f"pid={self._target.pid}"
+        return (f"<pagescan.Scanner {who} flags={self.flags:#x} inverted={self.category_inverted:#x} "
+                f"mask={self.category_mask:#x} anyof={self.category_anyof_mask:#x} "
+                f"return={self.return_mask:#x} max_pages={self.max_pages} backend={self.backend}>")
 
+    # -- calls ------------------------------------------------------------------------
 
-def _pick_backend(backend: str) -> Any:
-    global _env_backend
-    if backend == "auto":
-        if _env_backend is None:
-            env = os.environ.get("PAGESCAN_BACKEND", "") or "auto"
-            if env not in _BACKENDS:
-                raise ValueError(f"PAGESCAN_BACKEND must be one of {_BACKENDS}, not {env!r}")
-            _env_backend = env
-        backend = _env_backend
-        if backend == "auto":
-            return _emulated_backend() if _kernel_missing else _kernel
-    if backend == "kernel":
-        return _kernel
-    if backend == "emulated":
-        return _emulated_backend()
-    raise ValueError(f"backend must be one of {_BACKENDS}, not {backend!r}")
+    def scan(self, start: int, end: int) -> ScanResult:
+        """One ``PAGEMAP_SCAN`` over ``[start, end)`` with the prepared arguments."""
+        if type(start) is not int or type(end) is not int or not (0 <= start <= U64 and 0 <= end <= U64):
+            start, end = u64("start", start), u64("end", end)
+        return self._scan(start, end, self.max_pages, self.vec_len)
 
+    def scan_into(self, start: int, end: int, out: np.ndarray) -> tuple[int, int]:
+        """Fill ``out`` (1-D, C-contiguous, writable ``PAGE_REGION_DTYPE``) with the
+        regions; return ``(count, walk_end)``. At most ``len(out)`` regions (and at most
+        ``vec_len``, if the Scanner has one). Allocates nothing.
 
-def _call(
-    impl: Any, backend: str, target: Target, start: int, end: int, flags: int, inverted: int, mask: int,
-    anyof: int, return_mask: int, max_pages: int, vec: Any, index: int, addr: int, vec_len: int,
-) -> tuple[int, int]:
-    """Run the backend; under "auto", fall back to the emulation when the ioctl is missing."""
-    global _kernel_missing
-    try:
-        return impl.scan(  # type: ignore[no-any-return]
-            target, start, end, flags, inverted, mask, anyof, return_mask, max_pages, vec, index, addr, vec_len
-        )
-    except KernelFeatureError as err:
-        if impl is not _kernel or backend != "auto" or err.errno != errno.ENOTTY or _env_backend == "kernel":
-            raise
-        _kernel_missing = True
-        return _emulated_backend().scan(  # type: ignore[no-any-return]
-            target, start, end, flags, inverted, mask, anyof, return_mask, max_pages, vec, index, addr, vec_len
-        )
+        The Scanner keeps a reference to the last ``out`` it was given, with its
+        address, so numpy refuses to resize that array in place meanwhile.
+        """
+        if type(start) is not int or type(end) is not int or not (0 <= start <= U64 and 0 <= end <= U64):
+            start, end = u64("start", start), u64("end", end)
+        addr, n = self._out_address(out)
+        vl = self.vec_len
+        if vl is not None and vl < n:
+            n = vl
+        return self._call(start, end, addr, n, self.max_pages, out if n else None)
 
+    # -- internals ----------------------------------------------------------------------
 
-_ARG_NAMES = (
-    "start",
-    "end",
-    "flags",
-    "category_inverted",
-    "category_mask",
-    "category_anyof_mask",
-    "return_mask",
-    "max_pages",
-)
+    def _out_address(self, out: Any, remember: bool = True) -> tuple[int, int]:
+        """``(address, length)`` of a validated ``out``; the last one is remembered (with
+        a reference, so numpy will not resize it in place) to skip the slow address
+        lookup next time."""
+        c = self._out
+        if c is not None and c[0] is out and len(out) == c[2] and out.flags.writeable:
+            return c[1], c[2]
+        addr = check_out(out)
+        n = len(out)
+        if remember:
+            self._out = (out, addr, n)
+        return addr, n
 
-
-def _check_u64(values: tuple[Any, ...], names: tuple[str, ...]) -> tuple[int, ...]:
-    out = []
-    for name, value in zip(names, values):
+    def _call(self, start: int, end: int, vec: int, vec_len: int, max_pages: int,
+              out: np.ndarray | None) -> tuple[int, int]:
+        target = self._target
+        if target is None:
+            target = _target_mod._self  # reset after fork by an at-fork hook
+            if target is None or target._fd < 0:
+                target = self_target()
         try:
-            v = operator.index(value)
-        except TypeError:
-            raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-        if v < 0:
-            raise ValueError(f"{name} must not be negative, got {v}")
-        if v > _U64:
-            raise ValueError(f"{name} does not fit in 64 bits: {v:#x}")
-        out.append(v)
-    return tuple(out)
-
-
-def buffer_range(obj: Any) -> tuple[int, int]:
-    """``(start, end)`` of the whole pages covering a buffer object (mmap, numpy array,
-    bytearray, memoryview, ctypes array): start rounded down, end rounded up."""
-    if isinstance(obj, np.ndarray):
-        arr = obj
-    else:
+            arg = self._free.pop()
+        except IndexError:
+            arg = pm_scan_arg(96, self.flags, 0, 0, 0, 0, 0, 0, self.category_inverted,
+                              self.category_mask, self.category_anyof_mask, self.return_mask)
+        arg.start = start
+        arg.end = end
+        arg.vec = vec
+        arg.vec_len = vec_len
+        arg.max_pages = max_pages
         try:
-            arr = np.frombuffer(obj, dtype=np.uint8)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"expected a buffer object, not {type(obj).__name__}") from err
-    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
-        raise ValueError("buffer must be contiguous")
-    lo = int(arr.__array_interface__["data"][0])
-    if not arr.nbytes:
-        return lo & ~(PAGE_SIZE - 1), lo & ~(PAGE_SIZE - 1)  # an empty buffer covers no page
-    hi = lo + arr.nbytes
-    return lo & ~(PAGE_SIZE - 1), (hi + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+            return self._impl.scan(target, arg, out)
+        except OSError as err:
+            if not (self._fallback and err.errno == 25):  # ENOTTY: no ioctl; "auto" emulates
+                raise
+            self._impl, self._fallback = _backend.fall_back(), False
+            return self._impl.scan(target, arg, out)
+        finally:
+            self._free.append(arg)
+
+    def _scan(self, start: int, end: int, max_pages: int, vec_len: int | None) -> ScanResult:
+        cap = (end - start + _P - 1) // _P if end > start else 1
+        if max_pages and max_pages < cap:
+            cap = max_pages
+        if vec_len is None:
+            if cap > DEFAULT_VEC_LEN:
+                cap = DEFAULT_VEC_LEN
+        elif vec_len < cap:
+            cap = vec_len
+        if cap == 0:
+            n, walk_end = self._call(start, end, 0, 0, max_pages, None)
+            return _result(_EMPTY, walk_end, start, end)
+        if cap <= _SMALL:
+            buf, addr = _owned(cap)
+            n, walk_end = self._call(start, end, addr, cap, max_pages, buf)
+            if n != cap:
+                buf = buf[:n].copy() if cap > 16 and 2 * n < cap else buf[:n]
+            return _result(buf, walk_end, start, end)
+        return self._scan_chunked(start, end, max_pages, cap)
+
+    def _scan_chunked(self, start: int, end: int, max_pages: int, cap: int) -> ScanResult:
+        """A call that may return more than ``_SMALL`` regions: kernel calls of at most
+        ``_CHUNK`` regions into a scratch buffer, each resuming at the last ``walk_end``
+        with what is left of ``cap`` and ``max_pages``; the result owns exactly its
+        regions. Scratch buffers are reused (taken from and given back to a list, so
+        reentrant and concurrent calls never share one): the kernel writes into memory
+        that is already faulted in."""
+        try:
+            scratch, addr = self._scratch.pop()
+        except IndexError:
+            scratch, addr = _owned(_CHUNK)
+        try:
+            return self._chunks(start, end, max_pages, cap, scratch, addr)
+        finally:
+            self._scratch.append((scratch, addr))
+
+    def _chunks(self, start: int, end: int, max_pages: int, cap: int, scratch: np.ndarray,
+                addr: int) -> ScanResult:
+        end_r = -(-end // _P) * _P
+        parts: list[np.ndarray] = []
+        cur, left, budget = start, cap, max_pages
+        while True:
+            k = left if left < _CHUNK else _CHUNK
+            n, walk_end = self._call(cur, end, addr, k, budget, scratch)
+            if n:
+                got = scratch[:n].copy()
+                parts.append(got)
+            if walk_end >= end_r or n < k or n == left:
+                break  # complete, or stopped by max_pages or the caller's vec_len
+            if budget:
+                budget -= int((got["end"] - got["start"]).sum()) // _P
+                if budget <= 0:
+                    break
+            if walk_end <= cur or walk_end < int(got["end"][-1]):
+                break  # no progress possible (a partial hugetlb page under WP_MATCHING)
+            cur, left = walk_end, left - n
+        regions = parts[0] if len(parts) == 1 else (np.concatenate(parts) if parts else _EMPTY)
+        return _result(regions, walk_end, start, end)
+
+    def _scan_out(self, start: int, end: int, out: Any, vec_len: int | None, max_pages: int,
+                  remember: bool = True) -> ScanResult:
+        addr, n = self._out_address(out, remember)
+        if vec_len is not None:
+            if vec_len > n:
+                raise ValueError(f"vec_len ({vec_len}) is larger than out ({n} regions)")
+            n = vec_len
+        count, walk_end = self._call(start, end, addr if n else 0, n, max_pages, out if n else None)
+        return _result(out[:count], walk_end, start, end)
+
+
+_cache: dict[tuple[Any, ...], Scanner] = {}
+_CACHE_MAX = 256
 
 
 def scan(
-    start: Any,
-    end: Any = None,
+    start: int | Buffer,
+    end: int | None = None,
     *,
-    pid: Any = None,
-    flags: Any = 0,
-    category_inverted: Any = 0,
-    category_mask: Any = 0,
-    category_anyof_mask: Any = 0,
-    return_mask: Any = 0,
-    max_pages: Any = 0,
-    vec_len: Any = None,
+    pid: PidLike = None,
+    flags: int = 0,
+    category_inverted: int = 0,
+    category_mask: int = 0,
+    category_anyof_mask: int = 0,
+    return_mask: int = 0,
+    max_pages: int = 0,
+    vec_len: int | None = None,
     backend: str = "auto",
     out: np.ndarray | None = None,
 ) -> ScanResult:
@@ -247,8 +414,9 @@ def scan(
             65536). 0 walks without reporting.
         backend: ``"auto"`` (kernel when available; the environment variable
             ``PAGESCAN_BACKEND``, read once, overrides), ``"kernel"`` or ``"emulated"``.
-        out: optional preallocated C-contiguous writable array of ``PAGE_REGION_DTYPE``;
-            its length is ``vec_len`` and ``result.regions`` is a view of it.
+        out: optional 1-D C-contiguous writable array of ``PAGE_REGION_DTYPE`` that
+            receives the regions (``vec_len`` defaults to its length and may not exceed
+            it); ``result.regions`` is a view of it.
 
     Returns:
         :class:`ScanResult`.
@@ -259,98 +427,46 @@ def scan(
             not registered for async uffd-WP), ESRCH (target exited), EINTR.
         KernelFeatureError: ``PAGEMAP_SCAN`` (Linux 6.7) or a category bit is missing.
         ProcessLookupError, PermissionError: no such process / may not trace it.
-        TypeError, ValueError: bad Python arguments (non-int, negative, > 64 bits).
+        TypeError, ValueError: bad Python arguments (non-int, negative, > 64 bits, an
+            ``out`` array of the wrong shape, dtype or layout), before any syscall.
     """
     if end is None:
-        start, end = buffer_range(start)
-    inverted, mask, anyof = category_inverted, category_mask, category_anyof_mask
-    try:
-        v = start | end | flags | inverted | mask | anyof | return_mask | max_pages
-        fast = isinstance(v, int) and 0 <= v <= _U64
-    except (TypeError, OverflowError):  # non-ints; small numpy ints overflow against addresses
-        fast = False
-    if not fast:
-        start, end, flags, inverted, mask, anyof, return_mask, max_pages = _check_u64(
-            (start, end, flags, inverted, mask, anyof, return_mask, max_pages), _ARG_NAMES
-        )
-    impl = _pick_backend(backend)
-
-    # The most regions this call can produce: one per page, and no more than max_pages.
-    cap = (end - start + PAGE_SIZE - 1) // PAGE_SIZE if end > start else 1
-    if max_pages and max_pages < cap:
-        cap = max_pages
-    if out is not None:
-        if vec_len is not None and vec_len != len(out):
-            raise ValueError("pass either out= or vec_len=, or make them agree")
-        if out.dtype != PAGE_REGION_DTYPE or not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be a writable C-contiguous array of PAGE_REGION_DTYPE")
-        vec_len = len(out)
-    elif vec_len is None:
-        vec_len = cap if cap < DEFAULT_VEC_LEN else DEFAULT_VEC_LEN
-    else:
-        if type(vec_len) is not int or not 0 <= vec_len <= _U64:
-            (vec_len,) = _check_u64((vec_len,), ("vec_len",))
-        if vec_len > cap:
-            vec_len = cap  # cannot change the outcome: the range holds at most cap regions
-
-    target = _target_mod._self
-    if pid is None and target is not None and target._fd >= 0 and target._owner_pid == _getpid():
-        owned = False
-    elif isinstance(pid, Target):
-        target, owned = pid, False
-    else:
-        target, owned = target_for(pid)
-    try:
+        start, end = buffer_range(start, "start")
+    elif type(start) is not int or type(end) is not int or not (0 <= start <= U64 and 0 <= end <= U64):
+        start, end = u64("start", start), u64("end", end)
+    if pid is None and (
+        type(flags) in _INT_TYPES and type(category_inverted) in _INT_TYPES and type(category_mask) in _INT_TYPES
+        and type(category_anyof_mask) in _INT_TYPES and type(return_mask) in _INT_TYPES
+        and type(max_pages) is int and (vec_len is None or type(vec_len) is int) and type(backend) is str
+    ):
+        key = (flags, category_inverted, category_mask, category_anyof_mask, return_mask, max_pages, backend)
+        sc = _cache.get(key)
+        if sc is None:
+            sc = Scanner(None, flags=flags, category_inverted=category_inverted, category_mask=category_mask,
+                         category_anyof_mask=category_anyof_mask, return_mask=return_mask, max_pages=max_pages,
+                         backend=backend)
+            if len(_cache) < _CACHE_MAX:
+                _cache[key] = sc
+        if vec_len is not None and not 0 <= vec_len <= U64:
+            vec_len = u64("vec_len", vec_len)
         if out is not None:
-            addr = int(out.ctypes.data) if vec_len else 0
-            n, walk_end = _call(
-                impl, backend, target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
-                out, 0, addr, vec_len,
-            )
-            regions = out[:n]
-        elif vec_len == 0:
-            n, walk_end = _call(
-                impl, backend, target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
-                None, 0, 0, 0,
-            )
-            regions = _EMPTY
-        elif vec_len <= _SCRATCH_REGIONS:
-            a = _arena
-            pos = a.pos
-            if pos + vec_len > _SCRATCH_REGIONS:
-                a.new()
-                pos = 0
-            buf = a.buf
-            n, walk_end = _call(
-                impl, backend, target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
-                buf, pos, a.addr + pos * 24, vec_len,
-            )
-            a.pos = pos + n
-            regions = buf[pos : pos + n]
-        else:
-            vec = np.empty(vec_len, PAGE_REGION_DTYPE)
-            n, walk_end = _call(
-                impl, backend, target, start, end, flags, inverted, mask, anyof, return_mask, max_pages,
-                vec, 0, int(vec.ctypes.data), vec_len,
-            )
-            regions = vec[:n]
-    finally:
-        if owned:
-            target.close()
-    res = object.__new__(ScanResult)
-    res.regions = regions
-    res.walk_end = walk_end
-    res.complete = walk_end >= end
-    res.start = start
-    res.end = end
-    return res
+            # The shared Scanner remembers a small ``out`` only: a big one is not kept
+            # alive by a module-level cache.
+            return sc._scan_out(start, end, out, vec_len, sc.max_pages, remember=isinstance(out, np.ndarray) and out.size <= _SMALL)
+        return sc._scan(start, end, sc.max_pages, vec_len)
+    with Scanner(pid, flags=flags, category_inverted=category_inverted, category_mask=category_mask,
+                 category_anyof_mask=category_anyof_mask, return_mask=return_mask, max_pages=max_pages,
+                 vec_len=vec_len, backend=backend) as sc:
+        if out is not None:
+            return sc._scan_out(start, end, out, sc.vec_len, sc.max_pages)
+        return sc._scan(start, end, sc.max_pages, sc.vec_len)
 
 
 def scan_iter(
-    start: Any,
+    start: int | Buffer,
     end: int | None = None,
     *,
-    pid: Any = None,
+    pid: PidLike = None,
     flags: int = 0,
     category_inverted: int = 0,
     category_mask: int = 0,
@@ -374,26 +490,34 @@ def scan_iter(
     result then has ``complete == False`` and ``walk_end`` at that page.
 
     With ``out=``, each result's ``regions`` is a view of ``out``, valid until the next
-    iteration.
+    iteration. Arguments are checked before the first call (and before the first
+    ``next()``: this is a generator).
     """
     if end is None:
-        start, end = buffer_range(start)
-    if max_pages:
-        (max_pages,) = _check_u64((max_pages,), ("max_pages",))
-    target, owned = (pid, False) if isinstance(pid, Target) else target_for(pid)
-    try:
+        start, end = buffer_range(start, "start")
+    else:
+        start, end = u64("start", start), u64("end", end)
+    sc = Scanner(pid, flags=flags, category_inverted=category_inverted, category_mask=category_mask,
+                 category_anyof_mask=category_anyof_mask, return_mask=return_mask, max_pages=max_pages,
+                 vec_len=vec_len, backend=backend)
+    if out is not None:
+        check_out(out)
+    return _iterate(sc, start, end, out)
+
+
+def _iterate(sc: Scanner, start: int, end: int, out: np.ndarray | None) -> Iterator[ScanResult]:
+    with sc:
         cur = start
-        budget = max_pages
+        budget = sc.max_pages
         while True:
-            res = scan(
-                cur, end, pid=target, flags=flags, category_inverted=category_inverted,
-                category_mask=category_mask, category_anyof_mask=category_anyof_mask,
-                return_mask=return_mask, max_pages=budget, vec_len=vec_len, backend=backend, out=out,
-            )
+            if out is not None:
+                res = sc._scan_out(cur, end, out, sc.vec_len, budget)
+            else:
+                res = sc._scan(cur, end, budget, sc.vec_len)
             yield res
-            if res.complete or vec_len == 0:
+            if res.complete or sc.vec_len == 0:
                 return
-            if max_pages:
+            if sc.max_pages:
                 budget -= res.pages
                 if budget <= 0:
                     return
@@ -401,9 +525,6 @@ def scan_iter(
             if nxt <= cur or (len(res.regions) and nxt < int(res.regions["end"][-1])):
                 return  # no progress possible (partial hugetlb page under WP_MATCHING)
             cur = nxt
-    finally:
-        if owned:
-            target.close()
 
 
 def masks(
@@ -413,25 +534,22 @@ def masks(
 
     ``require``: every one of these categories; ``exclude``: none of these; ``anyof``:
     at least one of these; ``report``: the ``return_mask`` (default: every category
-    this kernel supports, from :func:`capabilities`).
+    this kernel supports, probed).
     ``exclude`` becomes ``category_inverted | category_mask``, so it must not overlap
     ``anyof`` (the kernel inverts before testing both).
     """
-    require, exclude, anyof = int(require), int(exclude), int(anyof)
+    require, exclude, anyof = u64("require", require), u64("exclude", exclude), u64("anyof", anyof)
     if require & exclude:
         raise ValueError(f"categories both required and excluded: {Category(require & exclude)!r}")
     if anyof & exclude:
         raise ValueError(f"categories both in anyof and excluded: {Category(anyof & exclude)!r}")
     if report is None:
-        from .capabilities import capabilities
+        from ._probe import pagemap_scan
 
-        report = int(capabilities().categories)
+        report = int(pagemap_scan().categories)
     return {
         "category_inverted": exclude,
         "category_mask": require | exclude,
         "category_anyof_mask": anyof,
-        "return_mask": int(report),
+        "return_mask": u64("report", report),
     }
-
-
-

@@ -13,12 +13,18 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
-from typing import Any
+from typing import Any, Protocol, Union
 
 from ._fdholder import FdHolder
 
-__all__ = ["Target", "resolve_pid", "self_target", "target_for"]
+__all__ = ["HasPid", "PidLike", "Target", "resolve_pid", "self_target", "target_for"]
+
+
+class HasPid(Protocol):
+    """Anything with an int ``pid`` (``subprocess.Popen``, ``multiprocessing.Process``)."""
+
+    @property
+    def pid(self) -> int: ...
 
 
 def resolve_pid(pid: Any) -> int:
@@ -69,21 +75,28 @@ class Target(FdHolder):
 
 Target.__module__ = "pagescan"
 
-_self_lock = threading.Lock()
+#: What ``pid=`` accepts: ``None`` (this process), a pid, a :class:`Target`, or
+#: anything with ``.pid``.
+PidLike = Union[int, Target, HasPid, None]
+
 _self: Target | None = None
 
 
 def self_target() -> Target:
-    """The cached ``/proc/<our pid>/pagemap`` (reopened after fork)."""
+    """The cached ``/proc/<our pid>/pagemap`` (reopened after fork).
+
+    No lock: a signal handler that scans while this function runs in the same thread
+    must not wait for a lock its own thread holds. Two callers racing to open it each
+    open one; the last assignment wins and the other ``Target`` is closed when its
+    caller drops it.
+    """
     global _self
     t = _self
     if t is not None and t._fd >= 0 and t._owner_pid == os.getpid():
         return t
-    with _self_lock:
-        t = _self
-        if t is None or t._fd < 0 or t._owner_pid != os.getpid():
-            t = _self = Target(os.getpid())
-        return t
+    t = Target(os.getpid())
+    _self = t
+    return t
 
 
 def _forget_self_after_fork() -> None:

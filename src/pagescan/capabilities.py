@@ -27,11 +27,15 @@ import os
 import struct
 from typing import Any
 
-from ._target import Target
+from . import _probe
+from ._scan import scan
+from ._target import self_target
 from ._uapi import libc
+from ._uapi.since import since
 from ._uapi.mman import MADV, MAP, PROT
-from ._uapi.pagemap import CATEGORY_SINCE, PAGEMAP_SCAN, PM, Category, ScanFlag
-from ._uapi.userfaultfd import FEATURE_SINCE, UffdFeature, UffdIoctl
+from ._uapi.pagemap import CATEGORY_SINCE, PM, Category, ScanFlag
+from ._uapi.userfaultfd import FEATURE_SINCE, RegisterMode, UffdFeature, UffdIoctl
+from .userfaultfd import Userfaultfd
 
 __all__ = ["Capabilities", "capabilities"]
 
@@ -80,7 +84,7 @@ class Capabilities:
     hugetlb_free: int
     #: feature name -> "needs Linux X" / why it is unavailable
     missing: dict[str, str]
-    #: kernel.md 1.8 behaviours that changed in bug-fix releases, probed on this kernel:
+    #: kernel behaviour (``docs/kernel-facts.md``, "Categories of a page")s that changed in bug-fix releases, probed on this kernel:
     #: ``written_unpopulated_pte`` (2026: an empty PTE reads WRITTEN on the generic path),
     #: ``written_pmd_hole`` (2026: a PMD hole in a uffd-WP VMA reads WRITTEN),
     #: ``pfnzero_huge_zero`` (2025: the huge zero page reads PFNZERO). ``None``: not probed
@@ -111,38 +115,13 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _probe_scan(fd: int, addr: int) -> tuple[bool, Category, ScanFlag, str | None]:
-    arg = bytearray(96)
-
-    def call(flags: int, ret: int) -> int:
-        struct.pack_into("=12Q", arg, 0, 96, flags, addr, addr, 0, 0, 0, 0, 0, 0, 0, ret)
-        try:
-            libc.ioctl(fd, PAGEMAP_SCAN, arg)
-            return 0
-        except OSError as err:
-            return err.errno or -1
-
-    first = call(0, 0)
-    if first:
-        why = "needs Linux 6.7" if first == errno.ENOTTY else f"probe failed: {os.strerror(first)}"
-        return False, Category(0), ScanFlag(0), why
-    cats = 0
-    flags = 0
-    for bit in range(64):
-        if call(0, 1 << bit) == 0:
-            cats |= 1 << bit
-        if call(1 << bit, 0) == 0:
-            flags |= 1 << bit
-    return True, Category(cats), ScanFlag(flags), None
-
-
 def capabilities() -> Capabilities:
     """What this kernel supports; see the module docstring for how it is found.
 
     Kernel probes run once per process and are cached; the THP mode and the hugetlb
     pool, which an administrator can change at any time, are read on every call.
     """
-    base = _probe()
+    base = _base_report()
     missing = dict(base.missing)
     sysfs = _sysfs_state(missing)
     return dataclasses.replace(base, missing=missing, **sysfs)
@@ -183,29 +162,31 @@ def _sysfs_state(missing: dict[str, str]) -> dict[str, Any]:
 
 
 @functools.cache
-def _probe() -> Capabilities:
+def _base_report() -> Capabilities:
     missing: dict[str, str] = {}
     uname = os.uname()
 
     # A throw-away private page, written so it is present, and a neighbour for MADV probes.
-    page = libc.mmap(0, 2 * PAGE_SIZE, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS)
-    try:
+    scan_probe = _probe.pagemap_scan()
+    pagemap_scan, cats, flags = scan_probe.available, scan_probe.categories, scan_probe.flags
+    why = None
+    if not pagemap_scan:
+        why = (f"needs Linux {since('PAGEMAP_SCAN')}" if scan_probe.error == errno.ENOTTY
+               else f"probe failed: {os.strerror(scan_probe.error)}")
+    with libc.RawMapping(2 * PAGE_SIZE, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS) as m:
+        page = m.addr
         libc.vm_write(os.getpid(), page, b"\x01")
-        with Target() as target:
-            pagemap_scan, cats, flags, why = _probe_scan(target.fd, page)
-            entry = struct.unpack("<Q", os.pread(target.fd, 8, page // PAGE_SIZE * 8))[0]
+        entry = struct.unpack("<Q", os.pread(self_target().fd, 8, page // PAGE_SIZE * 8))[0]
         guard = True
         try:
             libc.madvise(page + PAGE_SIZE, PAGE_SIZE, MADV.GUARD_INSTALL)
         except OSError:
             guard = False
-    finally:
-        libc.munmap(page, 2 * PAGE_SIZE)
 
     if not pagemap_scan:
         missing["PAGEMAP_SCAN"] = why or "unavailable"
     else:
-        for cat in Category:
+        for cat in Category.__members__.values():
             if not cats & cat:
                 missing[f"PAGE_IS_{cat.name}"] = f"needs Linux {CATEGORY_SINCE[cat]}"
     soft_dirty = bool(entry & PM.SOFT_DIRTY)
@@ -218,27 +199,18 @@ def _probe() -> Capabilities:
     if not kpageflags:
         missing["kpageflags"] = "/proc/kpageflags is readable by root only"
     if not guard:
-        missing["guard regions"] = "MADV_GUARD_INSTALL needs Linux 6.13"
+        missing["guard regions"] = f"MADV_GUARD_INSTALL needs Linux {since('MADV_GUARD_INSTALL')}"
 
-    from .userfaultfd import Userfaultfd
-
-    uffd_ok = False
-    feats = UffdFeature(0)
-    ioctls = UffdIoctl(0)
-    for user_mode_only in (False, True):
-        try:
-            with Userfaultfd(0, user_mode_only=user_mode_only) as uf:
-                feats, ioctls, uffd_ok = uf.supported_features, uf.ioctls, True
-            break
-        except OSError as err:
-            missing["userfaultfd"] = f"cannot create a userfaultfd: {err.strerror}"
-    if uffd_ok:
-        missing.pop("userfaultfd", None)
-        for feat in UffdFeature:
+    uffd = _probe.uffd_api()
+    uffd_ok, feats, ioctls = uffd.available, uffd.features, uffd.ioctls
+    if not uffd_ok:
+        missing["userfaultfd"] = uffd.why
+    else:
+        for feat in UffdFeature.__members__.values():
             if not feats & feat:
                 missing[f"UFFD_FEATURE_{feat.name}"] = f"needs Linux {FEATURE_SINCE[feat]}"
 
-    generation = _probe_generation() if pagemap_scan else {
+    generation: dict[str, bool | None] = _probe_generation() if pagemap_scan else {
         "written_unpopulated_pte": None, "written_pmd_hole": None, "pfnzero_huge_zero": None}
 
     exact = Category.PRESENT | Category.SWAPPED | Category.GUARD | Category.SOFT_DIRTY | Category.FILE
@@ -293,22 +265,17 @@ def _probe() -> Capabilities:
 
 def _generic_written(start: int, end: int) -> int:
     """Pages the *generic* path reports WRITTEN (anyof, not the mask==return fast path)."""
-    from ._scan import scan
-
     return scan(start, end, category_anyof_mask=int(Category.WRITTEN), return_mask=int(Category.WRITTEN)).pages
 
 
 def _probe_generation() -> dict[str, bool | None]:
-    """Which side of each kernel.md 1.8 behaviour change this kernel is on."""
-    from .userfaultfd import Userfaultfd
-    from ._uapi.userfaultfd import RegisterMode
+    """Which side of each kernel behaviour (``docs/kernel-facts.md``, "Categories of a page") change this kernel is on."""
 
     out: dict[str, bool | None] = {"written_unpopulated_pte": None, "written_pmd_hole": None, "pfnzero_huge_zero": None}
     pmd = 2 << 20
     span = 2 * pmd
-    base = libc.mmap(0, span + pmd, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE)
-    try:
-        a = (base + pmd - 1) & ~(pmd - 1)  # two PMD-aligned blocks: [a, a+pmd) and [a+pmd, a+2pmd)
+    with libc.RawMapping(span + pmd, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE) as m:
+        a = (m.addr + pmd - 1) & ~(pmd - 1)  # two PMD-aligned blocks: [a, a+pmd) and [a+pmd, a+2pmd)
         try:
             uf = Userfaultfd(UffdFeature.WP_ASYNC)
         except OSError:
@@ -330,18 +297,14 @@ def _probe_generation() -> dict[str, bool | None]:
         # Huge zero page: a read fault in a MADV_HUGEPAGE block (needs THP and use_zero_page).
         c = a + pmd
         try:
-            libc.munmap(a, span)
+            # A fresh mapping in place (MAP_FIXED replaces the uffd-registered one).
             libc.mmap(a, span, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED)
             libc.madvise(c, pmd, MADV.HUGEPAGE)
             libc.vm_read(os.getpid(), c, bytearray(1))
-            from ._scan import scan
-
             res = scan(c, c + pmd, return_mask=int(Category.PFNZERO | Category.HUGE | Category.PRESENT))
             cats = [int(c) for c in res.regions["categories"]]
             if len(cats) == 1 and cats[0] & Category.HUGE:
                 out["pfnzero_huge_zero"] = bool(cats[0] & Category.PFNZERO)
         except OSError:
             pass
-    finally:
-        libc.munmap(base, span + pmd)
     return out

@@ -30,8 +30,10 @@ Linux 6.6) on every page still empty and wakes the faulting threads: they get SI
 a clear failure, instead of waiting forever or -- had the uffd simply been closed --
 silently reading zero pages. (If handler and guardian are killed together, the kernel
 unregisters the ranges and later faults read zeros; keep them in the owner's process
-group and do not kill it.) Both are children of the owner, reaped by ``wait``/``close``;
-if the owner exits first, the handler notices (a pidfd) and both exit.
+group and do not kill it.) Both are children of the owner, watched through pidfds
+(``pagescan._child``) and reaped by ``wait``/``close``, or when a forgotten
+:class:`FaultHandler` is collected (``weakref.finalize``); if the owner exits first, the
+handler notices (a pidfd) and both exit.
 
 A process the owner forks later does not inherit the registration (no
 ``EVENT_FORK``): pages not yet served read as zeros there. Fork after :meth:`wait`.
@@ -47,12 +49,16 @@ import os
 import select
 import signal
 import time
+import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 
-from ._errors import PartialProgressError
+from ._child import Child, fork
+from ._args import U64, open_regular, u64
+from ._errors import InvalidArgumentError, PartialProgressError
 from ._uapi import libc
 from ._uapi.mman import MAP, PROT
 from ._uapi.pagemap import Category
@@ -84,15 +90,39 @@ class Source(Protocol):
     def read(self, offset: int, out: memoryview) -> bool: ...
 
 
+def _regions(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(address, length)`` pairs as ints: page aligned, non-empty, inside 64 bits."""
+    if isinstance(regions, (str, bytes)) or not hasattr(regions, "__iter__"):
+        raise TypeError(f"regions must be a sequence of (address, length) pairs, not {type(regions).__name__}")
+    out = []
+    for i, r in enumerate(regions):
+        try:
+            a, n = r
+        except (TypeError, ValueError):
+            raise TypeError(f"regions[{i}] must be an (address, length) pair, not {r!r}") from None
+        a, n = u64(f"regions[{i}] address", a, bool_ok=False), u64(f"regions[{i}] length", n, bool_ok=False)
+        if a % P or n % P or n == 0 or a + n > U64:
+            raise InvalidArgumentError(f"FaultHandler: regions[{i}] {a:#x}+{n:#x} is not page aligned and "
+                                       "non-empty, or runs past the top of the address space")
+        out.append((a, n))
+    return out
+
+
 class FileSource:
     """Pages from a file (or a slice of it starting at ``base``)."""
 
     def __init__(self, path: str | os.PathLike[str], base: int = 0) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.base = base
+        self.fd = -1
+        self.base = u64("base", base, bool_ok=False)
+        if self.base >= 1 << 63:
+            raise ValueError(f"base {self.base:#x} is beyond the largest file offset (2**63 - 1)")
+        self.fd = open_regular(path, os.O_RDONLY, "FileSource path")  # a FIFO would block forever
 
     def read(self, offset: int, out: memoryview) -> bool:
-        got = os.preadv(self.fd, [out], self.base + offset)
+        pos = self.base + offset
+        if pos >= 1 << 63:
+            raise ValueError(f"offset {offset:#x} from base {self.base:#x} is beyond the largest file offset")
+        got = os.preadv(self.fd, [out], pos)
         if got < len(out):
             out[got:] = bytes(len(out) - got)
         return True
@@ -140,6 +170,44 @@ class _Shared:
 STATE_RUNNING, STATE_DONE, STATE_FAILED = 0, 1, 2
 
 
+class _Lifecycle:
+    """What a :class:`FaultHandler` owns outside Python's heap: its two processes and
+    the shared page. Held by the handler's ``weakref.finalize``, so it never refers to
+    the handler itself."""
+
+    def __init__(self) -> None:
+        self.owner = os.getpid()
+        self.handler: Child | None = None
+        self.guardian: Child | None = None
+        self.shared: _Shared | None = None
+
+    def stop(self) -> None:
+        """Kill the handler (if running), reap it and the guardian, unmap the page.
+
+        The guardian poisons the pages still empty once the handler is gone; that takes
+        milliseconds; a guardian stuck for long is killed (the ranges are then
+        unregistered and read zeros: the documented last resort). In a process forked
+        from the owner this only drops the inherited pidfds and the page.
+        """
+        handler, guardian, self.handler, self.guardian = self.handler, self.guardian, None, None
+        if handler is not None:
+            handler.kill()
+            handler.wait()
+        if guardian is not None and guardian.wait(10.0) is None:
+            guardian.kill()
+            guardian.wait()
+        if self.shared is not None:
+            self.shared.close()
+
+    def finalize(self) -> None:
+        """The handler was dropped without :meth:`FaultHandler.close`."""
+        running = self.handler is not None and self.handler.wait(0) is None
+        self.stop()
+        if running and os.getpid() == self.owner:
+            warnings.warn("FaultHandler dropped while serving faults, without close(): stopped it; "
+                          "pages not served by then are poisoned", ResourceWarning, stacklevel=2)
+
+
 class FaultHandler:
     """Register ``regions`` for MISSING faults and serve them from ``source`` in a child.
 
@@ -149,10 +217,22 @@ class FaultHandler:
         source: a :class:`Source`, or a callable ``(offset, length) -> bytes | None``
             (``None``: zeros).
         prefetch: copy pages ahead while no fault is waiting.
+        hot: page numbers (counted over the regions in order) to prefetch first, in
+            this order, before the address-order prefetch (a recorded working set).
+        record: a writable ``uint64`` array in memory shared with the handler (a
+            ``MAP_SHARED`` mapping), of ``1 + total pages`` elements: the handler
+            records every page that faults, in first-touch order, from element 1 on,
+            and keeps the count in element 0 (a working set). While recording, each
+            fault is served alone (no window, no prefetch), so that every first touch
+            is seen.
 
     Use as a context manager; :meth:`wait` blocks until every page is in. Raises
     ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
     EBUSY if registered elsewhere).
+
+    The handler and guardian processes are watched through pidfds. A handler dropped
+    without :meth:`close` is closed when it is collected (with a ``ResourceWarning``
+    if it was still serving), so it leaves neither a process nor a mapping behind.
     """
 
     def __init__(
@@ -161,21 +241,41 @@ class FaultHandler:
         source: Source | Callable[[int, int], Any],
         *,
         prefetch: bool = True,
+        hot: Sequence[int] | np.ndarray | None = None,
+        record: np.ndarray | None = None,
     ) -> None:
-        self.regions = [(int(a), int(n)) for a, n in regions]
-        for a, n in self.regions:
-            if a % P or n % P or n <= 0:
-                raise ValueError(f"region {a:#x}+{n:#x} is not page aligned and non-empty")
+        self.regions = _regions(regions)
         self.total_pages = sum(n for _, n in self.regions) // P
         self.source: Source = source if hasattr(source, "read") else _CallableSource(source)
         self.prefetch = prefetch
-        self.pid = 0
-        #: pid of the guardian process (0 once reaped)
-        self.guardian_pid = 0
+        self.hot = None if hot is None else np.asarray(hot, dtype=np.int64)
+        if self.hot is not None and self.hot.size and not (
+            self.hot.ndim == 1 and int(self.hot.min()) >= 0 and int(self.hot.max()) < self.total_pages
+        ):
+            raise ValueError(f"hot must be page numbers in [0, {self.total_pages})")
+        if record is not None and (record.dtype != np.uint64 or record.ndim != 1 or len(record) < self.total_pages + 1
+                                   or not record.flags.writeable):
+            raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 1} elements")
+        self.record = record
+        #: ``waitpid`` status of the handler process once reaped by :meth:`wait`.
         self.exit_status: int | None = None
         self.owner = os.getpid()
         self._shared: _Shared | None = None
         self._started = False
+        self._life = _Lifecycle()
+        self._finalizer = weakref.finalize(self, self._life.finalize)
+
+    @property
+    def pid(self) -> int:
+        """pid of the handler process (0 once reaped)."""
+        child = self._life.handler
+        return child.pid if child is not None and child.status is None else 0
+
+    @property
+    def guardian_pid(self) -> int:
+        """pid of the guardian process (0 once reaped)."""
+        child = self._life.guardian
+        return child.pid if child is not None and child.status is None else 0
 
     # -- owner side -----------------------------------------------------------------
 
@@ -184,10 +284,11 @@ class FaultHandler:
 
         if self._started:
             raise RuntimeError("FaultHandler already started")
-        self.owner = os.getpid()
+        life = self._life
+        self.owner = life.owner = os.getpid()
         feats = UffdFeature.EVENT_REMOVE | UffdFeature.EVENT_UNMAP | UffdFeature.EVENT_REMAP
         uf = Userfaultfd(feats, nonblock=True)
-        shared = self._shared = _Shared()
+        shared = self._shared = life.shared = _Shared()
         ok = False
         try:
             # Register first (EBUSY if another uffd has the range: the clearer error),
@@ -206,27 +307,20 @@ class FaultHandler:
             # "D" for done) when the handler ends, however it ends.
             life_r, life_w = os.pipe()
             try:
-                pid = os.fork()
-                if pid == 0:  # handler process
-                    code = 1
-                    try:
-                        os.close(life_r)
-                        code = _handler_main(uf, self, life_w)
-                    except BaseException:
-                        code = 1
-                    finally:
-                        os._exit(code)
-                self.pid = pid
+
+                def handler_main() -> int:
+                    os.close(life_r)
+                    return _handler_main(uf, self, life_w)
+
+                def guardian_main() -> int:
+                    _guardian(uf, self.regions, self.owner, life_r)
+                    return 0
+
+                life.handler = fork(handler_main)
                 self._started = True
                 os.close(life_w)
                 life_w = -1
-                gpid = os.fork()
-                if gpid == 0:  # guardian process
-                    try:
-                        _guardian(uf, self.regions, self.owner, life_r)
-                    finally:
-                        os._exit(0)
-                self.guardian_pid = gpid
+                life.guardian = fork(guardian_main)
             finally:
                 os.close(life_r)
                 if life_w >= 0:
@@ -250,21 +344,29 @@ class FaultHandler:
         return bool(sh and sh.addr and sh.arr[1] == STATE_FAILED)
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the handler to finish; ``True`` when every page was served."""
+        """Wait for the handler to finish; ``True`` when every page was served.
+
+        Sleeps in ``poll`` on the handler's pidfd (then the guardian's), woken by its exit.
+        """
         if not self._started:
             raise RuntimeError("FaultHandler was not started")
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self.pid:
-            status = _reap(self.pid, deadline)
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        life = self._life
+        if life.handler is not None:
+            status = life.handler.wait(left())
             if status is None:
                 return False
-            self.pid = 0
+            life.handler = None
             self.exit_status = status
-        if self.guardian_pid:
+        if life.guardian is not None:
             # The handler is gone: the guardian exits at once (after poisoning, if the
             # handler failed). Not reaped in time: close() does it.
-            if _reap(self.guardian_pid, deadline) is not None:
-                self.guardian_pid = 0
+            if life.guardian.wait(left()) is not None:
+                life.guardian = None
         sh = self._shared
         return bool(sh and sh.addr and sh.arr[1] == STATE_DONE)
 
@@ -275,23 +377,8 @@ class FaultHandler:
         :meth:`wait` first to let every page in. In a forked child of the owner this
         only forgets the handler (the processes belong to the owner).
         """
-        if os.getpid() == self.owner:
-            if self.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(self.pid, 0)
-            if self.guardian_pid:
-                # Poisoning takes milliseconds; a guardian stuck for long is killed (the
-                # ranges are then unregistered and read zeros: the documented last resort).
-                if _reap(self.guardian_pid, time.monotonic() + 10.0) is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(self.guardian_pid, signal.SIGKILL)
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(self.guardian_pid, 0)
-        self.pid = self.guardian_pid = 0
-        if self._shared is not None:
-            self._shared.close()
+        self._finalizer.detach()
+        self._life.stop()
 
     def __enter__(self) -> FaultHandler:
         if not self._started:
@@ -300,20 +387,6 @@ class FaultHandler:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _reap(pid: int, deadline: float | None) -> int | None:
-    """``waitpid`` ``pid`` until ``deadline`` (monotonic; ``None``: forever): status or ``None``."""
-    while True:
-        try:
-            got, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return 0  # already reaped (or not ours)
-        if got:
-            return status
-        if deadline is not None and time.monotonic() >= deadline:
-            return None
-        time.sleep(0.002)
 
 
 # -- handler process --------------------------------------------------------------------
@@ -368,6 +441,13 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     window = MIN_WINDOW
     cursor = 0  # global page index for prefetch
+    hot = fh.hot if fh.hot is not None else np.empty(0, np.int64)
+    hot_pos = 0  # next entry of `hot` to prefetch
+    # First-touch record: pages that faulted, in order (a working set for next time).
+    rec = fh.record
+    if rec is not None:
+        rec[0] = 0
+    prefetch = fh.prefetch and rec is None
     state = STATE_FAILED
     try:
         while True:
@@ -376,7 +456,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 state = STATE_DONE
                 break
             try:
-                ready = poller.poll(int(IDLE * 1000) if fh.prefetch else -1)
+                ready = poller.poll(0 if hot_pos < hot.size else int(IDLE * 1000) if prefetch else -1)
             except InterruptedError:
                 continue
             if any(fd == owner_fd for fd, _ in ready):
@@ -389,7 +469,15 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                         loc = pages.locate(ev.address)
                         if loc is None:
                             continue
-                        _serve(uf, fh, pages, loc[1], window, bufmv, buf_addr, shared)
+                        g = loc[1]
+                        if rec is not None:
+                            if pages.state[g] == 0:  # first touch (a repeated message: already in)
+                                n = int(rec[0])
+                                rec[n + 1] = g
+                                rec[0] = n + 1
+                            _serve_span(uf, fh, pages, g, g + 1, bufmv, buf_addr)
+                        else:
+                            _serve(uf, fh, pages, g, window, bufmv, buf_addr, shared)
                     elif isinstance(ev, RemoveEvent):
                         pages.mark(ev.start, ev.end, 2)  # discarded: later faults get zero pages
                     elif isinstance(ev, UnmapEvent):
@@ -399,6 +487,19 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                             if ev.from_ <= a < ev.from_ + ev.len:
                                 pages.addr[i] = ev.to + (a - ev.from_)
                 shared[0] = int(np.count_nonzero(pages.state))
+                if hot_pos >= hot.size:
+                    continue
+            if hot_pos < hot.size:
+                # A recorded working set: its pages first, in recorded order, a batch at
+                # a time (sorted into runs: few copies), between faults too -- a program
+                # that faults continuously never leaves the handler idle.
+                batch = hot[hot_pos : hot_pos + HOT_BATCH]
+                hot_pos += batch.size
+                batch = np.unique(batch[pages.state[batch] == 0])
+                _serve_pages(uf, fh, pages, batch, bufmv, buf_addr)
+                shared[0] = int(np.count_nonzero(pages.state))
+                continue
+            if not prefetch:
                 continue
             # Idle: prefetch the next pending pages.
             if cursor >= pages.state.size or pages.state[cursor]:
@@ -422,6 +523,57 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     return 0 if state == STATE_DONE else 1
 
 
+#: Pages of a recorded working set prefetched between two looks at the fault queue.
+HOT_BATCH = 256
+
+
+def _runs_within_regions(sorted_pages: np.ndarray, base: list[int]) -> list[tuple[int, int]]:
+    """Runs ``[lo, hi)`` of consecutive pages, cut at region boundaries."""
+    if not sorted_pages.size:
+        return []
+    region = np.searchsorted(np.asarray(base), sorted_pages, side="right")
+    cuts = np.flatnonzero((np.diff(sorted_pages) != 1) | (np.diff(region) != 0)) + 1
+    first = np.concatenate([[0], cuts])
+    last = np.concatenate([cuts, [sorted_pages.size]]) - 1
+    out: list[tuple[int, int]] = []
+    for f, la in zip(first.tolist(), last.tolist()):
+        lo, hi = int(sorted_pages[f]), int(sorted_pages[la]) + 1
+        for s in range(lo, hi, MAX_WINDOW // P):  # the copy buffer holds MAX_WINDOW
+            out.append((s, min(hi, s + MAX_WINDOW // P)))
+    return out
+
+
+def _serve_pages(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, batch: np.ndarray,
+                 bufmv: memoryview, buf_addr: int) -> None:
+    """Resolve the pending pages ``batch`` (sorted global pages, at most MAX_WINDOW of them).
+
+    A source with ``read_many(offsets, rows)`` reads them all in one call (scattered
+    pages: one pass instead of one call per page); each run of consecutive pages is
+    then one ``UFFDIO_COPY``.
+    """
+    read_many = getattr(fh.source, "read_many", None)
+    if read_many is None or not batch.size:
+        for lo, hi in _runs_within_regions(batch, pages.base):
+            _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
+        return
+    base = np.asarray(pages.base)
+    region = np.searchsorted(base, batch, side="right") - 1
+    rel = batch - base[region]
+    offsets = np.asarray(pages.offset, dtype=np.int64)[region] + rel * P
+    rows = np.frombuffer(bufmv, dtype=np.uint8, count=batch.size * P).reshape(batch.size, P)
+    read_many(offsets, rows)
+    k = 0
+    for lo, hi in _runs_within_regions(batch, pages.base):
+        i = int(region[k])
+        addr = pages.addr[i] + int(rel[k]) * P
+        try:
+            _fill(uf, addr, (hi - lo) * P, buf_addr + k * P)
+        except _Retry:
+            return  # pages stay pending
+        pages.state[lo:hi] = 1
+        k += hi - lo
+
+
 class _Retry(Exception):
     """The mm is changing (a non-cooperative event is pending): read events, then retry."""
 
@@ -435,6 +587,14 @@ def _serve(
     wpages = window // P
     lo = max(pages.base[i], gidx - gidx % wpages)  # window aligned down: serve the fault's neighbours too
     hi = min(pages.base[i + 1], lo + wpages)
+    _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
+    shared[0] = int(np.count_nonzero(pages.state))
+
+
+def _serve_span(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, lo: int, hi: int,
+                bufmv: memoryview, buf_addr: int) -> None:
+    """Resolve the pending pages among the global pages ``[lo, hi)`` (within one region)."""
+    i = next(k for k in range(len(pages.regions)) if pages.base[k] <= lo < pages.base[k + 1])
     st = pages.state[lo:hi]
     n = hi - lo
     k = 0
@@ -460,7 +620,6 @@ def _serve(
             return  # pages stay pending
         pages.state[page0 : lo + j] = 1
         k = j
-    shared[0] = int(np.count_nonzero(pages.state))
 
 
 def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:

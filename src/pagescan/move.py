@@ -22,9 +22,12 @@ import errno
 import mmap
 from typing import NamedTuple
 
-from ._errors import KernelFeatureError, PartialProgressError
+from ._args import check_aligned, u64
+from ._errors import InvalidArgumentError, KernelFeatureError, PartialProgressError
 from ._uapi import libc
 from ._uapi.mman import MADV
+from ._scan import scan
+from ._uapi.pagemap import Category
 from ._uapi.userfaultfd import RegisterMode
 from .userfaultfd import Userfaultfd
 
@@ -79,15 +82,19 @@ def move_pages(
     exception's ``result`` attribute is the :class:`MoveResult` of that progress, so the
     caller can resume at ``dst + moved + copied``.
     """
-    for name, v in (("dst", dst), ("src", src), ("length", length)):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must be an int")
-        if v < 0:
-            raise ValueError(f"{name} must not be negative")
+    dst, src, length = (u64("dst", dst, bool_ok=False), u64("src", src, bool_ok=False),
+                        u64("length", length, bool_ok=False))
     if fallback not in _FALLBACKS:
         raise ValueError(f"fallback must be one of {_FALLBACKS}, not {fallback!r}")
-    if length == 0 or dst % P or src % P or length % P:
-        raise OSError(errno.EINVAL, "dst, src and length must be page aligned and length non-zero")
+    if uffd is not None and not isinstance(uffd, Userfaultfd):
+        raise TypeError(f"uffd must be a pagescan.Userfaultfd or None, not {type(uffd).__name__}")
+    check_aligned("move_pages", "dst", dst)
+    check_aligned("move_pages", "src", src)
+    if length == 0 or length % P:
+        raise InvalidArgumentError(f"move_pages: length {length} is not a non-zero multiple of the page size ({P})")
+    if dst < src + length and src < dst + length:
+        raise InvalidArgumentError(
+            f"move_pages: src [{src:#x}, {src + length:#x}) and dst [{dst:#x}, {dst + length:#x}) overlap")
 
     own = uffd is None
     uf = Userfaultfd(0) if uffd is None else uffd
@@ -141,9 +148,6 @@ def _copy_and_drop(uf: Userfaultfd, dst: int, src: int, length: int, holes: bool
     """UFFDIO_COPY ``src`` to ``dst`` then ``MADV_DONTNEED`` the source."""
     if not holes:
         # Without allow_src_holes a hole is an error for MOVE; keep that for the copy.
-        from ._scan import scan
-        from ._uapi.pagemap import Category
-
         empty = int(Category.PRESENT | Category.SWAPPED)  # neither present nor swapped: a hole
         res = scan(src, src + length, category_mask=empty, category_inverted=empty, return_mask=0, vec_len=1)
         if len(res):

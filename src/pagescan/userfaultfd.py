@@ -1,6 +1,6 @@
 """``Userfaultfd``: a userfaultfd file descriptor, its handshake and its ioctls.
 
-Facts (``shared/spec/kernel.md`` section 4):
+Facts (``docs/kernel-facts.md``, userfaultfd):
 
 * Created by ``userfaultfd(2)`` or, when the syscall is refused (EPERM under
   ``vm.unprivileged_userfaultfd=0`` without ``UFFD_USER_MODE_ONLY``, ENOSYS under
@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
+import mmap
 import os
 import select
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._errors import KernelFeatureError, PartialProgressError
+from . import _probe
+from ._args import buffer_span, u64
+from ._errors import KernelFeatureError, PartialProgressError, feature_error, with_context
 from ._fdholder import FdHolder
 from ._registry import wp_async_registry
 from ._uapi import libc
@@ -58,6 +62,9 @@ __all__ = [
 ]
 
 _MSG_SIZE = 32
+#: The longest finite ``read_events`` timeout, in seconds: ``poll`` takes an int of ms.
+MAX_TIMEOUT = (2**31 - 1) / 1000
+_P = mmap.PAGESIZE
 
 
 class PagefaultEvent(NamedTuple):
@@ -146,40 +153,26 @@ def parse_uffd_msgs(buffer: Any) -> list[UffdEvent]:
 
 
 def open_userfaultfd(flags: int) -> int:
-    """A raw uffd: ``userfaultfd(flags)``, falling back to ``/dev/userfaultfd``.
-
-    The fallback is taken when the syscall is refused (EPERM, ENOSYS) or unknown here.
-    """
-    first: OSError | None = None
-    if libc.SYS_userfaultfd is not None:
-        try:
-            return libc.syscall(libc.SYS_userfaultfd, flags)
-        except OSError as err:
-            if err.errno not in (errno.EPERM, errno.ENOSYS):
-                raise
-            first = err
+    """A raw uffd (``userfaultfd(2)``, or ``/dev/userfaultfd`` when the syscall is
+    refused); :class:`KernelFeatureError` (ENOSYS) when neither exists."""
     try:
-        dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+        return libc.open_userfaultfd(flags)
     except OSError as err:
-        if first is not None:
-            raise first from err
-        raise KernelFeatureError(errno.ENOSYS, "userfaultfd", "4.3", f"no syscall number and {err}") from err
-    try:
-        return libc.ioctl(dev, U.USERFAULTFD_IOC_NEW, flags)
-    finally:
-        os.close(dev)
+        if err.errno == errno.ENOSYS:
+            raise feature_error(errno.ENOSYS, ["userfaultfd"], err.strerror or "") from err
+        raise
 
 
 def _u64(name: str, value: Any) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not bool")
-    try:
-        v = int(value.__index__())
-    except AttributeError:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
-    if not 0 <= v < 1 << 64:
-        raise ValueError(f"{name} out of range for a 64-bit unsigned value: {v}")
-    return v
+    return u64(name, value, bool_ok=False)
+
+
+def _range(call: str, start: Any, length: Any) -> tuple[int, int]:
+    """``(start, length)`` as plain ints, checked before the syscall (``TypeError``,
+    ``ValueError``). Alignment is left to the kernel: these methods mirror the ioctls,
+    whose own order of checks (``-EAGAIN`` while the mm changes comes first, for
+    example) decides the errno."""
+    return _u64("start", start), _u64("length", length)
 
 
 class Userfaultfd(FdHolder):
@@ -242,7 +235,22 @@ class Userfaultfd(FdHolder):
 
         The handshake is not repeated (it is one-shot); ``features`` records what the
         creator enabled. The object owns ``fd`` from now on.
+
+        Raises:
+            TypeError, ValueError: ``fd`` is not an int >= 0, or not a userfaultfd.
+            OSError: EBADF, ``fd`` is not open.
         """
+        fd = _u64("fd", fd)
+        if fd > 2**31 - 1:
+            raise ValueError(f"fd {fd} is not a file descriptor")
+        os.fstat(fd)  # EBADF if not open
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            link = ""
+        if link and link != "anon_inode:[userfaultfd]":
+            raise ValueError(f"fd {fd} is not a userfaultfd ({link})")
+        features = _u64("features", features)
         self = object.__new__(cls)
         self._fd = fd
         self.features = UffdFeature(features)
@@ -277,18 +285,30 @@ class Userfaultfd(FdHolder):
         VMA, memory type not eligible), EPERM (no ``VM_MAYWRITE``), EBUSY (registered
         with another uffd).
         """
-        arg = U.uffdio_register(U.uffdio_range(_u64("start", start), _u64("length", length)), _u64("mode", mode), 0)
-        libc.ioctl(self.fd, U.UFFDIO_REGISTER, arg)
+        s, n = _range("UFFDIO_REGISTER", start, length)
+        m = _u64("mode", mode)
+        arg = U.uffdio_register(U.uffdio_range(s, n), m, 0)
+        try:
+            libc.ioctl(self.fd, U.UFFDIO_REGISTER, arg)
+        except OSError as err:
+            raise with_context(err, f"UFFDIO_REGISTER of [{s:#x}, {s + n:#x}) mode {RegisterMode(m)!r}"
+                                    + (_range_hint(s, n, err) or _REGISTER_HINTS.get(err.errno or 0, ""))) from None
         # Recorded for the emulated PAGEMAP_SCAN (WPALLOWED, CHECK_WPASYNC): the range is
         # now this uffd's, in this mode (the registry asks the kernel whether it is async).
-        wp_async_registry.add(id(self), start, start + length, wp=bool(mode & RegisterMode.WP), fd=self.fd)
+        wp_async_registry.add(id(self), s, s + n, wp=bool(m & RegisterMode.WP), fd=self.fd)
         return UffdIoctl(arg.ioctls)
 
     def unregister(self, start: int, length: int) -> None:
         """``UFFDIO_UNREGISTER``: wakes MISSING waiters and clears uffd-wp state."""
-        arg = U.uffdio_range(_u64("start", start), _u64("length", length))
-        libc.ioctl(self.fd, U.UFFDIO_UNREGISTER, arg)
-        wp_async_registry.remove(id(self), start, start + length)
+        s, n = _range("UFFDIO_UNREGISTER", start, length)
+        arg = U.uffdio_range(s, n)
+        try:
+            libc.ioctl(self.fd, U.UFFDIO_UNREGISTER, arg)
+        except OSError as err:
+            raise with_context(err, f"UFFDIO_UNREGISTER of [{s:#x}, {s + n:#x})" + (
+                _range_hint(s, n, err) or (" (no mapping there, or it belongs to another userfaultfd)"
+                                           if err.errno == errno.EINVAL else ""))) from None
+        wp_async_registry.remove(id(self), s, s + n)
 
     # -- resolution -----------------------------------------------------------------
 
@@ -298,9 +318,15 @@ class Userfaultfd(FdHolder):
         Errors: ENOENT (a VMA in range is not WP-registered), EINVAL (bad range; WP
         together with DONTWAKE), EAGAIN (mm changing).
         """
+        s, n = _range("UFFDIO_WRITEPROTECT", start, length)
         mode = (U.WriteprotectMode.WP if enable else 0) | (U.WriteprotectMode.DONTWAKE if dontwake else 0)
-        arg = U.uffdio_writeprotect(U.uffdio_range(_u64("start", start), _u64("length", length)), mode)
-        libc.ioctl(self.fd, U.UFFDIO_WRITEPROTECT, arg)
+        arg = U.uffdio_writeprotect(U.uffdio_range(s, n), mode)
+        try:
+            libc.ioctl(self.fd, U.UFFDIO_WRITEPROTECT, arg)
+        except OSError as err:
+            raise with_context(err, f"UFFDIO_WRITEPROTECT of [{s:#x}, {s + n:#x})" + _range_hint(s, n, err) + (
+                " (a mapping in range is not registered for write-protect with this userfaultfd)"
+                if err.errno == errno.ENOENT else "")) from None
 
     def copy(self, dst: int, src: int, length: int, *, wp: bool = False, dontwake: bool = False) -> int:
         """``UFFDIO_COPY`` ``length`` bytes from ``src`` (in the *calling* process) to ``dst``.
@@ -308,32 +334,36 @@ class Userfaultfd(FdHolder):
         Returns ``length``. Errors: EEXIST (already populated), ENOENT (dst not in a
         registered VMA), EFAULT (src unreadable), :class:`PartialProgressError`.
         """
+        d, n = _range("UFFDIO_COPY", dst, length)
         mode = (U.CopyMode.WP if wp else 0) | (U.CopyMode.DONTWAKE if dontwake else 0)
-        arg = U.uffdio_copy(_u64("dst", dst), _u64("src", src), _u64("length", length), mode, 0)
-        return self._resolve(U.UFFDIO_COPY, arg, "copy", "UFFDIO_COPY", length)
+        arg = U.uffdio_copy(d, _u64("src", src), n, mode, 0)
+        return self._resolve(U.UFFDIO_COPY, arg, "copy", "UFFDIO_COPY", d, n)
 
     def copy_from(self, dst: int, data: Any, *, wp: bool = False, dontwake: bool = False) -> int:
         """``UFFDIO_COPY`` the bytes of a buffer object (length a page multiple) to ``dst``."""
-        arr = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1)
-        return self.copy(dst, int(arr.ctypes.data), arr.nbytes, wp=wp, dontwake=dontwake)
+        addr, n = buffer_span(data, "data")
+        return self.copy(dst, addr, n, wp=wp, dontwake=dontwake)
 
     def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> int:
         """``UFFDIO_ZEROPAGE``: map zero pages (the shared zero page on private anon)."""
+        s, n = _range("UFFDIO_ZEROPAGE", start, length)
         mode = U.ZeropageMode.DONTWAKE if dontwake else 0
-        arg = U.uffdio_zeropage(U.uffdio_range(_u64("start", start), _u64("length", length)), mode, 0)
-        return self._resolve(U.UFFDIO_ZEROPAGE, arg, "zeropage", "UFFDIO_ZEROPAGE", length)
+        arg = U.uffdio_zeropage(U.uffdio_range(s, n), mode, 0)
+        return self._resolve(U.UFFDIO_ZEROPAGE, arg, "zeropage", "UFFDIO_ZEROPAGE", s, n)
 
     def continue_(self, start: int, length: int, *, wp: bool = False, dontwake: bool = False) -> int:
         """``UFFDIO_CONTINUE``: map existing page-cache pages (MINOR faults; 5.13)."""
+        s, n = _range("UFFDIO_CONTINUE", start, length)
         mode = (U.ContinueMode.WP if wp else 0) | (U.ContinueMode.DONTWAKE if dontwake else 0)
-        arg = U.uffdio_continue(U.uffdio_range(_u64("start", start), _u64("length", length)), mode, 0)
-        return self._resolve(U.UFFDIO_CONTINUE, arg, "mapped", "UFFDIO_CONTINUE", length)
+        arg = U.uffdio_continue(U.uffdio_range(s, n), mode, 0)
+        return self._resolve(U.UFFDIO_CONTINUE, arg, "mapped", "UFFDIO_CONTINUE", s, n)
 
     def poison(self, start: int, length: int, *, dontwake: bool = False) -> int:
         """``UFFDIO_POISON``: install poison markers; a later access raises SIGBUS (6.6)."""
+        s, n = _range("UFFDIO_POISON", start, length)
         mode = U.PoisonMode.DONTWAKE if dontwake else 0
-        arg = U.uffdio_poison(U.uffdio_range(_u64("start", start), _u64("length", length)), mode, 0)
-        return self._resolve(U.UFFDIO_POISON, arg, "updated", "UFFDIO_POISON", length)
+        arg = U.uffdio_poison(U.uffdio_range(s, n), mode, 0)
+        return self._resolve(U.UFFDIO_POISON, arg, "updated", "UFFDIO_POISON", s, n)
 
     def move(
         self, dst: int, src: int, length: int, *, allow_src_holes: bool = False, dontwake: bool = False
@@ -346,24 +376,27 @@ class Userfaultfd(FdHolder):
         EINVAL (shared/hugetlb VMAs, dst not registered with this uffd),
         :class:`PartialProgressError` after partial progress.
         """
+        d, n = _range("UFFDIO_MOVE", dst, length)
+        sr = _u64("src", src)
         mode = (U.MoveMode.ALLOW_SRC_HOLES if allow_src_holes else 0) | (U.MoveMode.DONTWAKE if dontwake else 0)
-        arg = U.uffdio_move(_u64("dst", dst), _u64("src", src), _u64("length", length), mode, 0)
+        arg = U.uffdio_move(d, sr, n, mode, 0)
         try:
-            return self._resolve(U.UFFDIO_MOVE, arg, "move", "UFFDIO_MOVE", length)
+            return self._resolve(U.UFFDIO_MOVE, arg, "move", "UFFDIO_MOVE", d, n)
         except OSError as err:
-            if err.errno in (errno.ENOTTY, errno.EINVAL) and not (self.supported_features & UffdFeature.MOVE):
-                from .capabilities import capabilities
-
-                if not capabilities().uffd_move:
-                    raise KernelFeatureError(err.errno, "UFFDIO_MOVE", "6.8") from err
+            if err.errno in (errno.ENOTTY, errno.EINVAL) and not (_probe.uffd_api().features & UffdFeature.MOVE):
+                raise feature_error(err.errno or errno.EINVAL, ["UFFDIO_MOVE"]) from err
             raise
 
     def wake(self, start: int, length: int) -> None:
         """``UFFDIO_WAKE`` threads waiting on faults in the range."""
-        arg = U.uffdio_range(_u64("start", start), _u64("length", length))
-        libc.ioctl(self.fd, U.UFFDIO_WAKE, arg)
+        s, n = _range("UFFDIO_WAKE", start, length)
+        arg = U.uffdio_range(s, n)
+        try:
+            libc.ioctl(self.fd, U.UFFDIO_WAKE, arg)
+        except OSError as err:
+            raise with_context(err, f"UFFDIO_WAKE of [{s:#x}, {s + n:#x})" + _range_hint(s, n, err)) from None
 
-    def _resolve(self, request: int, arg: ctypes.Structure, field: str, name: str, length: int) -> int:
+    def _resolve(self, request: int, arg: ctypes.Structure, field: str, name: str, dst: int, length: int) -> int:
         setattr(arg, field, 0)
         try:
             libc.ioctl(self.fd, request, arg)
@@ -371,7 +404,8 @@ class Userfaultfd(FdHolder):
             if err.errno == errno.EAGAIN:
                 done = int(getattr(arg, field))
                 raise PartialProgressError(max(done, 0), name) from None
-            raise
+            raise with_context(err, f"{name} to [{dst:#x}, {dst + length:#x})" + _range_hint(dst, length, err)
+                                    + _RESOLVE_HINTS.get(err.errno or 0, "")) from None
         return length
 
     # -- events ---------------------------------------------------------------------
@@ -380,14 +414,31 @@ class Userfaultfd(FdHolder):
         """Wait up to ``timeout`` seconds (``None``: forever) and read pending messages.
 
         Returns a possibly empty list (empty on timeout or EAGAIN). Reads up to
-        ``max_events`` messages with one ``read``. Needs a non-blocking fd for a
-        timeout other than ``None``.
+        ``max_events`` (1 to 65536) messages with one ``read``. Needs a non-blocking fd
+        for a timeout other than ``None``.
+
+        Raises:
+            TypeError, ValueError: ``timeout`` not a number of seconds from 0 to
+                ``MAX_TIMEOUT`` (about 24.8 days, what ``poll`` can wait; NaN and
+                infinity too: pass ``None`` to wait forever); ``max_events`` not an int
+                in range. Checked before waiting.
         """
+        ms = -1
+        if timeout is not None:
+            if not isinstance(timeout, (int, float)):
+                raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
+            if not 0 <= timeout <= MAX_TIMEOUT:  # also NaN
+                raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT} seconds (None waits forever), "
+                                 f"got {timeout}")
+            ms = int(math.ceil(timeout * 1000))
+        if isinstance(max_events, bool) or not isinstance(max_events, int):
+            raise TypeError(f"max_events must be an int, not {type(max_events).__name__}")
+        if not 1 <= max_events <= 65536:
+            raise ValueError(f"max_events must be between 1 and 65536, got {max_events}")
         fd = self.fd
         if timeout is not None or not os.get_blocking(fd):
             poller = select.poll()
             poller.register(fd, select.POLLIN)
-            ms = -1 if timeout is None else max(0, int(timeout * 1000))
             while True:
                 try:
                     ready = poller.poll(ms)
@@ -399,10 +450,37 @@ class Userfaultfd(FdHolder):
             if ready[0][1] & select.POLLERR:
                 raise OSError(errno.EINVAL, "poll on userfaultfd gave POLLERR (a blocking fd cannot be polled)")
         try:
-            data = os.read(fd, _MSG_SIZE * max(1, max_events))
+            data = os.read(fd, _MSG_SIZE * max_events)
         except BlockingIOError:
             return []
         return parse_uffd_msgs(data)
+
+
+def _range_hint(start: int, length: int, err: OSError) -> str:
+    """For EINVAL: say so if the range breaks the kernel's ``validate_range`` rules."""
+    if err.errno != errno.EINVAL:
+        return ""
+    if start % _P:
+        return f" (start {start:#x} is not page aligned)"
+    if length == 0 or length % _P:
+        return f" (length {length} is not a non-zero multiple of the page size {_P})"
+    return ""
+
+
+#: What an errno from UFFDIO_REGISTER usually means (docs/kernel-facts.md, userfaultfd).
+_REGISTER_HINTS = {
+    errno.EBUSY: " (already registered with another userfaultfd)",
+    errno.EPERM: " (a mapping in range can never be written, e.g. a shared mapping of a read-only file)",
+    errno.EINVAL: " (no mapping in range, or memory this mode cannot register)",
+}
+#: What an errno from COPY/ZEROPAGE/CONTINUE/POISON/MOVE usually means.
+_RESOLVE_HINTS = {
+    errno.ENOENT: " (the destination is not in a range registered with a userfaultfd, or, for MOVE, "
+                  "the source has a hole)",
+    errno.EEXIST: " (a destination page is already populated)",
+    errno.EBUSY: " (a source page is not exclusively owned by this process, e.g. shared after fork)",
+    errno.EFAULT: " (the source memory is not readable)",
+}
 
 
 Userfaultfd.__module__ = "pagescan"
@@ -410,30 +488,13 @@ Userfaultfd.__module__ = "pagescan"
 
 def _feature_error(requested: int) -> KernelFeatureError | None:
     """A KernelFeatureError naming requested features this kernel lacks, if any."""
-    if not requested:
+    probe = _probe.uffd_api()
+    if not requested or not probe.available:
         return None
-    try:
-        probe = Userfaultfd(0)
-    except OSError:
-        return None
-    try:
-        supported = int(probe.supported_features)
-    finally:
-        probe.close()
-    missing = requested & ~supported
+    missing = requested & ~int(probe.features)
     if not missing:
         return None
-    names = []
-    since = None
-    known = {int(f): f for f in UffdFeature}
-    for bit in range(64):
-        if missing & (1 << bit):
-            f = known.get(1 << bit)
-            if f is None:  # (UffdFeature(1 << bit) would not raise: IntFlag keeps unknown bits)
-                names.append(f"unknown feature bit {bit}")
-                continue
-            names.append(f"UFFD_FEATURE_{f.name}")
-            v = U.FEATURE_SINCE.get(f)
-            if v and (since is None or tuple(map(int, v.split("."))) > tuple(map(int, since.split(".")))):
-                since = v
-    return KernelFeatureError(errno.EINVAL, " | ".join(names), since)
+    known = {int(f): name for name, f in UffdFeature.__members__.items()}
+    names = [f"UFFD_FEATURE_{known[1 << b]}" if (1 << b) in known else f"unknown feature bit {b}"
+             for b in range(64) if missing >> b & 1]
+    return feature_error(errno.EINVAL, names)

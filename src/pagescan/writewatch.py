@@ -52,7 +52,6 @@ Decisions (what the kernel does, and what pagescan does about it):
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import mmap
 import os
@@ -61,12 +60,14 @@ from typing import Any, final
 
 import numpy as np
 
-from ._scan import buffer_range, scan_iter
+from . import _probe
+from ._args import Buffer, buffer_range, check_aligned, u64
+from ._errors import InvalidArgumentError, feature_error
+from ._scan import scan, scan_iter
 from ._uapi import libc
 from ._uapi.mman import MADV
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag
 from ._uapi.userfaultfd import RegisterMode, UffdFeature
-from .capabilities import capabilities
 from .userfaultfd import Userfaultfd
 
 __all__ = ["WriteWatch", "regions_to_pages"]
@@ -77,16 +78,9 @@ _active_lock = threading.Lock()
 _active: dict[int, tuple[int, int]] = {}  # id(watch) -> (start, end)
 
 
-_MS_ASYNC = 1
-
-
 def _msync_async(addr: int, length: int) -> None:
     """``msync(MS_ASYNC)``: a no-op on the memory that fails with ENOMEM on a hole."""
-    fn = libc.libc().msync
-    if fn.argtypes is None:
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        fn.restype = ctypes.c_int
-    libc.check(fn(addr, length, _MS_ASYNC))
+    libc.msync(addr, length, libc.MS_ASYNC)
 
 
 def _nbytes(obj: Any) -> int:
@@ -138,29 +132,22 @@ class WriteWatch:
 
     __slots__ = ("__weakref__", "_lock", "_owner", "_uffd", "end", "exclude", "start")
 
-    def __init__(self, start: Any, length: int | None = None, *, nohugepage: bool = False) -> None:
+    def __init__(self, start: int | Buffer, length: int | None = None, *, nohugepage: bool = False) -> None:
         self._uffd: Userfaultfd | None = None
         if length is None:
-            if isinstance(start, int):
-                raise TypeError("WriteWatch(start, length) needs a length, or pass a buffer object")
-            lo, hi = buffer_range(start)
-            if _nbytes(start) == 0:  # buffer_range widens even an empty buffer to a page
+            lo, hi = buffer_range(start, "start")
+            if _nbytes(start) == 0:
                 raise ValueError("cannot watch an empty buffer")
         else:
-            if isinstance(start, bool) or not isinstance(start, int) or isinstance(length, bool) or not isinstance(length, int):
-                raise TypeError("start and length must be ints")
-            if start < 0 or length <= 0:
-                raise ValueError("start must be >= 0 and length > 0")
-            if start % P:
-                raise ValueError(f"start {start:#x} is not page aligned")
-            lo, hi = start, start + (length + P - 1) // P * P
+            lo, n = u64("start", start, bool_ok=False), u64("length", length, bool_ok=False)
+            check_aligned("WriteWatch", "start", lo)
+            if n == 0:
+                raise InvalidArgumentError("WriteWatch: length must not be 0")
+            hi = lo + (n + P - 1) // P * P
         self.start, self.end = lo, hi
-        caps = capabilities()
-        if not caps.wp_async:
-            from ._errors import KernelFeatureError
-
-            raise KernelFeatureError(errno.EINVAL, "UFFD_FEATURE_WP_ASYNC", "6.7", "needed by WriteWatch")
-        self.exclude = int(Category.GUARD) if caps.categories & Category.GUARD else 0
+        if not _probe.uffd_api().features & UffdFeature.WP_ASYNC:
+            raise feature_error(errno.EINVAL, ["UFFD_FEATURE_WP_ASYNC"], "needed by WriteWatch")
+        self.exclude = int(Category.GUARD) if _probe.pagemap_scan().categories & Category.GUARD else 0
         with _active_lock:
             for other in _active.values():
                 if other[0] < hi and lo < other[1]:
@@ -266,8 +253,14 @@ class WriteWatch:
                 smaller than the first written huge page.
         """
         self._check()
-        if max_pages is not None and (isinstance(max_pages, bool) or not isinstance(max_pages, int) or max_pages <= 0):
-            raise ValueError("max_pages must be a positive int or None")
+        if max_pages is not None:
+            given = max_pages
+            try:
+                max_pages = u64("max_pages", max_pages, bool_ok=False)
+            except TypeError:
+                max_pages = 0  # as in 0.1: any bad max_pages is a ValueError
+            if max_pages == 0:
+                raise ValueError(f"max_pages must be a positive int or None, not {given!r}")
         flags = ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if reset else 0)
         ex = self.exclude
         parts = []
@@ -281,6 +274,14 @@ class WriteWatch:
                 ):
                     if len(last.regions):
                         parts.append(last.regions)
+                if last is not None and not last.complete:
+                    # The walk stopped early (max_pages): CHECK_WPASYNC has not seen the
+                    # rest of the range. Check it without walking pages: inverting
+                    # WPALLOWED in the mask makes the kernel skip every async-WP VMA at
+                    # the VMA level, and CHECK_WPASYNC fails on any other.
+                    w = int(Category.WPALLOWED)
+                    scan(last.walk_end, self.end, flags=int(ScanFlag.CHECK_WPASYNC),
+                         category_inverted=w, category_mask=w, vec_len=0)
             except PermissionError as err:
                 raise self._gone(err) from err
             # PAGEMAP_SCAN skips holes silently: a range moved away or unmapped would

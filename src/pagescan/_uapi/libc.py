@@ -26,13 +26,17 @@ from typing import Any, Callable
 
 __all__ = [
     "SYS_userfaultfd",
+    "RawMapping",
     "check",
     "ioctl",
     "libc",
     "madvise",
     "mmap",
     "mprotect",
+    "msync",
     "munmap",
+    "open_userfaultfd",
+    "sync_file_range",
     "process_vm_readv",
     "process_vm_writev",
     "raise_errno",
@@ -81,6 +85,8 @@ def libc() -> ctypes.CDLL:
         "munmap": (c_int, [c_void_p, c_size_t]),
         "mprotect": (c_int, [c_void_p, c_size_t, c_int]),
         "madvise": (c_int, [c_void_p, c_size_t, c_int]),
+        "msync": (c_int, [c_void_p, c_size_t, c_int]),
+        "sync_file_range": (c_int, [c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]),
         "syscall": (c_long, [c_long]),  # variadic: extra args passed with explicit types
         "process_vm_readv": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
         "process_vm_writev": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
@@ -126,8 +132,8 @@ def ioctl(fd: int, request: int, arg: Any = 0) -> int:
     while True:
         try:
             if isinstance(arg, int):
-                return fcntl.ioctl(fd, request, arg)
-            return fcntl.ioctl(fd, request, arg, True)
+                return int(fcntl.ioctl(fd, request, arg))
+            return int(fcntl.ioctl(fd, request, arg, True))
         except InterruptedError:
             continue
 
@@ -150,6 +156,89 @@ def mprotect(addr: int, length: int, prot: int) -> None:
 
 def madvise(addr: int, length: int, advice: int) -> None:
     _retry(lambda: int(libc().madvise(addr, length, advice)))
+
+
+MS_ASYNC = 1
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def msync(addr: int, length: int, flags: int = MS_ASYNC) -> None:
+    """``msync(2)``. With ``MS_ASYNC`` a no-op on the memory that fails with ENOMEM
+    where ``[addr, addr+length)`` is not wholly mapped: a cheap "is it all mapped?"."""
+    check(libc().msync(addr, length, flags))
+
+
+def sync_file_range(fd: int, offset: int, nbytes: int, flags: int = SYNC_FILE_RANGE_WRITE) -> None:
+    """``sync_file_range(2)`` (default: start writeback of the range, do not wait)."""
+    _retry(lambda: int(libc().sync_file_range(fd, offset, nbytes, flags)))
+
+
+def open_userfaultfd(flags: int) -> int:
+    """A raw uffd: the ``userfaultfd(2)`` syscall, or ``USERFAULTFD_IOC_NEW`` on
+    ``/dev/userfaultfd`` (6.1) when the syscall is refused (EPERM under
+    ``vm.unprivileged_userfaultfd=0``, ENOSYS under seccomp) or its number is unknown
+    here. Raises the syscall's error when both fail (ENOSYS if there is neither)."""
+    from .userfaultfd import USERFAULTFD_IOC_NEW
+
+    first: OSError | None = None
+    if SYS_userfaultfd is not None:
+        try:
+            return syscall(SYS_userfaultfd, flags)
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOSYS):
+                raise
+            first = err
+    try:
+        dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        if first is not None:
+            raise first from err
+        raise OSError(errno.ENOSYS, f"{os.strerror(errno.ENOSYS)}: no userfaultfd syscall number for "
+                      f"{platform.machine()} and no /dev/userfaultfd ({err.strerror})") from err
+    try:
+        return ioctl(dev, USERFAULTFD_IOC_NEW, flags)
+    finally:
+        os.close(dev)
+
+
+class RawMapping:
+    """An anonymous (or ``fd``) mapping owned by this object: ``munmap`` on
+    :meth:`close`, on leaving the ``with`` block, or when the object is collected.
+
+    For pagescan's own scratch memory (probes, handler buffers); never handed to users
+    as an address they could outlive.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "addr", "length")
+
+    def __init__(self, length: int, prot: int, flags: int, fd: int = -1, offset: int = 0, addr: int = 0) -> None:
+        import weakref
+
+        self.length = length
+        self.addr = mmap(addr, length, prot, flags, fd, offset)
+        self._finalizer = weakref.finalize(self, _unmap_quietly, self.addr, length)
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Unmap (idempotent)."""
+        if self._finalizer.detach() is not None:
+            munmap(self.addr, self.length)
+
+    def __enter__(self) -> RawMapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _unmap_quietly(addr: int, length: int) -> None:
+    try:
+        munmap(addr, length)
+    except OSError:
+        pass
 
 
 class _iovec(ctypes.Structure):

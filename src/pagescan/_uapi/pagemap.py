@@ -105,7 +105,7 @@ assert ctypes.sizeof(page_region) == 24, "struct page_region must be 24 bytes"
 #: numpy view of ``struct page_region``.
 PAGE_REGION_DTYPE = np.dtype([("start", "<u8"), ("end", "<u8"), ("categories", "<u8")])
 #: numpy view of ``struct pm_scan_arg`` (fields in kernel order).
-PM_SCAN_ARG_DTYPE = np.dtype([(name, "<u8") for name, _ in pm_scan_arg._fields_])
+PM_SCAN_ARG_DTYPE = np.dtype([(f[0], "<u8") for f in pm_scan_arg._fields_])
 assert PAGE_REGION_DTYPE.itemsize == 24 and PM_SCAN_ARG_DTYPE.itemsize == 96
 
 #: ``_IOWR('f', 16, struct pm_scan_arg)`` on ``/proc/PID/pagemap`` (6.7).

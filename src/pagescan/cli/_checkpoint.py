@@ -21,8 +21,9 @@ def add_parser(sub: Any) -> None:
     csub = p.add_subparsers(dest="action", metavar="ACTION")
     csub.required = True
 
-    q = csub.add_parser("inspect", help="list the generations (no page data is read)",
-                        description="Header, regions and one row per sealed generation: parent "
+    q = csub.add_parser("inspect", help="list the entries and generations (no page data is read)",
+                        description="Header, one row per entry (name, dtype, shape, bytes) and one row "
+                        "per sealed generation: parent "
                         "(full or the generation it builds on), pages stored, pages with data, zero "
                         "pages, bytes in the file. Reports an unsealed tail (left by a writer that "
                         "died; ignored by readers) and damage (exit status 1).")
@@ -37,6 +38,16 @@ def add_parser(sub: Any) -> None:
     v.add_argument("path", help="checkpoint file")
     v.set_defaults(run=run_verify, subparser=v)
 
+    ld = csub.add_parser("load", help="load a generation into new arrays (with --check: verify the file first)",
+                         description="Load generation N (default: the newest) into new arrays, as "
+                         "pagescan.snapshot.load does, verifying the checksum of every page read, and list "
+                         "the entries loaded. --check first verifies every sealed generation (as `verify`).")
+    ld.add_argument("path", help="checkpoint file")
+    ld.add_argument("--check", action="store_true", help="verify every generation first")
+    ld.add_argument("--generation", "-g", type=_positive, metavar="N", help="generation (default: newest)")
+    ld.add_argument("--json", action="store_true", help="machine-readable output")
+    ld.set_defaults(run=run_load, subparser=ld)
+
     c = csub.add_parser("compact", help="fold the chain into one full generation",
                         description="Rewrite the file as one full generation holding the memory of "
                         "generation N (default: the newest); later generations are dropped. The new "
@@ -50,9 +61,9 @@ def add_parser(sub: Any) -> None:
         "restore",
         help="write a checkpoint generation into another process's memory",
         description="Write generation N (default: the newest sealed one) of a checkpoint into the "
-        "memory of process PID with process_vm_writev: one address per region of the checkpoint, "
-        "in order, each the start of a mapping in PID at least as long as the region. Every page "
-        "is checksum-verified before it is written.",
+        "memory of process PID with process_vm_writev: one address per entry of the checkpoint, "
+        "in order (`checkpoint inspect` lists them), where exactly the entry's bytes are written. "
+        "Every page is checksum-verified before it is written.",
     )
     r.add_argument("path", help="checkpoint file")
     r.add_argument("pid", type=parse_pid, help="process id, or 'self'")
@@ -142,10 +153,18 @@ def run_inspect(args: argparse.Namespace) -> int:
         print_json(info)
     else:
         gens = info["generations"]
-        regions = ", ".join(human(n) for n in info["regions"])
-        print(f"{info['path']}: page size {info['page_size']}, {len(info['regions'])} region(s) ({regions}), "
-              f"{len(gens)} sealed generation(s), {human(info['file_size'])} "
-              f"({info['file_size']} bytes)")
+        ents = info["entries"]
+        print(f"{info['path']}: version {info['version']}, page size {info['page_size']}, {len(ents)} "
+              f"entr{'y' if len(ents) == 1 else 'ies'} ({info['state']}, {human(sum(info['regions']))}), "
+              f"{len(gens)} sealed generation(s), {human(info['file_size'])} ({info['file_size']} bytes)")
+        erows = [
+            [str(i) if e["name"] is None else e["name"], e["dtype"] if e["array"] else "bytes",
+             "(" + ", ".join(map(str, e["shape"])) + ("," if len(e["shape"]) == 1 else "") + ")", str(e["bytes"])]
+            for i, e in enumerate(ents)
+        ]
+        print(table(["ENTRY", "DTYPE", "SHAPE", "BYTES"], erows, "<<>>", last_free=False))
+        for sec in info["sections"]:
+            print(f"section: {sec['type']} for generation {sec['generation']} ({sec['bytes']} bytes)")
         if gens:
             rows = [
                 [str(g["generation"]), "full" if g["full"] else str(g["parent"]), str(g["pages"]),
@@ -196,7 +215,7 @@ def run_compact(args: argparse.Namespace) -> int:
 
 
 def run_restore(args: argparse.Namespace) -> int:
-    from pagescan.snapshot import CheckpointError, inspect, restore
+    from pagescan.snapshot import CheckpointError, _restore, inspect
 
     info = inspect(args.path)
     lengths = info["regions"]
@@ -205,10 +224,37 @@ def run_restore(args: argparse.Namespace) -> int:
             f"{args.path} has {len(lengths)} region(s) ({', '.join(human(n) for n in lengths)}): "
             f"give {len(lengths)} address(es), not {len(args.addresses)}"
         )
-    regions = list(zip(args.addresses, lengths))
+    pairs = list(zip(args.addresses, lengths))
+    state: Any = pairs
+    if info["state"] == "mapping":
+        state = {e["name"]: pr for e, pr in zip(info["entries"], pairs)}
     with ProgressBar("restore", info["page_size"]) as bar:
-        gen = restore(args.path, regions, args.generation, pid=args.pid, progress=bar)
+        gen = _restore(args.path, state, args.generation, args.pid, bar, exact_pairs=True)
     total = sum(lengths)
     print(f"restored generation {gen} of {args.path} into pid {args.pid}: {len(lengths)} region(s), "
+          f"{human(total)} ({total} bytes)")
+    return 0
+
+
+def run_load(args: argparse.Namespace) -> int:
+    import mmap
+
+    from pagescan.snapshot import load, verify
+
+    if args.check:
+        with ProgressBar("verify", mmap.PAGESIZE) as bar:
+            gens = verify(args.path, progress=bar)
+        if not args.json:
+            print(f"verified: {len(gens)} generation(s), {sum(g.pages for g in gens)} pages")
+    loaded = load(args.path, args.generation)
+    items = list(loaded.items()) if isinstance(loaded, dict) else list(enumerate(loaded))
+    if args.json:
+        rows = [{"name": k, "dtype": str(a.dtype), "shape": list(a.shape), "bytes": int(a.nbytes)} for k, a in items]
+        print_json({"path": args.path, "generation": loaded.generation, "checked": bool(args.check), "entries": rows})
+        return 0
+    print(table(["ENTRY", "DTYPE", "SHAPE", "BYTES"],
+                [[str(k), str(a.dtype), str(a.shape), str(a.nbytes)] for k, a in items], "<<>>", last_free=False))
+    total = sum(int(a.nbytes) for _, a in items)
+    print(f"ok: loaded generation {loaded.generation} of {args.path}: {len(items)} entr{'y' if len(items) == 1 else 'ies'}, "
           f"{human(total)} ({total} bytes)")
     return 0

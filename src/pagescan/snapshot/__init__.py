@@ -1,19 +1,31 @@
-"""Incremental checkpoints of memory regions, with eager and lazy restore.
+"""Incremental checkpoints of Python state (dicts of numpy arrays), eager and lazy restore.
 
-``Checkpointer(path, regions)`` watches the regions with a :class:`~pagescan.WriteWatch`
-(uffd write-protect in asynchronous mode). The first :meth:`~Checkpointer.checkpoint`
-stores every page; each later one stores only the pages written since the previous
-one, found and re-armed in one ``PAGEMAP_SCAN`` walk: a write racing a checkpoint lands
-in this checkpoint or the next, never nowhere. Pages are copied with
-``process_vm_readv`` in large batches (never by dereferencing addresses from Python),
-while a second thread writes the previous batch to the file.
+``Checkpointer(path, state)`` takes a ``Mapping[str, buffer]`` -- the main case, a
+dict of numpy arrays -- or a sequence of buffers (or page-aligned ``(address,
+length)`` pairs). The file records, per entry, its name, exact byte length and, for
+arrays, dtype and shape (``docs/checkpoint-format.md``). Writes are tracked per page
+by :class:`~pagescan.WriteWatch` (uffd write-protect in asynchronous mode) over the
+union of the pages that cover the entries, so objects that share pages (small arrays
+on the malloc heap) work together; objects that share *bytes* are refused. The first
+:meth:`~Checkpointer.checkpoint` stores every entry; each later one stores only the
+chunks of entries that intersect a page written since the previous one, found and
+re-armed in one ``PAGEMAP_SCAN`` walk (a write racing a checkpoint lands in this one
+or the next, never nowhere). Bytes are copied with ``process_vm_readv`` in large
+batches (never by dereferencing addresses from Python), while a second thread writes
+the previous batch to the file.
 
-:func:`restore` writes a generation back bit-exactly; :func:`lazy_restore` registers
-the (unpopulated) targets for missing faults and serves them from the file in a handler
-process (:class:`~pagescan.FaultHandler`), so the program runs before its memory is
-back. :func:`compact` folds a chain into one full generation; :func:`verify` checks
-every checksum; :func:`inspect` summarises a file. The file format is described in
-``docs/checkpoint-format.md``.
+:func:`restore` writes exactly each target's bytes and nothing around them
+(``process_vm_writev``); :func:`load` returns new arrays (page-aligned, each on its own
+mapping), eagerly or lazily; :func:`lazy_restore` refills existing objects on first
+touch, served from the file by a handler process (:class:`~pagescan.FaultHandler`).
+A lazy load records which pages were touched first, in order, as an optional section
+of the file; the next lazy load of that generation prefetches them first.
+:func:`compact` folds a chain into one full generation; :func:`verify` checks every
+checksum; :func:`inspect` summarises a file.
+
+Page-owning arrays (:func:`pagescan.empty`, :func:`pagescan.zeros`) are the cheapest
+state to track: no neighbour's writes are reported, and a lazy restore can serve all
+of their pages.
 """
 
 from __future__ import annotations
@@ -23,17 +35,23 @@ import dataclasses
 import mmap
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from .._scan import buffer_range
+from .._uapi import libc
+from .._uapi.mman import MADV
+from .._uapi.userfaultfd import RegisterMode
+from ..arrays import mapped_array
 from ..handler import FaultHandler
+from ..userfaultfd import Userfaultfd
 from ..writewatch import WriteWatch
-from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, page_checksums
+from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
+from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from ._vm import read_runs, write_runs
 
@@ -42,18 +60,21 @@ __all__ = [
     "CheckpointInfo",
     "Checkpointer",
     "CorruptCheckpointError",
+    "LoadedList",
+    "LoadedState",
     "compact",
     "inspect",
     "lazy_restore",
+    "load",
     "restore",
     "verify",
 ]
 
 P = mmap.PAGESIZE
-#: Pages per batch (4 MiB): copied out of memory, checksummed, written; restored.
+#: Chunks per batch (4 MiB): copied out of memory, checksummed, written; restored.
 BATCH_PAGES = 1024
 
-#: ``progress(done, total)`` callbacks, in pages.
+#: ``progress(done, total)`` callbacks, in pages (chunks).
 Progress = Callable[[int, int], None]
 
 
@@ -63,86 +84,88 @@ class CheckpointInfo:
 
     generation: int
     full: bool
-    pages: int  # pages stored (data + zero)
+    pages: int  # chunks stored (data + zero)
     zero_pages: int
-    bytes: int  # page data bytes written
+    bytes: int  # data bytes written (whole chunks)
     seconds: float
 
 
-def _normalise(regions: Sequence[Any]) -> list[tuple[int, int]]:
-    out = []
-    if isinstance(regions, (bytes, bytearray, memoryview, mmap.mmap, np.ndarray)):
-        raise TypeError("regions must be a list of (address, length) pairs or buffer objects")
-    for r in regions:
-        if isinstance(r, tuple):
-            if len(r) != 2 or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in r):
-                raise TypeError(f"a region must be an (address, length) pair of ints or a buffer object, not {r!r}")
-            a, n = int(r[0]), int(r[1])
-            if a < 0 or n <= 0:
-                raise ValueError(f"bad region ({a:#x}, {n}): the address must be >= 0 and the length > 0")
-            if a % P:
-                raise ValueError(f"region address {a:#x} is not page aligned")
-            out.append((a, (n + P - 1) // P * P))
-        else:
-            lo, hi = buffer_range(r)
-            out.append((lo, hi - lo))
-    if not out:
-        raise ValueError("no regions given")
-    return out
+def _bases(ts: list[Target]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum([t.chunks for t in ts], dtype=np.int64)]).astype(np.int64)
+
+
+def _pid_arg(pid: Any) -> int:
+    if pid is None:
+        return os.getpid()
+    if isinstance(pid, bool) or not isinstance(pid, (int, np.integer)):
+        raise TypeError(f"pid must be an int or None, not {type(pid).__name__}")
+    if pid <= 0:
+        raise ValueError(f"pid must be > 0, not {pid}")
+    return int(pid)
 
 
 class Checkpointer:
-    """Incremental checkpoints of ``regions`` into the file ``path``.
+    """Incremental checkpoints of ``state`` into the file ``path``.
 
     Args:
         path: the checkpoint file. A new file is created (atomically); an existing
-            checkpoint with the same region lengths is continued (its unsealed tail,
-            if any, is dropped, and the next checkpoint is full, since writes made
-            before this object existed were not tracked).
-        regions: ``(address, length)`` pairs (page aligned) or buffer objects (widened
-            to whole pages), in this process.
+            checkpoint of the same entries (names, sizes, dtypes, shapes) is continued
+            (its unsealed tail, if any, is dropped, and the next checkpoint is full,
+            since writes made before this object existed were not tracked).
+        state: a ``Mapping[str, buffer]`` (a dict of numpy arrays, say), or a sequence
+            of buffer objects or page-aligned ``(address, length)`` pairs (whole pages,
+            as in pagescan 0.1). Arrays must be C-contiguous; entries must not share
+            bytes (they may share pages). The objects are referenced (and their
+            buffers exported, so a ``bytearray`` cannot be resized) until :meth:`close`.
 
     Only one writer may have a file open: the Checkpointer holds a lock (``flock``) on
     it until :meth:`close`.
 
     Raises:
-        CheckpointError: ``path`` is not a checkpoint, its regions differ, it is in use,
-            or it is damaged (:class:`CorruptCheckpointError`); nothing is changed.
+        TypeError, ValueError: a bad state (naming the entry), before anything else.
+        CheckpointError: ``path`` is not a checkpoint, its entries differ, it is in
+            use, it is damaged (:class:`CorruptCheckpointError`), or it is a version 2
+            (pagescan 0.1) file, which is read but not continued; nothing is changed.
         OSError: from registering the write watch (EBUSY, EINVAL, ENOMEM, ...).
     """
 
-    def __init__(self, path: str | os.PathLike[str], regions: Sequence[Any]) -> None:
-        self.regions = _normalise(regions)
+    def __init__(self, path: str | os.PathLike[str], state: Any) -> None:
+        self.mapping, self.targets = targets(state, writable=False)
         self.path = os.fspath(path)
-        lengths = [n for _, n in self.regions]
+        self._base = _bases(self.targets)
         self._watches: list[WriteWatch] = []
         self._store: Store | None = None
+        meta = metas(self.targets)
         try:
             self._store = Store(self.path, writable=True, lock=True)
         except FileNotFoundError:
             try:
-                self._store = Store.create(self.path, P, lengths)
+                self._store = Store.create(self.path, P, self.mapping, meta)
             except FileExistsError:  # created meanwhile by someone else
                 self._store = Store(self.path, writable=True, lock=True)
         store = self._store
         try:
-            if store.lengths != lengths or store.page_size != P:
-                raise CheckpointError(
-                    f"{self.path}: regions of lengths {lengths} do not match the checkpoint's {store.lengths}"
-                    + (f" (page size {store.page_size})" if store.page_size != P else "")
-                )
+            if store.version != VERSION:
+                raise CheckpointError(f"{self.path} is a version {store.version} checkpoint (pagescan 0.1): it can be "
+                                      "restored, loaded and compacted, not continued; compact it or start a new file")
+            match(store, self.mapping, self.targets)
             if store.damage is not None:
                 raise store.damage
             store.truncate_unsealed()
-            for a, n in self.regions:
-                self._watches.append(WriteWatch(a, n))
+            for lo, hi in merged_page_runs(self.targets):
+                self._watches.append(WriteWatch(lo, hi - lo))
         except BaseException:
             self.close()
             raise
         self._full_next = True
-        # Pages found written (and re-armed) by a checkpoint that then failed: they go
+        # Chunks found written (and re-armed) by a checkpoint that then failed: they go
         # into the next one.
-        self._carry: list[np.ndarray] = [np.empty(0, np.uint64) for _ in self.regions]
+        self._carry = np.empty(0, np.int64)
+
+    @property
+    def regions(self) -> list[tuple[int, int]]:
+        """``(address, length)`` of each entry's exact bytes."""
+        return [(t.addr, t.nbytes) for t in self.targets]
 
     def close(self) -> None:
         for w in self._watches:
@@ -151,6 +174,10 @@ class Checkpointer:
         if self._store is not None:
             self._store.close()
             self._store = None
+        for t in getattr(self, "targets", []):
+            if isinstance(t.keep, memoryview):
+                t.keep.release()
+            t.keep = None
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -168,49 +195,58 @@ class Checkpointer:
         return len(self._store.generations) if self._store is not None else 0
 
     def checkpoint(self, progress: Progress | None = None) -> CheckpointInfo:
-        """Store the pages written since the previous checkpoint (all pages the first time).
+        """Store the chunks written since the previous checkpoint (all of them the first time).
 
-        Returns what was stored. On failure (a full disk, ...) the file keeps its
-        previous generations, the error is raised (``OSError`` with the errno), and the
-        pages found written are stored by the next checkpoint.
+        Two steps: :meth:`_find_written` (which chunks; re-arms the tracking) and
+        :meth:`_write` (copy them out of memory, write, ``fsync``, seal). Returns what
+        was stored. On failure (a full disk, ...) the file keeps its previous
+        generations, the error is raised (``OSError`` with the errno), and the chunks
+        found written are stored by the next checkpoint.
         """
         store = self._store
         if store is None:
             raise ValueError("operation on a closed Checkpointer")
         t0 = time.perf_counter()
         full = self._full_next
-        parts: list[np.ndarray] = []
-        for r, ((a, n), w) in enumerate(zip(self.regions, self._watches)):
-            if full:
-                w.reset()  # arm first, then copy: a racing write is also in the next checkpoint
-                pages = np.arange(n // P, dtype=np.uint64)
-            else:
-                got = (w.get(reset=True) - np.uint64(a)) // np.uint64(P)
-                pages = np.union1d(got, self._carry[r]) if len(self._carry[r]) else got
-                self._carry[r] = pages  # remembered until stored
-            parts.append(pages)
-        info = self._store_pages(store, parts, full, progress, t0)
-        self._carry = [np.empty(0, np.uint64) for _ in self.regions]
+        chunks = self._find_written(full)
+        info = self._write(store, chunks, full, progress, t0)
+        self._carry = np.empty(0, np.int64)
         self._full_next = False
         return info
 
-    def _store_pages(self, store: Store, parts: list[np.ndarray], full: bool, progress: Progress | None,
-                     t0: float) -> CheckpointInfo:
-        total = sum(len(p) for p in parts)
+    def _find_written(self, full: bool) -> np.ndarray:
+        """Global chunk numbers to store (sorted); the tracking is re-armed for them."""
+        if full:
+            for w in self._watches:
+                w.reset()  # arm first, then copy: a racing write is also in the next checkpoint
+            return np.arange(int(self._base[-1]), dtype=np.int64)
+        got = [w.get(reset=True) for w in self._watches]
+        pages = np.concatenate(got) if got else np.empty(0, np.uint64)
+        chunks = pages_to_chunks(pages, self.targets, self._base)
+        if self._carry.size:
+            chunks = np.union1d(chunks, self._carry)
+        self._carry = chunks  # remembered until stored
+        return chunks
+
+    def _copy(self, chunks: np.ndarray, rows: np.ndarray) -> None:
+        """Copy the ``chunks`` out of this process's memory into ``rows`` (padded with zeros)."""
+        starts, lengths, offs = chunk_runs(chunks, self.targets, self._base)
+        read_runs(os.getpid(), starts, lengths, rows, offs)
+        zero_padding(rows, chunks, self.targets, self._base)
+
+    def _write(self, store: Store, chunks: np.ndarray, full: bool, progress: Progress | None,
+               t0: float) -> CheckpointInfo:
+        """Copy ``chunks`` batch by batch while a worker checksums and writes the previous batch; seal."""
+        total = len(chunks)
         index = np.zeros(total, dtype=INDEX_DTYPE)
-        addrs = np.empty(total, dtype=np.uint64)
-        k = 0
-        for r, ((a, _n), pages) in enumerate(zip(self.regions, parts)):
-            index["region"][k : k + len(pages)] = r
-            index["page"][k : k + len(pages)] = pages
-            addrs[k : k + len(pages)] = pages * np.uint64(P) + np.uint64(a)
-            k += len(pages)
+        ent = np.searchsorted(self._base, chunks, side="right") - 1
+        index["region"] = ent
+        index["page"] = chunks - self._base[ent]
         parent = 0 if full else store.generations[-1].number
-        pid = os.getpid()
         nbatch = (total + BATCH_PAGES - 1) // BATCH_PAGES
 
         def process(rows: np.ndarray, s: int, e: int) -> None:
-            """Checksums, zero pages, write: for the batch of index entries [s, e) in ``rows``."""
+            """Checksums, zero chunks, write: for the batch of index entries [s, e) in ``rows``."""
             cks = page_checksums(rows)
             nonzero = cks != 0
             maybe_zero = np.flatnonzero(~nonzero)
@@ -234,8 +270,7 @@ class Checkpointer:
                 if b >= nbuf:
                     pending[b - nbuf].result()  # its buffer is free again (raises a write error early)
                 rows = bufs[b % nbuf][: e - s]
-                starts, lengths = _runs(addrs[s:e])
-                read_runs(pid, starts, lengths, rows)
+                self._copy(chunks[s:e], rows)
                 if pool is not None:
                     pending.append(pool.submit(process, rows, s, e))
                 else:
@@ -252,84 +287,242 @@ class Checkpointer:
         )
 
 
-def _runs(addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Coalesce ascending page addresses into (start, length) runs."""
-    if not len(addrs):
-        return np.empty(0, np.uint64), np.empty(0, np.uint64)
-    cuts = np.flatnonzero(np.diff(addrs) != np.uint64(P)) + 1
-    first = np.concatenate([[0], cuts])
-    last = np.concatenate([cuts, [len(addrs)]])
-    return addrs[first], (last - first).astype(np.uint64) * np.uint64(P)
+def _pages_of(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, lo: int, hi: int, out: np.ndarray,
+              fresh: bool = False) -> None:
+    """Contents of the global chunks ``[lo, hi)`` (verified) into ``out`` (``(hi-lo, P)``).
 
-
-def _check_regions(store: Store, regions: list[tuple[int, int]]) -> None:
-    lengths = [n for _, n in regions]
-    if lengths != store.lengths:
-        raise CheckpointError(
-            f"{store.path}: {len(lengths)} region(s) of lengths {lengths} do not match the checkpoint's "
-            f"{len(store.lengths)} region(s) of lengths {store.lengths}"
-        )
-    if store.page_size != P:
-        raise CheckpointError(f"{store.path}: page size {store.page_size} is not this machine's {P}")
-
-
-def _pages_of(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
-    """Contents of the global pages ``[lo, hi)`` (verified) into ``out`` (``(hi-lo, P)``)."""
+    ``fresh``: ``out`` is known to read as zeros (a new mapping): zero chunks are not
+    written (their pages stay unallocated).
+    """
     gens = gen_of[lo:hi]
     pos = pos_of[lo:hi]
+    if not gens.size:
+        return
     first, last = int(gens[0]), int(gens[-1])
     if first == last and (gens == first).all():  # one generation holds them all (a full one, say)
         if first == 0:
-            out[:] = 0
+            if not fresh:
+                out[:] = 0
         else:
-            store.read_pages(store.generations[first - 1], pos, out=out)
+            store.read_pages(store.generations[first - 1], pos, out=out, fresh=fresh)
         return
     for g in np.unique(gens).tolist():
         sel = np.flatnonzero(gens == g)
         if g == 0:
-            out[sel] = 0  # never stored: zeros
+            if not fresh:
+                out[sel] = 0  # never stored: zeros
         else:
             out[sel] = store.read_pages(store.generations[g - 1], pos[sel])
 
 
+def _open_for_targets(path: str | os.PathLike[str], state: Any, generation: int | None, *,
+                      exact_pairs: bool = False) -> tuple[Store, list[Target], Generation]:
+    mapping, ts = targets(state, writable=True, exact_pairs=exact_pairs)
+    store = Store(path)
+    try:
+        ordered = match(store, mapping, ts)
+        gen = store.generation(generation)
+    except BaseException:
+        store.close()
+        _release(ts)
+        raise
+    return store, ordered, gen
+
+
+def _release(ts: list[Target]) -> None:
+    for t in ts:
+        if isinstance(t.keep, memoryview):
+            t.keep.release()
+        t.keep = None
+
+
+def _restore_chunks(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, ts: list[Target], pid: int,
+                    progress: Progress | None) -> None:
+    base = store.base
+    total = int(base[-1])
+    buf = np.empty((min(total, BATCH_PAGES), P), dtype=np.uint8)
+    for s in range(0, total, BATCH_PAGES):
+        e = min(total, s + BATCH_PAGES)
+        rows = buf[: e - s]
+        _pages_of(store, gen_of, pos_of, s, e, rows)
+        chunks = np.arange(s, e, dtype=np.int64)
+        starts, lengths, offs = chunk_runs(chunks, ts, base)
+        write_runs(pid, starts, lengths, rows, offs)
+        if progress is not None:
+            progress(e, total)
+
+
 def restore(
-    path: str | os.PathLike[str], regions: Sequence[Any], generation: int | None = None, *,
+    path: str | os.PathLike[str], state: Any, generation: int | None = None, *,
     pid: int | None = None, progress: Progress | None = None,
 ) -> int:
-    """Write generation ``generation`` (default: the newest sealed one) into ``regions``.
+    """Write generation ``generation`` (default: the newest sealed one) into the objects of ``state``.
 
-    ``regions`` must have the checkpoint's lengths, in its order. Pages are restored in
-    batches of 4 MiB, each checksum-verified before it is written: a damaged page
-    raises :class:`CorruptCheckpointError` (naming generation and page) before its
-    batch is written, though earlier batches are in place by then. With ``pid``, the
-    regions are ``(address, length)`` pairs in that process (``process_vm_writev``).
-    Returns the generation restored.
+    ``state`` has the checkpoint's form: a mapping with the same names (any order), or
+    a sequence in the same order; every entry the same size (and, for arrays, dtype
+    and shape) -- checked before anything is written. Exactly each object's bytes are
+    written (``process_vm_writev``), nothing around them. Data is restored in batches
+    of 4 MiB, each checksum-verified before it is written: a damaged page raises
+    :class:`CorruptCheckpointError` (naming generation and page) before its batch is
+    written, though earlier batches are in place by then. With ``pid``, the entries are
+    page-aligned ``(address, length)`` pairs in that process. Returns the generation
+    restored.
     """
-    regs = _normalise(regions)
-    target = os.getpid() if pid is None else pid
+    return _restore(path, state, generation, pid, progress, exact_pairs=False)
+
+
+def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
+             progress: Progress | None, *, exact_pairs: bool) -> int:
+    """:func:`restore`; ``exact_pairs``: ``(address, length)`` pairs are exact bytes, any alignment (the CLI)."""
+    target = _pid_arg(pid)
+    store, ts, gen = _open_for_targets(path, state, generation, exact_pairs=exact_pairs)
+    if pid is not None and target != os.getpid() and any(t.keep is not None for t in ts):
+        store.close()
+        _release(ts)
+        raise TypeError("with pid, the entries must be (address, length) pairs in that process, not buffer objects")
+    try:
+        gen_of, pos_of = store.latest_map(gen.number)
+        _restore_chunks(store, gen_of, pos_of, ts, target, progress)
+        return gen.number
+    finally:
+        store.close()
+        _release(ts)
+
+
+class LoadedState(dict):  # type: ignore[type-arg]
+    """What :func:`load` returns for a checkpoint of a mapping: a ``dict`` name -> array.
+
+    ``generation`` is the generation loaded; ``handler`` the :class:`~pagescan.FaultHandler`
+    serving a lazy load (``None`` for an eager one): ``handler.wait()`` until every
+    page is in, ``handler.progress()``.
+    """
+
+    generation: int = 0
+    handler: FaultHandler | None = None
+
+
+class LoadedList(list):  # type: ignore[type-arg]
+    """What :func:`load` returns for a checkpoint of a sequence (see :class:`LoadedState`)."""
+
+    generation: int = 0
+    handler: FaultHandler | None = None
+
+
+class _LazyGroup:
+    """Keeps a lazy load's handler and source alive while any of its arrays lives."""
+
+    def __init__(self, fh: FaultHandler, src: _CheckpointSource, recording: _Recording | None) -> None:
+        self.finalizer = weakref.finalize(self, _end_lazy, fh, src, recording)
+
+
+def _end_lazy(fh: FaultHandler, src: _CheckpointSource, recording: _Recording | None) -> None:
+    fh.close()
+    src.store.close()
+    if recording is not None:
+        recording.save()
+
+
+def load(path: str | os.PathLike[str], generation: int | None = None, *, lazy: bool = False,
+         prefetch: bool = True, working_set: bool = True, record: bool = False) -> LoadedState | LoadedList:
+    """New arrays holding generation ``generation`` (default: the newest) of a checkpoint.
+
+    Returns a dict name -> ``numpy.ndarray`` (stored dtype and shape) for a checkpoint
+    of a mapping, a list for one of a sequence (bytes-like entries as ``uint8`` arrays).
+    Each array starts on a page boundary on a mapping of its own, unmapped when the
+    array is collected (like :func:`pagescan.empty`).
+
+    ``lazy=True``: returns at once; each page arrives when first touched (or earlier,
+    prefetched), served by a :class:`~pagescan.FaultHandler` process from the file
+    (``result.handler``). ``prefetch=False``: no address-order prefetch (pages come on
+    touch). The handler is stopped when all arrays are gone; pages it had not served
+    by then raise SIGBUS when touched (as does every unserved page if the handler dies).
+
+    Working sets (REAP): ``record=True`` records the pages this program touches, in
+    first-touch order, and appends them to the file as an optional section when the
+    load ends (the arrays are collected, or the interpreter exits; skipped if a writer
+    holds the file). While recording, every page is served on its own first touch
+    (no prefetch): slower, so it is off by default. A later lazy load of the same
+    generation (``working_set=True``, the default) prefetches the recorded pages
+    first, in that order, then the rest.
+    """
+    if not isinstance(lazy, bool):
+        raise TypeError(f"lazy must be a bool, not {type(lazy).__name__}")
+    path = os.fspath(path)
+    if lazy:
+        return _load_lazy(path, generation, prefetch, working_set, record)
     with Store(path) as store:
-        _check_regions(store, regs)
         gen = store.generation(generation)
         gen_of, pos_of = store.latest_map(gen.number)
-        total = store.total_pages
-        buf = np.empty((min(total, BATCH_PAGES), P), dtype=np.uint8)
-        done = 0
-        for r, (a, n) in enumerate(regs):
-            npages = n // P
-            base = int(store.base[r])
-            for s in range(0, npages, BATCH_PAGES):
-                e = min(npages, s + BATCH_PAGES)
-                rows = buf[: e - s]
-                _pages_of(store, gen_of, pos_of, base + s, base + e, rows)
-                write_runs(target, np.array([a + s * P], np.uint64), np.array([(e - s) * P], np.uint64), rows)
-                done += e - s
-                if progress is not None:
-                    progress(done, total)
-        return gen.number
+        arrays = []
+        for i, e in enumerate(store.entries):
+            arr, m = mapped_array(e.shape, e.dtype)
+            arrays.append(arr)
+            nch = int(store.base[i + 1] - store.base[i])
+            if not nch:
+                continue
+            rows = np.frombuffer(m, dtype=np.uint8, count=nch * P).reshape(nch, P)
+            b = int(store.base[i])
+            for s in range(0, nch, BATCH_PAGES):
+                t = min(nch, s + BATCH_PAGES)
+                _pages_of(store, gen_of, pos_of, b + s, b + t, rows[s:t], fresh=True)
+        return _result(store, arrays, gen.number, None)
+
+
+def _result(store: Store, arrays: list[np.ndarray], generation: int, fh: FaultHandler | None) -> LoadedState | LoadedList:
+    out: LoadedState | LoadedList
+    if store.mapping:
+        out = LoadedState((e.name, a) for e, a in zip(store.entries, arrays))
+    else:
+        out = LoadedList(arrays)
+    out.generation = generation
+    out.handler = fh
+    return out
+
+
+class _LazyMap:
+    """Pages of the handler's regions <-> the file's global chunks.
+
+    Handler region ``i`` is the page-aligned span ``[lo_i, lo_i + npages_i * P)`` of entry
+    ``entry_i``, starting ``skip_i`` bytes into the entry; its pages are numbered from
+    ``hbase_i`` in the handler's page space.
+    """
+
+    def __init__(self, store: Store, spans: list[tuple[int, int, int]]) -> None:
+        # spans: (entry, skip bytes, npages)
+        self.entry = np.array([s[0] for s in spans], dtype=np.int64)
+        self.skip = np.array([s[1] for s in spans], dtype=np.int64)
+        npages = np.array([s[2] for s in spans], dtype=np.int64)
+        self.hbase = np.concatenate([[0], np.cumsum(npages)]).astype(np.int64)
+        self.cbase = store.base
+
+    def to_chunks(self, hpages: np.ndarray) -> np.ndarray:
+        """The chunk holding the first byte of each handler page."""
+        r = np.searchsorted(self.hbase, hpages, side="right") - 1
+        byte = self.skip[r] + (hpages - self.hbase[r]) * P
+        out: np.ndarray = self.cbase[self.entry[r]] + byte // P
+        return out
+
+    def from_chunks(self, chunks: np.ndarray) -> np.ndarray:
+        """The handler pages that start in each chunk (chunks outside the lazy spans dropped)."""
+        ent = np.searchsorted(self.cbase, chunks, side="right") - 1
+        where = {int(e): i for i, e in enumerate(self.entry.tolist())}
+        r = np.array([where.get(int(e), -1) for e in ent.tolist()], dtype=np.int64)
+        keep = r >= 0
+        chunks, ent, r = chunks[keep], ent[keep], r[keep]
+        byte = (chunks - self.cbase[ent]) * P - self.skip[r]
+        page = -(-byte // P)  # the first page starting at or after the chunk's start
+        ok = (page >= 0) & (page < self.hbase[r + 1] - self.hbase[r])
+        hp: np.ndarray = (self.hbase[r] + page)[ok]
+        _, first = np.unique(hp, return_index=True)
+        return hp[np.sort(first)]  # keep the recorded order, without repeats
 
 
 class _CheckpointSource:
-    """A :class:`~pagescan.handler.Source` reading (and verifying) pages of one generation."""
+    """A :class:`~pagescan.handler.Source` reading (and verifying) the chunks of one generation.
+
+    Serves the handler's regions (see :class:`_LazyMap`); a span that does not start on
+    a chunk boundary is assembled from the two chunks it straddles.
+    """
 
     def __init__(self, path: str, generation: int | None) -> None:
         self.store = Store(path)
@@ -339,53 +532,262 @@ class _CheckpointSource:
         except BaseException:
             self.store.close()
             raise
+        self.map: _LazyMap | None = None
+        self.hbyte = np.zeros(1, np.int64)
+
+    def bind(self, lazymap: _LazyMap) -> None:
+        self.map = lazymap
+        self.hbyte = lazymap.hbase * P
 
     def read(self, offset: int, out: memoryview) -> bool:
-        P_ = self.store.page_size
-        first = offset // P_
-        n = len(out) // P_
-        if not self.gen_of[first : first + n].any():
+        m = self.map
+        assert m is not None
+        r = int(np.searchsorted(self.hbyte, offset, side="right")) - 1
+        ent = int(m.entry[r])
+        byte = int(m.skip[r]) + offset - int(self.hbyte[r])
+        c0 = int(m.cbase[ent]) + byte // P
+        shift = byte % P
+        n = (shift + len(out) + P - 1) // P
+        if not self.gen_of[c0 : c0 + n].any():
             return False  # never stored: zero pages
-        rows = np.frombuffer(out, dtype=np.uint8).reshape(n, P_)
-        _pages_of(self.store, self.gen_of, self.pos_of, first, first + n, rows)
+        if not shift:
+            rows = np.frombuffer(out, dtype=np.uint8).reshape(len(out) // P, P)
+            _pages_of(self.store, self.gen_of, self.pos_of, c0, c0 + n, rows)
+            return True
+        tmp = np.empty((n, P), dtype=np.uint8)
+        _pages_of(self.store, self.gen_of, self.pos_of, c0, c0 + n, tmp)
+        np.frombuffer(out, dtype=np.uint8)[:] = tmp.reshape(-1)[shift : shift + len(out)]
         return True
+
+    def read_many(self, offsets: np.ndarray, rows: np.ndarray) -> None:
+        """The pages at handler ``offsets`` (scattered) into ``rows``, verified, in a few reads."""
+        m = self.map
+        assert m is not None
+        r = np.searchsorted(self.hbyte, offsets, side="right") - 1
+        byte = m.skip[r] + offsets - self.hbyte[r]
+        if bool((byte % P).any()):  # pages straddling chunks (an unaligned target): one by one
+            for j, off in enumerate(offsets.tolist()):
+                if not self.read(int(off), rows[j].data.cast("B")):
+                    rows[j] = 0
+            return
+        chunks = m.cbase[m.entry[r]] + byte // P
+        gens = self.gen_of[chunks]
+        pos = self.pos_of[chunks]
+        for g in np.unique(gens).tolist():
+            sel = np.flatnonzero(gens == g)
+            if g == 0:
+                rows[sel] = 0
+            elif sel.size == len(rows):
+                self.store.read_pages(self.store.generations[g - 1], pos, out=rows)
+            else:
+                rows[sel] = self.store.read_pages(self.store.generations[g - 1], pos[sel])
+
+
+def _working_set(store: Store, generation: int) -> np.ndarray | None:
+    """The newest first-touch chunks recorded for ``generation`` (``None`` if none)."""
+    for sec in reversed(store.sections):
+        if sec.type == SECTION_WORKING_SET and sec.generation == generation:
+            raw = store.read_section(sec)
+            if len(raw) % 8:
+                raise CorruptCheckpointError(f"{store.path}: working-set section is damaged (length {len(raw)})")
+            chunks = np.frombuffer(raw, dtype="<u8").astype(np.int64)
+            if chunks.size and (int(chunks.min()) < 0 or int(chunks.max()) >= store.total_pages):
+                raise CorruptCheckpointError(f"{store.path}: working-set section names chunks outside the entries")
+            return chunks
+    return None
+
+
+class _Recording:
+    """A first-touch record shared with the handler (``MAP_SHARED``), saved as a section when done."""
+
+    def __init__(self, path: str, generation: int, lazymap: _LazyMap, total: int) -> None:
+        self.path, self.generation, self.lazymap = path, generation, lazymap
+        self.mm = mmap.mmap(-1, 8 * (total + 1), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.array = np.frombuffer(self.mm, dtype=np.uint64)
+
+    def save(self) -> None:
+        """Append the record to the file (best effort: skipped if a writer holds it or it changed)."""
+        arr, self.array = self.array, np.empty(0, np.uint64)
+        if not arr.size:
+            return
+        n = int(arr[0])
+        hpages = arr[1 : n + 1].astype(np.int64)
+        del arr  # the mapping goes with the last reference (the handler object may hold one)
+        if not n:
+            return
+        try:
+            store = Store(self.path, writable=True, lock=True)
+        except (CheckpointError, OSError):
+            return
+        with store:
+            if store.damage is not None or len(store.generations) < self.generation:
+                return
+            chunks = self.lazymap.to_chunks(hpages)
+            with contextlib.suppress(OSError):
+                store.append_section(SECTION_WORKING_SET, self.generation, chunks.astype("<u8").tobytes())
+
+
+def _hot(src: _CheckpointSource, lazymap: _LazyMap, use: bool) -> np.ndarray | None:
+    """The handler pages to prefetch first: the newest working set recorded for the generation."""
+    if not use:
+        return None
+    try:
+        chunks = _working_set(src.store, src.generation)
+    except CorruptCheckpointError:
+        return None  # a damaged record only costs speed
+    return None if chunks is None else lazymap.from_chunks(chunks)
+
+
+def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: bool,
+               record: bool) -> LoadedState | LoadedList:
+    src = _CheckpointSource(path, generation)
+    try:
+        store = src.store
+        arrays: list[np.ndarray] = []
+        maps: list[Any] = []
+        regions: list[tuple[int, int]] = []
+        spans: list[tuple[int, int, int]] = []
+        for i, e in enumerate(store.entries):
+            arr, m = mapped_array(e.shape, e.dtype)
+            arrays.append(arr)
+            maps.append(m)
+            nch = int(store.base[i + 1] - store.base[i])
+            if nch:
+                regions.append((int(arr.__array_interface__["data"][0]), nch * P))
+                spans.append((i, 0, nch))
+        if not regions:
+            src.store.close()
+            return _result(store, arrays, src.generation, None)
+        lazymap = _LazyMap(store, spans)
+        src.bind(lazymap)
+        hot = _hot(src, lazymap, working_set)
+        recording = _Recording(path, src.generation, lazymap, int(lazymap.hbase[-1])) if record else None
+        fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
+                          record=None if recording is None else recording.array)
+        fh.start()
+    except BaseException:
+        src.store.close()
+        raise
+    group = _LazyGroup(fh, src, recording)
+    for m in maps:
+        m.keep = group
+    return _result(store, arrays, src.generation, fh)
+
+
+def _probe_missing(regions: list[tuple[int, int]]) -> None:
+    """Register (and unregister) the ranges for MISSING faults: refuse memory that cannot take them."""
+    if not regions:
+        return
+    with Userfaultfd(0) as uf:
+        for a, n in regions:
+            uf.register(a, n, RegisterMode.MISSING)
+        for a, n in regions:
+            uf.unregister(a, n)
+
+
+def _drop(a: int, n: int) -> None:
+    """Discard the pages (shared memory: punch a hole, ``MADV_REMOVE``; private: ``MADV_DONTNEED``)."""
+    try:
+        libc.madvise(a, n, MADV.REMOVE)
+    except OSError:
+        libc.madvise(a, n, MADV.DONTNEED)
+
+
+def _restore_bytes(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, t: Target, entry: int, skip: int,
+                   length: int, pid: int) -> None:
+    """Write bytes ``[skip, skip+length)`` of entry ``entry`` to ``t.addr + skip``."""
+    if length <= 0:
+        return
+    c0 = int(store.base[entry]) + skip // P
+    c1 = int(store.base[entry]) + (skip + length + P - 1) // P
+    rows = np.empty((c1 - c0, P), dtype=np.uint8)
+    _pages_of(store, gen_of, pos_of, c0, c1, rows)
+    flat = rows.reshape(-1)
+    sh = skip % P
+    write_runs(pid, np.array([t.addr + skip], np.uint64), np.array([length], np.uint64), flat,
+               np.array([sh], np.uint64))
 
 
 @contextmanager
 def lazy_restore(
-    path: str | os.PathLike[str], regions: Sequence[Any], generation: int | None = None, *, prefetch: bool = True
+    path: str | os.PathLike[str], state: Any, generation: int | None = None, *, prefetch: bool = True,
+    working_set: bool = True, record: bool = False,
 ) -> Iterator[FaultHandler]:
-    """Restore lazily: pages arrive on first touch, served from the file by a handler process.
+    """Restore into the objects of ``state`` lazily: pages arrive on first touch.
 
-    The regions must be unpopulated (``FileExistsError`` otherwise) private anonymous
-    or shmem memory of this process. Yields the :class:`~pagescan.FaultHandler`
-    (``progress()``, ``wait()``); with ``prefetch`` the handler copies pages ahead while
-    no fault waits (the window grows from 64 KiB to 4 MiB, and shrinks back on a fault).
-    When every page is in, the handler unregisters the ranges and exits. Leaving the
-    block stops the handler: pages not served by then raise SIGBUS when touched --
-    call ``wait()`` first. If the handler dies, touching a page not yet restored
-    raises SIGBUS (never wrong data, never a hang); a damaged page is not served
-    either (the handler stops, and the same applies).
+    ``state`` as for :func:`restore` (private anonymous or shmem memory of this
+    process). The pages that lie entirely inside an object are dropped
+    (``MADV_DONTNEED``; ``MADV_REMOVE`` for shared memory) and served from the file on
+    first touch by a handler process; the bytes of an object on pages it shares with
+    other objects (the first and last page of a small array on the malloc heap) are
+    restored eagerly, before this returns -- the neighbours' bytes are not touched.
+    Do not touch the objects from another thread while this starts (a page
+    repopulated between drop and registration is refused: ``FileExistsError``).
+
+    Yields the :class:`~pagescan.FaultHandler` (``progress()``, ``wait()``); with
+    ``prefetch`` the handler copies pages ahead while no fault waits; a recorded
+    working set is prefetched first, and ``record`` records one, saved when the block
+    ends (see :func:`load`). Leaving the block stops the
+    handler: pages not served by then raise SIGBUS when touched -- call ``wait()``
+    first. If the handler dies, touching a page not yet restored raises SIGBUS (never
+    wrong data, never a hang); a damaged page is not served either.
     """
-    regs = _normalise(regions)
-    src = _CheckpointSource(os.fspath(path), generation)
+    store, ts, gen = _open_for_targets(path, state, generation)
+    store.close()
     try:
-        _check_regions(src.store, regs)
-        fh = FaultHandler(regs, src, prefetch=prefetch)
-        with fh:
-            yield fh
+        src = _CheckpointSource(os.fspath(path), gen.number)
+    except BaseException:
+        _release(ts)
+        raise
+    try:
+        regions: list[tuple[int, int]] = []
+        spans: list[tuple[int, int, int]] = []
+        eager: list[tuple[Target, int, int, int]] = []  # target, entry, skip, length
+        for i, t in enumerate(ts):
+            if not t.nbytes:
+                continue
+            lo = (t.addr + P - 1) // P * P
+            hi = (t.addr + t.nbytes) // P * P
+            if hi > lo:
+                regions.append((lo, hi - lo))
+                spans.append((i, lo - t.addr, (hi - lo) // P))
+                eager.append((t, i, 0, lo - t.addr))
+                eager.append((t, i, hi - t.addr, t.addr + t.nbytes - hi))
+            else:
+                eager.append((t, i, 0, t.nbytes))
+        _probe_missing(regions)
+        me = os.getpid()
+        for t, i, skip, length in eager:
+            _restore_bytes(src.store, src.gen_of, src.pos_of, t, i, skip, length, me)
+        for a, n in regions:
+            _drop(a, n)
+        lazymap = _LazyMap(src.store, spans)
+        src.bind(lazymap)
+        hot = _hot(src, lazymap, working_set)
+        recording = (_Recording(os.fspath(path), src.generation, lazymap, int(lazymap.hbase[-1]))
+                     if record else None)
+        fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
+                          record=None if recording is None else recording.array)
+        try:
+            with fh:
+                yield fh
+        finally:
+            if recording is not None:
+                recording.save()
     finally:
         src.store.close()
+        _release(ts)
 
 
 def compact(path: str | os.PathLike[str], generation: int | None = None, *, progress: Progress | None = None) -> int:
     """Fold the chain up to ``generation`` (default: the newest) into one full generation.
 
-    The result is a file holding a single generation (numbered 1) with every page of
-    that generation's memory (zero pages as such); generations after ``generation``
-    are dropped. Pages are verified while they are copied. The new file is written
-    beside ``path`` and renamed over it (atomic: a crash leaves the old file). Refused
-    while a Checkpointer has the file open. Returns the number of pages.
+    The result is a file (of the current version) holding a single generation
+    (numbered 1) with every chunk of that generation's state (zero chunks as such);
+    generations after ``generation`` and optional sections are dropped. Chunks are
+    verified while they are copied. The new file is written beside ``path`` and
+    renamed over it (atomic: a crash leaves the old file). Refused while a Checkpointer
+    has the file open. Returns the number of chunks.
     """
     path = os.fspath(path)
     with Store(path, writable=True, lock=True) as store:
@@ -396,7 +798,7 @@ def compact(path: str | os.PathLike[str], generation: int | None = None, *, prog
         region = np.repeat(np.arange(len(store.lengths)), np.diff(store.base))
         index["region"] = region
         index["page"] = np.arange(total) - store.base[region]
-        fd, named_tmp = new_file(path, store.page_size, store.lengths)
+        fd, named_tmp = new_file(path, store.page_size, store.mapping, store.entries)
         tmp_name = named_tmp or f"{path}.compact-{os.getpid()}"
         linked = named_tmp is not None
         try:
@@ -457,8 +859,20 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
     with Store(path) as store:
         return {
             "path": store.path,
+            "version": store.version,
             "page_size": store.page_size,
+            "state": "mapping" if store.mapping else "sequence",
+            "entries": [
+                {"name": e.name, "dtype": str(e.dtype), "descr": np.lib.format.dtype_to_descr(e.dtype),
+                 "shape": list(e.shape), "bytes": e.nbytes, "array": e.array}
+                for e in store.entries
+            ],
             "regions": store.lengths,
+            "sections": [
+                {"type": "working-set" if s.type == SECTION_WORKING_SET else s.type, "generation": s.generation,
+                 "bytes": s.payload_bytes}
+                for s in store.sections
+            ],
             "file_size": store.file_size,
             "sealed_bytes": store.sealed_end,
             "unsealed_tail_bytes": store.file_size - store.sealed_end if store.damage is None else 0,

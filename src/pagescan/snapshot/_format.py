@@ -2,13 +2,17 @@
 
 One append-only file, all integers little-endian::
 
-    file header | region table | generation 1 | generation 2 | ... | (unsealed tail)
+    file header | entry table | metadata | record | record | ... | (unsealed tail)
 
     file header (64 bytes)
-        magic "PGSCANCK", u32 version (2), u32 page_size, u32 nregions, u32 reserved,
-        u64 reserved x4, digest of the first 56 bytes
-    region table (8 * nregions + 8 bytes)
-        u64 length of each region, digest of those lengths
+        magic "PGSCANCK", u32 version (3), u32 page_size, u32 nentries, u32 reserved,
+        u64 meta_bytes, u64 reserved x3, digest of the first 56 bytes
+    entry table (8 * nentries + 8 bytes)
+        u64 byte length of each entry, digest of those lengths
+    metadata (meta_bytes + 8 bytes)
+        UTF-8 JSON: kind of state and per entry name, dtype (numpy descr) and shape;
+        digest of the JSON
+    record: a generation, or an optional section (below)
     generation
         record header (64 bytes): magic "PGSCGEN\\0", u64 generation, u64 npages (index
             entries), u64 ndata (pages with data), u64 parent (0: a full generation),
@@ -21,6 +25,17 @@ One append-only file, all integers little-endian::
             digest of the page index, digest of the record header, u64 reserved,
             digest of the first 56 bytes
 
+    section (optional, skipped by readers that do not know its type)
+        section header (64 bytes): magic "PGSCSECT", u64 type, u64 generation, u64
+            payload_bytes, u64 reserved x3, digest of the first 56 bytes
+        payload
+        commit record as for a generation (its index digest is the payload's digest)
+
+An entry is stored in chunks of ``page_size`` bytes counted from its first byte (the
+index's "page" is the chunk number); the last chunk of an entry whose length is not a
+multiple of the page size is stored padded with zeros. Version 2 (pagescan 0.1) has a
+region table of page-multiple lengths and no metadata; it is read, never written.
+
 "digest" is an 8-byte BLAKE2b. The writer writes the data, then the header and index,
 ``fsync``s, and only then writes the commit record and ``fsync``s again. A reader
 accepts a generation only with a complete, consistent commit record; bytes after the
@@ -29,14 +44,22 @@ last one are an unsealed tail (a writer that died) and are ignored.
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import hashlib
+import json
+import math
 import struct
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "COMMIT",
     "ENTRY_SIZE",
+    "EntryMeta",
+    "decode_meta",
+    "encode_meta",
     "FILE_HEADER",
     "GEN_HEADER",
     "INDEX_DTYPE",
@@ -45,6 +68,11 @@ __all__ = [
     "MAGIC_COMMIT",
     "MAGIC_FILE",
     "MAGIC_GEN",
+    "MAGIC_SECTION",
+    "MAX_STATE_BYTES",
+    "READABLE_VERSIONS",
+    "SECTION_HEADER",
+    "SECTION_WORKING_SET",
     "VERSION",
     "digest",
     "entry_checks",
@@ -55,12 +83,21 @@ __all__ = [
 MAGIC_FILE = b"PGSCANCK"
 MAGIC_GEN = b"PGSCGEN\0"
 MAGIC_COMMIT = b"PGSCSEAL"
-VERSION = 2
+MAGIC_SECTION = b"PGSCSECT"
+VERSION = 3
+#: Versions this code reads (2: pagescan 0.1, no entry metadata).
+READABLE_VERSIONS = (2, 3)
+#: Section types.
+SECTION_WORKING_SET = 1
+#: Upper bound on the total length of the entries (bytes): no host maps more (57-bit
+#: virtual addresses with 5-level page tables).
+MAX_STATE_BYTES = 1 << 57
 
-FILE_HEADER = struct.Struct("<8sIII I 4Q 8s")  # magic, version, page_size, nregions, reserved, 4 x u64, digest
+FILE_HEADER = struct.Struct("<8sIII I 4Q 8s")  # magic, version, page_size, nentries, reserved, meta_bytes, 3 x u64, digest
 GEN_HEADER = struct.Struct("<8s6Q8s")  # magic, generation, npages, ndata, parent, index_bytes, reserved, digest
 COMMIT = struct.Struct("<8s3Q8s8sQ8s")  # magic, generation, offset, length, index digest, header digest, reserved, digest
-assert FILE_HEADER.size == 64 and GEN_HEADER.size == 64 and COMMIT.size == 64
+SECTION_HEADER = struct.Struct("<8s6Q8s")  # magic, type, generation, payload_bytes, 3 x reserved, digest
+assert FILE_HEADER.size == 64 and GEN_HEADER.size == 64 and COMMIT.size == 64 and SECTION_HEADER.size == 64
 
 KIND_ZERO = 0
 KIND_DATA = 1
@@ -149,3 +186,91 @@ def entry_checks(index: np.ndarray, generation: int) -> np.ndarray:
             + np.uint64(generation) * e[3] + pos * e[4]
         )
     return out
+
+
+# -- entry metadata (version 3) ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryMeta:
+    """What the file records about one entry of the state.
+
+    ``name`` is the mapping key (``None`` for an entry of a sequence); ``dtype`` and
+    ``shape`` describe the array it came from (``uint8`` and ``(nbytes,)`` for other
+    buffers, ``array=False``).
+    """
+
+    name: str | None
+    nbytes: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    array: bool
+
+    def label(self, i: int) -> str:
+        return f"entry {self.name!r}" if self.name is not None else f"entry {i}"
+
+
+#: Bounds on metadata written by other hands (checked before anything is built from it).
+MAX_DESCR_CHARS = 1 << 16
+MAX_NDIM = 64
+
+
+def encode_meta(mapping: bool, entries: list[EntryMeta]) -> bytes:
+    """The metadata JSON (version 3). dtypes as ``numpy.lib.format.dtype_to_descr``'s repr."""
+    doc = {
+        "state": "mapping" if mapping else "sequence",
+        "entries": [
+            {"name": e.name, "dtype": repr(np.lib.format.dtype_to_descr(e.dtype)), "shape": list(e.shape),
+             "array": e.array}
+            for e in entries
+        ],
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def decode_meta(raw: bytes, lengths: list[int]) -> tuple[bool, list[EntryMeta]]:
+    """Parse and check the metadata against the entry lengths; ``ValueError`` says what is wrong."""
+    try:
+        doc = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"metadata is not JSON ({err})") from None
+    if not isinstance(doc, dict) or doc.get("state") not in ("mapping", "sequence") or not isinstance(
+        doc.get("entries"), list
+    ):
+        raise ValueError("metadata lacks 'state' or 'entries'")
+    mapping = doc["state"] == "mapping"
+    items = doc["entries"]
+    if len(items) != len(lengths):
+        raise ValueError(f"metadata has {len(items)} entries, the entry table {len(lengths)}")
+    out: list[EntryMeta] = []
+    names: set[str] = set()
+    for i, (it, nbytes) in enumerate(zip(items, lengths)):
+        if not isinstance(it, dict):
+            raise ValueError(f"entry {i}: not an object")
+        name, descr, shape, array = it.get("name"), it.get("dtype"), it.get("shape"), it.get("array")
+        if mapping:
+            if not isinstance(name, str) or name in names:
+                raise ValueError(f"entry {i}: name {name!r} is not a unique string")
+            names.add(name)
+        elif name is not None:
+            raise ValueError(f"entry {i}: a sequence entry has a name")
+        if not isinstance(descr, str) or len(descr) > MAX_DESCR_CHARS or not isinstance(array, bool):
+            raise ValueError(f"entry {i}: bad dtype or array flag")
+        dtype = _descr_to_dtype(descr, i)
+        if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_STATE_BYTES for d in shape)):
+            raise ValueError(f"entry {i}: bad shape {shape!r}")
+        if math.prod(shape) * dtype.itemsize != nbytes:
+            raise ValueError(f"entry {i}: shape {tuple(shape)} of {dtype} is not {nbytes} bytes")
+        out.append(EntryMeta(name, nbytes, dtype, tuple(shape), array))
+    return mapping, out
+
+
+def _descr_to_dtype(descr: str, i: int) -> np.dtype[Any]:
+    try:
+        dt = np.lib.format.descr_to_dtype(ast.literal_eval(descr))
+    except (ValueError, TypeError, SyntaxError, KeyError, IndexError, RecursionError, MemoryError) as err:
+        raise ValueError(f"entry {i}: bad dtype {descr[:80]!r} ({type(err).__name__})") from None
+    if dt.hasobject:
+        raise ValueError(f"entry {i}: dtype {dt} holds object references")
+    return dt

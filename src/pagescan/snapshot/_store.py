@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from .._args import NotRegularFileError
+from .._args import open_regular as _open_regular
+
 import contextlib
 import ctypes
 import dataclasses
 import errno
 import fcntl
 import os
-import stat
+import mmap
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,13 +28,31 @@ from ._format import (
     MAGIC_COMMIT,
     MAGIC_FILE,
     MAGIC_GEN,
+    MAGIC_SECTION,
+    MAX_STATE_BYTES,
+    READABLE_VERSIONS,
+    SECTION_HEADER,
     VERSION,
+    EntryMeta,
+    decode_meta,
     digest,
+    encode_meta,
     entry_checks,
     page_checksums,
 )
 
-__all__ = ["Appender", "CheckpointError", "CorruptCheckpointError", "Generation", "Store", "fsync_dir", "link_fd", "new_file"]
+__all__ = [
+    "Appender",
+    "CheckpointError",
+    "CorruptCheckpointError",
+    "Generation",
+    "Section",
+    "Store",
+    "fsync_dir",
+    "link_fd",
+    "new_file",
+    "open_regular",
+]
 
 
 class CheckpointError(ValueError):
@@ -41,6 +62,8 @@ class CheckpointError(ValueError):
 class CorruptCheckpointError(CheckpointError):
     """A sealed part of a checkpoint file is damaged (names the generation and page)."""
 
+
+_HOST_PAGE = mmap.PAGESIZE
 
 CheckpointError.__module__ = "pagescan.snapshot"
 CorruptCheckpointError.__module__ = "pagescan.snapshot"
@@ -64,6 +87,27 @@ class Generation:
     @property
     def data_pages(self) -> int:
         return int((self.index["kind"] == KIND_DATA).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One optional section (a working-set record, ...): type, the generation it is about, where."""
+
+    type: int
+    generation: int
+    offset: int  # of the section header
+    end: int  # just past its commit record
+    payload_offset: int
+    payload_bytes: int
+
+
+def open_regular(path: str, flags: int) -> int:
+    """``open`` without blocking, refusing anything but a regular file
+    (:func:`pagescan._args.open_regular`) as a :class:`CheckpointError`."""
+    try:
+        return _open_regular(path, flags, "checkpoint path")
+    except NotRegularFileError as err:
+        raise CheckpointError(f"{err}, not a pagescan checkpoint") from None
 
 
 def _pread_exact(fd: int, n: int, off: int) -> bytes:
@@ -91,13 +135,10 @@ class Store:
         self.path = os.fspath(path)
         self.writable = writable
         if _fd is None:
-            flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-            _fd = os.open(self.path, flags)
+            _fd = open_regular(self.path, os.O_RDWR if writable else os.O_RDONLY)
         self.fd = _fd
         self._offsets: dict[int, np.ndarray] = {}
         try:
-            if stat.S_ISDIR(os.fstat(self.fd).st_mode):
-                raise CheckpointError(f"{self.path} is a directory, not a pagescan checkpoint")
             if lock:
                 _lock(self.fd, self.path)
             self._load()
@@ -107,7 +148,7 @@ class Store:
             raise
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], page_size: int, lengths: list[int]) -> Store:
+    def create(cls, path: str | os.PathLike[str], page_size: int, mapping: bool, entries: list[EntryMeta]) -> Store:
         """Create a new, empty checkpoint file, atomically (``FileExistsError`` if it exists).
 
         The header is written and ``fsync``'d in an unnamed file (``O_TMPFILE``) that is
@@ -115,7 +156,7 @@ class Store:
         Returns the store, writable and locked.
         """
         path = os.fspath(path)
-        fd, named_tmp = new_file(path, page_size, lengths)
+        fd, named_tmp = new_file(path, page_size, mapping, entries)
         try:
             link_fd(fd, named_tmp, path)  # EEXIST if taken
         except BaseException:
@@ -141,40 +182,77 @@ class Store:
     # -- reading --------------------------------------------------------------------
 
     def _load(self) -> None:
+        """Read and range-check the header, entry table and metadata, then walk the records.
+
+        Every value is checked against the file size and this host before anything is
+        allocated from it: the page size must be this host's, the entry table and
+        metadata must lie in the file, the entries fit in an address space, and a full
+        generation (which every sealed chain starts with) has an index entry for every
+        page -- so the per-page arrays built later are bounded by the file's size.
+        """
+        size = os.fstat(self.fd).st_size
         head = _pread_exact(self.fd, FILE_HEADER.size, 0)
         if len(head) < FILE_HEADER.size or head[:8] != MAGIC_FILE:
             raise CheckpointError(f"{self.path} is not a pagescan checkpoint (bad magic)")
-        magic, version, page_size, nregions, _r, _a, _b, _c, _d, dig = FILE_HEADER.unpack(head)
+        magic, version, page_size, nregions, _r, meta_bytes, _b, _c, _d, dig = FILE_HEADER.unpack(head)
         if digest(head[:-8]) != dig:
             raise CorruptCheckpointError(f"{self.path}: file header is damaged (checksum mismatch)")
-        if version != VERSION:
-            raise CheckpointError(f"{self.path}: unsupported checkpoint version {version} (this is version {VERSION})")
-        if page_size <= 0 or page_size % 8 or nregions > 1 << 20:
-            raise CorruptCheckpointError(f"{self.path}: file header is damaged (page size {page_size}, "
-                                         f"{nregions} regions)")
-        table = _pread_exact(self.fd, 8 * nregions + 8, FILE_HEADER.size)
+        if version not in READABLE_VERSIONS:
+            raise CheckpointError(f"{self.path}: unsupported checkpoint version {version} (this pagescan reads "
+                                  f"versions {', '.join(map(str, READABLE_VERSIONS))} and writes version {VERSION})")
+        self.version = int(version)
+        if page_size != _HOST_PAGE:
+            raise CheckpointError(f"{self.path}: page size {page_size} is not this host's page size {_HOST_PAGE}")
+        table_off = FILE_HEADER.size
+        if 8 * nregions + 8 > size - table_off:
+            raise CorruptCheckpointError(f"{self.path}: file header is damaged ({nregions} entries do not fit "
+                                         f"in a {size}-byte file)")
+        table = _pread_exact(self.fd, 8 * nregions + 8, table_off)
         if len(table) < 8 * nregions + 8 or digest(table[:-8]) != table[-8:]:
-            raise CorruptCheckpointError(f"{self.path}: region table is damaged")
+            raise CorruptCheckpointError(f"{self.path}: entry table is damaged")
         self.page_size: int = int(page_size)
-        self.lengths = [int(x) for x in np.frombuffer(table[:-8], dtype="<u8")]
-        #: Global page number of each region's first page (pages counted region by region).
-        self.base = np.concatenate([[0], np.cumsum([n // page_size for n in self.lengths])]).astype(np.int64)
+        lengths = [int(x) for x in np.frombuffer(table[:-8], dtype="<u8")]
+        if sum(lengths) > MAX_STATE_BYTES:
+            raise CorruptCheckpointError(f"{self.path}: entry table is damaged (entries total {sum(lengths)} bytes)")
+        off = table_off + len(table)
+        if version == 2:
+            if meta_bytes or any(n % page_size for n in lengths):
+                raise CorruptCheckpointError(f"{self.path}: version 2 region table is damaged")
+            self.mapping = False
+            self.entries = [EntryMeta(None, n, np.dtype(np.uint8), (n,), False) for n in lengths]
+        else:
+            if meta_bytes + 8 > size - off:
+                raise CorruptCheckpointError(f"{self.path}: file header is damaged ({meta_bytes} bytes of metadata "
+                                             f"do not fit in a {size}-byte file)")
+            meta = _pread_exact(self.fd, meta_bytes + 8, off)
+            if len(meta) < meta_bytes + 8 or digest(meta[:-8]) != meta[-8:]:
+                raise CorruptCheckpointError(f"{self.path}: entry metadata is damaged (checksum mismatch)")
+            try:
+                self.mapping, self.entries = decode_meta(meta[:-8], lengths)
+            except ValueError as err:
+                raise CorruptCheckpointError(f"{self.path}: entry metadata is damaged: {err}") from None
+            off += len(meta)
+        #: Byte length of each entry (a multiple of the page size in version 2).
+        self.lengths = lengths
+        #: Global chunk number of each entry's first chunk (chunks of page_size bytes,
+        #: counted from each entry's first byte, entry after entry).
+        chunks = [(n + page_size - 1) // page_size for n in lengths]
+        self.base = np.concatenate([[0], np.cumsum(chunks, dtype=np.int64)]).astype(np.int64)
         self.generations: list[Generation] = []
+        self.sections: list[Section] = []
         #: The damage that stopped the walk through the generations, if any.
         self.damage: CorruptCheckpointError | None = None
-        off = FILE_HEADER.size + len(table)
         self.data_start = off
-        size = os.fstat(self.fd).st_size
         while off < size:
             try:
-                got = self._read_generation(off, size)
+                got = self._read_record(off, size)
             except CorruptCheckpointError as err:
                 self.damage = err
                 break
             if isinstance(got, str):
-                # Not a sealed generation: an unsealed tail left by a writer that died --
-                # unless a sealed generation follows (the commit record that ends the file
-                # belongs to a generation at or after this one): then this is damage.
+                # Not a sealed record: an unsealed tail left by a writer that died --
+                # unless a sealed record follows (the commit record that ends the file
+                # belongs to a record at or after this one): then this is damage.
                 later = self._sealed_at_end(off, size)
                 if later is not None:
                     expected = len(self.generations) + 1
@@ -183,11 +261,73 @@ class Store:
                         f"but sealed data up to generation {later} follows it"
                     )
                 break
-            self.generations.append(got)
+            if isinstance(got, Section):
+                self.sections.append(got)
+            else:
+                self.generations.append(got)
             off = got.end
         #: Length of the sealed prefix (up to the damage, if any); after it: unsealed tail.
         self.sealed_end = off
         self.file_size = size
+
+    def _read_record(self, off: int, size: int) -> Generation | Section | str:
+        raw = _pread_exact(self.fd, 8, off)
+        if raw == MAGIC_SECTION and self.version >= 3:
+            return self._read_section(off, size)
+        return self._read_generation(off, size)
+
+    def _read_section(self, off: int, size: int) -> Section | str:
+        """The sealed section at ``off``, or why there is none (a string)."""
+        raw = _pread_exact(self.fd, SECTION_HEADER.size, off)
+        if len(raw) < SECTION_HEADER.size:
+            return "section header incomplete"
+        magic, typ, gen, nbytes, _a, _b, _c, dig = SECTION_HEADER.unpack(raw)
+        if digest(raw[:-8]) != dig:
+            return "section header damaged"
+        commit_off = off + SECTION_HEADER.size + nbytes
+        why = self._commit_mismatch(off, commit_off, size, gen, dig)
+        if why:
+            return f"section {why}"
+        if not 1 <= gen <= len(self.generations):
+            raise CorruptCheckpointError(f"{self.path}: section at offset {off} names generation {gen}, "
+                                         f"which is not before it")
+        # The payload digest is checked when the payload is read (it may be large).
+        return Section(int(typ), int(gen), off, commit_off + COMMIT.size, off + SECTION_HEADER.size, int(nbytes))
+
+    def read_section(self, sec: Section) -> bytes:
+        """A section's payload, checked against its digest (``CorruptCheckpointError``)."""
+        raw = _pread_exact(self.fd, sec.payload_bytes, sec.payload_offset)
+        craw = _pread_exact(self.fd, COMMIT.size, sec.payload_offset + sec.payload_bytes)
+        if len(raw) != sec.payload_bytes or len(craw) != COMMIT.size or digest(raw) != COMMIT.unpack(craw)[4]:
+            raise CorruptCheckpointError(f"{self.path}: section of type {sec.type} at offset {sec.offset} is "
+                                         "damaged (checksum mismatch)")
+        return raw
+
+    def append_section(self, type_: int, generation: int, payload: bytes) -> Section:
+        """Append a sealed section at the sealed end (``fsync``'d; the writer's lock is needed)."""
+        if not self.writable:
+            raise CheckpointError(f"{self.path} is open read-only")
+        if self.damage is not None:
+            raise self.damage
+        off = self.sealed_end
+        head = SECTION_HEADER.pack(MAGIC_SECTION, type_, generation, len(payload), 0, 0, 0, b"\0" * 8)
+        head = head[:-8] + digest(head[:-8])
+        length = len(head) + len(payload)
+        commit = _commit_record(generation, off, length, digest(payload), head[-8:])
+        try:
+            os.ftruncate(self.fd, off)
+            _pwrite_all(self.fd, head + payload, off)
+            os.fsync(self.fd)
+            _pwrite_all(self.fd, commit, off + length)
+            os.fsync(self.fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, off)
+            raise
+        sec = Section(type_, generation, off, off + length + COMMIT.size, off + len(head), len(payload))
+        self.sections.append(sec)
+        self.sealed_end = self.file_size = sec.end
+        return sec
 
     def _sealed_at_end(self, off: int, size: int) -> int | None:
         """Generation number of a valid commit record ending the file, for a record at or after ``off``."""
@@ -202,6 +342,18 @@ class Store:
         if goff < off or goff + length + COMMIT.size != size:
             return None
         return int(cgen)
+
+    def _commit_mismatch(self, off: int, commit_off: int, size: int, number: int, head_digest: bytes) -> str:
+        """Why the commit record at ``commit_off`` does not seal the record at ``off`` ("" if it does)."""
+        if commit_off + COMMIT.size > size:
+            return "commit record missing"
+        craw = _pread_exact(self.fd, COMMIT.size, commit_off)
+        cmagic, cgen, goff, length, _d, hdig, _x, cdig = COMMIT.unpack(craw)
+        if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig:
+            return "commit record missing or damaged"
+        if cgen != number or goff != off or length != commit_off - off or hdig != head_digest:
+            return "commit record does not match the record header"
+        return ""
 
     def _read_generation(self, off: int, size: int) -> Generation | str:
         """The sealed generation at ``off``, or why there is none (a string).
@@ -218,14 +370,10 @@ class Store:
             return "record header inconsistent"
         data_off = off + GEN_HEADER.size + index_bytes
         commit_off = data_off + ndata * self.page_size
-        if commit_off + COMMIT.size > size:
-            return "commit record missing"
-        craw = _pread_exact(self.fd, COMMIT.size, commit_off)
-        cmagic, cgen, goff, length, idig, hdig, _x, cdig = COMMIT.unpack(craw)
-        if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig:
-            return "commit record missing or damaged"
-        if cgen != number or goff != off or length != commit_off - off or hdig != dig:
-            return "commit record does not match the record header"
+        why = self._commit_mismatch(off, commit_off, size, number, dig)  # bounds npages, ndata by the size
+        if why:
+            return why
+        idig = COMMIT.unpack(_pread_exact(self.fd, COMMIT.size, commit_off))[4]
         # Sealed: from here on, anything wrong is damage.
         expected = len(self.generations) + 1
         where = f"{self.path}: generation {number}"
@@ -245,6 +393,9 @@ class Store:
             raise CorruptCheckpointError(f"{where} follows generation {expected - 1}")
         if parent >= number:
             raise CorruptCheckpointError(f"{where}: bad parent generation {parent}")
+        if parent == 0 and npages != self.total_pages:
+            raise CorruptCheckpointError(f"{where}: a full generation with {npages} pages, not the entries' "
+                                         f"{self.total_pages}")
         kinds = index["kind"]
         if bool(((kinds != KIND_DATA) & (kinds != KIND_ZERO)).any()) or int((kinds == KIND_DATA).sum()) != ndata:
             raise CorruptCheckpointError(f"{where}: page index and data disagree")
@@ -306,9 +457,10 @@ class Store:
         return out
 
     def read_pages(self, g: Generation, positions: np.ndarray, out: np.ndarray | None = None,
-                   verify: bool = True) -> np.ndarray:
+                   verify: bool = True, fresh: bool = False) -> np.ndarray:
         """Pages at index ``positions`` of ``g`` into ``out`` (a C-contiguous ``(n, page_size)`` uint8 array).
 
+        ``fresh``: ``out`` already reads as zeros (ZERO entries are not written).
         With ``verify``, every page's checksum is compared with its index entry;
         ``CorruptCheckpointError`` names the generation, region and page of the first bad one.
         """
@@ -319,7 +471,7 @@ class Store:
             out = np.empty((n, P), dtype=np.uint8)
         offs = self.data_offsets(g)[positions]
         is_data = offs >= 0
-        if not is_data.all():
+        if not fresh and not is_data.all():
             out[~is_data] = 0
         idx = np.flatnonzero(is_data)
         if idx.size:
@@ -443,8 +595,7 @@ class Appender:
         head = GEN_HEADER.pack(MAGIC_GEN, self.number, self.npages, self.ndata, parent, len(idx_raw), 0, b"\0" * 8)
         head = head[:-8] + digest(head[:-8])
         length = GEN_HEADER.size + len(idx_raw) + self.ndata * P
-        commit = COMMIT.pack(MAGIC_COMMIT, self.number, self.offset, length, digest(idx_raw), head[-8:], 0, b"\0" * 8)
-        commit = commit[:-8] + digest(commit[:-8])
+        commit = _commit_record(self.number, self.offset, length, digest(idx_raw), head[-8:])
         with self._io():
             _pwrite_all(st.fd, head + idx_raw, self.offset)
             os.fsync(st.fd)  # everything the commit record vouches for is durable first
@@ -465,16 +616,22 @@ class Appender:
             os.fsync(self.store.fd)
 
 
-def new_file(path: str, page_size: int, lengths: list[int]) -> tuple[int, str | None]:
+def _commit_record(number: int, off: int, length: int, body_digest: bytes, head_digest: bytes) -> bytes:
+    rec = COMMIT.pack(MAGIC_COMMIT, number, off, length, body_digest, head_digest, 0, b"\0" * 8)
+    return rec[:-8] + digest(rec[:-8])
+
+
+def new_file(path: str, page_size: int, mapping: bool, entries: list[EntryMeta]) -> tuple[int, str | None]:
     """A new checkpoint file with its header written and ``fsync``'d, not yet at ``path``.
 
     Returns ``(fd, None)`` for an unnamed file in ``path``'s directory (``O_TMPFILE``), or
     ``(fd, temporary name)`` where the file system has no ``O_TMPFILE``. The fd is locked.
     """
-    head = FILE_HEADER.pack(MAGIC_FILE, VERSION, page_size, len(lengths), 0, 0, 0, 0, 0, b"\0" * 8)
+    meta = encode_meta(mapping, entries)
+    head = FILE_HEADER.pack(MAGIC_FILE, VERSION, page_size, len(entries), 0, len(meta), 0, 0, 0, b"\0" * 8)
     head = head[:-8] + digest(head[:-8])
-    table = np.asarray(lengths, dtype="<u8").tobytes()
-    blob = head + table + digest(table)
+    table = np.asarray([e.nbytes for e in entries], dtype="<u8").tobytes()
+    blob = head + table + digest(table) + meta + digest(meta)
     d = os.path.dirname(os.path.abspath(path))
     named_tmp = None
     try:

@@ -1,0 +1,150 @@
+"""Argument checks, in one place, before any syscall.
+
+The rule (see :mod:`pagescan._errors`): what cannot even be said to the kernel -- not
+an integer, negative, over 64 bits, a buffer of the wrong kind -- is ``TypeError`` or
+``ValueError``; what the kernel would refuse -- an unaligned address, an empty range --
+is reported as the kernel reports it, ``OSError(EINVAL)``
+(:class:`~pagescan.InvalidArgumentError`, also a ``ValueError``). Every message names
+the argument.
+
+Integers: anything with ``__index__`` (Python ints, numpy integers, ``IntFlag``
+members); ``bool`` counts as the int it is in ``scan()`` and ``Scanner`` (pagescan 0.1
+decided so) and is refused where the userfaultfd methods, ``WriteWatch`` and
+``move_pages`` refused it in 0.1; numpy's
+``bool_`` is refused on every numpy version (numpy 2.x dropped its ``__index__``, 1.x
+had it), and so are floats.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import operator
+import os
+import stat
+from typing import Any, Union
+
+import numpy as np
+
+from ._errors import InvalidArgumentError
+
+__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "check_aligned", "open_regular",
+           "u64"]
+
+#: What pagescan accepts as "a buffer object": anything with the buffer protocol; these
+#: are the usual ones (``collections.abc.Buffer`` needs Python 3.12).
+Buffer = Union[bytes, bytearray, memoryview, mmap.mmap, "np.ndarray[Any, Any]", "ctypes.Array[Any]"]
+
+P = mmap.PAGESIZE
+U64 = (1 << 64) - 1
+
+
+def u64(name: str, value: Any, *, bool_ok: bool = True) -> int:
+    """``value`` as a plain ``int`` in ``[0, 2**64)``, or ``TypeError``/``ValueError``.
+
+    ``bool_ok=False`` refuses ``True``/``False`` too (the userfaultfd methods,
+    ``WriteWatch`` and ``move_pages`` always have: an address or a length that is a
+    bool is a bug, while ``scan()`` takes them as the ints they are)."""
+    if type(value) is int and 0 <= value <= U64:
+        return value
+    if (isinstance(value, (np.bool_, float, complex, str, bytes)) or value is None
+            or (not bool_ok and isinstance(value, bool))):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}") from None
+    v = int(v)  # an IntFlag member -> plain int (``~`` and ``|`` then mean what they say)
+    if v < 0:
+        raise ValueError(f"{name} must not be negative, got {v}")
+    if v > U64:
+        raise ValueError(f"{name} does not fit in 64 bits: {v:#x}")
+    return v
+
+
+def check_aligned(call: str, name: str, value: int, page_size: int = P) -> None:
+    """``InvalidArgumentError`` unless ``value`` is a multiple of ``page_size``."""
+    if value % page_size:
+        lo = value - value % page_size
+        raise InvalidArgumentError(
+            f"{call}: {name} {value:#x} is not aligned to the page size ({page_size}); "
+            f"the nearest aligned values are {lo:#x} and {lo + page_size:#x}"
+        )
+
+
+def _as_bytes(obj: Any, name: str) -> np.ndarray:
+    """A uint8 view of a buffer object's bytes; refuses integers and non-buffers."""
+    if isinstance(obj, np.ndarray):
+        arr = obj
+    else:
+        if isinstance(obj, (int, np.integer, np.bool_)) or hasattr(obj, "__index__"):
+            raise TypeError(
+                f"{name} is an integer ({type(obj).__name__}): pass the end or length too, "
+                "or pass a buffer object"
+            )
+        try:
+            with memoryview(obj) as mv:
+                if not mv.contiguous:
+                    raise ValueError(f"{name} must be a contiguous buffer (this {type(obj).__name__} is strided)")
+        except TypeError:
+            raise TypeError(f"{name} must be a buffer object (mmap, numpy array, bytearray, ...), "
+                            f"not {type(obj).__name__}") from None
+        except ValueError as err:
+            if "released" in str(err) or "closed" in str(err):
+                raise ValueError(f"{name}: {err}") from None
+            raise
+        try:
+            arr = np.frombuffer(obj, dtype=np.uint8)
+        except (TypeError, ValueError, BufferError) as err:
+            raise ValueError(f"{name}: cannot use this {type(obj).__name__} as a buffer ({err})") from None
+    if not (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        raise ValueError(f"{name} must be a contiguous buffer (this array has strides {arr.strides})")
+    return arr
+
+
+def buffer_span(obj: Any, name: str = "buffer") -> tuple[int, int]:
+    """``(address, nbytes)`` of a contiguous buffer object's own bytes."""
+    arr = _as_bytes(obj, name)
+    return int(arr.__array_interface__["data"][0]), int(arr.nbytes)
+
+
+def buffer_range(obj: Any, name: str = "buffer") -> tuple[int, int]:
+    """``(start, end)`` of the whole pages covering a buffer object (mmap, numpy array,
+    bytearray, memoryview, ctypes array): start rounded down, end rounded up. An empty
+    buffer covers no page (``start == end``). A 0-d integer array is refused like any
+    integer: it is almost certainly an address meant with an end or length."""
+    if isinstance(obj, np.ndarray) and obj.ndim == 0 and obj.dtype.kind in "iub":
+        raise TypeError(f"{name} is a 0-d integer array ({obj.dtype}): pass the end or length too, "
+                        "or pass a buffer object")
+    lo, n = buffer_span(obj, name)
+    start = lo & ~(P - 1)
+    if not n:
+        return start, start
+    return start, (lo + n + P - 1) & ~(P - 1)
+
+
+class NotRegularFileError(ValueError):
+    """A path that had to be a regular file is a FIFO, a device, a directory, ..."""
+
+
+def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, name: str = "path") -> int:
+    """``open`` without blocking (``O_NONBLOCK``), then refuse anything but a regular file.
+
+    A FIFO (or a device) would block in ``open`` or ``read`` forever; ``O_NONBLOCK``
+    makes ``open`` return at once and ``fstat`` tells what it is. The fd returned is
+    blocking again and ``O_CLOEXEC``. Raises :class:`NotRegularFileError` (a
+    ``ValueError``) naming ``name``, or the ``OSError`` of ``open``."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
+    except IsADirectoryError:
+        raise NotRegularFileError(f"{name} {os.fspath(path)!r} is a directory, not a regular file") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise NotRegularFileError(f"{name} {os.fspath(path)!r} is {what}")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -1,0 +1,96 @@
+"""The one contract both scan backends implement, and the choice between them.
+
+httpx-style: one small interface (:class:`Backend`), one request type, chosen once.
+The request is the kernel's own ``struct pm_scan_arg`` (:class:`~._uapi.pagemap.pm_scan_arg`,
+kernel field names): ``vec``/``vec_len`` describe ``out``, the array that receives the
+regions (``out`` is ``None`` when ``vec_len`` is 0). A backend returns ``(regions
+written, walk_end)`` with the *documented* ``walk_end`` (the kernel's stale value
+corrected) and raises ``OSError`` with the kernel's errno and a message naming the
+argument -- the same errno for the same bad input on both backends.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ._target import Target
+    from ._uapi.pagemap import pm_scan_arg
+
+__all__ = ["BACKENDS", "Backend", "fall_back", "kernel_missing", "pick"]
+
+BACKENDS = ("auto", "kernel", "emulated")
+
+
+class Backend(Protocol):
+    """A ``PAGEMAP_SCAN`` implementation."""
+
+    name: str
+
+    def scan(self, target: Target, arg: pm_scan_arg, out: np.ndarray | None) -> tuple[int, int]:
+        """Run one call; ``out[:arg.vec_len]`` may be written. ``(n, walk_end)``."""
+        ...
+
+
+_lock = threading.Lock()
+_backends: dict[str, Backend] = {}
+_env: str | None = None
+#: Set once the kernel answered ENOTTY: "auto" then means the emulation.
+_kernel_missing = False
+
+
+def _get(name: str) -> Backend:
+    impl = _backends.get(name)
+    if impl is None:
+        with _lock:
+            impl = _backends.get(name)
+            if impl is None:
+                if name == "kernel":
+                    from ._backend_kernel import KernelBackend
+
+                    impl = KernelBackend()
+                else:
+                    from ._backend_emulated import EmulatedBackend
+
+                    impl = EmulatedBackend()
+                _backends[name] = impl
+    return impl
+
+
+def _env_choice() -> str:
+    global _env
+    if _env is None:
+        env = os.environ.get("PAGESCAN_BACKEND", "") or "auto"
+        if env not in BACKENDS:
+            raise ValueError(f"PAGESCAN_BACKEND must be one of {BACKENDS}, not {env!r}")
+        _env = env
+    return _env
+
+
+def pick(backend: str) -> tuple[Backend, bool]:
+    """``(implementation, may_fall_back)`` for a ``backend=`` argument. ``"auto"`` is
+    the environment variable ``PAGESCAN_BACKEND`` (read once) or, by default, the
+    kernel -- falling back to the emulation if the ioctl turns out to be missing."""
+    if backend == "auto":
+        backend = _env_choice()
+        if backend == "auto":
+            return _get("emulated" if _kernel_missing else "kernel"), not _kernel_missing
+    if backend in ("kernel", "emulated"):
+        return _get(backend), False
+    raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+
+
+def kernel_missing() -> bool:
+    """Whether "auto" has switched to the emulation (the ioctl answered ENOTTY)."""
+    return _kernel_missing
+
+
+def fall_back() -> Backend:
+    """The kernel answered ENOTTY under "auto": use (and from now on pick) the emulation."""
+    global _kernel_missing
+    _kernel_missing = True
+    return _get("emulated")

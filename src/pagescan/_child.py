@@ -1,0 +1,119 @@
+"""Helper processes: forked, watched through a pidfd, reaped exactly once.
+
+The pattern trio follows for its subprocesses. Right after ``fork`` the parent opens a
+pidfd of the child (``pidfd_open``, Linux 5.3). The pidfd polls readable once the child
+has exited, so waiting with a timeout is one ``poll``, never a ``waitpid(WNOHANG)``
+loop with sleeps; a signal sent through it (``pidfd_send_signal``) cannot reach a
+recycled pid; ``waitpid`` then collects the status at once. The pidfd is an owned fd
+(:class:`~pagescan._fdholder.FdHolder`), and a forgotten :class:`Child` is killed and
+reaped when it is collected, so it leaves no zombie.
+
+A child process is only ever signalled or reaped by the process that forked it: in a
+process forked later (which inherits the pidfd), :meth:`Child.kill` and
+:meth:`Child.wait` only close that inherited copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import select
+import signal
+import sys
+from collections.abc import Callable
+
+from ._fdholder import FdHolder
+
+__all__ = ["Child", "fork"]
+
+
+class Child(FdHolder):
+    """A child process of ours and its pidfd. ``status`` is the ``waitpid`` status once reaped."""
+
+    __slots__ = ("pid", "status", "_parent")
+
+    _what = "pidfd"
+
+    def __init__(self, pid: int) -> None:
+        self._fd = -1
+        self.pid = pid
+        self.status: int | None = None
+        self._parent = os.getpid()
+        try:
+            self._fd = os.pidfd_open(pid)
+        except BaseException:
+            # Without a pidfd we cannot watch it: do not leave it running.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            self.status = -1
+            raise
+
+    @property
+    def running(self) -> bool:
+        """Not reaped yet (it may have exited: ``wait(0)`` tells)."""
+        return self.status is None and self._fd >= 0
+
+    def _ours(self) -> bool:
+        if os.getpid() != self._parent:
+            self.close()  # an inherited copy: the process belongs to our parent
+            return False
+        return True
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Reap the child: its ``waitpid`` status, or ``None`` if it still runs after
+        ``timeout`` seconds (``None``: wait as long as it takes). A child that someone
+        else reaped (``ECHILD``) counts as status 0."""
+        if self.status is not None or not self._ours():
+            return self.status
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        if not p.poll(-1 if timeout is None else math.ceil(max(0.0, timeout) * 1000)):  # EINTR: retried
+            return None
+        try:
+            _, status = os.waitpid(self.pid, 0)  # exited: does not block
+        except ChildProcessError:
+            status = 0
+        self.status = status
+        self.close()
+        return status
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` through the pidfd (a no-op once reaped)."""
+        if self.status is None and self._ours() and self._fd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, sig)
+
+    def __del__(self) -> None:
+        # Forgotten while running: kill and reap it; FdHolder closes the pidfd.
+        try:
+            if self.status is None and self._fd >= 0 and os.getpid() == self._parent:
+                with contextlib.suppress(OSError):
+                    signal.pidfd_send_signal(self._fd, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(self.pid, 0)
+                self.status = -1
+        except Exception:  # interpreter shutdown, or __init__ never finished
+            pass
+        super().__del__()
+
+
+def fork(main: Callable[[], int]) -> Child:
+    """Fork a child that runs ``main()`` and leaves with ``os._exit`` of what it returns
+    (1 if it raises): it never returns into the caller's code nor runs ``atexit``
+    handlers. Returns the :class:`Child` in the parent."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()  # or the child could write our buffered output again
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            code = main()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    return Child(pid)

@@ -1,1 +1,0 @@
-"""Benchmarks shipped with pagescan (``pagescan bench``); nothing runs at import."""
