@@ -32,6 +32,7 @@ from pagescan.cli._common import printable
 from pagescan.cli._stat import COLUMNS, DEFAULT_COLUMNS
 from pagescan.mappings import SMAPS_FIELDS
 
+from . import oracle
 from .conftest import requires_pagemap_scan, requires_wp_async
 from .memory import Mapping, P, child_process
 from .procs import stop
@@ -62,25 +63,10 @@ def _use_zero_page() -> bool:
         return False
 
 
-_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$")
-
-
 def read_smaps(pid: int) -> list[dict[str, Any]]:
-    """``/proc/PID/smaps`` parsed independently: start, end, perms, name, kB fields, VmFlags."""
-    out: list[dict[str, Any]] = []
-    with open(f"/proc/{pid}/smaps") as f:
-        for line in f:
-            m = _HEAD.match(line)
-            if m:
-                out.append({"start": int(m[1], 16), "end": int(m[2], 16), "perms": m[3], "name": m[4].strip(),
-                            "kb": {}, "flags": set()})
-                continue
-            key, _, rest = line.partition(":")
-            if key == "VmFlags":
-                out[-1]["flags"] = set(rest.split())
-            elif rest.strip().endswith(" kB"):
-                out[-1]["kb"][key] = int(rest.split()[0])
-    return out
+    """``/proc/PID/smaps`` from the tests' oracle: start, end, perms, name, kB fields, VmFlags."""
+    return [{"start": r.start, "end": r.end, "perms": r.perms, "name": r.name,
+             "kb": {k: v // KB for k, v in r.fields.items()}, "flags": set(r.vmflags)} for r in oracle.smaps(pid)]
 
 
 def by_start(doc: dict[str, Any]) -> dict[int, dict[str, Any]]:
