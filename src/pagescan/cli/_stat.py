@@ -270,8 +270,9 @@ def mapping_rows(stats: Sequence[MappingStat], per_column: Sequence[list[Any]], 
 
 
 def _add(a: Any, b: Any, kind: str) -> Any:
-    if kind == "text":
-        return a if a == b else ""
+    """Two mappings' values in one group: sizes add up; other values stay if equal."""
+    if kind != "bytes":
+        return a if a == b else ("" if kind == "text" else None)
     if a is None or b is None:
         return None
     return a + b
@@ -279,7 +280,7 @@ def _add(a: Any, b: Any, kind: str) -> Any:
 
 def group_rows(stats: Sequence[MappingStat], per_column: Sequence[list[Any]], columns: Sequence[str],
                every: bool) -> list[Row]:
-    kinds = [COLUMNS[c].kind for c in columns]
+    kinds = ["int" if c in _NOT_SUMMED else COLUMNS[c].kind for c in columns]  # "int": kept if equal
     groups: dict[str, Row] = {}
     values: Iterable[Sequence[Any]] = zip(*per_column) if per_column else ([] for _ in stats)
     for s, v in zip(stats, values):
