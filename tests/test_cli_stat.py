@@ -466,9 +466,24 @@ def test_stat_fits_100_columns_and_shortens_names_in_the_middle(
         assert str(path) in out.split()
     finally:
         stop(proc)
-    monkeypatch.setenv("COLUMNS", "70")  # too narrow: default columns with nothing in them go
-    rc, out, _ = run(capsys, "stat", "self")
-    assert "HUGE" not in out.splitlines()[1].split() or "(not shown" not in out
+    # too narrow: default columns with nothing in them go (a sleep has no swap, no THP)
+    monkeypatch.setenv("COLUMNS", "70")
+    proc = subprocess.Popen(["sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while not _maps_have(proc.pid, "libc.so.6"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        doc = run_json(capsys, "stat", str(proc.pid))
+        rc, out, _ = run(capsys, "stat", str(proc.pid))
+    finally:
+        stop(proc)
+    lines = out.splitlines()
+    dropped = re.findall(r"(\w+) \(all zero\)", lines[-1])
+    assert lines[-1].startswith("(not shown: ") and {"huge", "swap"} <= set(dropped)
+    for name in dropped:
+        assert name.upper() not in lines[1].split()
+        assert doc["totals"]["smaps"]["Swap"] == 0 if name == "swap" else doc["totals"]["pages"][name] == 0
 
 
 # -- real processes ---------------------------------------------------------------------------
