@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import pickle
 import select
@@ -10,10 +11,146 @@ import signal
 import subprocess
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+
+class Child:
+    """A forked child running ``fn()``; what it returns (pickled) or the traceback it
+    raised comes back on a pipe, and its wait status says how it ended.
+
+    The child disables faulthandler and restores default SIGBUS/SIGSEGV, so that a
+    fatal signal is what its exit status shows, and arms ``alarm(alarm)`` against
+    hangs. The one fork-and-report helper of the suite.
+    """
+
+    def __init__(self, fn: Callable[[], Any], *, alarm: int = 20) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 70
+            try:
+                os.close(r)
+                signal.alarm(alarm)
+                faulthandler.disable()
+                signal.signal(signal.SIGBUS, signal.SIG_DFL)
+                signal.signal(signal.SIGSEGV, signal.SIG_DFL)
+                try:
+                    data = pickle.dumps(("ok", fn()))
+                    code = 0
+                except BaseException as exc:  # noqa: BLE001
+                    data = pickle.dumps(("error", "".join(traceback.format_exception(exc))))
+                _write_all(w, data)
+            finally:
+                os._exit(code)
+        os.close(w)
+        self.pid = pid
+        self.rfd = r
+        self.status: int | None = None
+        self._answer: bytes | None = None
+
+    def _read(self, deadline: float) -> bytes:
+        """Everything the child wrote (read once, then remembered)."""
+        if self._answer is not None:
+            return self._answer
+        chunks = []
+        poller = select.poll()
+        poller.register(self.rfd, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"child {self.pid} did not answer in time")
+            if not poller.poll(int(left * 1000) + 1):
+                continue
+            data = os.read(self.rfd, 1 << 16)
+            if not data:
+                self._answer = b"".join(chunks)
+                os.close(self.rfd)
+                self.rfd = -1
+                return self._answer
+            chunks.append(data)
+
+    def outcome(self, timeout: float = 10.0) -> tuple[int, str]:
+        """``(wait status, traceback or "")`` once the child has ended; a child that
+        does not end in time is killed and fails the test."""
+        deadline = time.monotonic() + timeout
+        try:
+            data = self._read(deadline)
+        except AssertionError:
+            self.kill()
+            raise
+        try:
+            status = self.wait(max(0.5, deadline - time.monotonic()))
+        except AssertionError:
+            self.kill()
+            raise
+        text = ""
+        if data:
+            kind, value = pickle.loads(data)
+            text = value if kind == "error" else ""
+        return status, text
+
+    def result(self, timeout: float = 10.0) -> Any:
+        """Wait for the child to finish successfully and return what ``fn`` returned."""
+        deadline = time.monotonic() + timeout
+        try:
+            data = self._read(deadline)
+        except AssertionError:
+            self.kill()
+            raise
+        status = self.wait(max(0.5, deadline - time.monotonic()))
+        kind, value = pickle.loads(data) if data else ("error", "(no answer)")
+        assert kind == "ok" and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+            f"child failed: {self.describe(status)}\n{value if kind == 'error' else ''}")
+        return value
+
+    def wait(self, timeout: float = 10.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = status
+                break
+            if time.monotonic() > deadline:  # (still running: close() or kill() ends it)
+                raise AssertionError(f"child {self.pid} did not exit within {timeout} s")
+            time.sleep(0.005)
+        return self.status
+
+    def kill(self) -> None:
+        """SIGKILL and reap (idempotent)."""
+        if self.status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.status = os.waitpid(self.pid, 0)[1]
+        if self.rfd >= 0:
+            os.close(self.rfd)
+            self.rfd = -1
+
+    close = kill
+
+    @staticmethod
+    def describe(status: int) -> str:
+        if os.WIFSIGNALED(status):
+            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+        return f"exit status {os.WEXITSTATUS(status)}"
+
+
+@contextlib.contextmanager
+def forked(fn: Callable[[], Any], *, alarm: int = 20) -> Iterator[Child]:
+    """A :class:`Child` that is killed and reaped when the block ends."""
+    child = Child(fn, alarm=alarm)
+    try:
+        yield child
+    finally:
+        child.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def run_in_child(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -22,42 +159,11 @@ def run_in_child(fn: Callable[[], Any], timeout: float = 60.0) -> Any:
     An exception in the child fails the test with the child's traceback; a child that
     does not answer within ``timeout`` seconds fails it too.
     """
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        try:
-            os.close(r)
-            try:
-                data = pickle.dumps(("ok", fn()))
-            except BaseException as exc:  # noqa: BLE001
-                data = pickle.dumps(("error", "".join(traceback.format_exception(exc))))
-            view = memoryview(data)
-            while view:
-                view = view[os.write(w, view) :]
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks = []
+    child = Child(fn, alarm=int(timeout) + 5)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, "the child did not answer in time"
-            ready, _, _ = select.select([r], [], [], left)
-            if ready:
-                chunk = os.read(r, 1 << 20)
-                if not chunk:
-                    break
-                chunks.append(chunk)
+        return child.result(timeout)
     finally:
-        os.close(r)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    assert chunks, "the child died without answering"
-    status, value = pickle.loads(b"".join(chunks))
-    assert status == "ok", value
-    return value
+        child.kill()
 
 
 def children_of(pid: int | str = "self") -> set[int]:

@@ -40,7 +40,7 @@ def expected_skips() -> set[str]:
 def test_bench_table_for_users(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run(capsys, "--size", SMALL)
     assert rc == 0 and err == "", err
-    assert "4 MiB region (1024 pages" in out
+    assert "a region of 4 MiB (1024 pages" in out
     for method in ABOUT:
         (row,) = [line for line in out.splitlines() if line.startswith(f"{method} ")][:1]
         if method in expected_skips():

@@ -1150,8 +1150,10 @@ def test_cli_progress_bar_only_on_a_terminal(tmp_path: Path, capsys: pytest.Capt
             bar = ProgressBar("verify", P, stream=tty, delay=0)
             verify(path, progress=bar)
             bar.close()
-        os.set_blocking(master, False)
-        drawn = os.read(master, 65536).decode()
+        drawn = ""
+        deadline = time.monotonic() + 10  # the pty delivers the bytes when it gets to them
+        while not drawn.endswith("\r\x1b[K") and select.select([master], [], [], max(0, deadline - time.monotonic()))[0]:
+            drawn += os.read(master, 65536).decode()
         assert "verify [" in drawn and "100%" in drawn and drawn.endswith("\r\x1b[K")
     finally:
         os.close(master)

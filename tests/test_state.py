@@ -214,6 +214,12 @@ def test_every_dtype_kind_round_trips_through_a_chain(tmp_path: Path) -> None:
             history.append({k: raw(v) for k, v in state.items()})
     info = inspect(path)
     assert [e["name"] for e in info["entries"]] == list(state)
+    # Continued with the keys in another order: entries matched by name.
+    backwards = dict(reversed(list(state.items())))
+    with Checkpointer(path, backwards) as ck:
+        state["i4"][0, 0] = 77
+        ck.checkpoint()  # full again (a new Checkpointer)
+    history.append({k: raw(v) for k, v in state.items()})
     for g, want in enumerate(history, 1):
         got = load(path, g)
         assert isinstance(got, dict) and list(got) == list(state) and got.generation == g
@@ -713,3 +719,38 @@ def test_cli_inspect_entries_and_load_check(tmp_path: Path, capsys: pytest.Captu
     path.write_bytes(bytes(data))
     assert pagescan.cli.main(["checkpoint", "load", str(path), "--check"]) == 1
     assert "CorruptCheckpointError" in capsys.readouterr().err
+
+
+def test_lazy_restore_records_and_uses_a_working_set(tmp_path: Path) -> None:
+    path = tmp_path / "lrws.ck"
+    rng = np.random.default_rng(12)
+    arena = np.zeros(64 * P + 16, np.uint8)
+    state = {"a": arena[8 : 8 + 64 * P]}  # not page aligned: its pages straddle two chunks
+    state["a"][:] = rng.integers(0, 256, 64 * P, dtype=np.uint8)
+    want = state["a"].copy()
+    with Checkpointer(path, state) as ck:
+        ck.checkpoint()
+    state["a"][:] = 0
+    touch = [40 * P, 3 * P, 20 * P]
+    with lazy_restore(path, state, prefetch=False, record=True) as fh:
+        assert [int(state["a"][i]) for i in touch] == [int(want[i]) for i in touch]
+        deadline = time.monotonic() + 5  # (the count is updated just after the copy wakes us)
+        while fh.progress()[0] < len(touch) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        assert fh.progress()[0] == len(touch)  # recording: only what was touched
+    assert np.array_equal(state["a"], want)  # the end of the block brought in the rest
+    with Store(path) as st:
+        rec = np.frombuffer(st.read_section(st.sections[-1]), "<u8").astype(np.int64)
+    # The page holding byte i of the entry starts in chunk (i - 8) // P + ... : the chunk of
+    # the page's first byte, in first-touch order.
+    first_byte = [((state["a"].ctypes.data + i) // P * P) - state["a"].ctypes.data for i in touch]
+    assert rec.tolist() == [b // P for b in first_byte]
+    state["a"][:] = 0
+    with lazy_restore(path, state, prefetch=False) as fh:
+        deadline = time.monotonic() + 20
+        while fh.progress()[0] < len(touch) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert fh.progress()[0] == len(touch)  # the recorded pages, and nothing else, came in
+        assert np.array_equal(state["a"], want)
+        assert fh.wait(30)

@@ -24,17 +24,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import faulthandler
 import fcntl
 import gc
 import os
-import pickle
 import select
 import signal
 import struct
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -65,6 +62,7 @@ from pagescan._uapi.mman import MADV, MAP, PROT
 from pagescan.userfaultfd import open_userfaultfd
 
 from .conftest import requires_uffd_move
+from .procs import Child, forked
 from .memory import Mapping, P, anon, hugetlb_anon, memfd_mapping, pagemap_entries, shared_anon, smaps_field, thp_size
 
 H = thp_size()
@@ -98,98 +96,6 @@ def expect_errno(code: int, cls: type[BaseException] = OSError) -> Iterator[Any]
     err = info.value
     assert isinstance(err, OSError)
     assert err.errno == code, f"expected {errno.errorcode[code]}, got {err!r}"
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class Child:
-    """A forked child running ``fn()``; its pickled return value comes back on a pipe.
-
-    The child disables faulthandler and restores default SIGBUS/SIGSEGV so a fatal
-    signal is what its exit status shows, and arms ``alarm(alarm)``.
-    """
-
-    def __init__(self, fn: Callable[[], Any], *, alarm: int = 20) -> None:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child
-            code = 70
-            try:
-                os.close(r)
-                signal.alarm(alarm)
-                faulthandler.disable()
-                signal.signal(signal.SIGBUS, signal.SIG_DFL)
-                signal.signal(signal.SIGSEGV, signal.SIG_DFL)
-                _write_all(w, pickle.dumps(fn()))
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        os.close(w)
-        self.pid = pid
-        self.rfd = r
-        self.status: int | None = None
-
-    def result(self, timeout: float = 10.0) -> Any:
-        """Wait for the child to finish successfully and return what ``fn`` returned."""
-        deadline = time.monotonic() + timeout
-        chunks = []
-        poller = select.poll()
-        poller.register(self.rfd, select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"child {self.pid} did not finish within {timeout} s")
-            if not poller.poll(int(left * 1000) + 1):
-                continue
-            data = os.read(self.rfd, 1 << 16)
-            if not data:
-                break
-            chunks.append(data)
-        status = self.wait(max(0.5, deadline - time.monotonic()))
-        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child failed: {self.describe(status)}"
-        return pickle.loads(b"".join(chunks))
-
-    def wait(self, timeout: float = 10.0) -> int:
-        deadline = time.monotonic() + timeout
-        while self.status is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.status = status
-                break
-            if time.monotonic() > deadline:
-                raise AssertionError(f"child {self.pid} did not exit within {timeout} s")
-            time.sleep(0.005)
-        return self.status
-
-    @staticmethod
-    def describe(status: int) -> str:
-        if os.WIFSIGNALED(status):
-            return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
-        return f"exit status {os.WEXITSTATUS(status)}"
-
-    def close(self) -> None:
-        if self.status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGKILL)
-            self.status = os.waitpid(self.pid, 0)[1]
-        if self.rfd >= 0:
-            os.close(self.rfd)
-            self.rfd = -1
-
-
-@contextlib.contextmanager
-def forked(fn: Callable[[], Any], *, alarm: int = 20) -> Iterator[Child]:
-    child = Child(fn, alarm=alarm)
-    try:
-        yield child
-    finally:
-        child.close()
 
 
 class Blocker:

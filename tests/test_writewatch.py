@@ -19,10 +19,8 @@ import errno
 import mmap
 import os
 import resource
-import signal
 import threading
 import time
-import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -34,6 +32,7 @@ from pagescan._uapi import libc
 from pagescan._uapi.mman import MAP, PROT
 
 from .conftest import requires_guard, requires_thp, requires_wp_async
+from .procs import Child
 from .memory import (
     Mapping,
     P,
@@ -86,41 +85,8 @@ def _mremap() -> Callable[..., int]:
 
 
 def run_in_child(fn: Callable[[], None], timeout: float = 10.0) -> tuple[int, str]:
-    """Fork, run ``fn`` (an ``alarm`` guards against hangs), return (wait status, traceback)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            os.close(r)
-            signal.alarm(int(timeout) + 1)
-            fn()
-            code = 0
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                os.write(w, traceback.format_exc().encode()[-8000:])
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        deadline = time.monotonic() + timeout + 5
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                pytest.fail("child did not finish in time")
-            time.sleep(0.005)
-        os.set_blocking(r, False)
-        chunks = []
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(r, 65536):
-                chunks.append(chunk)
-        return status, b"".join(chunks).decode(errors="replace")
-    finally:
-        os.close(r)
+    """Fork, run ``fn``, return (wait status, traceback): :class:`tests.procs.Child`."""
+    return Child(fn, alarm=int(timeout) + 1).outcome(timeout + 5)
 
 
 def assert_child_ok(status: int, msg: str) -> None:

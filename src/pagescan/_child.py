@@ -4,9 +4,9 @@ The pattern trio follows for its subprocesses. Right after ``fork`` the parent o
 pidfd of the child (``pidfd_open``, Linux 5.3). The pidfd polls readable once the child
 has exited, so waiting with a timeout is one ``poll``, never a ``waitpid(WNOHANG)``
 loop with sleeps; a signal sent through it (``pidfd_send_signal``) cannot reach a
-recycled pid; ``waitpid`` then collects the status at once. The pidfd is an owned fd
-(:class:`~pagescan._fdholder.FdHolder`), and a forgotten :class:`Child` is killed and
-reaped when it is collected, so it leaves no zombie.
+recycled pid; ``waitpid`` then collects the status at once (``docs/kernel-facts.md``,
+pidfds). The pidfd is an owned fd (:class:`~pagescan._fdholder.FdHolder`), and a
+forgotten :class:`Child` is killed and reaped when it is collected: no zombie is left.
 
 A child process is only ever signalled or reaped by the process that forked it: in a
 process forked later (which inherits the pidfd), :meth:`Child.kill` and

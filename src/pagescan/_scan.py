@@ -27,6 +27,7 @@ safe and correct.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 from collections.abc import Iterator
@@ -302,7 +303,7 @@ class Scanner:
         try:
             return self._impl.scan(target, arg, out)
         except OSError as err:
-            if not (self._fallback and err.errno == 25):  # ENOTTY: no ioctl; "auto" emulates
+            if not (self._fallback and err.errno == errno.ENOTTY):  # no ioctl: "auto" emulates
                 raise
             self._impl, self._fallback = _backend.fall_back(), False
             return self._impl.scan(target, arg, out)

@@ -56,8 +56,9 @@ from ._uapi.userfaultfd import RegisterMode, UffdFeature
 from .userfaultfd import PagefaultEvent, Userfaultfd
 from .writewatch import WriteWatch
 
-__all__ = ["BIG_PERCENTS", "METHODS", "Region", "TRACKERS", "Tracker", "Workload", "big_workloads",
-           "hash_name", "measure", "run", "skip_reason"]
+__all__ = ["BIG_PERCENTS", "METHODS", "SHADOW_CHUNK", "SYNC_BATCH", "TRACKERS", "WORDS", "HashTracker", "Region",
+           "ShadowTracker", "SoftDirtyTracker", "SyncUffdTracker", "Tracker", "WriteWatchTracker", "Workload",
+           "big_workloads", "hash_name", "measure", "run", "skip_reason"]
 
 P = mmap.PAGESIZE
 WORDS = P // 8  # uint64 words per page

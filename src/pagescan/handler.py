@@ -158,13 +158,14 @@ class _Shared:
     """A small MAP_SHARED page for progress counters: [served_pages, state, error]."""
 
     def __init__(self) -> None:
-        self.addr = libc.mmap(0, P, PROT.READ | PROT.WRITE, MAP.SHARED | MAP.ANONYMOUS)
+        self._map = libc.RawMapping(P, PROT.READ | PROT.WRITE, MAP.SHARED | MAP.ANONYMOUS)
+        self.addr = self._map.addr
+        # Our own mapping, alive as long as this object is: safe to view in place.
         self.arr = (ctypes.c_uint64 * 4).from_address(self.addr)
 
     def close(self) -> None:
-        if self.addr:
-            libc.munmap(self.addr, P)
-            self.addr = 0
+        self.addr = 0
+        self._map.close()
 
 
 STATE_RUNNING, STATE_DONE, STATE_FAILED = 0, 1, 2
@@ -220,11 +221,12 @@ class FaultHandler:
         hot: page numbers (counted over the regions in order) to prefetch first, in
             this order, before the address-order prefetch (a recorded working set).
         record: a writable ``uint64`` array in memory shared with the handler (a
-            ``MAP_SHARED`` mapping), of ``1 + total pages`` elements: the handler
+            ``MAP_SHARED`` mapping), of ``total pages + 2`` elements: the handler
             records every page that faults, in first-touch order, from element 1 on,
             and keeps the count in element 0 (a working set). While recording, each
             fault is served alone (no window, no prefetch), so that every first touch
-            is seen.
+            is seen. Setting the last element to 1 ends the recording: the handler
+            then serves as if created with ``prefetch=True`` and no record.
 
     Use as a context manager; :meth:`wait` blocks until every page is in. Raises
     ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
@@ -253,9 +255,9 @@ class FaultHandler:
             self.hot.ndim == 1 and int(self.hot.min()) >= 0 and int(self.hot.max()) < self.total_pages
         ):
             raise ValueError(f"hot must be page numbers in [0, {self.total_pages})")
-        if record is not None and (record.dtype != np.uint64 or record.ndim != 1 or len(record) < self.total_pages + 1
+        if record is not None and (record.dtype != np.uint64 or record.ndim != 1 or len(record) < self.total_pages + 2
                                    or not record.flags.writeable):
-            raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 1} elements")
+            raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 2} elements")
         self.record = record
         #: ``waitpid`` status of the handler process once reaped by :meth:`wait`.
         self.exit_status: int | None = None
@@ -451,12 +453,16 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     state = STATE_FAILED
     try:
         while True:
+            if rec is not None and rec[-1]:  # the owner ended the recording
+                rec, prefetch = None, True
             pending = np.flatnonzero(pages.state == 0)
             if not pending.size:
                 state = STATE_DONE
                 break
             try:
-                ready = poller.poll(0 if hot_pos < hot.size else int(IDLE * 1000) if prefetch else -1)
+                # Recording: wake now and then to see the owner end it (last element of `rec`).
+                ready = poller.poll(0 if hot_pos < hot.size else int(IDLE * 1000) if prefetch
+                                    else 10 if rec is not None else -1)
             except InterruptedError:
                 continue
             if any(fd == owner_fd for fd, _ in ready):

@@ -107,7 +107,7 @@ def _print(size: int, workloads: list[Any], rows: dict[str, dict[str, Any]], ski
 
     page = os.sysconf("SC_PAGE_SIZE")
     print(f"Dirty-page tracking on Linux {platform.release()} {platform.machine()}, "
-          f"{len(os.sched_getaffinity(0))} CPUs: a {fmt_size(size)} region ({size // page} pages of "
+          f"{len(os.sched_getaffinity(0))} CPUs: a region of {fmt_size(size)} ({size // page} pages of "
           f"{page // 1024} KiB), medians of {ROUNDS} rounds")
     print()
     pcts = [f"{w.params['percent']:g}%" for w in workloads]

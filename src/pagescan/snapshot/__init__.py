@@ -53,7 +53,7 @@ from ..writewatch import WriteWatch
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
-from ._vm import read_runs, write_runs
+from .._uapi.libc import read_runs, write_runs
 
 __all__ = [
     "CheckpointError",
@@ -148,7 +148,9 @@ class Checkpointer:
             if store.version != VERSION:
                 raise CheckpointError(f"{self.path} is a version {store.version} checkpoint (pagescan 0.1): it can be "
                                       "restored, loaded and compacted, not continued; compact it or start a new file")
-            match(store, self.mapping, self.targets)
+            # The file's entry order (a mapping given with its keys in another order).
+            self.targets = match(store, self.mapping, self.targets)
+            self._base = _bases(self.targets)
             if store.damage is not None:
                 raise store.damage
             store.truncate_unsealed()
@@ -505,8 +507,9 @@ class _LazyMap:
     def from_chunks(self, chunks: np.ndarray) -> np.ndarray:
         """The handler pages that start in each chunk (chunks outside the lazy spans dropped)."""
         ent = np.searchsorted(self.cbase, chunks, side="right") - 1
-        where = {int(e): i for i, e in enumerate(self.entry.tolist())}
-        r = np.array([where.get(int(e), -1) for e in ent.tolist()], dtype=np.int64)
+        region_of = np.full(len(self.cbase) - 1, -1, dtype=np.int64)  # entry -> its lazy region
+        region_of[self.entry] = np.arange(len(self.entry))
+        r = region_of[ent]
         keep = r >= 0
         chunks, ent, r = chunks[keep], ent[keep], r[keep]
         byte = (chunks - self.cbase[ent]) * P - self.skip[r]
@@ -534,6 +537,9 @@ class _CheckpointSource:
             raise
         self.map: _LazyMap | None = None
         self.hbyte = np.zeros(1, np.int64)
+        # Chunks with data: the others are served as zero pages (UFFDIO_ZEROPAGE: no copy,
+        # no memory), never stored or stored as ZERO.
+        self.has_data = self.store.data_map(self.generation)
 
     def bind(self, lazymap: _LazyMap) -> None:
         self.map = lazymap
@@ -548,8 +554,8 @@ class _CheckpointSource:
         c0 = int(m.cbase[ent]) + byte // P
         shift = byte % P
         n = (shift + len(out) + P - 1) // P
-        if not self.gen_of[c0 : c0 + n].any():
-            return False  # never stored: zero pages
+        if not self.has_data[c0 : c0 + n].any():
+            return False  # zero pages
         if not shift:
             rows = np.frombuffer(out, dtype=np.uint8).reshape(len(out) // P, P)
             _pages_of(self.store, self.gen_of, self.pos_of, c0, c0 + n, rows)
@@ -602,11 +608,17 @@ class _Recording:
 
     def __init__(self, path: str, generation: int, lazymap: _LazyMap, total: int) -> None:
         self.path, self.generation, self.lazymap = path, generation, lazymap
-        self.mm = mmap.mmap(-1, 8 * (total + 1), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self.mm = mmap.mmap(-1, 8 * (total + 2), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self.array = np.frombuffer(self.mm, dtype=np.uint64)
+
+    def stop(self) -> None:
+        """End the recording: the handler serves the rest as a normal lazy restore (with prefetch)."""
+        if self.array.size:
+            self.array[-1] = 1
 
     def save(self) -> None:
         """Append the record to the file (best effort: skipped if a writer holds it or it changed)."""
+        self.stop()
         arr, self.array = self.array, np.empty(0, np.uint64)
         if not arr.size:
             return
@@ -660,7 +672,7 @@ def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: b
             return _result(store, arrays, src.generation, None)
         lazymap = _LazyMap(store, spans)
         src.bind(lazymap)
-        hot = _hot(src, lazymap, working_set)
+        hot = _hot(src, lazymap, working_set and not record)  # a recording sees every touch
         recording = _Recording(path, src.generation, lazymap, int(lazymap.hbase[-1])) if record else None
         fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
                           record=None if recording is None else recording.array)
@@ -726,8 +738,10 @@ def lazy_restore(
 
     Yields the :class:`~pagescan.FaultHandler` (``progress()``, ``wait()``); with
     ``prefetch`` the handler copies pages ahead while no fault waits; a recorded
-    working set is prefetched first, and ``record`` records one, saved when the block
-    ends (see :func:`load`). Leaving the block stops the
+    working set is prefetched first, and ``record`` records one (every first touch
+    served alone, no prefetch; see :func:`load`): when the block ends the recording is
+    saved and the handler prefetches the rest, which the block's end waits for.
+    Leaving the block stops the
     handler: pages not served by then raise SIGBUS when touched -- call ``wait()``
     first. If the handler dies, touching a page not yet restored raises SIGBUS (never
     wrong data, never a hang); a damaged page is not served either.
@@ -763,17 +777,16 @@ def lazy_restore(
             _drop(a, n)
         lazymap = _LazyMap(src.store, spans)
         src.bind(lazymap)
-        hot = _hot(src, lazymap, working_set)
+        hot = _hot(src, lazymap, working_set and not record)  # a recording sees every touch
         recording = (_Recording(os.fspath(path), src.generation, lazymap, int(lazymap.hbase[-1]))
                      if record else None)
         fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
                           record=None if recording is None else recording.array)
-        try:
-            with fh:
-                yield fh
-        finally:
-            if recording is not None:
+        with fh:
+            yield fh
+            if recording is not None:  # the rest comes in, prefetched, before the block ends
                 recording.save()
+                fh.wait()
     finally:
         src.store.close()
         _release(ts)

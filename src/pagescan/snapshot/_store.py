@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from .._args import NotRegularFileError
-from .._args import open_regular as _open_regular
-
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import fcntl
 import os
 import mmap
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
+from .._args import NotRegularFileError
+from .._args import open_regular as _open_regular
+from .._uapi import libc
 from ._format import (
     COMMIT,
     ENTRY_SIZE,
@@ -111,13 +109,19 @@ def open_regular(path: str, flags: int) -> int:
 
 
 def _pread_exact(fd: int, n: int, off: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = os.pread(fd, n - len(out), off + len(out))
-        if not chunk:
+    """Up to ``n`` bytes at ``off`` (fewer only at the end of the file), read in place."""
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [mv[got:]], off + got)
+        if not k:
             break
-        out += chunk
-    return bytes(out)
+        got += k
+    mv.release()
+    if got < n:
+        del buf[got:]
+    return bytes(buf) if n < 4096 else buf  # type: ignore[return-value]  # bytes-like either way
 
 
 class Store:
@@ -427,24 +431,36 @@ class Store:
     def total_pages(self) -> int:
         return int(self.base[-1])
 
-    def latest_map(self, number: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """For every page of every region: (generation number, index position) holding it.
-
-        Generation 0 means "never stored" (reads as zeros). Pages are numbered region by
-        region. Only the chain since the newest full generation is consulted.
-        """
+    def _chain(self, number: int | None) -> Iterator[tuple[Generation, np.ndarray]]:
+        """The generations that make up generation ``number`` (from the newest full one),
+        oldest first, each with the global chunk number of each index entry."""
         target = self.generation(number).number
-        gen_of = np.zeros(self.total_pages, dtype=np.int64)
-        pos_of = np.zeros(self.total_pages, dtype=np.int64)
         first = 0
         for g in self.generations[:target]:
             if g.parent == 0:
                 first = g.number - 1
         for g in self.generations[first:target]:
-            flat = self.base[g.index["region"].astype(np.int64)] + g.index["page"].astype(np.int64)
+            yield g, self.base[g.index["region"].astype(np.int64)] + g.index["page"].astype(np.int64)
+
+    def latest_map(self, number: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """For every chunk of every entry: (generation number, index position) holding it.
+
+        Generation 0 means "never stored" (reads as zeros). Chunks are numbered entry by
+        entry. Only the chain since the newest full generation is consulted.
+        """
+        gen_of = np.zeros(self.total_pages, dtype=np.int64)
+        pos_of = np.zeros(self.total_pages, dtype=np.int64)
+        for g, flat in self._chain(number):
             gen_of[flat] = g.number
             pos_of[flat] = np.arange(len(g.index))
         return gen_of, pos_of
+
+    def data_map(self, number: int | None = None) -> np.ndarray:
+        """For every chunk: whether generation ``number`` holds data for it (not zeros)."""
+        out = np.zeros(self.total_pages, dtype=bool)
+        for g, flat in self._chain(number):
+            out[flat] = g.index["kind"] == KIND_DATA
+        return out
 
     def data_offsets(self, g: Generation) -> np.ndarray:
         """File offset of each index entry's data (-1 for zero pages); cached."""
@@ -654,23 +670,14 @@ def new_file(path: str, page_size: int, mapping: bool, entries: list[EntryMeta])
     return fd, named_tmp
 
 
-_SYNC_FILE_RANGE_WRITE = 2
-_sfr: Any = None
 
 
 def _start_writeback(fd: int, off: int, length: int) -> None:
     """``sync_file_range(SYNC_FILE_RANGE_WRITE)``: start writeback, do not wait (a hint)."""
-    global _sfr
-    if _sfr is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-            fn.restype = ctypes.c_int
-            _sfr = fn
-        except (OSError, AttributeError):
-            _sfr = False
-    if _sfr:
-        _sfr(fd, off, length, _SYNC_FILE_RANGE_WRITE)  # failure is harmless: fsync follows
+    try:
+        libc.sync_file_range(fd, off, length)
+    except (OSError, AttributeError):
+        pass  # a hint only: the fsync in seal() follows
 
 
 def _lock(fd: int, path: str) -> None:
