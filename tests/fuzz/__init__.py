@@ -59,22 +59,27 @@ KNOWN_DEFECTS: dict[str, Callable[[Finding], bool]] = {
     "1": lambda f: f["family"] == "out" and f["kind"] in ("heap-overflow", "crash", "accepted-invalid", "oracle-mismatch"),
     # 2: scan() from a signal handler / progress= / __del__ reuses per-thread buffers.
     "2": lambda f: f["family"] == "reentrancy",
-    # 3: an IntFlag operand folds the OR range check: negative start/end/max_pages pass.
-    "3": lambda f: f["family"] == "scan" and (
-        (f["kind"] == "accepted-invalid" and ("Category" in _call(f) or "Flag" in _call(f)))
-        or f.get("exc_type") == "error"),
+    # 3: an IntFlag operand folds the OR range check: negative or > 64-bit values get
+    #    through (struct.error / OverflowError on the kernel backend, EFAULT or a result
+    #    on the emulated one).
+    "3": lambda f: f["family"] == "scan" and ("Category" in _call(f) or "Flag" in _call(f)) and (
+        f["kind"] == "accepted-invalid"
+        or (f["kind"] == "wrong-exception" and f.get("exc_type") in ("error", "OverflowError", "OSError"))),
     # 4: a large vec_len allocates the whole range's worth of regions.
     "4": lambda f: "MemoryError" in (str(f.get("exc_type")) + f.get("detail", "")) and "vec_len" in _call(f),
     # 5: emulated backend, process exiting mid-call: EFAULT "short pagemap read".
     "5": lambda f: f["family"] == "pid_exit" and f.get("errno") == 14 and "emulated" in _call(f),
-    # 6: a numpy integer (or 0-d integer array) without an end is taken as a buffer.
-    "6": lambda f: f["kind"] == "accepted-invalid" and bool(
-        re.match(r"pagescan\.(scan|scan_iter|WriteWatch)\(np\.(u?int\d+|array|zeros)\(", _call(f))),
+    # 6: a numpy scalar (or 0-d array) without an end is taken as a buffer: its own
+    #    memory is scanned or watched.
+    "6": lambda f: f["kind"] in ("accepted-invalid", "wrong-exception") and bool(
+        re.match(r"pagescan\.(scan|scan_iter|WriteWatch)\(np\.\w+\([^()]*\)(, None|\))", _call(f))
+        or re.match(r"pagescan\.(scan|scan_iter|WriteWatch)\(np\.(array|zeros)\(", _call(f))),
     # 7: WriteWatch.get/regions(max_pages=n) after a page was replaced returns pages.
     "7": lambda f: f["family"] == "writewatch" and "after a page" in (f.get("detail", "") + _call(f)),
     # 8: register()/unregister() validate after the syscall (a range left registered).
     "8": lambda f: f["kind"] == "registration-leak" or (
-        f["family"] == "uffd" and f.get("exc_type") == "TypeError" and "unsupported operand" in f.get("message", "")),
+        f["family"] == "uffd" and _call(f).startswith(("uf.register(", "uf.unregister("))
+        and f["kind"] == "refused-valid" and f.get("exc_type") == "TypeError"),
     # 9: checkpoint header values trusted: huge allocations, long runs.
     "9": lambda f: f["family"] in ("snapshot", "cli") and "fifo" not in _call(f).lower() and (
         f.get("exc_type") == "MemoryError" or f["kind"] in ("slow", "hang", "crash")
@@ -102,7 +107,12 @@ KNOWN_DEFECTS: dict[str, Callable[[Finding], bool]] = {
     # N4: masks() converts with int(): floats, strings, negative and > 64-bit values pass.
     "N4": lambda f: _call(f).startswith("pagescan.masks(") and f["kind"] in ("accepted-invalid", "unnamed-argument",
                                                                              "wrong-exception"),
-    # N5: move_pages(uffd=...) is not validated: a non-Userfaultfd raises AttributeError
-    #     (or an alignment EINVAL comes first).
-    "N5": lambda f: _call(f).startswith("pagescan.move_pages(") and "uffd=" in _call(f),
+    # N5: move_pages validation order: uffd= is not validated (AttributeError for a
+    #     non-Userfaultfd), and the alignment EINVAL comes before ValueError for values of
+    #     64 bits or more and before a bad uffd.
+    "N5": lambda f: _call(f).startswith("pagescan.move_pages(") and (
+        "uffd=" in _call(f) or (f["kind"] == "wrong-exception" and "page aligned" in f.get("message", ""))),
+    # N6: Userfaultfd.from_fd(fd) does not validate fd: a str, float, None or -1 is
+    #     adopted (the object's repr and close() then raise TypeError).
+    "N6": lambda f: "Userfaultfd.from_fd(" in _call(f) and f["kind"] in ("accepted-invalid", "crash"),
 }
