@@ -89,6 +89,15 @@ class Env:
         self.tmp = tempfile.mkdtemp(prefix="pagescan-fuzz-")
         self.keep: list[Any] = []
         self._ckpt: tuple[str, bytes, list[bytes], int] | None = None
+        #: One-off probes already made by this worker (e.g. a FIFO as path, once).
+        self.probed: set[str] = set()
+
+    def once(self, what: str) -> bool:
+        """True the first time ``what`` is asked for in this worker."""
+        if what in self.probed:
+            return False
+        self.probed.add(what)
+        return True
 
 
 # -- scan -------------------------------------------------------------------------------
@@ -938,7 +947,7 @@ def fam_handler(ctx: Ctx, data: Any, env: Env) -> None:
     if not os.path.exists(good):
         with open(good, "wb") as f:
             f.write(bytes(range(256)) * (4 * P // 256))
-    kind, path = data.draw(_paths(env, good, rare(data, 31)))
+    kind, path = data.draw(_paths(env, good, rare(data, 31) or env.once("handler-fifo")))
     if kind == "fifo":
         path = _fifo(env)
     base_r = data.draw(intlike(st.sampled_from([0, 0, P, 100 * P]), plain_weight=6))
@@ -1085,6 +1094,8 @@ def fam_snapshot(ctx: Ctx, data: Any, env: Env) -> None:
     pk, pth = data.draw(st.sampled_from([("file", path)] * 18 + [("fifo", None)] + [
         ("dir", env.tmp), ("dir", env.tmp), ("devnull", "/dev/null"), ("missing", path + ".none"), ("none", None), ("int", 7),
         ("bytes", os.fsencode(path))]))
+    if env.once("snapshot-fifo"):  # every batch tries a FIFO once (issue 9 item 10)
+        pk = "fifo"
     if pk == "fifo":
         pth = _fifo(env)
     op = data.draw(st.sampled_from(["verify", "verify", "inspect", "compact", "compact", "restore", "restore",

@@ -29,9 +29,9 @@ BUDGET = {
     "pid_exit": Budget(30, 100, 3, 150),
     "reentrancy": Budget(3, 30, 2, 10000),
     "scan": Budget(200, 2000, 24, 2000),
-    "snapshot": Budget(40, 300, 5, 280),
-    "uffd": Budget(60, 1500, 5, 1500),
-    "writewatch": Budget(50, 1000, 3, 2000),
+    "snapshot": Budget(60, 300, 5, 280),
+    "uffd": Budget(120, 1500, 5, 1500),
+    "writewatch": Budget(100, 1000, 3, 2000),
 }
 #: Kill a worker batch after this long (a hang no watchdog could interrupt).
 TIMEOUT = {False: 60.0, True: 300.0}
