@@ -1287,6 +1287,7 @@ def fam_reentrancy(ctx: Ctx, data: Any, env: Env) -> None:
         return list(raw.vec.tolist())
 
     want_a, want_b = expect(ra, outer_vl), expect(rb, inner_vl)
+    want_out = expect(ra, 64)
     bad: list[str] = []
     inner = [0]
 
@@ -1321,7 +1322,7 @@ def fam_reentrancy(ctx: Ctx, data: Any, env: Env) -> None:
                 Finalised()
                 vl = len(out) if out is not None else outer_vl
                 r = pagescan.scan(ra[0], ra[1], return_mask=ALL, vec_len=vl if out is None else None, out=out)
-                if r.regions.tolist() != (want_a if out is None else expect(ra, 64)):
+                if r.regions.tolist() != (want_a if out is None else want_out):
                     bad.append(f"outer scan: {r.regions.tolist()[:4]}...")
                 n += 1
         finally:
