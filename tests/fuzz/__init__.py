@@ -72,8 +72,8 @@ KNOWN_DEFECTS: dict[str, Callable[[Finding], bool]] = {
     # 6: a numpy scalar (or 0-d array) without an end is taken as a buffer: its own
     #    memory is scanned or watched.
     "6": lambda f: f["kind"] in ("accepted-invalid", "wrong-exception") and bool(
-        re.match(r"pagescan\.(scan|scan_iter|WriteWatch)\(np\.\w+\([^()]*\)(, None|\))", _call(f))
-        or re.match(r"pagescan\.(scan|scan_iter|WriteWatch)\(np\.(array|zeros)\(", _call(f))),
+        re.match(r"pagescan\.(scan|scan_iter|WriteWatch|buffer_range)\(np\.\w+\([^()]*\)(, None|\))", _call(f))
+        or re.match(r"pagescan\.(scan|scan_iter|WriteWatch|buffer_range)\(np\.(array|zeros)\(", _call(f))),
     # 7: WriteWatch.get/regions(max_pages=n) after a page was replaced returns pages.
     "7": lambda f: f["family"] == "writewatch" and "after a page" in (f.get("detail", "") + _call(f)),
     # 8: register()/unregister() validate after the syscall (a range left registered).
