@@ -20,7 +20,6 @@ import errno
 import gc
 import io
 import math
-import operator
 import mmap
 import os
 import re
@@ -279,7 +278,14 @@ _PyBUF_FULL_RO = 0x0100 | 0x0010 | 0x0008 | 0x0004
 
 def buffer_oracle(obj: Any) -> tuple[str, Any]:
     """What ``buffer_range(obj)`` must answer, from the buffer protocol itself:
-    ``("range", (lo, hi))``, ``("ValueError", why)`` (not contiguous) or ``("TypeError", why)``."""
+    ``("range", (lo, hi))``, ``("ValueError", why)`` (not contiguous) or ``("TypeError", why)``.
+
+    Policy on top of the protocol (issue 9 item 6): an integer -- a numpy integer
+    scalar or a 0-d integer array, which do export a buffer -- is an address passed
+    without its end, never a buffer to scan."""
+    if isinstance(obj, (int, np.integer, np.bool_)) or (
+            isinstance(obj, np.ndarray) and obj.ndim == 0 and obj.dtype.kind in "iub"):
+        return "TypeError", "an integer is an address, not a buffer"
     if isinstance(obj, np.ndarray):
         arr_contig = obj.flags.c_contiguous or obj.flags.f_contiguous
         if not arr_contig:
@@ -387,14 +393,9 @@ def build_buffer(recipe: tuple[Any, ...], env: Env) -> Any:
 
 
 def _integer_like(obj: Any) -> bool:
-    """``operator.index`` accepts it (numpy integer scalars, 0-d integer arrays)."""
-    if isinstance(obj, bool):
-        return True
-    try:
-        operator.index(obj)
-    except TypeError:
-        return False
-    return True
+    """An integer (numpy integer or bool scalars, 0-d integer arrays): an address, never
+    a buffer (the policy of :func:`buffer_oracle`)."""
+    return buffer_oracle(obj) == ("TypeError", "an integer is an address, not a buffer")
 
 
 def fam_buffers(ctx: Ctx, data: Any, env: Env) -> None:
