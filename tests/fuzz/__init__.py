@@ -56,7 +56,8 @@ def _call(f: Finding) -> str:
 #: ``--fuzz-known-defects=xfail``; emptied once the fixes are merged.
 KNOWN_DEFECTS: dict[str, Callable[[Finding], bool]] = {
     # 1: scan(out=) accepts a 2-D/empty-row out; the kernel writes past it.
-    "1": lambda f: f["family"] == "out" and f["kind"] in ("heap-overflow", "crash", "accepted-invalid", "oracle-mismatch"),
+    "1": lambda f: f["family"] == "out" and f["kind"] in ("heap-overflow", "crash", "accepted-invalid", "oracle-mismatch",
+                                                         "refused-valid"),
     # 2: scan() from a signal handler / progress= / __del__ reuses per-thread buffers.
     "2": lambda f: f["family"] == "reentrancy",
     # 3: an IntFlag operand folds the OR range check: negative or > 64-bit values get

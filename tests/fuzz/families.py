@@ -495,18 +495,18 @@ def fam_out(ctx: Ctx, data: Any, env: Env) -> None:
         out, span, desc_out = np.empty((16, 0), PAGE_REGION_DTYPE), 0, "np.empty((16, 0), PAGE_REGION_DTYPE)"
     valid = (
         isinstance(out, np.ndarray) and out.ndim == 1 and out.dtype == PAGE_REGION_DTYPE
-        and out.flags.c_contiguous and out.flags.writeable and (vl is None or vl == len(out))
-    )
+        and out.flags.c_contiguous and out.flags.writeable and (vl is None or vl <= len(out))
+    )  # vec_len may be smaller than out, never larger (issue 9 item 1)
     desc = f"pagescan.scan(A+{start - A.addr:#x}, A+{end - A.addr:#x}, return_mask=ALL, out={desc_out}, vec_len={vl})"
     got = ctx.call(desc, lambda: pagescan.scan(start, end, return_mask=ALL, out=out, vec_len=vl),
-                   valid=valid, arg="out" if vl is None or not isinstance(out, np.ndarray) else None)
+                   valid=valid, arg=("out", "vec_len"))
     outside = np.concatenate([big[:off], big[off + span:]]) if other == "none" else big
     if (outside != CANARY).any():
         first = int(np.flatnonzero(big != CANARY)[0]) if (big != CANARY).any() else -1
         ctx.finding("heap-overflow", f"the kernel wrote outside out's {span} bytes (first changed byte at "
                     f"offset {first - off} from out)")
     if got[0] and valid:
-        raw = raw_scan(start, end, vec_len=len(out), ret=ALL)
+        raw = raw_scan(start, end, vec_len=len(out) if vl is None else vl, ret=ALL)
         if raw.err or got[1].regions.tolist() != raw.vec.tolist():
             ctx.finding("oracle-mismatch", f"scan(out=) {got[1].regions.tolist()}; raw {raw.err or raw.vec.tolist()}")
     elif got[0] and isinstance(out, np.ndarray):
@@ -917,8 +917,11 @@ def fam_move(ctx: Ctx, data: Any, env: Env) -> None:
             desc += f", uffd={uffd!r}"
             valid = False if valid is not True else False
             bad.append("uffd")
+        # With several problems, naming any argument of the call will do (an overlap
+        # names src and dst; a closed uffd says "closed Userfaultfd").
         got = ctx.call(desc, lambda: pagescan.move_pages(*vals, fallback=fb, allow_src_holes=holes, uffd=uffd), valid=valid,
-                       arg=tuple(bad + amb) or None)
+                       arg=tuple(bad + amb) + (("dst", "src", "length", "Userfaultfd") if len(bad) > 1 or uffd is not None
+                                               else ()) or None)
         if got[0] and valid and vals == [dst, src, n * P]:
             r = got[1]
             if r.moved + r.copied != n * P or ctypes.string_at(dst, n * P) != before:
