@@ -24,12 +24,23 @@ written, move_pages and restore against the bytes).
 
 Profiles:
 
-* short (default): part of the normal suite, about 40 s on two cores; fixed seeds.
-* long: ``python -m pytest --fuzz-long tests/fuzz`` makes more than 100,000 calls
-  (each family asserts its share; about 20-30 min on two cores); seeds vary per run
-  unless ``PAGESCAN_FUZZ_SEED`` is set. Run it before every release; the release
-  criterion (issue 9) is 0 findings: 0 crashes, 0 hangs, 0 wrong exception types,
-  0 results differing from an oracle.
+* short (default): part of the normal suite, one batch per family (12 tests, about
+  25 s on two cores); fixed seeds, so a run is repeatable.
+* long: ``python -m pytest --fuzz-long tests/fuzz`` runs 61 batches (one test each,
+  each well under pytest's 120 s ``faulthandler_timeout``) and more than 100,000 calls:
+  every batch asserts its share (``BUDGET`` in ``test_fuzz.py``). About 30 min on two
+  cores. Seeds vary per run; ``PAGESCAN_FUZZ_SEED=N`` repeats one (batch ``i`` uses
+  ``N + i``; a failure prints the value to use). Run it before every release: the
+  release criterion (issue 9) is 0 findings -- 0 crashes, 0 hangs, 0 wrong exception
+  types, 0 results differing from an oracle.
+
+A finding names the reproducing call (for a crash or a hang: the call the worker was
+in, and the steps of its example so far) and is one of: ``crash``, ``hang``, ``slow``,
+``wrong-exception``, ``accepted-invalid`` (bad arguments not refused),
+``refused-valid``, ``unnamed-argument`` (a TypeError/ValueError whose message names
+none of the bad arguments), ``bare-errno`` (CLI error that is only the errno's text),
+``oracle-mismatch``, ``backend-mismatch``, ``heap-overflow`` (the kernel wrote outside
+``out``), ``registration-leak``, ``undetected-corruption``.
 
 Known defects: the default is strict -- every finding fails its test. While defects
 of issue 9 are still open, ``--fuzz-known-defects=xfail`` (or the environment variable
