@@ -26,7 +26,7 @@ Profiles:
 
 * short (default): part of the normal suite, one batch per family (12 tests, about
   25 s on two cores); fixed seeds, so a run is repeatable.
-* long: ``python -m pytest --fuzz-long tests/fuzz`` runs 61 batches (one test each,
+* long: ``python -m pytest --fuzz-long tests/fuzz`` runs 65 batches (one test each,
   each well under pytest's 120 s ``faulthandler_timeout``) and more than 100,000 calls:
   every batch asserts its share (``BUDGET`` in ``test_fuzz.py``). About 30 min on two
   cores. Seeds vary per run; ``PAGESCAN_FUZZ_SEED=N`` repeats one (batch ``i`` uses
