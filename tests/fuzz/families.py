@@ -20,7 +20,6 @@ import errno
 import gc
 import io
 import math
-import operator
 import mmap
 import os
 import re
@@ -89,6 +88,15 @@ class Env:
         self.tmp = tempfile.mkdtemp(prefix="pagescan-fuzz-")
         self.keep: list[Any] = []
         self._ckpt: tuple[str, bytes, list[bytes], int] | None = None
+        #: One-off probes already made by this worker (e.g. a FIFO as path, once).
+        self.probed: set[str] = set()
+
+    def once(self, what: str) -> bool:
+        """True the first time ``what`` is asked for in this worker."""
+        if what in self.probed:
+            return False
+        self.probed.add(what)
+        return True
 
 
 # -- scan -------------------------------------------------------------------------------
@@ -385,14 +393,9 @@ def build_buffer(recipe: tuple[Any, ...], env: Env) -> Any:
 
 
 def _integer_like(obj: Any) -> bool:
-    """``operator.index`` accepts it (numpy integer scalars, 0-d integer arrays)."""
-    if isinstance(obj, bool):
-        return True
-    try:
-        operator.index(obj)
-    except TypeError:
-        return False
-    return True
+    """An integer (numpy integer or bool scalars, 0-d integer arrays): an address, never
+    a buffer (the policy of :func:`buffer_oracle`)."""
+    return buffer_oracle(obj) == ("TypeError", "an integer is an address, not a buffer")
 
 
 def fam_buffers(ctx: Ctx, data: Any, env: Env) -> None:
@@ -403,6 +406,9 @@ def fam_buffers(ctx: Ctx, data: Any, env: Env) -> None:
     which = data.draw(st.sampled_from(["buffer_range", "scan", "scan", "scan_iter"]))
     desc = f"pagescan.{which}({_show_buffer(recipe)})"
     if which == "buffer_range":
+        if _integer_like(obj):  # an integer-like object is an address, not a buffer (issue 9 item 6)
+            ctx.call(desc, lambda: pagescan.buffer_range(obj), valid=False, arg=("buffer", "integer"))
+            return
         got = ctx.call(desc, lambda: pagescan.buffer_range(obj), valid=(kind == "range"))
         if got[0] and kind == "range" and tuple(got[1]) != expect:
             ctx.finding("oracle-mismatch", f"buffer_range {tuple(map(hex, got[1]))}, buffer protocol {tuple(map(hex, expect))}")
@@ -489,18 +495,18 @@ def fam_out(ctx: Ctx, data: Any, env: Env) -> None:
         out, span, desc_out = np.empty((16, 0), PAGE_REGION_DTYPE), 0, "np.empty((16, 0), PAGE_REGION_DTYPE)"
     valid = (
         isinstance(out, np.ndarray) and out.ndim == 1 and out.dtype == PAGE_REGION_DTYPE
-        and out.flags.c_contiguous and out.flags.writeable and (vl is None or vl == len(out))
-    )
+        and out.flags.c_contiguous and out.flags.writeable and (vl is None or vl <= len(out))
+    )  # vec_len may be smaller than out, never larger (issue 9 item 1)
     desc = f"pagescan.scan(A+{start - A.addr:#x}, A+{end - A.addr:#x}, return_mask=ALL, out={desc_out}, vec_len={vl})"
     got = ctx.call(desc, lambda: pagescan.scan(start, end, return_mask=ALL, out=out, vec_len=vl),
-                   valid=valid, arg="out" if vl is None or not isinstance(out, np.ndarray) else None)
+                   valid=valid, arg=("out", "vec_len"))
     outside = np.concatenate([big[:off], big[off + span:]]) if other == "none" else big
     if (outside != CANARY).any():
         first = int(np.flatnonzero(big != CANARY)[0]) if (big != CANARY).any() else -1
         ctx.finding("heap-overflow", f"the kernel wrote outside out's {span} bytes (first changed byte at "
                     f"offset {first - off} from out)")
     if got[0] and valid:
-        raw = raw_scan(start, end, vec_len=len(out), ret=ALL)
+        raw = raw_scan(start, end, vec_len=len(out) if vl is None else vl, ret=ALL)
         if raw.err or got[1].regions.tolist() != raw.vec.tolist():
             ctx.finding("oracle-mismatch", f"scan(out=) {got[1].regions.tolist()}; raw {raw.err or raw.vec.tolist()}")
     elif got[0] and isinstance(out, np.ndarray):
@@ -675,7 +681,8 @@ def _fuzz_uffd_lifecycle(ctx: Ctx, data: Any, m: int) -> None:
     if what == "from_fd":
         r = data.draw(st.sampled_from([("str", "3"), ("none",), ("float", 3.0), ("int", -1), ("int", 1 << 70)]))
         v = build(r)
-        got = ctx.call(f"pagescan.Userfaultfd.from_fd({show(r)})", lambda: Userfaultfd.from_fd(v), valid=False, arg="fd")
+        got = ctx.call(f"pagescan.Userfaultfd.from_fd({show(r)})", lambda: Userfaultfd.from_fd(v),
+                       valid=None if r == ("int", -1) else False, arg="fd")  # -1: a closed object
         if got[0]:
             with contextlib.suppress(Exception):
                 got[1].detach() if got[1]._fd != -1 and isinstance(got[1]._fd, int) and got[1]._fd >= 0 else None
@@ -780,8 +787,8 @@ def fam_writewatch(ctx: Ctx, data: Any, env: Env) -> None:
             s_r, l_r = ("int", m), ("int", data.draw(st.sampled_from([P, 4 * P, npages * P, npages * P - 1])))
         s_ok, l_ok = int_ok(s_r), int_ok(l_r)
         valid = False if False in (s_ok, l_ok) else (None if None in (s_ok, l_ok) or s_r[0] != "int" or l_r[0] != "int" else True)
-        if valid and (classify(l_r)[1] or 0) <= 0:
-            valid = False
+        if valid and ((classify(l_r)[1] or 0) <= 0 or (classify(s_r)[1] or 0) % P):
+            valid = False  # length <= 0 or an unaligned start: ValueError
         s, ln = build(s_r), build(l_r)
         got = ctx.call(f"pagescan.WriteWatch({show(s_r)}, {show(l_r)})  # mapping at {m:#x}+{npages}p",
                        lambda: pagescan.WriteWatch(s, ln), valid=valid,
@@ -816,12 +823,15 @@ def fam_writewatch(ctx: Ctx, data: Any, env: Env) -> None:
         for _ in range(data.draw(st.integers(1, 6))):
             op = data.draw(st.sampled_from(["write", "write", "get", "regions", "reset", "replace", "get_max"]))
             if op == "write":
-                for i in data.draw(st.lists(st.integers(0, watched - 1), max_size=4)):
+                pages_w = data.draw(st.lists(st.integers(0, watched - 1), max_size=4))
+                ctx.note(f"write pages {pages_w} of the watch")
+                for i in pages_w:
                     ctypes.memset(ww.start + i * P, 1, 1)
                     written.add(i)
                 continue
             if op == "replace":  # a page of the range replaced by a new mapping (issue 9 item 7)
                 i = data.draw(st.integers(0, watched - 1))
+                ctx.note(f"page {i} of the watch replaced by a new mapping and written")
                 mmap_anon(1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, ww.start + i * P)
                 ctypes.memset(ww.start + i * P, 1, 1)
                 replaced = True
@@ -853,17 +863,19 @@ def fam_writewatch(ctx: Ctx, data: Any, env: Env) -> None:
                         ctx.finding("oracle-mismatch", f"{meth.__name__}() after a page of the range was replaced: "
                                     f"{_outcome(got)}, documented PermissionError")
                 continue
-            if not got[0] or mp_ok is not True:
+            if not got[0]:
                 continue
             pages = got[1] if meth.__name__ == "get" else pagescan.regions_to_pages(got[1])
             got_idx = sorted(int(a - ww.start) // P for a in pages.tolist())
-            want = sorted(written)
-            if mp is not None:
-                want = want[: int(mp)]
-            if got_idx != want:
-                ctx.finding("oracle-mismatch", f"{meth.__name__}() pages {got_idx}, written {sorted(written)} (max_pages={mp})")
+            if mp_ok is True:
+                want = sorted(written)
+                if mp is not None:
+                    want = want[: int(mp)]
+                if got_idx != want:
+                    ctx.finding("oracle-mismatch", f"{meth.__name__}() pages {got_idx}, written {sorted(written)} "
+                                f"(max_pages={mp})")
             if reset:
-                written -= set(want)
+                written -= set(got_idx)  # re-armed: what was returned
     finally:
         if ww is not None:
             ww.close()
@@ -905,8 +917,11 @@ def fam_move(ctx: Ctx, data: Any, env: Env) -> None:
             desc += f", uffd={uffd!r}"
             valid = False if valid is not True else False
             bad.append("uffd")
+        # With several problems, naming any argument of the call will do (an overlap
+        # names src and dst; a closed uffd says "closed Userfaultfd").
         got = ctx.call(desc, lambda: pagescan.move_pages(*vals, fallback=fb, allow_src_holes=holes, uffd=uffd), valid=valid,
-                       arg=tuple(bad + amb) or None)
+                       arg=tuple(bad + amb) + (("dst", "src", "length", "Userfaultfd") if len(bad) > 1 or uffd is not None
+                                               else ()) or None)
         if got[0] and valid and vals == [dst, src, n * P]:
             r = got[1]
             if r.moved + r.copied != n * P or ctypes.string_at(dst, n * P) != before:
@@ -926,12 +941,12 @@ def _fifo(env: Env) -> str:
     return path
 
 
-def _paths(env: Env, good: str, fifo: bool = False) -> st.SearchStrategy[tuple[str, Any]]:
+def _paths(env: Env, good: str) -> st.SearchStrategy[tuple[str, Any]]:
     return st.sampled_from([
         ("good", good), ("good", good), ("good", good), ("missing", os.path.join(env.tmp, "missing")),
         ("dir", env.tmp), ("devnull", "/dev/null"), ("none", None), ("int", 12345), ("bytes", os.fsencode(good)),
         ("empty", ""), ("nul", "a\0b"), ("list", [good]),
-    ]) if not fifo else st.sampled_from([("fifo", "FIFO")])
+    ])
 
 
 def fam_handler(ctx: Ctx, data: Any, env: Env) -> None:
@@ -940,9 +955,11 @@ def fam_handler(ctx: Ctx, data: Any, env: Env) -> None:
     if not os.path.exists(good):
         with open(good, "wb") as f:
             f.write(bytes(range(256)) * (4 * P // 256))
-    kind, path = data.draw(_paths(env, good, rare(data, 31)))
-    if kind == "fifo":
-        path = _fifo(env)
+    kind, path = data.draw(_paths(env, good))
+    # A FIFO now and then, and once per batch (the draws do not depend on it: Hypothesis
+    # requires the same draws for the same choices).
+    if rare(data, 31) or env.once("handler-fifo"):
+        kind, path = "fifo", _fifo(env)
     base_r = data.draw(intlike(st.sampled_from([0, 0, P, 100 * P]), plain_weight=6))
     base = build(base_r)
     pvalid = True if kind == "good" else (False if kind in ("none", "int", "list") else None)
@@ -1087,6 +1104,8 @@ def fam_snapshot(ctx: Ctx, data: Any, env: Env) -> None:
     pk, pth = data.draw(st.sampled_from([("file", path)] * 18 + [("fifo", None)] + [
         ("dir", env.tmp), ("dir", env.tmp), ("devnull", "/dev/null"), ("missing", path + ".none"), ("none", None), ("int", 7),
         ("bytes", os.fsencode(path))]))
+    if env.once("snapshot-fifo"):  # every batch tries a FIFO once (issue 9 item 10)
+        pk = "fifo"
     if pk == "fifo":
         pth = _fifo(env)
     op = data.draw(st.sampled_from(["verify", "verify", "inspect", "compact", "compact", "restore", "restore",
@@ -1278,6 +1297,7 @@ def fam_reentrancy(ctx: Ctx, data: Any, env: Env) -> None:
         return list(raw.vec.tolist())
 
     want_a, want_b = expect(ra, outer_vl), expect(rb, inner_vl)
+    want_out = expect(ra, 64)
     bad: list[str] = []
     inner = [0]
 
@@ -1312,7 +1332,7 @@ def fam_reentrancy(ctx: Ctx, data: Any, env: Env) -> None:
                 Finalised()
                 vl = len(out) if out is not None else outer_vl
                 r = pagescan.scan(ra[0], ra[1], return_mask=ALL, vec_len=vl if out is None else None, out=out)
-                if r.regions.tolist() != (want_a if out is None else expect(ra, 64)):
+                if r.regions.tolist() != (want_a if out is None else want_out):
                     bad.append(f"outer scan: {r.regions.tolist()[:4]}...")
                 n += 1
         finally:
