@@ -167,12 +167,12 @@ def _u64(name: str, value: Any) -> int:
     return u64(name, value, bool_ok=False)
 
 
-def _range(call: str, start: Any, length: Any) -> tuple[int, int]:
+def _range(call: str, start: Any, length: Any, name: str = "start") -> tuple[int, int]:
     """``(start, length)`` as plain ints, checked before the syscall (``TypeError``,
     ``ValueError``). Alignment is left to the kernel: these methods mirror the ioctls,
     whose own order of checks (``-EAGAIN`` while the mm changes comes first, for
     example) decides the errno."""
-    return _u64("start", start), _u64("length", length)
+    return _u64(name, start), _u64("length", length)
 
 
 class Userfaultfd(FdHolder):
@@ -334,7 +334,7 @@ class Userfaultfd(FdHolder):
         Returns ``length``. Errors: EEXIST (already populated), ENOENT (dst not in a
         registered VMA), EFAULT (src unreadable), :class:`PartialProgressError`.
         """
-        d, n = _range("UFFDIO_COPY", dst, length)
+        d, n = _range("UFFDIO_COPY", dst, length, "dst")
         mode = (U.CopyMode.WP if wp else 0) | (U.CopyMode.DONTWAKE if dontwake else 0)
         arg = U.uffdio_copy(d, _u64("src", src), n, mode, 0)
         return self._resolve(U.UFFDIO_COPY, arg, "copy", "UFFDIO_COPY", d, n)
@@ -376,7 +376,7 @@ class Userfaultfd(FdHolder):
         EINVAL (shared/hugetlb VMAs, dst not registered with this uffd),
         :class:`PartialProgressError` after partial progress.
         """
-        d, n = _range("UFFDIO_MOVE", dst, length)
+        d, n = _range("UFFDIO_MOVE", dst, length, "dst")
         sr = _u64("src", src)
         mode = (U.MoveMode.ALLOW_SRC_HOLES if allow_src_holes else 0) | (U.MoveMode.DONTWAKE if dontwake else 0)
         arg = U.uffdio_move(d, sr, n, mode, 0)
