@@ -146,8 +146,8 @@ def fam_scan(ctx: Ctx, data: Any, env: Env) -> None:
     }
     vl = data.draw(st.one_of(st.just(None), st.just(None),
                              intlike(st.sampled_from([0, 1, 2, 3, 10, 512, 1 << 20, 1 << 40, U64]), plain_weight=6)))
-    mode = data.draw(st.sampled_from(["random", "one-bad", "one-bad", "flag-masks", "wide"]))
-    if mode in ("one-bad", "flag-masks", "wide"):
+    mode = data.draw(st.sampled_from(["random", "one-bad", "one-bad", "flag-masks", "wide", "neg-flag"]))
+    if mode in ("one-bad", "flag-masks", "wide", "neg-flag"):
         # Every argument valid except (maybe) one, the masks IntFlag members: the fast
         # path ORs the arguments together (issue 9 item 3).
         for k in _SCAN_U64:
@@ -158,6 +158,9 @@ def fam_scan(ctx: Ctx, data: Any, env: Env) -> None:
         if mode == "one-bad":
             k = data.draw(st.sampled_from(_SCAN_U64))
             recipes[k] = data.draw(hostile())
+        elif mode == "neg-flag":  # a negative start, end or max_pages beside IntFlag masks (item 3)
+            k = data.draw(st.sampled_from(["start", "end", "max_pages"]))
+            recipes[k] = ("int", data.draw(st.sampled_from([-P, -1, -(1 << 63)])))
     if mode == "wide":  # a range of the whole address space with a large vec_len (item 4)
         recipes["start"] = ("int", data.draw(st.sampled_from([0, P])))
         recipes["end"] = ("int", data.draw(st.sampled_from([(1 << 47) - P, 1 << 46])))
@@ -1203,6 +1206,8 @@ def fam_cli(ctx: Ctx, data: Any, env: Env) -> None:
     cats = data.draw(st.sampled_from([None, "present", "all", "bogus", "", "present,present", "zero,written"]))
     cmd = data.draw(st.sampled_from(["scan", "scan", "scan", "stat", "caps", "inspect", "verify", "compact", "restore",
                                      "garbage"]))
+    if env.once("cli-beyond-user-space"):  # every batch: a range past user space (issue 9 item 12)
+        cmd, pid, rng = "scan", "self", f"{A.addr:x}-{1 << 47:x}"
     argv: list[str]
     if cmd == "scan":
         argv = ["scan", pid] + ([rng] if rng else [])
