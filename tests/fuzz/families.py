@@ -146,8 +146,8 @@ def fam_scan(ctx: Ctx, data: Any, env: Env) -> None:
     }
     vl = data.draw(st.one_of(st.just(None), st.just(None),
                              intlike(st.sampled_from([0, 1, 2, 3, 10, 512, 1 << 20, 1 << 40, U64]), plain_weight=6)))
-    mode = data.draw(st.sampled_from(["random", "one-bad", "one-bad", "flag-masks", "wide"]))
-    if mode in ("one-bad", "flag-masks", "wide"):
+    mode = data.draw(st.sampled_from(["random", "one-bad", "one-bad", "flag-masks", "wide", "neg-flag"]))
+    if mode in ("one-bad", "flag-masks", "wide", "neg-flag"):
         # Every argument valid except (maybe) one, the masks IntFlag members: the fast
         # path ORs the arguments together (issue 9 item 3).
         for k in _SCAN_U64:
@@ -158,6 +158,9 @@ def fam_scan(ctx: Ctx, data: Any, env: Env) -> None:
         if mode == "one-bad":
             k = data.draw(st.sampled_from(_SCAN_U64))
             recipes[k] = data.draw(hostile())
+        elif mode == "neg-flag":  # a negative start, end or max_pages beside IntFlag masks (item 3)
+            k = data.draw(st.sampled_from(["start", "end", "max_pages"]))
+            recipes[k] = ("int", data.draw(st.sampled_from([-P, -1, -(1 << 63)])))
     if mode == "wide":  # a range of the whole address space with a large vec_len (item 4)
         recipes["start"] = ("int", data.draw(st.sampled_from([0, P])))
         recipes["end"] = ("int", data.draw(st.sampled_from([(1 << 47) - P, 1 << 46])))
@@ -247,8 +250,9 @@ def _fuzz_masks(ctx: Ctx, data: Any) -> None:
     bad = [n for n, r in recipes.items() if not (n == "report" and r == ("none",)) and int_ok(r) is False]
     vals = {n: build(r) for n, r in recipes.items()}
     desc = "pagescan.masks(" + ", ".join(f"{n}={show(r)}" for n, r in recipes.items()) + ")"
+    amb = [n for n, r in recipes.items() if not (n == "report" and r == ("none",)) and int_ok(r) is None]
     got = ctx.call(desc, lambda: pagescan.masks(**vals), valid=None if not bad else False,
-                   arg=bad[0] if len(bad) == 1 else None)
+                   arg=tuple(bad + amb) + ("required", "excluded", "anyof"))
     if got[0] and not bad:
         iv = {n: int(classify(r)[1] or 0) for n, r in recipes.items() if r != ("none",)}
         m = got[1]
@@ -554,7 +558,11 @@ def _timeout_valid(recipe: tuple[Any, ...]) -> bool | None:
             return False
         if f < 0:
             return None
-        return True if f < 1e6 else False
+        if f >= 1e6:
+            return False
+        # A plain int or float is a number of seconds; numpy scalars and fractions may
+        # be refused (a policy, not a safety matter).
+        return True if type(obj) in (int, float) else None
     return False
 
 
@@ -567,7 +575,8 @@ def _max_events() -> st.SearchStrategy[tuple[Any, ...]]:
 
 
 def _max_events_valid(recipe: tuple[Any, ...]) -> bool | None:
-    return int_ok(recipe, 1, 1 << 20, above=None)
+    ok = int_ok(recipe, 1, 1 << 20, above=None)
+    return None if ok and recipe[0] != "int" else ok  # integer-likes other than int: policy
 
 
 def fam_uffd(ctx: Ctx, data: Any, env: Env) -> None:
@@ -619,7 +628,7 @@ def fam_uffd(ctx: Ctx, data: Any, env: Env) -> None:
                     t_r = ("int", 0)
                 tv, mv = _timeout_valid(t_r), _max_events_valid(me_r)
                 valid = False if False in (tv, mv) else (None if None in (tv, mv) else True)
-                arg = "timeout" if tv is False and mv is not False else ("max_events" if mv is False and tv is not False else None)
+                arg = tuple(n for n, ok in (("timeout", tv), ("max_events", mv)) if ok is not True)
                 t, me = build(t_r), build(me_r)
                 ctx.call(f"uf.read_events(timeout={show(t_r)}, max_events={show(me_r)})",
                          lambda: uf.read_events(timeout=t, max_events=me), valid=valid, arg=arg)
@@ -790,6 +799,8 @@ def fam_writewatch(ctx: Ctx, data: Any, env: Env) -> None:
         if valid and ((classify(l_r)[1] or 0) <= 0 or (classify(s_r)[1] or 0) % P):
             valid = False  # length <= 0 or an unaligned start: ValueError
         s, ln = build(s_r), build(l_r)
+        if l_r == ("none",):  # WriteWatch(obj, None): the buffer form
+            valid = False if _integer_like(s) or buffer_oracle(s)[0] != "range" else None
         got = ctx.call(f"pagescan.WriteWatch({show(s_r)}, {show(l_r)})  # mapping at {m:#x}+{npages}p",
                        lambda: pagescan.WriteWatch(s, ln), valid=valid,
                        arg=("start", "length", "buffer"))
@@ -970,8 +981,9 @@ def fam_handler(ctx: Ctx, data: Any, env: Env) -> None:
     got = ctx.call(f"pagescan.FileSource({kind}:{path!r}, base={show(base_r)})", lambda: pagescan.FileSource(path, base),
                    valid=valid if kind != "missing" else None)
     src = got[1] if got[0] else None
+    read_now, use_src = data.draw(st.booleans()), data.draw(st.booleans())  # drawn whatever happened
     try:
-        if src is not None and data.draw(st.booleans()):
+        if src is not None and read_now:
             off_r = data.draw(intlike(st.sampled_from([0, P, 3 * P, 100 * P]), plain_weight=6))
             n = data.draw(st.sampled_from([P, 2 * P, 0]))
             buf = bytearray(n)
@@ -990,7 +1002,7 @@ def fam_handler(ctx: Ctx, data: Any, env: Env) -> None:
             }[shape]
             if shape == "populated":
                 ctypes.memset(m, 1, 1)
-            source: Any = src if src is not None and data.draw(st.booleans()) else (
+            source: Any = src if src is not None and use_src else (
                 lambda off, ln: bytes(ln) if off % 2 == 0 else None)
             rvalid = {"good": True, "npint": None, "overlap": None, "populated": True}.get(shape, False)
             got = ctx.call(f"pagescan.FaultHandler({shape}:{regions!r}, source)", lambda: pagescan.FaultHandler(regions, source),
@@ -1194,6 +1206,8 @@ def fam_cli(ctx: Ctx, data: Any, env: Env) -> None:
     cats = data.draw(st.sampled_from([None, "present", "all", "bogus", "", "present,present", "zero,written"]))
     cmd = data.draw(st.sampled_from(["scan", "scan", "scan", "stat", "caps", "inspect", "verify", "compact", "restore",
                                      "garbage"]))
+    if env.once("cli-beyond-user-space"):  # every batch: a range past user space (issue 9 item 12)
+        cmd, pid, rng = "scan", "self", f"{A.addr:x}-{1 << 47:x}"
     argv: list[str]
     if cmd == "scan":
         argv = ["scan", pid] + ([rng] if rng else [])
