@@ -28,6 +28,7 @@ import ctypes
 import errno
 import math
 import mmap
+import numbers
 import os
 import select
 from typing import Any, NamedTuple
@@ -425,14 +426,14 @@ class Userfaultfd(FdHolder):
         """
         ms = -1
         if timeout is not None:
-            if not isinstance(timeout, (int, float)):
+            if not isinstance(timeout, numbers.Real):  # int, float, numpy scalars, Fraction
                 raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-            if not 0 <= timeout <= MAX_TIMEOUT:  # also NaN
+            seconds = float(timeout)
+            if not 0 <= seconds <= MAX_TIMEOUT:  # also NaN
                 raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT} seconds (None waits forever), "
                                  f"got {timeout}")
-            ms = int(math.ceil(timeout * 1000))
-        if isinstance(max_events, bool) or not isinstance(max_events, int):
-            raise TypeError(f"max_events must be an int, not {type(max_events).__name__}")
+            ms = int(math.ceil(seconds * 1000))
+        max_events = u64("max_events", max_events)
         if not 1 <= max_events <= 65536:
             raise ValueError(f"max_events must be between 1 and 65536, got {max_events}")
         fd = self.fd
