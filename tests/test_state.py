@@ -799,3 +799,28 @@ def test_lazy_restore_into_a_target_split_across_vmas(tmp_path: Path, advice: MA
         if not record:
             assert fh.wait(30)
     assert np.array_equal(state["a"], want)
+
+
+def test_lazy_restore_split_across_vmas_handler_killed_is_sigbus(tmp_path: Path) -> None:
+    """The guardian poisons the empty pages of a target that spans several VMAs: a run of
+    empty pages crossing a VMA boundary is refused whole by UFFDIO_POISON (ENOENT), so it
+    must be split; unpoisoned, the pages would read zeros once the guardian exits."""
+    path = tmp_path / "vmas-kill.ck"
+    rng = np.random.default_rng(6)
+    want = rng.integers(1, 256, 64 * P, dtype=np.uint8)
+    with Checkpointer(path, {"a": want}) as ck:
+        ck.checkpoint()
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        arena = pagescan.zeros(66 * P, np.uint8)
+        a = arena[8 : 8 + 64 * P]
+        libc.madvise(arena.ctypes.data + 28 * P, 30 * P, MADV.DONTDUMP)  # handler pages 27..56
+        assert _vmas_over(arena.ctypes.data, arena.ctypes.data + 66 * P) == 3
+        with lazy_restore(path, {"a": a}, prefetch=False) as fh:
+            ok = int(a[3 * P]) == int(want[3 * P])
+            report(struct.pack("iii", fh.pid, fh.guardian_pid, int(ok)).hex().encode())
+            wait_go(go_r)  # the parent has killed the handler
+            _ = int(a[40 * P])  # never served, in the middle VMA: SIGBUS, not zeros, not a hang
+            report(b"!read " + (b"zeros" if not a[40 * P : 41 * P].any() else b"data"))
+
+    kill_handler_expect_sigbus(body)

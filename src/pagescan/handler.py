@@ -659,16 +659,30 @@ def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:
                 raise _Retry from None
             done += err.done
         except FileNotFoundError:
-            if left == P:
-                return  # this page is no longer registered/mapped
-            half = left // P // 2 * P
-            _fill(uf, addr + done, half, None if src is None else src + done)
-            _fill(uf, addr + done + half, left - half, None if src is None else src + done + half)
+            _halves(lambda a, n: _fill(uf, a, n, None if src is None else src + (a - addr)), addr + done, left)
             return
         except FileExistsError:
             with contextlib.suppress(OSError):
                 uf.wake(addr + done, P)  # already in: wake its waiters, go on after it
             done += P
+
+
+def _halves(op: Callable[[int, int], object], start: int, length: int) -> None:
+    """``op(address, length)`` on the two halves of ``[start, start+length)`` (page
+    multiples), each halved again while ``op`` raises ENOENT; a single page's ENOENT is
+    ignored (that page is gone).
+
+    For a span the kernel refused with ENOENT: it crosses a VMA boundary (each
+    resolving ioctl works within one VMA), or part of it is unmapped.
+    """
+    if length <= P:
+        return
+    half = length // P // 2 * P
+    for s, n in ((start, half), (start + half, length - half)):
+        try:
+            op(s, n)
+        except FileNotFoundError:
+            _halves(op, s, n)
 
 
 def _guardian(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int, life_r: int) -> None:
@@ -703,7 +717,10 @@ def _poison_empty(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int) -
                 return
             for s, e, _ in res.regions.tolist():
                 left += 1
-                with contextlib.suppress(OSError):
-                    uf.poison(s, e - s)
+                with contextlib.suppress(OSError):  # a run of empty pages may span VMAs: split it
+                    try:
+                        uf.poison(s, e - s)
+                    except FileNotFoundError:
+                        _halves(uf.poison, s, e - s)
         if not left:
             return
