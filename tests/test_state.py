@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import errno
 import json
 import mmap
 import os
@@ -41,6 +42,8 @@ import pytest
 
 import pagescan
 import pagescan.cli
+from pagescan._uapi import libc
+from pagescan._uapi.mman import MADV
 from pagescan.snapshot import (
     CheckpointError,
     Checkpointer,
@@ -754,3 +757,70 @@ def test_lazy_restore_records_and_uses_a_working_set(tmp_path: Path) -> None:
         assert fh.progress()[0] == len(touch)  # the recorded pages, and nothing else, came in
         assert np.array_equal(state["a"], want)
         assert fh.wait(30)
+
+
+def _vmas_over(lo: int, hi: int) -> int:
+    """How many VMAs of this process meet ``[lo, hi)``."""
+    n = 0
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        a, b = (int(x, 16) for x in line.split()[0].split("-"))
+        n += a < hi and b > lo
+    return n
+
+
+@pytest.mark.parametrize("record", [True, False], ids=["record", "prefetch"])
+@pytest.mark.parametrize("advice", [MADV.HUGEPAGE, MADV.DONTDUMP], ids=["hugepage", "dontdump"])
+def test_lazy_restore_into_a_target_split_across_vmas(tmp_path: Path, advice: MADV, record: bool) -> None:
+    """A target whose pages lie in several VMAs (flags differing): on the malloc heap,
+    numpy leaves ``MADV_HUGEPAGE`` on the memory of a big array it freed, and a later
+    array may straddle its edge. The kernel resolves a span within one VMA only (ENOENT
+    across the boundary): the handler's windows and prefetch spans crossing it must be
+    split, never taken as gone (pages marked served, never filled: zeros at the end)."""
+    path = tmp_path / "vmas.ck"
+    rng = np.random.default_rng(5)
+    arena = pagescan.zeros(66 * P, np.uint8)  # a mapping of its own: the VMAs are ours to cut
+    state = {"a": arena[8 : 8 + 64 * P]}  # lazy pages: arena pages 1..63 (handler pages 0..62)
+    state["a"][:] = rng.integers(1, 256, 64 * P, dtype=np.uint8)  # no zero byte: a zero page shows
+    want = state["a"].copy()
+    with Checkpointer(path, state) as ck:
+        ck.checkpoint()
+    state["a"][:] = 0
+    base = arena.ctypes.data
+    try:
+        libc.madvise(base + 28 * P, 30 * P, advice)  # handler pages 27..56: off every window's alignment
+    except OSError as err:
+        if advice == MADV.HUGEPAGE and err.errno == errno.EINVAL:
+            pytest.skip("needs transparent huge pages (CONFIG_TRANSPARENT_HUGEPAGE); "
+                        f"this kernel is {os.uname().release}")
+        raise
+    assert _vmas_over(base, base + 66 * P) == 3
+    with lazy_restore(path, state, prefetch=True, record=record) as fh:
+        assert int(state["a"][20 * P]) == int(want[20 * P])
+        if not record:
+            assert fh.wait(30)
+    assert np.array_equal(state["a"], want)
+
+
+def test_lazy_restore_split_across_vmas_handler_killed_is_sigbus(tmp_path: Path) -> None:
+    """The guardian poisons the empty pages of a target that spans several VMAs: a run of
+    empty pages crossing a VMA boundary is refused whole by UFFDIO_POISON (ENOENT), so it
+    must be split; unpoisoned, the pages would read zeros once the guardian exits."""
+    path = tmp_path / "vmas-kill.ck"
+    rng = np.random.default_rng(6)
+    want = rng.integers(1, 256, 64 * P, dtype=np.uint8)
+    with Checkpointer(path, {"a": want}) as ck:
+        ck.checkpoint()
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        arena = pagescan.zeros(66 * P, np.uint8)
+        a = arena[8 : 8 + 64 * P]
+        libc.madvise(arena.ctypes.data + 28 * P, 30 * P, MADV.DONTDUMP)  # handler pages 27..56
+        assert _vmas_over(arena.ctypes.data, arena.ctypes.data + 66 * P) == 3
+        with lazy_restore(path, {"a": a}, prefetch=False) as fh:
+            ok = int(a[3 * P]) == int(want[3 * P])
+            report(struct.pack("iii", fh.pid, fh.guardian_pid, int(ok)).hex().encode())
+            wait_go(go_r)  # the parent has killed the handler
+            _ = int(a[40 * P])  # never served, in the middle VMA: SIGBUS, not zeros, not a hang
+            report(b"!read " + (b"zeros" if not a[40 * P : 41 * P].any() else b"data"))
+
+    kill_handler_expect_sigbus(body)

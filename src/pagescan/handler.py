@@ -13,8 +13,9 @@ What the handler does:
 * reads many messages per ``read``; a fault resolves a window of pages around it;
 * when idle, prefetches ahead in address order, the window growing from 64 KiB to
   4 MiB while idle and shrinking back on a fault (CRIU's lazy-pages policy);
-* treats EEXIST (already populated: a race with prefetch) by waking the range, and
-  EAGAIN (the mm is changing) by reading the pending events and retrying;
+* treats EEXIST (already populated: a race with prefetch) by waking the range,
+  EAGAIN (the mm is changing) by reading the pending events and retrying, and
+  ENOENT (a span crossing two VMAs of a range, or a range gone) by splitting the span;
 * follows non-cooperative events: ``REMOVE`` (``MADV_DONTNEED``) means the owner
   discarded the contents, so later faults there get zero pages, never the old data;
   ``UNMAP`` forgets the range; ``REMAP`` (mremap) moves it;
@@ -632,7 +633,13 @@ def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:
     """``UFFDIO_COPY`` from ``src`` (or ``UFFDIO_ZEROPAGE``) into ``[addr, addr+length)``.
 
     A page that is already present (EEXIST: a race with a fault or the owner) is
-    skipped and its waiters are woken; a range that vanished (ENOENT) is skipped.
+    skipped and its waiters are woken. ENOENT refuses the whole span, with nothing
+    done, both when part of it is no longer registered (unmapped) and when it crosses
+    from one VMA into the next: a registered range is often several VMAs (flags
+    differing by ``madvise``/``mprotect``/``mlock``; on the malloc heap, a
+    ``MADV_HUGEPAGE`` left by an earlier allocation), and the kernel resolves within
+    one VMA only. So the span is halved down to single pages; only a single page
+    that gets ENOENT is skipped (it is gone).
     """
 
     def op(off: int, ln: int) -> None:
@@ -643,27 +650,39 @@ def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:
 
     done = 0
     while done < length:
+        left = length - done
         try:
-            op(done, length - done)
+            op(done, left)
             return
         except PartialProgressError as err:
             if err.done <= 0:
                 raise _Retry from None
             done += err.done
         except FileNotFoundError:
-            return  # no longer registered/mapped
-        except FileExistsError:
-            for off in range(done, length, P):
-                try:
-                    op(off, P)
-                except FileExistsError:
-                    with contextlib.suppress(OSError):
-                        uf.wake(addr + off, P)
-                except FileNotFoundError:
-                    return
-                except PartialProgressError:
-                    raise _Retry from None
+            _halves(lambda a, n: _fill(uf, a, n, None if src is None else src + (a - addr)), addr + done, left)
             return
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                uf.wake(addr + done, P)  # already in: wake its waiters, go on after it
+            done += P
+
+
+def _halves(op: Callable[[int, int], object], start: int, length: int) -> None:
+    """``op(address, length)`` on the two halves of ``[start, start+length)`` (page
+    multiples), each halved again while ``op`` raises ENOENT; a single page's ENOENT is
+    ignored (that page is gone).
+
+    For a span the kernel refused with ENOENT: it crosses a VMA boundary (each
+    resolving ioctl works within one VMA), or part of it is unmapped.
+    """
+    if length <= P:
+        return
+    half = length // P // 2 * P
+    for s, n in ((start, half), (start + half, length - half)):
+        try:
+            op(s, n)
+        except FileNotFoundError:
+            _halves(op, s, n)
 
 
 def _guardian(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int, life_r: int) -> None:
@@ -698,7 +717,10 @@ def _poison_empty(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int) -
                 return
             for s, e, _ in res.regions.tolist():
                 left += 1
-                with contextlib.suppress(OSError):
-                    uf.poison(s, e - s)
+                with contextlib.suppress(OSError):  # a run of empty pages may span VMAs: split it
+                    try:
+                        uf.poison(s, e - s)
+                    except FileNotFoundError:
+                        _halves(uf.poison, s, e - s)
         if not left:
             return
