@@ -72,36 +72,27 @@ class Child:
                 return self._answer
             chunks.append(data)
 
-    def outcome(self, timeout: float = 10.0) -> tuple[int, str]:
-        """``(wait status, traceback or "")`` once the child has ended; a child that
-        does not end in time is killed and fails the test."""
+    def _finish(self, timeout: float) -> tuple[int, tuple[str, Any] | None]:
+        """``(wait status, (kind, value) or None)`` once the child has ended; a child
+        that does not end in time is killed and fails the test."""
         deadline = time.monotonic() + timeout
         try:
             data = self._read(deadline)
-        except AssertionError:
-            self.kill()
-            raise
-        try:
             status = self.wait(max(0.5, deadline - time.monotonic()))
         except AssertionError:
             self.kill()
             raise
-        text = ""
-        if data:
-            kind, value = pickle.loads(data)
-            text = value if kind == "error" else ""
-        return status, text
+        return status, (pickle.loads(data) if data else None)
+
+    def outcome(self, timeout: float = 10.0) -> tuple[int, str]:
+        """``(wait status, traceback or "")`` once the child has ended."""
+        status, answer = self._finish(timeout)
+        return status, answer[1] if answer is not None and answer[0] == "error" else ""
 
     def result(self, timeout: float = 10.0) -> Any:
         """Wait for the child to finish successfully and return what ``fn`` returned."""
-        deadline = time.monotonic() + timeout
-        try:
-            data = self._read(deadline)
-        except AssertionError:
-            self.kill()
-            raise
-        status = self.wait(max(0.5, deadline - time.monotonic()))
-        kind, value = pickle.loads(data) if data else ("error", "(no answer)")
+        status, answer = self._finish(timeout)
+        kind, value = answer if answer is not None else ("error", "(no answer)")
         assert kind == "ok" and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
             f"child failed: {self.describe(status)}\n{value if kind == 'error' else ''}")
         return value
