@@ -80,6 +80,12 @@ BATCH_PAGES = 1024
 
 #: ``progress(done, total)`` callbacks, in pages (chunks).
 Progress = Callable[[int, int], None]
+#: ``read(starts, lengths, out, offsets)``: copy runs of memory into rows of ``out``.
+Reader = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def _read_self(starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
+    read_runs(os.getpid(), starts, lengths, out, offsets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,14 +303,19 @@ class Checkpointer:
             if twin is None:
                 old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
                 try:
-                    info = self._write(store, chunks, full, progress, t0, os.getpid(), fut)
+                    info = self._write(store, chunks, full, progress, t0, _read_self, fut)
                 finally:
                     signal.pthread_sigmask(signal.SIG_SETMASK, old)
             else:
+                if not full:
+                    # Pages written after the walk re-armed them and before the fork are in
+                    # the twin's memory: store them too (also written after: harmless, the
+                    # twin holds the value of the instant; they stay reported for the next).
+                    chunks = np.union1d(chunks, self._written_since_armed())
                 try:
-                    info = self._write(store, chunks, full, progress, t0, twin.pid, fut)
+                    info = self._write(store, chunks, full, progress, t0, twin.read, fut)
                 except OSError as err:
-                    gone = twin.died()
+                    gone = twin.died(timeout=1.0)  # a read that failed: it is ending
                     if gone is None:
                         raise
                     raise OSError(gone.errno, f"{gone.strerror}; generation {fut.generation} was not written, "
@@ -325,6 +336,12 @@ class Checkpointer:
                 twin.close()
         fut.set_result(info)
 
+    def _written_since_armed(self) -> np.ndarray:
+        """Chunks on pages written since :meth:`_find_written` re-armed them (not re-armed again)."""
+        got = [w.get() for w in self._watches]
+        pages = np.concatenate(got) if got else np.empty(0, np.uint64)
+        return pages_to_chunks(pages, self.targets, self._base)
+
     def _find_written(self, full: bool) -> np.ndarray:
         """Global chunk numbers to store (sorted); the tracking is re-armed for them."""
         if full:
@@ -339,15 +356,15 @@ class Checkpointer:
         self._carry = chunks  # remembered until stored
         return chunks
 
-    def _copy(self, pid: int, chunks: np.ndarray, rows: np.ndarray) -> None:
-        """Copy the ``chunks`` out of the memory of ``pid`` (us or our twin) into ``rows`` (padded with zeros)."""
+    def _copy(self, read: Reader, chunks: np.ndarray, rows: np.ndarray) -> None:
+        """Copy the ``chunks`` out of memory (ours or our twin's) into ``rows`` (padded with zeros)."""
         starts, lengths, offs = chunk_runs(chunks, self.targets, self._base)
-        read_runs(pid, starts, lengths, rows, offs)
+        read(starts, lengths, rows, offs)
         zero_padding(rows, chunks, self.targets, self._base)
 
     def _write(self, store: Store, chunks: np.ndarray, full: bool, progress: Progress | None,
-               t0: float, pid: int, fut: PendingCheckpoint) -> CheckpointInfo:
-        """Copy ``chunks`` out of the memory of ``pid`` batch by batch while a worker
+               t0: float, read: Reader, fut: PendingCheckpoint) -> CheckpointInfo:
+        """Copy ``chunks`` out of memory with ``read`` batch by batch while a worker
         checksums and writes the previous batch; seal, unless ``fut`` is cancelled
         first (``CancelledError``; the file is cut back to its sealed generations)."""
         total = len(chunks)
@@ -385,7 +402,7 @@ class Checkpointer:
                 if fut.cancelled():
                     raise CancelledError
                 rows = bufs[b % nbuf][: e - s]
-                self._copy(pid, chunks[s:e], rows)
+                self._copy(read, chunks[s:e], rows)
                 if pool is not None:
                     pending.append(pool.submit(process, rows, s, e))
                 else:
