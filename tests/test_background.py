@@ -23,6 +23,7 @@ Real threads writing real memory, real forks, real files. What is checked:
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import signal
 import subprocess
@@ -30,12 +31,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
 import pytest
 
 import pagescan
+from pagescan._uapi import libc
 from pagescan.snapshot import Checkpointer, PendingCheckpoint, _read_self, load, verify
 
 from .conftest import requires_wp_async
@@ -337,3 +340,46 @@ def test_pause_is_reported_and_progress_comes_from_the_background(tmp_path: Path
     assert 0 < info.pause <= info.seconds
     assert calls[-1][:2] == (2048, 2048)
     assert {c[2] for c in calls} == {"pagescan-checkpoint"}
+
+
+class _WriteFirst:
+    """A WriteWatch stand-in that runs ``before()`` ahead of the real ``get``."""
+
+    def __init__(self, watch: Any, before: Callable[[], None]) -> None:
+        self.watch, self.before = watch, before
+
+    def get(self, reset: bool = False) -> np.ndarray:
+        self.before()
+        self.before = lambda: None
+        return self.watch.get(reset=reset)
+
+    def close(self) -> None:
+        self.watch.close()
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_transaction_between_the_walk_and_the_fork_is_not_torn(tmp_path: Path, wait: bool) -> None:
+    """The walk re-arms A's pages, then a transaction writes A and B, then the walk reaches
+    B: B is found written, A is not, yet the twin holds both: A must be stored too."""
+    area = mmap.mmap(-1, 16 * N + P)
+    whole = np.frombuffer(area, np.uint8)
+    libc.mprotect(whole.ctypes.data + 8 * N, P, 0)  # a gap page: two watches, a's (lower) walked first
+    a = whole[: 8 * N].view(np.int64)
+    b = whole[8 * N + P:].view(np.int64)
+    path = tmp_path / "c.ckpt"
+    with Checkpointer(path, {"a": a, "b": b}) as ck:
+        ck.checkpoint()
+        assert len(ck._watches) == 2 and ck._watches[0].start == a.ctypes.data
+
+        def transaction() -> None:
+            a[5] = 1
+            b[5] = 1
+
+        ck._watches[1] = _WriteFirst(ck._watches[1], transaction)  # type: ignore[call-overload]
+        with writers(np.zeros(2 * N, np.int64), 1):  # a second thread: the fork path
+            info = ck.checkpoint() if wait else ck.checkpoint(wait=False).result(timeout=30)
+        assert info.generation == 2
+    out = load(path)
+    assert out["a"][5] == out["b"][5] == 1
+    del a, b, whole
+    area.close()
