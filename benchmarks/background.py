@@ -74,7 +74,8 @@ def children() -> list[int]:
 
 
 class Writer:
-    """A thread writing 16 pages of the hot set per step, recording each step's end time."""
+    """A thread writing 16 pages of the hot set per step; it counts steps and records
+    every gap between two steps longer than 0.1 ms (start, end)."""
 
     def __init__(self, flats: list[np.ndarray]) -> None:
         self.flat = flats[0]  # the hot 1% lies in the first array
@@ -82,7 +83,8 @@ class Writer:
         hot = max(16, sum(f.size for f in flats) // per_page // 100)
         hot = min(hot, self.flat.size // per_page)
         self.idx = (np.arange(hot) * per_page).astype(np.int64)
-        self.times: list[float] = []
+        self.count = 0
+        self.gaps: list[tuple[float, float]] = []
         self.stop = threading.Event()
         self.th = threading.Thread(target=self.run, name="writer")
 
@@ -90,23 +92,20 @@ class Writer:
         rng = np.random.default_rng(7)
         picks = rng.integers(0, len(self.idx), (4096, 16))
         k = 0
-        times = self.times
+        clock = time.perf_counter
+        last = clock()
         while not self.stop.is_set():
             self.flat[self.idx[picks[k & 4095]]] = k
             k += 1
-            times.append(time.perf_counter())
+            self.count = k
+            now = clock()
+            if now - last > 1e-4:
+                self.gaps.append((last, now))
+            last = now
 
-    def window(self, t0: float, t1: float) -> tuple[float, float]:
-        """(longest gap between steps overlapping [t0, t1], steps per second in [t0, t1])."""
-        ts = np.asarray(self.times[-2_000_000:])
-        lo = max(0, int(np.searchsorted(ts, t0)) - 1)
-        hi = min(len(ts), int(np.searchsorted(ts, t1)) + 1)
-        seg = ts[lo:hi + 1]
-        gap = float(np.diff(seg).max()) if len(seg) > 1 else t1 - t0
-        inside = int(np.searchsorted(ts, t1) - np.searchsorted(ts, t0))
-        return gap, inside / max(t1 - t0, 1e-9)
-
-
+    def stall(self, t0: float, t1: float) -> float:
+        """The longest gap between two steps that overlaps [t0, t1]."""
+        return max((e - s for s, e in self.gaps if e >= t0 and s <= t1), default=1e-4)
 def sample_memory(done: Callable[[], bool], base: int) -> int:
     """Peak (PSS of us + our children) - ``base``, in KiB, until ``done()``."""
     peak = 0
@@ -154,16 +153,15 @@ def run(args: argparse.Namespace, d: str) -> int:
     writer = Writer(flats)
     writer.th.start()
     time.sleep(0.5)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), writer.count
     time.sleep(1.0)
-    _, idle_rate = writer.window(t0, time.perf_counter())
-    base = pss_kib()
+    idle_rate = (writer.count - c0) / (time.perf_counter() - t0)
 
     results: dict[str, dict[str, list[float]]] = {}
 
-    def record(name: str, pause: float, t_start: float, t_ret: float, t_end: float, mem: int) -> None:
-        gap, _ = writer.window(t_start, t_ret)
-        _, rate = writer.window(t_start, t_end)
+    def record(name: str, pause: float, t_start: float, t_ret: float, t_end: float, mem: int, c0: int) -> None:
+        gap = writer.stall(t_start, t_ret)
+        rate = (writer.count - c0) / max(t_end - t_start, 1e-9)
         r = results.setdefault(name, {"pause": [], "stall": [], "rate": [], "mem": [], "total": []})
         r["pause"].append(pause)
         r["stall"].append(gap)
@@ -172,33 +170,35 @@ def run(args: argparse.Namespace, d: str) -> int:
         r["total"].append(t_end - t_start)
 
     def sync() -> None:
-        s = time.perf_counter()
+        c0, s = writer.count, time.perf_counter()
         ck.checkpoint()
         e = time.perf_counter()
-        record("sync checkpoint()", e - s, s, e, e, 0)
+        record("sync checkpoint()", e - s, s, e, e, 0, c0)
 
     def sync_old() -> None:
         store = ck._store
         assert store is not None
-        s = time.perf_counter()
+        c0, s = writer.count, time.perf_counter()
         chunks = ck._find_written(False)
         ck._write(store, chunks, False, None, s, _read_self, PendingCheckpoint(0))
         ck._carry = np.empty(0, np.int64)
         e = time.perf_counter()
-        record("sync, old path (fuzzy)", e - s, s, e, e, 0)
+        record("sync, old path (fuzzy)", e - s, s, e, e, 0, c0)
 
     def background() -> None:
-        s = time.perf_counter()
+        base = pss_kib()
+        c0, s = writer.count, time.perf_counter()
         fut = ck.checkpoint(wait=False)
         r = time.perf_counter()
         mem = sample_memory(fut.done, base)
         fut.result()
         e = time.perf_counter()
-        record("checkpoint(wait=False)", r - s, s, r, e, mem)
+        record("checkpoint(wait=False)", r - s, s, r, e, mem, c0)
 
     def fork_snapshot() -> None:
         path = os.path.join(d, "fork.bin")
-        s = time.perf_counter()
+        base = pss_kib()
+        c0, s = writer.count, time.perf_counter()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child: write everything, like BGSAVE
             try:
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace, d: str) -> int:
         mem = sample_memory(lambda: bool(status), base)
         waiter.join()
         e = time.perf_counter()
-        record("fork() snapshot (BGSAVE)", r - s, s, r, e, mem)
+        record("fork() snapshot (BGSAVE)", r - s, s, r, e, mem, c0)
 
     methods: list[Callable[[], None]] = [sync, sync_old, background, fork_snapshot]
     for m in methods:  # warm-up round
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace, d: str) -> int:
             name,
             fmt_ns(pct(r["pause"], 50) * 1e9), fmt_ns(pct(r["pause"], 99) * 1e9),
             fmt_ns(pct(r["stall"], 50) * 1e9), fmt_ns(pct(r["stall"], 99) * 1e9),
-            f"{np.median(r['rate']):.0%}", fmt_size(int(max(r["mem"]))), fmt_ns(pct(r["total"], 50) * 1e9),
+            f"{np.median(r['rate']):.0%}", f"{max(r['mem']) / 2**20:.0f} MiB", fmt_ns(pct(r["total"], 50) * 1e9),
         ])
     print_table(["method", "pause p50", "pause p99", "writer stall p50", "stall p99", "writer rate",
                  "extra mem (max)", "total p50"], rows)
