@@ -10,9 +10,20 @@ on the malloc heap) work together; objects that share *bytes* are refused. The f
 :meth:`~Checkpointer.checkpoint` stores every entry; each later one stores only the
 chunks of entries that intersect a page written since the previous one, found and
 re-armed in one ``PAGEMAP_SCAN`` walk (a write racing a checkpoint lands in this one
-or the next, never nowhere). Bytes are copied with ``process_vm_readv`` in large
-batches (never by dereferencing addresses from Python), while a second thread writes
-the previous batch to the file.
+or the next, never nowhere).
+
+Every generation is the memory of one instant, even while other threads write (with
+or without the GIL). The instant is taken in a short pause inside
+:meth:`~Checkpointer.checkpoint`: the written chunks are found and re-armed, then the
+process is forked; the child, a *frozen twin* that runs nothing of the program, keeps
+the memory as it was at the ``fork`` (copy-on-write), and the chunks are read from it
+through ``/proc/PID/mem`` (never by dereferencing addresses from Python), while a
+second thread writes the previous batch to the file; pages written between the walk
+and the fork are found by a second walk and stored too. ``checkpoint(wait=False)``
+returns a :class:`PendingCheckpoint` (a ``concurrent.futures.Future``) right after the
+pause and does the rest in a background thread. A process with a single thread,
+checkpointing synchronously, copies its own memory directly (no other thread can
+write meanwhile). See ``docs/background-checkpoints.md``.
 
 :func:`restore` writes exactly each target's bytes and nothing around them
 (``process_vm_writev``); :func:`load` returns new arrays (page-aligned, each on its own

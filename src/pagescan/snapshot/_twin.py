@@ -90,7 +90,7 @@ class FrozenTwin:
         One ``preadv`` of ``/proc/PID/mem`` per run (the GIL released during each).
         A run the kernel cannot read (the twin ended: ``0`` bytes) raises ``OSError``.
         """
-        mv = memoryview(out.reshape(-1).view(np.uint8))
+        mv = out.reshape(-1).view(np.uint8).data
         fd = self.mem
         for s, n, o in zip(starts.tolist(), lengths.tolist(), offsets.tolist()):
             done = 0
