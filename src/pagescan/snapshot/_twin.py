@@ -45,7 +45,7 @@ from .._child import Child, fork
 __all__ = ["GAP", "FrozenTwin"]
 
 #: Runs at most this many bytes apart are read in one call (the bytes between are read too).
-GAP = 64 * 4096
+GAP = 4 * 4096
 
 
 def _twin_main(parent: int) -> int:  # pragma: no cover - runs in the child
