@@ -273,7 +273,7 @@ class Checkpointer:
         :meth:`_find_written`), then the process is forked; the child (a frozen twin,
         :mod:`pagescan.snapshot._twin`) holds the memory as it was at the ``fork``,
         whatever other threads write afterwards, and the chunks are read from it
-        (``process_vm_readv``), checksummed, written, ``fsync``'d and sealed
+        (``/proc/PID/mem``), checksummed, written, ``fsync``'d and sealed
         (:meth:`_write`). So every generation is the memory of one instant, even while
         other threads write (with or without the GIL): state spanning pages is never
         torn. A write racing the pause is in this generation or the next, never lost.
