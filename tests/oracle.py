@@ -96,6 +96,7 @@ class SmapsRecord(NamedTuple):
     name: str
     vmflags: frozenset[str]
     fields: dict[str, int]
+    perms: str = ""
 
 
 def smaps(pid: int | str = "self") -> list[SmapsRecord]:
@@ -113,7 +114,7 @@ def smaps(pid: int | str = "self") -> list[SmapsRecord]:
                 parts = line.split(None, 5)
                 lo, _, hi = parts[0].partition("-")
                 name = parts[5].strip() if len(parts) > 5 else ""
-                out.append(SmapsRecord(int(lo, 16), int(hi, 16), name, frozenset(), {}))
+                out.append(SmapsRecord(int(lo, 16), int(hi, 16), name, frozenset(), {}, parts[1]))
     return out
 
 

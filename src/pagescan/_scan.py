@@ -169,8 +169,9 @@ class Scanner:
         pid: ``None`` for this process (after ``fork``, the child's own memory), a pid,
             a :class:`Target`, or anything with ``.pid``. A Scanner that opened another
             process's pagemap owns it: :meth:`close` it (or use ``with``).
-        flags, category_inverted, category_mask, category_anyof_mask, return_mask,
-        max_pages, vec_len, backend: as for :func:`scan`.
+        flags: as for :func:`scan`, and so are ``category_inverted``, ``category_mask``,
+            ``category_anyof_mask``, ``return_mask``, ``max_pages``, ``vec_len`` and
+            ``backend``.
 
     :meth:`scan` returns the same :class:`ScanResult` as :func:`scan`; :meth:`scan_into`
     fills a caller's array and allocates nothing. A Scanner may be used from several

@@ -119,7 +119,7 @@ class FileSource:
         self.fd = open_regular(path, os.O_RDONLY, "FileSource path")  # a FIFO would block forever
 
     def read(self, offset: int, out: memoryview) -> bool:
-        pos = self.base + offset
+        pos = self.base + u64("offset", offset)
         if pos >= 1 << 63:
             raise ValueError(f"offset {offset:#x} from base {self.base:#x} is beyond the largest file offset")
         got = os.preadv(self.fd, [out], pos)

@@ -209,8 +209,7 @@ def mapping_stats(
             from .capabilities import capabilities
 
             # before the reader thread starts: the first call probes the kernel with
-            # mappings of its own (munmap then MAP_FIXED), not safe against another
-            # thread's allocations
+            # mappings of its own, best made while no other thread of ours allocates
             supported = int(capabilities().categories) if backend != "emulated" else _ALL
         reader = _Reader(pid, "smaps" if smaps else "maps")
         try:

@@ -28,6 +28,7 @@ import ctypes
 import errno
 import math
 import mmap
+import numbers
 import os
 import select
 from typing import Any, NamedTuple
@@ -167,12 +168,12 @@ def _u64(name: str, value: Any) -> int:
     return u64(name, value, bool_ok=False)
 
 
-def _range(call: str, start: Any, length: Any) -> tuple[int, int]:
+def _range(call: str, start: Any, length: Any, name: str = "start") -> tuple[int, int]:
     """``(start, length)`` as plain ints, checked before the syscall (``TypeError``,
     ``ValueError``). Alignment is left to the kernel: these methods mirror the ioctls,
     whose own order of checks (``-EAGAIN`` while the mm changes comes first, for
     example) decides the errno."""
-    return _u64("start", start), _u64("length", length)
+    return _u64(name, start), _u64("length", length)
 
 
 class Userfaultfd(FdHolder):
@@ -334,7 +335,7 @@ class Userfaultfd(FdHolder):
         Returns ``length``. Errors: EEXIST (already populated), ENOENT (dst not in a
         registered VMA), EFAULT (src unreadable), :class:`PartialProgressError`.
         """
-        d, n = _range("UFFDIO_COPY", dst, length)
+        d, n = _range("UFFDIO_COPY", dst, length, "dst")
         mode = (U.CopyMode.WP if wp else 0) | (U.CopyMode.DONTWAKE if dontwake else 0)
         arg = U.uffdio_copy(d, _u64("src", src), n, mode, 0)
         return self._resolve(U.UFFDIO_COPY, arg, "copy", "UFFDIO_COPY", d, n)
@@ -376,7 +377,7 @@ class Userfaultfd(FdHolder):
         EINVAL (shared/hugetlb VMAs, dst not registered with this uffd),
         :class:`PartialProgressError` after partial progress.
         """
-        d, n = _range("UFFDIO_MOVE", dst, length)
+        d, n = _range("UFFDIO_MOVE", dst, length, "dst")
         sr = _u64("src", src)
         mode = (U.MoveMode.ALLOW_SRC_HOLES if allow_src_holes else 0) | (U.MoveMode.DONTWAKE if dontwake else 0)
         arg = U.uffdio_move(d, sr, n, mode, 0)
@@ -425,14 +426,14 @@ class Userfaultfd(FdHolder):
         """
         ms = -1
         if timeout is not None:
-            if not isinstance(timeout, (int, float)):
+            if not isinstance(timeout, numbers.Real):  # int, float, numpy scalars, Fraction
                 raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-            if not 0 <= timeout <= MAX_TIMEOUT:  # also NaN
+            seconds = float(timeout)
+            if not 0 <= seconds <= MAX_TIMEOUT:  # also NaN
                 raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT} seconds (None waits forever), "
                                  f"got {timeout}")
-            ms = int(math.ceil(timeout * 1000))
-        if isinstance(max_events, bool) or not isinstance(max_events, int):
-            raise TypeError(f"max_events must be an int, not {type(max_events).__name__}")
+            ms = int(math.ceil(seconds * 1000))
+        max_events = u64("max_events", max_events)
         if not 1 <= max_events <= 65536:
             raise ValueError(f"max_events must be between 1 and 65536, got {max_events}")
         fd = self.fd

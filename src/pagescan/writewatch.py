@@ -74,7 +74,7 @@ __all__ = ["WriteWatch", "regions_to_pages"]
 
 P = mmap.PAGESIZE
 
-_active_lock = threading.Lock()
+_active_lock = threading.RLock()  # reentrant: a signal handler or __del__ may create or close a watch
 _active: dict[int, tuple[int, int]] = {}  # id(watch) -> (start, end)
 
 
@@ -182,7 +182,7 @@ class WriteWatch:
             raise
         self._uffd = uf
         self._owner = os.getpid()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a get() from a signal handler during a get() must not deadlock
 
     # -- lifecycle ------------------------------------------------------------------
 

@@ -279,6 +279,10 @@ class Ctx:
         self.current = desc
         self.log({"c": desc[:2000]})
 
+    def note(self, text: str) -> None:
+        """Record a step of the example that is not a call (part of the reproducer)."""
+        self.log({"n": text[:500]})
+
     def finding(self, kind: str, detail: str = "", exc: BaseException | None = None, **extra: Any) -> None:
         self.findings += 1
         rec: dict[str, Any] = {"family": self.family, "kind": kind, "call": self.current[:2000], "detail": detail[:1000]}
@@ -356,7 +360,10 @@ def _is_checkpoint_error(exc: BaseException) -> bool:
 
 
 def _short(obj: Any) -> str:
-    r = repr(obj)
+    try:
+        r = repr(obj)
+    except Exception as exc:  # noqa: BLE001 - an object a bad argument broke
+        return f"<{type(obj).__name__} whose repr raised {type(exc).__name__}: {exc}>"
     return r if len(r) < 200 else r[:200] + "..."
 
 

@@ -68,6 +68,7 @@ def _run_worker(rep: Report, family: str, seed: int, examples: int, timeout: flo
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # handler processes the worker forked
         calls, ran, last, done = 0, 0, "", False
+        steps: list[str] = []  # calls and notes of the current example
         with open(log, encoding="utf-8") as f:
             for line in f:
                 try:
@@ -77,8 +78,12 @@ def _run_worker(rep: Report, family: str, seed: int, examples: int, timeout: flo
                 if "c" in rec:
                     calls += 1
                     last = rec["c"]
+                    steps.append(last)
+                elif "n" in rec:
+                    steps.append(f"({rec['n']})")
                 elif "e" in rec:
                     ran += 1
+                    steps = []
                 elif "f" in rec:
                     rep.findings.append(rec["f"])
                 elif "done" in rec:
@@ -87,15 +92,18 @@ def _run_worker(rep: Report, family: str, seed: int, examples: int, timeout: flo
         rep.calls += calls
         rep.examples += ran
         tail = err.decode(errors="replace")[-1500:]
+        example = " ; ".join(steps[-8:])
         rc = proc.returncode
         if hung:
             rep.findings.append({"family": family, "kind": "hang", "call": last,
-                                 "detail": f"worker still running after {timeout:.0f} s (killed); seed {seed}",
+                                 "detail": f"worker still running after {timeout:.0f} s (killed); seed {seed}; "
+                                           f"the example so far: {example}",
                                  "stderr": tail})
         elif rc != 0 or not done:
             what = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
             rep.findings.append({"family": family, "kind": "crash", "call": last,
-                                 "detail": f"worker {what}{' after its last call' if done else ''}; seed {seed}",
+                                 "detail": f"worker {what}{' after its last call' if done else ''}; seed {seed}; "
+                                           f"the example so far: {example}",
                                  "stderr": tail})
         return done and rc == 0 and not hung, ran
     finally:
@@ -127,7 +135,7 @@ def summary(findings: list[dict[str, Any]], limit: int = 3) -> str:
         for f in fs[:limit]:
             lines.append(f"    call:   {f['call'][:400]}")
             detail = f.get("message") or f.get("detail") or ""
-            lines.append(f"    result: {detail[:300]}")
+            lines.append(f"    result: {detail[:600]}")
             if f.get("stderr"):
                 lines.append("    stderr: " + f["stderr"].strip().replace("\n", "\n            ")[-600:])
     return "\n".join(lines)

@@ -22,16 +22,16 @@ class Budget(NamedTuple):
 BUDGET = {
     "buffers": Budget(120, 2000, 4, 1900),
     "cli": Budget(40, 300, 5, 280),
-    "handler": Budget(25, 200, 3, 300),
-    "move": Budget(60, 1000, 3, 900),
-    "out": Budget(80, 1000, 5, 900),
+    "handler": Budget(25, 200, 3, 450),
+    "move": Budget(60, 1000, 3, 950),
+    "out": Budget(80, 1000, 5, 950),
     "parse": Budget(100, 2000, 3, 1900),
-    "pid_exit": Budget(30, 100, 3, 500),
-    "reentrancy": Budget(3, 30, 2, 8000),
-    "scan": Budget(200, 1000, 20, 2000),
-    "snapshot": Budget(40, 300, 5, 280),
-    "uffd": Budget(60, 1000, 5, 2500),
-    "writewatch": Budget(50, 1000, 3, 2500),
+    "pid_exit": Budget(30, 100, 3, 150),
+    "reentrancy": Budget(3, 30, 2, 10000),
+    "scan": Budget(200, 2000, 24, 2000),
+    "snapshot": Budget(60, 300, 5, 280),
+    "uffd": Budget(120, 1500, 5, 1500),
+    "writewatch": Budget(100, 1000, 3, 2000),
 }
 #: Kill a worker batch after this long (a hang no watchdog could interrupt).
 TIMEOUT = {False: 60.0, True: 300.0}

@@ -28,6 +28,7 @@ def main(argv: list[str]) -> int:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
     from hypothesis import strategies as st
+    from hypothesis.errors import Flaky, FlakyStrategyDefinition
 
     from .core import Ctx
     from .families import FAMILIES, Env
@@ -54,7 +55,13 @@ def main(argv: list[str]) -> int:
                 max_examples=examples - ran, database=None, deadline=None, phases=[Phase.generate],
                 suppress_health_check=list(HealthCheck), derandomize=False, report_multiple_bugs=False,
             )(given(data=st.data())(one)))
-            run()
+            try:
+                run()
+            except (FlakyStrategyDefinition, Flaky):
+                # The same choices drew differently (the family's draws followed the
+                # outcome of a call, e.g. one made only once per worker). Hypothesis is
+                # only the generator here: go on with the next seed.
+                ctx.log({"n": "hypothesis: inconsistent data generation; next seed"})
             if ran >= examples or ran == before:
                 break
     finally:

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ._common import human, parse_pid, print_json, table
+from ._common import human, parse_pid, parse_positive, print_json, table
 
 
 def add_parser(sub: Any) -> None:
@@ -74,13 +74,7 @@ def add_parser(sub: Any) -> None:
 
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
+    return parse_positive(text)
 
 
 def _address(text: str) -> int:

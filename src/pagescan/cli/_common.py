@@ -60,17 +60,22 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+def parse_positive(text: str, what: str = "an integer >= 1") -> int:
+    """A decimal integer >= 1 (``argparse`` type)."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}")
+    return value
+
+
 def parse_pid(text: str) -> int:
     """``self``, or a positive integer."""
     if text == "self":
         return os.getpid()
-    try:
-        pid = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a pid: {text!r} (a number or 'self')") from None
-    if pid <= 0:
-        raise argparse.ArgumentTypeError(f"not a pid: {text!r}")
-    return pid
+    return parse_positive(text, "a pid (a number or 'self')")
 
 
 def parse_categories(text: str) -> int:

@@ -14,6 +14,7 @@ import functools
 import operator
 import os
 import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from json.encoder import encode_basestring_ascii as _string
 from typing import Any
@@ -269,8 +270,9 @@ def mapping_rows(stats: Sequence[MappingStat], per_column: Sequence[list[Any]], 
 
 
 def _add(a: Any, b: Any, kind: str) -> Any:
-    if kind == "text":
-        return a if a == b else ""
+    """Two mappings' values in one group: sizes add up; other values stay if equal."""
+    if kind != "bytes":
+        return a if a == b else ("" if kind == "text" else None)
     if a is None or b is None:
         return None
     return a + b
@@ -278,7 +280,7 @@ def _add(a: Any, b: Any, kind: str) -> Any:
 
 def group_rows(stats: Sequence[MappingStat], per_column: Sequence[list[Any]], columns: Sequence[str],
                every: bool) -> list[Row]:
-    kinds = [COLUMNS[c].kind for c in columns]
+    kinds = ["int" if c in _NOT_SUMMED else COLUMNS[c].kind for c in columns]  # "int": kept if equal
     groups: dict[str, Row] = {}
     values: Iterable[Sequence[Any]] = zip(*per_column) if per_column else ([] for _ in stats)
     for s, v in zip(stats, values):
@@ -402,7 +404,9 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
     if not args.wide and len(out[0]) > term:
         out[0] = out[0][: max(term - 1, 20)] + "…"
     out.append(table(headers, body, align, cut="none" if args.wide else "middle"))
-    out.append(summary(snap, total))
+    line = summary(snap, total)
+    out.extend([line] if args.wide else textwrap.wrap(line, max(term, 40), subsequent_indent="  ",
+                                                      break_on_hyphens=False))
     if notes:
         out.append(f"(not shown: {', '.join(notes)})")
     return out
@@ -594,7 +598,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--watch and --json do not go together")
         from ._watch import watch
 
-        return watch(args, columns, explicit)
+        return watch(args.watch, args.count,
+                     lambda: render(collect(args.pid, columns, args.backend), args, explicit))
     if args.json:
         snap = collect(args.pid, list(COLUMNS), args.backend)
         print_json(to_json(snap))

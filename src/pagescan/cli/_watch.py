@@ -7,16 +7,15 @@ stops after N screens (scripts, tests).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-from ._stat import collect, render
 
-
-def watch(args: argparse.Namespace, columns: list[str], explicit: bool) -> int:
+def watch(seconds: float, count: int | None, draw: Callable[[], list[str]]) -> int:
+    """Show ``draw()``'s lines every ``seconds``, ``count`` times (``None``: until q)."""
     if not (sys.stdin.isatty() and sys.stdout.isatty()):
         print("pagescan: stat --watch needs a terminal (stdin and stdout); use --json for scripts",
               file=sys.stderr)
@@ -27,11 +26,11 @@ def watch(args: argparse.Namespace, columns: list[str], explicit: bool) -> int:
         print(f"pagescan: stat --watch needs the curses module ({err})", file=sys.stderr)
         return 1
     result: list[int] = []
-    curses.wrapper(_loop, args, columns, explicit, result)
+    curses.wrapper(_loop, seconds, count, draw, result)
     return result[0] if result else 0
 
 
-def _loop(screen: Any, args: argparse.Namespace, columns: list[str], explicit: bool, result: list[int]) -> None:
+def _loop(screen: Any, seconds: float, count: int | None, draw: Callable[[], list[str]], result: list[int]) -> None:
     import curses
 
     curses.curs_set(0)
@@ -40,16 +39,16 @@ def _loop(screen: Any, args: argparse.Namespace, columns: list[str], explicit: b
     shown = 0
     while True:
         rows, cols = screen.getmaxyx()
-        os.environ["COLUMNS"] = str(cols)  # render() fits the table to the window
+        os.environ["COLUMNS"] = str(cols)  # draw() fits the table to the window
         try:
-            lines = render(collect(args.pid, columns, args.backend), args, explicit)
+            lines = draw()
         except ProcessLookupError:
             result.append(0)
             return  # the process exited: the last screen stays on the terminal until exit
         text = "\n".join(lines).split("\n")
         screen.erase()
         stamp = time.strftime("%H:%M:%S")
-        screen.addnstr(0, 0, f"every {args.watch:g}s, {stamp}; q quits", cols - 1, curses.A_DIM)
+        screen.addnstr(0, 0, f"every {seconds:g}s, {stamp}; q quits", cols - 1, curses.A_DIM)
         current: dict[str, list[str]] = {}
         for y, line in enumerate(text[: rows - 1], start=1):
             cells = line.split()
@@ -72,10 +71,10 @@ def _loop(screen: Any, args: argparse.Namespace, columns: list[str], explicit: b
         previous = current
         screen.refresh()
         shown += 1
-        if args.count is not None and shown >= args.count:
+        if count is not None and shown >= count:
             result.append(0)
             return
-        deadline = time.monotonic() + args.watch
+        deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             curses.napms(int(min(left, 0.1) * 1000) or 1)
             ch = screen.getch()

@@ -950,7 +950,10 @@ def lazy_restore(
             yield fh
             if recording is not None:  # the rest comes in, prefetched, before the block ends
                 recording.save()
-                fh.wait()
+                if not fh.wait():
+                    raise RuntimeError(
+                        f"lazy restore from {os.fspath(path)}: the fault handler failed (exit status "
+                        f"{fh.exit_status}) before every page was in; pages not served raise SIGBUS")
     finally:
         src.store.close()
         _release(ts)
