@@ -204,7 +204,7 @@ def run(args: argparse.Namespace, d: str) -> int:
             try:
                 with open(path, "wb") as f:
                     for a in flats:
-                        f.write(memoryview(a).cast("B"))
+                        f.write(a.reshape(-1).view(np.uint8).data)
                     f.flush()
                     os.fsync(f.fileno())
             finally:

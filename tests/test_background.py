@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 from contextlib import contextmanager
 from pathlib import Path
 import numpy as np
@@ -39,7 +38,7 @@ import pytest
 
 import pagescan
 from pagescan._uapi import libc
-from pagescan.snapshot import Checkpointer, PendingCheckpoint, _read_self, load, verify
+from pagescan.snapshot import Checkpointer, LoadedState, PendingCheckpoint, _read_self, load, verify
 
 from .conftest import requires_wp_async
 from .procs import children_of
@@ -49,6 +48,13 @@ pytestmark = requires_wp_async
 P = 4096
 N = 64 * 1024  # int64 per half: A and B are 512 KiB each
 BLOCK = 4096  # elements per slice transaction (8 pages; numpy releases the GIL)
+
+
+def loaded(path: Path, generation: int | None = None) -> LoadedState:
+    """``load()`` of a state checkpointed from a dict."""
+    out = load(path, generation=generation)
+    assert isinstance(out, LoadedState)
+    return out
 
 
 def invariant_breaks(s: np.ndarray) -> int:
@@ -106,7 +112,7 @@ def check_generations(path: Path, first: int = 1) -> int:
     prev = None
     n = len(verify(path))
     for g in range(first, n + 1):
-        s = load(path, generation=g)["s"]
+        s = loaded(path, generation=g)["s"]
         assert invariant_breaks(s) == 0, f"generation {g} is torn"
         if prev is not None:
             assert (s >= prev).all(), f"generation {g} went back in time"
@@ -134,7 +140,7 @@ def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path) -> 
         assert rounds >= 10
         final = ck.checkpoint()
     assert check_generations(path) == final.generation
-    np.testing.assert_array_equal(load(path)["s"], s)  # tracking survived every fork
+    np.testing.assert_array_equal(loaded(path)["s"], s)  # tracking survived every fork
 
 
 def read_live_high_to_low(starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
@@ -162,7 +168,7 @@ def test_the_detector_catches_a_fuzzy_copy(tmp_path: Path) -> None:
             fut = PendingCheckpoint(0)
             chunks = ck._find_written(True)
             ck._write(store, chunks, True, None, time.perf_counter(), read_live_high_to_low, fut)
-            torn += invariant_breaks(load(path)["s"]) > 0
+            torn += invariant_breaks(loaded(path)["s"]) > 0
             tries += 1
     assert torn, f"a fuzzy copy under concurrent writes was never caught torn in {tries} tries"
 
@@ -272,7 +278,7 @@ def test_killing_the_twin_fails_the_checkpoint_clearly_and_the_next_one_works(tm
         assert len(verify(path)) == 1
         info = ck.checkpoint()  # the chunks the failed one found are stored now
         assert info.generation == 2
-    out = load(path)
+    out = loaded(path)
     np.testing.assert_array_equal(out["big"], s)
     np.testing.assert_array_equal(out["s"], s2)
 
@@ -298,7 +304,7 @@ def test_close_waits_for_a_checkpoint_in_flight_or_cancels_it(tmp_path: Path) ->
     ck.close(cancel=True)
     assert fut.cancelled()
     assert len(verify(path)) == 3
-    assert (load(path)["s"][::P] == 2).all()
+    assert (loaded(path)["s"][::P] == 2).all()
 
 
 @pytest.fixture
@@ -328,7 +334,7 @@ def test_disk_full_in_the_background_surfaces_in_result(small_tmpfs: Path) -> No
         assert ck.generations == 1 and len(verify(path)) == 1
         subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
         assert ck.checkpoint(wait=False).result(timeout=30).generation == 2
-    np.testing.assert_array_equal(load(path)["s"], s)
+    np.testing.assert_array_equal(loaded(path)["s"], s)
 
 
 def test_pause_is_reported_and_progress_comes_from_the_background(tmp_path: Path) -> None:
@@ -345,7 +351,7 @@ def test_pause_is_reported_and_progress_comes_from_the_background(tmp_path: Path
 class _WriteFirst:
     """A WriteWatch stand-in that runs ``before()`` ahead of the real ``get``."""
 
-    def __init__(self, watch: Any, before: Callable[[], None]) -> None:
+    def __init__(self, watch: pagescan.WriteWatch, before: Callable[[], None]) -> None:
         self.watch, self.before = watch, before
 
     def get(self, reset: bool = False) -> np.ndarray:
@@ -379,7 +385,7 @@ def test_a_transaction_between_the_walk_and_the_fork_is_not_torn(tmp_path: Path,
         with writers(np.zeros(2 * N, np.int64), 1):  # a second thread: the fork path
             info = ck.checkpoint() if wait else ck.checkpoint(wait=False).result(timeout=30)
         assert info.generation == 2
-    out = load(path)
+    out = loaded(path)
     assert out["a"][5] == out["b"][5] == 1
     del a, b, whole
     area.close()

@@ -53,7 +53,7 @@ import sys
 import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -264,7 +264,17 @@ class Checkpointer:
         """Sealed generations in the file."""
         return len(self._store.generations) if self._store is not None else 0
 
-    def checkpoint(self, progress: Progress | None = None, *, wait: bool = True) -> Any:
+    @overload
+    def checkpoint(self, progress: Progress | None = None, *, wait: Literal[True] = True) -> CheckpointInfo: ...
+
+    @overload
+    def checkpoint(self, progress: Progress | None = None, *, wait: Literal[False]) -> PendingCheckpoint: ...
+
+    @overload
+    def checkpoint(self, progress: Progress | None = None, *,
+                   wait: bool) -> CheckpointInfo | PendingCheckpoint: ...
+
+    def checkpoint(self, progress: Progress | None = None, *, wait: bool = True) -> CheckpointInfo | PendingCheckpoint:
         """Store the memory of this instant: the chunks written since the previous
         checkpoint (all of them the first time).
 
