@@ -10,9 +10,20 @@ on the malloc heap) work together; objects that share *bytes* are refused. The f
 :meth:`~Checkpointer.checkpoint` stores every entry; each later one stores only the
 chunks of entries that intersect a page written since the previous one, found and
 re-armed in one ``PAGEMAP_SCAN`` walk (a write racing a checkpoint lands in this one
-or the next, never nowhere). Bytes are copied with ``process_vm_readv`` in large
-batches (never by dereferencing addresses from Python), while a second thread writes
-the previous batch to the file.
+or the next, never nowhere).
+
+Every generation is the memory of one instant, even while other threads write (with
+or without the GIL). The instant is taken in a short pause inside
+:meth:`~Checkpointer.checkpoint`: the written chunks are found and re-armed, then the
+process is forked; the child, a *frozen twin* that runs nothing of the program, keeps
+the memory as it was at the ``fork`` (copy-on-write), and the chunks are read from it
+through ``/proc/PID/mem`` (never by dereferencing addresses from Python), while a
+second thread writes the previous batch to the file; pages written between the walk
+and the fork are found by a second walk and stored too. ``checkpoint(wait=False)``
+returns a :class:`PendingCheckpoint` (a ``concurrent.futures.Future``) right after the
+pause and does the rest in a background thread. A process with a single thread,
+checkpointing synchronously, copies its own memory directly (no other thread can
+write meanwhile). See ``docs/background-checkpoints.md``.
 
 :func:`restore` writes exactly each target's bytes and nothing around them
 (``process_vm_writev``); :func:`load` returns new arrays (page-aligned, each on its own
@@ -37,9 +48,12 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import signal
+import sys
+import threading
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -52,6 +66,7 @@ from ..userfaultfd import Userfaultfd
 from ..writewatch import WriteWatch
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
+from ._twin import FrozenTwin
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi.libc import read_runs, write_runs
 
@@ -62,6 +77,7 @@ __all__ = [
     "CorruptCheckpointError",
     "LoadedList",
     "LoadedState",
+    "PendingCheckpoint",
     "compact",
     "inspect",
     "lazy_restore",
@@ -76,6 +92,12 @@ BATCH_PAGES = 1024
 
 #: ``progress(done, total)`` callbacks, in pages (chunks).
 Progress = Callable[[int, int], None]
+#: ``read(starts, lengths, out, offsets)``: copy runs of memory into rows of ``out``.
+Reader = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
+
+
+def _read_self(starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
+    read_runs(os.getpid(), starts, lengths, out, offsets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +109,37 @@ class CheckpointInfo:
     pages: int  # chunks stored (data + zero)
     zero_pages: int
     bytes: int  # data bytes written (whole chunks)
-    seconds: float
+    seconds: float  # from the call to the seal
+    pause: float = 0.0  # seconds the call took to return (``wait=False``) or to take its instant
+
+
+class PendingCheckpoint(Future[CheckpointInfo]):
+    """A checkpoint running in the background: a :class:`concurrent.futures.Future`.
+
+    ``done()``, ``result(timeout)`` (the :class:`CheckpointInfo`, or the error raised),
+    ``exception()``, ``add_done_callback()``. It stays *pending* (``running()`` is
+    false) while the chunks are copied and written, so ``cancel()`` works until the
+    generation is being sealed: the file then keeps its previous generation, and the
+    chunks found written go into the next checkpoint. ``generation`` is the number the
+    generation gets if it is sealed.
+    """
+
+    def __init__(self, generation: int) -> None:
+        super().__init__()
+        self.generation = generation
+
+
+@contextmanager
+def _quick_gil() -> Iterator[None]:
+    """The GIL switch interval lowered to 0.1 ms (restored after): the pause makes a few
+    system calls that release the GIL, and a thread that holds it meanwhile (a busy
+    Python loop) would otherwise keep it for a whole interval (5 ms by default) each time."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(min(old, 1e-4))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 def _bases(ts: list[Target]) -> np.ndarray:
@@ -135,6 +187,9 @@ class Checkpointer:
         self._base = _bases(self.targets)
         self._watches: list[WriteWatch] = []
         self._store: Store | None = None
+        self._lock = threading.Lock()  # one checkpoint starts at a time
+        self._thread: threading.Thread | None = None  # the checkpoint in flight
+        self._pending: PendingCheckpoint | None = None
         meta = metas(self.targets)
         try:
             self._store = Store(self.path, writable=True, lock=True)
@@ -169,7 +224,13 @@ class Checkpointer:
         """``(address, length)`` of each entry's exact bytes."""
         return [(t.addr, t.nbytes) for t in self.targets]
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
+        """Wait for a checkpoint in flight (``cancel=True``: abandon it, leaving the file
+        at its previous sealed generation unless it is already sealing), then stop
+        tracking and close the file. Its error, if any, stays in its future."""
+        if cancel and self._pending is not None:
+            self._pending.cancel()
+        self._join()
         for w in self._watches:
             w.close()
         self._watches = []
@@ -180,6 +241,13 @@ class Checkpointer:
             if isinstance(t.keep, memoryview):
                 t.keep.release()
             t.keep = None
+
+    def _join(self) -> None:
+        """Wait until no checkpoint is in flight (its twin is reaped, its file work done)."""
+        th = self._thread
+        if th is not None and th is not threading.current_thread():
+            th.join()
+            self._thread = None
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -196,25 +264,125 @@ class Checkpointer:
         """Sealed generations in the file."""
         return len(self._store.generations) if self._store is not None else 0
 
-    def checkpoint(self, progress: Progress | None = None) -> CheckpointInfo:
-        """Store the chunks written since the previous checkpoint (all of them the first time).
+    @overload
+    def checkpoint(self, progress: Progress | None = None, *, wait: Literal[True] = True) -> CheckpointInfo: ...
 
-        Two steps: :meth:`_find_written` (which chunks; re-arms the tracking) and
-        :meth:`_write` (copy them out of memory, write, ``fsync``, seal). Returns what
-        was stored. On failure (a full disk, ...) the file keeps its previous
-        generations, the error is raised (``OSError`` with the errno), and the chunks
-        found written are stored by the next checkpoint.
+    @overload
+    def checkpoint(self, progress: Progress | None = None, *, wait: Literal[False]) -> PendingCheckpoint: ...
+
+    @overload
+    def checkpoint(self, progress: Progress | None = None, *,
+                   wait: bool) -> CheckpointInfo | PendingCheckpoint: ...
+
+    def checkpoint(self, progress: Progress | None = None, *, wait: bool = True) -> CheckpointInfo | PendingCheckpoint:
+        """Store the memory of this instant: the chunks written since the previous
+        checkpoint (all of them the first time).
+
+        The *instant* is taken in a short pause inside this call: the written chunks
+        are found and their tracking re-armed (one ``PAGEMAP_SCAN`` walk,
+        :meth:`_find_written`), then the process is forked; the child (a frozen twin,
+        :mod:`pagescan.snapshot._twin`) holds the memory as it was at the ``fork``,
+        whatever other threads write afterwards, and the chunks are read from it
+        (``/proc/PID/mem``), checksummed, written, ``fsync``'d and sealed
+        (:meth:`_write`). So every generation is the memory of one instant, even while
+        other threads write (with or without the GIL): state spanning pages is never
+        torn. A write racing the pause is in this generation or the next, never lost.
+        When the calling thread is the process's only thread and no ``progress``
+        callback is given, nothing else can write during a synchronous checkpoint:
+        it copies from this process directly (signals blocked), without a fork.
+        During the pause the interpreter's GIL switch interval is 0.1 ms (restored
+        before returning), so that a thread busy under the GIL does not delay it.
+        The pause is ``CheckpointInfo.pause``; its cost is the walk plus the fork
+        (page tables: grows with the populated memory of the process).
+
+        ``wait=True`` (default): returns the :class:`CheckpointInfo` when sealed.
+        ``wait=False``: returns a :class:`PendingCheckpoint` (a ``Future``) right after
+        the pause; the copy and write go on in a background thread, which also calls
+        ``progress(done, total)`` (chunks). At most one checkpoint is in flight: the
+        next call (and :meth:`close`) first waits for it.
+
+        On failure (a full disk, the twin killed, ...) the file keeps its previous
+        generations, the error is raised (from ``result()`` with ``wait=False``;
+        ``OSError`` with the errno), and the chunks found written are stored by the
+        next checkpoint.
         """
-        store = self._store
-        if store is None:
-            raise ValueError("operation on a closed Checkpointer")
-        t0 = time.perf_counter()
-        full = self._full_next
-        chunks = self._find_written(full)
-        info = self._write(store, chunks, full, progress, t0)
-        self._carry = np.empty(0, np.int64)
-        self._full_next = False
-        return info
+        with self._lock:
+            store = self._store
+            if store is None:
+                raise ValueError("operation on a closed Checkpointer")
+            self._join()
+            if store.damage is not None:
+                raise store.damage
+            t0 = time.perf_counter()
+            full = self._full_next
+            fut = PendingCheckpoint(len(store.generations) + 1)
+            alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
+            with _quick_gil():
+                chunks = self._find_written(full)  # the instant: re-armed, then frozen
+                twin = None if alone else FrozenTwin()
+            pause = time.perf_counter() - t0
+            if wait:
+                self._run(fut, store, chunks, full, progress, t0, pause, twin)
+                return fut.result()
+            self._pending = fut
+            th = threading.Thread(target=self._run, args=(fut, store, chunks, full, progress, t0, pause, twin),
+                                  name="pagescan-checkpoint")
+            try:
+                th.start()
+            except BaseException as err:
+                twin.close()  # type: ignore[union-attr]  # wait=False always forks
+                fut.set_exception(err)
+                self._pending = None
+                raise
+            self._thread = th
+            return fut
+
+    def _run(self, fut: PendingCheckpoint, store: Store, chunks: np.ndarray, full: bool,
+             progress: Progress | None, t0: float, pause: float, twin: FrozenTwin | None) -> None:
+        """Write the generation (from the twin, or from this process when ``twin`` is
+        ``None``); settle ``fut``; always reap the twin."""
+        try:
+            if twin is None:
+                old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+                try:
+                    info = self._write(store, chunks, full, progress, t0, _read_self, fut)
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            else:
+                if not full:
+                    # Pages written after the walk re-armed them and before the fork are in
+                    # the twin's memory: store them too (also written after: harmless, the
+                    # twin holds the value of the instant; they stay reported for the next).
+                    chunks = np.union1d(chunks, self._written_since_armed())
+                try:
+                    info = self._write(store, chunks, full, progress, t0, twin.read, fut)
+                except OSError as err:
+                    gone = twin.died(timeout=1.0)  # a read that failed: it is ending
+                    if gone is None:
+                        raise
+                    raise OSError(gone.errno, f"{gone.strerror}; generation {fut.generation} was not written, "
+                                  f"{store.path} is unchanged") from err
+            info = dataclasses.replace(info, pause=pause)
+            self._carry = np.empty(0, np.int64)
+            self._full_next = False
+        except CancelledError:
+            return
+        except BaseException as err:
+            if not fut.cancelled():
+                fut.set_exception(err)
+            if not isinstance(err, Exception):
+                raise
+            return
+        finally:
+            if twin is not None:
+                twin.close()
+        fut.set_result(info)
+
+    def _written_since_armed(self) -> np.ndarray:
+        """Chunks on pages written since :meth:`_find_written` re-armed them (not re-armed again)."""
+        got = [w.get() for w in self._watches]
+        pages = np.concatenate(got) if got else np.empty(0, np.uint64)
+        return pages_to_chunks(pages, self.targets, self._base)
 
     def _find_written(self, full: bool) -> np.ndarray:
         """Global chunk numbers to store (sorted); the tracking is re-armed for them."""
@@ -230,15 +398,17 @@ class Checkpointer:
         self._carry = chunks  # remembered until stored
         return chunks
 
-    def _copy(self, chunks: np.ndarray, rows: np.ndarray) -> None:
-        """Copy the ``chunks`` out of this process's memory into ``rows`` (padded with zeros)."""
+    def _copy(self, read: Reader, chunks: np.ndarray, rows: np.ndarray) -> None:
+        """Copy the ``chunks`` out of memory (ours or our twin's) into ``rows`` (padded with zeros)."""
         starts, lengths, offs = chunk_runs(chunks, self.targets, self._base)
-        read_runs(os.getpid(), starts, lengths, rows, offs)
+        read(starts, lengths, rows, offs)
         zero_padding(rows, chunks, self.targets, self._base)
 
     def _write(self, store: Store, chunks: np.ndarray, full: bool, progress: Progress | None,
-               t0: float) -> CheckpointInfo:
-        """Copy ``chunks`` batch by batch while a worker checksums and writes the previous batch; seal."""
+               t0: float, read: Reader, fut: PendingCheckpoint) -> CheckpointInfo:
+        """Copy ``chunks`` out of memory with ``read`` batch by batch while a worker
+        checksums and writes the previous batch; seal, unless ``fut`` is cancelled
+        first (``CancelledError``; the file is cut back to its sealed generations)."""
         total = len(chunks)
         index = np.zeros(total, dtype=INDEX_DTYPE)
         ent = np.searchsorted(self._base, chunks, side="right") - 1
@@ -271,8 +441,10 @@ class Checkpointer:
                 e = min(total, s + BATCH_PAGES)
                 if b >= nbuf:
                     pending[b - nbuf].result()  # its buffer is free again (raises a write error early)
+                if fut.cancelled():
+                    raise CancelledError
                 rows = bufs[b % nbuf][: e - s]
-                self._copy(chunks[s:e], rows)
+                self._copy(read, chunks[s:e], rows)
                 if pool is not None:
                     pending.append(pool.submit(process, rows, s, e))
                 else:
@@ -281,6 +453,8 @@ class Checkpointer:
                     progress(e, total)
             for f in pending:
                 f.result()
+            if not fut.set_running_or_notify_cancel():
+                raise CancelledError
             app.seal(index, parent)
         gen = store.generations[-1]
         return CheckpointInfo(

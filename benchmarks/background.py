@@ -1,0 +1,257 @@
+"""Background checkpoints: the pause, the writer's stalls and throughput, extra memory.
+
+    python benchmarks/background.py                 # 1 GiB of state, 5 rounds each
+    python benchmarks/background.py --size 4G --repeat 3 --json out.json
+
+The state is ``--size`` bytes in 8 ``pagescan.zeros`` arrays, every page written
+once in a warm-up (first touch of never-used memory costs 2-2.7 s/GiB in this VM).
+A writer thread runs throughout: each step writes one int64 into each of 16 pages of
+a hot 1% of the state (a fancy-index assignment, under the GIL) and records the time.
+Before each round the main thread writes one value into 10% of the pages (random,
+outside the timing). Side by side, in rotating order, each ``--repeat`` times:
+
+* ``sync``: ``Checkpointer.checkpoint()`` (takes its instant by forking a frozen twin,
+  because the writer thread exists);
+* ``sync, old path``: what ``checkpoint()`` did before issue 13 (copy from the live
+  process while it writes: fuzzy, torn under concurrent writes), for "no slower than
+  before";
+* ``background``: ``checkpoint(wait=False)``, then ``result()``;
+* ``fork() snapshot``: the Redis ``BGSAVE`` way: ``os.fork()``; the child writes every
+  array to a file, ``fsync``, exits; the parent waits for it.
+
+Reported: the pause (the call until it returns; for ``fork()`` the fork), the longest
+gap between two writer steps that overlaps the pause (the stall the writer sees),
+the writer's steps per second while the work runs against with nothing running, the
+extra memory while it runs (PSS of this process and its children, sampled every
+10 ms, minus this process's PSS before), and the total time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import PAGE, fmt_ns, fmt_size, machine, print_table, size_arg, write_json  # noqa: E402
+
+import pagescan  # noqa: E402
+from pagescan.snapshot import Checkpointer  # noqa: E402
+from pagescan.snapshot import PendingCheckpoint, _read_self  # noqa: E402
+
+NARRAYS = 8
+
+
+def pss_kib(pid: int | str = "self") -> int:
+    """``Pss`` of a process in KiB (``smaps_rollup``); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def children() -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+class Writer:
+    """A thread writing 16 pages of the hot set per step; it counts steps and records
+    every gap between two steps longer than 0.1 ms (start, end)."""
+
+    def __init__(self, flats: list[np.ndarray]) -> None:
+        self.flat = flats[0]  # the hot 1% lies in the first array
+        per_page = PAGE // 8
+        hot = max(16, sum(f.size for f in flats) // per_page // 100)
+        hot = min(hot, self.flat.size // per_page)
+        self.idx = (np.arange(hot) * per_page).astype(np.int64)
+        self.count = 0
+        self.gaps: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.th = threading.Thread(target=self.run, name="writer")
+
+    def run(self) -> None:
+        rng = np.random.default_rng(7)
+        picks = rng.integers(0, len(self.idx), (4096, 16))
+        k = 0
+        clock = time.perf_counter
+        last = clock()
+        while not self.stop.is_set():
+            self.flat[self.idx[picks[k & 4095]]] = k
+            k += 1
+            self.count = k
+            now = clock()
+            if now - last > 1e-4:
+                self.gaps.append((last, now))
+            last = now
+
+    def stall(self, t0: float, t1: float) -> float:
+        """The longest gap between two steps that overlaps [t0, t1]."""
+        return max((e - s for s, e in self.gaps if e >= t0 and s <= t1), default=1e-4)
+def sample_memory(done: Callable[[], bool], base: int) -> int:
+    """Peak (PSS of us + our children) - ``base``, in KiB, until ``done()``."""
+    peak = 0
+    while not done():
+        peak = max(peak, pss_kib() + sum(pss_kib(c) for c in children()) - base)
+        time.sleep(0.01)
+    return peak
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=size_arg(NARRAYS * 64 * PAGE), default=1 << 30, help="state size (default 1G)")
+    ap.add_argument("--repeat", type=int, default=5, help="rounds per method (default 5)")
+    ap.add_argument("--dir", default=None, help="directory for the files (default: a temporary one here)")
+    ap.add_argument("--json", default=None, help="also write the figures as JSON to this file")
+    args = ap.parse_args(argv)
+
+    d = tempfile.mkdtemp(prefix="bg-bench-", dir=args.dir or ".")
+    try:
+        return run(args, d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, d: str) -> int:
+    n = args.size // NARRAYS // 8
+    arrays = {f"a{i}": pagescan.zeros(n, np.int64) for i in range(NARRAYS)}
+    flats = list(arrays.values())
+    t = time.perf_counter()
+    for i, a in enumerate(flats):
+        a[:] = i + 1  # first touch: paid here
+    print(f"state {fmt_size(args.size)} in {NARRAYS} arrays; first touch {time.perf_counter() - t:.1f} s")
+    per_page = PAGE // 8
+    npages = args.size // PAGE
+    rng = np.random.default_rng(1)
+
+    def dirty() -> None:
+        """One value into 10% of the pages (random)."""
+        for a in flats:
+            pages = rng.choice(a.size // per_page, a.size // per_page // 10, replace=False)
+            a[pages * per_page] += 1
+
+    ck = Checkpointer(os.path.join(d, "state.ckpt"), arrays)
+    ck.checkpoint()  # the full first generation (untimed)
+    writer = Writer(flats)
+    writer.th.start()
+    time.sleep(0.5)
+    t0, c0 = time.perf_counter(), writer.count
+    time.sleep(1.0)
+    idle_rate = (writer.count - c0) / (time.perf_counter() - t0)
+
+    results: dict[str, dict[str, list[float]]] = {}
+
+    def record(name: str, pause: float, t_start: float, t_ret: float, t_end: float, mem: int, c0: int) -> None:
+        gap = writer.stall(t_start, t_ret)
+        rate = (writer.count - c0) / max(t_end - t_start, 1e-9)
+        r = results.setdefault(name, {"pause": [], "stall": [], "rate": [], "mem": [], "total": []})
+        r["pause"].append(pause)
+        r["stall"].append(gap)
+        r["rate"].append(rate / idle_rate)
+        r["mem"].append(mem * 1024)
+        r["total"].append(t_end - t_start)
+
+    def sync() -> None:
+        c0, s = writer.count, time.perf_counter()
+        ck.checkpoint()
+        e = time.perf_counter()
+        record("sync checkpoint()", e - s, s, e, e, 0, c0)
+
+    def sync_old() -> None:
+        store = ck._store
+        assert store is not None
+        c0, s = writer.count, time.perf_counter()
+        chunks = ck._find_written(False)
+        ck._write(store, chunks, False, None, s, _read_self, PendingCheckpoint(0))
+        ck._carry = np.empty(0, np.int64)
+        e = time.perf_counter()
+        record("sync, old path (fuzzy)", e - s, s, e, e, 0, c0)
+
+    def background() -> None:
+        base = pss_kib()
+        c0, s = writer.count, time.perf_counter()
+        fut = ck.checkpoint(wait=False)
+        r = time.perf_counter()
+        mem = sample_memory(fut.done, base)
+        fut.result()
+        e = time.perf_counter()
+        record("checkpoint(wait=False)", r - s, s, r, e, mem, c0)
+
+    def fork_snapshot() -> None:
+        path = os.path.join(d, "fork.bin")
+        base = pss_kib()
+        c0, s = writer.count, time.perf_counter()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child: write everything, like BGSAVE
+            try:
+                with open(path, "wb") as f:
+                    for a in flats:
+                        f.write(a.reshape(-1).view(np.uint8).data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            finally:
+                os._exit(0)
+        r = time.perf_counter()
+        status: list[Any] = []
+        waiter = threading.Thread(target=lambda: status.append(os.waitpid(pid, 0)))
+        waiter.start()
+        mem = sample_memory(lambda: bool(status), base)
+        waiter.join()
+        e = time.perf_counter()
+        record("fork() snapshot (BGSAVE)", r - s, s, r, e, mem, c0)
+
+    methods: list[Callable[[], None]] = [sync, sync_old, background, fork_snapshot]
+    for m in methods:  # warm-up round
+        dirty()
+        m()
+    results.clear()
+    for k in range(args.repeat):
+        order = methods[k % 4:] + methods[:k % 4]
+        for m in order:
+            dirty()
+            m()
+    writer.stop.set()
+    writer.th.join()
+    ck.close()
+
+    def pct(xs: list[float], q: float) -> float:
+        return float(np.percentile(xs, q))
+
+    print(f"{fmt_size(args.size)} of state ({npages} pages), 10% of the pages written per round, "
+          f"{args.repeat} rounds; writer idle rate {idle_rate:,.0f} steps/s")
+    rows = []
+    for name, r in results.items():
+        rows.append([
+            name,
+            fmt_ns(pct(r["pause"], 50) * 1e9), fmt_ns(pct(r["pause"], 99) * 1e9),
+            fmt_ns(pct(r["stall"], 50) * 1e9), fmt_ns(pct(r["stall"], 99) * 1e9),
+            f"{np.median(r['rate']):.0%}", f"{max(r['mem']) / 2**20:.0f} MiB", fmt_ns(pct(r["total"], 50) * 1e9),
+        ])
+    print_table(["method", "pause p50", "pause p99", "writer stall p50", "stall p99", "writer rate",
+                 "extra mem (max)", "total p50"], rows)
+    if args.json:
+        write_json(args.json, {"machine": machine(), "size": args.size, "repeat": args.repeat,
+                               "idle_rate": idle_rate, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Consistent background checkpoints (issue 13): every generation is the memory of one instant.
+
+Real threads writing real memory, real forks, real files. What is checked:
+
+* the torn-state detector: writer threads run transactions ``A[j] = c; B[j] = c`` (A on
+  low pages, B on high pages; numpy slice assignments big enough to release the GIL)
+  while ``checkpoint(wait=False)`` and ``checkpoint()`` run again and again; every
+  generation loaded satisfies ``A[j] >= B[j] >= A[j] - 1`` and never goes back in
+  time; after the writers stop the last generation is the memory, exactly (the write
+  tracking survived every fork). The same detector catches the old, fuzzy copy (read
+  from the live process while it writes): the check can fail;
+* SIGKILL of a process at random moments during background checkpoints (60 rounds,
+  in forked processes): the last sealed generation loads intact and satisfies the
+  invariant; every frozen twin exits when its parent dies;
+* the frozen twin killed mid-copy: ``result()`` raises ``OSError(ESRCH)`` saying so, the
+  program keeps writing, nothing sealed is damaged, the next checkpoint stores the
+  chunks the failed one had found;
+* ``close()`` waits for a checkpoint in flight, ``close(cancel=True)`` abandons it;
+* disk full (a small tmpfs) in the background surfaces in ``result()``; the next
+  checkpoint (after the tmpfs grows) works.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+import numpy as np
+import pytest
+
+import pagescan
+from pagescan._uapi import libc
+from pagescan.snapshot import Checkpointer, LoadedState, PendingCheckpoint, _read_self, load, verify
+
+from .conftest import requires_wp_async
+from .procs import children_of
+
+pytestmark = requires_wp_async
+
+P = 4096
+N = 64 * 1024  # int64 per half: A and B are 512 KiB each
+BLOCK = 4096  # elements per slice transaction (8 pages; numpy releases the GIL)
+
+
+def loaded(path: Path, generation: int | None = None) -> LoadedState:
+    """``load()`` of a state checkpointed from a dict."""
+    out = load(path, generation=generation)
+    assert isinstance(out, LoadedState)
+    return out
+
+
+def invariant_breaks(s: np.ndarray) -> int:
+    """How many j break ``A[j] >= B[j] >= A[j] - 1`` in a state ``s = [A | B]``."""
+    a, b = s[:N], s[N:]
+    return int(np.count_nonzero((b > a) | (b < a - 1)))
+
+
+@contextmanager
+def writers(s: np.ndarray, nthreads: int = 2) -> Iterator[list[int]]:
+    """Threads running ``A[j] = c; B[j] = c`` on disjoint blocks until the block ends.
+
+    Thread 0 writes whole blocks with slice assignments (no GIL inside); the others
+    single elements spread over the pages. Yields the transaction counts."""
+    a, b = s[:N], s[N:]
+    stop = threading.Event()
+    counts = [0] * nthreads
+    nblocks = N // BLOCK
+
+    def slices(t: int) -> None:
+        c = 0
+        mine = list(range(0, nblocks, nthreads))
+        while not stop.is_set():
+            c += 1
+            for k in mine:
+                sl = slice(k * BLOCK, (k + 1) * BLOCK)
+                a[sl] = c
+                b[sl] = c
+            counts[t] += 1
+
+    def elements(t: int) -> None:
+        rng = np.random.default_rng(t)
+        mine = [k for k in range(nblocks) if k % nthreads == t]
+        js = np.concatenate([np.arange(k * BLOCK, (k + 1) * BLOCK, 97) for k in mine])
+        while not stop.is_set():
+            for j in rng.choice(js, 64).tolist():
+                c = int(a[j]) + 1
+                a[j] = c
+                b[j] = c
+            counts[t] += 1
+
+    ths = [threading.Thread(target=slices if t == 0 else elements, args=(t,)) for t in range(nthreads)]
+    for th in ths:
+        th.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        for th in ths:
+            th.join()
+
+
+def check_generations(path: Path, first: int = 1) -> int:
+    """Every generation from ``first`` on satisfies the invariant and none goes back in time."""
+    prev = None
+    n = len(verify(path))
+    for g in range(first, n + 1):
+        s = loaded(path, generation=g)["s"]
+        assert invariant_breaks(s) == 0, f"generation {g} is torn"
+        if prev is not None:
+            assert (s >= prev).all(), f"generation {g} went back in time"
+        prev = s
+    return n
+
+
+def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path) -> None:
+    s = pagescan.zeros(2 * N, np.int64)
+    path = tmp_path / "c.ckpt"
+    with Checkpointer(path, {"s": s}) as ck:
+        ck.checkpoint()
+        with writers(s) as counts:
+            deadline = time.monotonic() + 4
+            rounds = 0
+            while rounds < 40 and time.monotonic() < deadline:
+                if rounds % 4 == 3:
+                    ck.checkpoint()
+                else:
+                    fut = ck.checkpoint(wait=False)
+                    assert isinstance(fut, PendingCheckpoint)
+                    fut.result(timeout=30)
+                rounds += 1
+        assert min(counts) > 0
+        assert rounds >= 10
+        final = ck.checkpoint()
+    assert check_generations(path) == final.generation
+    np.testing.assert_array_equal(loaded(path)["s"], s)  # tracking survived every fork
+
+
+def read_live_high_to_low(starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
+    """A deliberately non-atomic copy: this process's live memory, 16 pages per call, high to low."""
+    for i in range(len(starts)):
+        s0, n, o = int(starts[i]), int(lengths[i]), int(offsets[i])
+        for k in reversed(range(0, n, 16 * P)):
+            m = min(16 * P, n - k)
+            _read_self(np.array([s0 + k], np.uint64), np.array([m], np.uint64), out,
+                       np.array([o + k], np.uint64))
+            time.sleep(0)
+
+
+def test_the_detector_catches_a_fuzzy_copy(tmp_path: Path) -> None:
+    """A copy of the live memory while threads write (the pre-issue-13 path, here made
+    slower and read high to low) is caught torn: the check can fail."""
+    s = pagescan.zeros(2 * N, np.int64)
+    path = tmp_path / "c.ckpt"
+    torn = tries = 0
+    with Checkpointer(path, {"s": s}) as ck, writers(s):
+        store = ck._store
+        assert store is not None
+        deadline = time.monotonic() + 10
+        while not torn and time.monotonic() < deadline:
+            fut = PendingCheckpoint(0)
+            chunks = ck._find_written(True)
+            ck._write(store, chunks, True, None, time.perf_counter(), read_live_high_to_low, fut)
+            torn += invariant_breaks(loaded(path)["s"]) > 0
+            tries += 1
+    assert torn, f"a fuzzy copy under concurrent writes was never caught torn in {tries} tries"
+
+
+# -- SIGKILL at random moments --------------------------------------------------------
+
+_VICTIM = """
+import os, random, signal, sys, time, threading
+import numpy as np
+import pagescan
+from pagescan.snapshot import Checkpointer, load, verify
+from pagescan._uapi import libc
+
+N, BLOCK = {N}, {BLOCK}
+path, rounds, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+libc.libc().prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphaned twins come back to us
+rng = random.Random(seed)
+
+def victim():
+    s = pagescan.zeros(2 * N, np.int64)
+    if os.path.exists(path) and verify(path):
+        s[:] = load(path)["s"].max()  # carry on from the last sealed state, evened out
+    a, b = s[:N], s[N:]
+    ck = Checkpointer(path, {{"s": s}})
+    def write():
+        c = int(a.max())
+        while True:
+            c += 1
+            for k in range(0, N, BLOCK):
+                a[k:k + BLOCK] = c
+                b[k:k + BLOCK] = c
+    threading.Thread(target=write, daemon=True).start()
+    while True:
+        ck.checkpoint(wait=False).result()
+
+sealed = 0
+for r in range(rounds):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            victim()
+        finally:
+            os._exit(1)
+    time.sleep(rng.uniform(0.02, 0.25))
+    os.kill(pid, signal.SIGKILL)
+    # The victim and every twin it left (they exit when their parent dies).
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            break
+    gens = verify(path) if os.path.exists(path) else []
+    if gens:
+        s = load(path)["s"]
+        a, b = s[:N], s[N:]
+        assert not ((b > a) | (b < a - 1)).any(), f"round {{r}}: generation {{len(gens)}} is torn"
+        sealed = max(sealed, len(gens))
+print(sealed)
+"""
+
+
+def test_sigkill_at_random_moments_leaves_the_last_sealed_generation_intact(tmp_path: Path) -> None:
+    path = tmp_path / "k.ckpt"
+    code = _VICTIM.format(N=N, BLOCK=BLOCK)
+    r = subprocess.run([sys.executable, "-c", code, str(path), "60", "13"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert int(r.stdout) >= 10, r.stdout  # generations were sealed between the kills
+
+
+# -- failures in the background ------------------------------------------------------
+
+
+def _twin_of(before: set[int]) -> int:
+    new = children_of() - before
+    assert len(new) == 1, new
+    return new.pop()
+
+
+def _blocking_progress(started: threading.Event, go: threading.Event) -> Callable[[int, int], None]:
+    def progress(done: int, total: int) -> None:
+        started.set()
+        assert go.wait(30)
+    return progress
+
+
+def test_killing_the_twin_fails_the_checkpoint_clearly_and_the_next_one_works(tmp_path: Path) -> None:
+    s = pagescan.zeros(4 * 1024 * 1024, np.uint8)  # 4 MiB: two batches
+    s2 = pagescan.zeros(2 * N, np.int64)
+    path = tmp_path / "c.ckpt"
+    with Checkpointer(path, {"big": s, "s": s2}) as ck:
+        ck.checkpoint()
+        s[:] = 1
+        started, go = threading.Event(), threading.Event()
+        before = children_of()
+        with writers(s2):
+            fut = ck.checkpoint(wait=False, progress=_blocking_progress(started, go))
+            assert started.wait(30)
+            os.kill(_twin_of(before), signal.SIGKILL)
+            time.sleep(0.05)
+            go.set()
+            with pytest.raises(ProcessLookupError, match=r"frozen copy .* ended \(killed by signal 9\).*"
+                               r"generation 2 was not written") as exc:
+                fut.result(timeout=30)
+            assert exc.value.errno == errno.ESRCH
+        assert ck.generations == 1
+        assert len(verify(path)) == 1
+        info = ck.checkpoint()  # the chunks the failed one found are stored now
+        assert info.generation == 2
+    out = loaded(path)
+    np.testing.assert_array_equal(out["big"], s)
+    np.testing.assert_array_equal(out["s"], s2)
+
+
+def test_close_waits_for_a_checkpoint_in_flight_or_cancels_it(tmp_path: Path) -> None:
+    s = pagescan.zeros(4 * 1024 * 1024, np.uint8)
+    path = tmp_path / "c.ckpt"
+    ck = Checkpointer(path, {"s": s})
+    ck.checkpoint()
+    s[::P] = 2
+    fut = ck.checkpoint(wait=False)
+    ck.close()
+    assert fut.done() and fut.result().generation == 2
+    assert len(verify(path)) == 2
+
+    ck = Checkpointer(path, {"s": s})
+    ck.checkpoint()  # 3 (full: a new Checkpointer did not see earlier writes)
+    s[::P] = 3
+    started, go = threading.Event(), threading.Event()
+    fut = ck.checkpoint(wait=False, progress=_blocking_progress(started, go))
+    assert started.wait(30)
+    threading.Timer(0.1, go.set).start()
+    ck.close(cancel=True)
+    assert fut.cancelled()
+    assert len(verify(path)) == 3
+    assert (loaded(path)["s"][::P] == 2).all()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_in_the_background_surfaces_in_result(small_tmpfs: Path) -> None:
+    rng = np.random.default_rng(1)
+    s = pagescan.empty(2 * 1024 * 1024, np.uint8)
+    s[:] = rng.integers(0, 255, s.size, dtype=np.uint8)
+    path = small_tmpfs / "c.ckpt"
+    with Checkpointer(path, {"s": s}) as ck:
+        ck.checkpoint()
+        s[:] = rng.integers(0, 255, s.size, dtype=np.uint8)
+        fut = ck.checkpoint(wait=False)
+        err = fut.exception(timeout=30)
+        assert isinstance(err, OSError) and err.errno == errno.ENOSPC, err
+        with pytest.raises(OSError, match="cannot write generation 2"):
+            fut.result()
+        assert ck.generations == 1 and len(verify(path)) == 1
+        subprocess.run(["mount", "-o", "remount,size=16m", str(small_tmpfs)], check=True)
+        assert ck.checkpoint(wait=False).result(timeout=30).generation == 2
+    np.testing.assert_array_equal(loaded(path)["s"], s)
+
+
+def test_pause_is_reported_and_progress_comes_from_the_background(tmp_path: Path) -> None:
+    s = pagescan.zeros(8 * 1024 * 1024, np.uint8)
+    calls: list[tuple[int, int, str]] = []
+    with Checkpointer(tmp_path / "c.ckpt", {"s": s}) as ck:
+        info = ck.checkpoint(wait=False, progress=lambda d, t: calls.append(
+            (d, t, threading.current_thread().name))).result(timeout=30)
+    assert 0 < info.pause <= info.seconds
+    assert calls[-1][:2] == (2048, 2048)
+    assert {c[2] for c in calls} == {"pagescan-checkpoint"}
+
+
+class _WriteFirst:
+    """A WriteWatch stand-in that runs ``before()`` ahead of the real ``get``."""
+
+    def __init__(self, watch: pagescan.WriteWatch, before: Callable[[], None]) -> None:
+        self.watch, self.before = watch, before
+
+    def get(self, reset: bool = False) -> np.ndarray:
+        self.before()
+        self.before = lambda: None
+        return self.watch.get(reset=reset)
+
+    def close(self) -> None:
+        self.watch.close()
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_transaction_between_the_walk_and_the_fork_is_not_torn(tmp_path: Path, wait: bool) -> None:
+    """The walk re-arms A's pages, then a transaction writes A and B, then the walk reaches
+    B: B is found written, A is not, yet the twin holds both: A must be stored too."""
+    area = mmap.mmap(-1, 16 * N + P)
+    whole = np.frombuffer(area, np.uint8)
+    libc.mprotect(whole.ctypes.data + 8 * N, P, 0)  # a gap page: two watches, a's (lower) walked first
+    a = whole[: 8 * N].view(np.int64)
+    b = whole[8 * N + P:].view(np.int64)
+    path = tmp_path / "c.ckpt"
+    with Checkpointer(path, {"a": a, "b": b}) as ck:
+        ck.checkpoint()
+        assert len(ck._watches) == 2 and ck._watches[0].start == a.ctypes.data
+
+        def transaction() -> None:
+            a[5] = 1
+            b[5] = 1
+
+        ck._watches[1] = _WriteFirst(ck._watches[1], transaction)  # type: ignore[call-overload]
+        with writers(np.zeros(2 * N, np.int64), 1):  # a second thread: the fork path
+            info = ck.checkpoint() if wait else ck.checkpoint(wait=False).result(timeout=30)
+        assert info.generation == 2
+    out = loaded(path)
+    assert out["a"][5] == out["b"][5] == 1
+    del a, b, whole
+    area.close()
