@@ -133,13 +133,26 @@ class PendingCheckpoint(Future[CheckpointInfo]):
 def _quick_gil() -> Iterator[None]:
     """The GIL switch interval lowered to 0.1 ms (restored after): the pause makes a few
     system calls that release the GIL, and a thread that holds it meanwhile (a busy
-    Python loop) would otherwise keep it for a whole interval (5 ms by default) each time."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(min(old, 1e-4))
+    Python loop) would otherwise keep it for a whole interval (5 ms by default) each time.
+
+    Pauses of several Checkpointers may overlap (threads, or a signal handler): the first
+    one in saves the program's interval and the last one out restores it."""
+    with _gil_lock:
+        if _gil_users[0] == 0:
+            _gil_users[1] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_gil_users[1], 1e-4))
+        _gil_users[0] += 1
     try:
         yield
     finally:
-        sys.setswitchinterval(old)
+        with _gil_lock:
+            _gil_users[0] -= 1
+            if _gil_users[0] == 0:
+                sys.setswitchinterval(_gil_users[1])
+
+
+_gil_lock = threading.RLock()
+_gil_users: list[Any] = [0, 0.0]  # pauses in progress, the interval to restore
 
 
 def _bases(ts: list[Target]) -> np.ndarray:
