@@ -22,7 +22,7 @@ class Budget(NamedTuple):
 BUDGET = {
     "buffers": Budget(120, 2000, 4, 1900),
     "cli": Budget(40, 300, 5, 280),
-    "handler": Budget(25, 200, 3, 450),
+    "handler": Budget(25, 260, 3, 450),  # about 2.2 calls an example: margin over the floor
     "move": Budget(60, 1000, 3, 950),
     "out": Budget(80, 1000, 5, 950),
     "parse": Budget(100, 2000, 3, 1900),
