@@ -114,6 +114,7 @@ from ._procfs import SCAN_FIELDS, SmapsStream, Vma, maps_in_range, read_maps_tex
 from ._procfs import read_smaps as _read_all_smaps
 from ._registry import wp_async_registry
 from ._uapi import libc
+from ._uapi.since import since
 from ._uapi.mman import MAP, PROT
 from ._uapi.pagemap import KPF, PM, Category, ScanFlag, pm_scan_arg
 from ._uapi.userfaultfd import UffdFeature
@@ -248,7 +249,7 @@ class EmulatedBackend:
                                         f"smaller than vec_len ({vec_len})")
         if flags & ScanFlag.WP_MATCHING:
             raise _eopnotsupp(
-                "cannot write-protect: PM_SCAN_WP_MATCHING needs the kernel ioctl (Linux 6.7); "
+                f"cannot write-protect: PM_SCAN_WP_MATCHING needs the kernel ioctl (Linux {since('PAGEMAP_SCAN')}); "
                 "an emulated read-then-protect would not be atomic"
             )
         if start == end_r:

@@ -52,6 +52,7 @@ import numpy as np
 from ._child import Child, fork
 from ._units import fmt_size
 from .capabilities import capabilities
+from ._uapi.since import since
 from ._uapi.userfaultfd import RegisterMode, UffdFeature
 from .userfaultfd import PagefaultEvent, Userfaultfd
 from .writewatch import WriteWatch
@@ -458,11 +459,11 @@ def skip_reason(method: str) -> str | None:
     caps = capabilities()
     if method == "writewatch":
         if not caps.pagemap_scan or not caps.wp_async:
-            why = caps.missing.get("PAGEMAP_SCAN") or caps.missing.get("UFFD_FEATURE_WP_ASYNC") or "needs Linux 6.7"
+            why = caps.missing.get("PAGEMAP_SCAN") or caps.missing.get("UFFD_FEATURE_WP_ASYNC") or f"needs Linux {since('UFFD_FEATURE_WP_ASYNC')}"
             return f"needs PAGEMAP_SCAN and UFFD_FEATURE_WP_ASYNC: {why}"
     elif method == "uffd-sync":
         if not caps.userfaultfd or not caps.uffd_features & UffdFeature.PAGEFAULT_FLAG_WP:
-            why = caps.missing.get("userfaultfd") or caps.missing.get("UFFD_FEATURE_PAGEFAULT_FLAG_WP") or "needs Linux 5.7"
+            why = caps.missing.get("userfaultfd") or caps.missing.get("UFFD_FEATURE_PAGEFAULT_FLAG_WP") or f"needs Linux {since('UFFD_FEATURE_PAGEFAULT_FLAG_WP')}"
             return f"needs userfaultfd write-protect: {why}"
     elif method == "soft-dirty":
         if not caps.soft_dirty:

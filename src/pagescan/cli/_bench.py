@@ -15,12 +15,13 @@ import platform
 import time
 from typing import Any
 
+from .._uapi.since import since
 from ._common import UsageError, print_json, table
 
 #: One line per method, for the table's legend.
 ABOUT = {
-    "writewatch": "pagescan.WriteWatch: userfaultfd WP-async + PAGEMAP_SCAN (Linux 6.7)",
-    "uffd-sync": "userfaultfd write-protect served by a handler process (Linux 5.7)",
+    "writewatch": f"pagescan.WriteWatch: userfaultfd WP-async + PAGEMAP_SCAN (Linux {since('PAGEMAP_SCAN')})",
+    "uffd-sync": f"userfaultfd write-protect served by a handler process (Linux {since('UFFDIO_WRITEPROTECT')})",
     "soft-dirty": "/proc/PID/clear_refs + pagemap soft-dirty bits (CONFIG_MEM_SOFT_DIRTY)",
     "hash": "hash every page, compare with the previous hashes",
     "shadow": "compare with a copy of the region, then update the copy",
