@@ -181,6 +181,12 @@ def fam_scan(ctx: Ctx, data: Any, env: Env) -> None:
             ambiguous.append("vec_len")
     if backend not in ("kernel", "emulated", "auto"):
         bad.append("backend")
+    if args["end"] is None and "end" in bad and not _integer_like(args["start"]) \
+            and buffer_oracle(args["start"])[0] == "range":
+        # scan(buffer) is the buffer form: ``end`` omitted is right, and ``start`` is
+        # judged by the buffer protocol, not as an int.
+        bad = [k for k in bad if k not in ("start", "end")]
+        ambiguous.append("start")
     valid: bool | None = False if bad else (None if ambiguous else True)
     kw = {k: v for k, v in args.items() if k not in ("start", "end")}
     desc = (f"pagescan.{fn_name}({show(recipes['start'])}, {show(recipes['end'])}, "
@@ -770,6 +776,22 @@ def fam_parse(ctx: Ctx, data: Any, env: Env) -> None:
 # -- WriteWatch -----------------------------------------------------------------------------------
 
 
+def _wholly_mapped(lo: int, hi: int) -> bool:
+    """Whether ``[lo, hi)`` is covered by mappings of this process (any, not only ours)."""
+    spans = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            a, _, b = line.split(None, 1)[0].partition("-")
+            spans.append((int(a, 16), int(b, 16)))
+    cur = lo
+    for a, b in sorted(spans):
+        if a <= cur < b:
+            cur = b
+        if cur >= hi:
+            return True
+    return cur >= hi
+
+
 def fam_writewatch(ctx: Ctx, data: Any, env: Env) -> None:
     """WriteWatch(...) and get/regions/reset, against the pages the example wrote."""
     npages = 16
@@ -810,7 +832,7 @@ def fam_writewatch(ctx: Ctx, data: Any, env: Env) -> None:
         if not (m <= ww.start < ww.end <= m + npages * P):
             # Accepted arguments that are not this mapping (a finding already if they
             # were bad): never write to or remap memory the fuzzer does not own.
-            if valid:
+            if valid and not _wholly_mapped(ww.start, ww.end):  # another mapping beside ours is fine
                 ctx.finding("accepted-invalid", f"WriteWatch covers {ww.start:#x}-{ww.end:#x}, outside the mapping "
                             f"{m:#x}+{npages * P:#x}")
             return
