@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 
 from pagescan import PAGE_REGION_DTYPE, Category, RegisterMode, ScanResult, UffdIoctl, Userfaultfd, scan
-from pagescan._uapi import libc
-from pagescan._uapi.pagemap import PAGEMAP_SCAN, pm_scan_arg
 
+from . import oracle
 from .conftest import arm, requires_pagemap_scan, reset
 from .memory import P, Mapping, anon
 
@@ -82,28 +81,14 @@ def raw_pm(
     inv: int = 0,
     ret: int = 0,
 ) -> tuple[int, int]:
-    """The bare ioctl on a fresh ``/proc/self/pagemap`` fd, for a ``vec`` pointer of our
-    choosing (``scan()`` always allocates one). Returns ``(ret, walk_end)``."""
-    arg = pm_scan_arg(
-        size=ctypes.sizeof(pm_scan_arg),
-        flags=flags,
-        start=start,
-        end=end,
-        walk_end=0,
-        vec=vec,
-        vec_len=vec_len,
-        max_pages=max_pages,
-        category_inverted=inv,
-        category_mask=req,
-        category_anyof_mask=anyof,
-        return_mask=ret,
-    )
-    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        n = libc.ioctl(fd, PAGEMAP_SCAN, arg)
-    finally:
-        os.close(fd)
-    return n, arg.walk_end
+    """The bare ioctl on a fresh ``/proc/self/pagemap`` fd (:func:`tests.oracle.raw_scan`),
+    for a ``vec`` pointer of our choosing (``scan()`` always allocates one). Returns
+    ``(ret, walk_end)``; a failure raises ``OSError`` with the kernel's errno."""
+    r = oracle.raw_scan(start, end, flags=flags, vec=vec, vec_len=vec_len, max_pages=max_pages,
+                        category_inverted=inv, category_mask=req, category_anyof_mask=anyof, return_mask=ret)
+    if r.err:
+        raise OSError(r.err, os.strerror(r.err))
+    return r.ret, r.walk_end
 
 
 def rel(res: ScanResult, m: Mapping) -> list[tuple[int, int, int]]:
