@@ -116,7 +116,7 @@ from ._registry import wp_async_registry
 from ._uapi import libc
 from ._uapi.since import since
 from ._uapi.mman import MAP, PROT
-from ._uapi.pagemap import KPF, PM, Category, ScanFlag, pm_scan_arg
+from ._uapi.pagemap import ALL_CATEGORIES, KPF, PM, Category, ScanFlag, pm_scan_arg
 from ._uapi.userfaultfd import UffdFeature
 
 if TYPE_CHECKING:
@@ -131,11 +131,7 @@ _PMD_SPAN = PMD_PAGES * P
 #: Pages read from pagemap per chunk (512 KiB of entries).
 CHUNK_PAGES = 1 << 16
 
-# Plain ints: ``~`` of an IntFlag is the complement within the flag's own bits (0 here),
-# which would make every unknown bit look known.
-_KNOWN_CATEGORIES = 0
-for _c in Category:
-    _KNOWN_CATEGORIES |= int(_c)
+_KNOWN_CATEGORIES = ALL_CATEGORIES
 _KNOWN_FLAGS = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
 
 _u = np.uint64

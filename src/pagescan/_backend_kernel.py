@@ -30,7 +30,7 @@ import numpy as np
 from . import _engine, _probe
 from ._errors import feature_error, with_context
 from ._procfs import task_size
-from ._uapi.pagemap import PAGEMAP_SCAN, Category, ScanFlag, pm_scan_arg
+from ._uapi.pagemap import ALL_CATEGORIES, PAGEMAP_SCAN, Category, ScanFlag, pm_scan_arg
 
 if TYPE_CHECKING:
     from ._target import Target
@@ -100,7 +100,7 @@ def _explain(err: OSError, target: Target, arg: pm_scan_arg) -> OSError:
     if e == errno.EINVAL:
         bits = arg.category_inverted | arg.category_mask | arg.category_anyof_mask | arg.return_mask
         probe = _probe.pagemap_scan()
-        missing = Category(bits & _ALL & ~int(probe.categories))
+        missing = Category(bits & ALL_CATEGORIES & ~int(probe.categories))
         if missing:
             names = [f"PAGE_IS_{c.name}" for c in Category if c & missing]
             return feature_error(errno.EINVAL, names, "category bit rejected by PAGEMAP_SCAN")
@@ -119,9 +119,6 @@ def _explain(err: OSError, target: Target, arg: pm_scan_arg) -> OSError:
     return with_context(err, where)
 
 
-_ALL = 0
-for _c in Category.__members__.values():
-    _ALL |= int(_c)
 
 
 def _in_hugetlb(pid: int, address: int) -> bool:

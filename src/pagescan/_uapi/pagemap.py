@@ -16,6 +16,7 @@ import numpy as np
 from ._ioc import _IOWR
 
 __all__ = [
+    "ALL_CATEGORIES",
     "CATEGORY_SINCE",
     "KPF",
     "PAGEMAP_SCAN",
@@ -44,6 +45,10 @@ class Category(enum.IntFlag):
     SOFT_DIRTY = 1 << 7  #: soft-dirty bit of the entry or VMA (6.8)
     GUARD = 1 << 8  #: ``MADV_GUARD_INSTALL`` guard marker (6.16)
 
+
+#: Every category bit defined here, as a plain int (``~`` of an ``IntFlag`` complements
+#: within the flag's own bits, which would make every unknown bit look known).
+ALL_CATEGORIES: int = sum(int(c) for c in Category.__members__.values())
 
 #: Kernel release that first accepts each category bit in ``PAGEMAP_SCAN``.
 CATEGORY_SINCE: dict[Category, str] = {
