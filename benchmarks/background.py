@@ -10,16 +10,20 @@ a hot 1% of the state (a fancy-index assignment, under the GIL) and records the 
 Before each round the main thread writes one value into 10% of the pages (random,
 outside the timing). Side by side, in rotating order, each ``--repeat`` times:
 
-* ``sync``: ``Checkpointer.checkpoint()`` (takes its instant by forking a frozen twin,
-  because the writer thread exists);
+* ``sync``: ``Checkpointer.checkpoint()``: its instant taken by the helper process
+  (pre-copy rounds, then every thread stopped with ptrace: ``docs/background-checkpoints.md``);
+* ``sync, fork twin``: the same, its instant taken by forking a frozen twin (the
+  fallback, and what ``checkpoint()`` did before the ptrace path);
 * ``sync, old path``: what ``checkpoint()`` did before issue 13 (copy from the live
   process while it writes: fuzzy, torn under concurrent writes), for "no slower than
   before";
-* ``background``: ``checkpoint(wait=False)``, then ``result()``;
+* ``background``: ``checkpoint(wait=False)``, then ``result()`` (ptrace path);
+* ``background, fork twin``: the same through the fork fallback;
 * ``fork() snapshot``: the Redis ``BGSAVE`` way: ``os.fork()``; the child writes every
   array to a file, ``fsync``, exits; the parent waits for it.
 
-Reported: the pause (the call until it returns; for ``fork()`` the fork), the longest
+Reported: the pause (the call until it returns; for ``fork()`` the fork), the time
+the helper held every thread stopped (ptrace path), the longest
 gap between two writer steps that overlaps the pause (the stall the writer sees),
 the writer's steps per second while the work runs against with nothing running, the
 extra memory while it runs (PSS of this process and its children, sampled every
@@ -159,21 +163,38 @@ def run(args: argparse.Namespace, d: str) -> int:
 
     results: dict[str, dict[str, list[float]]] = {}
 
-    def record(name: str, pause: float, t_start: float, t_ret: float, t_end: float, mem: int, c0: int) -> None:
+    def record(name: str, pause: float, t_start: float, t_ret: float, t_end: float, mem: int, c0: int,
+               stop: float = float("nan")) -> None:
         gap = writer.stall(t_start, t_ret)
         rate = (writer.count - c0) / max(t_end - t_start, 1e-9)
-        r = results.setdefault(name, {"pause": [], "stall": [], "rate": [], "mem": [], "total": []})
+        r = results.setdefault(name, {"pause": [], "stop": [], "stall": [], "rate": [], "mem": [], "total": []})
+        r["stop"].append(stop)
         r["pause"].append(pause)
         r["stall"].append(gap)
         r["rate"].append(rate / idle_rate)
         r["mem"].append(mem * 1024)
         r["total"].append(t_end - t_start)
 
+    def stopped(info: Any) -> float:
+        return float(ck.last_instant.get("stop", float("nan"))) if info.method == "ptrace" else float("nan")
+
     def sync() -> None:
         c0, s = writer.count, time.perf_counter()
-        ck.checkpoint()
+        info = ck.checkpoint()
         e = time.perf_counter()
-        record("sync checkpoint()", e - s, s, e, e, 0, c0)
+        assert info.method == "ptrace", info
+        record("sync checkpoint()", e - s, s, e, e, 0, c0, stopped(info))
+
+    def sync_fork() -> None:
+        ck._use_ptrace = False
+        try:
+            c0, s = writer.count, time.perf_counter()
+            info = ck.checkpoint()
+            e = time.perf_counter()
+        finally:
+            ck._use_ptrace = True
+        assert info.method == "fork", info
+        record("sync, fork twin", e - s, s, e, e, 0, c0)
 
     def sync_old() -> None:
         store = ck._store
@@ -185,19 +206,28 @@ def run(args: argparse.Namespace, d: str) -> int:
         e = time.perf_counter()
         record("sync, old path (fuzzy)", e - s, s, e, e, 0, c0)
 
-    def background() -> None:
-        base = pss_kib()
-        c0, s = writer.count, time.perf_counter()
-        fut = ck.checkpoint(wait=False)
-        r = time.perf_counter()
+    def background(fork: bool = False) -> None:
+        base = pss_kib() + sum(pss_kib(c) for c in children())  # the idle helper included
+        ck._use_ptrace = not fork
+        try:
+            c0, s = writer.count, time.perf_counter()
+            fut = ck.checkpoint(wait=False)
+            r = time.perf_counter()
+        finally:
+            ck._use_ptrace = True
         mem = sample_memory(fut.done, base)
-        fut.result()
+        info = fut.result()
         e = time.perf_counter()
-        record("checkpoint(wait=False)", r - s, s, r, e, mem, c0)
+        assert info.method == ("fork" if fork else "ptrace"), info
+        record("wait=False, fork twin" if fork else "checkpoint(wait=False)", r - s, s, r, e, mem, c0,
+               stopped(info))
+
+    def background_fork() -> None:
+        background(fork=True)
 
     def fork_snapshot() -> None:
         path = os.path.join(d, "fork.bin")
-        base = pss_kib()
+        base = pss_kib() + sum(pss_kib(c) for c in children())
         c0, s = writer.count, time.perf_counter()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child: write everything, like BGSAVE
@@ -218,13 +248,14 @@ def run(args: argparse.Namespace, d: str) -> int:
         e = time.perf_counter()
         record("fork() snapshot (BGSAVE)", r - s, s, r, e, mem, c0)
 
-    methods: list[Callable[[], None]] = [sync, sync_old, background, fork_snapshot]
+    methods: list[Callable[[], None]] = [sync, sync_fork, sync_old, background, background_fork, fork_snapshot]
     for m in methods:  # warm-up round
         dirty()
         m()
     results.clear()
+    nm = len(methods)
     for k in range(args.repeat):
-        order = methods[k % 4:] + methods[:k % 4]
+        order = methods[k % nm:] + methods[:k % nm]
         for m in order:
             dirty()
             m()
@@ -242,10 +273,11 @@ def run(args: argparse.Namespace, d: str) -> int:
         rows.append([
             name,
             fmt_ns(pct(r["pause"], 50) * 1e9), fmt_ns(pct(r["pause"], 99) * 1e9),
+            "-" if np.isnan(r["stop"]).all() else fmt_ns(float(np.nanpercentile(r["stop"], 50)) * 1e9),
             fmt_ns(pct(r["stall"], 50) * 1e9), fmt_ns(pct(r["stall"], 99) * 1e9),
             f"{np.median(r['rate']):.0%}", f"{max(r['mem']) / 2**20:.0f} MiB", fmt_ns(pct(r["total"], 50) * 1e9),
         ])
-    print_table(["method", "pause p50", "pause p99", "writer stall p50", "stall p99", "writer rate",
+    print_table(["method", "pause p50", "pause p99", "stopped p50", "writer stall p50", "stall p99", "writer rate",
                  "extra mem (max)", "total p50"], rows)
     if args.json:
         write_json(args.json, {"machine": machine(), "size": args.size, "repeat": args.repeat,

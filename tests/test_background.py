@@ -120,27 +120,35 @@ def check_generations(path: Path, first: int = 1) -> int:
     return n
 
 
-def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path) -> None:
-    s = pagescan.zeros(2 * N, np.int64)
+@pytest.mark.parametrize("method,offset", [("ptrace", 0), ("ptrace", 8), ("fork", 0)])
+def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path, method: str, offset: int) -> None:
+    """``ptrace``: the helper's pre-copy rounds and stop (offset 8: the entry does not
+    start on a page boundary, so its chunks straddle pages); ``fork``: the fallback."""
+    mem = pagescan.zeros(2 * N * 8 + P, np.uint8)
+    s = mem[offset:offset + 2 * N * 8].view(np.int64)
     path = tmp_path / "c.ckpt"
+    methods = set()
     with Checkpointer(path, {"s": s}) as ck:
+        ck._use_ptrace = method == "ptrace"
         ck.checkpoint()
         with writers(s) as counts:
             deadline = time.monotonic() + 4
             rounds = 0
             while rounds < 40 and time.monotonic() < deadline:
                 if rounds % 4 == 3:
-                    ck.checkpoint()
+                    info = ck.checkpoint()
                 else:
                     fut = ck.checkpoint(wait=False)
                     assert isinstance(fut, PendingCheckpoint)
-                    fut.result(timeout=30)
+                    info = fut.result(timeout=30)
+                methods.add(info.method)
                 rounds += 1
         assert min(counts) > 0
         assert rounds >= 10
         final = ck.checkpoint()
+    assert methods == {method}
     assert check_generations(path) == final.generation
-    np.testing.assert_array_equal(loaded(path)["s"], s)  # tracking survived every fork
+    np.testing.assert_array_equal(loaded(path)["s"], s)  # tracking survived every instant
 
 
 def read_live_high_to_low(starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
@@ -260,6 +268,7 @@ def test_killing_the_twin_fails_the_checkpoint_clearly_and_the_next_one_works(tm
     s2 = pagescan.zeros(2 * N, np.int64)
     path = tmp_path / "c.ckpt"
     with Checkpointer(path, {"big": s, "s": s2}) as ck:
+        ck._use_ptrace = False
         ck.checkpoint()
         s[:] = 1
         started, go = threading.Event(), threading.Event()
@@ -374,6 +383,7 @@ def test_a_transaction_between_the_walk_and_the_fork_is_not_torn(tmp_path: Path,
     b = whole[8 * N + P:].view(np.int64)
     path = tmp_path / "c.ckpt"
     with Checkpointer(path, {"a": a, "b": b}) as ck:
+        ck._use_ptrace = False
         ck.checkpoint()
         assert len(ck._watches) == 2 and ck._watches[0].start == a.ctypes.data
 
@@ -389,3 +399,105 @@ def test_a_transaction_between_the_walk_and_the_fork_is_not_torn(tmp_path: Path,
     assert out["a"][5] == out["b"][5] == 1
     del a, b, whole
     area.close()
+
+
+# -- the ptrace path: refusal, a helper killed mid-stop, no process left ------------------
+
+_TRACER = """
+import os, select, sys
+from pagescan._uapi import libc
+from pagescan._uapi.ptrace import PTRACE, WALL
+tid = int(sys.argv[1])
+libc.ptrace(PTRACE.SEIZE, tid, 0, 0)  # a debugger's place: nobody else may trace this thread
+print("seized", flush=True)
+while not select.select([sys.stdin], [], [], 0.01)[0]:
+    try:
+        pid, st = os.waitpid(tid, WALL | os.WNOHANG)
+    except ChildProcessError:
+        break
+    if pid and os.WIFSTOPPED(st):  # a signal for the tracee: hand it over
+        libc.ptrace(PTRACE.CONT, tid, 0, os.WSTOPSIG(st) if st >> 16 == 0 else 0)
+"""
+
+_TRACED = """
+import os, sys, threading
+import numpy as np
+import pagescan
+from pagescan.snapshot import Checkpointer, load
+s = pagescan.zeros(1 << 16, np.int64)
+stop = threading.Event()
+def write():
+    print(threading.get_native_id(), flush=True)
+    k = 0
+    while not stop.is_set():
+        s[(k * 512) % s.size] = k
+        k += 1
+th = threading.Thread(target=write)
+th.start()
+sys.stdin.readline()  # the writer is traced from now on
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    methods = [ck.checkpoint(wait=False).result().method for _ in range(3)] + [ck.checkpoint().method]
+    refused = ck._pre.refused.errno if ck._pre is not None and ck._pre.refused is not None else None
+    stop.set()
+    th.join()
+    ck.checkpoint()
+    same = bool((load(sys.argv[1])["s"] == s).all())
+print(methods, refused, same)
+"""
+
+
+def test_a_process_traced_by_someone_else_falls_back_to_fork(tmp_path: Path) -> None:
+    """Another tracer (a debugger, strace) holds a thread: PTRACE_SEIZE is refused
+    (EPERM), the checkpoints take their instant with a fork, and say so."""
+    with subprocess.Popen([sys.executable, "-c", _TRACED, str(tmp_path / "t.ckpt")], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as victim:
+        assert victim.stdin is not None and victim.stdout is not None
+        try:
+            tid = int(victim.stdout.readline())
+            with subprocess.Popen([sys.executable, "-c", _TRACER, str(tid)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) as tracer:
+                assert tracer.stdout is not None and tracer.stdout.readline().strip() == "seized"
+                victim.stdin.write("go\n")
+                victim.stdin.flush()
+                out = victim.stdout.readline().strip()
+                assert victim.wait(60) == 0
+                tracer.communicate("", timeout=30)
+        finally:
+            victim.kill()
+    assert out == f"['fork', 'fork', 'fork', 'fork'] {errno.EPERM} True"
+
+
+def test_killing_the_helper_while_threads_are_stopped_lets_the_program_run_on(tmp_path: Path) -> None:
+    """SIGKILL of the helper while it holds every thread stopped: the kernel lets them go,
+    the checkpoint fails clearly, nothing sealed is damaged, the next one is full, and no
+    process is left over."""
+    s = pagescan.zeros(2 * N, np.int64)
+    path = tmp_path / "c.ckpt"
+    before = children_of()
+    with Checkpointer(path, {"s": s}) as ck, writers(s) as counts:
+        ck.checkpoint()
+        assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        helper = ck._pre.pid if ck._pre is not None else 0
+        assert ck._pre is not None
+        ck._pre.hold = 30.0  # the helper keeps every thread stopped this long
+        killer = subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -9 {ck._pre.pid}"])
+        t = time.monotonic()
+        with pytest.raises(ProcessLookupError, match=r"checkpoint helper process .* ended \(killed by signal 9\)"
+                           r".*generation 3 was not written"):
+            ck.checkpoint(wait=False)
+        elapsed = time.monotonic() - t
+        assert killer.wait(30) == 0
+        assert 0.45 < elapsed < 10, elapsed  # stopped until the kill, not for the hold
+        c = sum(counts)
+        time.sleep(0.2)
+        assert sum(counts) > c  # the program runs on
+        assert ck.generations == 2 and len(verify(path)) == 2
+        info = ck.checkpoint()
+        assert info.generation == 3 and info.full  # what the dead helper had re-armed is unknown
+        assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        assert ck._pre is not None and ck._pre.pid != helper  # a new helper
+    with Checkpointer(path, {"s": s}) as ck:
+        ck.checkpoint()
+    assert children_of() == before
+    check_generations(path)
+    np.testing.assert_array_equal(loaded(path)["s"], s)

@@ -38,6 +38,8 @@ __all__ = [
     "msync",
     "munmap",
     "open_userfaultfd",
+    "prctl",
+    "ptrace",
     "sync_file_range",
     "process_vm_readv",
     "process_vm_writev",
@@ -51,21 +53,39 @@ __all__ = [
 
 # Syscall numbers (arch/*/entry/syscalls, include/uapi/asm-generic/unistd.h).
 _SYSCALLS: dict[str, dict[str, int]] = {
-    "x86_64": {"userfaultfd": 323},
-    "aarch64": {"userfaultfd": 282},
-    "riscv64": {"userfaultfd": 282},
-    "loongarch64": {"userfaultfd": 282},
-    "i686": {"userfaultfd": 374},
-    "i386": {"userfaultfd": 374},
-    "armv7l": {"userfaultfd": 388},
-    "s390x": {"userfaultfd": 355},
-    "ppc64le": {"userfaultfd": 364},
+    "x86_64": {"userfaultfd": 323, "ptrace": 101, "prctl": 157},
+    "aarch64": {"userfaultfd": 282, "ptrace": 117, "prctl": 167},
+    "riscv64": {"userfaultfd": 282, "ptrace": 117, "prctl": 167},
+    "loongarch64": {"userfaultfd": 282, "ptrace": 117, "prctl": 167},
+    "i686": {"userfaultfd": 374, "ptrace": 26, "prctl": 172},
+    "i386": {"userfaultfd": 374, "ptrace": 26, "prctl": 172},
+    "armv7l": {"userfaultfd": 388, "ptrace": 26, "prctl": 172},
+    "s390x": {"userfaultfd": 355, "ptrace": 26, "prctl": 172},
+    "ppc64le": {"userfaultfd": 364, "ptrace": 26, "prctl": 171},
 }
 
 #: ``__NR_userfaultfd`` for this machine, or ``None`` where we do not know it.
 SYS_userfaultfd: int | None = _SYSCALLS.get(platform.machine(), {}).get("userfaultfd")
 
 MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _sys(name: str) -> int:
+    nr = _SYSCALLS.get(platform.machine(), {}).get(name)
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"{os.strerror(errno.ENOSYS)}: {name} (no syscall number known for "
+                      f"{platform.machine()})")
+    return nr
+
+
+def ptrace(request: int, tid: int, addr: int = 0, data: int = 0) -> int:
+    """Raw ``ptrace(request, tid, addr, data)`` (the requests that take no pointer out)."""
+    return syscall(_sys("ptrace"), request, tid, addr, data)
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """Raw ``prctl(option, arg2, ...)``."""
+    return syscall(_sys("prctl"), option, arg2, arg3, arg4, arg5)
 
 
 def raise_errno(err: int | None = None, detail: str | None = None) -> None:

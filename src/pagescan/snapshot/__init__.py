@@ -66,6 +66,7 @@ from ..userfaultfd import Userfaultfd
 from ..writewatch import WriteWatch
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
+from ._precopy import Precopier, Refused
 from ._twin import FrozenTwin
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi.libc import read_runs, write_runs
@@ -111,6 +112,9 @@ class CheckpointInfo:
     bytes: int  # data bytes written (whole chunks)
     seconds: float  # from the call to the seal
     pause: float = 0.0  # seconds the call took to return (``wait=False``) or to take its instant
+    #: How the instant was taken: ``"ptrace"`` (pre-copy, then every thread stopped by a
+    #: helper process), ``"fork"`` (a frozen twin) or ``"direct"`` (the only thread).
+    method: str = ""
 
 
 class PendingCheckpoint(Future[CheckpointInfo]):
@@ -203,6 +207,12 @@ class Checkpointer:
         self._lock = threading.Lock()  # one checkpoint starts at a time
         self._thread: threading.Thread | None = None  # the checkpoint in flight
         self._pending: PendingCheckpoint | None = None
+        # The helper process of the ptrace path (started by the first checkpoint that is
+        # not taken alone); ``_use_ptrace = False`` makes every instant a fork.
+        self._pre: Precopier | None = None
+        self._use_ptrace = True
+        #: The helper's figures for the last ptrace instant (rounds, stop seconds, ...).
+        self.last_instant: dict[str, Any] = {}
         meta = metas(self.targets)
         try:
             self._store = Store(self.path, writable=True, lock=True)
@@ -244,6 +254,9 @@ class Checkpointer:
         if cancel and self._pending is not None:
             self._pending.cancel()
         self._join()
+        if self._pre is not None:
+            self._pre.close()
+            self._pre = None
         for w in self._watches:
             w.close()
         self._watches = []
@@ -327,35 +340,108 @@ class Checkpointer:
             if store.damage is not None:
                 raise store.damage
             t0 = time.perf_counter()
-            full = self._full_next
-            fut = PendingCheckpoint(len(store.generations) + 1)
-            alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
-            with _quick_gil():
-                chunks = self._find_written(full)  # the instant: re-armed, then frozen
-                twin = None if alone else FrozenTwin()
-            pause = time.perf_counter() - t0
-            if wait:
-                self._run(fut, store, chunks, full, progress, t0, pause, twin)
-                return fut.result()
-            self._pending = fut
-            th = threading.Thread(target=self._run, args=(fut, store, chunks, full, progress, t0, pause, twin),
-                                  name="pagescan-checkpoint")
+            quick = contextlib.ExitStack()  # the GIL comes back fast until we return
+            quick.enter_context(_quick_gil())
             try:
-                th.start()
-            except BaseException as err:
-                twin.close()  # type: ignore[union-attr]  # wait=False always forks
-                fut.set_exception(err)
-                self._pending = None
-                raise
-            self._thread = th
-            return fut
+                full = self._full_next
+                fut = PendingCheckpoint(len(store.generations) + 1)
+                alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
+                pre = None if full or alone or not self._use_ptrace else self._precopier()
+                twin = None
+                if pre is not None:
+                    chunks = self._instant_ptrace(pre, fut)
+                    if chunks is None:
+                        pre = None  # refused: fork instead
+                if pre is None:
+                    chunks = self._find_written(full)  # the instant: re-armed, then frozen
+                    twin = None if alone else FrozenTwin()
+                    if not (full or alone) and self._use_ptrace and self._pre is None:
+                        self._precopier()  # started now, ready for the next checkpoint
+                assert chunks is not None
+                method = "ptrace" if pre is not None else "direct" if alone else "fork"
+                pause = time.perf_counter() - t0
+                if wait:
+                    quick.close()
+                    self._run(fut, store, chunks, full, progress, t0, pause, twin, pre, method)
+                    return fut.result()
+                self._pending = fut
+                th = threading.Thread(target=self._run,
+                                      args=(fut, store, chunks, full, progress, t0, pause, twin, pre, method),
+                                      name="pagescan-checkpoint")
+                try:
+                    th.start()
+                except BaseException as err:
+                    if twin is not None:
+                        twin.close()
+                    if pre is not None:
+                        pre.release()
+                    fut.set_exception(err)
+                    self._pending = None
+                    raise
+                self._thread = th
+                return fut
+            finally:
+                quick.close()
+
+    def _precopier(self) -> Precopier | None:
+        """The helper process of the ptrace path (started on first use); ``None`` once
+        the kernel refused to let it trace us."""
+        if self._pre is None:
+            try:
+                self._pre = Precopier(merged_page_runs(self.targets),
+                                      neighbors=any(t.addr % P for t in self.targets if t.nbytes))
+            except OSError:
+                self._use_ptrace = False
+                return None
+        if self._pre.refused is not None:
+            return None
+        return self._pre
+
+    def _instant_ptrace(self, pre: Precopier, fut: PendingCheckpoint) -> np.ndarray | None:
+        """Take the instant with the helper (:mod:`._precopy`): the chunks to store, now
+        held by its staging area; ``None`` if the kernel refused the stop (the chunks its
+        rounds found are carried to the fork path)."""
+        extra = np.empty((0, 2), np.int64)
+        if self._carry.size:
+            starts, lengths, _ = chunk_runs(self._carry, self.targets, self._base)
+            s = starts.astype(np.int64)
+            extra = np.stack([s // P * P, (s + lengths.astype(np.int64) + P - 1) // P * P], axis=1)
+        try:
+            runs, figures = pre.instant(extra)
+        except Refused as r:
+            self._carry = np.union1d(self._carry, self._runs_to_chunks(r.runs))
+            return None
+        except OSError as err:
+            # What the helper had re-armed is unknown: the next checkpoint stores everything.
+            self._full_next = True
+            pre.close()
+            self._pre = None
+            raise OSError(err.errno, f"{err.strerror}; generation {fut.generation} was not written, "
+                          f"{self.path} is unchanged (the next checkpoint is full)") from err
+        self.last_instant = figures
+        chunks = np.union1d(self._runs_to_chunks(runs), self._carry)
+        self._carry = chunks  # remembered until stored
+        return chunks
+
+    def _runs_to_chunks(self, runs: np.ndarray) -> np.ndarray:
+        if not len(runs):
+            return np.empty(0, np.int64)
+        lens = (runs[:, 1] - runs[:, 0]) // P
+        total = int(lens.sum())
+        first = np.repeat(np.cumsum(lens) - lens, lens)
+        pages = np.repeat(runs[:, 0], lens) + (np.arange(total) - first) * P
+        return pages_to_chunks(pages.astype(np.uint64), self.targets, self._base)
 
     def _run(self, fut: PendingCheckpoint, store: Store, chunks: np.ndarray, full: bool,
-             progress: Progress | None, t0: float, pause: float, twin: FrozenTwin | None) -> None:
-        """Write the generation (from the twin, or from this process when ``twin`` is
-        ``None``); settle ``fut``; always reap the twin."""
+             progress: Progress | None, t0: float, pause: float, twin: FrozenTwin | None,
+             pre: Precopier | None = None, method: str = "") -> None:
+        """Write the generation (from the twin, from the helper's staging area, or from
+        this process when both are ``None``); settle ``fut``; always reap the twin and
+        empty the staging area."""
         try:
-            if twin is None:
+            if pre is not None:
+                info = self._write(store, chunks, full, progress, t0, pre.read, fut)
+            elif twin is None:
                 old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
                 try:
                     info = self._write(store, chunks, full, progress, t0, _read_self, fut)
@@ -375,7 +461,7 @@ class Checkpointer:
                         raise
                     raise OSError(gone.errno, f"{gone.strerror}; generation {fut.generation} was not written, "
                                   f"{store.path} is unchanged") from err
-            info = dataclasses.replace(info, pause=pause)
+            info = dataclasses.replace(info, pause=pause, method=method)
             self._carry = np.empty(0, np.int64)
             self._full_next = False
         except CancelledError:
@@ -389,6 +475,8 @@ class Checkpointer:
         finally:
             if twin is not None:
                 twin.close()
+            if pre is not None:
+                pre.release()
         fut.set_result(info)
 
     def _written_since_armed(self) -> np.ndarray:

@@ -1,0 +1,370 @@
+"""Pre-copy rounds and a short stop of every thread, done by a helper process.
+
+The instant of a generation without ``fork()``: a long-lived helper process (started
+with ``posix_spawn``, so it shares no memory with us) copies the written pages of the
+tracked ranges into a *staging* area, a memfd that both processes map, while our
+threads keep running:
+
+1. pre-copy rounds: ``PAGEMAP_SCAN`` of ``/proc/OURPID/pagemap`` finds the pages
+   written since the previous checkpoint and re-arms them (``PM_SCAN_WP_MATCHING``,
+   the same async uffd-WP tracking the :class:`~pagescan.WriteWatch` set up), then
+   ``process_vm_readv`` copies them into their slots in the staging area. A page
+   written again after it was re-armed is found by the next round and copied again.
+   Rounds stop when they no longer shrink by half (a hot set the program keeps
+   rewriting) or after :data:`ROUNDS`.
+2. the stop: every thread of ours is stopped with ptrace (:mod:`._freeze`), the
+   pages written since the last round are found, re-armed and copied, the threads
+   are let go. That is the instant: for every page, its last copy is its content at
+   the stop (a page copied earlier and not written since has not changed; a write
+   racing a round's re-arm lands before the walk's TLB flush returns, so before the
+   copy, or faults and marks the page written again).
+
+The helper replies with every page it found (the chunks to store); the caller writes
+the generation from the staging area in the background and empties it after. The
+tracking goes on from the instant: pages written after the stop are the next
+checkpoint's. If the kernel refuses to trace us (Yama ``ptrace_scope`` 2 or 3, a
+debugger attached, no ``CAP_SYS_PTRACE``) the reply says so, with the pages the
+rounds found (and re-armed), and the caller takes the instant with a ``fork()``
+instead. If the helper dies, the kernel lets our threads go, and the caller sees the
+end of the socket.
+
+Cost: the pause of the calling thread is the rounds plus the stop; the other threads
+only stall for the stop (a walk of the ranges plus the copy of what was written since
+the last round). Extra memory: the staging area holds every page found, until the
+generation is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .._uapi import libc
+from .._uapi.mman import MADV
+from .._uapi.ptrace import PR_SET_PTRACER
+
+__all__ = ["ROUNDS", "Precopier", "Refused", "main"]
+
+P = mmap.PAGESIZE
+#: At most this many pre-copy rounds before the stop.
+ROUNDS = 4
+#: A round that finds at most this many pages is the last one before the stop.
+SMALL = 64
+
+_LEN = struct.Struct("<QQ")
+
+
+def _send(sock: socket.socket, head: dict[str, Any], blob: bytes = b"") -> None:
+    """One message: lengths, a JSON head, a binary blob (one ``send`` where it fits)."""
+    h = json.dumps(head).encode()
+    sock.sendall(_LEN.pack(len(h), len(blob)) + h + blob)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            raise EOFError
+        got += k
+    return bytes(buf)
+
+
+def _recv(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+    n, m = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    body = _recv_exact(sock, n + m)
+    return json.loads(body[:n]), body[n:]
+
+
+def _runs(blob: bytes) -> np.ndarray:
+    return np.frombuffer(blob, dtype=np.int64).reshape(-1, 2)
+
+
+def merge_runs(runs: np.ndarray) -> np.ndarray:
+    """Sorted, disjoint ``(start, end)`` runs covering the given (possibly overlapping) ones."""
+    if len(runs) <= 1:
+        return runs.reshape(-1, 2).astype(np.int64)
+    r = runs[np.argsort(runs[:, 0], kind="stable")].astype(np.int64)
+    ends = np.maximum.accumulate(r[:, 1])
+    new = np.concatenate([[True], r[1:, 0] > ends[:-1]])
+    first = np.flatnonzero(new)
+    last = np.concatenate([first[1:], [len(r)]]) - 1
+    return np.stack([r[first, 0], ends[last]], axis=1)
+
+
+# -- the helper process -------------------------------------------------------------------
+
+
+class _Helper:
+    def __init__(self, parent: int, sock: socket.socket, memfd: int, ranges: np.ndarray, neighbors: bool) -> None:
+        from .._target import Target
+
+        self.parent, self.sock = parent, sock
+        self.ranges = ranges
+        self.neighbors = neighbors
+        lens = ranges[:, 1] - ranges[:, 0]
+        self.soff = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        total = int(lens.sum())
+        self.map = mmap.mmap(memfd, total, mmap.MAP_SHARED)
+        os.close(memfd)
+        self.stage = np.frombuffer(self.map, dtype=np.uint8)
+        self.target = Target(parent)
+
+    def scan(self) -> np.ndarray:
+        """Written runs of the ranges, re-armed in the same walk."""
+        from .._scan import scan_iter
+        from .._uapi.pagemap import Category, ScanFlag
+
+        flags = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
+        parts = []
+        for lo, hi in self.ranges.tolist():
+            for res in scan_iter(lo, hi, pid=self.target, flags=flags, category_mask=int(Category.WRITTEN),
+                                 return_mask=int(Category.WRITTEN)):
+                if len(res.regions):
+                    parts.append(np.stack([res.regions["start"], res.regions["end"]], axis=1).astype(np.int64))
+        return np.concatenate(parts) if parts else np.empty((0, 2), np.int64)
+
+    def copy(self, runs: np.ndarray) -> int:
+        """Copy ``runs`` (widened by a page each side for unaligned entries) into the staging area."""
+        if not len(runs):
+            return 0
+        if self.neighbors:
+            runs = runs + np.array([-P, P], np.int64)
+            r = np.searchsorted(self.ranges[:, 0], runs[:, 0] + P, side="right") - 1
+            runs = np.stack([np.maximum(runs[:, 0], self.ranges[r, 0]), np.minimum(runs[:, 1], self.ranges[r, 1])],
+                            axis=1)
+            runs = merge_runs(runs)
+        r = np.searchsorted(self.ranges[:, 0], runs[:, 0], side="right") - 1
+        offs = runs[:, 0] - self.ranges[r, 0] + self.soff[r]
+        lens = runs[:, 1] - runs[:, 0]
+        libc.read_runs(self.parent, runs[:, 0].astype(np.uint64), lens.astype(np.uint64), self.stage,
+                       offs.astype(np.uint64))
+        return int(lens.sum())
+
+    def checkpoint(self, head: dict[str, Any], extra: np.ndarray) -> None:
+        from ._freeze import freeze
+
+        t0 = time.perf_counter()
+        found = []
+        copied = 0
+        runs = merge_runs(np.concatenate([self.scan(), extra]))
+        copied += self.copy(runs)
+        found.append(runs)
+        rounds = 1
+        prev = int((runs[:, 1] - runs[:, 0]).sum()) // P
+        while rounds < ROUNDS and prev > SMALL:
+            runs = self.scan()
+            copied += self.copy(runs)
+            found.append(runs)
+            rounds += 1
+            n = int((runs[:, 1] - runs[:, 0]).sum()) // P
+            if n > prev // 2:
+                break
+            prev = n
+        t1 = time.perf_counter()
+        try:
+            fr = freeze(self.parent, skip=int(head.get("skip", 0)))
+            nthreads = len(fr.tids)
+        except (PermissionError, TimeoutError) as err:
+            allr = merge_runs(np.concatenate(found))
+            _send(self.sock, {"ok": False, "refused": True, "errno": err.errno or errno.EPERM,
+                              "error": str(err)}, allr.tobytes())
+            if isinstance(err, TimeoutError):
+                raise SystemExit(3)  # threads still seized but not stopped: our exit lets them go
+            return
+        try:
+            t2 = time.perf_counter()
+            runs = self.scan()
+            copied += self.copy(runs)
+            found.append(runs)
+            stop_pages = int((runs[:, 1] - runs[:, 0]).sum()) // P
+            hold = float(head.get("hold", 0.0))
+            if hold:
+                # Tests: keep the threads stopped (a helper killed here must not leave them so).
+                _send(self.sock, {"holding": True})
+                time.sleep(hold)
+        finally:
+            fr.thaw()
+        t3 = time.perf_counter()
+        allr = merge_runs(np.concatenate(found))
+        _send(self.sock, {"ok": True, "rounds": rounds, "precopy": t1 - t0, "stop": t3 - t2 + fr.seconds,
+                          "stopping": fr.seconds, "threads": nthreads,
+                          "stop_pages": stop_pages, "copied": copied}, allr.tobytes())
+
+    def serve(self) -> int:
+        pfd = os.pidfd_open(self.parent)
+        poll = select.poll()
+        poll.register(self.sock.fileno(), select.POLLIN)
+        poll.register(pfd, select.POLLIN)
+        _send(self.sock, {"ready": True, "pid": os.getpid()})
+        while True:
+            ev = dict(poll.poll())
+            if pfd in ev:
+                return 0  # the parent ended
+            try:
+                head, blob = _recv(self.sock)
+            except (EOFError, ConnectionError):
+                return 0
+            if head.get("op") == "checkpoint":
+                try:
+                    self.checkpoint(head, _runs(blob))
+                except (OSError, ValueError) as err:
+                    _send(self.sock, {"ok": False, "refused": False, "errno": getattr(err, "errno", 0) or errno.EIO,
+                                      "error": str(err)})
+            else:
+                return 0
+
+
+def main(argv: list[str]) -> int:  # pragma: no cover - runs in the helper process
+    parent, sockfd, memfd = (int(x) for x in argv[:3])
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+    sock = socket.socket(fileno=sockfd)
+    head, blob = _recv(sock)
+    return _Helper(parent, sock, memfd, _runs(blob).copy(), bool(head["neighbors"])).serve()
+
+
+# -- our side ----------------------------------------------------------------------------
+
+
+class Refused(Exception):
+    """The helper could not stop our threads: ``runs`` were found (and re-armed) by its rounds."""
+
+    def __init__(self, err: OSError, runs: np.ndarray) -> None:
+        super().__init__(str(err))
+        self.err, self.runs = err, runs
+
+
+class Precopier:
+    """Our end of a helper process (started at once, ready at the first :meth:`instant`).
+
+    ``ranges``: the sorted, disjoint page runs tracked; ``neighbors``: copy the pages
+    beside each written page too (entries that do not start on a page boundary have
+    chunks straddling two pages).
+    """
+
+    def __init__(self, ranges: list[tuple[int, int]], neighbors: bool) -> None:
+        from .._child import Child
+
+        self.ranges = np.array(ranges, dtype=np.int64).reshape(-1, 2)
+        lens = self.ranges[:, 1] - self.ranges[:, 0]
+        self.soff = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+        self.size = int(lens.sum())
+        self.refused: OSError | None = None
+        self.hold = 0.0  # tests: seconds the helper keeps the threads stopped
+        ours, theirs = socket.socketpair()
+        memfd = os.memfd_create("pagescan-staging", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(memfd, self.size)
+            self.map = mmap.mmap(memfd, self.size, mmap.MAP_SHARED)
+            self.stage = np.frombuffer(self.map, dtype=np.uint8)
+            env = dict(os.environ)  # the helper imports this very pagescan
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+            code = "import sys; from pagescan.snapshot._precopy import main; sys.exit(main(sys.argv[1:]))"
+            pid = os.posix_spawn(sys.executable, [sys.executable, "-c", code, str(os.getpid()), "3", "4"], env,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
+                                               (os.POSIX_SPAWN_DUP2, memfd, 4)])
+        finally:
+            os.close(memfd)
+            theirs.close()
+        self.child = Child(pid)
+        self.sock = ours
+        with contextlib.suppress(OSError):  # EINVAL without Yama: nothing to allow
+            libc.prctl(PR_SET_PTRACER, pid)
+        _send(self.sock, {"neighbors": neighbors}, self.ranges.tobytes())
+        self._ready = False
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def _died(self, err: BaseException | None = None) -> OSError:
+        status = self.child.wait(1.0)
+        how = ("still running" if status is None else f"killed by signal {os.WTERMSIG(status)}"
+               if os.WIFSIGNALED(status) else f"exit status {os.waitstatus_to_exitcode(status)}")
+        return OSError(errno.ESRCH, f"{os.strerror(errno.ESRCH)}: the checkpoint helper process (pid "
+                       f"{self.child.pid}) ended ({how})")
+
+    def _get(self) -> tuple[dict[str, Any], bytes]:
+        try:
+            return _recv(self.sock)
+        except (EOFError, ConnectionError) as err:
+            raise self._died(err) from None
+
+    def instant(self, extra: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+        """Run the rounds and the stop; return the runs found and the helper's figures.
+
+        The calling thread waits for the reply with every signal blocked, so that it runs
+        nothing of the program meanwhile (no Python signal handler): the helper leaves it
+        running and stops the others.
+
+        Raises :class:`Refused` (ptrace refused: take the instant another way) or
+        ``OSError(ESRCH)`` (the helper died: what it had re-armed is unknown).
+        """
+        if not self._ready:
+            head, _ = self._get()
+            if not head.get("ready"):
+                raise self._died()
+            self._ready = True
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            _send(self.sock, {"op": "checkpoint", "hold": self.hold, "skip": threading.get_native_id()},
+                  merge_runs(extra).astype(np.int64).tobytes())
+            head, blob = self._get()
+            if head.get("holding"):
+                head, blob = self._get()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        runs = _runs(blob)
+        if not head.get("ok"):
+            err = OSError(int(head.get("errno") or errno.EIO), str(head.get("error")))
+            if head.get("refused"):
+                self.refused = err
+                raise Refused(err, runs)
+            raise err
+        return runs, head
+
+    def read(self, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
+        """Read runs of our memory as the staging area holds them (a :data:`Reader`)."""
+        st = starts.astype(np.int64)
+        r = np.searchsorted(self.ranges[:, 0], st, side="right") - 1
+        src = (st - self.ranges[r, 0] + self.soff[r]).astype(np.uint64) + np.uint64(self.stage.ctypes.data)
+        libc.read_runs(os.getpid(), src, lengths, out, offsets)
+
+    def release(self) -> None:
+        """Empty the staging area (its pages go back to the system)."""
+        if self.size:
+            with contextlib.suppress(OSError):
+                libc.madvise(int(self.stage.ctypes.data), self.size, MADV.REMOVE)
+
+    def close(self) -> None:
+        """Stop and reap the helper; unmap the staging area (idempotent)."""
+        if self.sock.fileno() >= 0:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.close()
+        if self.child.wait(1.0) is None:
+            self.child.kill()
+            self.child.wait()
+        self.stage = np.empty(0, np.uint8)
+        with contextlib.suppress(BufferError):
+            self.map.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main(sys.argv[1:]))
