@@ -10,15 +10,17 @@ a hot 1% of the state (a fancy-index assignment, under the GIL) and records the 
 Before each round the main thread writes one value into 10% of the pages (random,
 outside the timing). Side by side, in rotating order, each ``--repeat`` times:
 
-* ``sync``: ``Checkpointer.checkpoint()``: its instant taken by the helper process
-  (pre-copy rounds, then every thread stopped with ptrace: ``docs/background-checkpoints.md``);
-* ``sync, fork twin``: the same, its instant taken by forking a frozen twin (the
+* ``sync (auto)``: ``Checkpointer.checkpoint()`` as it is: it picks, per checkpoint,
+  the ptrace path or a fork, whichever its measured costs say is quicker;
+* ``sync, ptrace``: its instant always taken by the helper process (pre-copy rounds,
+  then every thread stopped with ptrace: ``docs/background-checkpoints.md``);
+* ``sync, fork twin``: its instant always taken by forking a frozen twin (the
   fallback, and what ``checkpoint()`` did before the ptrace path);
 * ``sync, old path``: what ``checkpoint()`` did before issue 13 (copy from the live
   process while it writes: fuzzy, torn under concurrent writes), for "no slower than
   before";
-* ``background``: ``checkpoint(wait=False)``, then ``result()`` (ptrace path);
-* ``background, fork twin``: the same through the fork fallback;
+* ``background (auto)``, ``background, ptrace``, ``background, fork twin``: the same
+  three with ``checkpoint(wait=False)``, then ``result()``;
 * ``fork() snapshot``: the Redis ``BGSAVE`` way: ``os.fork()``; the child writes every
   array to a file, ``fsync``, exits; the parent waits for it.
 
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=size_arg(NARRAYS * 64 * PAGE), default=1 << 30, help="state size (default 1G)")
     ap.add_argument("--repeat", type=int, default=5, help="rounds per method (default 5)")
+    ap.add_argument("--written", type=float, default=0.10,
+                    help="fraction of the pages written before each round (default 0.10)")
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temporary one here)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON to this file")
     args = ap.parse_args(argv)
@@ -147,9 +151,9 @@ def run(args: argparse.Namespace, d: str) -> int:
     rng = np.random.default_rng(1)
 
     def dirty() -> None:
-        """One value into 10% of the pages (random)."""
+        """One value into ``--written`` of the pages (random)."""
         for a in flats:
-            pages = rng.choice(a.size // per_page, a.size // per_page // 10, replace=False)
+            pages = rng.choice(a.size // per_page, int(a.size // per_page * args.written), replace=False)
             a[pages * per_page] += 1
 
     ck = Checkpointer(os.path.join(d, "state.ckpt"), arrays)
@@ -178,23 +182,19 @@ def run(args: argparse.Namespace, d: str) -> int:
     def stopped(info: Any) -> float:
         return float(ck.last_instant.get("stop", float("nan"))) if info.method == "ptrace" else float("nan")
 
-    def sync() -> None:
-        c0, s = writer.count, time.perf_counter()
-        info = ck.checkpoint()
-        e = time.perf_counter()
-        assert info.method == "ptrace", info
-        record("sync checkpoint()", e - s, s, e, e, 0, c0, stopped(info))
-
-    def sync_fork() -> None:
-        ck._use_ptrace = False
+    def sync(how: bool | None = None) -> None:
+        ck._use_ptrace = how
         try:
             c0, s = writer.count, time.perf_counter()
             info = ck.checkpoint()
             e = time.perf_counter()
         finally:
-            ck._use_ptrace = True
-        assert info.method == "fork", info
-        record("sync, fork twin", e - s, s, e, e, 0, c0)
+            ck._use_ptrace = None
+        assert how is None or info.method == ("ptrace" if how else "fork"), info
+        name = {None: "sync checkpoint() (auto)", True: "sync, ptrace", False: "sync, fork twin"}
+        record(name[how], e - s, s, e, e, 0, c0, stopped(info))
+        if how is None:
+            picks.append(info.method)
 
     def sync_old() -> None:
         store = ck._store
@@ -206,24 +206,23 @@ def run(args: argparse.Namespace, d: str) -> int:
         e = time.perf_counter()
         record("sync, old path (fuzzy)", e - s, s, e, e, 0, c0)
 
-    def background(fork: bool = False) -> None:
+    def background(how: bool | None = None) -> None:
         base = pss_kib() + sum(pss_kib(c) for c in children())  # the idle helper included
-        ck._use_ptrace = not fork
+        ck._use_ptrace = how
         try:
             c0, s = writer.count, time.perf_counter()
             fut = ck.checkpoint(wait=False)
             r = time.perf_counter()
         finally:
-            ck._use_ptrace = True
+            ck._use_ptrace = None
         mem = sample_memory(fut.done, base)
         info = fut.result()
         e = time.perf_counter()
-        assert info.method == ("fork" if fork else "ptrace"), info
-        record("wait=False, fork twin" if fork else "checkpoint(wait=False)", r - s, s, r, e, mem, c0,
-               stopped(info))
-
-    def background_fork() -> None:
-        background(fork=True)
+        assert how is None or info.method == ("ptrace" if how else "fork"), info
+        name = {None: "checkpoint(wait=False) (auto)", True: "wait=False, ptrace", False: "wait=False, fork twin"}
+        record(name[how], r - s, s, r, e, mem, c0, stopped(info))
+        if how is None:
+            picks.append(info.method)
 
     def fork_snapshot() -> None:
         path = os.path.join(d, "fork.bin")
@@ -248,11 +247,15 @@ def run(args: argparse.Namespace, d: str) -> int:
         e = time.perf_counter()
         record("fork() snapshot (BGSAVE)", r - s, s, r, e, mem, c0)
 
-    methods: list[Callable[[], None]] = [sync, sync_fork, sync_old, background, background_fork, fork_snapshot]
+    picks: list[str] = []
+    methods: list[Callable[[], None]] = [
+        sync, lambda: sync(True), lambda: sync(False), sync_old,
+        background, lambda: background(True), lambda: background(False), fork_snapshot]
     for m in methods:  # warm-up round
         dirty()
         m()
     results.clear()
+    picks.clear()
     nm = len(methods)
     for k in range(args.repeat):
         order = methods[k % nm:] + methods[:k % nm]
@@ -266,7 +269,7 @@ def run(args: argparse.Namespace, d: str) -> int:
     def pct(xs: list[float], q: float) -> float:
         return float(np.percentile(xs, q))
 
-    print(f"{fmt_size(args.size)} of state ({npages} pages), 10% of the pages written per round, "
+    print(f"{fmt_size(args.size)} of state ({npages} pages), {args.written:.0%} of the pages written per round, "
           f"{args.repeat} rounds; writer idle rate {idle_rate:,.0f} steps/s")
     rows = []
     for name, r in results.items():
@@ -279,9 +282,10 @@ def run(args: argparse.Namespace, d: str) -> int:
         ])
     print_table(["method", "pause p50", "pause p99", "stopped p50", "writer stall p50", "stall p99", "writer rate",
                  "extra mem (max)", "total p50"], rows)
+    print("(auto) picked: " + ", ".join(f"{m} {picks.count(m)}x" for m in sorted(set(picks))))
     if args.json:
-        write_json(args.json, {"machine": machine(), "size": args.size, "repeat": args.repeat,
-                               "idle_rate": idle_rate, "results": results})
+        write_json(args.json, {"machine": machine(), "size": args.size, "written": args.written, "repeat": args.repeat,
+                               "idle_rate": idle_rate, "results": results, "auto_picked": picks})
     return 0
 
 

@@ -120,16 +120,19 @@ def check_generations(path: Path, first: int = 1) -> int:
     return n
 
 
-@pytest.mark.parametrize("method,offset", [("ptrace", 0), ("ptrace", 8), ("fork", 0)])
+@pytest.mark.parametrize("method,offset", [("ptrace", 0), ("ptrace", 8), ("fork", 0), ("declined", 0)])
 def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path, method: str, offset: int) -> None:
     """``ptrace``: the helper's pre-copy rounds and stop (offset 8: the entry does not
-    start on a page boundary, so its chunks straddle pages); ``fork``: the fallback."""
+    start on a page boundary, so its chunks straddle pages); ``fork``: the fallback;
+    ``declined``: the helper finds (and re-arms) the written pages, judges a fork
+    cheaper, and the fork path stores them."""
     mem = pagescan.zeros(2 * N * 8 + P, np.uint8)
     s = mem[offset:offset + 2 * N * 8].view(np.int64)
     path = tmp_path / "c.ckpt"
     methods = set()
     with Checkpointer(path, {"s": s}) as ck:
-        ck._use_ptrace = method == "ptrace"
+        ck._use_ptrace = {"ptrace": True, "fork": False, "declined": None}[method]
+        ck._cost["copy"] = 1e9 if method == "declined" else ck._cost["copy"]
         ck.checkpoint()
         with writers(s) as counts:
             deadline = time.monotonic() + 4
@@ -146,7 +149,7 @@ def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path, met
         assert min(counts) > 0
         assert rounds >= 10
         final = ck.checkpoint()
-    assert methods == {method}
+    assert methods == {"fork" if method == "declined" else method}
     assert check_generations(path) == final.generation
     np.testing.assert_array_equal(loaded(path)["s"], s)  # tracking survived every instant
 
@@ -436,6 +439,7 @@ th = threading.Thread(target=write)
 th.start()
 sys.stdin.readline()  # the writer is traced from now on
 with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    ck._use_ptrace = True
     methods = [ck.checkpoint(wait=False).result().method for _ in range(3)] + [ck.checkpoint().method]
     refused = ck._pre.refused.errno if ck._pre is not None and ck._pre.refused is not None else None
     stop.set()
@@ -475,6 +479,7 @@ def test_killing_the_helper_while_threads_are_stopped_lets_the_program_run_on(tm
     path = tmp_path / "c.ckpt"
     before = children_of()
     with Checkpointer(path, {"s": s}) as ck, writers(s) as counts:
+        ck._use_ptrace = True
         ck.checkpoint()
         assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
         helper = ck._pre.pid if ck._pre is not None else 0

@@ -14,16 +14,18 @@ or the next, never nowhere).
 
 Every generation is the memory of one instant, even while other threads write (with
 or without the GIL). The instant is taken in a short pause inside
-:meth:`~Checkpointer.checkpoint`: the written chunks are found and re-armed, then the
-process is forked; the child, a *frozen twin* that runs nothing of the program, keeps
-the memory as it was at the ``fork`` (copy-on-write), and the chunks are read from it
-through ``/proc/PID/mem`` (never by dereferencing addresses from Python), while a
-second thread writes the previous batch to the file; pages written between the walk
-and the fork are found by a second walk and stored too. ``checkpoint(wait=False)``
-returns a :class:`PendingCheckpoint` (a ``concurrent.futures.Future``) right after the
-pause and does the rest in a background thread. A process with a single thread,
-checkpointing synchronously, copies its own memory directly (no other thread can
-write meanwhile). See ``docs/background-checkpoints.md``.
+:meth:`~Checkpointer.checkpoint`. An incremental checkpoint asks a helper process
+(:mod:`._precopy`) to copy the written pages into a staging area in pre-copy rounds
+while the program runs, then to stop every other thread with ptrace (:mod:`._freeze`)
+for a last walk and copy: that stop is the instant. A full checkpoint, or one whose
+helper the kernel may not let trace us, forks instead: the child, a *frozen twin*
+that runs nothing of the program, keeps the memory as it was at the ``fork``
+(copy-on-write), and the chunks are read from it through ``/proc/PID/mem`` (never by
+dereferencing addresses from Python). ``checkpoint(wait=False)`` returns a
+:class:`PendingCheckpoint` (a ``concurrent.futures.Future``) right after the pause and
+does the rest in a background thread. A process with a single thread, checkpointing
+synchronously, copies its own memory directly (no other thread can write meanwhile).
+See ``docs/background-checkpoints.md``.
 
 :func:`restore` writes exactly each target's bytes and nothing around them
 (``process_vm_writev``); :func:`load` returns new arrays (page-aligned, each on its own
@@ -159,6 +161,18 @@ _gil_lock = threading.RLock()
 _gil_users: list[Any] = [0, 0.0]  # pauses in progress, the interval to restore
 
 
+#: First guesses, in seconds per page, of the cost of a ``fork()`` (per resident page of
+#: the process: page tables) and of the ptrace path (per page its helper copies);
+#: each Checkpointer refines them from what it measures.
+FORK_COST = 0.2e-6
+COPY_COST = 2e-6
+
+
+def _resident_pages() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[1])
+
+
 def _bases(ts: list[Target]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([t.chunks for t in ts], dtype=np.int64)]).astype(np.int64)
 
@@ -208,9 +222,12 @@ class Checkpointer:
         self._thread: threading.Thread | None = None  # the checkpoint in flight
         self._pending: PendingCheckpoint | None = None
         # The helper process of the ptrace path (started by the first checkpoint that is
-        # not taken alone); ``_use_ptrace = False`` makes every instant a fork.
+        # not taken alone). ``_use_ptrace``: ``None`` picks per checkpoint (the cheaper
+        # by the costs measured so far), ``True`` always ptrace, ``False`` always fork.
         self._pre: Precopier | None = None
-        self._use_ptrace = True
+        self._use_ptrace: bool | None = None
+        # Seconds per page: a fork per resident page, the ptrace path per page it copies.
+        self._cost = {"fork": FORK_COST, "copy": COPY_COST}
         #: The helper's figures for the last ptrace instant (rounds, stop seconds, ...).
         self.last_instant: dict[str, Any] = {}
         meta = metas(self.targets)
@@ -304,22 +321,32 @@ class Checkpointer:
         """Store the memory of this instant: the chunks written since the previous
         checkpoint (all of them the first time).
 
-        The *instant* is taken in a short pause inside this call: the written chunks
-        are found and their tracking re-armed (one ``PAGEMAP_SCAN`` walk,
-        :meth:`_find_written`), then the process is forked; the child (a frozen twin,
-        :mod:`pagescan.snapshot._twin`) holds the memory as it was at the ``fork``,
-        whatever other threads write afterwards, and the chunks are read from it
-        (``/proc/PID/mem``), checksummed, written, ``fsync``'d and sealed
+        The *instant* is taken in a short pause inside this call
+        (``CheckpointInfo.method`` says how):
+
+        * ``"ptrace"`` (incremental, other threads exist or ``wait=False``): a helper
+          process copies the written pages into a staging area in pre-copy rounds
+          while the other threads run, then stops them all with ptrace, copies what
+          they wrote since the last round and lets them go: the stop is the instant.
+          This thread waits with every signal blocked (delivered when it returns).
+          The other threads stall for the stop only; the pause grows with the bytes
+          written since the previous checkpoint.
+        * ``"fork"`` (a full checkpoint; or the kernel refused to let the helper trace
+          us: a debugger attached, Yama): the written chunks are found and re-armed
+          (:meth:`_find_written`), then the process is forked; the child (a frozen
+          twin, :mod:`pagescan.snapshot._twin`) holds the memory as it was at the
+          ``fork``. The pause grows with the populated memory (page tables).
+        * ``"direct"``: this is the process's only thread and no ``progress`` callback
+          is given: nothing else can write during a synchronous checkpoint, it copies
+          from this process directly (signals blocked).
+
+        The chunks are then checksummed, written, ``fsync``'d and sealed
         (:meth:`_write`). So every generation is the memory of one instant, even while
         other threads write (with or without the GIL): state spanning pages is never
         torn. A write racing the pause is in this generation or the next, never lost.
-        When the calling thread is the process's only thread and no ``progress``
-        callback is given, nothing else can write during a synchronous checkpoint:
-        it copies from this process directly (signals blocked), without a fork.
         During the pause the interpreter's GIL switch interval is 0.1 ms (restored
         before returning), so that a thread busy under the GIL does not delay it.
-        The pause is ``CheckpointInfo.pause``; its cost is the walk plus the fork
-        (page tables: grows with the populated memory of the process).
+        The pause is ``CheckpointInfo.pause``.
 
         ``wait=True`` (default): returns the :class:`CheckpointInfo` when sealed.
         ``wait=False``: returns a :class:`PendingCheckpoint` (a ``Future``) right after
@@ -330,7 +357,9 @@ class Checkpointer:
         On failure (a full disk, the twin killed, ...) the file keeps its previous
         generations, the error is raised (from ``result()`` with ``wait=False``;
         ``OSError`` with the errno), and the chunks found written are stored by the
-        next checkpoint.
+        next checkpoint. The helper dying while it takes the instant raises
+        ``ProcessLookupError`` from this call (the threads it stopped run on); what it
+        had re-armed is unknown, so the next checkpoint is full.
         """
         with self._lock:
             store = self._store
@@ -346,7 +375,7 @@ class Checkpointer:
                 full = self._full_next
                 fut = PendingCheckpoint(len(store.generations) + 1)
                 alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
-                pre = None if full or alone or not self._use_ptrace else self._precopier()
+                pre = None if full or alone or self._use_ptrace is False else self._precopier()
                 twin = None
                 if pre is not None:
                     chunks = self._instant_ptrace(pre, fut)
@@ -354,8 +383,11 @@ class Checkpointer:
                         pre = None  # refused: fork instead
                 if pre is None:
                     chunks = self._find_written(full)  # the instant: re-armed, then frozen
-                    twin = None if alone else FrozenTwin()
-                    if not (full or alone) and self._use_ptrace and self._pre is None:
+                    if not alone:
+                        t = time.perf_counter()
+                        twin = FrozenTwin()
+                        self._learn("fork", time.perf_counter() - t, _resident_pages())
+                    if not alone and self._use_ptrace is not False and self._pre is None:
                         self._precopier()  # started now, ready for the next checkpoint
                 assert chunks is not None
                 method = "ptrace" if pre is not None else "direct" if alone else "fork"
@@ -406,8 +438,11 @@ class Checkpointer:
             starts, lengths, _ = chunk_runs(self._carry, self.targets, self._base)
             s = starts.astype(np.int64)
             extra = np.stack([s // P * P, (s + lengths.astype(np.int64) + P - 1) // P * P], axis=1)
+        budget = None
+        if self._use_ptrace is None:
+            budget = int(_resident_pages() * self._cost["fork"] / self._cost["copy"])
         try:
-            runs, figures = pre.instant(extra)
+            runs, figures = pre.instant(extra, budget)
         except Refused as r:
             self._carry = np.union1d(self._carry, self._runs_to_chunks(r.runs))
             return None
@@ -419,9 +454,15 @@ class Checkpointer:
             raise OSError(err.errno, f"{err.strerror}; generation {fut.generation} was not written, "
                           f"{self.path} is unchanged (the next checkpoint is full)") from err
         self.last_instant = figures
+        self._learn("copy", float(figures.get("seconds", 0.0)), int(figures.get("copied", 0)) // P)
         chunks = np.union1d(self._runs_to_chunks(runs), self._carry)
         self._carry = chunks  # remembered until stored
         return chunks
+
+    def _learn(self, what: str, seconds: float, pages: int) -> None:
+        """Fold a measured cost (seconds for ``pages``) into the per-page estimate."""
+        if pages > 256 and seconds > 0:
+            self._cost[what] = 0.5 * self._cost[what] + 0.5 * seconds / pages
 
     def _runs_to_chunks(self, runs: np.ndarray) -> np.ndarray:
         if not len(runs):

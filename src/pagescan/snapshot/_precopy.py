@@ -11,7 +11,10 @@ threads keep running:
    ``process_vm_readv`` copies them into their slots in the staging area. A page
    written again after it was re-armed is found by the next round and copied again.
    Rounds stop when they no longer shrink by half (a hot set the program keeps
-   rewriting) or after :data:`ROUNDS`.
+   rewriting: that last set is left for the stop to copy) or after :data:`ROUNDS`.
+   If the first walk finds more pages than the caller's *budget* (what it can copy
+   in the time a ``fork()`` would take), nothing is copied: the reply says so, with
+   the pages found (and re-armed), and the caller forks.
 2. the stop: every thread of ours is stopped with ptrace (:mod:`._freeze`), the
    pages written since the last round are found, re-armed and copied, the threads
    are let go. That is the instant: for every page, its last copy is its content at
@@ -163,18 +166,26 @@ class _Helper:
         found = []
         copied = 0
         runs = merge_runs(np.concatenate([self.scan(), extra]))
-        copied += self.copy(runs)
         found.append(runs)
-        rounds = 1
         prev = int((runs[:, 1] - runs[:, 0]).sum()) // P
+        budget = head.get("budget")
+        if budget is not None and prev > budget:
+            # Copying this much would take longer than a fork: the caller forks instead.
+            _send(self.sock, {"ok": False, "refused": False, "prefer_fork": True, "pages": prev,
+                              "errno": errno.EAGAIN, "error": "fork is cheaper"}, runs.tobytes())
+            return
+        copied += self.copy(runs)
+        rounds = 1
+        pending = np.empty((0, 2), np.int64)  # found and re-armed, left for the stop to copy
         while rounds < ROUNDS and prev > SMALL:
             runs = self.scan()
-            copied += self.copy(runs)
             found.append(runs)
             rounds += 1
             n = int((runs[:, 1] - runs[:, 0]).sum()) // P
             if n > prev // 2:
+                pending = runs  # not converging (a hot set): copying it now would be wasted
                 break
+            copied += self.copy(runs)
             prev = n
         t1 = time.perf_counter()
         try:
@@ -190,8 +201,9 @@ class _Helper:
         try:
             t2 = time.perf_counter()
             runs = self.scan()
-            copied += self.copy(runs)
             found.append(runs)
+            runs = merge_runs(np.concatenate([runs, pending]))
+            copied += self.copy(runs)
             stop_pages = int((runs[:, 1] - runs[:, 0]).sum()) // P
             hold = float(head.get("hold", 0.0))
             if hold:
@@ -204,7 +216,7 @@ class _Helper:
         allr = merge_runs(np.concatenate(found))
         _send(self.sock, {"ok": True, "rounds": rounds, "precopy": t1 - t0, "stop": t3 - t2 + fr.seconds,
                           "stopping": fr.seconds, "threads": nthreads,
-                          "stop_pages": stop_pages, "copied": copied}, allr.tobytes())
+                          "stop_pages": stop_pages, "copied": copied, "seconds": t3 - t0}, allr.tobytes())
 
     def serve(self) -> int:
         pfd = os.pidfd_open(self.parent)
@@ -242,11 +254,12 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs in the helper proce
 
 
 class Refused(Exception):
-    """The helper could not stop our threads: ``runs`` were found (and re-armed) by its rounds."""
+    """No instant from the helper: it could not stop our threads (``prefer_fork`` false),
+    or found more to copy than its budget; ``runs`` were found (and re-armed) meanwhile."""
 
-    def __init__(self, err: OSError, runs: np.ndarray) -> None:
+    def __init__(self, err: OSError, runs: np.ndarray, prefer_fork: bool = False) -> None:
         super().__init__(str(err))
-        self.err, self.runs = err, runs
+        self.err, self.runs, self.prefer_fork = err, runs, prefer_fork
 
 
 class Precopier:
@@ -306,8 +319,11 @@ class Precopier:
         except (EOFError, ConnectionError) as err:
             raise self._died(err) from None
 
-    def instant(self, extra: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    def instant(self, extra: np.ndarray, budget: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
         """Run the rounds and the stop; return the runs found and the helper's figures.
+
+        ``budget``: the most pages worth copying (more: :class:`Refused` with
+        ``prefer_fork``, nothing copied); ``None``: no limit.
 
         The calling thread waits for the reply with every signal blocked, so that it runs
         nothing of the program meanwhile (no Python signal handler): the helper leaves it
@@ -323,7 +339,8 @@ class Precopier:
             self._ready = True
         old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            _send(self.sock, {"op": "checkpoint", "hold": self.hold, "skip": threading.get_native_id()},
+            _send(self.sock, {"op": "checkpoint", "hold": self.hold, "skip": threading.get_native_id(),
+                              "budget": budget},
                   merge_runs(extra).astype(np.int64).tobytes())
             head, blob = self._get()
             if head.get("holding"):
@@ -333,6 +350,8 @@ class Precopier:
         runs = _runs(blob)
         if not head.get("ok"):
             err = OSError(int(head.get("errno") or errno.EIO), str(head.get("error")))
+            if head.get("prefer_fork"):
+                raise Refused(err, runs, prefer_fork=True)
             if head.get("refused"):
                 self.refused = err
                 raise Refused(err, runs)
