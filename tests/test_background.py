@@ -124,8 +124,8 @@ def check_generations(path: Path, first: int = 1) -> int:
 def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path, method: str, offset: int) -> None:
     """``ptrace``: the helper's pre-copy rounds and stop (offset 8: the entry does not
     start on a page boundary, so its chunks straddle pages); ``fork``: the fallback;
-    ``declined``: the helper finds (and re-arms) the written pages, judges a fork
-    cheaper, and the fork path stores them."""
+    ``declined``: the default per-checkpoint choice, with costs that make a fork look
+    cheaper every time (its counting walk, which stops early, must not lose pages)."""
     mem = pagescan.zeros(2 * N * 8 + P, np.uint8)
     s = mem[offset:offset + 2 * N * 8].view(np.int64)
     path = tmp_path / "c.ckpt"
@@ -501,6 +501,13 @@ def test_killing_the_helper_while_threads_are_stopped_lets_the_program_run_on(tm
         assert info.generation == 3 and info.full  # what the dead helper had re-armed is unknown
         assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
         assert ck._pre is not None and ck._pre.pid != helper  # a new helper
+        helper = ck._pre.pid
+        ck._pre.child.kill()  # between checkpoints: its last reply came, nothing is lost
+        assert ck._pre.child.wait(30) is not None
+        info = ck.checkpoint(wait=False).result(timeout=30)
+        assert (info.method, info.full) == ("fork", False)
+        assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        assert ck._pre is not None and ck._pre.pid != helper
     with Checkpointer(path, {"s": s}) as ck:
         ck.checkpoint()
     assert children_of() == before

@@ -417,7 +417,13 @@ class Checkpointer:
 
     def _precopier(self) -> Precopier | None:
         """The helper process of the ptrace path (started on first use); ``None`` once
-        the kernel refused to let it trace us."""
+        the kernel refused to let it trace us, or when the helper was found dead (a new
+        one is started for the next checkpoint: nothing was lost, its last reply came)."""
+        if self._pre is not None and self._pre.child.wait(0) is not None:
+            self._pre.close()
+            self._pre = None
+            self._precopier()
+            return None
         if self._pre is None:
             try:
                 self._pre = Precopier(merged_page_runs(self.targets),
@@ -438,11 +444,10 @@ class Checkpointer:
             starts, lengths, _ = chunk_runs(self._carry, self.targets, self._base)
             s = starts.astype(np.int64)
             extra = np.stack([s // P * P, (s + lengths.astype(np.int64) + P - 1) // P * P], axis=1)
-        budget = None
-        if self._use_ptrace is None:
-            budget = int(_resident_pages() * self._cost["fork"] / self._cost["copy"])
+        if self._use_ptrace is None and self._over_budget():
+            return None
         try:
-            runs, figures = pre.instant(extra, budget)
+            runs, figures = pre.instant(extra)
         except Refused as r:
             self._carry = np.union1d(self._carry, self._runs_to_chunks(r.runs))
             return None
@@ -458,6 +463,17 @@ class Checkpointer:
         chunks = np.union1d(self._runs_to_chunks(runs), self._carry)
         self._carry = chunks  # remembered until stored
         return chunks
+
+    def _over_budget(self) -> bool:
+        """More pages written than the helper can copy in the time of a fork? Counted
+        without re-arming, in walks that stop as soon as the answer is known."""
+        budget = int(_resident_pages() * self._cost["fork"] / self._cost["copy"])
+        n = int(self._carry.size)
+        for w in self._watches:
+            if n > budget:
+                break
+            n += len(w.get(max_pages=budget + 1 - n))
+        return n > budget
 
     def _learn(self, what: str, seconds: float, pages: int) -> None:
         """Fold a measured cost (seconds for ``pages``) into the per-page estimate."""

@@ -12,9 +12,6 @@ threads keep running:
    written again after it was re-armed is found by the next round and copied again.
    Rounds stop when they no longer shrink by half (a hot set the program keeps
    rewriting: that last set is left for the stop to copy) or after :data:`ROUNDS`.
-   If the first walk finds more pages than the caller's *budget* (what it can copy
-   in the time a ``fork()`` would take), nothing is copied: the reply says so, with
-   the pages found (and re-armed), and the caller forks.
 2. the stop: every thread of ours is stopped with ptrace (:mod:`._freeze`), the
    pages written since the last round are found, re-armed and copied, the threads
    are let go. That is the instant: for every page, its last copy is its content at
@@ -168,12 +165,6 @@ class _Helper:
         runs = merge_runs(np.concatenate([self.scan(), extra]))
         found.append(runs)
         prev = int((runs[:, 1] - runs[:, 0]).sum()) // P
-        budget = head.get("budget")
-        if budget is not None and prev > budget:
-            # Copying this much would take longer than a fork: the caller forks instead.
-            _send(self.sock, {"ok": False, "refused": False, "prefer_fork": True, "pages": prev,
-                              "errno": errno.EAGAIN, "error": "fork is cheaper"}, runs.tobytes())
-            return
         copied += self.copy(runs)
         rounds = 1
         pending = np.empty((0, 2), np.int64)  # found and re-armed, left for the stop to copy
@@ -254,12 +245,11 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs in the helper proce
 
 
 class Refused(Exception):
-    """No instant from the helper: it could not stop our threads (``prefer_fork`` false),
-    or found more to copy than its budget; ``runs`` were found (and re-armed) meanwhile."""
+    """The helper could not stop our threads: ``runs`` were found (and re-armed) by its rounds."""
 
-    def __init__(self, err: OSError, runs: np.ndarray, prefer_fork: bool = False) -> None:
+    def __init__(self, err: OSError, runs: np.ndarray) -> None:
         super().__init__(str(err))
-        self.err, self.runs, self.prefer_fork = err, runs, prefer_fork
+        self.err, self.runs = err, runs
 
 
 class Precopier:
@@ -319,11 +309,8 @@ class Precopier:
         except (EOFError, ConnectionError) as err:
             raise self._died(err) from None
 
-    def instant(self, extra: np.ndarray, budget: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def instant(self, extra: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
         """Run the rounds and the stop; return the runs found and the helper's figures.
-
-        ``budget``: the most pages worth copying (more: :class:`Refused` with
-        ``prefer_fork``, nothing copied); ``None``: no limit.
 
         The calling thread waits for the reply with every signal blocked, so that it runs
         nothing of the program meanwhile (no Python signal handler): the helper leaves it
@@ -339,8 +326,7 @@ class Precopier:
             self._ready = True
         old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         try:
-            _send(self.sock, {"op": "checkpoint", "hold": self.hold, "skip": threading.get_native_id(),
-                              "budget": budget},
+            _send(self.sock, {"op": "checkpoint", "hold": self.hold, "skip": threading.get_native_id()},
                   merge_runs(extra).astype(np.int64).tobytes())
             head, blob = self._get()
             if head.get("holding"):
@@ -350,8 +336,6 @@ class Precopier:
         runs = _runs(blob)
         if not head.get("ok"):
             err = OSError(int(head.get("errno") or errno.EIO), str(head.get("error")))
-            if head.get("prefer_fork"):
-                raise Refused(err, runs, prefer_fork=True)
             if head.get("refused"):
                 self.refused = err
                 raise Refused(err, runs)
