@@ -8,7 +8,7 @@ once in a warm-up (first touch of never-used memory costs 2-2.7 s/GiB in this VM
 A writer thread runs throughout: each step writes one int64 into each of 16 pages of
 a hot 1% of the state (a fancy-index assignment, under the GIL) and records the time.
 Before each round the main thread writes one value into 10% of the pages (random,
-outside the timing). Side by side, in rotating order, each ``--repeat`` times:
+outside the timing). Side by side, in a shuffled order each round, ``--repeat`` rounds:
 
 * ``sync (auto)``: ``Checkpointer.checkpoint()`` as it is: it picks, per checkpoint,
   the ptrace path or a fork, whichever its measured costs say is quicker;
@@ -246,6 +246,8 @@ def run(args: argparse.Namespace, d: str) -> int:
         waiter.join()
         e = time.perf_counter()
         record("fork() snapshot (BGSAVE)", r - s, s, r, e, mem, c0)
+        os.unlink(path)  # freeing 1 GiB of blocks: not on the next method's fsync
+        os.sync()
 
     picks: list[str] = []
     methods: list[Callable[[], None]] = [
@@ -257,8 +259,9 @@ def run(args: argparse.Namespace, d: str) -> int:
     results.clear()
     picks.clear()
     nm = len(methods)
-    for k in range(args.repeat):
-        order = methods[k % nm:] + methods[:k % nm]
+    shuffle = np.random.default_rng(3)
+    for _ in range(args.repeat):
+        order = [methods[i] for i in shuffle.permutation(nm)]
         for m in order:
             dirty()
             m()

@@ -161,9 +161,10 @@ _gil_lock = threading.RLock()
 _gil_users: list[Any] = [0, 0.0]  # pauses in progress, the interval to restore
 
 
-#: First guesses, in seconds per page, of the cost of a ``fork()`` (per resident page of
-#: the process: page tables) and of the ptrace path (per page its helper copies);
-#: each Checkpointer refines them from what it measures.
+#: First guesses, in seconds per page, of the cost of the fork path (a walk and a
+#: ``fork()``, per resident page of the process: page tables) and of the ptrace path
+#: (per written page its helper finds: its copies, walks and stop included); each
+#: Checkpointer refines them from what it measures.
 FORK_COST = 0.2e-6
 COPY_COST = 2e-6
 
@@ -382,9 +383,9 @@ class Checkpointer:
                     if chunks is None:
                         pre = None  # refused: fork instead
                 if pre is None:
+                    t = time.perf_counter()
                     chunks = self._find_written(full)  # the instant: re-armed, then frozen
                     if not alone:
-                        t = time.perf_counter()
                         twin = FrozenTwin()
                         self._learn("fork", time.perf_counter() - t, _resident_pages())
                     if not alone and self._use_ptrace is not False and self._pre is None:
@@ -417,8 +418,9 @@ class Checkpointer:
 
     def _precopier(self) -> Precopier | None:
         """The helper process of the ptrace path (started on first use); ``None`` once
-        the kernel refused to let it trace us, or when the helper was found dead (a new
-        one is started for the next checkpoint: nothing was lost, its last reply came)."""
+        the kernel refused to let it trace us, while it is still starting (unless
+        ptrace is forced), or when the helper was found dead (a new one is started for
+        the next checkpoint: nothing was lost, its last reply came)."""
         if self._pre is not None and self._pre.child.wait(0) is not None:
             self._pre.close()
             self._pre = None
@@ -433,6 +435,8 @@ class Checkpointer:
                 return None
         if self._pre.refused is not None:
             return None
+        if self._use_ptrace is None and not self._pre.ready():
+            return None  # still starting: fork this time rather than wait for it
         return self._pre
 
     def _instant_ptrace(self, pre: Precopier, fut: PendingCheckpoint) -> np.ndarray | None:
@@ -459,8 +463,10 @@ class Checkpointer:
             raise OSError(err.errno, f"{err.strerror}; generation {fut.generation} was not written, "
                           f"{self.path} is unchanged (the next checkpoint is full)") from err
         self.last_instant = figures
-        self._learn("copy", float(figures.get("seconds", 0.0)), int(figures.get("copied", 0)) // P)
-        chunks = np.union1d(self._runs_to_chunks(runs), self._carry)
+        found = self._runs_to_chunks(runs)
+        # Per page found: its copies (a hot page twice), the walks and the stop included.
+        self._learn("copy", float(figures.get("seconds", 0.0)), int(found.size))
+        chunks = np.union1d(found, self._carry)
         self._carry = chunks  # remembered until stored
         return chunks
 

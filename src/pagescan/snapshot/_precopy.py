@@ -303,6 +303,16 @@ class Precopier:
         return OSError(errno.ESRCH, f"{os.strerror(errno.ESRCH)}: the checkpoint helper process (pid "
                        f"{self.child.pid}) ended ({how})")
 
+    def ready(self) -> bool:
+        """Has the helper started (without waiting for it)? Its start takes an interpreter
+        start-up (a few hundred ms on a busy machine)."""
+        if not self._ready and select.select([self.sock], [], [], 0)[0]:
+            head, _ = self._get()
+            if not head.get("ready"):
+                raise self._died()
+            self._ready = True
+        return self._ready
+
     def _get(self) -> tuple[dict[str, Any], bytes]:
         try:
             return _recv(self.sock)
@@ -343,11 +353,32 @@ class Precopier:
         return runs, head
 
     def read(self, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
-        """Read runs of our memory as the staging area holds them (a :data:`Reader`)."""
+        """Read runs of our memory as the staging area holds them (a :data:`Reader`).
+
+        Runs that start on page boundaries into rows of ``out`` (the usual case: entries
+        that start on a page) are gathered page by page from our mapping of the staging
+        area (a memcpy each; a page's bytes past the end of a run land in the rest of its
+        row, which the caller zeroes); others are copied with ``process_vm_readv``."""
         st = starts.astype(np.int64)
         r = np.searchsorted(self.ranges[:, 0], st, side="right") - 1
-        src = (st - self.ranges[r, 0] + self.soff[r]).astype(np.uint64) + np.uint64(self.stage.ctypes.data)
-        libc.read_runs(os.getpid(), src, lengths, out, offsets)
+        src = st - self.ranges[r, 0] + self.soff[r]
+        ln = lengths.astype(np.int64)
+        of = offsets.astype(np.int64)
+        if out.ndim == 2 and out.shape[1] == P and not ((st % P).any() or (of % P).any()):
+            npg = (ln + P - 1) // P
+            total = int(npg.sum())
+            first = np.repeat(np.cumsum(npg) - npg, npg)
+            k = np.arange(total, dtype=np.int64) - first
+            slots = np.repeat(src // P, npg) + k
+            rows = np.repeat(of // P, npg) + k
+            pages = self.stage[: self.size].reshape(-1, P)
+            if total == len(out) and (rows == np.arange(total)).all():
+                np.take(pages, slots, axis=0, out=out)
+            else:
+                out[rows] = pages[slots]
+            return
+        libc.read_runs(os.getpid(), src.astype(np.uint64) + np.uint64(self.stage.ctypes.data), lengths, out,
+                       offsets)
 
     def release(self) -> None:
         """Empty the staging area (its pages go back to the system)."""
