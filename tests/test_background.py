@@ -7,8 +7,10 @@ Real threads writing real memory, real forks, real files. What is checked:
   while ``checkpoint(wait=False)`` and ``checkpoint()`` run again and again; every
   generation loaded satisfies ``A[j] >= B[j] >= A[j] - 1`` and never goes back in
   time; after the writers stop the last generation is the memory, exactly (the write
-  tracking survived every fork). The same detector catches the old, fuzzy copy (read
-  from the live process while it writes): the check can fail;
+  tracking survived every instant). With the ptrace path (an entry on a page boundary
+  and one that is not), the fork fallback, and the default choice declining the
+  ptrace path every time. The same detector catches the old, fuzzy copy (read from
+  the live process while it writes): the check can fail;
 * SIGKILL of a process at random moments during background checkpoints (60 rounds,
   in forked processes): the last sealed generation loads intact and satisfies the
   invariant; every frozen twin exits when its parent dies;
@@ -17,7 +19,12 @@ Real threads writing real memory, real forks, real files. What is checked:
   chunks the failed one had found;
 * ``close()`` waits for a checkpoint in flight, ``close(cancel=True)`` abandons it;
 * disk full (a small tmpfs) in the background surfaces in ``result()``; the next
-  checkpoint (after the tmpfs grows) works.
+  checkpoint (after the tmpfs grows) works;
+* a thread traced by another process (a debugger's place): PTRACE_SEIZE is refused
+  (EPERM) and every checkpoint forks;
+* the helper SIGKILLed while it holds every thread stopped: the threads run on, the
+  call raises ``ProcessLookupError``, the next checkpoint is full; the helper killed
+  between checkpoints is replaced; no process is left over.
 """
 
 from __future__ import annotations
@@ -513,3 +520,29 @@ def test_killing_the_helper_while_threads_are_stopped_lets_the_program_run_on(tm
     assert children_of() == before
     check_generations(path)
     np.testing.assert_array_equal(loaded(path)["s"], s)
+
+
+def test_two_checkpointers_taking_instants_at_once_do_not_refuse_each_other(tmp_path: Path) -> None:
+    """Two helpers seizing the same threads at once would refuse each other (EPERM): the
+    instants of one process are taken one at a time, and both stay on the ptrace path."""
+    s1, s2 = pagescan.zeros(2 * N, np.int64), pagescan.zeros(2 * N, np.int64)
+    methods: list[set[str]] = [set(), set()]
+    with Checkpointer(tmp_path / "1.ckpt", {"s": s1}) as c1, Checkpointer(tmp_path / "2.ckpt", {"s": s2}) as c2:
+        cks = [c1, c2]
+        for ck in cks:
+            ck._use_ptrace = True
+            ck.checkpoint()
+
+        def run(i: int) -> None:
+            for _ in range(8):
+                methods[i].add(cks[i].checkpoint(wait=False).result(timeout=30).method)
+
+        with writers(s1, 1), writers(s2, 1):
+            ths = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+            for th in ths:
+                th.start()
+            for th in ths:
+                th.join()
+    assert methods == [{"ptrace"}, {"ptrace"}]
+    check_generations(tmp_path / "1.ckpt")
+    check_generations(tmp_path / "2.ckpt")

@@ -158,6 +158,9 @@ def _quick_gil() -> Iterator[None]:
 
 
 _gil_lock = threading.RLock()
+#: One ptrace instant at a time in this process: two helpers seizing the same threads
+#: would refuse each other (EPERM).
+_instant_lock = threading.Lock()
 _gil_users: list[Any] = [0, 0.0]  # pauses in progress, the interval to restore
 
 
@@ -451,7 +454,8 @@ class Checkpointer:
         if self._use_ptrace is None and self._over_budget():
             return None
         try:
-            runs, figures = pre.instant(extra)
+            with _instant_lock:  # another Checkpointer's helper must not be tracing us now
+                runs, figures = pre.instant(extra)
         except Refused as r:
             self._carry = np.union1d(self._carry, self._runs_to_chunks(r.runs))
             return None
