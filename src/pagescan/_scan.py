@@ -548,24 +548,30 @@ def scan_iter(
 
 def _iterate(sc: Scanner, start: int, end: int, out: np.ndarray | None) -> Iterator[ScanResult]:
     with sc:
-        cur = start
-        budget = sc.max_pages
-        while True:
-            if out is not None:
-                res = sc._scan_out(cur, end, out, sc.vec_len, budget)
-            else:
-                res = sc._scan(cur, end, budget, sc.vec_len)
-            yield res
-            if res.complete or sc.vec_len == 0:
+        yield from walk(sc, start, end, out, sc.max_pages)
+
+
+def walk(sc: Scanner, start: int, end: int, out: np.ndarray | None, max_pages: int) -> Iterator[ScanResult]:
+    """:func:`scan_iter`'s loop over a prepared Scanner (not closed at the end), with
+    ``max_pages`` as the budget of the whole walk (validated ints: no checks here)."""
+    cur = start
+    budget = max_pages
+    while True:
+        if out is not None:
+            res = sc._scan_out(cur, end, out, sc.vec_len, budget)
+        else:
+            res = sc._scan(cur, end, budget, sc.vec_len)
+        yield res
+        if res.complete or sc.vec_len == 0:
+            return
+        if max_pages:
+            budget -= res.pages
+            if budget <= 0:
                 return
-            if sc.max_pages:
-                budget -= res.pages
-                if budget <= 0:
-                    return
-            nxt = res.walk_end
-            if nxt <= cur or (len(res.regions) and nxt < int(res.regions["end"][-1])):
-                return  # no progress possible (partial hugetlb page under WP_MATCHING)
-            cur = nxt
+        nxt = res.walk_end
+        if nxt <= cur or (len(res.regions) and nxt < int(res.regions["end"][-1])):
+            return  # no progress possible (partial hugetlb page under WP_MATCHING)
+        cur = nxt
 
 
 def masks(

@@ -63,7 +63,7 @@ import numpy as np
 from . import _probe
 from ._args import Buffer, buffer_range, check_aligned, u64
 from ._errors import InvalidArgumentError, feature_error
-from ._scan import scan, scan_iter
+from ._scan import Scanner, scan, walk
 from ._uapi import libc
 from ._uapi.mman import MADV
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag
@@ -130,10 +130,11 @@ class WriteWatch:
         ValueError, TypeError: bad arguments (unaligned ``start``, ``length <= 0``).
     """
 
-    __slots__ = ("__weakref__", "_lock", "_owner", "_uffd", "end", "exclude", "start")
+    __slots__ = ("__weakref__", "_lock", "_owner", "_scanners", "_uffd", "end", "exclude", "start")
 
     def __init__(self, start: int | Buffer, length: int | None = None, *, nohugepage: bool = False) -> None:
         self._uffd: Userfaultfd | None = None
+        self._scanners: dict[bool, Scanner] = {}  # by reset flag: prepared once, buffers reused
         if length is None:
             lo, hi = buffer_range(start, "start")
             if _nbytes(start) == 0:
@@ -261,17 +262,19 @@ class WriteWatch:
                 max_pages = 0  # as in 0.1: any bad max_pages is a ValueError
             if max_pages == 0:
                 raise ValueError(f"max_pages must be a positive int or None, not {given!r}")
-        flags = ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if reset else 0)
-        ex = self.exclude
+        reset = bool(reset)
+        sc = self._scanners.get(reset)
+        if sc is None:
+            ex = self.exclude
+            sc = self._scanners[reset] = Scanner(
+                flags=int(ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if reset else 0)),
+                category_mask=int(Category.WRITTEN) | ex, category_inverted=ex, return_mask=int(Category.WRITTEN),
+            )
         parts = []
         last = None
         with self._lock:
             try:
-                for last in scan_iter(
-                    self.start, self.end, flags=int(flags),
-                    category_mask=int(Category.WRITTEN) | ex, category_inverted=ex,
-                    return_mask=int(Category.WRITTEN), max_pages=max_pages or 0,
-                ):
+                for last in walk(sc, self.start, self.end, None, max_pages or 0):
                     if len(last.regions):
                         parts.append(last.regions)
                 if last is not None and not last.complete:
