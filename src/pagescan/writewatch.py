@@ -25,7 +25,7 @@ Decisions (what the kernel does, and what pagescan does about it):
   ``regions`` exclude them where the kernel reports guard pages (6.16): with
   ``category_mask=WRITTEN|GUARD, category_inverted=GUARD``, which takes the kernel off
   its ``WRITTEN``-only fast path -- or, when the previous answer was sparse (at most one
-  region per 4096 pages), on the fast path, which reports a guard page installed since
+  region per 2048 pages), on the fast path, which reports a guard page installed since
   it was last seen (and arms it: a guard page is reported by the fast path at most
   once), followed by a ``GUARD`` scan of just the reported pages, whose guard pages are
   dropped. Both give the same answer (``tests/test_writewatch.py`` checks it on real
@@ -80,11 +80,13 @@ __all__ = ["WriteWatch", "regions_to_pages"]
 
 P = mmap.PAGESIZE
 #: The fast path plus a guard check of the reported pages is used when the previous
-#: answer had at most one region per this many pages of the range (1 GiB, 0.01 %
-#: written: 398 against 628 us; even at about 0.05 %, slower above).
-_SPARSE_PAGES = 4096
+#: answer had at most one region per this many pages of the range (1 GiB written at
+#: 0.01 %: 346 against 598 us; 0.05 %: 504 against 671 us; slower above about 0.08 %).
+_SPARSE_PAGES = 2048
 #: Reported regions closer than this many pages share one guard-check scan.
 _WINDOW_GAP = 64
+#: More than one guard-check scan per this many pages of the range: one scan of the span.
+_WINDOW_PAGES = 1024
 _WRITTEN = int(Category.WRITTEN)
 _GUARD = int(Category.GUARD)
 
@@ -156,13 +158,15 @@ class WriteWatch:
         ValueError, TypeError: bad arguments (unaligned ``start``, ``length <= 0``).
     """
 
-    __slots__ = ("__weakref__", "_lock", "_owner", "_scanners", "_sparse", "_uffd", "end", "exclude", "start")
+    __slots__ = ("__weakref__", "_guard_buf", "_lock", "_owner", "_scanners", "_sparse", "_uffd", "end", "exclude",
+                 "start")
 
     def __init__(self, start: int | Buffer, length: int | None = None, *, nohugepage: bool = False) -> None:
         self._uffd: Userfaultfd | None = None
         # Prepared once (buffers reused), by (reset, fast path); the guard check by None.
         self._scanners: dict[tuple[bool, bool] | None, Scanner] = {}
         self._sparse = True  # the previous answer was sparse: use the fast path
+        self._guard_buf = np.zeros(64, PAGE_REGION_DTYPE)  # guard regions of one window
         if length is None:
             lo, hi = buffer_range(start, "start")
             if _nbytes(start) == 0:
@@ -351,11 +355,18 @@ class WriteWatch:
             g = self._scanners[None] = Scanner(category_mask=_GUARD, return_mask=_GUARD)
         starts, ends = regions["start"], regions["end"]
         cut = np.flatnonzero(starts[1:] - ends[:-1] >= np.uint64(_WINDOW_GAP * P)) + 1
-        if len(cut) * _SPARSE_PAGES > (self.end - self.start) // P:
+        if len(cut) * _WINDOW_PAGES > (self.end - self.start) // P:
             windows = [(int(starts[0]), int(ends[-1]))]
         else:
             windows = list(zip(starts[np.r_[0, cut]].tolist(), ends[np.r_[cut - 1, len(regions) - 1]].tolist()))
-        guards = [res.regions for lo, hi in windows for res in walk(g, lo, hi, None, 0) if len(res.regions)]
+        buf = self._guard_buf
+        guards: list[np.ndarray] = []
+        for lo, hi in windows:
+            n, walk_end = g.scan_into(lo, hi, buf)  # usually none: no allocation
+            if n == len(buf) and walk_end < hi:
+                guards.extend(res.regions for res in walk(g, lo, hi, None, 0))
+            elif n:
+                guards.append(buf[:n].copy())
         if not guards:
             return regions
         pages = np.setdiff1d(regions_to_pages(regions), regions_to_pages(np.concatenate(guards)), assume_unique=True)
