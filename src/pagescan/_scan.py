@@ -211,8 +211,9 @@ class Scanner:
             # attribute wins over a plain function of the class): same checks, same result.
             args = (self.flags, self.category_inverted, self.category_mask, self.category_anyof_mask,
                     self.return_mask, self.max_pages, self.vec_len)
-            self.__dict__["scan_into"] = into(
-                self._target, *args, _fall_back_into(self._target, *args) if self._fallback else None)
+            fn = into(self._target, *args, _fall_back_into(self._target, *args) if self._fallback else None)
+            fn.__doc__, fn.__qualname__ = Scanner.scan_into.__doc__, Scanner.scan_into.__qualname__
+            self.__dict__["scan_into"] = fn
 
     def _prepare(self) -> Runner:
         return _backend.prepare(self._impl, self.flags, self.category_inverted, self.category_mask,
