@@ -193,6 +193,61 @@ def mapping_stats(
 
     Raises ``ProcessLookupError`` / ``PermissionError`` like :func:`pagescan.scan`.
     """
+    return _mapping_table(pid, backend=backend, smaps=smaps, categories=categories).stats()
+
+
+class _MappingTable:
+    """What :func:`mapping_stats` reads, column by column: ``pagescan stat`` renders
+    from the columns without building a :class:`MappingStat` (and its dicts) per
+    mapping; :meth:`stats` builds them when wanted."""
+
+    __slots__ = ("_stats", "classes", "counts", "fields", "shmem", "vmas", "vmflags")
+
+    def __init__(self, vmas: _Vmas, classes: tuple[str, ...], counts: np.ndarray, fields: _Fields | None,
+                 vmflags: list[frozenset[str]] | None, shmem: list[bool] | None) -> None:
+        self.vmas = vmas
+        #: the page classes counted, in the order of ``counts``' columns
+        self.classes = classes
+        #: ``[mapping, class]`` pages
+        self.counts = counts
+        self.fields = fields
+        self.vmflags = vmflags
+        self.shmem = shmem
+        self._stats: list[MappingStat] | None = None
+
+    def __len__(self) -> int:
+        return len(self.vmas)
+
+    def pages(self, cls: str) -> list[int]:
+        """Pages of class ``cls`` per mapping."""
+        col: list[int] = self.counts[:, self.classes.index(cls)].tolist()
+        return col
+
+    def field(self, name: str) -> list[int | None]:
+        """smaps field ``name`` per mapping (``None`` where absent or smaps was not read)."""
+        if self.fields is None:
+            return [None] * len(self.vmas)
+        return self.fields.column(name)
+
+    def stats(self) -> list[MappingStat]:
+        if self._stats is None:
+            cols = self.classes
+            rows: list[list[int]] = self.counts.tolist()
+            if self.fields is None or self.vmflags is None or self.shmem is None:
+                self._stats = [MappingStat(start, end, perms, offset, name, dict(zip(cols, c)), dev, inode)
+                               for (start, end, perms, offset, name, dev, inode), c in zip(self.vmas, rows)]
+            else:
+                self._stats = [
+                    MappingStat(start, end, perms, offset, name, dict(zip(cols, c)), dev, inode, flags, f, sh)
+                    for (start, end, perms, offset, name, dev, inode), c, flags, f, sh
+                    in zip(self.vmas, rows, self.vmflags, self.fields.rows(), self.shmem)
+                ]
+        return self._stats
+
+
+def _mapping_table(pid: Any = None, *, backend: str = "auto", smaps: bool = True,
+                   categories: Iterable[str] | None = None) -> _MappingTable:
+    """:func:`mapping_stats` as columns (same arguments, same errors)."""
     cols_wanted = tuple(STAT_CATEGORIES) if categories is None else tuple(categories)
     for c in cols_wanted:
         if c not in STAT_CATEGORIES:
@@ -227,32 +282,24 @@ def mapping_stats(
             text = reader.result()
         finally:
             reader.close()
+    fields: _Fields | None = None
+    vmflags: list[frozenset[str]] | None = None
+    shmem: list[bool] | None = None
     if smaps:
-        vmas, fields, vmflags = _parse_smaps(text, limit)
+        vmas, fields, vmflags = _smaps_columns(text, limit)
+        shmem_devs = _shmem_devices(pid) if vmas else frozenset()
+        shmem = [_is_shmem(perms, name, dev, shmem_devs) for _, _, perms, _, name, dev, _ in vmas]
     else:
-        vmas, fields, vmflags = _parse_maps(text, limit), None, None
-    shmem_devs = _shmem_devices(pid) if smaps and vmas else frozenset()
-    if not vmas:
-        return []
+        vmas = _parse_maps(text, limit)
     cols = tuple(c for c in cols_wanted if int(STAT_CATEGORIES[c]) & supported)
     regions = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.empty(0, PAGE_REGION_DTYPE)
-    counts = _account(vmas, regions, cols)
-    out = []
-    col_index = [(c, cols.index(c) if c in cols else -1) for c in cols_wanted]
+    counts = _account(vmas, regions, cols) if vmas else np.zeros((0, len(cols)), np.int64)
     if cols != cols_wanted:  # unsupported classes count 0
         full = np.zeros((len(vmas), len(cols_wanted)), np.int64)
-        for c, j in col_index:
-            if j >= 0:
-                full[:, cols_wanted.index(c)] = counts[:, j]
+        for j, c in enumerate(cols):
+            full[:, cols_wanted.index(c)] = counts[:, j]
         counts = full
-    for i, ((start, end, perms, offset, name, dev, inode), row_counts) in enumerate(zip(vmas, counts.tolist())):
-        pages = dict(zip(cols_wanted, row_counts))
-        if fields is None or vmflags is None:
-            out.append(MappingStat(start, end, perms, offset, name, pages, dev, inode))
-        else:
-            out.append(MappingStat(start, end, perms, offset, name, pages, dev, inode, vmflags[i], fields[i],
-                                   _is_shmem(perms, name, dev, shmem_devs)))
-    return out
+    return _MappingTable(vmas, cols_wanted, counts, fields, vmflags, shmem)
 
 
 _ALL = 0
@@ -380,10 +427,44 @@ def _parse_maps(text: bytes, limit: int) -> _Vmas:
 _NL, _COLON = 10, 58
 
 
+class _Fields:
+    """The smaps fields of every mapping: columns (from the numpy parse) or one dict per
+    mapping (from the line parser, where records may differ)."""
+
+    __slots__ = ("_cols", "_n", "_rows")
+
+    def __init__(self, n: int, cols: dict[str, list[int]] | None = None,
+                 rows: list[dict[str, int]] | None = None) -> None:
+        self._n = n
+        self._cols = cols
+        self._rows = rows
+
+    def column(self, name: str) -> list[int | None]:
+        if self._cols is not None:
+            col = self._cols.get(name)
+            return list(col) if col is not None else [None] * self._n
+        assert self._rows is not None
+        return [r.get(name) for r in self._rows]
+
+    def rows(self) -> list[dict[str, int]]:
+        if self._rows is None:
+            assert self._cols is not None
+            keys = list(self._cols)
+            self._rows = [dict(zip(keys, row)) for row in zip(*self._cols.values())] if keys \
+                else [{} for _ in range(self._n)]
+        return self._rows
+
+
 def _parse_smaps(data: bytes, limit: int) -> tuple[_Vmas, list[dict[str, int]], list[frozenset[str]]]:
     """Mappings, smaps fields (sizes in bytes) and VmFlags of the records below ``limit``."""
+    vmas, fields, flags = _smaps_columns(data, limit)
+    return vmas, fields.rows(), flags
+
+
+def _smaps_columns(data: bytes, limit: int) -> tuple[_Vmas, _Fields, list[frozenset[str]]]:
+    """:func:`_parse_smaps` with the fields as columns (no dict per mapping)."""
     if not data:
-        return [], [], []
+        return [], _Fields(0, rows=[]), []
     buf = np.frombuffer(data, np.uint8)
     ends = np.flatnonzero(buf == _NL)
     starts = np.empty_like(ends)
@@ -409,23 +490,22 @@ def _parse_smaps(data: bytes, limit: int) -> tuple[_Vmas, list[dict[str, int]], 
                 table = False
                 break
     if not table:
-        return _parse_smaps_lines(data, limit)
-    nrec = len(vm)
+        vmas, rows, flags = _parse_smaps_lines(data, limit)
+        return vmas, _Fields(len(vmas), rows=rows), flags
     vmas = _parse_maps(b"\n".join([data[a:b] for a, b in zip(grid_s[:, 0].tolist(), grid_e[:, 0].tolist())]),
                        1 << 64)
-    keep = [i for i, v in enumerate(vmas) if v[1] <= limit]
+    keep = np.array([v[1] <= limit for v in vmas], dtype=bool)
+    every = bool(keep.all())
     values: dict[str, list[int]] = {}
     for j, nm in enumerate(names, 1):
-        e = grid_e[:, j]
-        kb = data[int(e[0]) - 3 : int(e[0])] == b" kB"
+        e = grid_e[:, j] if every else grid_e[keep, j]
+        kb = data[int(grid_e[0, j]) - 3 : int(grid_e[0, j])] == b" kB"
         values[nm.decode()] = (_digits_before(buf, e - 3 if kb else e) * (1024 if kb else 1)).tolist()
-    keys = list(values)
-    rows = list(zip(*values.values()))
     vm_s, vm_e = grid_s[:, n - 1].tolist(), grid_e[:, n - 1].tolist()
-    if len(keep) < nrec:
-        rows, vmas = [rows[i] for i in keep], [vmas[i] for i in keep]
-        vm_s, vm_e = [vm_s[i] for i in keep], [vm_e[i] for i in keep]
-    fields = [dict(zip(keys, row)) for row in rows]
+    if not every:
+        idx = np.flatnonzero(keep).tolist()
+        vmas = [vmas[i] for i in idx]
+        vm_s, vm_e = [vm_s[i] for i in idx], [vm_e[i] for i in idx]
     seen: dict[bytes, frozenset[str]] = {}  # most mappings share a few VmFlags lines
     flags = []
     for a, b in zip(vm_s, vm_e):
@@ -434,7 +514,7 @@ def _parse_smaps(data: bytes, limit: int) -> tuple[_Vmas, list[dict[str, int]], 
         if f is None:
             f = seen[raw] = frozenset(raw.decode().split())
         flags.append(f)
-    return vmas, fields, flags
+    return vmas, _Fields(len(vmas), cols=values), flags
 
 
 def _digits_before(buf: np.ndarray, end: np.ndarray) -> np.ndarray:
