@@ -61,12 +61,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from _common import alternating_rounds, machine, positive_int, print_table, write_json
+
 import pagescan
 from pagescan._procfs import task_size
 from pagescan.cli import main as cli_main
 from pagescan.mappings import mapping_stats
-
-from _common import alternating_rounds, machine, positive_int, print_table, write_json
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1 << 20

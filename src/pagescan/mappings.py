@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from ._procfs import _open as _read_proc_file, _open_fd, _parse_header, task_size
+from ._procfs import _open as _read_proc_file
+from ._procfs import _open_fd, _parse_header, task_size
 from ._scan import scan_iter
 from ._target import Target, resolve_pid
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category
@@ -201,18 +202,18 @@ class _MappingTable:
     from the columns without building a :class:`MappingStat` (and its dicts) per
     mapping; :meth:`stats` builds them when wanted."""
 
-    __slots__ = ("_stats", "classes", "counts", "fields", "shmem", "vmas", "vmflags")
+    __slots__ = ("_shmem_devs", "_stats", "classes", "counts", "fields", "vmas")
 
     def __init__(self, vmas: _Vmas, classes: tuple[str, ...], counts: np.ndarray, fields: _Fields | None,
-                 vmflags: list[frozenset[str]] | None, shmem: list[bool] | None) -> None:
+                 shmem_devs: frozenset[str]) -> None:
         self.vmas = vmas
         #: the page classes counted, in the order of ``counts``' columns
         self.classes = classes
         #: ``[mapping, class]`` pages
         self.counts = counts
+        #: smaps fields and VmFlags (``None`` without smaps)
         self.fields = fields
-        self.vmflags = vmflags
-        self.shmem = shmem
+        self._shmem_devs = shmem_devs
         self._stats: list[MappingStat] | None = None
 
     def __len__(self) -> int:
@@ -233,16 +234,21 @@ class _MappingTable:
         if self._stats is None:
             cols = self.classes
             rows: list[list[int]] = self.counts.tolist()
-            if self.fields is None or self.vmflags is None or self.shmem is None:
+            if self.fields is None:
                 self._stats = [MappingStat(start, end, perms, offset, name, dict(zip(cols, c)), dev, inode)
                                for (start, end, perms, offset, name, dev, inode), c in zip(self.vmas, rows)]
             else:
                 self._stats = [
                     MappingStat(start, end, perms, offset, name, dict(zip(cols, c)), dev, inode, flags, f, sh)
                     for (start, end, perms, offset, name, dev, inode), c, flags, f, sh
-                    in zip(self.vmas, rows, self.vmflags, self.fields.rows(), self.shmem)
+                    in zip(self.vmas, rows, self.fields.flags(), self.fields.rows(), self.shmem())
                 ]
         return self._stats
+
+    def shmem(self) -> list[bool]:
+        """Per mapping: a mapping of a shmem file (see :attr:`MappingStat.shmem`)."""
+        devs = self._shmem_devs
+        return [_is_shmem(perms, name, dev, devs) for _, _, perms, _, name, dev, _ in self.vmas]
 
 
 def _mapping_table(pid: Any = None, *, backend: str = "auto", smaps: bool = True,
@@ -283,12 +289,10 @@ def _mapping_table(pid: Any = None, *, backend: str = "auto", smaps: bool = True
         finally:
             reader.close()
     fields: _Fields | None = None
-    vmflags: list[frozenset[str]] | None = None
-    shmem: list[bool] | None = None
+    shmem_devs: frozenset[str] = frozenset()
     if smaps:
-        vmas, fields, vmflags = _smaps_columns(text, limit)
+        vmas, fields = _smaps_columns(text, limit)
         shmem_devs = _shmem_devices(pid) if vmas else frozenset()
-        shmem = [_is_shmem(perms, name, dev, shmem_devs) for _, _, perms, _, name, dev, _ in vmas]
     else:
         vmas = _parse_maps(text, limit)
     cols = tuple(c for c in cols_wanted if int(STAT_CATEGORIES[c]) & supported)
@@ -299,7 +303,7 @@ def _mapping_table(pid: Any = None, *, backend: str = "auto", smaps: bool = True
         for j, c in enumerate(cols):
             full[:, cols_wanted.index(c)] = counts[:, j]
         counts = full
-    return _MappingTable(vmas, cols_wanted, counts, fields, vmflags, shmem)
+    return _MappingTable(vmas, cols_wanted, counts, fields, shmem_devs)
 
 
 _ALL = 0
@@ -428,43 +432,70 @@ _NL, _COLON = 10, 58
 
 
 class _Fields:
-    """The smaps fields of every mapping: columns (from the numpy parse) or one dict per
-    mapping (from the line parser, where records may differ)."""
+    """The smaps fields and VmFlags of every mapping: parsed column by column when first
+    asked for (from the numpy parse's line positions), or one dict per mapping (from the
+    line parser, where records may differ)."""
 
-    __slots__ = ("_cols", "_n", "_rows")
+    __slots__ = ("_buf", "_cols", "_data", "_flags", "_n", "_rows", "_spans", "_where")
 
-    def __init__(self, n: int, cols: dict[str, list[int]] | None = None,
-                 rows: list[dict[str, int]] | None = None) -> None:
+    def __init__(self, n: int, *, rows: list[dict[str, int]] | None = None,
+                 flags: list[frozenset[str]] | None = None, data: bytes = b"",
+                 where: dict[str, tuple[np.ndarray, bool]] | None = None,
+                 spans: tuple[list[int], list[int]] = ([], [])) -> None:
         self._n = n
-        self._cols = cols
         self._rows = rows
+        self._flags = flags
+        self._data = data
+        self._buf = np.frombuffer(data, np.uint8)
+        #: field -> (where each mapping's line ends, in kB?)
+        self._where = where or {}
+        #: where each mapping's VmFlags line starts and ends
+        self._spans = spans
+        self._cols: dict[str, list[int]] = {}
 
     def column(self, name: str) -> list[int | None]:
-        if self._cols is not None:
-            col = self._cols.get(name)
-            return list(col) if col is not None else [None] * self._n
-        assert self._rows is not None
-        return [r.get(name) for r in self._rows]
+        if self._rows is not None:
+            return [r.get(name) for r in self._rows]
+        col = self._cols.get(name)
+        if col is None:
+            if name not in self._where:
+                return [None] * self._n
+            end, kb = self._where[name]
+            col = self._cols[name] = (_digits_before(self._buf, end - 3 if kb else end) * (1024 if kb else 1)).tolist()
+        return list(col)
 
     def rows(self) -> list[dict[str, int]]:
         if self._rows is None:
-            assert self._cols is not None
-            keys = list(self._cols)
-            self._rows = [dict(zip(keys, row)) for row in zip(*self._cols.values())] if keys \
-                else [{} for _ in range(self._n)]
+            keys = list(self._where)
+            cols = [self.column(k) for k in keys]
+            self._rows = [dict(zip(keys, row)) for row in zip(*cols)] if keys else [{} for _ in range(self._n)]
         return self._rows
+
+    def flags(self) -> list[frozenset[str]]:
+        if self._flags is None:
+            data = self._data
+            seen: dict[bytes, frozenset[str]] = {}  # most mappings share a few VmFlags lines
+            flags = []
+            for a, b in zip(*self._spans):
+                raw = data[a + 8 : b]
+                f = seen.get(raw)
+                if f is None:
+                    f = seen[raw] = frozenset(raw.decode().split())
+                flags.append(f)
+            self._flags = flags
+        return self._flags
 
 
 def _parse_smaps(data: bytes, limit: int) -> tuple[_Vmas, list[dict[str, int]], list[frozenset[str]]]:
     """Mappings, smaps fields (sizes in bytes) and VmFlags of the records below ``limit``."""
-    vmas, fields, flags = _smaps_columns(data, limit)
-    return vmas, fields.rows(), flags
+    vmas, fields = _smaps_columns(data, limit)
+    return vmas, fields.rows(), fields.flags()
 
 
-def _smaps_columns(data: bytes, limit: int) -> tuple[_Vmas, _Fields, list[frozenset[str]]]:
-    """:func:`_parse_smaps` with the fields as columns (no dict per mapping)."""
+def _smaps_columns(data: bytes, limit: int) -> tuple[_Vmas, _Fields]:
+    """:func:`_parse_smaps` with the fields parsed only when asked for, as columns."""
     if not data:
-        return [], _Fields(0, rows=[]), []
+        return [], _Fields(0, rows=[], flags=[])
     buf = np.frombuffer(data, np.uint8)
     ends = np.flatnonzero(buf == _NL)
     starts = np.empty_like(ends)
@@ -491,30 +522,20 @@ def _smaps_columns(data: bytes, limit: int) -> tuple[_Vmas, _Fields, list[frozen
                 break
     if not table:
         vmas, rows, flags = _parse_smaps_lines(data, limit)
-        return vmas, _Fields(len(vmas), rows=rows), flags
+        return vmas, _Fields(len(vmas), rows=rows, flags=flags)
     vmas = _parse_maps(b"\n".join([data[a:b] for a, b in zip(grid_s[:, 0].tolist(), grid_e[:, 0].tolist())]),
                        1 << 64)
     keep = np.array([v[1] <= limit for v in vmas], dtype=bool)
-    every = bool(keep.all())
-    values: dict[str, list[int]] = {}
+    if not keep.all():
+        idx = np.flatnonzero(keep)
+        vmas = [vmas[i] for i in idx.tolist()]
+        grid_s, grid_e = grid_s[idx], grid_e[idx]
+    where = {}
     for j, nm in enumerate(names, 1):
-        e = grid_e[:, j] if every else grid_e[keep, j]
-        kb = data[int(grid_e[0, j]) - 3 : int(grid_e[0, j])] == b" kB"
-        values[nm.decode()] = (_digits_before(buf, e - 3 if kb else e) * (1024 if kb else 1)).tolist()
-    vm_s, vm_e = grid_s[:, n - 1].tolist(), grid_e[:, n - 1].tolist()
-    if not every:
-        idx = np.flatnonzero(keep).tolist()
-        vmas = [vmas[i] for i in idx]
-        vm_s, vm_e = [vm_s[i] for i in idx], [vm_e[i] for i in idx]
-    seen: dict[bytes, frozenset[str]] = {}  # most mappings share a few VmFlags lines
-    flags = []
-    for a, b in zip(vm_s, vm_e):
-        raw = data[a + 8 : b]
-        f = seen.get(raw)
-        if f is None:
-            f = seen[raw] = frozenset(raw.decode().split())
-        flags.append(f)
-    return vmas, _Fields(len(vmas), cols=values), flags
+        e = int(ends[j])  # the first record's line: kB or a plain number
+        where[nm.decode()] = (grid_e[:, j], data[e - 3 : e] == b" kB")
+    spans = (grid_s[:, n - 1].tolist(), grid_e[:, n - 1].tolist())
+    return vmas, _Fields(len(vmas), data=data, where=where, spans=spans)
 
 
 def _digits_before(buf: np.ndarray, end: np.ndarray) -> np.ndarray:

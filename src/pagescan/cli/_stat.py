@@ -22,10 +22,25 @@ from typing import Any
 import numpy as np
 
 from pagescan._procfs import process_uid, read_cmdline, read_rollup
-from pagescan.mappings import SMAPS_FIELDS, STAT_CATEGORIES, MappingStat, _mapping_table, _MappingTable
+from pagescan.mappings import (
+    SMAPS_FIELDS,
+    STAT_CATEGORIES,
+    MappingStat,
+    _mapping_table,
+    _MappingTable,
+)
 
 from ._common import (
-    RawJSON, UsageError, human, nonneg_int, parse_pid, print_json, printable, table, terminal_width, user_name,
+    RawJSON,
+    UsageError,
+    human,
+    nonneg_int,
+    parse_pid,
+    print_json,
+    printable,
+    table,
+    terminal_width,
+    user_name,
 )
 
 _P = os.sysconf("SC_PAGE_SIZE")
@@ -273,14 +288,17 @@ def _column_values(c: str, snap: Snapshot) -> list[Any]:
     return [col.get(s) for s in snap.stats]
 
 
-def mapping_rows(snap: Snapshot, per_column: Sequence[list[Any]], every: bool) -> list[Row]:
-    """One row per mapping (``every``: also those with nothing resident, swapped or guarded)."""
-    vmas = snap.table.vmas
-    values: Iterable[Sequence[Any]] = zip(*per_column) if per_column else ([] for _ in vmas)
-    if every:
-        return [Row(f"{v[0]:x}", v[2], v[4], list(x), 1, v[0]) for v, x in zip(vmas, values)]
-    return [Row(f"{v[0]:x}", v[2], v[4], list(x), 1, v[0])
-            for v, x, b in zip(vmas, values, _busy(snap.table)) if b]
+def mapping_order(snap: Snapshot, per_column: Sequence[list[Any]], every: bool, key: str) -> list[int]:
+    """The mappings shown, in order (``every``: also those with nothing resident, swapped
+    or guarded; ``key``: ``address`` or the column to sort by, largest first)."""
+    t = snap.table
+    order = list(range(len(t))) if every else [i for i, b in enumerate(_busy(t)) if b]
+    if key != "address":
+        if key == "size" and "size" not in snap.columns:
+            raise UsageError("--sort size needs the size column")
+        col, vmas = per_column[snap.columns.index(key)], t.vmas
+        order.sort(key=lambda i: (-(col[i] or 0), vmas[i][0]))
+    return order
 
 
 def _add(a: Any, b: Any, kind: str) -> Any:
@@ -374,36 +392,35 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
     columns = snap.columns
     per_column = [_column_values(c, snap) for c in columns]
     total = total_row(snap, per_column)
+    kinds = [COLUMNS[c].kind for c in columns]
     if args.group:
-        rows = group_rows(snap, per_column, columns, args.all)
-    else:
-        rows = mapping_rows(snap, per_column, args.all)
-    if args.sort != "address" or args.group:
-        rows = sort_rows(rows, args.sort, columns)
+        every = [*sort_rows(group_rows(snap, per_column, columns, args.all), args.sort, columns), total]
+        labels = [r.label for r in every]
+        perms = [r.perms for r in every]
+        names = [printable(r.name) for r in every]
+        col_cells = [_cells([r.values[i] for r in every], k) for i, k in enumerate(kinds)]
+    else:  # straight from the columns, no row objects
+        order = mapping_order(snap, per_column, args.all, args.sort)
+        vmas = snap.table.vmas
+        labels = [f"{vmas[i][0]:x}" for i in order] + [total.label]
+        perms = [vmas[i][2] for i in order] + [total.perms]
+        names = [printable(vmas[i][4]) for i in order] + [total.name]
+        col_cells = [_cells([col[i] for i in order] + [total.values[j]], k)
+                     for j, (col, k) in enumerate(zip(per_column, kinds))]
     shown = list(range(len(columns)))
     notes: list[str] = []
     first = "MAPS" if args.group else "ADDRESS"
 
-    kinds = [COLUMNS[c].kind for c in columns]
-    every = [*rows, total]
-    per_column = [_cells([r.values[i] for r in every], k) for i, k in enumerate(kinds)]
-    cells = [list(c) for c in zip(*per_column)] if columns else [[] for _ in every]
-    fixed = [[r.label, r.perms] for r in every]
-    names = [printable(r.name) for r in every]
+    # widths from the columns (no row-by-row transposition)
+    cell_w = [max(map(len, c)) for c in col_cells]
+    fixed_w = [max(len(first), max(map(len, labels))), max(len("PERM"), max(map(len, perms)))]
 
-    def lines_for(shown: list[int]) -> tuple[list[str], list[list[str]], str]:
-        headers = [first, "PERM"] + [COLUMNS[columns[i]].header for i in shown] + ["MAPPING"]
-        if shown == list(range(len(columns))):
-            body = [f + c + [n] for f, c, n in zip(fixed, cells, names)]
-        else:
-            body = [f + [c[i] for i in shown] + [n] for f, c, n in zip(fixed, cells, names)]
-        align = "<<" + "".join("<" if kinds[i] == "text" else ">" for i in shown) + "<"
-        return headers, body, align
+    def widths_for(shown: list[int]) -> list[int]:
+        return fixed_w + [max(len(COLUMNS[columns[i]].header), cell_w[i]) for i in shown]
 
     term = terminal_width()
     while True:
-        headers, body, align = lines_for(shown)
-        widths = [max(len(h), max(map(len, col))) for h, col in zip(headers[:-1], zip(*body))]
+        widths = widths_for(shown)
         if explicit_columns or args.wide or sum(widths) + 2 * len(widths) + _MIN_NAME <= term:
             break
         # too wide: leave out default columns with nothing to show
@@ -413,11 +430,15 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
             break
         shown.remove(victim)
         notes.append(f"{columns[victim]} (all zero)")
+    headers = [first, "PERM"] + [COLUMNS[columns[i]].header for i in shown] + ["MAPPING"]
+    body = list(zip(labels, perms, *[col_cells[i] for i in shown], names))
+    align = "<<" + "".join("<" if kinds[i] == "text" else ">" for i in shown) + "<"
     cmd, user, _ = header_line(snap.pid)
     out = [f"pid {snap.pid} ({user or '?'}): {printable(cmd)}"]
     if not args.wide and len(out[0]) > term:
         out[0] = out[0][: max(term - 1, 20)] + "…"
-    out.append(table(headers, body, align, cut="none" if args.wide else "middle"))
+    out.append(table(headers, body, align, cut="none" if args.wide else "middle",
+                     widths=[*widths, max(len("MAPPING"), max(map(len, names)))]))
     line = summary(snap, total)
     out.extend([line] if args.wide else textwrap.wrap(line, max(term, 40), subsequent_indent="  ",
                                                       break_on_hyphens=False))
