@@ -145,6 +145,7 @@ CHUNK_PAGES = 1 << 16
 
 _KNOWN_CATEGORIES = ALL_CATEGORIES
 _KNOWN_FLAGS = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
+_WP_MATCHING, _CHECK_WPASYNC = int(ScanFlag.WP_MATCHING), int(ScanFlag.CHECK_WPASYNC)  # plain ints: IntFlag ops are slow
 
 _u = np.uint64
 _PRESENT = _u(PM.PRESENT)
@@ -255,7 +256,7 @@ class EmulatedBackend:
         if vec_len and (out is None or len(out) < vec_len):
             raise OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)}: PAGEMAP_SCAN: the region vector is "
                                         f"smaller than vec_len ({vec_len})")
-        if flags & ScanFlag.WP_MATCHING:
+        if flags & _WP_MATCHING:
             raise _eopnotsupp(
                 f"cannot write-protect: PM_SCAN_WP_MATCHING needs the kernel ioctl (Linux {since('PAGEMAP_SCAN')}); "
                 "an emulated read-then-protect would not be atomic"
@@ -284,8 +285,8 @@ class EmulatedBackend:
         # As in the kernel, a category only in ``inverted`` cannot change the answer
         # (matching looks at ``mask`` and ``anyof`` only), so it is never computed.
         relevant = mask | anyof | return_mask
-        check = bool(flags & ScanFlag.CHECK_WPASYNC)
-        need_wpa = bool(relevant & Category.WPALLOWED) or check
+        check = bool(flags & _CHECK_WPASYNC)
+        need_wpa = bool(relevant & _WPA) or check
         col = _engine.Collector(
             vec, index, vec_len, inverted=inverted, mask=mask, anyof=anyof,
             return_mask=return_mask, max_pages=max_pages, page_size=P,
@@ -309,7 +310,7 @@ class EmulatedBackend:
                     raise OSError(errno.EPERM, os.strerror(errno.EPERM))
                 if "pf" in v.vmflags:
                     continue  # VM_PFNMAP: the kernel skips these VMAs
-                want = mask & Category.WPALLOWED
+                want = mask & _WPA
                 if ((vma_bits ^ inverted) & want) != want:
                     continue  # the kernel's VMA-level pre-filter
                 lo = max(start, v.start)
@@ -421,6 +422,7 @@ class _Context:
         #: VMA start -> (block addresses known PMD-mapped, block addresses that may be)
         self._thp: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._pud_occupied: dict[int, bool] = {}  # 1 GiB block -> has a populated page
+        self._window: np.ndarray | None = None  # reused by categories() for its window
 
     def close(self) -> None:
         fd, self._kpf_fd = self._kpf_fd, None
@@ -432,9 +434,17 @@ class _Context:
 
     # -- reading -------------------------------------------------------------------
 
-    def entries(self, lo: int, hi: int) -> np.ndarray:
+    def entries(self, lo: int, hi: int, reuse: bool = False) -> np.ndarray:
+        """The pagemap entries of ``[lo, hi)`` (fewer if the read comes back short).
+        ``reuse``: into the context's window buffer, which the next such call overwrites
+        (a fresh 512 KiB array per chunk costs its page faults every time)."""
         n = (hi - lo) // P
-        out = np.empty(n, dtype=np.uint64)
+        if reuse:
+            if self._window is None or self._window.size < n:
+                self._window = np.empty(max(n, CHUNK_PAGES + 2 * PMD_PAGES), dtype=np.uint64)
+            out = self._window[:n]
+        else:
+            out = np.empty(n, dtype=np.uint64)
         view = out.data.cast("B")
         got = 0
         while got < n * 8:
@@ -518,7 +528,7 @@ class _Context:
         span = PMD_PAGES * P
         wlo = lo - lo % span
         whi = min(-(-hi // span) * span, _task_limit())
-        window = self.entries(wlo, whi)
+        window = self.entries(wlo, whi, reuse=True)  # nothing returned refers to it
         if window.size % PMD_PAGES:
             window = np.concatenate([window, np.zeros(-window.size % PMD_PAGES, dtype=np.uint64)])
         n = (hi - lo) // P

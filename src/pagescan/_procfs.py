@@ -192,7 +192,7 @@ def query_maps(pid: int, start: int, end: int) -> list[Vma] | None:
         addr = start
         while addr < end:
             q.size = ctypes.sizeof(q)
-            q.query_flags = ProcmapQueryFlag.COVERING_OR_NEXT_VMA
+            q.query_flags = _COVERING_OR_NEXT
             q.query_addr = addr
             q.vma_name_size = len(name)
             q.vma_name_addr = ctypes.addressof(name)
@@ -218,21 +218,22 @@ def query_maps(pid: int, start: int, end: int) -> list[Vma] | None:
                 break
             f = q.vma_flags
             perms = "".join((
-                "r" if f & ProcmapQueryFlag.VMA_READABLE else "-",
-                "w" if f & ProcmapQueryFlag.VMA_WRITABLE else "-",
-                "x" if f & ProcmapQueryFlag.VMA_EXECUTABLE else "-",
-                "s" if f & ProcmapQueryFlag.VMA_SHARED else "p",
+                "r" if f & _R else "-", "w" if f & _W else "-", "x" if f & _X else "-", "s" if f & _S else "p",
             ))
             out.append(Vma(
                 start=q.vma_start, end=q.vma_end, perms=perms, offset=q.vma_offset,
                 dev=f"{q.dev_major:02x}:{q.dev_minor:02x}", inode=q.inode,
                 name=name.raw[: q.vma_name_size - 1].decode(errors="replace") if q.vma_name_size else "",
             ))
-            addr = q.vma_end
+            addr = q.vma_end  # a VMA reaching ``end`` is the last: no call to find none above
         return out
     finally:
         os.close(fd)
 
+
+_COVERING_OR_NEXT = int(ProcmapQueryFlag.COVERING_OR_NEXT_VMA)
+_R, _W, _X, _S = (int(f) for f in (ProcmapQueryFlag.VMA_READABLE, ProcmapQueryFlag.VMA_WRITABLE,
+                                    ProcmapQueryFlag.VMA_EXECUTABLE, ProcmapQueryFlag.VMA_SHARED))
 
 #: First size of the name buffer (a path can be PATH_MAX, 4096, plus " (deleted)").
 _NAME_BUF = 512
