@@ -212,6 +212,9 @@ def query_maps(pid: int, start: int, end: int) -> list[Vma] | None:
                 if isinstance(err, PermissionError):
                     raise PermissionError(err.errno, f"may not read {_path(pid, 'maps')} "
                                                      "(needs ptrace read access)") from None
+                if err.errno == errno.ESRCH:  # the mm is gone (exited meanwhile)
+                    raise ProcessLookupError(errno.ESRCH, f"pid {pid} has no address space (it exited, or is "
+                                                          "a zombie or a kernel thread)") from None
                 raise
             procmap_query_works = True
             if q.vma_start >= end:
