@@ -291,6 +291,29 @@ def test_huge_empty_reservation_is_exact(uffd_wp: Userfaultfd) -> None:
                 assert len(got) >= (1 if "category_mask" in kw and wp else 3), (wp, kw, got)
 
 
+@pytest.mark.skipif(not pagescan.capabilities().uffd_features & U.UffdFeature.POISON,
+                    reason="needs UFFD_FEATURE_POISON (Linux 6.6)")
+def test_a_vma_smaps_calls_empty_can_hold_a_marker() -> None:
+    """Why the emulation reads pagemap even where smaps counts nothing: a poison marker
+    outlives the registration that placed it, in a VMA with ``Rss`` and ``Swap`` 0 and
+    no userfaultfd flag; the kernel reports its page SWAPPED."""
+    from pagescan._uapi import libc
+
+    # between two PROT_NONE pages: once unregistered, the VMA merges with no neighbour
+    outer = libc.mmap(0, 18 * P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE)
+    with Mapping(16, addr=outer + P, flags=MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED) as m:
+        m._reserve = (outer, 18 * P)  # close() unmaps all of it
+        with Userfaultfd(U.UffdFeature.POISON) as uf:
+            uf.register(m.addr, m.length, RegisterMode.MISSING)
+            uf.poison(m[3], P)
+            uf.unregister(m.addr, m.length)
+        rec = next(r for r in oracle.smaps() if r.start <= m.addr < r.end)
+        assert rec.fields.get("Rss") == 0 and rec.fields.get("Swap") == 0
+        assert not {"um", "uw", "ui"} & set(rec.vmflags)
+        got = agree(m.addr, m.end, return_mask=ALL9)
+        assert (m[3], m[4], SWAP | WR) in got
+
+
 # -- maps and smaps disagree --------------------------------------------------------------------
 
 
