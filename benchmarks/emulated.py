@@ -611,7 +611,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "emulated_ms": median(c["emulated"]) / 1e6, "ratio": ratio_med(c, "emulated", "kernel"),
                           "nowpa_ms": median(c["emulated, no WPALLOWED"]) / 1e6,
                           "nowpa_ratio": ratio_med(c, "emulated, no WPALLOWED", "kernel (no-WPALLOWED rounds)"),
-                          "pagemap_read_ms": median(c["pagemap read alone"]) / 1e6 if "pagemap read alone" in c else None,
+                          "pagemap_read_ms": (median(c["pagemap read alone"]) / 1e6
+                                              if "pagemap read alone" in c else None),
                           "pagemap_read_ratio": ratio_med(c, "pagemap read alone", "kernel (no-WPALLOWED rounds)"),
                           "samples_ns": c})
     out: dict[str, Any] = {

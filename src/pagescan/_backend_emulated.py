@@ -145,7 +145,8 @@ CHUNK_PAGES = 1 << 16
 
 _KNOWN_CATEGORIES = ALL_CATEGORIES
 _KNOWN_FLAGS = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
-_WP_MATCHING, _CHECK_WPASYNC = int(ScanFlag.WP_MATCHING), int(ScanFlag.CHECK_WPASYNC)  # plain ints: IntFlag ops are slow
+# plain ints for the per-call tests: IntFlag operators are slow
+_WP_MATCHING, _CHECK_WPASYNC = int(ScanFlag.WP_MATCHING), int(ScanFlag.CHECK_WPASYNC)
 
 _u = np.uint64
 _PRESENT = _u(PM.PRESENT)
