@@ -328,12 +328,25 @@ def pagemap_reader(start: int, end: int) -> Callable[[], None]:
     return run
 
 
+def smaps_reader(start: int, end: int) -> Callable[[], None]:
+    """Read /proc/self/smaps as far as the records of ``[start, end)``: what knowing
+    their ``VmFlags`` costs (every record below is generated first)."""
+    from pagescan._procfs import read_smaps
+
+    def run() -> None:
+        read_smaps(os.getpid(), start, end, ())
+
+    return run
+
+
 def cliff_round_set(start: int, end: int, rm: int, repeat: int, floor: bool = False) -> dict[str, list[int]]:
-    """The kernel's scan against the emulation's, with every category and (in rounds of
-    their own: the full mask's smaps walk leaves the caches cold) without WPALLOWED."""
+    """The kernel's scan against the emulation's, with every category (and the smaps read
+    that needs) and, in rounds of their own (the full mask's smaps walk leaves the caches
+    cold), without WPALLOWED (and, with ``floor``, reading the range's pagemap alone)."""
     rm2 = rm & ~int(pagescan.Category.WPALLOWED)
     samples = alternating_rounds({"kernel": scan_fn(start, end, "kernel", rm),
-                                  "emulated": scan_fn(start, end, "emulated", rm)}, repeat)
+                                  "emulated": scan_fn(start, end, "emulated", rm),
+                                  "smaps read to the range": smaps_reader(start, end)}, repeat)
     contenders = {"kernel": scan_fn(start, end, "kernel", rm2),
                   "emulated, no WPALLOWED": scan_fn(start, end, "emulated", rm2)}
     if floor:
@@ -614,6 +627,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                           "pagemap_read_ms": (median(c["pagemap read alone"]) / 1e6
                                               if "pagemap read alone" in c else None),
                           "pagemap_read_ratio": ratio_med(c, "pagemap read alone", "kernel (no-WPALLOWED rounds)"),
+                          "smaps_read_ms": median(c["smaps read to the range"]) / 1e6,
+                          "smaps_read_ratio": ratio_med(c, "smaps read to the range", "kernel"),
                           "samples_ns": c})
     out: dict[str, Any] = {
         "config": {
@@ -686,6 +701,9 @@ def print_report(r: dict[str, Any]) -> None:
     print_table(("case", "floor", "floor ms", "emulated ms", "x floor", "no-WPA ms", "x floor", "goal",
                  "met (all / no-WPA)"), rows, "<<>>>>>><")
     for g in r["goals"]:
+        if g.get("smaps_read_ms") is not None and g["floor"] == "kernel":
+            print(f"{g['case']}: reading smaps as far as the range (what its VmFlags cost) takes "
+                  f"{fmt_ms(g['smaps_read_ms'])} ms, {ratio(g['smaps_read_ratio'])} the kernel's scan")
         if g.get("pagemap_read_ms") is not None:
             print(f"{g['case']}: reading its pagemap alone (512 KiB reads, nothing done with them) takes "
                   f"{fmt_ms(g['pagemap_read_ms'])} ms, {ratio(g['pagemap_read_ratio'])} the kernel's scan")
