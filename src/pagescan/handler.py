@@ -53,6 +53,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -77,8 +78,6 @@ __all__ = ["FaultHandler", "FileSource", "Source"]
 P = mmap.PAGESIZE
 MIN_WINDOW = 64 << 10
 MAX_WINDOW = 4 << 20
-#: How long the handler waits for a fault before prefetching (seconds).
-IDLE = 0.001
 
 
 class Source(Protocol):
@@ -86,6 +85,8 @@ class Source(Protocol):
 
     ``offset`` counts from the start of the first region (regions are concatenated).
     Return ``False`` if the whole span is zero (served as zero pages without copying).
+    A source with a true ``thread_safe`` attribute may be called from two threads of
+    the handler at once (prefetch reads the next window while a fault is served).
     """
 
     def read(self, offset: int, out: memoryview) -> bool: ...
@@ -111,6 +112,8 @@ def _regions(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 class FileSource:
     """Pages from a file (or a slice of it starting at ``base``)."""
+
+    thread_safe = True  # preadv at explicit offsets
 
     def __init__(self, path: str | os.PathLike[str], base: int = 0) -> None:
         self.fd = -1
@@ -228,6 +231,9 @@ class FaultHandler:
             fault is served alone (no window, no prefetch), so that every first touch
             is seen. Setting the last element to 1 ends the recording: the handler
             then serves as if created with ``prefetch=True`` and no record.
+        fresh: the caller has just mapped the regions and never touched them, so the
+            check that they are unpopulated is skipped (it costs a ``PAGEMAP_SCAN``,
+            and the first one in a process loads the scan backend: milliseconds).
 
     Use as a context manager; :meth:`wait` blocks until every page is in. Raises
     ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
@@ -246,6 +252,7 @@ class FaultHandler:
         prefetch: bool = True,
         hot: Sequence[int] | np.ndarray | None = None,
         record: np.ndarray | None = None,
+        fresh: bool = False,
     ) -> None:
         self.regions = _regions(regions)
         self.total_pages = sum(n for _, n in self.regions) // P
@@ -260,6 +267,7 @@ class FaultHandler:
                                    or not record.flags.writeable):
             raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 2} elements")
         self.record = record
+        self.fresh = bool(fresh)
         #: ``waitpid`` status of the handler process once reaped by :meth:`wait`.
         self.exit_status: int | None = None
         self.owner = os.getpid()
@@ -298,7 +306,7 @@ class FaultHandler:
             # then insist on empty pages (closing the uffd undoes the registration).
             for a, n in self.regions:
                 uf.register(a, n, RegisterMode.MISSING)
-            for a, n in self.regions:
+            for a, n in [] if self.fresh else self.regions:
                 busy = scan(a, a + n, category_anyof_mask=int(Category.PRESENT | Category.SWAPPED), return_mask=0)
                 if len(busy):
                     raise FileExistsError(
@@ -410,6 +418,33 @@ class _Pages:
         for i, (_, n) in enumerate(regions):
             self.offset[i] = off
             off += n
+        #: Pages in state 0 (kept by :meth:`set`: no pass over the state per event).
+        self.pending = int(self.base[-1])
+
+    def set(self, lo: int, hi: int, value: int) -> None:
+        """Global pages ``[lo, hi)`` take state ``value`` (1 or 2)."""
+        seg = self.state[lo:hi]
+        self.pending -= int(np.count_nonzero(seg == 0))
+        seg[:] = value
+
+    def served(self) -> int:
+        return int(self.state.size) - self.pending
+
+    def region_of(self, g: int) -> int:
+        return next(k for k in range(len(self.regions)) if self.base[k] <= g < self.base[k + 1])
+
+    def next_pending(self, start: int) -> int:
+        """The first pending page at or after ``start``, wrapping around (-1: none left).
+        Looks at the state a slice at a time: the cost is the distance travelled."""
+        if not self.pending:
+            return -1
+        n = int(self.state.size)
+        for lo, hi in ((min(start, n), n), (0, min(start, n))):
+            for s in range(lo, hi, 1 << 16):
+                k = np.flatnonzero(self.state[s : min(hi, s + (1 << 16))] == 0)
+                if k.size:
+                    return s + int(k[0])
+        return -1
 
     def locate(self, address: int) -> tuple[int, int] | None:
         """(region index, page index within the global state array)."""
@@ -425,7 +460,83 @@ class _Pages:
             lo, hi = max(start, a), min(end, a + n)
             if lo < hi:
                 s = self.base[i] + (lo - a) // P
-                self.state[s : s + (hi - lo) // P] = value
+                self.set(s, s + (hi - lo) // P, value)
+
+
+class _Prefetch:
+    """Address-order prefetch, one window per step: the window after the current one is
+    read from the source by a worker thread while the current one is copied in (when
+    the source says it may be read from two threads: ``thread_safe``), so reading,
+    checking and ``UFFDIO_COPY`` overlap. Only the pages still pending when a window is
+    copied are filled (a fault or a ``REMOVE`` may have come meanwhile)."""
+
+    def __init__(self, fh: FaultHandler, pages: _Pages) -> None:
+        self.fh, self.pages = fh, pages
+        self.maps = [mmap.mmap(-1, MAX_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(2)]
+        self.views = [memoryview(m) for m in self.maps]
+        self.addrs = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in self.maps]
+        self.pool = ThreadPoolExecutor(1, "prefetch") if getattr(fh.source, "thread_safe", False) else None
+        # The window read ahead: (result, lo, hi, buffer).
+        self.ahead: tuple[Future[bool] | bool, int, int, int] | None = None
+        self.turn = 0
+
+    def _plan(self, cursor: int, window: int) -> tuple[int, int] | None:
+        g = self.pages.next_pending(cursor)
+        if g < 0:
+            return None
+        i = self.pages.region_of(g)
+        return g, min(self.pages.base[i + 1], g + window // P)
+
+    def _read(self, lo: int, hi: int, b: int) -> bool:
+        pages = self.pages
+        i = pages.region_of(lo)
+        off = pages.offset[i] + (lo - pages.base[i]) * P
+        return self.fh.source.read(off, self.views[b][: (hi - lo) * P])
+
+    def _start(self, span: tuple[int, int] | None) -> None:
+        if span is None:
+            self.ahead = None
+            return
+        b = self.turn
+        self.turn ^= 1
+        lo, hi = span
+        res: Future[bool] | bool = (self.pool.submit(self._read, lo, hi, b) if self.pool is not None
+                                    else self._read(lo, hi, b))
+        self.ahead = (res, lo, hi, b)
+
+    def step(self, uf: Userfaultfd, cursor: int, window: int) -> int:
+        """Serve one window (the one read ahead, or the next pending one at or after
+        ``cursor``); returns where the next one starts."""
+        if self.ahead is None:
+            self._start(self._plan(cursor, window))
+            if self.ahead is None:
+                return cursor
+        res, lo, hi, b = self.ahead
+        self.ahead = None
+        if self.pool is not None:
+            self._start(self._plan(hi, window))  # read on, into the other buffer, while this one is copied
+        has_data = res if isinstance(res, bool) else res.result()
+        _copy_pending(uf, self.pages, lo, hi, self.addrs[b] if has_data else None)
+        return hi
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _copy_pending(uf: Userfaultfd, pages: _Pages, lo: int, hi: int, src: int | None) -> None:
+    """Fill the pages of ``[lo, hi)`` (one region) still pending from ``src`` (the
+    window's bytes; ``None``: zero pages), a run at a time."""
+    i = pages.region_of(lo)
+    todo = (pages.state[lo:hi] == 0).astype(np.int8)
+    edges = np.flatnonzero(np.diff(todo, prepend=0, append=0))
+    for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        addr = pages.addr[i] + (lo + s - pages.base[i]) * P
+        try:
+            _fill(uf, addr, (e - s) * P, None if src is None else src + s * P)
+        except _Retry:
+            return  # pages stay pending
+        pages.set(lo + s, lo + e, 1)
 
 
 def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
@@ -439,7 +550,9 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     assert fh._shared is not None
     shared = fh._shared.arr
     pages = _Pages(fh.regions)
-    buf = bytearray(MAX_WINDOW)
+    # Anonymous memory, populated as it is used (a bytearray would zero-fill all of it
+    # before the first fault is served).
+    buf = mmap.mmap(-1, MAX_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     bufmv = memoryview(buf)
     buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     window = MIN_WINDOW
@@ -451,19 +564,19 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     if rec is not None:
         rec[0] = 0
     prefetch = fh.prefetch and rec is None
+    ahead: _Prefetch | None = None
     state = STATE_FAILED
     try:
         while True:
             if rec is not None and rec[-1]:  # the owner ended the recording
                 rec, prefetch = None, True
-            pending = np.flatnonzero(pages.state == 0)
-            if not pending.size:
+            if not pages.pending:
                 state = STATE_DONE
                 break
             try:
-                # Recording: wake now and then to see the owner end it (last element of `rec`).
-                ready = poller.poll(0 if hot_pos < hot.size else int(IDLE * 1000) if prefetch
-                                    else 10 if rec is not None else -1)
+                # Prefetching: only look whether a fault waits. Recording: wake now and
+                # then to see the owner end it (last element of `rec`).
+                ready = poller.poll(0 if hot_pos < hot.size or prefetch else 10 if rec is not None else -1)
             except InterruptedError:
                 continue
             if any(fd == owner_fd for fd, _ in ready):
@@ -493,7 +606,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                         for i, a in enumerate(pages.addr):
                             if ev.from_ <= a < ev.from_ + ev.len:
                                 pages.addr[i] = ev.to + (a - ev.from_)
-                shared[0] = int(np.count_nonzero(pages.state))
+                shared[0] = pages.served()
                 if hot_pos >= hot.size:
                     continue
             if hot_pos < hot.size:
@@ -504,17 +617,16 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 hot_pos += batch.size
                 batch = np.unique(batch[pages.state[batch] == 0])
                 _serve_pages(uf, fh, pages, batch, bufmv, buf_addr)
-                shared[0] = int(np.count_nonzero(pages.state))
+                shared[0] = pages.served()
                 continue
             if not prefetch:
                 continue
-            # Idle: prefetch the next pending pages.
-            if cursor >= pages.state.size or pages.state[cursor]:
-                nxt = pending[pending >= cursor]
-                cursor = int(nxt[0]) if nxt.size else int(pending[0])
-            _serve(uf, fh, pages, cursor, window, bufmv, buf_addr, shared)
+            # No fault waiting: prefetch the next pending pages.
+            if ahead is None:
+                ahead = _Prefetch(fh, pages)
+            cursor = ahead.step(uf, cursor, window)
             window = min(window * 2, MAX_WINDOW)
-            shared[0] = int(np.count_nonzero(pages.state))
+            shared[0] = pages.served()
         if state == STATE_DONE:
             for a, n in zip(pages.addr, (n for _, n in pages.regions)):
                 with contextlib.suppress(OSError):
@@ -522,6 +634,8 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     except ProcessLookupError:
         state = STATE_FAILED  # the owner is gone
     finally:
+        if ahead is not None:
+            ahead.close()
         shared[1] = state
         with contextlib.suppress(OSError):
             os.write(life_w, b"D" if state == STATE_DONE else b"F")
@@ -577,7 +691,7 @@ def _serve_pages(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, batch: np.nda
             _fill(uf, addr, (hi - lo) * P, buf_addr + k * P)
         except _Retry:
             return  # pages stay pending
-        pages.state[lo:hi] = 1
+        pages.set(lo, hi, 1)
         k += hi - lo
 
 
@@ -595,7 +709,7 @@ def _serve(
     lo = max(pages.base[i], gidx - gidx % wpages)  # window aligned down: serve the fault's neighbours too
     hi = min(pages.base[i + 1], lo + wpages)
     _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
-    shared[0] = int(np.count_nonzero(pages.state))
+    shared[0] = pages.served()
 
 
 def _serve_span(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, lo: int, hi: int,
@@ -625,7 +739,7 @@ def _serve_span(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, lo: int, hi: i
             _fill(uf, addr, length, src)
         except _Retry:
             return  # pages stay pending
-        pages.state[page0 : lo + j] = 1
+        pages.set(page0, lo + j, 1)
         k = j
 
 

@@ -170,7 +170,7 @@ class Checkpointer:
         TypeError, ValueError: a bad state (naming the entry), before anything else.
         CheckpointError: ``path`` is not a checkpoint, its entries differ, it is in
             use, it is damaged (:class:`CorruptCheckpointError`), or it is a version 2
-            (pagescan 0.1) file, which is read but not continued; nothing is changed.
+            or 3 (an earlier pagescan) file, which is read but not continued; nothing is changed.
         OSError: from registering the write watch (EBUSY, EINVAL, ENOMEM, ...).
     """
 
@@ -194,7 +194,7 @@ class Checkpointer:
         store = self._store
         try:
             if store.version != VERSION:
-                raise CheckpointError(f"{self.path} is a version {store.version} checkpoint (pagescan 0.1): it can be "
+                raise CheckpointError(f"{self.path} is a version {store.version} checkpoint (an earlier pagescan): it can be "
                                       "restored, loaded and compacted, not continued; compact it or start a new file")
             # The file's entry order (a mapping given with its keys in another order).
             self.targets = match(store, self.mapping, self.targets)

@@ -15,7 +15,7 @@ from .._uapi.userfaultfd import RegisterMode
 from ..handler import FaultHandler
 from ..userfaultfd import Userfaultfd
 from ._format import SECTION_WORKING_SET
-from ._pages import P, pages_of
+from ._pages import P
 from ._store import CheckpointError, CorruptCheckpointError, Store
 
 __all__ = ["CheckpointSource", "LazyGroup", "LazyMap", "Recording", "drop", "hot_pages", "probe_missing"]
@@ -81,23 +81,27 @@ class CheckpointSource:
     a chunk boundary is assembled from the two chunks it straddles.
     """
 
+    thread_safe = True  # reads at explicit offsets; the index block cache is a dict
+
     def __init__(self, path: str, generation: int | None) -> None:
-        self.store = Store(path)
+        # Index blocks are read (and verified) when a fault first needs them: opening
+        # costs the same whatever the size of the state.
+        self.store = Store(path, lazy_index=True)
         try:
             self.generation = self.store.generation(generation).number
-            self.gen_of, self.pos_of = self.store.latest_map(self.generation)
         except BaseException:
             self.store.close()
             raise
         self.map: LazyMap | None = None
         self.hbyte = np.zeros(1, np.int64)
-        # Chunks with data: the others are served as zero pages (UFFDIO_ZEROPAGE: no copy,
-        # no memory), never stored or stored as ZERO.
-        self.has_data = self.store.data_map(self.generation)
 
     def bind(self, lazymap: LazyMap) -> None:
         self.map = lazymap
         self.hbyte = lazymap.hbase * P
+
+    def read_range(self, c0: int, c1: int, out: np.ndarray, fresh: bool = False) -> bool:
+        """Chunks ``[c0, c1)`` into the rows of ``out`` (verified); ``False``: all zeros, nothing written."""
+        return self.store.read_chunks(self.generation, np.arange(c0, c1, dtype=np.int64), out, fresh)
 
     def read(self, offset: int, out: memoryview) -> bool:
         m = self.map
@@ -108,14 +112,12 @@ class CheckpointSource:
         c0 = int(m.cbase[ent]) + byte // P
         shift = byte % P
         n = (shift + len(out) + P - 1) // P
-        if not self.has_data[c0 : c0 + n].any():
-            return False  # zero pages
         if not shift:
             rows = np.frombuffer(out, dtype=np.uint8).reshape(len(out) // P, P)
-            pages_of(self.store, self.gen_of, self.pos_of, c0, c0 + n, rows)
-            return True
+            return self.read_range(c0, c0 + n, rows)
         tmp = np.empty((n, P), dtype=np.uint8)
-        pages_of(self.store, self.gen_of, self.pos_of, c0, c0 + n, tmp)
+        if not self.read_range(c0, c0 + n, tmp):
+            return False  # zero pages
         np.frombuffer(out, dtype=np.uint8)[:] = tmp.reshape(-1)[shift : shift + len(out)]
         return True
 
@@ -131,16 +133,14 @@ class CheckpointSource:
                     rows[j] = 0
             return
         chunks = m.cbase[m.entry[r]] + byte // P
-        gens = self.gen_of[chunks]
-        pos = self.pos_of[chunks]
-        for g in np.unique(gens).tolist():
-            sel = np.flatnonzero(gens == g)
-            if g == 0:
-                rows[sel] = 0
-            elif sel.size == len(rows):
-                self.store.read_pages(self.store.generations[g - 1], pos, out=rows)
-            else:
-                rows[sel] = self.store.read_pages(self.store.generations[g - 1], pos[sel])
+        order = np.argsort(chunks, kind="stable")
+        if bool((order == np.arange(len(order))).all()):
+            if not self.store.read_chunks(self.generation, chunks, rows):
+                rows[: len(chunks)] = 0
+            return
+        tmp = np.zeros((len(chunks), P), np.uint8)
+        self.store.read_chunks(self.generation, chunks[order], tmp, fresh=True)
+        rows[order] = tmp
 
 
 def _working_set(store: Store, generation: int) -> np.ndarray | None:

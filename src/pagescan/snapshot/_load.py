@@ -117,7 +117,7 @@ def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: b
         hot = hot_pages(src, lazymap, working_set and not record)  # a recording sees every touch
         recording = Recording(path, src.generation, lazymap, int(lazymap.hbase[-1])) if record else None
         fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
-                          record=None if recording is None else recording.array)
+                          record=None if recording is None else recording.array, fresh=True)
         fh.start()
     except BaseException:
         src.store.close()

@@ -103,15 +103,15 @@ def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, p
         _release(ts)
 
 
-def _restore_bytes(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, t: Target, entry: int, skip: int,
-                   length: int, pid: int) -> None:
+def _restore_bytes(src: CheckpointSource, t: Target, entry: int, skip: int, length: int, pid: int) -> None:
     """Write bytes ``[skip, skip+length)`` of entry ``entry`` to ``t.addr + skip``."""
     if length <= 0:
         return
-    c0 = int(store.base[entry]) + skip // P
-    c1 = int(store.base[entry]) + (skip + length + P - 1) // P
-    rows = np.empty((c1 - c0, P), dtype=np.uint8)
-    pages_of(store, gen_of, pos_of, c0, c1, rows)
+    base = int(src.store.base[entry])
+    c0 = base + skip // P
+    c1 = base + (skip + length + P - 1) // P
+    rows = np.zeros((c1 - c0, P), dtype=np.uint8)
+    src.read_range(c0, c1, rows, fresh=True)
     flat = rows.reshape(-1)
     sh = skip % P
     write_runs(pid, np.array([t.addr + skip], np.uint64), np.array([length], np.uint64), flat,
@@ -170,7 +170,7 @@ def lazy_restore(
         probe_missing(regions)
         me = os.getpid()
         for t, i, skip, length in eager:
-            _restore_bytes(src.store, src.gen_of, src.pos_of, t, i, skip, length, me)
+            _restore_bytes(src, t, i, skip, length, me)
         for a, n in regions:
             drop(a, n)
         lazymap = LazyMap(src.store, spans)

@@ -1,0 +1,232 @@
+"""Version 4 checkpoints: the page index in blocks with a block table, read lazily.
+
+A lazy load opens the file without reading the page index: it reads the block table
+of each generation (one row per 1024 index entries) and, when a fault needs a chunk,
+the one index block that can hold it (verified then). So damage in an index block or
+in a data page is an error where it is used: the handler does not serve the page
+(touching it raises SIGBUS), while the pages before it load. Eager readers (``verify``,
+``restore``, ``inspect``, writers) still check every block at open. Version 3 and 2
+files are still read.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pagescan
+from pagescan.snapshot import (
+    CheckpointError,
+    Checkpointer,
+    CorruptCheckpointError,
+    compact,
+    inspect,
+    lazy_restore,
+    load,
+    restore,
+    verify,
+)
+from pagescan.snapshot import _format as fmt
+from pagescan.snapshot._store import Store
+
+from .conftest import requires_wp_async
+from .memory import P
+from .test_snapshot import Owner, _flip
+
+pytestmark = requires_wp_async
+
+NPAGES = 5000  # five index blocks in a full generation
+
+
+def make(path: Path, seed: int = 1, steps: int = 2) -> list[np.ndarray]:
+    """A chain: a full generation of NPAGES random pages (some zero), then ``steps``
+    incremental ones writing scattered pages. Returns the state after each generation."""
+    rng = np.random.default_rng(seed)
+    a = pagescan.empty((NPAGES, P), np.uint8)
+    a[:] = rng.integers(0, 256, a.shape, dtype=np.uint8)
+    a[100:150] = 0
+    states = []
+    with Checkpointer(path, {"a": a}) as ck:
+        ck.checkpoint()
+        states.append(a.copy())
+        for _ in range(steps):
+            pages = rng.choice(NPAGES, 700, replace=False)
+            a[pages, 5] ^= 0x5A
+            a[pages[:50]] = 0
+            ck.checkpoint()
+            states.append(a.copy())
+    return states
+
+
+def entry_offset(path: Path, generation: int, position: int) -> int:
+    """File offset of index entry ``position`` of ``generation``."""
+    with Store(path) as st:
+        g = st.generations[generation - 1]
+        return g.offset + fmt.GEN_HEADER.size + position * fmt.ENTRY_SIZE
+
+
+def data_offset(path: Path, chunk: int) -> int:
+    """File offset of the newest data of ``chunk`` (a DATA chunk)."""
+    with Store(path, lazy_index=True) as st:
+        gens, offs, _ = st.locate(len(st.generations), np.array([chunk]))
+        assert offs[0] >= 0
+        return int(offs[0])
+
+
+def test_layout_block_table_and_lazy_lookups_match_the_index(tmp_path: Path) -> None:
+    path = tmp_path / "c.ck"
+    states = make(path)
+    with Store(path) as st:
+        assert st.version == fmt.VERSION == 4
+        for g in st.generations:
+            assert len(g.table) == fmt.nblocks(g.pages)
+            flat = st.base[g.index["region"].astype(np.int64)] + g.index["page"].astype(np.int64)
+            assert np.array_equal(g.table, fmt.block_table(g.index, flat))
+            assert g.data_pages == int((g.index["kind"] == fmt.KIND_DATA).sum())
+        eager = {n: st.latest_map(n) for n in range(1, len(st.generations) + 1)}
+    rng = np.random.default_rng(2)
+    with Store(path, lazy_index=True) as st:
+        assert all(g._index is None for g in st.generations), "a lazy open reads no index"
+        for n, (gen_of, _) in eager.items():
+            chunks = np.unique(rng.integers(0, NPAGES, 300))
+            gens, offs, _ = st.locate(n, chunks)
+            assert np.array_equal(gens, gen_of[chunks])
+            rows = np.zeros((len(chunks), P), np.uint8)
+            st.read_chunks(n, chunks, rows, fresh=True)
+            assert np.array_equal(rows, states[n - 1][chunks])
+        # Only the blocks used were read.
+        assert 0 < len(st._blocks) <= sum(len(g.table) for g in st.generations)
+
+
+def test_lazy_load_of_every_generation_is_exact(tmp_path: Path) -> None:
+    path = tmp_path / "c.ck"
+    states = make(path)
+    for n, want in enumerate(states, 1):
+        prefetch = n % 2 == 1
+        got = load(path, n, lazy=True, prefetch=prefetch)
+        order = np.random.default_rng(n).permutation(NPAGES)[:400]
+        assert np.array_equal(got["a"][order], want[order])  # touched out of order first
+        if not prefetch:
+            assert np.array_equal(got["a"], want)  # every page touched: the handler is done
+        assert got.handler is not None and got.handler.wait(60)
+        assert np.array_equal(got["a"], want)
+        del got
+
+
+def _expect_sigbus(body: Callable[[Callable[[bytes], None], int], None], first: bytes) -> None:
+    o = Owner(body)
+    assert o.read(len(first)) == first
+    status, rest = o.finish()
+    assert not rest.startswith(b"!"), rest.decode(errors="replace")
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, f"owner status {status:#x}: {rest!r}"
+
+
+def test_damaged_data_page_far_from_the_first_is_an_error_when_served(tmp_path: Path) -> None:
+    path = tmp_path / "c.ck"
+    states = make(path, steps=0)
+    victim = 4321
+    assert states[0][victim].any()
+    _flip(path, data_offset(path, victim) + 1000)
+    with pytest.raises(CorruptCheckpointError, match=f"generation 1, region 0, page {victim}:"):
+        verify(path)
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        d = load(path, lazy=True, prefetch=False)  # opens: the damage is not read yet
+        a = d["a"]
+        ok = np.array_equal(a[0], states[0][0]) and np.array_equal(a[NPAGES - 1], states[0][NPAGES - 1])
+        report(b"ok" if ok else b"!wrong data")
+        _ = int(a[victim].sum())
+        report(b"!damaged page served")
+
+    _expect_sigbus(body, b"ok")
+
+
+def test_damaged_index_block_is_an_error_when_used_not_at_lazy_open(tmp_path: Path) -> None:
+    path = tmp_path / "c.ck"
+    states = make(path, steps=0)
+    position = 3500  # index block 3 of the full generation (entry i is chunk i)
+    _flip(path, entry_offset(path, 1, position) + 17)  # the checksum field
+    with pytest.raises(CorruptCheckpointError, match=f"generation 1, page index entry {position} "):
+        verify(path)
+    assert "page index entry 3500" in (inspect(path)["damage"] or "")
+    with Store(path, lazy_index=True) as st:  # opens: the block is read when needed
+        rows = np.zeros((2, P), np.uint8)
+        st.read_chunks(1, np.array([0, 2047]), rows, fresh=True)
+        assert np.array_equal(rows, states[0][[0, 2047]])
+        with pytest.raises(CorruptCheckpointError, match=f"page index entry {position} .*entry check mismatch"):
+            st.read_chunks(1, np.array([3072]), rows[:1])
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        d = load(path, lazy=True, prefetch=False)
+        report(b"ok" if np.array_equal(d["a"][10], states[0][10]) else b"!wrong data")
+        _ = int(d["a"][3100].sum())  # another chunk of the damaged block
+        report(b"!page of a damaged index block served")
+
+    _expect_sigbus(body, b"ok")
+
+
+def test_damaged_block_table_is_refused_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "c.ck"
+    make(path, steps=1)
+    with Store(path) as st:
+        g = st.generations[1]
+        table_off = g.offset + fmt.GEN_HEADER.size + g.pages * fmt.ENTRY_SIZE
+    _flip(path, table_off + 3)
+    for lazy in (False, True):
+        with Store(path, lazy_index=lazy) as st:
+            assert st.damage is not None and "index block table is damaged" in str(st.damage)
+            assert len(st.generations) == 1  # the generation before it is intact
+        with pytest.raises(CorruptCheckpointError, match="generation 2: index block table is damaged"):
+            load(path, lazy=lazy)
+
+
+def to_version_3(path: Path) -> None:
+    """Rewrite a version 4 file as version 3 (no block tables), byte by byte."""
+    data = path.read_bytes()
+    with Store(path) as st:
+        gens = list(st.generations)
+        assert not st.sections
+    magic, _v, ps, n, r, meta, b, c, d, _ = fmt.FILE_HEADER.unpack(data[:64])
+    head = fmt.FILE_HEADER.pack(magic, 3, ps, n, r, meta, b, c, d, b"\0" * 8)
+    out = bytearray(head[:-8] + fmt.digest(head[:-8]) + data[64 : gens[0].offset])
+    for g in gens:
+        off = len(out)
+        idx = g.index.tobytes()
+        gh = fmt.GEN_HEADER.pack(fmt.MAGIC_GEN, g.number, g.pages, g.data_pages, g.parent, len(idx), 0, b"\0" * 8)
+        gh = gh[:-8] + fmt.digest(gh[:-8])
+        pages = data[g.data_offset : g.data_offset + g.data_pages * P]
+        length = 64 + len(idx) + len(pages)
+        cm = fmt.COMMIT.pack(fmt.MAGIC_COMMIT, g.number, off, length, fmt.digest(idx), gh[-8:], 0, b"\0" * 8)
+        out += gh + idx + pages + cm[:-8] + fmt.digest(cm[:-8])
+    path.write_bytes(bytes(out))
+
+
+def test_version_3_files_are_read_not_continued(tmp_path: Path) -> None:
+    path = tmp_path / "v3.ck"
+    states = make(path, steps=2)
+    to_version_3(path)
+    assert inspect(path)["version"] == 3
+    assert [g.number for g in verify(path)] == [1, 2, 3]
+    for n, want in enumerate(states, 1):
+        assert np.array_equal(load(path, n)["a"], want)
+        got = load(path, n, lazy=True)
+        assert got.handler is not None and got.handler.wait(60)
+        assert np.array_equal(got["a"], want)
+        del got
+    tgt = pagescan.empty((NPAGES, P), np.uint8)
+    restore(path, {"a": tgt}, 2)
+    assert np.array_equal(tgt, states[1])
+    tgt[:] = 0
+    with lazy_restore(path, {"a": tgt}) as fh:
+        assert fh.wait(60)
+    assert np.array_equal(tgt, states[2])
+    with pytest.raises(CheckpointError, match="version 3"):
+        Checkpointer(path, {"a": tgt})
+    compact(path)
+    assert inspect(path)["version"] == fmt.VERSION
+    assert np.array_equal(load(path)["a"], states[2])
