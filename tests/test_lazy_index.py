@@ -11,6 +11,7 @@ files are still read.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 from collections.abc import Callable
@@ -34,8 +35,10 @@ from pagescan.snapshot import (
 from pagescan.snapshot import _format as fmt
 from pagescan.snapshot._store import Store
 
-from .conftest import requires_wp_async
-from .memory import P
+from pagescan._uapi.mman import MADV
+
+from .conftest import requires_thp, requires_wp_async
+from .memory import Mapping, P, thp_size, vmflags
 from .test_snapshot import Owner, _flip
 
 pytestmark = requires_wp_async
@@ -230,3 +233,32 @@ def test_version_3_files_are_read_not_continued(tmp_path: Path) -> None:
     compact(path)
     assert inspect(path)["version"] == fmt.VERSION
     assert np.array_equal(load(path)["a"], states[2])
+
+
+# -- eager restore into huge-page memory --------------------------------------------------
+
+
+@requires_thp
+def test_restore_into_huge_page_memory_is_exact_and_leaves_neighbours(tmp_path: Path) -> None:
+    """A target inside unpopulated ``MADV_HUGEPAGE`` memory, starting and ending inside
+    huge-page extents: whole extents are populated before the write, the target gets
+    exactly its bytes, the bytes around it keep theirs (canaries on the first and last
+    page; the rest of those pages was never written and still reads zero)."""
+    h = thp_size()
+    n = 3 * h
+    rng = np.random.default_rng(7)
+    src = rng.integers(1, 256, n - 200, dtype=np.uint8)
+    path = tmp_path / "h.ck"
+    with Checkpointer(path, [src]) as ck:
+        ck.checkpoint()
+    with Mapping(n // P, align=h) as m:
+        m.madvise(MADV.HUGEPAGE)
+        whole = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(m.addr))
+        whole[:100] = 0xC3
+        whole[n - 100 :] = 0x3C
+        target = whole[100 : n - 100]
+        assert restore(path, [target]) == 1
+        assert np.array_equal(target, src)
+        assert (whole[:100] == 0xC3).all() and (whole[n - 100 :] == 0x3C).all()
+        assert "hg" in vmflags(m.addr), "the target's MADV_HUGEPAGE is kept"
+        del target, whole
