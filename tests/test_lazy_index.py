@@ -262,3 +262,38 @@ def test_restore_into_huge_page_memory_is_exact_and_leaves_neighbours(tmp_path: 
         assert (whole[:100] == 0xC3).all() and (whole[n - 100 :] == 0x3C).all()
         assert "hg" in vmflags(m.addr), "the target's MADV_HUGEPAGE is kept"
         del target, whole
+
+
+# -- the guardian of a large owner -----------------------------------------------------------
+
+
+def test_guardian_of_a_large_owner_is_spawned_and_poisons(tmp_path: Path) -> None:
+    """Above ``SPAWN_ABOVE`` of populated memory the guardian is a fresh interpreter
+    (``posix_spawn``: no copy of the owner's page tables), in its own process group;
+    the handler killed, it still poisons what was not served: SIGBUS, not zeros."""
+    import struct
+
+    import pagescan.handler as handler_mod
+
+    path = tmp_path / "g.ck"
+    states = make(path, steps=0)
+    exp = states[0]
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        handler_mod.SPAWN_ABOVE = 0  # this small owner counts as large
+        d = load(path, lazy=True, prefetch=False)
+        fh = d.handler
+        assert fh is not None
+        a = d["a"]
+        ok = all(np.array_equal(a[p], exp[p]) for p in range(4))
+        with open(f"/proc/{fh.guardian_pid}/cmdline", "rb") as f:
+            spawned = f.read().split(b"\0")[1:4] == [b"-I", b"-S", b"-c"]
+        own_group = os.getpgid(fh.guardian_pid) == fh.guardian_pid != os.getpgid(0)
+        report(struct.pack("iii", fh.pid, fh.guardian_pid, int(ok and spawned and own_group)).hex().encode())
+        assert os.read(go_r, 1) == b"g"  # the parent has killed the handler
+        _ = int(a[4000].sum())  # not served: must be SIGBUS
+        report(b"!touched page 4000 and read " + (b"zeros" if not a[4000].any() else b"data"))
+
+    from .test_snapshot import kill_handler_expect_sigbus
+
+    kill_handler_expect_sigbus(body)
