@@ -46,7 +46,7 @@ pytestmark = requires_wp_async
 NPAGES = 5000  # five index blocks in a full generation
 
 
-def make(path: Path, seed: int = 1, steps: int = 2) -> list[np.ndarray]:
+def make(path: Path, seed: int = 1, steps: int = 2, per_step: int = 700) -> list[np.ndarray]:
     """A chain: a full generation of NPAGES random pages (some zero), then ``steps``
     incremental ones writing scattered pages. Returns the state after each generation."""
     rng = np.random.default_rng(seed)
@@ -58,7 +58,7 @@ def make(path: Path, seed: int = 1, steps: int = 2) -> list[np.ndarray]:
         ck.checkpoint()
         states.append(a.copy())
         for _ in range(steps):
-            pages = rng.choice(NPAGES, 700, replace=False)
+            pages = rng.choice(NPAGES, per_step, replace=False)
             a[pages, 5] ^= 0x5A
             a[pages[:50]] = 0
             ck.checkpoint()
@@ -241,9 +241,8 @@ def test_version_3_files_are_read_not_continued(tmp_path: Path) -> None:
 @requires_thp
 def test_restore_into_huge_page_memory_is_exact_and_leaves_neighbours(tmp_path: Path) -> None:
     """A target inside unpopulated ``MADV_HUGEPAGE`` memory, starting and ending inside
-    huge-page extents: whole extents are populated before the write, the target gets
-    exactly its bytes, the bytes around it keep theirs (canaries on the first and last
-    page; the rest of those pages was never written and still reads zero)."""
+    huge-page extents: the target gets exactly its bytes, the bytes around it keep
+    theirs (canaries on the first and last page of the mapping)."""
     h = thp_size()
     n = 3 * h
     rng = np.random.default_rng(7)
@@ -297,3 +296,51 @@ def test_guardian_of_a_large_owner_is_spawned_and_poisons(tmp_path: Path) -> Non
     from .test_snapshot import kill_handler_expect_sigbus
 
     kill_handler_expect_sigbus(body)
+
+
+def test_hostile_block_tables_are_range_checked(tmp_path: Path) -> None:
+    """Block tables rewritten with valid digests (a file made to hurt, not damage): rows
+    out of range are refused at open, lazily or not; a row that points a block at the
+    wrong chunks is refused when that block is read."""
+    src = tmp_path / "ok.ck"
+    make(src, steps=1, per_step=3000)  # generation 2: three index blocks
+    with Store(src) as st:
+        g = st.generations[1]
+        table = g.table.copy()
+        t_off = g.offset + fmt.GEN_HEADER.size + g.pages * fmt.ENTRY_SIZE
+        c_off = g.end - fmt.COMMIT.size
+    pristine = src.read_bytes()
+
+    def rewrite(path: Path, t: np.ndarray) -> None:
+        data = bytearray(pristine)
+        raw = t.tobytes()
+        data[t_off : t_off + len(raw)] = raw
+        c = list(fmt.COMMIT.unpack(bytes(data[c_off : c_off + fmt.COMMIT.size])))
+        c[4] = fmt.digest(raw)
+        rec = fmt.COMMIT.pack(*c[:-1], b"\0" * 8)
+        data[c_off : c_off + fmt.COMMIT.size] = rec[:-8] + fmt.digest(rec[:-8])
+        path.write_bytes(bytes(data))
+
+    bad_rows = []
+    for field, k, value in [("first", 1, 1 << 63), ("first", 0, NPAGES), ("rank", 0, 5), ("rank", 1, 1 << 62),
+                            ("first", 1, int(table["first"][0]))]:
+        t = table.copy()
+        t[field][k] = value
+        bad_rows.append(t)
+    for i, t in enumerate(bad_rows):
+        p = tmp_path / f"h{i}.ck"
+        rewrite(p, t)
+        for lazy in (False, True):
+            with Store(p, lazy_index=lazy) as st:
+                assert st.damage is not None and "block table" in str(st.damage), (i, lazy, st.damage)
+    # In range but wrong: block 1 said to start one chunk later than it does.
+    t = table.copy()
+    t["first"][1] += 1
+    p = tmp_path / "shifted.ck"
+    rewrite(p, t)
+    with pytest.raises(CorruptCheckpointError, match="block 1 does not match the block table"):
+        verify(p)
+    with Store(p, lazy_index=True) as st:
+        assert st.damage is None
+        with pytest.raises(CorruptCheckpointError, match="block 1 does not match the block table"):
+            st.read_chunks(2, np.arange(NPAGES, dtype=np.int64), np.zeros((NPAGES, P), np.uint8))

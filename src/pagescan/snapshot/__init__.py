@@ -59,8 +59,8 @@ from ..writewatch import WriteWatch
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
 from ._load import LoadedList, LoadedState, load
 from ._pages import BATCH_PAGES, P, Progress, pages_of
-from ._restore import _restore as _restore  # the CLI restores (address, length) pairs exactly
-from ._restore import lazy_restore, restore
+from ._restoring import _restore as _restore  # the CLI restores (address, length) pairs exactly
+from ._restoring import lazy_restore, restore
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
 from ._twin import FrozenTwin
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file

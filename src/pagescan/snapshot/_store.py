@@ -451,7 +451,7 @@ class Store:
         first = t["first"]
         rank = t["rank"].astype(np.int64)
         sizes = np.minimum(INDEX_BLOCK, g.npages - np.arange(len(t)) * INDEX_BLOCK)
-        if (int(first[-1]) >= self.total_pages or bool((np.diff(first.astype(np.int64)) < 1).any())
+        if (int(first[-1]) >= self.total_pages or bool((first[1:] <= first[:-1]).any())
                 or int(rank[0]) != 0 or bool((np.diff(rank) < 0).any()) or bool((np.diff(rank) > sizes[:-1]).any())
                 or int(rank[-1]) > g.ndata or g.ndata - int(rank[-1]) > int(sizes[-1])):
             raise CorruptCheckpointError(f"{where}: index block table is damaged (out of range)")

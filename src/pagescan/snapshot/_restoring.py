@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,9 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .._uapi import libc
 from .._uapi.libc import write_runs
-from .._uapi.mman import MADV
 from ..handler import FaultHandler
 from ._lazy import CheckpointSource, LazyMap, Recording, drop, hot_pages, probe_missing
 from ._pages import BATCH_PAGES, P, Progress, pages_of
@@ -58,41 +55,15 @@ def _restore_chunks(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, ts: li
     base = store.base
     total = int(base[-1])
     buf = np.empty((min(total, BATCH_PAGES), P), dtype=np.uint8)
-    own = pid == os.getpid()
     for s in range(0, total, BATCH_PAGES):
         e = min(total, s + BATCH_PAGES)
         rows = buf[: e - s]
         pages_of(store, gen_of, pos_of, s, e, rows)
         chunks = np.arange(s, e, dtype=np.int64)
         starts, lengths, offs = chunk_runs(chunks, ts, base)
-        if own:
-            _populate_extents(starts, lengths)
         write_runs(pid, starts, lengths, rows, offs)
         if progress is not None:
             progress(e, total)
-
-
-#: The extent of a PMD-mapped huge page (x86-64).
-HUGE_EXTENT = 2 << 20
-
-
-def _populate_extents(starts: np.ndarray, lengths: np.ndarray) -> None:
-    """Fault in (``MADV_POPULATE_WRITE``) the whole 2 MiB extents inside each run about
-    to be written, before ``process_vm_writev`` writes it.
-
-    Into ``MADV_HUGEPAGE`` memory that is not populated yet, ``process_vm_writev``
-    populates through its page pinning (one huge page per 512 pinned pages), which
-    costs far more here than the same faults taken by ``madvise`` (measured: 1 GiB
-    restored in 2.4-2.9 s that way, against 0.4 s to populate and 0.4 s to write;
-    ``benchmarks/snapshot.py``). For 4 KiB pages it is the same faults, taken first.
-    Only whole extents inside a run are populated: the pages of neighbouring objects
-    are never touched, and what memory reads as does not change (a populated page reads
-    as it did). A failure (memory that cannot be populated) is left to the write."""
-    lo = (starts.astype(np.int64) + HUGE_EXTENT - 1) // HUGE_EXTENT * HUGE_EXTENT
-    hi = (starts.astype(np.int64) + lengths.astype(np.int64)) // HUGE_EXTENT * HUGE_EXTENT
-    for a, b in zip(lo[hi > lo].tolist(), hi[hi > lo].tolist()):
-        with contextlib.suppress(OSError):
-            libc.madvise(a, b - a, MADV.POPULATE_WRITE)
 
 
 def restore(
