@@ -29,16 +29,17 @@ copies the page tables of all the memory the owner has populated (about 25 ms pe
 here), so in an owner with more than :data:`SPAWN_ABOVE` of it the guardian is a
 fresh interpreter started with ``posix_spawn`` (no page tables copied; it imports
 pagescan only if it has pages to poison), in its own process group; in a small owner
-it is forked (0.5 ms, against 2-6 ms for the ``exec``). If the handler
-dies before finishing -- killed, crashed, a source that raised, or stopped by
+it is forked (0.5 ms, against 2-6 ms for the ``exec``). If the handler dies before
+finishing -- killed, crashed, a source that raised, or stopped by
 :meth:`FaultHandler.close` -- the guardian installs poison markers (``UFFDIO_POISON``,
 Linux 6.6) on every page still empty and wakes the faulting threads: they get SIGBUS,
 a clear failure, instead of waiting forever or -- had the uffd simply been closed --
 silently reading zero pages. (If handler and guardian are killed together, the kernel
-unregisters the ranges and later faults read zeros: do not kill the guardian.) Both are children of the owner, watched through pidfds
-(``pagescan._child``) and reaped by ``wait``/``close``, or when a forgotten
-:class:`FaultHandler` is collected (``weakref.finalize``); if the owner exits first, the
-handler notices (a pidfd) and both exit.
+unregisters the ranges and later faults read zeros: do not kill the guardian.) Both
+are children of the owner, watched through pidfds (``pagescan._child``) and reaped by
+``wait``/``close``, or when a forgotten :class:`FaultHandler` is collected
+(``weakref.finalize``); if the owner exits first, the handler notices (a pidfd) and
+both exit.
 
 A process the owner forks later does not inherit the registration (no
 ``EVENT_FORK``): pages not yet served read as zeros there. Fork after :meth:`wait`.
