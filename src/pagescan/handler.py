@@ -863,8 +863,11 @@ def _spawn_guardian(uffd: int, life_r: int, regions: list[tuple[int, int]], owne
             if fd in (3, 4):
                 fds[i] = os.dup(fd)
                 extra.append(fds[i])
+        # Where this pagescan is (first), then the owner's path (numpy): the guardian
+        # finds both without site-packages' .pth files or import hooks.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         argv = [sys.executable, "-I", "-S", "-c", _GUARDIAN_PROGRAM,
-                ",".join(f"{a:x}:{n:x}" for a, n in regions), str(owner), os.pathsep.join(sys.path)]
+                ",".join(f"{a:x}:{n:x}" for a, n in regions), str(owner), os.pathsep.join([here, *sys.path])]
         pid = os.posix_spawn(sys.executable, argv, dict(os.environ), setpgroup=0,
                              file_actions=[(os.POSIX_SPAWN_DUP2, fds[0], 3), (os.POSIX_SPAWN_DUP2, fds[1], 4)])
     except OSError:
