@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 
 import pagescan
+from pagescan._uapi.mman import MADV
 from pagescan.snapshot import (
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     CorruptCheckpointError,
     compact,
     inspect,
@@ -34,8 +35,6 @@ from pagescan.snapshot import (
 )
 from pagescan.snapshot import _format as fmt
 from pagescan.snapshot._store import Store
-
-from pagescan._uapi.mman import MADV
 
 from .conftest import requires_thp, requires_wp_async
 from .memory import Mapping, P, thp_size, vmflags
@@ -76,7 +75,7 @@ def entry_offset(path: Path, generation: int, position: int) -> int:
 def data_offset(path: Path, chunk: int) -> int:
     """File offset of the newest data of ``chunk`` (a DATA chunk)."""
     with Store(path, lazy_index=True) as st:
-        gens, offs, _ = st.locate(len(st.generations), np.array([chunk]))
+        _gens, offs, _ = st.locate(len(st.generations), np.array([chunk]))
         assert offs[0] >= 0
         return int(offs[0])
 
@@ -97,7 +96,7 @@ def test_layout_block_table_and_lazy_lookups_match_the_index(tmp_path: Path) -> 
         assert all(g._index is None for g in st.generations), "a lazy open reads no index"
         for n, (gen_of, _) in eager.items():
             chunks = np.unique(rng.integers(0, NPAGES, 300))
-            gens, offs, _ = st.locate(n, chunks)
+            gens, _offs, _ = st.locate(n, chunks)
             assert np.array_equal(gens, gen_of[chunks])
             rows = np.zeros((len(chunks), P), np.uint8)
             st.read_chunks(n, chunks, rows, fresh=True)
