@@ -98,14 +98,18 @@ def _open_fd(pid: int, name: str) -> int:
 
 
 def _open(pid: int, name: str) -> bytes:
+    """A small file the kernel writes in one piece (``smaps_rollup`` and ``status`` are
+    one-record seq files, ``cmdline`` and ``comm`` plain reads): a read shorter than
+    asked for is the end, so the usual file takes one ``read``, not two. (Not for
+    ``smaps`` or ``maps``: a multi-record seq file returns short reads mid-file.)"""
     fd = _open_fd(pid, name)
     try:
         chunks: list[bytes] = []
         while True:
             data = os.read(fd, 1 << 16)
-            if not data:
-                return b"".join(chunks)
             chunks.append(data)
+            if len(data) < 1 << 16:
+                return b"".join(chunks)
     except PermissionError as err:  # the ptrace check is made at read time too
         raise PermissionError(err.errno, f"may not read {_path(pid, name)} (needs ptrace read access)") from None
     finally:
