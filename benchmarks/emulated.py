@@ -78,6 +78,10 @@ GIB = 1 << 30
 TIB = 1 << 40
 #: Emulated / bare-pread ratio the dense scan must stay under.
 DENSE_TARGET = 1.3
+#: Emulated / kernel ratio for a small range above much populated memory (issue 12).
+ABOVE_TARGET = 3.0
+#: Emulated / kernel ratio for a huge, mostly empty reservation (issue 12).
+RESERVED_TARGET = 10.0
 #: The emulation's tracemalloc peak may grow by at most this much from the smallest to
 #: the largest sparse range (it holds per-chunk arrays only, never per-range ones).
 MEMORY_SLACK = 1 << 20
@@ -252,9 +256,127 @@ def dense_round_set(d: Dense, rm: int, repeat: int, kernel_ok: bool) -> dict[str
         if kernel_ok:
             contenders["kernel"] = scan_fn(d.start, d.end, "kernel", rm)
         contenders["emulated"] = scan_fn(d.start, d.end, "emulated", rm)
-        return alternating_rounds(contenders, repeat)
+        samples = alternating_rounds(contenders, repeat)
+        # Apart: the full-mask emulation walks the range twice (smaps too), which leaves
+        # the caches cold for whatever runs next.
+        other = alternating_rounds({"pread": bare, "emulated, no WPALLOWED": scan_fn(
+            d.start, d.end, "emulated", rm & ~int(pagescan.Category.WPALLOWED))}, repeat)
+        samples["emulated, no WPALLOWED"] = other["emulated, no WPALLOWED"]
+        samples["pread (no-WPALLOWED rounds)"] = other["pread"]
+        return samples
     finally:
         os.close(fd)
+
+
+class Above:
+    """``size`` bytes written, just above ``below`` bytes written (two VMAs, the larger
+    one lower in the address space: smaps lists it first)."""
+
+    def __init__(self, below: int, size: int) -> None:
+        span = below + PMD + size
+        self.base = libc.mmap(0, span, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE)
+        self.span = span
+        try:
+            rw, anon = PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED
+            low = libc.mmap(self.base, below, rw, anon)
+            self.start = libc.mmap(self.base + span - size, size, rw, anon)
+            self.end = self.start + size
+            for addr, n in ((low, below), (self.start, size)):
+                libc.madvise(addr, n, MADV.NOHUGEPAGE)
+                ctypes.memset(addr, 1, n)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.span:
+            libc.munmap(self.base, self.span)
+            self.span = 0
+
+
+class Reserved:
+    """A ``size``-byte ``MAP_NORESERVE`` mapping (one VMA) with ``count`` runs of
+    ``run`` bytes written, spread evenly: a huge, mostly empty reservation."""
+
+    def __init__(self, size: int, count: int, run: int) -> None:
+        self.start = libc.mmap(0, size, PROT.READ | PROT.WRITE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE)
+        self.end = self.start + size
+        for i in range(count):
+            off = size * (i + 1) // (count + 1)
+            ctypes.memset(self.start + off - off % PMD, 1, run)
+
+    def close(self) -> None:
+        if self.start:
+            libc.munmap(self.start, self.end - self.start)
+            self.start = 0
+
+
+def pagemap_reader(start: int, end: int) -> Callable[[], None]:
+    """Read the pagemap entries of ``[start, end)`` in 512 KiB reads (the emulation's
+    chunk), doing nothing with them: the least any pagemap-based emulation must pay."""
+    buf = bytearray(512 << 10)
+    lo, hi = start // PAGE * 8, end // PAGE * 8
+
+    def run() -> None:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for off in range(lo, hi, len(buf)):
+                os.preadv(fd, [memoryview(buf)[: min(len(buf), hi - off)]], off)
+        finally:
+            os.close(fd)
+
+    return run
+
+
+def smaps_reader(start: int, end: int) -> Callable[[], None]:
+    """Read /proc/self/smaps as far as the records of ``[start, end)``: what knowing
+    their ``VmFlags`` costs (every record below is generated first)."""
+    from pagescan._procfs import read_smaps
+
+    def run() -> None:
+        read_smaps(os.getpid(), start, end, ())
+
+    return run
+
+
+def cliff_round_set(start: int, end: int, rm: int, repeat: int, floor: bool = False) -> dict[str, list[int]]:
+    """The kernel's scan against the emulation's, with every category (and the smaps read
+    that needs) and, in rounds of their own (the full mask's smaps walk leaves the caches
+    cold), without WPALLOWED (and, with ``floor``, reading the range's pagemap alone)."""
+    rm2 = rm & ~int(pagescan.Category.WPALLOWED)
+    samples = alternating_rounds({"kernel": scan_fn(start, end, "kernel", rm),
+                                  "emulated": scan_fn(start, end, "emulated", rm),
+                                  "smaps read to the range": smaps_reader(start, end)}, repeat)
+    contenders = {"kernel": scan_fn(start, end, "kernel", rm2),
+                  "emulated, no WPALLOWED": scan_fn(start, end, "emulated", rm2)}
+    if floor:
+        contenders["pagemap read alone"] = pagemap_reader(start, end)
+    other = alternating_rounds(contenders, repeat)
+    if floor:
+        samples["pagemap read alone"] = other["pagemap read alone"]
+    samples["emulated, no WPALLOWED"] = other["emulated, no WPALLOWED"]
+    samples["kernel (no-WPALLOWED rounds)"] = other["kernel"]
+    return samples
+
+
+def cliffs(args: argparse.Namespace, rm: int) -> dict[str, Any]:
+    """(2) the cases of issue 12 where the emulation fell off a cliff."""
+    out: dict[str, Any] = {}
+    above = Above(args.below, args.above)
+    try:
+        check_same(above.start, above.end, rm, "above", True)
+        with gc_paused():
+            out["above"] = cliff_round_set(above.start, above.end, rm, args.cliff_repeat)
+    finally:
+        above.close()
+    reserved = Reserved(args.reserved, 4, 64 << 10)
+    try:
+        check_same(reserved.start, reserved.end, rm, "reserved", True)
+        with gc_paused():
+            out["reserved"] = cliff_round_set(reserved.start, reserved.end, rm, args.cliff_repeat, floor=True)
+    finally:
+        reserved.close()
+    return out
 
 
 def sparse_round_set(s: Sparse, rm: int, repeat: int, kernel_ok: bool) -> dict[str, list[int]]:
@@ -466,6 +588,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             dense.close()
         if sparse is not None:
             sparse.close()
+    cliff = cliffs(args, rm) if kernel_ok and not args.no_cliffs else {}
     mem_rows = [] if args.no_memory else memory(args, rm, kernel_ok)
 
     def med_ms(key: str, name: str) -> float | None:
@@ -475,8 +598,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def over(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
-    pread, kern, emu = (med_ms("dense", name) for name in ("pread", "kernel", "emulated"))
+    pread, kern, emu, emu_nowpa = (med_ms("dense", name)
+                                   for name in ("pread", "kernel", "emulated", "emulated, no WPALLOWED"))
     dense_ratio = over(emu, pread)
+
+    def ratio_med(samples: dict[str, list[int]], name: str, base: str) -> float | None:
+        """Median of the per-round ratios (each round's contenders shared its noise)."""
+        if name not in samples or base not in samples:
+            return None
+        return statistics.median(x / b for x, b in zip(samples[name], samples[base]))
+
+    goals = []
+    dense_s = result["dense"]
+    goals.append({"case": f"dense {fmt_size(args.size)} populated", "floor": "bare pread",
+                  "floor_ms": pread, "goal": DENSE_TARGET,
+                  "emulated_ms": emu, "ratio": ratio_med(dense_s, "emulated", "pread"),
+                  "nowpa_ms": emu_nowpa,
+                  "nowpa_ratio": ratio_med(dense_s, "emulated, no WPALLOWED", "pread (no-WPALLOWED rounds)")})
+    for key, case, goal in (("above", f"{fmt_size(args.above)} above {fmt_size(args.below)} populated",
+                             ABOVE_TARGET),
+                            ("reserved", f"{fmt_size(args.reserved)} reserved, 4 x 64 KiB written", RESERVED_TARGET)):
+        if key in cliff:
+            c = cliff[key]
+            goals.append({"case": case, "floor": "kernel", "floor_ms": median(c["kernel"]) / 1e6, "goal": goal,
+                          "emulated_ms": median(c["emulated"]) / 1e6, "ratio": ratio_med(c, "emulated", "kernel"),
+                          "nowpa_ms": median(c["emulated, no WPALLOWED"]) / 1e6,
+                          "nowpa_ratio": ratio_med(c, "emulated, no WPALLOWED", "kernel (no-WPALLOWED rounds)"),
+                          "pagemap_read_ms": (median(c["pagemap read alone"]) / 1e6
+                                              if "pagemap read alone" in c else None),
+                          "pagemap_read_ratio": ratio_med(c, "pagemap read alone", "kernel (no-WPALLOWED rounds)"),
+                          "smaps_read_ms": median(c["smaps read to the range"]) / 1e6,
+                          "smaps_read_ratio": ratio_med(c, "smaps read to the range", "kernel"),
+                          "samples_ns": c})
     out: dict[str, Any] = {
         "config": {
             "size": args.size,
@@ -491,8 +644,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             **machine(),
             "kernel_backend": kernel_ok,
         },
+        "goals": goals,
         "dense": {
             "pread_ms": pread,
+            "emulated_no_wpallowed_ms": emu_nowpa,
             "kernel_ms": kern,
             "emulated_ms": emu,
             "emulated_over_pread": dense_ratio,
@@ -520,6 +675,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def over(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -530,6 +689,25 @@ def print_report(r: dict[str, Any]) -> None:
           f"Python {cfg['python']}, numpy {cfg['numpy']}; medians of {cfg['repeat']} rounds; "
           f"return_mask {cfg['return_mask']:#x}")
     print()
+    print("the goals of issue 12, one run: the emulation against its floor, with every category and without "
+          "WPALLOWED\n(what it computes on the kernels it is for, < 6.7, which have no UFFD_FEATURE_WP_ASYNC); "
+          "ratios are medians of per-round ratios")
+    rows = []
+    for g in r["goals"]:
+        met = "-" if g["ratio"] is None else ("met" if g["ratio"] <= g["goal"] else "NOT met")
+        met2 = "-" if g["nowpa_ratio"] is None else ("met" if g["nowpa_ratio"] <= g["goal"] else "NOT met")
+        rows.append((g["case"], g["floor"], fmt_ms(g["floor_ms"]), fmt_ms(g["emulated_ms"]), ratio(g["ratio"]),
+                     fmt_ms(g["nowpa_ms"]), ratio(g["nowpa_ratio"]), f"<= {g['goal']:g}x", f"{met} / {met2}"))
+    print_table(("case", "floor", "floor ms", "emulated ms", "x floor", "no-WPA ms", "x floor", "goal",
+                 "met (all / no-WPA)"), rows, "<<>>>>>><")
+    for g in r["goals"]:
+        if g.get("smaps_read_ms") is not None and g["floor"] == "kernel":
+            print(f"{g['case']}: reading smaps as far as the range (what its VmFlags cost) takes "
+                  f"{fmt_ms(g['smaps_read_ms'])} ms, {ratio(g['smaps_read_ratio'])} the kernel's scan")
+        if g.get("pagemap_read_ms") is not None:
+            print(f"{g['case']}: reading its pagemap alone (512 KiB reads, nothing done with them) takes "
+                  f"{fmt_ms(g['pagemap_read_ms'])} ms, {ratio(g['pagemap_read_ratio'])} the kernel's scan")
+    print()
     pages, regions = d["pages_regions"]
     print(f"(1) dense: {fmt_size(cfg['size'])} = {cfg['pages']} pages populated, {cfg['thp']}, "
           f"THP mode {cfg['thp_mode']}; each scan {pages} pages in {regions} region(s)")
@@ -539,6 +717,8 @@ def print_report(r: dict[str, Any]) -> None:
         ("kernel PAGEMAP_SCAN", fmt_ms(d["kernel_ms"]), ratio(d["kernel_over_pread"]), ""),
         ("emulated", fmt_ms(d["emulated_ms"]), ratio(d["emulated_over_pread"]),
          f"<= {d['target']:.2f}x {status}"),
+        ("emulated, return_mask without WPALLOWED (own rounds)", fmt_ms(d["emulated_no_wpallowed_ms"]),
+         ratio(over(d["emulated_no_wpallowed_ms"], d["pread_ms"])), ""),
     ])
     print()
     pages, regions = r["sparse_pages_regions"]
@@ -593,6 +773,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="small mappings in the sparse range (default 4)")
     ap.add_argument("--sparse-map-size", type=size_arg(), default=64 << 10,
                     help="size of each (default 64K)")
+    ap.add_argument("--below", type=size_arg(), default=4 * GIB,
+                    help="populated memory below the small range of the 'above' case (default 4G)")
+    ap.add_argument("--above", type=size_arg(), default=16 << 20,
+                    help="the small populated range scanned in the 'above' case (default 16M)")
+    ap.add_argument("--reserved", type=size_arg(), default=TIB,
+                    help="size of the mostly empty reservation scanned in the 'reserved' case (default 1T)")
+    ap.add_argument("--cliff-repeat", type=positive_int, default=5,
+                    help="timed rounds for the 'above' and 'reserved' cases (default 5)")
+    ap.add_argument("--no-cliffs", action="store_true", help="skip the 'above' and 'reserved' cases")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--breakdown", action="store_true",
                     help="also profile where the emulated dense scan's time goes")

@@ -12,9 +12,9 @@ between neighbours), and populates a fraction of them (well under 1 GiB resident
 * every 50th: ``MADV_HUGEPAGE`` and 4 MiB written (PMD THPs where THP allows it);
 * the rest: untouched.
 
-The parent then times, alternating round by round (median and min over ``--repeat``
-rounds, after one warm-up round; each ratio is the median of the per-round ratios,
-which keeps machine load that drifts between rounds out of it):
+The parent then times, with ``_common.alternating_rounds`` (one warm-up call each, then
+``--repeat`` rounds in a rotating order; median and min; each ratio is the median of the
+per-round ratios, which keeps machine load that drifts between rounds out of it):
 
 * **smaps parse**: read ``/proc/PID/smaps`` and parse it into one dict per mapping
   (address range, permissions, path and every ``kB`` field in bytes) -- what
@@ -52,7 +52,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import select
 import shutil
 import statistics
@@ -61,6 +60,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+from _common import alternating_rounds, machine, positive_int, print_table, write_json
 
 import pagescan
 from pagescan._procfs import task_size
@@ -265,38 +266,24 @@ def check(pid: int) -> dict[str, int]:
     }
 
 
-def bench(methods: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[float]]:
-    samples: dict[str, list[float]] = {k: [] for k in methods}
-    for rnd in range(repeat + 1):
-        order = list(methods) if rnd % 2 == 0 else list(reversed(methods))
-        for name in order:
-            t0 = time.perf_counter()
-            methods[name]()
-            dt = time.perf_counter() - t0
-            if rnd:  # round 0 warms up
-                samples[name].append(dt)
-    return samples
-
-
-def rows_of(samples: dict[str, list[float]], base_name: str) -> list[dict[str, Any]]:
+def rows_of(samples: dict[str, list[int]], base_name: str) -> list[dict[str, Any]]:
     """Ratios are taken round by round (both sides saw the same machine load), then the
-    median of those; the medians of the times are shown too."""
+    median of those; the medians of the times are shown too (samples in ns)."""
     base = samples[base_name]
-    return [{"method": name, "median_ms": statistics.median(xs) * 1e3, "min_ms": min(xs) * 1e3,
+    return [{"method": name, "median_ms": statistics.median(xs) / 1e6, "min_ms": min(xs) / 1e6,
              "ratio": statistics.median(x / b for x, b in zip(xs, base))} for name, xs in samples.items()]
 
 
 def print_rows(rows: list[dict[str, Any]], base_name: str) -> None:
-    print(f"{'method':<26} {'median ms':>10} {'min ms':>9} {'vs ' + base_name:>20}")
-    for r in rows:
-        print(f"{r['method']:<26} {r['median_ms']:>10.2f} {r['min_ms']:>9.2f} {r['ratio']:>19.2f}x")
+    print_table(("method", "median ms", "min ms", f"vs {base_name}"),
+                [(r["method"], f"{r['median_ms']:.2f}", f"{r['min_ms']:.2f}", f"{r['ratio']:.2f}x") for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--mappings", type=int, default=1000, help="mappings in the target (default 1000)")
     ap.add_argument("--size-gib", type=float, default=8.0, help="total size of those mappings (default 8)")
-    ap.add_argument("--repeat", type=int, default=11, help="timed rounds (default 11)")
+    ap.add_argument("--repeat", type=positive_int, default=11, help="timed rounds (default 11)")
     ap.add_argument("--idle", type=int, default=10, help="idle ~50 MiB processes started for the ps part (default 10)")
     ap.add_argument("--json", metavar="PATH", help="write every sample and the summary here")
     ap.add_argument("--strict", action="store_true", help="exit 1 if a target is not met")
@@ -326,18 +313,18 @@ def main(argv: list[str] | None = None) -> int:
             methods["pmap -X (command)"] = command(pmap, "-X", str(pid))
         if smem:
             methods["smem -m (command)"] = command(smem, "-m", "-P", f"^{sys.executable} -c ")
-        samples = bench(methods, args.repeat)
-        machine: dict[str, Callable[[], Any]] = {
+        samples = alternating_rounds(methods, args.repeat)
+        whole: dict[str, Callable[[], Any]] = {
             "smaps_rollup loop": rollup_loop,
             "pagescan ps --json": lambda: quiet_cli("ps", "--json"),
             "pagescan ps": lambda: quiet_cli("ps"),
         }
         if psutil is not None:
-            machine["psutil memory_full_info"] = psutil_full_info_loop
+            whole["psutil memory_full_info"] = psutil_full_info_loop
         if smem:
-            machine["smem (command)"] = command(smem)
+            whole["smem (command)"] = command(smem)
         nprocs = len([d for d in os.listdir("/proc") if d.isdigit()])
-        ps_samples = bench(machine, args.repeat)
+        ps_samples = alternating_rounds(whole, args.repeat)
     rows = rows_of(samples, "smaps parse")
     ps_rows = rows_of(ps_samples, "smaps_rollup loop")
     by_name = {r["method"]: r for r in rows}
@@ -353,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({info['mappings']} made, {info['mapped'] / (1 << 30):.2f} GiB), "
           f"RSS {facts['rss'] / MIB:.0f} MiB, THP {facts['huge'] / MIB:.0f} MiB, zero pages "
           f"{facts['zero'] / MIB:.0f} MiB, {facts['regions']} PAGEMAP_SCAN regions; built in {build:.1f} s")
-    print(f"{platform.release()} {platform.machine()}, Python {platform.python_version()}, "
-          f"{args.repeat} rounds\n")
+    m = machine()
+    print(f"pagescan {m['pagescan']} on Linux {m['kernel']} {m['machine']}, {m['cpus']} CPUs, "
+          f"Python {m['python']}, numpy {m['numpy']}; {args.repeat} rounds\n")
     print_rows(rows, "smaps parse")
     print(f"\ntarget: `pagescan stat` not slower than the smaps parse: {'met' if met else 'not met'} "
           f"(stat {ratio:.2f}x, stat --json {ratio_json:.2f}x, mapping_stats {by_name['mapping_stats']['ratio']:.2f}x)")
@@ -364,13 +352,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{'met' if ps_met else 'not met'} (ps {ps_ratio:.2f}x"
           + (f", smem {ps_by_name['smem (command)']['ratio']:.2f}x)" if smem else ", smem not installed)"))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({
-                "kernel": platform.release(), "machine": platform.machine(), "python": platform.python_version(),
-                "target": facts, "made": info, "repeat": args.repeat, "rows": rows, "samples_s": samples,
-                "ratio": ratio, "ratio_json": ratio_json, "met": met, "processes": nprocs,
-                "ps_rows": ps_rows, "ps_samples_s": ps_samples, "ps_ratio": ps_ratio, "ps_met": ps_met,
-            }, f, indent=2)
+        write_json(args.json, {
+            **m, "target": facts, "made": info, "repeat": args.repeat, "rows": rows, "samples_ns": samples,
+            "ratio": ratio, "ratio_json": ratio_json, "met": met, "processes": nprocs,
+            "ps_rows": ps_rows, "ps_samples_ns": ps_samples, "ps_ratio": ps_ratio, "ps_met": ps_met,
+        })
     return 1 if args.strict and not (met and ps_met) else 0
 
 

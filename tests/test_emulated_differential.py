@@ -807,6 +807,10 @@ def _no_aslr() -> None:  # pragma: no cover - runs in the child before exec
     ctypes.CDLL(None, use_errno=True).personality(ADDR_NO_RANDOMIZE)
 
 
+#: x86_64 system call numbers of nanosleep and clock_nanosleep (as /proc/PID/syscall shows them).
+_NANOSLEEPS = ("35", "230")
+
+
 def _read_text(path: str) -> str:
     with open(path) as f:
         return f.read()
@@ -823,9 +827,10 @@ def test_whole_address_space_of_a_sleeping_process(aslr: bool) -> None:
     try:
         with pagescan.Target(proc.pid) as t:
             deadline = time.monotonic() + 10
-            # exec builds the new mm in steps that maps can show half done: wait until
-            # ld.so has mapped libc, i.e. the program is running.
-            while "libc" not in _read_text(f"/proc/{proc.pid}/maps"):
+            # exec and ld.so build the new mm in steps (mapping libc, then mprotect of its
+            # RELRO part...): wait until sleep(1) sits in its nanosleep, i.e. the layout is
+            # final. /proc/PID/syscall names the call a blocked task is in.
+            while _read_text(f"/proc/{proc.pid}/syscall").split()[0] not in _NANOSLEEPS:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             maps = [line.split() for line in _read_text(f"/proc/{proc.pid}/maps").splitlines()]

@@ -204,16 +204,135 @@ def test_thp_candidates_are_confirmed_by_smaps(monkeypatch: pytest.MonkeyPatch) 
             assert seen == [t.addr]
 
 
+# -- where the VMAs of the range come from: PROCMAP_QUERY (6.11), or maps ------------------------
+
+
+def _fields(vmas: list[_procfs.Vma]) -> list[tuple[Any, ...]]:
+    return [(v.start, v.end, v.perms, v.offset, v.dev, v.inode, v.name) for v in vmas]
+
+
+def test_procmap_query_lists_what_maps_lists(tmp_path: Path) -> None:
+    """PROCMAP_QUERY gives every field of a maps line: the whole address space (file,
+    special and anonymous mappings), and a range that starts and ends inside VMAs of a
+    mapping split by mprotect."""
+    pid = os.getpid()
+    with populated(64) as m, file_mapping(tmp_path / "f", 8) as f:
+        m.mprotect(PROT.READ, 16, 16)  # three VMAs: rw, r, rw
+        f.read(0, 8)
+        got = _procfs.query_maps(pid, 0, _procfs.task_size())
+        assert got is not None and _procfs.procmap_query_works is True
+        assert _fields(got) == _fields(_procfs.read_maps(pid, 0, _procfs.task_size()))
+        assert any(v.name == str(tmp_path / "f") and v.inode for v in got)
+        inside = _procfs.query_maps(pid, m[8], m[40])
+        assert inside is not None
+        assert [(v.start, v.end, v.perms) for v in inside] == [
+            (m.addr, m[16], "rw-p"), (m[16], m[32], "r--p"), (m[32], m.end, "rw-p")]
+        assert _fields(inside) == _fields(_procfs.read_maps(pid, m[8], m[40]))
+        assert _procfs.query_maps(pid, m[8], m[8]) == []
+
+
+@pytest.mark.parametrize("source", ["PROCMAP_QUERY", "maps"])
+def test_emulated_scan_from_either_vma_source(monkeypatch: pytest.MonkeyPatch, source: str) -> None:
+    """The same answers whether the VMAs come from PROCMAP_QUERY or (a kernel without it)
+    from maps: a range starting inside a VMA, a VMA split by mprotect in the middle, and
+    WPALLOWED, which reads smaps (from the bottom: with PROCMAP_QUERY the VMAs below the
+    range are counted first) and must find the records it expects (no start-over)."""
+    used: list[str] = []
+    real_query, real_text = emu.query_maps, emu.read_maps_text
+
+    def query(pid: int, start: int, end: int) -> list[_procfs.Vma] | None:
+        got = real_query(pid, start, end)
+        used.append("PROCMAP_QUERY" if got is not None else "none")
+        return got
+
+    def text(pid: int, end: int = 1 << 64) -> bytes:
+        used.append("maps")
+        return real_text(pid, end)
+
+    if source == "maps":
+        monkeypatch.setattr(_procfs, "procmap_query_works", False)
+    monkeypatch.setattr(emu, "query_maps", query)
+    monkeypatch.setattr(emu, "read_maps_text", text)
+    restarts: list[int] = []
+    real_all = getattr(emu, "_read_all_smaps")
+    monkeypatch.setattr(emu, "_read_all_smaps", lambda *a: restarts.append(1) or real_all(*a))
+    with populated(3 * 512) as m, smaps_reads(monkeypatch) as seen:
+        m.mprotect(PROT.READ, 700, 100)  # split in the middle: rw, r, rw
+        for lo, hi in ((m[300], m[1200]), (m[750], m[760]), (m[0], m.end)):
+            used.clear()
+            seen.clear()
+            agree(lo, hi, return_mask=ALL9)
+            vmas = [(m.addr, m[700]), (m[700], m[800]), (m[800], m.end)]
+            assert seen == [s for s, e in vmas if s < hi and e > lo]
+            if source == "maps":
+                assert used == ["none", "maps"]
+            else:  # maps is read only to count the VMAs below the range, for smaps
+                assert used == ["PROCMAP_QUERY", "maps"]
+            used.clear()
+            agree(lo, hi, return_mask=ALL9 & ~WPA)  # no smaps needed
+            assert used == (["none", "maps"] if source == "maps" else ["PROCMAP_QUERY"])
+    assert restarts == []
+
+
+def test_huge_empty_reservation_is_exact(uffd_wp: Userfaultfd) -> None:
+    """Empty PMD blocks take a shortcut (one value per chunk): a 1 GiB reservation with a
+    few written pages, and a uffd-WP one whose empty slots are WRITTEN."""
+    G = 1 << 30
+    for wp in (False, True):
+        with Mapping(G // P, flags=MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE, align=PMD) as m:
+            m.madvise(MADV.NOHUGEPAGE)
+            for i in (0, 511, 512 * 200 + 7, G // P - 1):
+                m.write(i, 1)
+            if wp:
+                uffd_wp.register(m.addr, m.length, RegisterMode.WP)
+            for kw in ({"return_mask": ALL9}, {"return_mask": ALL9 & ~WPA},
+                       {"category_mask": WR, "return_mask": WR | PRES}):
+                got = agree(m.addr, m.end, **kw)
+                assert len(got) >= (1 if "category_mask" in kw and wp else 3), (wp, kw, got)
+
+
+@pytest.mark.skipif(not pagescan.capabilities().uffd_features & U.UffdFeature.POISON,
+                    reason="needs UFFD_FEATURE_POISON (Linux 6.6)")
+def test_a_vma_smaps_calls_empty_can_hold_a_marker() -> None:
+    """Why the emulation reads pagemap even where smaps counts nothing: a poison marker
+    outlives the registration that placed it, in a VMA with ``Rss`` and ``Swap`` 0 and
+    no userfaultfd flag; the kernel reports its page SWAPPED."""
+    from pagescan._uapi import libc
+
+    # between two PROT_NONE pages: once unregistered, the VMA merges with no neighbour
+    outer = libc.mmap(0, 18 * P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.NORESERVE)
+    with Mapping(16, addr=outer + P, flags=MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED) as m:
+        m._reserve = (outer, 18 * P)  # close() unmaps all of it
+        with Userfaultfd(U.UffdFeature.POISON) as uf:
+            uf.register(m.addr, m.length, RegisterMode.MISSING)
+            uf.poison(m[3], P)
+            uf.unregister(m.addr, m.length)
+        rec = next(r for r in oracle.smaps() if r.start <= m.addr < r.end)
+        assert rec.fields.get("Rss") == 0 and rec.fields.get("Swap") == 0
+        assert not {"um", "uw", "ui"} & set(rec.vmflags)
+        got = agree(m.addr, m.end, return_mask=ALL9)
+        assert (m[3], m[4], SWAP | WR) in got
+
+
 # -- maps and smaps disagree --------------------------------------------------------------------
 
 
-def test_layout_changed_between_maps_and_smaps_starts_over_from_smaps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """maps read before an mprotect split, smaps after: the emulation notices and answers
-    from smaps alone (what the kernel says now)."""
+@pytest.mark.parametrize("source", ["PROCMAP_QUERY", "maps"])
+def test_layout_changed_between_maps_and_smaps_starts_over_from_smaps(monkeypatch: pytest.MonkeyPatch,
+                                                                       source: str) -> None:
+    """VMAs listed before an mprotect split (by PROCMAP_QUERY, or by maps where the kernel
+    has no such ioctl), smaps read after: the emulation notices and answers from smaps
+    alone (what the kernel says now)."""
     with populated(64) as m:
-        stale = _procfs.read_maps_text(os.getpid())
+        if source == "maps":
+            stale_text = _procfs.read_maps_text(os.getpid())
+            monkeypatch.setattr(_procfs, "procmap_query_works", False)
+            monkeypatch.setattr(emu, "read_maps_text", lambda pid, end=1 << 64: stale_text)
+        else:
+            stale = _procfs.query_maps(os.getpid(), m.addr, m.end)
+            assert stale is not None and len(stale) == 1
+            monkeypatch.setattr(emu, "query_maps", lambda pid, start, end: stale)
         m.mprotect(PROT.READ, 16, 16)
-        monkeypatch.setattr(emu, "read_maps_text", lambda pid, end=1 << 64: stale)
         calls: list[int] = []
         real = getattr(emu, "_read_all_smaps")
 

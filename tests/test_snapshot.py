@@ -63,7 +63,7 @@ from pagescan.snapshot import (
     restore,
     verify,
 )
-from pagescan.snapshot._format import COMMIT, ENTRY_SIZE, GEN_HEADER
+from pagescan.snapshot._format import BLOCK_SIZE, COMMIT, ENTRY_SIZE, GEN_HEADER, nblocks
 from pagescan.snapshot._store import Store
 
 from .conftest import requires_wp_async
@@ -74,6 +74,11 @@ pytestmark = requires_wp_async
 
 HEADER = GEN_HEADER.size  # record header bytes
 SEAL = COMMIT.size  # commit record bytes
+
+
+def index_bytes(pages: int) -> int:
+    """Page index and its block table."""
+    return ENTRY_SIZE * pages + BLOCK_SIZE * nblocks(pages)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -266,7 +271,7 @@ def test_chain_restores_every_generation_and_stores_only_changed_pages(tmp_path:
                 assert info.zero_pages == zeros
                 assert info.bytes == (len(wa) + len(wb) - zeros) * P
                 new_size = os.path.getsize(path)
-                assert new_size - size == HEADER + ENTRY_SIZE * info.pages + info.bytes + SEAL
+                assert new_size - size == HEADER + index_bytes(info.pages) + info.bytes + SEAL
                 size = new_size
                 expected.append((va.copy(), vb.copy()))
             # No writes: an empty generation (header, no index entries, commit).
@@ -300,7 +305,7 @@ def test_zero_pages_take_no_data(tmp_path: Path) -> None:
             first = st.generations[0].offset
         finally:
             st.close()
-        assert os.path.getsize(path) == first + HEADER + 512 * ENTRY_SIZE + 3 * P + SEAL
+        assert os.path.getsize(path) == first + HEADER + index_bytes(512) + 3 * P + SEAL
         (got,) = restored(path, [512])  # onto garbage: the zero pages are written as zeros
         assert np.array_equal(got, v)
 

@@ -27,9 +27,10 @@ from typing import Any, Union
 import numpy as np
 
 from ._errors import InvalidArgumentError
+from ._uapi.pagemap import PAGE_REGION_DTYPE
 
-__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "check_aligned", "open_regular",
-           "u64"]
+__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "check_aligned", "check_out",
+           "open_regular", "u64"]
 
 #: What pagescan accepts as "a buffer object": anything with the buffer protocol; these
 #: are the usual ones (``collections.abc.Buffer`` needs Python 3.12).
@@ -60,6 +61,25 @@ def u64(name: str, value: Any, *, bool_ok: bool = True) -> int:
     if v > U64:
         raise ValueError(f"{name} does not fit in 64 bits: {v:#x}")
     return v
+
+
+def check_out(out: Any, name: str = "out") -> int:
+    """Validate an array the kernel will write regions into; return its address.
+
+    1-D, C-contiguous, writable, exactly :data:`PAGE_REGION_DTYPE`: anything else would
+    let the kernel write where the array's memory is not (``ValueError``/``TypeError``).
+    """
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array of PAGE_REGION_DTYPE, not {type(out).__name__}")
+    if out.dtype != PAGE_REGION_DTYPE:
+        raise ValueError(f"{name} must have dtype PAGE_REGION_DTYPE {PAGE_REGION_DTYPE}, not {out.dtype}")
+    if out.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, not of shape {out.shape}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (its stride is {out.strides[0]}, not 24)")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} must be writable")
+    return int(out.ctypes.data)
 
 
 def check_aligned(call: str, name: str, value: int, page_size: int = P) -> None:

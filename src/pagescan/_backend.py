@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Optional, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from ._target import Target
     from ._uapi.pagemap import pm_scan_arg
 
-__all__ = ["BACKENDS", "Backend", "fall_back", "kernel_missing", "pick"]
+__all__ = ["BACKENDS", "Backend", "Runner", "fall_back", "kernel_missing", "pick", "prepare"]
 
 BACKENDS = ("auto", "kernel", "emulated")
 
@@ -34,6 +35,38 @@ class Backend(Protocol):
     def scan(self, target: Target, arg: pm_scan_arg, out: np.ndarray | None) -> tuple[int, int]:
         """Run one call; ``out[:arg.vec_len]`` may be written. ``(n, walk_end)``."""
         ...
+
+
+#: A prepared call: ``run(target, start, end, vec, vec_len, max_pages, out) -> (n,
+#: walk_end)`` with the flags and masks fixed; ``vec`` is ``out``'s address (0 with
+#: ``vec_len`` 0). Reentrant: every call takes its own request struct.
+Runner = Callable[["Target", int, int, int, int, int, Optional["np.ndarray"]], "tuple[int, int]"]
+
+
+def prepare(impl: Backend, flags: int, inverted: int, mask: int, anyof: int, return_mask: int) -> Runner:
+    """A :data:`Runner` for ``impl`` (the kernel backend's own when it has one: it packs
+    the request with ``struct`` rather than through ctypes field setters)."""
+    own: Callable[[int, int, int, int, int], Runner] | None = getattr(impl, "prepare", None)
+    if own is not None:
+        return own(flags, inverted, mask, anyof, return_mask)
+    from ._uapi.pagemap import pm_scan_arg
+
+    free: list[pm_scan_arg] = []  # spare request structs: list pop/append are atomic
+    scan = impl.scan
+
+    def run(target: Target, start: int, end: int, vec: int, vec_len: int, max_pages: int,
+            out: np.ndarray | None) -> tuple[int, int]:
+        try:
+            arg = free.pop()
+        except IndexError:
+            arg = pm_scan_arg(96, flags, 0, 0, 0, 0, 0, 0, inverted, mask, anyof, return_mask)
+        arg.start, arg.end, arg.walk_end, arg.vec, arg.vec_len, arg.max_pages = start, end, 0, vec, vec_len, max_pages
+        try:
+            return scan(target, arg, out)
+        finally:
+            free.append(arg)
+
+    return run
 
 
 _lock = threading.Lock()

@@ -66,13 +66,25 @@ against the kernel on random layouts of every mapping kind by
 * Everything is read at call time, VMA by VMA: like the kernel's walk, the answer is
   not atomic with respect to a process that changes its memory meanwhile.
 
-Where smaps is read. ``/proc/PID/maps`` is read first (no page-table walk). smaps costs
+Where the VMAs come from. ``PROCMAP_QUERY`` (Linux 6.11: an ioctl on ``/proc/PID/maps``
+that returns the VMA at or above an address) lists the VMAs of the range, one call
+each, without formatting maps for the VMAs below it; on older kernels (``ENOTTY``)
+``/proc/PID/maps`` is read up to the end of the range. Neither walks page tables, and
+neither shows ``VmFlags`` beyond ``r``/``w``/``x``/``s`` (``docs/kernel-facts.md``).
+
+Empty 2 MiB blocks. A chunk whose whole window of PMD blocks reads as empty entries in
+pagemap gets one value for every page (no page-table evidence, no THP: ``WRITTEN`` iff
+the VMA is uffd-WP), without per-page work. Reading pagemap itself stays linear in the
+range: nothing else says where a huge, mostly empty mapping's pages are.
+
+Where smaps is read. smaps costs
 a page-table walk of every VMA it shows -- for populated memory more than the pagemap
 read itself -- and it is generated one VMA at a time, in address order: it is read
 incrementally, only as far as the last VMA the walk needs it for (plus at most the
 record after it, which the kernel generates along with that VMA's tail), never past the
 range, but always from the bottom of the address space (seeking regenerates every
-record before the offset). A VMA's record is needed, and read, only when:
+record before the offset; when the VMAs came from ``PROCMAP_QUERY``, maps is read once
+then, to count the VMAs below the range). A VMA's record is needed, and read, only when:
 
 * the VMA is not private anonymous memory (files, shmem, special mappings): hugetlb
   (``ht``), ``VM_PFNMAP`` (``pf``) and uffd-WP (``uw``) cannot be known otherwise.
@@ -110,7 +122,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import _engine, _probe
-from ._procfs import SCAN_FIELDS, SmapsStream, Vma, maps_in_range, read_maps_text, task_size
+from ._procfs import SCAN_FIELDS, SmapsStream, Vma, maps_in_range, query_maps, read_maps_text, task_size
 from ._procfs import read_smaps as _read_all_smaps
 from ._registry import wp_async_registry
 from ._uapi import libc
@@ -133,6 +145,8 @@ CHUNK_PAGES = 1 << 16
 
 _KNOWN_CATEGORIES = ALL_CATEGORIES
 _KNOWN_FLAGS = int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC)
+# plain ints for the per-call tests: IntFlag operators are slow
+_WP_MATCHING, _CHECK_WPASYNC = int(ScanFlag.WP_MATCHING), int(ScanFlag.CHECK_WPASYNC)
 
 _u = np.uint64
 _PRESENT = _u(PM.PRESENT)
@@ -243,7 +257,7 @@ class EmulatedBackend:
         if vec_len and (out is None or len(out) < vec_len):
             raise OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)}: PAGEMAP_SCAN: the region vector is "
                                         f"smaller than vec_len ({vec_len})")
-        if flags & ScanFlag.WP_MATCHING:
+        if flags & _WP_MATCHING:
             raise _eopnotsupp(
                 f"cannot write-protect: PM_SCAN_WP_MATCHING needs the kernel ioctl (Linux {since('PAGEMAP_SCAN')}); "
                 "an emulated read-then-protect would not be atomic"
@@ -251,7 +265,13 @@ class EmulatedBackend:
         if start == end_r:
             return 0, end_r
         pid = target.pid
-        vmas, below = maps_in_range(read_maps_text(pid, end_r), start, end_r)
+        # PROCMAP_QUERY (6.11) finds the VMAs of the range without formatting maps below it.
+        queried = query_maps(pid, start, end_r)
+        below: int | None = None  # VMAs before the range: counted only if smaps is read
+        if queried is None:
+            vmas, below = maps_in_range(read_maps_text(pid, end_r), start, end_r)
+        else:
+            vmas = queried
         try:
             return self._walk(fd, pid, vmas, below, start, end_r, flags, inverted, mask, anyof,
                               return_mask, max_pages, vec, index, vec_len, smaps_known=False)
@@ -260,25 +280,25 @@ class EmulatedBackend:
             return self._walk(fd, pid, vmas, 0, start, end_r, flags, inverted, mask, anyof,
                               return_mask, max_pages, vec, index, vec_len, smaps_known=True)
 
-    def _walk(self, fd: int, pid: int, vmas: list[Vma], below: int, start: int, end_r: int, flags: int,
+    def _walk(self, fd: int, pid: int, vmas: list[Vma], below: int | None, start: int, end_r: int, flags: int,
               inverted: int, mask: int, anyof: int, return_mask: int, max_pages: int,
               vec: np.ndarray | None, index: int, vec_len: int, *, smaps_known: bool) -> tuple[int, int]:
         # As in the kernel, a category only in ``inverted`` cannot change the answer
         # (matching looks at ``mask`` and ``anyof`` only), so it is never computed.
         relevant = mask | anyof | return_mask
-        check = bool(flags & ScanFlag.CHECK_WPASYNC)
-        need_wpa = bool(relevant & Category.WPALLOWED) or check
+        check = bool(flags & _CHECK_WPASYNC)
+        need_wpa = bool(relevant & _WPA) or check
         col = _engine.Collector(
             vec, index, vec_len, inverted=inverted, mask=mask, anyof=anyof,
             return_mask=return_mask, max_pages=max_pages, page_size=P,
         )
         ctx = _Context(fd, pid, inverted=inverted, mask=mask, anyof=anyof, return_mask=return_mask,
-                       scan_start=start, scan_end=end_r)
+                       scan_start=start, scan_end=end_r, below=below)
         try:
             for i, v in enumerate(vmas):
                 if v.start >= self._task_size:
                     break  # [vsyscall]: above user space
-                v_index = below + i
+                v_index = i  # the smaps record's index is ctx.below + i
                 if smaps_known:
                     ctx.known[v.start] = True
                 elif not v.anonymous:
@@ -291,7 +311,7 @@ class EmulatedBackend:
                     raise OSError(errno.EPERM, os.strerror(errno.EPERM))
                 if "pf" in v.vmflags:
                     continue  # VM_PFNMAP: the kernel skips these VMAs
-                want = mask & Category.WPALLOWED
+                want = mask & _WPA
                 if ((vma_bits ^ inverted) & want) != want:
                     continue  # the kernel's VMA-level pre-filter
                 lo = max(start, v.start)
@@ -382,7 +402,7 @@ class _Context:
     """Per-call state: the pagemap fd, the masks, smaps read so far, cached lookups."""
 
     def __init__(self, fd: int, pid: int, *, inverted: int, mask: int, anyof: int, return_mask: int,
-                 scan_start: int = 0, scan_end: int = 1 << 64) -> None:
+                 scan_start: int = 0, scan_end: int = 1 << 64, below: int | None = 0) -> None:
         self.fd = fd
         self.pid = pid
         self.inverted = inverted
@@ -392,6 +412,8 @@ class _Context:
         self.relevant = mask | anyof | return_mask
         self.scan_start = scan_start
         self.scan_end = scan_end
+        #: VMAs below the first one of the range (``None``: not counted yet)
+        self.below = below
         #: VMA start -> its smaps fields are filled in
         self.known: dict[int, bool] = {}
         self._smaps: SmapsStream | None = None
@@ -401,6 +423,7 @@ class _Context:
         #: VMA start -> (block addresses known PMD-mapped, block addresses that may be)
         self._thp: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._pud_occupied: dict[int, bool] = {}  # 1 GiB block -> has a populated page
+        self._window: np.ndarray | None = None  # reused by categories() for its window
 
     def close(self) -> None:
         fd, self._kpf_fd = self._kpf_fd, None
@@ -412,9 +435,17 @@ class _Context:
 
     # -- reading -------------------------------------------------------------------
 
-    def entries(self, lo: int, hi: int) -> np.ndarray:
+    def entries(self, lo: int, hi: int, reuse: bool = False) -> np.ndarray:
+        """The pagemap entries of ``[lo, hi)`` (fewer if the read comes back short).
+        ``reuse``: into the context's window buffer, which the next such call overwrites
+        (a fresh 512 KiB array per chunk costs its page faults every time)."""
         n = (hi - lo) // P
-        out = np.empty(n, dtype=np.uint64)
+        if reuse:
+            if self._window is None or self._window.size < n:
+                self._window = np.empty(max(n, CHUNK_PAGES + 2 * PMD_PAGES), dtype=np.uint64)
+            out = self._window[:n]
+        else:
+            out = np.empty(n, dtype=np.uint64)
         view = out.data.cast("B")
         got = 0
         while got < n * 8:
@@ -440,18 +471,23 @@ class _Context:
         return out
 
     def smaps(self, v: Vma, v_index: int) -> Vma:
-        """Fill in ``v``'s smaps fields (``v_index``: its position in maps), reading smaps
-        only as far as ``v``. Raises :class:`_Mismatch` if smaps shows another layout."""
+        """Fill in ``v``'s smaps fields (``v_index``: its position among the VMAs of the
+        range), reading smaps only as far as ``v``. Raises :class:`_Mismatch` if smaps
+        shows another layout."""
         if self.known.get(v.start):
             return v
         s = self._smaps
         if s is None:
+            if self.below is None:  # the VMAs came from PROCMAP_QUERY: count those below
+                self.below = maps_in_range(read_maps_text(self.pid, self.scan_start), self.scan_start,
+                                           self.scan_end)[1]
             s = self._smaps = SmapsStream(self.pid, self.scan_start, self.scan_end, SCAN_FIELDS)
+        assert self.below is not None
         while True:
             # Read no further than the records before v could fill (records are at least
             # ~600 bytes; 2 KiB stays clear of the seq_file's 4 KiB buffer, so the kernel
             # never generates, discards and regenerates a record). Never above 4 KiB.
-            ahead = v_index - s.records_seen
+            ahead = self.below + v_index - s.records_seen
             r = read_smaps(s, max(512, min(2048, 512 * ahead)))
             if r is None:
                 raise _Mismatch
@@ -493,7 +529,7 @@ class _Context:
         span = PMD_PAGES * P
         wlo = lo - lo % span
         whi = min(-(-hi // span) * span, _task_limit())
-        window = self.entries(wlo, whi)
+        window = self.entries(wlo, whi, reuse=True)  # nothing returned refers to it
         if window.size % PMD_PAGES:
             window = np.concatenate([window, np.zeros(-window.size % PMD_PAGES, dtype=np.uint64)])
         n = (hi - lo) // P
@@ -505,6 +541,14 @@ class _Context:
         anon = v.anonymous
         uw = self.known.get(v.start, False) and "uw" in v.vmflags
         table = _table_for(anon, uw, vma_bits, rel)
+        if not window.any():
+            # Every entry of the window's PMD blocks is empty: no page-table evidence, no
+            # THP; one value for the chunk, WRITTEN iff the VMA is uffd-WP.
+            value = int(table[0])
+            if value & _F_TABLE:
+                value = (value & _CATS) | (_WR if "uw" in self.smaps(v, v_index).vmflags else 0)
+            out: np.ndarray = np.broadcast_to(_c16(value), (n,))
+            return out
         uniform = _uniform(e, table)
         thp = self._thp_chunk(v, v_index, window, wlo, lo, n) if rel & _HU else None
         if uniform is not None:

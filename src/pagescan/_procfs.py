@@ -1,4 +1,4 @@
-"""Readers for ``/proc/PID/maps`` and ``/proc/PID/smaps``.
+"""Readers for ``/proc/PID/maps`` and ``/proc/PID/smaps``, and ``PROCMAP_QUERY``.
 
 ``maps`` is cheap (no page-table walk). ``smaps`` walks the page tables of every VMA it
 shows to count RSS -- for a populated VMA that costs more than reading its pagemap -- so
@@ -6,12 +6,15 @@ callers read it only when they need ``VmFlags`` or per-VMA counters, and only as
 they need: the kernel generates smaps one VMA record at a time, in address order, as the
 reader asks for more, so a reader that stops early never walks the VMAs above where it
 stopped (:class:`SmapsStream`). It cannot skip the VMAs *below* a range: seeking a
-seq_file regenerates every record before the offset.
+seq_file regenerates every record before the offset. ``PROCMAP_QUERY`` (Linux 6.11,
+:func:`query_maps`) finds the VMAs of a range by address, without formatting maps below
+it; it shows no ``VmFlags`` beyond the permissions.
 """
 
 from __future__ import annotations
 
 import bisect
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -19,7 +22,10 @@ import mmap
 import os
 import platform
 
-__all__ = ["SmapsStream", "Vma", "read_maps", "read_smaps", "task_size"]
+from ._uapi import libc
+from ._uapi.procfs import PROCMAP_QUERY, ProcmapQueryFlag, procmap_query
+
+__all__ = ["SmapsStream", "Vma", "query_maps", "read_maps", "read_smaps", "task_size"]
 
 _PAGE_SIZE = mmap.PAGESIZE
 
@@ -92,14 +98,18 @@ def _open_fd(pid: int, name: str) -> int:
 
 
 def _open(pid: int, name: str) -> bytes:
+    """A small file the kernel writes in one piece (``smaps_rollup`` and ``status`` are
+    one-record seq files, ``cmdline`` and ``comm`` plain reads): a read shorter than
+    asked for is the end, so the usual file takes one ``read``, not two. (Not for
+    ``smaps`` or ``maps``: a multi-record seq file returns short reads mid-file.)"""
     fd = _open_fd(pid, name)
     try:
         chunks: list[bytes] = []
         while True:
             data = os.read(fd, 1 << 16)
-            if not data:
-                return b"".join(chunks)
             chunks.append(data)
+            if len(data) < 1 << 16:
+                return b"".join(chunks)
     except PermissionError as err:  # the ptrace check is made at read time too
         raise PermissionError(err.errno, f"may not read {_path(pid, name)} (needs ptrace read access)") from None
     finally:
@@ -161,6 +171,79 @@ def maps_in_range(data: bytes, start: int, end: int) -> tuple[list[Vma], int]:
             break
         out.append(_parse_header(line))
     return out, below
+
+
+#: Whether ``PROCMAP_QUERY`` works here: ``None`` until tried, ``False`` once the kernel
+#: said ENOTTY (before Linux 6.11 maps has no ioctl).
+procmap_query_works: bool | None = None
+
+
+def query_maps(pid: int, start: int, end: int) -> list[Vma] | None:
+    """The VMAs of ``pid`` that intersect ``[start, end)``, one ``PROCMAP_QUERY`` ioctl
+    on ``/proc/PID/maps`` each: no line of maps is generated for the VMAs below
+    ``start`` (reading maps formats every one of them first). The same fields as
+    :func:`read_maps`; names are not escaped (maps writes a newline in a file name as
+    ``\\012``). ``None`` where the kernel has no such ioctl (Linux < 6.11): read maps.
+    """
+    global procmap_query_works
+    if procmap_query_works is False:
+        return None
+    fd = _open_fd(pid, "maps")
+    try:
+        q = procmap_query()
+        name = ctypes.create_string_buffer(_NAME_BUF)
+        out: list[Vma] = []
+        addr = start
+        while addr < end:
+            q.size = ctypes.sizeof(q)
+            q.query_flags = _COVERING_OR_NEXT
+            q.query_addr = addr
+            q.vma_name_size = len(name)
+            q.vma_name_addr = ctypes.addressof(name)
+            q.build_id_size = 0
+            q.build_id_addr = 0
+            try:
+                libc.ioctl(fd, PROCMAP_QUERY, q)
+            except OSError as err:
+                if err.errno == errno.ENOENT:
+                    break  # no VMA at or above addr
+                if err.errno == errno.ENOTTY and not out:
+                    procmap_query_works = False
+                    return None
+                if err.errno == errno.ENAMETOOLONG:
+                    name = ctypes.create_string_buffer(len(name) * 4)
+                    continue
+                if isinstance(err, PermissionError):
+                    raise PermissionError(err.errno, f"may not read {_path(pid, 'maps')} "
+                                                     "(needs ptrace read access)") from None
+                if err.errno == errno.ESRCH:  # the mm is gone (exited meanwhile)
+                    raise ProcessLookupError(errno.ESRCH, f"pid {pid} has no address space (it exited, or is "
+                                                          "a zombie or a kernel thread)") from None
+                raise
+            procmap_query_works = True
+            if q.vma_start >= end:
+                break
+            f = q.vma_flags
+            perms = "".join((
+                "r" if f & _R else "-", "w" if f & _W else "-", "x" if f & _X else "-", "s" if f & _S else "p",
+            ))
+            out.append(Vma(
+                start=q.vma_start, end=q.vma_end, perms=perms, offset=q.vma_offset,
+                dev=f"{q.dev_major:02x}:{q.dev_minor:02x}", inode=q.inode,
+                name=name.raw[: q.vma_name_size - 1].decode(errors="replace") if q.vma_name_size else "",
+            ))
+            addr = q.vma_end  # a VMA reaching ``end`` is the last: no call to find none above
+        return out
+    finally:
+        os.close(fd)
+
+
+_COVERING_OR_NEXT = int(ProcmapQueryFlag.COVERING_OR_NEXT_VMA)
+_R, _W, _X, _S = (int(f) for f in (ProcmapQueryFlag.VMA_READABLE, ProcmapQueryFlag.VMA_WRITABLE,
+                                    ProcmapQueryFlag.VMA_EXECUTABLE, ProcmapQueryFlag.VMA_SHARED))
+
+#: First size of the name buffer (a path can be PATH_MAX, 4096, plus " (deleted)").
+_NAME_BUF = 512
 
 
 def read_maps(pid: int, start: int = 0, end: int = 1 << 64) -> list[Vma]:

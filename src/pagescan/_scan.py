@@ -30,19 +30,19 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple, final
 
 import numpy as np
 
 from . import _backend
 from . import _target as _target_mod
-from ._args import U64, Buffer, buffer_range, u64
+from ._args import U64, Buffer, buffer_range, check_out, u64
 from ._target import PidLike, Target, resolve_pid, self_target
-from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag, page_region, pm_scan_arg
+from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag, page_region
 
 if TYPE_CHECKING:
-    from ._backend import Backend
+    from ._backend import Backend, Runner
 
 __all__ = ["PageRegion", "ScanResult", "Scanner", "buffer_range", "masks", "scan", "scan_iter"]
 
@@ -129,6 +129,7 @@ def _result(regions: np.ndarray, walk_end: int, start: int, end: int) -> ScanRes
 
 
 _array_types: dict[int, Any] = {}
+_addressof = ctypes.addressof
 
 
 def _owned(cap: int) -> tuple[np.ndarray, int]:
@@ -140,25 +141,6 @@ def _owned(cap: int) -> tuple[np.ndarray, int]:
     c = t()
     arr: np.ndarray = np.frombuffer(c, PAGE_REGION_DTYPE)  # type: ignore[arg-type]  # ctypes arrays are buffers
     return arr, ctypes.addressof(c)
-
-
-def check_out(out: Any, name: str = "out") -> int:
-    """Validate an array the kernel will write regions into; return its address.
-
-    1-D, C-contiguous, writable, exactly :data:`PAGE_REGION_DTYPE`: anything else would
-    let the kernel write where the array's memory is not (``ValueError``/``TypeError``).
-    """
-    if not isinstance(out, np.ndarray):
-        raise TypeError(f"{name} must be a numpy array of PAGE_REGION_DTYPE, not {type(out).__name__}")
-    if out.dtype != PAGE_REGION_DTYPE:
-        raise ValueError(f"{name} must have dtype PAGE_REGION_DTYPE {PAGE_REGION_DTYPE}, not {out.dtype}")
-    if out.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, not of shape {out.shape}")
-    if not out.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (its stride is {out.strides[0]}, not 24)")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} must be writable")
-    return int(out.ctypes.data)
 
 
 @final
@@ -182,7 +164,7 @@ class Scanner:
     """
 
     __slots__ = (
-        "__weakref__", "_fallback", "_free", "_impl", "_out", "_owned", "_scratch", "_target", "backend",
+        "__dict__", "__weakref__", "_fallback", "_impl", "_out", "_owned", "_run", "_scratch", "_target", "backend",
         "category_anyof_mask", "category_inverted", "category_mask", "flags", "max_pages",
         "return_mask", "vec_len",
     )
@@ -213,8 +195,8 @@ class Scanner:
             raise TypeError(f"backend must be a str, not {type(backend).__name__}")
         impl, self._fallback = _backend.pick(backend)
         self._impl: Backend = impl
+        self._run: Runner = self._prepare()
         self.backend = backend
-        self._free: list[pm_scan_arg] = []
         self._scratch: list[tuple[np.ndarray, int]] = []
         self._out: tuple[np.ndarray, int, int] | None = None
         if isinstance(pid, Target):
@@ -223,6 +205,19 @@ class Scanner:
             p = resolve_pid(pid)
             if p != os.getpid():
                 self._target, self._owned = Target(p), True
+        into = getattr(impl, "prepare_into", None)
+        if into is not None:
+            # The backend's one-frame closure, found before the method below (an instance
+            # attribute wins over a plain function of the class): same checks, same result.
+            args = (self.flags, self.category_inverted, self.category_mask, self.category_anyof_mask,
+                    self.return_mask, self.max_pages, self.vec_len)
+            fn = into(self._target, *args, _fall_back_into(self._target, *args) if self._fallback else None)
+            fn.__doc__, fn.__qualname__ = Scanner.scan_into.__doc__, Scanner.scan_into.__qualname__
+            self.__dict__["scan_into"] = fn
+
+    def _prepare(self) -> Runner:
+        return _backend.prepare(self._impl, self.flags, self.category_inverted, self.category_mask,
+                                self.category_anyof_mask, self.return_mask)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -263,11 +258,23 @@ class Scanner:
         """
         if type(start) is not int or type(end) is not int or not (0 <= start <= U64 and 0 <= end <= U64):
             start, end = u64("start", start), u64("end", end)
-        addr, n = self._out_address(out)
+        c = self._out
+        if c is not None and c[0] is out and len(out) == c[2] and out.flags.writeable:
+            addr, n = c[1], c[2]
+        else:
+            addr, n = self._out_address(out)
         vl = self.vec_len
         if vl is not None and vl < n:
             n = vl
-        return self._call(start, end, addr, n, self.max_pages, out if n else None)
+        target = self._target
+        if target is None:
+            target = _target_mod._self  # reset after fork by an at-fork hook
+            if target is None or target._fd < 0:
+                target = self_target()
+        try:
+            return self._run(target, start, end, addr, n, self.max_pages, out if n else None)
+        except OSError as err:
+            return self._fall_back(err, target, start, end, addr, n, self.max_pages, out if n else None)
 
     # -- internals ----------------------------------------------------------------------
 
@@ -284,6 +291,16 @@ class Scanner:
             self._out = (out, addr, n)
         return addr, n
 
+    def _fall_back(self, err: OSError, target: Target, start: int, end: int, vec: int, vec_len: int,
+                   max_pages: int, out: np.ndarray | None) -> tuple[int, int]:
+        """A call failed: under ``backend="auto"`` a missing ioctl (ENOTTY) switches this
+        Scanner (and "auto" from now on) to the emulation; anything else is raised."""
+        if not (self._fallback and err.errno == errno.ENOTTY):
+            raise err
+        self._impl, self._fallback = _backend.fall_back(), False
+        self._run = self._prepare()
+        return self._run(target, start, end, vec, vec_len, max_pages, out)
+
     def _call(self, start: int, end: int, vec: int, vec_len: int, max_pages: int,
               out: np.ndarray | None) -> tuple[int, int]:
         target = self._target
@@ -292,24 +309,9 @@ class Scanner:
             if target is None or target._fd < 0:
                 target = self_target()
         try:
-            arg = self._free.pop()
-        except IndexError:
-            arg = pm_scan_arg(96, self.flags, 0, 0, 0, 0, 0, 0, self.category_inverted,
-                              self.category_mask, self.category_anyof_mask, self.return_mask)
-        arg.start = start
-        arg.end = end
-        arg.vec = vec
-        arg.vec_len = vec_len
-        arg.max_pages = max_pages
-        try:
-            return self._impl.scan(target, arg, out)
+            return self._run(target, start, end, vec, vec_len, max_pages, out)
         except OSError as err:
-            if not (self._fallback and err.errno == errno.ENOTTY):  # no ioctl: "auto" emulates
-                raise
-            self._impl, self._fallback = _backend.fall_back(), False
-            return self._impl.scan(target, arg, out)
-        finally:
-            self._free.append(arg)
+            return self._fall_back(err, target, start, end, vec, vec_len, max_pages, out)
 
     def _scan(self, start: int, end: int, max_pages: int, vec_len: int | None) -> ScanResult:
         cap = (end - start + _P - 1) // _P if end > start else 1
@@ -323,13 +325,32 @@ class Scanner:
         if cap == 0:
             n, walk_end = self._call(start, end, 0, 0, max_pages, None)
             return _result(_EMPTY, walk_end, start, end)
-        if cap <= _SMALL:
-            buf, addr = _owned(cap)
-            n, walk_end = self._call(start, end, addr, cap, max_pages, buf)
-            if n != cap:
-                buf = buf[:n].copy() if cap > 16 and 2 * n < cap else buf[:n]
-            return _result(buf, walk_end, start, end)
-        return self._scan_chunked(start, end, max_pages, cap)
+        if cap > _SMALL:
+            return self._scan_chunked(start, end, max_pages, cap)
+        # The common small call, inlined (every Python frame costs ~5% of a one-page call).
+        t = _array_types.get(cap)
+        if t is None:
+            t = _array_types[cap] = page_region * cap
+        c = t()
+        buf: np.ndarray = np.frombuffer(c, PAGE_REGION_DTYPE)  # type: ignore[arg-type]  # ctypes arrays are buffers
+        target = self._target
+        if target is None:
+            target = _target_mod._self  # reset after fork by an at-fork hook
+            if target is None or target._fd < 0:
+                target = self_target()
+        try:
+            n, walk_end = self._run(target, start, end, _addressof(c), cap, max_pages, buf)
+        except OSError as err:
+            n, walk_end = self._fall_back(err, target, start, end, _addressof(c), cap, max_pages, buf)
+        if n != cap:
+            buf = buf[:n].copy() if cap > 16 and 2 * n < cap else buf[:n]
+        res: ScanResult = _new_result(ScanResult)
+        res.regions = buf
+        res.walk_end = walk_end
+        res.complete = walk_end >= end
+        res.start = start
+        res.end = end
+        return res
 
     def _scan_chunked(self, start: int, end: int, max_pages: int, cap: int) -> ScanResult:
         """A call that may return more than ``_SMALL`` regions: kernel calls of at most
@@ -379,6 +400,25 @@ class Scanner:
             n = vec_len
         count, walk_end = self._call(start, end, addr if n else 0, n, max_pages, out if n else None)
         return _result(out[:count], walk_end, start, end)
+
+
+def _fall_back_into(target: Target | None, flags: int, inverted: int, mask: int, anyof: int, return_mask: int,
+                    max_pages: int, vec_len: int | None) -> Callable[[int, int, Any], tuple[int, int]]:
+    """``scan_into`` on the emulation, for a prepared kernel closure whose ioctl turned out
+    to be missing (ENOTTY under ``backend="auto"``)."""
+    run: Runner | None = None
+
+    def scan_into(start: int, end: int, out: Any) -> tuple[int, int]:
+        nonlocal run
+        if run is None:
+            run = _backend.prepare(_backend.fall_back(), flags, inverted, mask, anyof, return_mask)
+        addr, n = check_out(out), len(out)
+        if vec_len is not None and vec_len < n:
+            n = vec_len
+        return run(self_target() if target is None else target, start, end, addr, n, max_pages,
+                   out if n else None)
+
+    return scan_into
 
 
 _cache: dict[tuple[Any, ...], Scanner] = {}
@@ -509,24 +549,30 @@ def scan_iter(
 
 def _iterate(sc: Scanner, start: int, end: int, out: np.ndarray | None) -> Iterator[ScanResult]:
     with sc:
-        cur = start
-        budget = sc.max_pages
-        while True:
-            if out is not None:
-                res = sc._scan_out(cur, end, out, sc.vec_len, budget)
-            else:
-                res = sc._scan(cur, end, budget, sc.vec_len)
-            yield res
-            if res.complete or sc.vec_len == 0:
+        yield from walk(sc, start, end, out, sc.max_pages)
+
+
+def walk(sc: Scanner, start: int, end: int, out: np.ndarray | None, max_pages: int) -> Iterator[ScanResult]:
+    """:func:`scan_iter`'s loop over a prepared Scanner (not closed at the end), with
+    ``max_pages`` as the budget of the whole walk (validated ints: no checks here)."""
+    cur = start
+    budget = max_pages
+    while True:
+        if out is not None:
+            res = sc._scan_out(cur, end, out, sc.vec_len, budget)
+        else:
+            res = sc._scan(cur, end, budget, sc.vec_len)
+        yield res
+        if res.complete or sc.vec_len == 0:
+            return
+        if max_pages:
+            budget -= res.pages
+            if budget <= 0:
                 return
-            if sc.max_pages:
-                budget -= res.pages
-                if budget <= 0:
-                    return
-            nxt = res.walk_end
-            if nxt <= cur or (len(res.regions) and nxt < int(res.regions["end"][-1])):
-                return  # no progress possible (partial hugetlb page under WP_MATCHING)
-            cur = nxt
+        nxt = res.walk_end
+        if nxt <= cur or (len(res.regions) and nxt < int(res.regions["end"][-1])):
+            return  # no progress possible (partial hugetlb page under WP_MATCHING)
+        cur = nxt
 
 
 def masks(

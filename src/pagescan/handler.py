@@ -23,18 +23,23 @@ What the handler does:
 
 Failure, never a hang and never wrong data: the owner gives up its own copy of the
 uffd, so the ranges stay registered only while the handler (and its guardian) hold it.
-The owner forks, besides the handler, a small guardian that also holds the uffd and
-waits for the handler to end (a pipe whose only writer is the handler). If the handler
-dies before finishing -- killed, crashed, a source that raised, or stopped by
+The owner starts, besides the handler, a small guardian that also holds the uffd and
+waits for the handler to end (a pipe whose only writer is the handler). A ``fork``
+copies the page tables of all the memory the owner has populated (about 25 ms per GiB
+here), so in an owner with more than :data:`SPAWN_ABOVE` of it the guardian is a
+fresh interpreter started with ``posix_spawn`` (no page tables copied; it imports
+pagescan only if it has pages to poison), in its own process group; in a small owner
+it is forked (0.5 ms, against 2-6 ms for the ``exec``). If the handler dies before
+finishing -- killed, crashed, a source that raised, or stopped by
 :meth:`FaultHandler.close` -- the guardian installs poison markers (``UFFDIO_POISON``,
 Linux 6.6) on every page still empty and wakes the faulting threads: they get SIGBUS,
 a clear failure, instead of waiting forever or -- had the uffd simply been closed --
 silently reading zero pages. (If handler and guardian are killed together, the kernel
-unregisters the ranges and later faults read zeros; keep them in the owner's process
-group and do not kill it.) Both are children of the owner, watched through pidfds
-(``pagescan._child``) and reaped by ``wait``/``close``, or when a forgotten
-:class:`FaultHandler` is collected (``weakref.finalize``); if the owner exits first, the
-handler notices (a pidfd) and both exit.
+unregisters the ranges and later faults read zeros: do not kill the guardian.) Both
+are children of the owner, watched through pidfds (``pagescan._child``) and reaped by
+``wait``/``close``, or when a forgotten :class:`FaultHandler` is collected
+(``weakref.finalize``); if the owner exits first, the handler notices (a pidfd) and
+both exit.
 
 A process the owner forks later does not inherit the registration (no
 ``EVENT_FORK``): pages not yet served read as zeros there. Fork after :meth:`wait`.
@@ -49,10 +54,12 @@ import mmap
 import os
 import select
 import signal
+import sys
 import time
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
@@ -77,8 +84,6 @@ __all__ = ["FaultHandler", "FileSource", "Source"]
 P = mmap.PAGESIZE
 MIN_WINDOW = 64 << 10
 MAX_WINDOW = 4 << 20
-#: How long the handler waits for a fault before prefetching (seconds).
-IDLE = 0.001
 
 
 class Source(Protocol):
@@ -86,6 +91,8 @@ class Source(Protocol):
 
     ``offset`` counts from the start of the first region (regions are concatenated).
     Return ``False`` if the whole span is zero (served as zero pages without copying).
+    A source with a true ``thread_safe`` attribute may be called from two threads of
+    the handler at once (prefetch reads the next window while a fault is served).
     """
 
     def read(self, offset: int, out: memoryview) -> bool: ...
@@ -111,6 +118,8 @@ def _regions(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 class FileSource:
     """Pages from a file (or a slice of it starting at ``base``)."""
+
+    thread_safe = True  # preadv at explicit offsets
 
     def __init__(self, path: str | os.PathLike[str], base: int = 0) -> None:
         self.fd = -1
@@ -228,6 +237,9 @@ class FaultHandler:
             fault is served alone (no window, no prefetch), so that every first touch
             is seen. Setting the last element to 1 ends the recording: the handler
             then serves as if created with ``prefetch=True`` and no record.
+        fresh: the caller has just mapped the regions and never touched them, so the
+            check that they are unpopulated is skipped (it costs a ``PAGEMAP_SCAN``,
+            and the first one in a process loads the scan backend: milliseconds).
 
     Use as a context manager; :meth:`wait` blocks until every page is in. Raises
     ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
@@ -246,6 +258,7 @@ class FaultHandler:
         prefetch: bool = True,
         hot: Sequence[int] | np.ndarray | None = None,
         record: np.ndarray | None = None,
+        fresh: bool = False,
     ) -> None:
         self.regions = _regions(regions)
         self.total_pages = sum(n for _, n in self.regions) // P
@@ -260,6 +273,7 @@ class FaultHandler:
                                    or not record.flags.writeable):
             raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 2} elements")
         self.record = record
+        self.fresh = bool(fresh)
         #: ``waitpid`` status of the handler process once reaped by :meth:`wait`.
         self.exit_status: int | None = None
         self.owner = os.getpid()
@@ -298,7 +312,7 @@ class FaultHandler:
             # then insist on empty pages (closing the uffd undoes the registration).
             for a, n in self.regions:
                 uf.register(a, n, RegisterMode.MISSING)
-            for a, n in self.regions:
+            for a, n in [] if self.fresh else self.regions:
                 busy = scan(a, a + n, category_anyof_mask=int(Category.PRESENT | Category.SWAPPED), return_mask=0)
                 if len(busy):
                     raise FileExistsError(
@@ -323,7 +337,7 @@ class FaultHandler:
                 self._started = True
                 os.close(life_w)
                 life_w = -1
-                life.guardian = fork(guardian_main)
+                life.guardian = _spawn_guardian(uf.fd, life_r, self.regions, self.owner) or fork(guardian_main)
             finally:
                 os.close(life_r)
                 if life_w >= 0:
@@ -410,6 +424,33 @@ class _Pages:
         for i, (_, n) in enumerate(regions):
             self.offset[i] = off
             off += n
+        #: Pages in state 0 (kept by :meth:`set`: no pass over the state per event).
+        self.pending = int(self.base[-1])
+
+    def set(self, lo: int, hi: int, value: int) -> None:
+        """Global pages ``[lo, hi)`` take state ``value`` (1 or 2)."""
+        seg = self.state[lo:hi]
+        self.pending -= int(np.count_nonzero(seg == 0))
+        seg[:] = value
+
+    def served(self) -> int:
+        return int(self.state.size) - self.pending
+
+    def region_of(self, g: int) -> int:
+        return next(k for k in range(len(self.regions)) if self.base[k] <= g < self.base[k + 1])
+
+    def next_pending(self, start: int) -> int:
+        """The first pending page at or after ``start``, wrapping around (-1: none left).
+        Looks at the state a slice at a time: the cost is the distance travelled."""
+        if not self.pending:
+            return -1
+        n = int(self.state.size)
+        for lo, hi in ((min(start, n), n), (0, min(start, n))):
+            for s in range(lo, hi, 1 << 16):
+                k = np.flatnonzero(self.state[s : min(hi, s + (1 << 16))] == 0)
+                if k.size:
+                    return s + int(k[0])
+        return -1
 
     def locate(self, address: int) -> tuple[int, int] | None:
         """(region index, page index within the global state array)."""
@@ -425,7 +466,83 @@ class _Pages:
             lo, hi = max(start, a), min(end, a + n)
             if lo < hi:
                 s = self.base[i] + (lo - a) // P
-                self.state[s : s + (hi - lo) // P] = value
+                self.set(s, s + (hi - lo) // P, value)
+
+
+class _Prefetch:
+    """Address-order prefetch, one window per step: the window after the current one is
+    read from the source by a worker thread while the current one is copied in (when
+    the source says it may be read from two threads: ``thread_safe``), so reading,
+    checking and ``UFFDIO_COPY`` overlap. Only the pages still pending when a window is
+    copied are filled (a fault or a ``REMOVE`` may have come meanwhile)."""
+
+    def __init__(self, fh: FaultHandler, pages: _Pages) -> None:
+        self.fh, self.pages = fh, pages
+        self.maps = [mmap.mmap(-1, MAX_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(2)]
+        self.views = [memoryview(m) for m in self.maps]
+        self.addrs = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in self.maps]
+        self.pool = ThreadPoolExecutor(1, "prefetch") if getattr(fh.source, "thread_safe", False) else None
+        # The window read ahead: (result, lo, hi, buffer).
+        self.ahead: tuple[Future[bool] | bool, int, int, int] | None = None
+        self.turn = 0
+
+    def _plan(self, cursor: int, window: int) -> tuple[int, int] | None:
+        g = self.pages.next_pending(cursor)
+        if g < 0:
+            return None
+        i = self.pages.region_of(g)
+        return g, min(self.pages.base[i + 1], g + window // P)
+
+    def _read(self, lo: int, hi: int, b: int) -> bool:
+        pages = self.pages
+        i = pages.region_of(lo)
+        off = pages.offset[i] + (lo - pages.base[i]) * P
+        return self.fh.source.read(off, self.views[b][: (hi - lo) * P])
+
+    def _start(self, span: tuple[int, int] | None) -> None:
+        if span is None:
+            self.ahead = None
+            return
+        b = self.turn
+        self.turn ^= 1
+        lo, hi = span
+        res: Future[bool] | bool = (self.pool.submit(self._read, lo, hi, b) if self.pool is not None
+                                    else self._read(lo, hi, b))
+        self.ahead = (res, lo, hi, b)
+
+    def step(self, uf: Userfaultfd, cursor: int, window: int) -> int:
+        """Serve one window (the one read ahead, or the next pending one at or after
+        ``cursor``); returns where the next one starts."""
+        if self.ahead is None:
+            self._start(self._plan(cursor, window))
+            if self.ahead is None:
+                return cursor
+        res, lo, hi, b = self.ahead
+        self.ahead = None
+        if self.pool is not None:
+            self._start(self._plan(hi, window))  # read on, into the other buffer, while this one is copied
+        has_data = res if isinstance(res, bool) else res.result()
+        _copy_pending(uf, self.pages, lo, hi, self.addrs[b] if has_data else None)
+        return hi
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
+def _copy_pending(uf: Userfaultfd, pages: _Pages, lo: int, hi: int, src: int | None) -> None:
+    """Fill the pages of ``[lo, hi)`` (one region) still pending from ``src`` (the
+    window's bytes; ``None``: zero pages), a run at a time."""
+    i = pages.region_of(lo)
+    todo = (pages.state[lo:hi] == 0).astype(np.int8)
+    edges = np.flatnonzero(np.diff(todo, prepend=0, append=0))
+    for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        addr = pages.addr[i] + (lo + s - pages.base[i]) * P
+        try:
+            _fill(uf, addr, (e - s) * P, None if src is None else src + s * P)
+        except _Retry:
+            return  # pages stay pending
+        pages.set(lo + s, lo + e, 1)
 
 
 def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
@@ -439,7 +556,9 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     assert fh._shared is not None
     shared = fh._shared.arr
     pages = _Pages(fh.regions)
-    buf = bytearray(MAX_WINDOW)
+    # Anonymous memory, populated as it is used (a bytearray would zero-fill all of it
+    # before the first fault is served).
+    buf = mmap.mmap(-1, MAX_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     bufmv = memoryview(buf)
     buf_addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     window = MIN_WINDOW
@@ -451,19 +570,19 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     if rec is not None:
         rec[0] = 0
     prefetch = fh.prefetch and rec is None
+    ahead: _Prefetch | None = None
     state = STATE_FAILED
     try:
         while True:
             if rec is not None and rec[-1]:  # the owner ended the recording
                 rec, prefetch = None, True
-            pending = np.flatnonzero(pages.state == 0)
-            if not pending.size:
+            if not pages.pending:
                 state = STATE_DONE
                 break
             try:
-                # Recording: wake now and then to see the owner end it (last element of `rec`).
-                ready = poller.poll(0 if hot_pos < hot.size else int(IDLE * 1000) if prefetch
-                                    else 10 if rec is not None else -1)
+                # Prefetching: only look whether a fault waits. Recording: wake now and
+                # then to see the owner end it (last element of `rec`).
+                ready = poller.poll(0 if hot_pos < hot.size or prefetch else 10 if rec is not None else -1)
             except InterruptedError:
                 continue
             if any(fd == owner_fd for fd, _ in ready):
@@ -493,7 +612,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                         for i, a in enumerate(pages.addr):
                             if ev.from_ <= a < ev.from_ + ev.len:
                                 pages.addr[i] = ev.to + (a - ev.from_)
-                shared[0] = int(np.count_nonzero(pages.state))
+                shared[0] = pages.served()
                 if hot_pos >= hot.size:
                     continue
             if hot_pos < hot.size:
@@ -504,17 +623,16 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 hot_pos += batch.size
                 batch = np.unique(batch[pages.state[batch] == 0])
                 _serve_pages(uf, fh, pages, batch, bufmv, buf_addr)
-                shared[0] = int(np.count_nonzero(pages.state))
+                shared[0] = pages.served()
                 continue
             if not prefetch:
                 continue
-            # Idle: prefetch the next pending pages.
-            if cursor >= pages.state.size or pages.state[cursor]:
-                nxt = pending[pending >= cursor]
-                cursor = int(nxt[0]) if nxt.size else int(pending[0])
-            _serve(uf, fh, pages, cursor, window, bufmv, buf_addr, shared)
+            # No fault waiting: prefetch the next pending pages.
+            if ahead is None:
+                ahead = _Prefetch(fh, pages)
+            cursor = ahead.step(uf, cursor, window)
             window = min(window * 2, MAX_WINDOW)
-            shared[0] = int(np.count_nonzero(pages.state))
+            shared[0] = pages.served()
         if state == STATE_DONE:
             for a, n in zip(pages.addr, (n for _, n in pages.regions)):
                 with contextlib.suppress(OSError):
@@ -522,6 +640,8 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
     except ProcessLookupError:
         state = STATE_FAILED  # the owner is gone
     finally:
+        if ahead is not None:
+            ahead.close()
         shared[1] = state
         with contextlib.suppress(OSError):
             os.write(life_w, b"D" if state == STATE_DONE else b"F")
@@ -577,7 +697,7 @@ def _serve_pages(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, batch: np.nda
             _fill(uf, addr, (hi - lo) * P, buf_addr + k * P)
         except _Retry:
             return  # pages stay pending
-        pages.state[lo:hi] = 1
+        pages.set(lo, hi, 1)
         k += hi - lo
 
 
@@ -595,7 +715,7 @@ def _serve(
     lo = max(pages.base[i], gidx - gidx % wpages)  # window aligned down: serve the fault's neighbours too
     hi = min(pages.base[i + 1], lo + wpages)
     _serve_span(uf, fh, pages, lo, hi, bufmv, buf_addr)
-    shared[0] = int(np.count_nonzero(pages.state))
+    shared[0] = pages.served()
 
 
 def _serve_span(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, lo: int, hi: int,
@@ -625,7 +745,7 @@ def _serve_span(uf: Userfaultfd, fh: FaultHandler, pages: _Pages, lo: int, hi: i
             _fill(uf, addr, length, src)
         except _Retry:
             return  # pages stay pending
-        pages.state[page0 : lo + j] = 1
+        pages.set(page0, lo + j, 1)
         k = j
 
 
@@ -683,6 +803,87 @@ def _halves(op: Callable[[int, int], object], start: int, length: int) -> None:
             op(s, n)
         except FileNotFoundError:
             _halves(op, s, n)
+
+
+#: The guardian as a program of its own: it imports nothing but ``os`` and ``sys`` until
+#: the handler ends, and all of pagescan only if it has pages to poison. The uffd is its
+#: fd 3, the read end of the handler's pipe its fd 4.
+_GUARDIAN_PROGRAM = """\
+import os, sys
+msg = b""
+while True:
+    chunk = os.read(4, 1)
+    if not chunk:
+        break
+    msg = chunk
+if msg != b"D":
+    sys.path[:0] = sys.argv[3].split(os.pathsep)
+    from pagescan.handler import _guardian_poison
+    _guardian_poison(3, sys.argv[1], int(sys.argv[2]))
+"""
+
+
+#: Populated anonymous memory of the owner above which the guardian is spawned rather
+#: than forked: ``posix_spawn`` costs 2-6 ms here (the owner waits for the ``exec``),
+#: ``fork`` 0.5 ms in a small process and about 25 ms per GiB populated.
+SPAWN_ABOVE = 256 << 20
+
+
+def _anon_bytes() -> int:
+    """``RssAnon`` of this process (bytes; 0 if unknown)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _spawn_guardian(uffd: int, life_r: int, regions: list[tuple[int, int]], owner: int) -> Child | None:
+    """Start the guardian with ``posix_spawn`` of a fresh interpreter when this process
+    has populated more than :data:`SPAWN_ABOVE` bytes of anonymous memory (``None``
+    otherwise, or if that is not possible: the caller forks one instead).
+
+    A ``fork`` copies the page tables of every page the owner has populated (about
+    25 ms per GiB here, done twice when both helpers are forked); ``posix_spawn``
+    (``vfork`` + ``exec``) copies none. The guardian has its own process group, so a
+    signal to the owner's group (Ctrl-C) that kills the handler leaves the guardian
+    to poison the pages. It holds the uffd from the moment it exists.
+    """
+    if not sys.executable or _anon_bytes() < SPAWN_ABOVE:
+        return None
+    fds = [uffd, life_r]
+    extra = []
+    try:
+        # dup2 onto fds 3 and 4 in the child; a source already numbered 3 or 4 is
+        # moved out of the way first (dup2 of an fd onto itself keeps FD_CLOEXEC).
+        for i, fd in enumerate(fds):
+            if fd in (3, 4):
+                fds[i] = os.dup(fd)
+                extra.append(fds[i])
+        # Where this pagescan is (first), then the owner's path (numpy): the guardian
+        # finds both without site-packages' .pth files or import hooks.
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        argv = [sys.executable, "-I", "-S", "-c", _GUARDIAN_PROGRAM,
+                ",".join(f"{a:x}:{n:x}" for a, n in regions), str(owner), os.pathsep.join([here, *sys.path])]
+        pid = os.posix_spawn(sys.executable, argv, dict(os.environ), setpgroup=0,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, fds[0], 3), (os.POSIX_SPAWN_DUP2, fds[1], 4)])
+    except OSError:
+        return None
+    finally:
+        for fd in extra:
+            os.close(fd)
+    return Child(pid)
+
+
+def _guardian_poison(uffd: int, regions: str, owner: int) -> None:
+    """The spawned guardian, once the handler has ended without finishing: poison what is
+    still empty (:func:`_poison_empty`)."""
+    uf = Userfaultfd.from_fd(uffd)
+    spans = [(int(a, 16), int(n, 16)) for a, n in (r.split(":") for r in regions.split(","))]
+    _poison_empty(uf, spans, owner)
 
 
 def _guardian(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int, life_r: int) -> None:

@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from ._procfs import _open as _read_proc_file, _open_fd, _parse_header, task_size
+from ._procfs import _open as _read_proc_file
+from ._procfs import _open_fd, _parse_header, task_size
 from ._scan import scan_iter
 from ._target import Target, resolve_pid
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category
@@ -193,6 +194,66 @@ def mapping_stats(
 
     Raises ``ProcessLookupError`` / ``PermissionError`` like :func:`pagescan.scan`.
     """
+    return _mapping_table(pid, backend=backend, smaps=smaps, categories=categories).stats()
+
+
+class _MappingTable:
+    """What :func:`mapping_stats` reads, column by column: ``pagescan stat`` renders
+    from the columns without building a :class:`MappingStat` (and its dicts) per
+    mapping; :meth:`stats` builds them when wanted."""
+
+    __slots__ = ("_shmem_devs", "_stats", "classes", "counts", "fields", "vmas")
+
+    def __init__(self, vmas: _Vmas, classes: tuple[str, ...], counts: np.ndarray, fields: _Fields | None,
+                 shmem_devs: frozenset[str]) -> None:
+        self.vmas = vmas
+        #: the page classes counted, in the order of ``counts``' columns
+        self.classes = classes
+        #: ``[mapping, class]`` pages
+        self.counts = counts
+        #: smaps fields and VmFlags (``None`` without smaps)
+        self.fields = fields
+        self._shmem_devs = shmem_devs
+        self._stats: list[MappingStat] | None = None
+
+    def __len__(self) -> int:
+        return len(self.vmas)
+
+    def pages(self, cls: str) -> list[int]:
+        """Pages of class ``cls`` per mapping."""
+        col: list[int] = self.counts[:, self.classes.index(cls)].tolist()
+        return col
+
+    def field(self, name: str) -> list[int | None]:
+        """smaps field ``name`` per mapping (``None`` where absent or smaps was not read)."""
+        if self.fields is None:
+            return [None] * len(self.vmas)
+        return self.fields.column(name)
+
+    def stats(self) -> list[MappingStat]:
+        if self._stats is None:
+            cols = self.classes
+            rows: list[list[int]] = self.counts.tolist()
+            if self.fields is None:
+                self._stats = [MappingStat(start, end, perms, offset, name, dict(zip(cols, c)), dev, inode)
+                               for (start, end, perms, offset, name, dev, inode), c in zip(self.vmas, rows)]
+            else:
+                self._stats = [
+                    MappingStat(start, end, perms, offset, name, dict(zip(cols, c)), dev, inode, flags, f, sh)
+                    for (start, end, perms, offset, name, dev, inode), c, flags, f, sh
+                    in zip(self.vmas, rows, self.fields.flags(), self.fields.rows(), self.shmem())
+                ]
+        return self._stats
+
+    def shmem(self) -> list[bool]:
+        """Per mapping: a mapping of a shmem file (see :attr:`MappingStat.shmem`)."""
+        devs = self._shmem_devs
+        return [_is_shmem(perms, name, dev, devs) for _, _, perms, _, name, dev, _ in self.vmas]
+
+
+def _mapping_table(pid: Any = None, *, backend: str = "auto", smaps: bool = True,
+                   categories: Iterable[str] | None = None) -> _MappingTable:
+    """:func:`mapping_stats` as columns (same arguments, same errors)."""
     cols_wanted = tuple(STAT_CATEGORIES) if categories is None else tuple(categories)
     for c in cols_wanted:
         if c not in STAT_CATEGORIES:
@@ -227,32 +288,22 @@ def mapping_stats(
             text = reader.result()
         finally:
             reader.close()
+    fields: _Fields | None = None
+    shmem_devs: frozenset[str] = frozenset()
     if smaps:
-        vmas, fields, vmflags = _parse_smaps(text, limit)
+        vmas, fields = _smaps_columns(text, limit)
+        shmem_devs = _shmem_devices(pid) if vmas else frozenset()
     else:
-        vmas, fields, vmflags = _parse_maps(text, limit), None, None
-    shmem_devs = _shmem_devices(pid) if smaps and vmas else frozenset()
-    if not vmas:
-        return []
+        vmas = _parse_maps(text, limit)
     cols = tuple(c for c in cols_wanted if int(STAT_CATEGORIES[c]) & supported)
     regions = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.empty(0, PAGE_REGION_DTYPE)
-    counts = _account(vmas, regions, cols)
-    out = []
-    col_index = [(c, cols.index(c) if c in cols else -1) for c in cols_wanted]
+    counts = _account(vmas, regions, cols) if vmas else np.zeros((0, len(cols)), np.int64)
     if cols != cols_wanted:  # unsupported classes count 0
         full = np.zeros((len(vmas), len(cols_wanted)), np.int64)
-        for c, j in col_index:
-            if j >= 0:
-                full[:, cols_wanted.index(c)] = counts[:, j]
+        for j, c in enumerate(cols):
+            full[:, cols_wanted.index(c)] = counts[:, j]
         counts = full
-    for i, ((start, end, perms, offset, name, dev, inode), row_counts) in enumerate(zip(vmas, counts.tolist())):
-        pages = dict(zip(cols_wanted, row_counts))
-        if fields is None or vmflags is None:
-            out.append(MappingStat(start, end, perms, offset, name, pages, dev, inode))
-        else:
-            out.append(MappingStat(start, end, perms, offset, name, pages, dev, inode, vmflags[i], fields[i],
-                                   _is_shmem(perms, name, dev, shmem_devs)))
-    return out
+    return _MappingTable(vmas, cols_wanted, counts, fields, shmem_devs)
 
 
 _ALL = 0
@@ -380,10 +431,71 @@ def _parse_maps(text: bytes, limit: int) -> _Vmas:
 _NL, _COLON = 10, 58
 
 
+class _Fields:
+    """The smaps fields and VmFlags of every mapping: parsed column by column when first
+    asked for (from the numpy parse's line positions), or one dict per mapping (from the
+    line parser, where records may differ)."""
+
+    __slots__ = ("_buf", "_cols", "_data", "_flags", "_n", "_rows", "_spans", "_where")
+
+    def __init__(self, n: int, *, rows: list[dict[str, int]] | None = None,
+                 flags: list[frozenset[str]] | None = None, data: bytes = b"",
+                 where: dict[str, tuple[np.ndarray, bool]] | None = None,
+                 spans: tuple[list[int], list[int]] = ([], [])) -> None:
+        self._n = n
+        self._rows = rows
+        self._flags = flags
+        self._data = data
+        self._buf = np.frombuffer(data, np.uint8)
+        #: field -> (where each mapping's line ends, in kB?)
+        self._where = where or {}
+        #: where each mapping's VmFlags line starts and ends
+        self._spans = spans
+        self._cols: dict[str, list[int]] = {}
+
+    def column(self, name: str) -> list[int | None]:
+        if self._rows is not None:
+            return [r.get(name) for r in self._rows]
+        col = self._cols.get(name)
+        if col is None:
+            if name not in self._where:
+                return [None] * self._n
+            end, kb = self._where[name]
+            col = self._cols[name] = (_digits_before(self._buf, end - 3 if kb else end) * (1024 if kb else 1)).tolist()
+        return list(col)
+
+    def rows(self) -> list[dict[str, int]]:
+        if self._rows is None:
+            keys = list(self._where)
+            cols = [self.column(k) for k in keys]
+            self._rows = [dict(zip(keys, row)) for row in zip(*cols)] if keys else [{} for _ in range(self._n)]
+        return self._rows
+
+    def flags(self) -> list[frozenset[str]]:
+        if self._flags is None:
+            data = self._data
+            seen: dict[bytes, frozenset[str]] = {}  # most mappings share a few VmFlags lines
+            flags = []
+            for a, b in zip(*self._spans):
+                raw = data[a + 8 : b]
+                f = seen.get(raw)
+                if f is None:
+                    f = seen[raw] = frozenset(raw.decode().split())
+                flags.append(f)
+            self._flags = flags
+        return self._flags
+
+
 def _parse_smaps(data: bytes, limit: int) -> tuple[_Vmas, list[dict[str, int]], list[frozenset[str]]]:
     """Mappings, smaps fields (sizes in bytes) and VmFlags of the records below ``limit``."""
+    vmas, fields = _smaps_columns(data, limit)
+    return vmas, fields.rows(), fields.flags()
+
+
+def _smaps_columns(data: bytes, limit: int) -> tuple[_Vmas, _Fields]:
+    """:func:`_parse_smaps` with the fields parsed only when asked for, as columns."""
     if not data:
-        return [], [], []
+        return [], _Fields(0, rows=[], flags=[])
     buf = np.frombuffer(data, np.uint8)
     ends = np.flatnonzero(buf == _NL)
     starts = np.empty_like(ends)
@@ -409,32 +521,21 @@ def _parse_smaps(data: bytes, limit: int) -> tuple[_Vmas, list[dict[str, int]], 
                 table = False
                 break
     if not table:
-        return _parse_smaps_lines(data, limit)
-    nrec = len(vm)
+        vmas, rows, flags = _parse_smaps_lines(data, limit)
+        return vmas, _Fields(len(vmas), rows=rows, flags=flags)
     vmas = _parse_maps(b"\n".join([data[a:b] for a, b in zip(grid_s[:, 0].tolist(), grid_e[:, 0].tolist())]),
                        1 << 64)
-    keep = [i for i, v in enumerate(vmas) if v[1] <= limit]
-    values: dict[str, list[int]] = {}
+    keep = np.array([v[1] <= limit for v in vmas], dtype=bool)
+    if not keep.all():
+        idx = np.flatnonzero(keep)
+        vmas = [vmas[i] for i in idx.tolist()]
+        grid_s, grid_e = grid_s[idx], grid_e[idx]
+    where = {}
     for j, nm in enumerate(names, 1):
-        e = grid_e[:, j]
-        kb = data[int(e[0]) - 3 : int(e[0])] == b" kB"
-        values[nm.decode()] = (_digits_before(buf, e - 3 if kb else e) * (1024 if kb else 1)).tolist()
-    keys = list(values)
-    rows = list(zip(*values.values()))
-    vm_s, vm_e = grid_s[:, n - 1].tolist(), grid_e[:, n - 1].tolist()
-    if len(keep) < nrec:
-        rows, vmas = [rows[i] for i in keep], [vmas[i] for i in keep]
-        vm_s, vm_e = [vm_s[i] for i in keep], [vm_e[i] for i in keep]
-    fields = [dict(zip(keys, row)) for row in rows]
-    seen: dict[bytes, frozenset[str]] = {}  # most mappings share a few VmFlags lines
-    flags = []
-    for a, b in zip(vm_s, vm_e):
-        raw = data[a + 8 : b]
-        f = seen.get(raw)
-        if f is None:
-            f = seen[raw] = frozenset(raw.decode().split())
-        flags.append(f)
-    return vmas, fields, flags
+        e = int(ends[j])  # the first record's line: kB or a plain number
+        where[nm.decode()] = (grid_e[:, j], data[e - 3 : e] == b" kB")
+    spans = (grid_s[:, n - 1].tolist(), grid_e[:, n - 1].tolist())
+    return vmas, _Fields(len(vmas), data=data, where=where, spans=spans)
 
 
 def _digits_before(buf: np.ndarray, end: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ INTERFACE_SINCE: dict[str, str] = {
     "UFFDIO_POISON": "6.6",
     "PAGEMAP_SCAN": "6.7",
     "UFFDIO_MOVE": "6.8",
+    "PROCMAP_QUERY": "6.11",
     "MADV_GUARD_INSTALL": "6.13",
 }
 

@@ -18,7 +18,15 @@ from ._common import RawJSON, UsageError, print_json
 __all__ = ["RawJSON", "build_parser", "main", "print_json"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Command name -> the module that adds its subparser (``_checkpoint`` adds two).
+_COMMANDS = {"caps": _caps, "scan": _scan, "stat": _stat, "ps": _ps, "map": _map, "bench": _bench,
+             "checkpoint": _checkpoint, "restore": _checkpoint}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``command``, one that knows only that command
+    (all running it needs: building every subparser takes milliseconds, mostly
+    argparse's gettext look-ups, which ``pagescan stat`` would pay each time)."""
     parser = argparse.ArgumentParser(
         prog="pagescan",
         description="Page-level inspection of Linux process memory (PAGEMAP_SCAN, userfaultfd).",
@@ -26,19 +34,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pagescan {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _caps.add_parser(sub)
-    _scan.add_parser(sub)
-    _stat.add_parser(sub)
-    _ps.add_parser(sub)
-    _map.add_parser(sub)
-    _bench.add_parser(sub)
-    _checkpoint.add_parser(sub)
+    modules = dict.fromkeys(_COMMANDS.values()) if command is None else [_COMMANDS[command]]
+    for module in modules:
+        module.add_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv[0] if argv and argv[0] in _COMMANDS else None)
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)

@@ -135,18 +135,20 @@ def shorten(name: str, width: int) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, last_free: bool = True,
-          cut: str = "left") -> str:
+          cut: str = "left", widths: Sequence[int] | None = None) -> str:
     """Fixed columns; the last column gets what is left of the terminal width.
 
     Cells of the last column that do not fit keep their end (a path's file name) behind
     a leading ``…`` (``cut="middle"``: shortened by :func:`shorten`; ``"right"``: keep
     their start; ``"none"``: left whole, lines may be wider than the terminal); if even
-    the fixed columns are wider than the terminal, lines are cut.
+    the fixed columns are wider than the terminal, lines are cut. ``widths``: each
+    column's widest cell or header, when the caller knows them already.
     """
     ncol = len(headers)
-    widths = [len(h) for h in headers]
-    if rows:
-        widths = [max(w, max(map(len, col))) for w, col in zip(widths, zip(*rows))]
+    if widths is None:
+        widths = [len(h) for h in headers]
+        if rows:
+            widths = [max(w, max(map(len, col))) for w, col in zip(widths, zip(*rows))]
     term = terminal_width()
     fixed = sum(widths[:-1]) + 2 * (len(widths) - 1)
     room = term - fixed  # for the last column

@@ -16,7 +16,9 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from pagescan import Category, Target, scan_iter
+import numpy as np
+
+from pagescan import PAGE_REGION_DTYPE, Category, Scanner, Target
 from pagescan._procfs import process_uid, read_cmdline, read_rollup, task_size
 
 from ._common import human, print_json, printable, table, terminal_width, user_name
@@ -56,14 +58,17 @@ def all_pids() -> list[int]:
 def read_process(pid: int, top: int) -> dict[str, Any] | None:
     """One process's line; ``None`` without an address space. Raises ``PermissionError``
     (may not read it) or ``ProcessLookupError`` (gone)."""
-    with Target(pid) as target:
-        rollup = read_rollup(pid)
-        if not rollup:
-            return None  # kernel thread, zombie
-        zero = 0
-        for res in scan_iter(0, top, pid=target, category_anyof_mask=_ZERO, return_mask=_ZERO):
-            r = res.regions
-            if len(r):
+    rollup = read_rollup(pid)
+    if not rollup:
+        return None  # kernel thread, zombie: no pagemap to open
+    zero = 0
+    regions = np.empty(256, PAGE_REGION_DTYPE)
+    with Target(pid) as target, Scanner(target, category_anyof_mask=_ZERO, return_mask=_ZERO) as sc:
+        cur = 0
+        while cur < top:  # one walk of the whole address space unless zero pages are scattered
+            n, cur = sc.scan_into(cur, top, regions)
+            if n:
+                r = regions[:n]
                 zero += int((r["end"] - r["start"]).sum())
     uid = process_uid(pid)
     cmd = read_cmdline(pid)

@@ -22,10 +22,25 @@ from typing import Any
 import numpy as np
 
 from pagescan._procfs import process_uid, read_cmdline, read_rollup
-from pagescan.mappings import SMAPS_FIELDS, STAT_CATEGORIES, MappingStat, mapping_stats
+from pagescan.mappings import (
+    SMAPS_FIELDS,
+    STAT_CATEGORIES,
+    MappingStat,
+    _mapping_table,
+    _MappingTable,
+)
 
 from ._common import (
-    RawJSON, UsageError, human, nonneg_int, parse_pid, print_json, printable, table, terminal_width, user_name,
+    RawJSON,
+    UsageError,
+    human,
+    nonneg_int,
+    parse_pid,
+    print_json,
+    printable,
+    table,
+    terminal_width,
+    user_name,
 )
 
 _P = os.sysconf("SC_PAGE_SIZE")
@@ -196,18 +211,23 @@ def _needs(columns: Sequence[str]) -> tuple[bool, tuple[str, ...]]:
 
 @dataclasses.dataclass
 class Snapshot:
-    """What one ``stat`` run read."""
+    """What one ``stat`` run read: the table is rendered column by column; the
+    :class:`MappingStat` objects are built only for what needs them (JSON, derived
+    columns)."""
 
     pid: int
-    stats: list[MappingStat]
+    table: _MappingTable
     columns: list[str]
     rollup: dict[str, int] | None = None
+
+    @property
+    def stats(self) -> list[MappingStat]:
+        return self.table.stats()
 
 
 def collect(pid: int, columns: Sequence[str], backend: str = "auto") -> Snapshot:
     smaps, classes = _needs(columns)
-    stats = mapping_stats(pid, backend=backend, smaps=smaps, categories=classes)
-    return Snapshot(pid, stats, list(columns))
+    return Snapshot(pid, _mapping_table(pid, backend=backend, smaps=smaps, categories=classes), list(columns))
 
 
 def header_line(pid: int) -> tuple[str, str, int]:
@@ -241,32 +261,44 @@ class Row:
     busy: bool = True
 
 
-def _busy(s: MappingStat) -> bool:
-    f, pg = s.smaps, s.pages
-    return bool(
-        f.get("Rss") or f.get("Swap") or f.get("Shared_Hugetlb") or f.get("Private_Hugetlb")
-        or pg.get("present") or pg.get("swapped") or pg.get("guard") or pg.get("zero")
-    )
+def _busy(t: _MappingTable) -> list[bool]:
+    """Per mapping: something resident, swapped or guarded."""
+    cols: list[list[Any]] = [t.field(f) for f in ("Rss", "Swap", "Shared_Hugetlb", "Private_Hugetlb")]
+    cols += [t.pages(c) for c in ("present", "swapped", "guard", "zero") if c in t.classes]
+    return [any(x) for x in zip(*cols)]
 
 
-def _column_values(c: str, stats: Sequence[MappingStat]) -> list[Any]:
-    """The column's value for every mapping (fast paths for the plain ones)."""
+_FIELD_OF = {f.lower(): f for f in SMAPS_FIELDS}
+
+
+def _column_values(c: str, snap: Snapshot) -> list[Any]:
+    """The column's value for every mapping, from the table's columns where they hold
+    it (the rest from :class:`MappingStat`)."""
     col = COLUMNS[c]
+    t = snap.table
     if col.source == "smaps" and col.kind != "text":
-        field = next(f for f in SMAPS_FIELDS if f.lower() == c)
-        return [s.smaps.get(field) for s in stats]
+        return t.field(_FIELD_OF[c])
     if col.source == "scan" and c != "written":
-        return [s.pages[c] * _P for s in stats]
+        return [n * _P for n in t.pages(c)]
     if c == "size":
-        return [s.end - s.start for s in stats]
-    return [col.get(s) for s in stats]
+        return [v[1] - v[0] for v in t.vmas]
+    if c == "uss":
+        return [None if a is None else a + (b or 0)
+                for a, b in zip(t.field("Private_Clean"), t.field("Private_Dirty"))]
+    return [col.get(s) for s in snap.stats]
 
 
-def mapping_rows(stats: Sequence[MappingStat], per_column: Sequence[list[Any]], every: bool) -> list[Row]:
-    """One row per mapping (``every``: also those with nothing resident, swapped or guarded)."""
-    values: Iterable[Sequence[Any]] = zip(*per_column) if per_column else ([] for _ in stats)
-    return [Row(f"{s.start:x}", s.perms, s.name, list(v), 1, s.start) for s, v in zip(stats, values)
-            if every or _busy(s)]
+def mapping_order(snap: Snapshot, per_column: Sequence[list[Any]], every: bool, key: str) -> list[int]:
+    """The mappings shown, in order (``every``: also those with nothing resident, swapped
+    or guarded; ``key``: ``address`` or the column to sort by, largest first)."""
+    t = snap.table
+    order = list(range(len(t))) if every else [i for i, b in enumerate(_busy(t)) if b]
+    if key != "address":
+        if key == "size" and "size" not in snap.columns:
+            raise UsageError("--sort size needs the size column")
+        col, vmas = per_column[snap.columns.index(key)], t.vmas
+        order.sort(key=lambda i: (-(col[i] or 0), vmas[i][0]))
+    return order
 
 
 def _add(a: Any, b: Any, kind: str) -> Any:
@@ -278,22 +310,22 @@ def _add(a: Any, b: Any, kind: str) -> Any:
     return a + b
 
 
-def group_rows(stats: Sequence[MappingStat], per_column: Sequence[list[Any]], columns: Sequence[str],
+def group_rows(snap: Snapshot, per_column: Sequence[list[Any]], columns: Sequence[str],
                every: bool) -> list[Row]:
     kinds = ["int" if c in _NOT_SUMMED else COLUMNS[c].kind for c in columns]  # "int": kept if equal
     groups: dict[str, Row] = {}
-    values: Iterable[Sequence[Any]] = zip(*per_column) if per_column else ([] for _ in stats)
-    for s, v in zip(stats, values):
-        key = group_name(s)
+    vmas = snap.table.vmas
+    values: Iterable[Sequence[Any]] = zip(*per_column) if per_column else ([] for _ in vmas)
+    for (start, _, perms, _, name, _, _), v, busy in zip(vmas, values, _busy(snap.table)):
+        key = name or "[anon]"  # group_name()
         g = groups.get(key)
-        busy = _busy(s)
         if g is None:
-            groups[key] = Row("1 map", s.perms, key, list(v), 1, s.start, busy)
+            groups[key] = Row("1 map", perms, key, list(v), 1, start, busy)
         else:
             g.values = [_add(a, b, k) for a, b, k in zip(g.values, v, kinds)]
             g.count += 1
             g.label = f"{g.count} maps"
-            g.perms = g.perms if g.perms == s.perms else ""
+            g.perms = g.perms if g.perms == perms else ""
             g.busy = g.busy or busy
     return [g for g in groups.values() if every or g.busy]
 
@@ -323,7 +355,7 @@ def total_row(snap: Snapshot, per_column: Sequence[list[Any]]) -> Row:
             values.append(None)
         else:
             values.append(sum([x for x in xs if x is not None]))
-    return Row("total", "", f"{len(snap.stats)} mappings", values, len(snap.stats))
+    return Row("total", "", f"{len(snap.table)} mappings", values, len(snap.table))
 
 
 def _rollup(snap: Snapshot) -> dict[str, int]:
@@ -358,38 +390,37 @@ def sort_rows(rows: list[Row], key: str, columns: Sequence[str]) -> list[Row]:
 def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> list[str]:
     """The lines of the table (header line, column headers, rows, total, summary)."""
     columns = snap.columns
-    per_column = [_column_values(c, snap.stats) for c in columns]
+    per_column = [_column_values(c, snap) for c in columns]
     total = total_row(snap, per_column)
+    kinds = [COLUMNS[c].kind for c in columns]
     if args.group:
-        rows = group_rows(snap.stats, per_column, columns, args.all)
-    else:
-        rows = mapping_rows(snap.stats, per_column, args.all)
-    if args.sort != "address" or args.group:
-        rows = sort_rows(rows, args.sort, columns)
+        every = [*sort_rows(group_rows(snap, per_column, columns, args.all), args.sort, columns), total]
+        labels = [r.label for r in every]
+        perms = [r.perms for r in every]
+        names = [printable(r.name) for r in every]
+        col_cells = [_cells([r.values[i] for r in every], k) for i, k in enumerate(kinds)]
+    else:  # straight from the columns, no row objects
+        order = mapping_order(snap, per_column, args.all, args.sort)
+        vmas = snap.table.vmas
+        labels = [f"{vmas[i][0]:x}" for i in order] + [total.label]
+        perms = [vmas[i][2] for i in order] + [total.perms]
+        names = [printable(vmas[i][4]) for i in order] + [total.name]
+        col_cells = [_cells([col[i] for i in order] + [total.values[j]], k)
+                     for j, (col, k) in enumerate(zip(per_column, kinds))]
     shown = list(range(len(columns)))
     notes: list[str] = []
     first = "MAPS" if args.group else "ADDRESS"
 
-    kinds = [COLUMNS[c].kind for c in columns]
-    every = [*rows, total]
-    per_column = [_cells([r.values[i] for r in every], k) for i, k in enumerate(kinds)]
-    cells = [list(c) for c in zip(*per_column)] if columns else [[] for _ in every]
-    fixed = [[r.label, r.perms] for r in every]
-    names = [printable(r.name) for r in every]
+    # widths from the columns (no row-by-row transposition)
+    cell_w = [max(map(len, c)) for c in col_cells]
+    fixed_w = [max(len(first), max(map(len, labels))), max(len("PERM"), max(map(len, perms)))]
 
-    def lines_for(shown: list[int]) -> tuple[list[str], list[list[str]], str]:
-        headers = [first, "PERM"] + [COLUMNS[columns[i]].header for i in shown] + ["MAPPING"]
-        if shown == list(range(len(columns))):
-            body = [f + c + [n] for f, c, n in zip(fixed, cells, names)]
-        else:
-            body = [f + [c[i] for i in shown] + [n] for f, c, n in zip(fixed, cells, names)]
-        align = "<<" + "".join("<" if kinds[i] == "text" else ">" for i in shown) + "<"
-        return headers, body, align
+    def widths_for(shown: list[int]) -> list[int]:
+        return fixed_w + [max(len(COLUMNS[columns[i]].header), cell_w[i]) for i in shown]
 
     term = terminal_width()
     while True:
-        headers, body, align = lines_for(shown)
-        widths = [max(len(h), max(map(len, col))) for h, col in zip(headers[:-1], zip(*body))]
+        widths = widths_for(shown)
         if explicit_columns or args.wide or sum(widths) + 2 * len(widths) + _MIN_NAME <= term:
             break
         # too wide: leave out default columns with nothing to show
@@ -399,11 +430,15 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
             break
         shown.remove(victim)
         notes.append(f"{columns[victim]} (all zero)")
+    headers = [first, "PERM"] + [COLUMNS[columns[i]].header for i in shown] + ["MAPPING"]
+    body = list(zip(labels, perms, *[col_cells[i] for i in shown], names))
+    align = "<<" + "".join("<" if kinds[i] == "text" else ">" for i in shown) + "<"
     cmd, user, _ = header_line(snap.pid)
     out = [f"pid {snap.pid} ({user or '?'}): {printable(cmd)}"]
     if not args.wide and len(out[0]) > term:
         out[0] = out[0][: max(term - 1, 20)] + "…"
-    out.append(table(headers, body, align, cut="none" if args.wide else "middle"))
+    out.append(table(headers, body, align, cut="none" if args.wide else "middle",
+                     widths=[*widths, max(len("MAPPING"), max(map(len, names)))]))
     line = summary(snap, total)
     out.extend([line] if args.wide else textwrap.wrap(line, max(term, 40), subsequent_indent="  ",
                                                       break_on_hyphens=False))
@@ -414,14 +449,13 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
 
 def summary(snap: Snapshot, total: Row) -> str:
     """``RSS 4.0M (PSS 961K, USS 328K), swap 0, zero pages 12K (not in RSS), ...``."""
-    stats = snap.stats
+    t = snap.table
     have = {c: total.values[i] for i, c in enumerate(snap.columns)}
     parts = []
-    if stats and stats[0].smaps:
-        f = [s.smaps for s in stats]
+    if len(t) and t.fields is not None:
 
         def tot(field: str) -> int:
-            return sum([x.get(field, 0) for x in f])
+            return sum([x for x in t.field(field) if x is not None])
 
         uss = tot("Private_Clean") + tot("Private_Dirty")
         parts.append(f"RSS {human(tot('Rss'))} (PSS {human(tot('Pss'))}, USS {human(uss)}), swap {human(tot('Swap'))}")
@@ -432,8 +466,8 @@ def summary(snap: Snapshot, total: Row) -> str:
         parts.append(f"zero pages {human(have['zero'])} (not in RSS)")
     if "huge" in have:
         parts.append(f"huge {human(have['huge'])}")
-    size = sum([s.end - s.start for s in stats])
-    parts.append(f"{len(stats)} mappings, {human(size)} mapped")
+    size = sum([v[1] - v[0] for v in t.vmas])
+    parts.append(f"{len(t)} mappings, {human(size)} mapped")
     return "total: " + ", ".join(parts)
 
 

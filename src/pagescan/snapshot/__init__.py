@@ -45,10 +45,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import mmap
 import os
 import time
-import weakref
 from collections.abc import Callable, Iterator
 import signal
 import sys
@@ -59,19 +57,17 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
-from .._uapi import libc
-from .._uapi.mman import MADV
-from .._uapi.userfaultfd import RegisterMode
-from ..arrays import mapped_array
-from ..handler import FaultHandler
-from ..userfaultfd import Userfaultfd
 from ..writewatch import WriteWatch
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
+from ._load import LoadedList, LoadedState, load
+from ._pages import BATCH_PAGES, P, Progress, pages_of
+from ._restoring import _restore as _restore  # the CLI restores (address, length) pairs exactly
+from ._restoring import lazy_restore, restore
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
 from ._precopy import Precopier, Refused
 from ._twin import FrozenTwin
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
-from .._uapi.libc import read_runs, write_runs
+from .._uapi.libc import read_runs
 
 __all__ = [
     "CheckpointError",
@@ -89,12 +85,6 @@ __all__ = [
     "verify",
 ]
 
-P = mmap.PAGESIZE
-#: Chunks per batch (4 MiB): copied out of memory, checksummed, written; restored.
-BATCH_PAGES = 1024
-
-#: ``progress(done, total)`` callbacks, in pages (chunks).
-Progress = Callable[[int, int], None]
 #: ``read(starts, lengths, out, offsets)``: copy runs of memory into rows of ``out``.
 Reader = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
@@ -181,16 +171,6 @@ def _bases(ts: list[Target]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([t.chunks for t in ts], dtype=np.int64)]).astype(np.int64)
 
 
-def _pid_arg(pid: Any) -> int:
-    if pid is None:
-        return os.getpid()
-    if isinstance(pid, bool) or not isinstance(pid, (int, np.integer)):
-        raise TypeError(f"pid must be an int or None, not {type(pid).__name__}")
-    if pid <= 0:
-        raise ValueError(f"pid must be > 0, not {pid}")
-    return int(pid)
-
-
 class Checkpointer:
     """Incremental checkpoints of ``state`` into the file ``path``.
 
@@ -212,7 +192,7 @@ class Checkpointer:
         TypeError, ValueError: a bad state (naming the entry), before anything else.
         CheckpointError: ``path`` is not a checkpoint, its entries differ, it is in
             use, it is damaged (:class:`CorruptCheckpointError`), or it is a version 2
-            (pagescan 0.1) file, which is read but not continued; nothing is changed.
+            or 3 (an earlier pagescan) file, which is read but not continued; nothing is changed.
         OSError: from registering the write watch (EBUSY, EINVAL, ENOMEM, ...).
     """
 
@@ -245,7 +225,7 @@ class Checkpointer:
         store = self._store
         try:
             if store.version != VERSION:
-                raise CheckpointError(f"{self.path} is a version {store.version} checkpoint (pagescan 0.1): it can be "
+                raise CheckpointError(f"{self.path} is a version {store.version} checkpoint (an earlier pagescan): it can be "
                                       "restored, loaded and compacted, not continued; compact it or start a new file")
             # The file's entry order (a mapping given with its keys in another order).
             self.targets = match(store, self.mapping, self.targets)
@@ -631,512 +611,6 @@ class Checkpointer:
         )
 
 
-def _pages_of(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, lo: int, hi: int, out: np.ndarray,
-              fresh: bool = False) -> None:
-    """Contents of the global chunks ``[lo, hi)`` (verified) into ``out`` (``(hi-lo, P)``).
-
-    ``fresh``: ``out`` is known to read as zeros (a new mapping): zero chunks are not
-    written (their pages stay unallocated).
-    """
-    gens = gen_of[lo:hi]
-    pos = pos_of[lo:hi]
-    if not gens.size:
-        return
-    first, last = int(gens[0]), int(gens[-1])
-    if first == last and (gens == first).all():  # one generation holds them all (a full one, say)
-        if first == 0:
-            if not fresh:
-                out[:] = 0
-        else:
-            store.read_pages(store.generations[first - 1], pos, out=out, fresh=fresh)
-        return
-    for g in np.unique(gens).tolist():
-        sel = np.flatnonzero(gens == g)
-        if g == 0:
-            if not fresh:
-                out[sel] = 0  # never stored: zeros
-        else:
-            out[sel] = store.read_pages(store.generations[g - 1], pos[sel])
-
-
-def _open_for_targets(path: str | os.PathLike[str], state: Any, generation: int | None, *,
-                      exact_pairs: bool = False) -> tuple[Store, list[Target], Generation]:
-    mapping, ts = targets(state, writable=True, exact_pairs=exact_pairs)
-    store = Store(path)
-    try:
-        ordered = match(store, mapping, ts)
-        gen = store.generation(generation)
-    except BaseException:
-        store.close()
-        _release(ts)
-        raise
-    return store, ordered, gen
-
-
-def _release(ts: list[Target]) -> None:
-    for t in ts:
-        if isinstance(t.keep, memoryview):
-            t.keep.release()
-        t.keep = None
-
-
-def _restore_chunks(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, ts: list[Target], pid: int,
-                    progress: Progress | None) -> None:
-    base = store.base
-    total = int(base[-1])
-    buf = np.empty((min(total, BATCH_PAGES), P), dtype=np.uint8)
-    for s in range(0, total, BATCH_PAGES):
-        e = min(total, s + BATCH_PAGES)
-        rows = buf[: e - s]
-        _pages_of(store, gen_of, pos_of, s, e, rows)
-        chunks = np.arange(s, e, dtype=np.int64)
-        starts, lengths, offs = chunk_runs(chunks, ts, base)
-        write_runs(pid, starts, lengths, rows, offs)
-        if progress is not None:
-            progress(e, total)
-
-
-def restore(
-    path: str | os.PathLike[str], state: Any, generation: int | None = None, *,
-    pid: int | None = None, progress: Progress | None = None,
-) -> int:
-    """Write generation ``generation`` (default: the newest sealed one) into the objects of ``state``.
-
-    ``state`` has the checkpoint's form: a mapping with the same names (any order), or
-    a sequence in the same order; every entry the same size (and, for arrays, dtype
-    and shape) -- checked before anything is written. Exactly each object's bytes are
-    written (``process_vm_writev``), nothing around them. Data is restored in batches
-    of 4 MiB, each checksum-verified before it is written: a damaged page raises
-    :class:`CorruptCheckpointError` (naming generation and page) before its batch is
-    written, though earlier batches are in place by then. With ``pid``, the entries are
-    page-aligned ``(address, length)`` pairs in that process. Returns the generation
-    restored.
-    """
-    return _restore(path, state, generation, pid, progress, exact_pairs=False)
-
-
-def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
-             progress: Progress | None, *, exact_pairs: bool) -> int:
-    """:func:`restore`; ``exact_pairs``: ``(address, length)`` pairs are exact bytes, any alignment (the CLI)."""
-    target = _pid_arg(pid)
-    store, ts, gen = _open_for_targets(path, state, generation, exact_pairs=exact_pairs)
-    if pid is not None and target != os.getpid() and any(t.keep is not None for t in ts):
-        store.close()
-        _release(ts)
-        raise TypeError("with pid, the entries must be (address, length) pairs in that process, not buffer objects")
-    try:
-        gen_of, pos_of = store.latest_map(gen.number)
-        _restore_chunks(store, gen_of, pos_of, ts, target, progress)
-        return gen.number
-    finally:
-        store.close()
-        _release(ts)
-
-
-class LoadedState(dict):  # type: ignore[type-arg]
-    """What :func:`load` returns for a checkpoint of a mapping: a ``dict`` name -> array.
-
-    ``generation`` is the generation loaded; ``handler`` the :class:`~pagescan.FaultHandler`
-    serving a lazy load (``None`` for an eager one): ``handler.wait()`` until every
-    page is in, ``handler.progress()``.
-    """
-
-    generation: int = 0
-    handler: FaultHandler | None = None
-
-
-class LoadedList(list):  # type: ignore[type-arg]
-    """What :func:`load` returns for a checkpoint of a sequence (see :class:`LoadedState`)."""
-
-    generation: int = 0
-    handler: FaultHandler | None = None
-
-
-class _LazyGroup:
-    """Keeps a lazy load's handler and source alive while any of its arrays lives."""
-
-    def __init__(self, fh: FaultHandler, src: _CheckpointSource, recording: _Recording | None) -> None:
-        self.finalizer = weakref.finalize(self, _end_lazy, fh, src, recording)
-
-
-def _end_lazy(fh: FaultHandler, src: _CheckpointSource, recording: _Recording | None) -> None:
-    fh.close()
-    src.store.close()
-    if recording is not None:
-        recording.save()
-
-
-def load(path: str | os.PathLike[str], generation: int | None = None, *, lazy: bool = False,
-         prefetch: bool = True, working_set: bool = True, record: bool = False) -> LoadedState | LoadedList:
-    """New arrays holding generation ``generation`` (default: the newest) of a checkpoint.
-
-    Returns a dict name -> ``numpy.ndarray`` (stored dtype and shape) for a checkpoint
-    of a mapping, a list for one of a sequence (bytes-like entries as ``uint8`` arrays).
-    Each array starts on a page boundary on a mapping of its own, unmapped when the
-    array is collected (like :func:`pagescan.empty`).
-
-    ``lazy=True``: returns at once; each page arrives when first touched (or earlier,
-    prefetched), served by a :class:`~pagescan.FaultHandler` process from the file
-    (``result.handler``). ``prefetch=False``: no address-order prefetch (pages come on
-    touch). The handler is stopped when all arrays are gone; pages it had not served
-    by then raise SIGBUS when touched (as does every unserved page if the handler dies).
-
-    Working sets (REAP): ``record=True`` records the pages this program touches, in
-    first-touch order, and appends them to the file as an optional section when the
-    load ends (the arrays are collected, or the interpreter exits; skipped if a writer
-    holds the file). While recording, every page is served on its own first touch
-    (no prefetch): slower, so it is off by default. A later lazy load of the same
-    generation (``working_set=True``, the default) prefetches the recorded pages
-    first, in that order, then the rest.
-    """
-    if not isinstance(lazy, bool):
-        raise TypeError(f"lazy must be a bool, not {type(lazy).__name__}")
-    path = os.fspath(path)
-    if lazy:
-        return _load_lazy(path, generation, prefetch, working_set, record)
-    with Store(path) as store:
-        gen = store.generation(generation)
-        gen_of, pos_of = store.latest_map(gen.number)
-        arrays = []
-        for i, e in enumerate(store.entries):
-            arr, m = mapped_array(e.shape, e.dtype)
-            arrays.append(arr)
-            nch = int(store.base[i + 1] - store.base[i])
-            if not nch:
-                continue
-            rows = np.frombuffer(m, dtype=np.uint8, count=nch * P).reshape(nch, P)
-            b = int(store.base[i])
-            for s in range(0, nch, BATCH_PAGES):
-                t = min(nch, s + BATCH_PAGES)
-                _pages_of(store, gen_of, pos_of, b + s, b + t, rows[s:t], fresh=True)
-        return _result(store, arrays, gen.number, None)
-
-
-def _result(store: Store, arrays: list[np.ndarray], generation: int, fh: FaultHandler | None) -> LoadedState | LoadedList:
-    out: LoadedState | LoadedList
-    if store.mapping:
-        out = LoadedState((e.name, a) for e, a in zip(store.entries, arrays))
-    else:
-        out = LoadedList(arrays)
-    out.generation = generation
-    out.handler = fh
-    return out
-
-
-class _LazyMap:
-    """Pages of the handler's regions <-> the file's global chunks.
-
-    Handler region ``i`` is the page-aligned span ``[lo_i, lo_i + npages_i * P)`` of entry
-    ``entry_i``, starting ``skip_i`` bytes into the entry; its pages are numbered from
-    ``hbase_i`` in the handler's page space.
-    """
-
-    def __init__(self, store: Store, spans: list[tuple[int, int, int]]) -> None:
-        # spans: (entry, skip bytes, npages)
-        self.entry = np.array([s[0] for s in spans], dtype=np.int64)
-        self.skip = np.array([s[1] for s in spans], dtype=np.int64)
-        npages = np.array([s[2] for s in spans], dtype=np.int64)
-        self.hbase = np.concatenate([[0], np.cumsum(npages)]).astype(np.int64)
-        self.cbase = store.base
-
-    def to_chunks(self, hpages: np.ndarray) -> np.ndarray:
-        """The chunk holding the first byte of each handler page."""
-        r = np.searchsorted(self.hbase, hpages, side="right") - 1
-        byte = self.skip[r] + (hpages - self.hbase[r]) * P
-        out: np.ndarray = self.cbase[self.entry[r]] + byte // P
-        return out
-
-    def from_chunks(self, chunks: np.ndarray) -> np.ndarray:
-        """The handler pages that start in each chunk (chunks outside the lazy spans dropped)."""
-        ent = np.searchsorted(self.cbase, chunks, side="right") - 1
-        region_of = np.full(len(self.cbase) - 1, -1, dtype=np.int64)  # entry -> its lazy region
-        region_of[self.entry] = np.arange(len(self.entry))
-        r = region_of[ent]
-        keep = r >= 0
-        chunks, ent, r = chunks[keep], ent[keep], r[keep]
-        byte = (chunks - self.cbase[ent]) * P - self.skip[r]
-        page = -(-byte // P)  # the first page starting at or after the chunk's start
-        ok = (page >= 0) & (page < self.hbase[r + 1] - self.hbase[r])
-        hp: np.ndarray = (self.hbase[r] + page)[ok]
-        _, first = np.unique(hp, return_index=True)
-        return hp[np.sort(first)]  # keep the recorded order, without repeats
-
-
-class _CheckpointSource:
-    """A :class:`~pagescan.handler.Source` reading (and verifying) the chunks of one generation.
-
-    Serves the handler's regions (see :class:`_LazyMap`); a span that does not start on
-    a chunk boundary is assembled from the two chunks it straddles.
-    """
-
-    def __init__(self, path: str, generation: int | None) -> None:
-        self.store = Store(path)
-        try:
-            self.generation = self.store.generation(generation).number
-            self.gen_of, self.pos_of = self.store.latest_map(self.generation)
-        except BaseException:
-            self.store.close()
-            raise
-        self.map: _LazyMap | None = None
-        self.hbyte = np.zeros(1, np.int64)
-        # Chunks with data: the others are served as zero pages (UFFDIO_ZEROPAGE: no copy,
-        # no memory), never stored or stored as ZERO.
-        self.has_data = self.store.data_map(self.generation)
-
-    def bind(self, lazymap: _LazyMap) -> None:
-        self.map = lazymap
-        self.hbyte = lazymap.hbase * P
-
-    def read(self, offset: int, out: memoryview) -> bool:
-        m = self.map
-        assert m is not None
-        r = int(np.searchsorted(self.hbyte, offset, side="right")) - 1
-        ent = int(m.entry[r])
-        byte = int(m.skip[r]) + offset - int(self.hbyte[r])
-        c0 = int(m.cbase[ent]) + byte // P
-        shift = byte % P
-        n = (shift + len(out) + P - 1) // P
-        if not self.has_data[c0 : c0 + n].any():
-            return False  # zero pages
-        if not shift:
-            rows = np.frombuffer(out, dtype=np.uint8).reshape(len(out) // P, P)
-            _pages_of(self.store, self.gen_of, self.pos_of, c0, c0 + n, rows)
-            return True
-        tmp = np.empty((n, P), dtype=np.uint8)
-        _pages_of(self.store, self.gen_of, self.pos_of, c0, c0 + n, tmp)
-        np.frombuffer(out, dtype=np.uint8)[:] = tmp.reshape(-1)[shift : shift + len(out)]
-        return True
-
-    def read_many(self, offsets: np.ndarray, rows: np.ndarray) -> None:
-        """The pages at handler ``offsets`` (scattered) into ``rows``, verified, in a few reads."""
-        m = self.map
-        assert m is not None
-        r = np.searchsorted(self.hbyte, offsets, side="right") - 1
-        byte = m.skip[r] + offsets - self.hbyte[r]
-        if bool((byte % P).any()):  # pages straddling chunks (an unaligned target): one by one
-            for j, off in enumerate(offsets.tolist()):
-                if not self.read(int(off), rows[j].data.cast("B")):
-                    rows[j] = 0
-            return
-        chunks = m.cbase[m.entry[r]] + byte // P
-        gens = self.gen_of[chunks]
-        pos = self.pos_of[chunks]
-        for g in np.unique(gens).tolist():
-            sel = np.flatnonzero(gens == g)
-            if g == 0:
-                rows[sel] = 0
-            elif sel.size == len(rows):
-                self.store.read_pages(self.store.generations[g - 1], pos, out=rows)
-            else:
-                rows[sel] = self.store.read_pages(self.store.generations[g - 1], pos[sel])
-
-
-def _working_set(store: Store, generation: int) -> np.ndarray | None:
-    """The newest first-touch chunks recorded for ``generation`` (``None`` if none)."""
-    for sec in reversed(store.sections):
-        if sec.type == SECTION_WORKING_SET and sec.generation == generation:
-            raw = store.read_section(sec)
-            if len(raw) % 8:
-                raise CorruptCheckpointError(f"{store.path}: working-set section is damaged (length {len(raw)})")
-            chunks = np.frombuffer(raw, dtype="<u8").astype(np.int64)
-            if chunks.size and (int(chunks.min()) < 0 or int(chunks.max()) >= store.total_pages):
-                raise CorruptCheckpointError(f"{store.path}: working-set section names chunks outside the entries")
-            return chunks
-    return None
-
-
-class _Recording:
-    """A first-touch record shared with the handler (``MAP_SHARED``), saved as a section when done."""
-
-    def __init__(self, path: str, generation: int, lazymap: _LazyMap, total: int) -> None:
-        self.path, self.generation, self.lazymap = path, generation, lazymap
-        self.mm = mmap.mmap(-1, 8 * (total + 2), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-        self.array = np.frombuffer(self.mm, dtype=np.uint64)
-
-    def stop(self) -> None:
-        """End the recording: the handler serves the rest as a normal lazy restore (with prefetch)."""
-        if self.array.size:
-            self.array[-1] = 1
-
-    def save(self) -> None:
-        """Append the record to the file (best effort: skipped if a writer holds it or it changed)."""
-        self.stop()
-        arr, self.array = self.array, np.empty(0, np.uint64)
-        if not arr.size:
-            return
-        n = int(arr[0])
-        hpages = arr[1 : n + 1].astype(np.int64)
-        del arr  # the mapping goes with the last reference (the handler object may hold one)
-        if not n:
-            return
-        try:
-            store = Store(self.path, writable=True, lock=True)
-        except (CheckpointError, OSError):
-            return
-        with store:
-            if store.damage is not None or len(store.generations) < self.generation:
-                return
-            chunks = self.lazymap.to_chunks(hpages)
-            with contextlib.suppress(OSError):
-                store.append_section(SECTION_WORKING_SET, self.generation, chunks.astype("<u8").tobytes())
-
-
-def _hot(src: _CheckpointSource, lazymap: _LazyMap, use: bool) -> np.ndarray | None:
-    """The handler pages to prefetch first: the newest working set recorded for the generation."""
-    if not use:
-        return None
-    try:
-        chunks = _working_set(src.store, src.generation)
-    except CorruptCheckpointError:
-        return None  # a damaged record only costs speed
-    return None if chunks is None else lazymap.from_chunks(chunks)
-
-
-def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: bool,
-               record: bool) -> LoadedState | LoadedList:
-    src = _CheckpointSource(path, generation)
-    try:
-        store = src.store
-        arrays: list[np.ndarray] = []
-        maps: list[Any] = []
-        regions: list[tuple[int, int]] = []
-        spans: list[tuple[int, int, int]] = []
-        for i, e in enumerate(store.entries):
-            arr, m = mapped_array(e.shape, e.dtype)
-            arrays.append(arr)
-            maps.append(m)
-            nch = int(store.base[i + 1] - store.base[i])
-            if nch:
-                regions.append((int(arr.__array_interface__["data"][0]), nch * P))
-                spans.append((i, 0, nch))
-        if not regions:
-            src.store.close()
-            return _result(store, arrays, src.generation, None)
-        lazymap = _LazyMap(store, spans)
-        src.bind(lazymap)
-        hot = _hot(src, lazymap, working_set and not record)  # a recording sees every touch
-        recording = _Recording(path, src.generation, lazymap, int(lazymap.hbase[-1])) if record else None
-        fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
-                          record=None if recording is None else recording.array)
-        fh.start()
-    except BaseException:
-        src.store.close()
-        raise
-    group = _LazyGroup(fh, src, recording)
-    for m in maps:
-        m.keep = group
-    return _result(store, arrays, src.generation, fh)
-
-
-def _probe_missing(regions: list[tuple[int, int]]) -> None:
-    """Register (and unregister) the ranges for MISSING faults: refuse memory that cannot take them."""
-    if not regions:
-        return
-    with Userfaultfd(0) as uf:
-        for a, n in regions:
-            uf.register(a, n, RegisterMode.MISSING)
-        for a, n in regions:
-            uf.unregister(a, n)
-
-
-def _drop(a: int, n: int) -> None:
-    """Discard the pages (shared memory: punch a hole, ``MADV_REMOVE``; private: ``MADV_DONTNEED``)."""
-    try:
-        libc.madvise(a, n, MADV.REMOVE)
-    except OSError:
-        libc.madvise(a, n, MADV.DONTNEED)
-
-
-def _restore_bytes(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, t: Target, entry: int, skip: int,
-                   length: int, pid: int) -> None:
-    """Write bytes ``[skip, skip+length)`` of entry ``entry`` to ``t.addr + skip``."""
-    if length <= 0:
-        return
-    c0 = int(store.base[entry]) + skip // P
-    c1 = int(store.base[entry]) + (skip + length + P - 1) // P
-    rows = np.empty((c1 - c0, P), dtype=np.uint8)
-    _pages_of(store, gen_of, pos_of, c0, c1, rows)
-    flat = rows.reshape(-1)
-    sh = skip % P
-    write_runs(pid, np.array([t.addr + skip], np.uint64), np.array([length], np.uint64), flat,
-               np.array([sh], np.uint64))
-
-
-@contextmanager
-def lazy_restore(
-    path: str | os.PathLike[str], state: Any, generation: int | None = None, *, prefetch: bool = True,
-    working_set: bool = True, record: bool = False,
-) -> Iterator[FaultHandler]:
-    """Restore into the objects of ``state`` lazily: pages arrive on first touch.
-
-    ``state`` as for :func:`restore` (private anonymous or shmem memory of this
-    process). The pages that lie entirely inside an object are dropped
-    (``MADV_DONTNEED``; ``MADV_REMOVE`` for shared memory) and served from the file on
-    first touch by a handler process; the bytes of an object on pages it shares with
-    other objects (the first and last page of a small array on the malloc heap) are
-    restored eagerly, before this returns -- the neighbours' bytes are not touched.
-    Do not touch the objects from another thread while this starts (a page
-    repopulated between drop and registration is refused: ``FileExistsError``).
-
-    Yields the :class:`~pagescan.FaultHandler` (``progress()``, ``wait()``); with
-    ``prefetch`` the handler copies pages ahead while no fault waits; a recorded
-    working set is prefetched first, and ``record`` records one (every first touch
-    served alone, no prefetch; see :func:`load`): when the block ends the recording is
-    saved and the handler prefetches the rest, which the block's end waits for.
-    Leaving the block stops the
-    handler: pages not served by then raise SIGBUS when touched -- call ``wait()``
-    first. If the handler dies, touching a page not yet restored raises SIGBUS (never
-    wrong data, never a hang); a damaged page is not served either.
-    """
-    store, ts, gen = _open_for_targets(path, state, generation)
-    store.close()
-    try:
-        src = _CheckpointSource(os.fspath(path), gen.number)
-    except BaseException:
-        _release(ts)
-        raise
-    try:
-        regions: list[tuple[int, int]] = []
-        spans: list[tuple[int, int, int]] = []
-        eager: list[tuple[Target, int, int, int]] = []  # target, entry, skip, length
-        for i, t in enumerate(ts):
-            if not t.nbytes:
-                continue
-            lo = (t.addr + P - 1) // P * P
-            hi = (t.addr + t.nbytes) // P * P
-            if hi > lo:
-                regions.append((lo, hi - lo))
-                spans.append((i, lo - t.addr, (hi - lo) // P))
-                eager.append((t, i, 0, lo - t.addr))
-                eager.append((t, i, hi - t.addr, t.addr + t.nbytes - hi))
-            else:
-                eager.append((t, i, 0, t.nbytes))
-        _probe_missing(regions)
-        me = os.getpid()
-        for t, i, skip, length in eager:
-            _restore_bytes(src.store, src.gen_of, src.pos_of, t, i, skip, length, me)
-        for a, n in regions:
-            _drop(a, n)
-        lazymap = _LazyMap(src.store, spans)
-        src.bind(lazymap)
-        hot = _hot(src, lazymap, working_set and not record)  # a recording sees every touch
-        recording = (_Recording(os.fspath(path), src.generation, lazymap, int(lazymap.hbase[-1]))
-                     if record else None)
-        fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
-                          record=None if recording is None else recording.array)
-        with fh:
-            yield fh
-            if recording is not None:  # the rest comes in, prefetched, before the block ends
-                recording.save()
-                if not fh.wait():
-                    raise RuntimeError(
-                        f"lazy restore from {os.fspath(path)}: the fault handler failed (exit status "
-                        f"{fh.exit_status}) before every page was in; pages not served raise SIGBUS")
-    finally:
-        src.store.close()
-        _release(ts)
-
-
 def compact(path: str | os.PathLike[str], generation: int | None = None, *, progress: Progress | None = None) -> int:
     """Fold the chain up to ``generation`` (default: the newest) into one full generation.
 
@@ -1166,7 +640,7 @@ def compact(path: str | os.PathLike[str], generation: int | None = None, *, prog
                     for s in range(0, total, BATCH_PAGES):
                         e = min(total, s + BATCH_PAGES)
                         rows = buf[: e - s]
-                        _pages_of(store, gen_of, pos_of, s, e, rows)
+                        pages_of(store, gen_of, pos_of, s, e, rows)
                         cks = page_checksums(rows)
                         nz = rows.any(axis=1)
                         index["kind"][s:e] = np.where(nz, KIND_DATA, KIND_ZERO)

@@ -5,7 +5,7 @@ One append-only file, all integers little-endian::
     file header | entry table | metadata | record | record | ... | (unsealed tail)
 
     file header (64 bytes)
-        magic "PGSCANCK", u32 version (3), u32 page_size, u32 nentries, u32 reserved,
+        magic "PGSCANCK", u32 version (4), u32 page_size, u32 nentries, u32 reserved,
         u64 meta_bytes, u64 reserved x3, digest of the first 56 bytes
     entry table (8 * nentries + 8 bytes)
         u64 byte length of each entry, digest of those lengths
@@ -16,13 +16,17 @@ One append-only file, all integers little-endian::
     generation
         record header (64 bytes): magic "PGSCGEN\\0", u64 generation, u64 npages (index
             entries), u64 ndata (pages with data), u64 parent (0: a full generation),
-            u64 index_bytes (= 32 * npages), u64 reserved, digest of the first 56 bytes
+            u64 index_bytes (= 32 * npages), u64 table_bytes (= 24 * nblocks), digest of
+            the first 56 bytes
         page index: npages entries of INDEX_DTYPE (32 bytes: u32 region, u32 kind,
-            u64 page, u64 checksum of the page's contents, u64 entry check)
+            u64 page, u64 checksum of the page's contents, u64 entry check), in blocks of
+            INDEX_BLOCK entries
+        block table: one BLOCK_DTYPE row per index block (24 bytes: u64 global chunk of
+            its first entry, u64 DATA entries before it, u64 digest of the block)
         page data: ndata pages, in index order, one for each entry of kind DATA
         commit record (64 bytes): magic "PGSCSEAL", u64 generation, u64 offset of the
             record header, u64 length from the record header to the commit record,
-            digest of the page index, digest of the record header, u64 reserved,
+            digest of the block table, digest of the record header, u64 reserved,
             digest of the first 56 bytes
 
     section (optional, skipped by readers that do not know its type)
@@ -33,8 +37,11 @@ One append-only file, all integers little-endian::
 
 An entry is stored in chunks of ``page_size`` bytes counted from its first byte (the
 index's "page" is the chunk number); the last chunk of an entry whose length is not a
-multiple of the page size is stored padded with zeros. Version 2 (pagescan 0.1) has a
-region table of page-multiple lengths and no metadata; it is read, never written.
+multiple of the page size is stored padded with zeros. The block table locates the
+data of any chunk from one index block, so a lazy reader reads index blocks as faults
+need them. Version 3 has no block table (the commit record digests the whole index);
+version 2 (pagescan 0.1) has in addition a region table of page-multiple lengths and
+no metadata; both are read, never written.
 
 "digest" is an 8-byte BLAKE2b. The writer writes the data, then the header and index,
 ``fsync``s, and only then writes the commit record and ``fsync``s again. A reader
@@ -62,7 +69,12 @@ __all__ = [
     "encode_meta",
     "FILE_HEADER",
     "GEN_HEADER",
+    "BLOCK_DTYPE",
+    "BLOCK_SIZE",
+    "INDEX_BLOCK",
     "INDEX_DTYPE",
+    "block_table",
+    "nblocks",
     "KIND_DATA",
     "KIND_ZERO",
     "MAGIC_COMMIT",
@@ -84,9 +96,9 @@ MAGIC_FILE = b"PGSCANCK"
 MAGIC_GEN = b"PGSCGEN\0"
 MAGIC_COMMIT = b"PGSCSEAL"
 MAGIC_SECTION = b"PGSCSECT"
-VERSION = 3
-#: Versions this code reads (2: pagescan 0.1, no entry metadata).
-READABLE_VERSIONS = (2, 3)
+VERSION = 4
+#: Versions this code reads (2: pagescan 0.1, no entry metadata; 3: no index block table).
+READABLE_VERSIONS = (2, 3, 4)
 #: Section types.
 SECTION_WORKING_SET = 1
 #: Upper bound on the total length of the entries (bytes): no host maps more (57-bit
@@ -108,6 +120,15 @@ INDEX_DTYPE = np.dtype(
 )
 ENTRY_SIZE = INDEX_DTYPE.itemsize
 assert ENTRY_SIZE == 32
+
+#: Version 4: index entries per index block (the last block of an index may be shorter).
+INDEX_BLOCK = 1024
+#: Version 4: one block-table row per index block (24 bytes): the global chunk number of
+#: the block's first entry, the DATA entries before the block, the block's digest (the
+#: 8 digest bytes read as a little-endian u64).
+BLOCK_DTYPE = np.dtype([("first", "<u8"), ("rank", "<u8"), ("digest", "<u8")])
+BLOCK_SIZE = BLOCK_DTYPE.itemsize
+assert BLOCK_SIZE == 24
 
 #: Seeds of the weight sequences (part of the format).
 PAGE_SEED = 0x70A6E5CA
@@ -165,22 +186,51 @@ def page_checksums(pages: np.ndarray) -> np.ndarray:
     return out
 
 
+def nblocks(npages: int) -> int:
+    """Index blocks of an index of ``npages`` entries (version 4)."""
+    return -(-npages // INDEX_BLOCK)
+
+
+def block_table(index: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """The block table (version 4) of a page index whose entry checks are filled in.
+
+    ``flat``: the global chunk number of each entry. Row ``k`` describes entries
+    ``[k * INDEX_BLOCK, (k + 1) * INDEX_BLOCK)``: the first one's chunk, the number of
+    DATA entries before the block (so a data page is located without the rest of the
+    index), and the digest of the block's bytes.
+    """
+    n = len(index)
+    k = nblocks(n)
+    table = np.zeros(k, BLOCK_DTYPE)
+    if not k:
+        return table
+    starts = np.arange(k) * INDEX_BLOCK
+    table["first"] = flat[starts]
+    is_data = (index["kind"] == KIND_DATA).astype(np.int64)
+    before = np.concatenate([[0], np.cumsum(is_data)])
+    table["rank"] = before[starts]
+    raw = index.tobytes()
+    B = INDEX_BLOCK * ENTRY_SIZE
+    table["digest"] = np.frombuffer(b"".join(digest(raw[i : i + B]) for i in range(0, len(raw), B)), "<u8")
+    return table
+
+
 _ENTRY_W = splitmix64(ENTRY_SEED, 5)
 
 
-def entry_checks(index: np.ndarray, generation: int) -> np.ndarray:
+def entry_checks(index: np.ndarray, generation: int, first: int = 0) -> np.ndarray:
     """The ``check`` field of each entry of generation ``generation``'s page index.
 
     The entry's first three 64-bit words (region | kind << 32, page, checksum), its
     generation and its position ``i`` in the index, each times an odd weight
     (``splitmix64(ENTRY_SEED, 5)``), summed mod 2**64. It locates a damaged entry (and
     one copied from elsewhere); the index as a whole is covered by the commit record's
-    digest.
+    digest. ``first``: the position of ``index[0]`` (a block of a larger index).
     """
     words = index.view("<u8").reshape(len(index), 4)
     e = _ENTRY_W
     with np.errstate(over="ignore"):
-        pos = np.arange(len(index), dtype=np.uint64)
+        pos = np.arange(first, first + len(index), dtype=np.uint64)
         out: np.ndarray = (
             words[:, 0] * e[0] + words[:, 1] * e[1] + words[:, 2] * e[2]
             + np.uint64(generation) * e[3] + pos * e[4]

@@ -1,7 +1,8 @@
 """Pre-copy rounds and a short stop of every thread, done by a helper process.
 
 The instant of a generation without ``fork()``: a long-lived helper process (started
-with ``posix_spawn``, so it shares no memory with us) copies the written pages of the
+with ``posix_spawn``, so it shares no memory with us, in its own process group: a
+Ctrl-C for the program's group does not end it) copies the written pages of the
 tracked ranges into a *staging* area, a memfd that both processes map, while our
 threads keep running:
 
@@ -274,18 +275,29 @@ class Precopier:
         self.staged = 0  # bytes of slots filled since the staging area was last emptied
         ours, theirs = socket.socketpair()
         memfd = os.memfd_create("pagescan-staging", os.MFD_CLOEXEC)
+        extra: list[int] = []
         try:
             os.ftruncate(memfd, self.size)
             self.map = mmap.mmap(memfd, self.size, mmap.MAP_SHARED)
             self.stage = np.frombuffer(self.map, dtype=np.uint8)
-            env = dict(os.environ)  # the helper imports this very pagescan
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            code = "import sys; from pagescan.snapshot._precopy import main; sys.exit(main(sys.argv[1:]))"
-            pid = os.posix_spawn(sys.executable, [sys.executable, "-c", code, str(os.getpid()), "3", "4"], env,
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, theirs.fileno(), 3),
-                                               (os.POSIX_SPAWN_DUP2, memfd, 4)])
+            # dup2 onto fds 3 and 4 in the child; a source already numbered 3 or 4 is
+            # moved out of the way first (dup2 of an fd onto itself keeps FD_CLOEXEC).
+            fds = [theirs.fileno(), memfd]
+            for i, fd in enumerate(fds):
+                if fd in (3, 4):
+                    fds[i] = os.dup(fd)
+                    extra.append(fds[i])
+            # This pagescan first, then our path (numpy); -I -S: no site hooks to run.
+            here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            code = ("import sys; sys.path[:0] = sys.argv[4].split(__import__('os').pathsep); "
+                    "from pagescan.snapshot._precopy import main; sys.exit(main(sys.argv[1:]))")
+            argv = [sys.executable, "-I", "-S", "-c", code, str(os.getpid()), "3", "4",
+                    os.pathsep.join([here, *sys.path])]
+            pid = os.posix_spawn(sys.executable, argv, dict(os.environ), setpgroup=0,
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, fds[0], 3), (os.POSIX_SPAWN_DUP2, fds[1], 4)])
         finally:
+            for fd in extra:
+                os.close(fd)
             os.close(memfd)
             theirs.close()
         self.child = Child(pid)

@@ -8,7 +8,7 @@ import errno
 import fcntl
 import os
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -16,10 +16,13 @@ from .._args import NotRegularFileError
 from .._args import open_regular as _open_regular
 from .._uapi import libc
 from ._format import (
+    BLOCK_DTYPE,
+    BLOCK_SIZE,
     COMMIT,
     ENTRY_SIZE,
     FILE_HEADER,
     GEN_HEADER,
+    INDEX_BLOCK,
     INDEX_DTYPE,
     KIND_DATA,
     KIND_ZERO,
@@ -32,10 +35,12 @@ from ._format import (
     SECTION_HEADER,
     VERSION,
     EntryMeta,
+    block_table,
     decode_meta,
     digest,
     encode_meta,
     entry_checks,
+    nblocks,
     page_checksums,
 )
 
@@ -67,24 +72,41 @@ CheckpointError.__module__ = "pagescan.snapshot"
 CorruptCheckpointError.__module__ = "pagescan.snapshot"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class Generation:
-    """One sealed generation: where its index and data live in the file."""
+    """One sealed generation: where its index and data live in the file.
+
+    ``table`` is its index block table (version 4; for older versions one built from
+    the index read at open). The whole ``index`` is read (and verified) on first use
+    when the store was opened with ``lazy_index``; :meth:`Store.locate` reads only the
+    blocks it needs.
+    """
 
     number: int
     parent: int  # 0 for a full generation
     offset: int  # of the record header
     end: int  # just past the commit record
-    index: np.ndarray  # INDEX_DTYPE
+    npages: int  # index entries
+    ndata: int  # DATA entries
     data_offset: int  # file offset of the first data page
+    table: np.ndarray  # BLOCK_DTYPE
+    _index: np.ndarray | None = None  # INDEX_DTYPE, once read
+    _store: Store | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def index(self) -> np.ndarray:
+        if self._index is None:
+            assert self._store is not None
+            self._index = self._store.read_index(self)
+        return self._index
 
     @property
     def pages(self) -> int:
-        return len(self.index)
+        return self.npages
 
     @property
     def data_pages(self) -> int:
-        return int((self.index["kind"] == KIND_DATA).sum())
+        return self.ndata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +157,18 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False, lock: bool = False,
-                 _fd: int | None = None) -> None:
+                 lazy_index: bool = False, _fd: int | None = None) -> None:
         self.path = os.fspath(path)
         self.writable = writable
+        #: Version 4: read and verify index blocks when first used, not at open (a lazy
+        #: load: the open costs the same at any size). Damage in an index is then an
+        #: error when that block is used, never at open.
+        self.lazy_index = lazy_index
         if _fd is None:
             _fd = open_regular(self.path, os.O_RDWR if writable else os.O_RDONLY)
         self.fd = _fd
         self._offsets: dict[int, np.ndarray] = {}
+        self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         try:
             if lock:
                 _lock(self.fd, self.path)
@@ -363,16 +390,20 @@ class Store:
         """The sealed generation at ``off``, or why there is none (a string).
 
         Raises ``CorruptCheckpointError`` for a generation that is sealed but damaged.
+        Version 4: the block table is read and checked here; the index blocks too,
+        unless the store has ``lazy_index`` (then each when first used).
         """
         raw = _pread_exact(self.fd, GEN_HEADER.size, off)
         if len(raw) < GEN_HEADER.size:
             return "record header incomplete"
-        magic, number, npages, ndata, parent, index_bytes, _res, dig = GEN_HEADER.unpack(raw)
+        magic, number, npages, ndata, parent, index_bytes, table_bytes, dig = GEN_HEADER.unpack(raw)
         if magic != MAGIC_GEN or digest(raw[:-8]) != dig:
             return "record header missing or damaged"
-        if index_bytes != npages * ENTRY_SIZE or ndata > npages:
+        v4 = self.version >= 4
+        if index_bytes != npages * ENTRY_SIZE or ndata > npages or table_bytes != (
+                nblocks(npages) * BLOCK_SIZE if v4 else 0):
             return "record header inconsistent"
-        data_off = off + GEN_HEADER.size + index_bytes
+        data_off = off + GEN_HEADER.size + index_bytes + table_bytes
         commit_off = data_off + ndata * self.page_size
         why = self._commit_mismatch(off, commit_off, size, number, dig)  # bounds npages, ndata by the size
         if why:
@@ -381,18 +412,6 @@ class Store:
         # Sealed: from here on, anything wrong is damage.
         expected = len(self.generations) + 1
         where = f"{self.path}: generation {number}"
-        idx_raw = _pread_exact(self.fd, index_bytes, off + GEN_HEADER.size)
-        index = np.frombuffer(idx_raw, dtype=INDEX_DTYPE)
-        bad = np.flatnonzero(entry_checks(index, number) != index["check"])
-        if digest(idx_raw) != idig or bad.size:
-            if bad.size:
-                i = int(bad[0])
-                ent = index[i]
-                raise CorruptCheckpointError(
-                    f"{where}, page index entry {i} (region {int(ent['region'])}, page {int(ent['page'])} as "
-                    f"stored): damaged (entry check mismatch; {bad.size} damaged entr{'y' if bad.size == 1 else 'ies'})"
-                )
-            raise CorruptCheckpointError(f"{where}: page index is damaged (checksum mismatch)")
         if number != expected:
             raise CorruptCheckpointError(f"{where} follows generation {expected - 1}")
         if parent >= number:
@@ -400,20 +419,113 @@ class Store:
         if parent == 0 and npages != self.total_pages:
             raise CorruptCheckpointError(f"{where}: a full generation with {npages} pages, not the entries' "
                                          f"{self.total_pages}")
-        kinds = index["kind"]
-        if bool(((kinds != KIND_DATA) & (kinds != KIND_ZERO)).any()) or int((kinds == KIND_DATA).sum()) != ndata:
+        gen = Generation(int(number), int(parent), off, commit_off + COMMIT.size, int(npages), int(ndata),
+                         data_off, np.zeros(0, BLOCK_DTYPE), None, self)
+        if v4:
+            traw = _pread_exact(self.fd, table_bytes, off + GEN_HEADER.size + index_bytes)
+            if digest(traw) != idig:
+                raise CorruptCheckpointError(f"{where}: index block table is damaged (checksum mismatch)")
+            gen.table = np.frombuffer(traw, BLOCK_DTYPE)
+            self._check_table(gen, where)
+            if not self.lazy_index:
+                gen._index = self.read_index(gen)
+            return gen
+        idx_raw = _pread_exact(self.fd, index_bytes, off + GEN_HEADER.size)
+        index = np.frombuffer(idx_raw, dtype=INDEX_DTYPE)
+        if digest(idx_raw) != idig:
+            self._check_entries(index, gen, 0, where)  # names the damaged entry, if one is
+            raise CorruptCheckpointError(f"{where}: page index is damaged (checksum mismatch)")
+        self._check_entries(index, gen, 0, where)
+        flat = self.base[index["region"].astype(np.int64)] + index["page"].astype(np.int64)
+        if int((index["kind"] == KIND_DATA).sum()) != ndata:
             raise CorruptCheckpointError(f"{where}: page index and data disagree")
-        if len(index):
-            region = index["region"]
-            if int(region.max()) >= len(self.lengths):
-                raise CorruptCheckpointError(f"{where}: page index names a region that does not exist")
-            npg = np.diff(self.base)
-            if bool((index["page"] >= npg[region].astype(np.uint64)).any()):
-                raise CorruptCheckpointError(f"{where}: page index names pages outside the regions")
-            flat = self.base[region.astype(np.int64)] + index["page"].astype(np.int64)
-            if len(flat) > 1 and bool((np.diff(flat) <= 0).any()):
-                raise CorruptCheckpointError(f"{where}: page index is not in ascending page order")
-        return Generation(int(number), int(parent), off, commit_off + COMMIT.size, index, data_off)
+        gen.table = block_table(index, flat)  # the same lookups as version 4
+        gen._index = index
+        return gen
+
+    def _check_table(self, g: Generation, where: str) -> None:
+        """Range checks of a version 4 block table (the index blocks are checked when read)."""
+        t = g.table
+        if not len(t):
+            return
+        first = t["first"]
+        rank = t["rank"].astype(np.int64)
+        sizes = np.minimum(INDEX_BLOCK, g.npages - np.arange(len(t)) * INDEX_BLOCK)
+        if (int(first[-1]) >= self.total_pages or bool((first[1:] <= first[:-1]).any())
+                or int(rank[0]) != 0 or bool((np.diff(rank) < 0).any()) or bool((np.diff(rank) > sizes[:-1]).any())
+                or int(rank[-1]) > g.ndata or g.ndata - int(rank[-1]) > int(sizes[-1])):
+            raise CorruptCheckpointError(f"{where}: index block table is damaged (out of range)")
+        if g.parent == 0 and bool((first != np.arange(len(t), dtype=np.uint64) * INDEX_BLOCK).any()):
+            raise CorruptCheckpointError(f"{where}: index block table of a full generation is damaged")
+
+    def _check_entries(self, index: np.ndarray, g: Generation, first: int, where: str) -> np.ndarray:
+        """Entry checks and range checks of index entries ``first..``; their global chunk numbers."""
+        bad = np.flatnonzero(entry_checks(index, g.number, first) != index["check"])
+        if bad.size:
+            i = int(bad[0])
+            ent = index[i]
+            raise CorruptCheckpointError(
+                f"{where}, page index entry {first + i} (region {int(ent['region'])}, page {int(ent['page'])} as "
+                f"stored): damaged (entry check mismatch; {bad.size} damaged entr{'y' if bad.size == 1 else 'ies'}"
+                f"{' in its block' if self.version >= 4 else ''})"
+            )
+        kinds = index["kind"]
+        if bool(((kinds != KIND_DATA) & (kinds != KIND_ZERO)).any()):
+            raise CorruptCheckpointError(f"{where}: page index and data disagree")
+        if not len(index):
+            return np.empty(0, np.int64)
+        region = index["region"]
+        if int(region.max()) >= len(self.lengths):
+            raise CorruptCheckpointError(f"{where}: page index names a region that does not exist")
+        npg = np.diff(self.base)
+        if bool((index["page"] >= npg[region].astype(np.uint64)).any()):
+            raise CorruptCheckpointError(f"{where}: page index names pages outside the regions")
+        flat: np.ndarray = self.base[region.astype(np.int64)] + index["page"].astype(np.int64)
+        if len(flat) > 1 and bool((np.diff(flat) <= 0).any()):
+            raise CorruptCheckpointError(f"{where}: page index is not in ascending page order")
+        return flat
+
+    def _block(self, g: Generation, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Index block ``k`` of ``g``, verified: (entries, their global chunks, data offsets or -1)."""
+        key = (g.number, k)
+        got = self._blocks.get(key)
+        if got is not None:
+            return got
+        lo = k * INDEX_BLOCK
+        hi = min(g.npages, lo + INDEX_BLOCK)
+        where = f"{self.path}: generation {g.number}"
+        if g._index is not None:
+            ents = g._index[lo:hi]
+            flat = self.base[ents["region"].astype(np.int64)] + ents["page"].astype(np.int64)
+        else:
+            raw = _pread_exact(self.fd, (hi - lo) * ENTRY_SIZE, g.offset + GEN_HEADER.size + lo * ENTRY_SIZE)
+            ents = np.frombuffer(raw, INDEX_DTYPE)
+            if len(raw) != (hi - lo) * ENTRY_SIZE or int.from_bytes(digest(raw), "little") != int(g.table["digest"][k]):
+                self._check_entries(ents, g, lo, where)  # names the damaged entry, if one is
+                raise CorruptCheckpointError(f"{where}: page index block {k} (entries {lo}..{hi - 1}) is damaged "
+                                             "(checksum mismatch)")
+            flat = self._check_entries(ents, g, lo, where)
+            nxt = int(g.table["first"][k + 1]) if k + 1 < len(g.table) else self.total_pages
+            ndata_blk = (int(g.table["rank"][k + 1]) if k + 1 < len(g.table) else g.ndata) - int(g.table["rank"][k])
+            if (int(flat[0]) != int(g.table["first"][k]) or int(flat[-1]) >= nxt
+                    or int((ents["kind"] == KIND_DATA).sum()) != ndata_blk):
+                raise CorruptCheckpointError(f"{where}: page index block {k} does not match the block table")
+        is_data = ents["kind"] == KIND_DATA
+        offs = np.where(is_data, g.data_offset + (int(g.table["rank"][k]) + np.cumsum(is_data) - 1) * self.page_size,
+                        -1).astype(np.int64)
+        got = (ents, flat, offs)
+        self._blocks[key] = got
+        return got
+
+    def read_index(self, g: Generation) -> np.ndarray:
+        """The whole page index of ``g``, every block verified."""
+        if g._index is not None:
+            return g._index
+        parts = [self._block(g, k)[0] for k in range(len(g.table))]
+        index = np.concatenate(parts) if parts else np.zeros(0, INDEX_DTYPE)
+        for k in range(len(g.table)):
+            self._blocks.pop((g.number, k), None)
+        return index
 
     def generation(self, number: int | None) -> Generation:
         """Generation ``number`` (``None``: the newest sealed one)."""
@@ -434,12 +546,7 @@ class Store:
     def _chain(self, number: int | None) -> Iterator[tuple[Generation, np.ndarray]]:
         """The generations that make up generation ``number`` (from the newest full one),
         oldest first, each with the global chunk number of each index entry."""
-        target = self.generation(number).number
-        first = 0
-        for g in self.generations[:target]:
-            if g.parent == 0:
-                first = g.number - 1
-        for g in self.generations[first:target]:
+        for g in self._chain_gens(self.generation(number).number):
             yield g, self.base[g.index["region"].astype(np.int64)] + g.index["page"].astype(np.int64)
 
     def latest_map(self, number: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -462,6 +569,65 @@ class Store:
             out[flat] = g.index["kind"] == KIND_DATA
         return out
 
+    def locate(self, number: int, chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where the global ``chunks`` (sorted, unique) of generation ``number`` are:
+        ``(generation holding each, 0 if never stored; file offset of its data, -1 for
+        zeros; its checksum)``.
+
+        A binary search in the block tables of the chain (newest generation first), then
+        in the few index blocks that can hold the chunks (read and verified once, then
+        cached): the cost does not grow with the size of the state.
+        """
+        chunks = np.asarray(chunks, dtype=np.int64)
+        n = len(chunks)
+        gens = np.zeros(n, np.int64)
+        offs = np.full(n, -1, np.int64)
+        cks = np.zeros(n, np.uint64)
+        todo = np.arange(n)
+        for g in reversed(list(self._chain_gens(number))):
+            if not todo.size:
+                break
+            c = chunks[todo]
+            blk = np.searchsorted(g.table["first"], c.astype(np.uint64), side="right").astype(np.int64) - 1
+            blk_ok = blk[blk >= 0]  # sorted: its distinct values without np.unique (which imports numpy.ma)
+            for k in blk_ok[np.flatnonzero(np.diff(blk_ok, prepend=-1))].tolist():
+                sel = todo[blk == k]
+                ents, flat, boffs = self._block(g, k)
+                j = np.minimum(np.searchsorted(flat, chunks[sel]), len(flat) - 1)
+                hit = flat[j] == chunks[sel]
+                sel, j = sel[hit], j[hit]
+                gens[sel] = g.number
+                offs[sel] = boffs[j]
+                cks[sel] = ents["checksum"][j]
+            todo = todo[gens[todo] == 0]
+        return gens, offs, cks
+
+    def _chain_gens(self, number: int) -> Iterator[Generation]:
+        """The generations that make up generation ``number``, from the newest full one, oldest first."""
+        target = self.generation(number).number
+        first = 0
+        for g in self.generations[:target]:
+            if g.parent == 0:
+                first = g.number - 1
+        yield from self.generations[first:target]
+
+    def read_chunks(self, number: int, chunks: np.ndarray, out: np.ndarray, fresh: bool = False) -> bool:
+        """Chunks (sorted, unique) of generation ``number`` into the rows of ``out``, verified.
+
+        ``fresh``: ``out`` already reads as zeros. Returns ``False`` (and writes nothing)
+        when every chunk is zeros. Only the index blocks holding the chunks are read
+        (:meth:`locate`); a damaged page raises ``CorruptCheckpointError`` naming it.
+        """
+        gens, offs, cks = self.locate(number, chunks)
+        if not bool((offs >= 0).any()):
+            return False
+        self._read_at(offs, cks, out, fresh, lambda i: self._where_chunk(int(gens[i]), int(chunks[i])))
+        return True
+
+    def _where_chunk(self, number: int, chunk: int) -> str:
+        r = int(np.searchsorted(self.base, chunk, side="right")) - 1
+        return f"{self.path}: generation {number}, region {r}, page {chunk - int(self.base[r])}"
+
     def data_offsets(self, g: Generation) -> np.ndarray:
         """File offset of each index entry's data (-1 for zero pages); cached."""
         out = self._offsets.get(g.number)
@@ -480,15 +646,27 @@ class Store:
         With ``verify``, every page's checksum is compared with its index entry;
         ``CorruptCheckpointError`` names the generation, region and page of the first bad one.
         """
-        P = self.page_size
         positions = np.asarray(positions, dtype=np.int64)
-        n = len(positions)
         if out is None:
-            out = np.empty((n, P), dtype=np.uint8)
-        offs = self.data_offsets(g)[positions]
+            out = np.empty((len(positions), self.page_size), dtype=np.uint8)
+        cks = g.index["checksum"][positions] if verify else None
+
+        def where(i: int) -> str:
+            ent = g.index[positions[i]]
+            return f"{self.path}: generation {g.number}, region {int(ent['region'])}, page {int(ent['page'])}"
+
+        self._read_at(self.data_offsets(g)[positions], cks, out, fresh, where)
+        return out
+
+    def _read_at(self, offs: np.ndarray, cks: np.ndarray | None, out: np.ndarray, fresh: bool,
+                 where: Callable[[int], str]) -> None:
+        """Pages at file offsets ``offs`` (-1: zeros) into the rows of ``out``, in as few
+        reads as the runs allow; checked against ``cks`` unless it is ``None``."""
+        P = self.page_size
+        n = len(offs)
         is_data = offs >= 0
         if not fresh and not is_data.all():
-            out[~is_data] = 0
+            out[:n][~is_data] = 0
         idx = np.flatnonzero(is_data)
         if idx.size:
             o = offs[idx]
@@ -508,19 +686,16 @@ class Store:
                 got = os.preadv(self.fd, [dst.data.cast("B")], int(o[s]))
                 if got != want:
                     raise CorruptCheckpointError(
-                        f"{self.path}: generation {g.number}: page data truncated (file changed after opening?)"
+                        f"{where(int(idx[s]))}: page data truncated (file changed after opening?)"
                     )
                 if r1 - r0 != e - s:
                     out[idx[s:e]] = dst
-        if verify and n:
-            bad = np.flatnonzero(page_checksums(out[:n]) != g.index["checksum"][positions])
+        if cks is not None and n:
+            bad = np.flatnonzero(page_checksums(out[:n]) != cks)
             if bad.size:
-                ent = g.index[positions[bad[0]]]
                 raise CorruptCheckpointError(
-                    f"{self.path}: generation {g.number}, region {int(ent['region'])}, page {int(ent['page'])}: "
-                    f"page data damaged (checksum mismatch; {bad.size} bad page(s) in this read)"
+                    f"{where(int(bad[0]))}: page data damaged (checksum mismatch; {bad.size} bad page(s) in this read)"
                 )
-        return out
 
     # -- writing --------------------------------------------------------------------
 
@@ -544,6 +719,9 @@ class Store:
             raise CheckpointError(f"{self.path} is open read-only")
         if self.damage is not None:
             raise self.damage
+        if self.version != VERSION:
+            raise CheckpointError(f"{self.path} is a version {self.version} checkpoint: generations are appended "
+                                  f"only to version {VERSION} files")
         app = Appender(self, npages)
         try:
             yield app
@@ -562,7 +740,8 @@ class Appender:
         self.number = len(store.generations) + 1
         self.offset = store.sealed_end
         self.npages = npages
-        self.data_start = self.offset + GEN_HEADER.size + npages * ENTRY_SIZE
+        self.table_bytes = nblocks(npages) * BLOCK_SIZE
+        self.data_start = self.offset + GEN_HEADER.size + npages * ENTRY_SIZE + self.table_bytes
         self.ndata = 0
         self.sealed = False
         if os.fstat(store.fd).st_size != self.offset:  # never write over a stale tail
@@ -608,18 +787,22 @@ class Appender:
             raise ValueError("index does not match the pages written")
         index["check"] = entry_checks(index, self.number)
         idx_raw = index.tobytes()
-        head = GEN_HEADER.pack(MAGIC_GEN, self.number, self.npages, self.ndata, parent, len(idx_raw), 0, b"\0" * 8)
+        flat = st.base[index["region"].astype(np.int64)] + index["page"].astype(np.int64)
+        table = block_table(index, flat)
+        tab_raw = table.tobytes()
+        head = GEN_HEADER.pack(MAGIC_GEN, self.number, self.npages, self.ndata, parent, len(idx_raw), len(tab_raw),
+                               b"\0" * 8)
         head = head[:-8] + digest(head[:-8])
-        length = GEN_HEADER.size + len(idx_raw) + self.ndata * P
-        commit = _commit_record(self.number, self.offset, length, digest(idx_raw), head[-8:])
+        length = GEN_HEADER.size + len(idx_raw) + len(tab_raw) + self.ndata * P
+        commit = _commit_record(self.number, self.offset, length, digest(tab_raw), head[-8:])
         with self._io():
-            _pwrite_all(st.fd, head + idx_raw, self.offset)
+            _pwrite_all(st.fd, head + idx_raw + tab_raw, self.offset)
             os.fsync(st.fd)  # everything the commit record vouches for is durable first
             _pwrite_all(st.fd, commit, self.offset + length)
             os.fsync(st.fd)
         self.sealed = True
-        gen = Generation(self.number, parent, self.offset, self.offset + length + COMMIT.size,
-                         np.frombuffer(idx_raw, INDEX_DTYPE), self.data_start)
+        gen = Generation(self.number, parent, self.offset, self.offset + length + COMMIT.size, self.npages,
+                         self.ndata, self.data_start, table, np.frombuffer(idx_raw, INDEX_DTYPE), st)
         st.generations.append(gen)
         st.sealed_end = st.file_size = gen.end
         return gen

@@ -1,0 +1,193 @@
+"""``restore`` and ``lazy_restore``: a generation of a checkpoint into existing objects."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from .._uapi.libc import write_runs
+from ..handler import FaultHandler
+from ._lazy import CheckpointSource, LazyMap, Recording, drop, hot_pages, probe_missing
+from ._pages import BATCH_PAGES, P, Progress, pages_of
+from ._state import Target, chunk_runs, match, targets
+from ._store import Generation, Store
+
+__all__ = ["lazy_restore", "restore"]
+
+
+def _pid_arg(pid: Any) -> int:
+    if pid is None:
+        return os.getpid()
+    if isinstance(pid, bool) or not isinstance(pid, (int, np.integer)):
+        raise TypeError(f"pid must be an int or None, not {type(pid).__name__}")
+    if pid <= 0:
+        raise ValueError(f"pid must be > 0, not {pid}")
+    return int(pid)
+
+
+def _open_for_targets(path: str | os.PathLike[str], state: Any, generation: int | None, *,
+                      exact_pairs: bool = False) -> tuple[Store, list[Target], Generation]:
+    mapping, ts = targets(state, writable=True, exact_pairs=exact_pairs)
+    store = Store(path)
+    try:
+        ordered = match(store, mapping, ts)
+        gen = store.generation(generation)
+    except BaseException:
+        store.close()
+        _release(ts)
+        raise
+    return store, ordered, gen
+
+
+def _release(ts: list[Target]) -> None:
+    for t in ts:
+        if isinstance(t.keep, memoryview):
+            t.keep.release()
+        t.keep = None
+
+
+def _restore_chunks(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, ts: list[Target], pid: int,
+                    progress: Progress | None) -> None:
+    base = store.base
+    total = int(base[-1])
+    buf = np.empty((min(total, BATCH_PAGES), P), dtype=np.uint8)
+    for s in range(0, total, BATCH_PAGES):
+        e = min(total, s + BATCH_PAGES)
+        rows = buf[: e - s]
+        pages_of(store, gen_of, pos_of, s, e, rows)
+        chunks = np.arange(s, e, dtype=np.int64)
+        starts, lengths, offs = chunk_runs(chunks, ts, base)
+        write_runs(pid, starts, lengths, rows, offs)
+        if progress is not None:
+            progress(e, total)
+
+
+def restore(
+    path: str | os.PathLike[str], state: Any, generation: int | None = None, *,
+    pid: int | None = None, progress: Progress | None = None,
+) -> int:
+    """Write generation ``generation`` (default: the newest sealed one) into the objects of ``state``.
+
+    ``state`` has the checkpoint's form: a mapping with the same names (any order), or
+    a sequence in the same order; every entry the same size (and, for arrays, dtype
+    and shape) -- checked before anything is written. Exactly each object's bytes are
+    written (``process_vm_writev``), nothing around them. Data is restored in batches
+    of 4 MiB, each checksum-verified before it is written: a damaged page raises
+    :class:`CorruptCheckpointError` (naming generation and page) before its batch is
+    written, though earlier batches are in place by then. With ``pid``, the entries are
+    page-aligned ``(address, length)`` pairs in that process. Returns the generation
+    restored.
+    """
+    return _restore(path, state, generation, pid, progress, exact_pairs=False)
+
+
+def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
+             progress: Progress | None, *, exact_pairs: bool) -> int:
+    """:func:`restore`; ``exact_pairs``: ``(address, length)`` pairs are exact bytes, any alignment (the CLI)."""
+    target = _pid_arg(pid)
+    store, ts, gen = _open_for_targets(path, state, generation, exact_pairs=exact_pairs)
+    if pid is not None and target != os.getpid() and any(t.keep is not None for t in ts):
+        store.close()
+        _release(ts)
+        raise TypeError("with pid, the entries must be (address, length) pairs in that process, not buffer objects")
+    try:
+        gen_of, pos_of = store.latest_map(gen.number)
+        _restore_chunks(store, gen_of, pos_of, ts, target, progress)
+        return gen.number
+    finally:
+        store.close()
+        _release(ts)
+
+
+def _restore_bytes(src: CheckpointSource, t: Target, entry: int, skip: int, length: int, pid: int) -> None:
+    """Write bytes ``[skip, skip+length)`` of entry ``entry`` to ``t.addr + skip``."""
+    if length <= 0:
+        return
+    base = int(src.store.base[entry])
+    c0 = base + skip // P
+    c1 = base + (skip + length + P - 1) // P
+    rows = np.zeros((c1 - c0, P), dtype=np.uint8)
+    src.read_range(c0, c1, rows, fresh=True)
+    flat = rows.reshape(-1)
+    sh = skip % P
+    write_runs(pid, np.array([t.addr + skip], np.uint64), np.array([length], np.uint64), flat,
+               np.array([sh], np.uint64))
+
+
+@contextmanager
+def lazy_restore(
+    path: str | os.PathLike[str], state: Any, generation: int | None = None, *, prefetch: bool = True,
+    working_set: bool = True, record: bool = False,
+) -> Iterator[FaultHandler]:
+    """Restore into the objects of ``state`` lazily: pages arrive on first touch.
+
+    ``state`` as for :func:`restore` (private anonymous or shmem memory of this
+    process). The pages that lie entirely inside an object are dropped
+    (``MADV_DONTNEED``; ``MADV_REMOVE`` for shared memory) and served from the file on
+    first touch by a handler process; the bytes of an object on pages it shares with
+    other objects (the first and last page of a small array on the malloc heap) are
+    restored eagerly, before this returns -- the neighbours' bytes are not touched.
+    Do not touch the objects from another thread while this starts (a page
+    repopulated between drop and registration is refused: ``FileExistsError``).
+
+    Yields the :class:`~pagescan.FaultHandler` (``progress()``, ``wait()``); with
+    ``prefetch`` the handler copies pages ahead while no fault waits; a recorded
+    working set is prefetched first, and ``record`` records one (every first touch
+    served alone, no prefetch; see :func:`load`): when the block ends the recording is
+    saved and the handler prefetches the rest, which the block's end waits for.
+    Leaving the block stops the
+    handler: pages not served by then raise SIGBUS when touched -- call ``wait()``
+    first. If the handler dies, touching a page not yet restored raises SIGBUS (never
+    wrong data, never a hang); a damaged page is not served either.
+    """
+    store, ts, gen = _open_for_targets(path, state, generation)
+    store.close()
+    try:
+        src = CheckpointSource(os.fspath(path), gen.number)
+    except BaseException:
+        _release(ts)
+        raise
+    try:
+        regions: list[tuple[int, int]] = []
+        spans: list[tuple[int, int, int]] = []
+        eager: list[tuple[Target, int, int, int]] = []  # target, entry, skip, length
+        for i, t in enumerate(ts):
+            if not t.nbytes:
+                continue
+            lo = (t.addr + P - 1) // P * P
+            hi = (t.addr + t.nbytes) // P * P
+            if hi > lo:
+                regions.append((lo, hi - lo))
+                spans.append((i, lo - t.addr, (hi - lo) // P))
+                eager.append((t, i, 0, lo - t.addr))
+                eager.append((t, i, hi - t.addr, t.addr + t.nbytes - hi))
+            else:
+                eager.append((t, i, 0, t.nbytes))
+        probe_missing(regions)
+        me = os.getpid()
+        for t, i, skip, length in eager:
+            _restore_bytes(src, t, i, skip, length, me)
+        for a, n in regions:
+            drop(a, n)
+        lazymap = LazyMap(src.store, spans)
+        src.bind(lazymap)
+        hot = hot_pages(src, lazymap, working_set and not record)  # a recording sees every touch
+        recording = (Recording(os.fspath(path), src.generation, lazymap, int(lazymap.hbase[-1]))
+                     if record else None)
+        fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
+                          record=None if recording is None else recording.array)
+        with fh:
+            yield fh
+            if recording is not None:  # the rest comes in, prefetched, before the block ends
+                recording.save()
+                if not fh.wait():
+                    raise RuntimeError(
+                        f"lazy restore from {os.fspath(path)}: the fault handler failed (exit status "
+                        f"{fh.exit_status}) before every page was in; pages not served raise SIGBUS")
+    finally:
+        src.store.close()
+        _release(ts)
