@@ -143,6 +143,14 @@ def _machine_state() -> Iterator[None]:
             os.close(fd)
 
 
+@pytest.fixture
+def machine_state_steady() -> Iterator[None]:
+    """For a test that reads machine-wide state (the hugetlb pool, swap): another test
+    run on this machine changes it only while holding the lock, so hold it too."""
+    with _machine_state():
+        yield
+
+
 @contextlib.contextmanager
 def hugetlb_pool(pages: int, size_kb: int = 2048) -> Iterator[int]:
     """Reserve ``pages`` hugetlb pages of ``size_kb``; restore the old count after."""

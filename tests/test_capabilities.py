@@ -46,7 +46,7 @@ def _sysfs(path: str) -> str | None:
         return None
 
 
-def test_capabilities_against_system_files() -> None:
+def test_capabilities_against_system_files(machine_state_steady: None) -> None:
     caps = pagescan.capabilities()
     assert dataclasses.is_dataclass(caps)
     uname = os.uname()
@@ -185,7 +185,7 @@ def _check_json(stdout: str) -> None:
     assert data["missing"].keys() == caps.missing.keys()
 
 
-def test_cli_caps_json() -> None:
+def test_cli_caps_json(machine_state_steady: None) -> None:
     out = subprocess.run([sys.executable, "-m", "pagescan", "caps", "--json"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     _check_json(out.stdout)

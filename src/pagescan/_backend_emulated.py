@@ -211,17 +211,26 @@ def read_smaps(stream: SmapsStream, read_size: int) -> Vma | None:
     return stream.next(read_size)
 
 
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has no address space any more (exited, a zombie): ``statm`` then
+    reads as zeros, or not at all."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return f.read().split()[:1] in ([], [b"0"])
+    except OSError:
+        return True
+
+
+def _exited(pid: int) -> ProcessLookupError:
+    return ProcessLookupError(
+        errno.ESRCH, f"pid {pid} has no memory to scan (it exited, is a zombie or a kernel thread)")
+
+
 def _short_read(pid: int, address: int) -> OSError:
     """A pagemap read came back short. The file reads as empty once the target's mm is
     gone (it exited: the kernel's ioctl says ESRCH then); anything else is EFAULT."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            gone = f.read().split()[:1] in ([], [b"0"])
-    except OSError:
-        gone = True
-    if gone:
-        return ProcessLookupError(
-            errno.ESRCH, f"pid {pid} has no memory to scan (it exited, is a zombie or a kernel thread)")
+    if _gone(pid):
+        return _exited(pid)
     return OSError(errno.EFAULT, f"{os.strerror(errno.EFAULT)}: short pagemap read at {address:#x} in pid {pid}")
 
 
@@ -273,12 +282,19 @@ class EmulatedBackend:
         else:
             vmas = queried
         try:
-            return self._walk(fd, pid, vmas, below, start, end_r, flags, inverted, mask, anyof,
-                              return_mask, max_pages, vec, index, vec_len, smaps_known=False)
-        except _Mismatch:
-            vmas = _read_all_smaps(pid, start, end_r, SCAN_FIELDS)
-            return self._walk(fd, pid, vmas, 0, start, end_r, flags, inverted, mask, anyof,
-                              return_mask, max_pages, vec, index, vec_len, smaps_known=True)
+            try:
+                return self._walk(fd, pid, vmas, below, start, end_r, flags, inverted, mask, anyof,
+                                  return_mask, max_pages, vec, index, vec_len, smaps_known=False)
+            except _Mismatch:
+                vmas = _read_all_smaps(pid, start, end_r, SCAN_FIELDS)
+                return self._walk(fd, pid, vmas, 0, start, end_r, flags, inverted, mask, anyof,
+                                  return_mask, max_pages, vec, index, vec_len, smaps_known=True)
+        except OSError as err:
+            # smaps and pagemap disagreeing (EOPNOTSUPP) because the target exited between
+            # the two reads: its mm is torn down under us. Say so, as the kernel would.
+            if err.errno == errno.EOPNOTSUPP and _gone(pid):
+                raise _exited(pid) from err
+            raise
 
     def _walk(self, fd: int, pid: int, vmas: list[Vma], below: int | None, start: int, end_r: int, flags: int,
               inverted: int, mask: int, anyof: int, return_mask: int, max_pages: int,

@@ -98,17 +98,28 @@ def _open_fd(pid: int, name: str) -> int:
 
 
 def _open(pid: int, name: str) -> bytes:
+    """The whole file, read to its end."""
+    return _read(pid, name, one_piece=False)
+
+
+def _open_small(pid: int, name: str) -> bytes:
     """A small file the kernel writes in one piece (``smaps_rollup`` and ``status`` are
     one-record seq files, ``cmdline`` and ``comm`` plain reads): a read shorter than
-    asked for is the end, so the usual file takes one ``read``, not two. (Not for
-    ``smaps`` or ``maps``: a multi-record seq file returns short reads mid-file.)"""
+    asked for is the end, so it takes one ``read``, not two. Not for ``smaps`` or
+    ``maps``: a seq file of many records returns short reads before its end."""
+    return _read(pid, name, one_piece=True)
+
+
+def _read(pid: int, name: str, *, one_piece: bool) -> bytes:
     fd = _open_fd(pid, name)
     try:
         chunks: list[bytes] = []
         while True:
             data = os.read(fd, 1 << 16)
+            if not data:
+                return b"".join(chunks)
             chunks.append(data)
-            if len(data) < 1 << 16:
+            if one_piece and len(data) < 1 << 16:
                 return b"".join(chunks)
     except PermissionError as err:  # the ptrace check is made at read time too
         raise PermissionError(err.errno, f"may not read {_path(pid, name)} (needs ptrace read access)") from None
@@ -411,7 +422,7 @@ def read_rollup(pid: int) -> dict[str, int]:
     mapping.
     """
     out: dict[str, int] = {}
-    for line in _open(pid, "smaps_rollup").split(b"\n")[1:]:
+    for line in _open_small(pid, "smaps_rollup").split(b"\n")[1:]:
         key, _, rest = line.partition(b":")
         parts = rest.split()
         if parts and parts[0].isdigit():
@@ -422,10 +433,10 @@ def read_rollup(pid: int) -> dict[str, int]:
 def read_cmdline(pid: int) -> str:
     """The command line, arguments joined by spaces; ``[comm]`` when it is empty (a
     kernel thread, a zombie). Raises ``ProcessLookupError`` if there is no such process."""
-    data = _open(pid, "cmdline")
+    data = _open_small(pid, "cmdline")
     if data:
         return data.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
-    return "[" + _open(pid, "comm").rstrip(b"\n").decode(errors="replace") + "]"
+    return "[" + _open_small(pid, "comm").rstrip(b"\n").decode(errors="replace") + "]"
 
 
 def process_uid(pid: int) -> int:
