@@ -546,3 +546,35 @@ def test_two_checkpointers_taking_instants_at_once_do_not_refuse_each_other(tmp_
     assert methods == [{"ptrace"}, {"ptrace"}]
     check_generations(tmp_path / "1.ckpt")
     check_generations(tmp_path / "2.ckpt")
+
+
+def _sigblk() -> int:
+    """This thread's blocked-signal mask as the kernel reports it."""
+    with open(f"/proc/self/task/{threading.get_native_id()}/status") as f:
+        return next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+
+
+def test_block_all_signals_blocks_every_signal_and_restores() -> None:
+    """The cheap mask helper that the checkpoint paths use around their copies: every
+    signal but the two glibc keeps for itself (32 and 33) blocked, the old mask back after."""
+    before = _sigblk()
+    got: list[int] = []
+    prev = signal.signal(signal.SIGUSR1, lambda sig, frame: got.append(sig))
+    try:
+        old = libc.block_all_signals()
+        try:
+            blocked = _sigblk()
+            for sig in signal.valid_signals():
+                if sig not in (32, 33, signal.SIGKILL, signal.SIGSTOP):  # glibc's own; unblockable
+                    assert blocked & (1 << (sig - 1)), f"signal {sig} not blocked"
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+            assert signal.SIGUSR1 in signal.sigpending() and got == []  # pending, not delivered
+        finally:
+            libc.restore_signals(old)
+        deadline = time.monotonic() + 5
+        while not got and time.monotonic() < deadline:  # delivered once unblocked
+            time.sleep(0.001)
+        assert got == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, prev)
+    assert _sigblk() == before

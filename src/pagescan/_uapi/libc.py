@@ -88,6 +88,30 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
     return syscall(_sys("prctl"), option, arg2, arg3, arg4, arg5)
 
 
+#: A ``sigset_t`` with every bit set (glibc's is 128 bytes; the kernel's, 8).
+_ALL_SIGNALS = ctypes.create_string_buffer(b"\xff" * 128, 128)
+_SIG_BLOCK, _SIG_SETMASK = 0, 2
+
+
+def block_all_signals() -> Any:
+    """Block every signal in the calling thread; return the old mask for
+    :func:`restore_signals`. ``signal.pthread_sigmask`` does the same but turns each of
+    the 64 signals of both sets into an enum member (about 110 us a pair here; this
+    takes about 2 us). glibc leaves its own two internal signals unblocked, as there."""
+    old = ctypes.create_string_buffer(128)
+    err = libc().pthread_sigmask(_SIG_BLOCK, _ALL_SIGNALS, old)  # returns the error number
+    if err:
+        raise_errno(err)
+    return old
+
+
+def restore_signals(old: Any) -> None:
+    """Set the calling thread's signal mask back to ``old`` (from :func:`block_all_signals`)."""
+    err = libc().pthread_sigmask(_SIG_SETMASK, old, None)
+    if err:
+        raise_errno(err)
+
+
 def raise_errno(err: int | None = None, detail: str | None = None) -> None:
     """Raise ``OSError`` for ``err`` (default: the current ctypes errno)."""
     if err is None:
@@ -114,6 +138,7 @@ def libc() -> ctypes.CDLL:
         "syscall": (c_long, [c_long]),  # variadic: extra args passed with explicit types
         "process_vm_readv": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
         "process_vm_writev": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
+        "pthread_sigmask": (c_int, [c_int, c_void_p, c_void_p]),
     }
     for name, (restype, argtypes) in protos.items():
         fn = getattr(lib, name)

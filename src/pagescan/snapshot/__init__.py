@@ -48,7 +48,6 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
-import signal
 import sys
 import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
@@ -67,6 +66,7 @@ from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to
 from ._precopy import Precopier, Refused
 from ._twin import FrozenTwin
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
+from .._uapi import libc
 from .._uapi.libc import read_runs
 
 __all__ = [
@@ -489,11 +489,11 @@ class Checkpointer:
             if pre is not None:
                 info = self._write(store, chunks, full, progress, t0, pre.read, fut)
             elif twin is None:
-                old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+                old = libc.block_all_signals()
                 try:
                     info = self._write(store, chunks, full, progress, t0, _read_self, fut)
                 finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                    libc.restore_signals(old)
             else:
                 if not full:
                     # Pages written after the walk re-armed them and before the fork are in

@@ -349,7 +349,7 @@ class Precopier:
             if not head.get("ready"):
                 raise self._died()
             self._ready = True
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        old = libc.block_all_signals()
         try:
             _send(self.sock, {"op": "checkpoint", "hold": self.hold, "skip": threading.get_native_id()},
                   merge_runs(extra).astype(np.int64).tobytes())
@@ -357,7 +357,7 @@ class Precopier:
             if head.get("holding"):
                 head, blob = self._get()
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            libc.restore_signals(old)
         runs = _runs(blob)
         self.staged += int((runs[:, 1] - runs[:, 0]).sum())  # slots filled (at most)
         if not head.get("ok"):
