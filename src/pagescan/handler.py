@@ -209,6 +209,9 @@ class _Lifecycle:
         if handler is not None:
             handler.kill()
             handler.wait()
+        if guardian is not None and guardian.running and os.getpid() == self.owner:
+            with contextlib.suppress(OSError):  # it may have to poison: not at SCHED_IDLE
+                os.sched_setscheduler(guardian.pid, os.SCHED_OTHER, os.sched_param(0))
         if guardian is not None and guardian.wait(10.0) is None:
             guardian.kill()
             guardian.wait()
@@ -944,10 +947,35 @@ def _idle(pid: int) -> None:
     """Run the forked guardian at ``SCHED_IDLE`` until the handler ends: it only waits,
     and its start-up after ``fork`` would otherwise take CPU time from the handler and
     the owner just when the first fault is served. Once the handler has ended the
-    guardian goes back to ``SCHED_OTHER`` itself before it poisons (a thread may
-    change its own policy from ``SCHED_IDLE`` back to ``SCHED_OTHER``)."""
-    with contextlib.suppress(OSError):
-        os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+    guardian goes back to ``SCHED_OTHER`` itself before it poisons (and
+    :meth:`_Lifecycle.stop` puts it back too). Leaving ``SCHED_IDLE`` takes
+    ``CAP_SYS_NICE`` or an ``RLIMIT_NICE`` that allows nice 0: without either, the
+    guardian keeps the normal policy."""
+    if _can_leave_idle():
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
+
+
+_LEAVE_IDLE: list[bool] = []
+
+
+def _can_leave_idle() -> bool:
+    """May a process of ours go from ``SCHED_IDLE`` back to ``SCHED_OTHER`` at nice 0?
+    (``CAP_SYS_NICE``, or ``RLIMIT_NICE`` of at least 20; checked once.)"""
+    if not _LEAVE_IDLE:
+        ok = False
+        with contextlib.suppress(OSError, ValueError):
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+            ok = soft == resource.RLIM_INFINITY or soft >= 20
+            if not ok:
+                with open("/proc/self/status", "rb") as f:
+                    for line in f:
+                        if line.startswith(b"CapEff:"):
+                            ok = bool(int(line.split()[1], 16) >> 23 & 1)  # CAP_SYS_NICE
+        _LEAVE_IDLE.append(ok)
+    return _LEAVE_IDLE[0]
 
 
 def _poison_empty(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int) -> None:
