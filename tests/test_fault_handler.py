@@ -164,6 +164,8 @@ def test_contents_are_bit_exact_on_touch() -> None:
         with fh:
             hpid, gpid = fh.pid, fh.guardian_pid
             assert hpid > 0 and gpid > 0 and {hpid, gpid} <= children_of()
+            # The forked guardian only waits: SCHED_IDLE, out of the handler's way.
+            assert os.sched_getscheduler(gpid) == os.SCHED_IDLE and os.sched_getscheduler(hpid) == os.SCHED_OTHER
             assert "um" in vmflags(m.addr)
             assert fh.progress() == (0, N)
             assert ctypes.string_at(m[N - 1], P) == data[(N - 1) * P :]  # ctypes.string_at holds the GIL
@@ -277,6 +279,23 @@ def test_prefetch_completes_without_any_touch() -> None:
         assert done == sorted(done), "progress never goes back"
         assert all(t == npages for _, t in seen)
         assert present(m.addr, npages) == [1] * npages, "every page is in before any touch"
+        assert m.read(0, npages) == data
+
+
+def test_prefetch_waits_for_the_first_touch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before it prefetches, the handler gives the first fault FIRST_TOUCH_WAIT to come
+    (a lazy load is touched at once; its first fault must not queue behind a window)."""
+    import pagescan.handler as handler_mod
+
+    monkeypatch.setattr(handler_mod, "FIRST_TOUCH_WAIT", 5000)  # ms; the forked handler inherits it
+    npages = 2048
+    data = random_bytes(npages * P, 16)
+    with anon(npages) as m:
+        with FaultHandler([(m.addr, m.length)], source_of(data)) as fh:
+            time.sleep(0.3)  # long enough to prefetch all 8 MiB, had it not waited
+            assert fh.progress() == (0, npages) and present(m.addr, npages) == [0] * npages
+            assert m.read(npages - 1) == data[(npages - 1) * P :]
+            assert fh.wait(10) is True, "after the first fault, prefetch brings the rest"
         assert m.read(0, npages) == data
 
 

@@ -99,6 +99,15 @@ class CheckpointSource:
         self.map = lazymap
         self.hbyte = lazymap.hbase * P
 
+    def warm(self) -> None:
+        """Read (and verify) the first chunk served, into scratch memory: the handler
+        calls this while no fault waits, so that the first fault does not pay for the
+        first pass through the read path (and the first index block) in a new process."""
+        m = self.map
+        if m is not None and len(m.entry):
+            c0 = int(m.cbase[int(m.entry[0])]) + int(m.skip[0]) // P
+            self.read_range(c0, c0 + 1, np.zeros((1, P), np.uint8), fresh=True)
+
     def read_range(self, c0: int, c1: int, out: np.ndarray, fresh: bool = False) -> bool:
         """Chunks ``[c0, c1)`` into the rows of ``out`` (verified); ``False``: all zeros, nothing written."""
         return self.store.read_chunks(self.generation, np.arange(c0, c1, dtype=np.int64), out, fresh)
