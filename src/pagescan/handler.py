@@ -32,9 +32,7 @@ copies the page tables of all the memory the owner has populated (about 25 ms pe
 here), so in an owner with more than :data:`SPAWN_ABOVE` of it the guardian is a
 fresh interpreter started with ``posix_spawn`` (no page tables copied; it imports
 pagescan only if it has pages to poison), in its own process group; in a small owner
-it is forked (0.5 ms, against 2-6 ms for the ``exec``), and runs at ``SCHED_IDLE``
-while it waits (its start-up then takes no CPU time from the handler serving the
-first fault; it goes back to ``SCHED_OTHER`` itself before it poisons). If the handler dies before
+it is forked (0.5 ms, against 2-6 ms for the ``exec``). If the handler dies before
 finishing -- killed, crashed, a source that raised, or stopped by
 :meth:`FaultHandler.close` -- the guardian installs poison markers (``UFFDIO_POISON``,
 Linux 6.6) on every page still empty and wakes the faulting threads: they get SIGBUS,
@@ -209,9 +207,6 @@ class _Lifecycle:
         if handler is not None:
             handler.kill()
             handler.wait()
-        if guardian is not None and guardian.running and os.getpid() == self.owner:
-            with contextlib.suppress(OSError):  # it may have to poison: not at SCHED_IDLE
-                os.sched_setscheduler(guardian.pid, os.SCHED_OTHER, os.sched_param(0))
         if guardian is not None and guardian.wait(10.0) is None:
             guardian.kill()
             guardian.wait()
@@ -345,10 +340,7 @@ class FaultHandler:
                 self._started = True
                 os.close(life_w)
                 life_w = -1
-                life.guardian = _spawn_guardian(uf.fd, life_r, self.regions, self.owner)
-                if life.guardian is None:
-                    life.guardian = fork(guardian_main)
-                    _idle(life.guardian.pid)
+                life.guardian = _spawn_guardian(uf.fd, life_r, self.regions, self.owner) or fork(guardian_main)
             finally:
                 os.close(life_r)
                 if life_w >= 0:
@@ -938,44 +930,7 @@ def _guardian(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int, life_
         msg = chunk
     if msg == b"D":
         return
-    with contextlib.suppress(OSError):  # back to normal priority to poison (see _idle)
-        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     _poison_empty(uf, regions, owner)
-
-
-def _idle(pid: int) -> None:
-    """Run the forked guardian at ``SCHED_IDLE`` until the handler ends: it only waits,
-    and its start-up after ``fork`` would otherwise take CPU time from the handler and
-    the owner just when the first fault is served. Once the handler has ended the
-    guardian goes back to ``SCHED_OTHER`` itself before it poisons (and
-    :meth:`_Lifecycle.stop` puts it back too). Leaving ``SCHED_IDLE`` takes
-    ``CAP_SYS_NICE`` or an ``RLIMIT_NICE`` that allows nice 0: without either, the
-    guardian keeps the normal policy."""
-    if _can_leave_idle():
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
-
-
-_LEAVE_IDLE: list[bool] = []
-
-
-def _can_leave_idle() -> bool:
-    """May a process of ours go from ``SCHED_IDLE`` back to ``SCHED_OTHER`` at nice 0?
-    (``CAP_SYS_NICE``, or ``RLIMIT_NICE`` of at least 20; checked once.)"""
-    if not _LEAVE_IDLE:
-        ok = False
-        with contextlib.suppress(OSError, ValueError):
-            import resource
-
-            soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
-            ok = soft == resource.RLIM_INFINITY or soft >= 20
-            if not ok:
-                with open("/proc/self/status", "rb") as f:
-                    for line in f:
-                        if line.startswith(b"CapEff:"):
-                            ok = bool(int(line.split()[1], 16) >> 23 & 1)  # CAP_SYS_NICE
-        _LEAVE_IDLE.append(ok)
-    return _LEAVE_IDLE[0]
 
 
 def _poison_empty(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int) -> None:
