@@ -48,6 +48,7 @@ from pagescan._uapi import libc
 from pagescan.snapshot import Checkpointer, LoadedState, PendingCheckpoint, _read_self, load, verify
 
 from .conftest import requires_wp_async
+from .procs import Child as ProcChild
 from .procs import children_of
 
 pytestmark = requires_wp_async
@@ -578,3 +579,73 @@ def test_block_all_signals_blocks_every_signal_and_restores() -> None:
     finally:
         signal.signal(signal.SIGUSR1, prev)
     assert _sigblk() == before
+
+
+# -- the helper and forked processes; a stopped helper -------------------------------
+
+
+def test_a_forked_child_neither_uses_nor_ends_the_parents_helper(tmp_path: Path) -> None:
+    """The helper traces and re-arms its parent: a Checkpointer used in a forked child
+    must not ask it for an instant (it would re-arm the parent's written pages, which
+    the parent's next generation would then miss), and its ``close()`` must not end the
+    parent's helper (a ``shutdown`` of the inherited socket would)."""
+    s = pagescan.zeros(2 * N, np.int64)
+    path = tmp_path / "f.ckpt"
+    before = children_of()
+    with Checkpointer(path, {"s": s}) as ck:
+        ck._use_ptrace = True
+        ck.checkpoint()
+        s[::512] = 1
+        assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        assert ck._pre is not None
+        helper = ck._pre.pid
+        s[N::512] = 2  # written by the parent, not yet stored
+
+        def child() -> str:
+            try:
+                ck.checkpoint(wait=False).result(timeout=10)
+            except RuntimeError as err:
+                return str(err)
+            finally:
+                ck.close()
+            return "checkpointed"
+
+        said = ProcChild(child).result(timeout=20)
+        assert "forked child" in said, said
+        info = ck.checkpoint(wait=False).result(timeout=30)
+        assert (info.method, info.full) == ("ptrace", False)
+        assert ck._pre is not None and ck._pre.pid == helper  # still the parent's helper
+    assert children_of() == before
+    np.testing.assert_array_equal(loaded(path)["s"], s)  # nothing the parent wrote was lost
+
+
+def test_a_stopped_helper_fails_the_checkpoint_instead_of_hanging(tmp_path: Path) -> None:
+    """The caller waits for the helper with every signal blocked (not even Ctrl-C
+    interrupts it): a helper stopped by SIGSTOP must not hang it. The stopped helper is
+    killed (which lets any thread it had stopped go), the call raises, and the next
+    checkpoint (full) starts a new helper; nothing is left over."""
+    s = pagescan.zeros(2 * N, np.int64)
+    path = tmp_path / "s.ckpt"
+    before = children_of()
+    with Checkpointer(path, {"s": s}) as ck, writers(s) as counts:
+        ck._use_ptrace = True
+        ck.checkpoint()
+        assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        assert ck._pre is not None
+        helper = ck._pre.pid
+        os.kill(helper, signal.SIGSTOP)
+        t = time.monotonic()
+        with pytest.raises(ProcessLookupError, match=r"checkpoint helper process .* (stopped|ended)"):
+            ck.checkpoint(wait=False)
+        assert time.monotonic() - t < 15
+        c = sum(counts)
+        time.sleep(0.2)
+        assert sum(counts) > c  # the program runs on
+        info = ck.checkpoint(wait=False).result(timeout=30)
+        assert info.full and ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        assert ck._pre is not None and ck._pre.pid != helper
+    with Checkpointer(path, {"s": s}) as ck:
+        ck.checkpoint()
+    assert children_of() == before
+    check_generations(path)
+    np.testing.assert_array_equal(loaded(path)["s"], s)

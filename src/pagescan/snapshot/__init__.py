@@ -418,8 +418,13 @@ class Checkpointer:
                 return None
         if self._pre.refused is not None:
             return None
-        if self._use_ptrace is None and not self._pre.ready():
-            return None  # still starting: fork this time rather than wait for it
+        try:
+            if self._use_ptrace is None and not self._pre.ready():
+                return None  # still starting: fork this time rather than wait for it
+        except OSError:  # it died while starting (nothing was asked of it): a new one next time
+            self._pre.close()
+            self._pre = None
+            return None
         return self._pre
 
     def _instant_ptrace(self, pre: Precopier, fut: PendingCheckpoint) -> np.ndarray | None:
