@@ -649,3 +649,45 @@ def test_a_stopped_helper_fails_the_checkpoint_instead_of_hanging(tmp_path: Path
     assert children_of() == before
     check_generations(path)
     np.testing.assert_array_equal(loaded(path)["s"], s)
+
+
+_REENTRANT = """
+import os, signal, sys, threading
+import numpy as np, pagescan
+from pagescan.snapshot import Checkpointer
+s = pagescan.zeros(1 << 16, np.int64)
+started, go = threading.Event(), threading.Event()
+def progress(done, total):
+    started.set()
+    go.wait(10)
+said = []
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    def handler(signum, frame):
+        for call in (ck.checkpoint, ck.close):
+            try:
+                call()
+                said.append("ran")
+            except RuntimeError as err:
+                said.append(str(err))
+    signal.signal(signal.SIGUSR1, handler)
+    pending = ck.checkpoint(wait=False, progress=progress)
+    started.wait(10)
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    threading.Timer(0.6, go.set).start()
+    s[0] = 1
+    info = ck.checkpoint()  # waits for the one in flight: the handler runs meanwhile
+    print(pending.result().generation, info.generation, ck.generations, said)
+"""
+
+
+def test_checkpoint_from_a_signal_handler_during_checkpoint_raises_instead_of_deadlocking(tmp_path: Path) -> None:
+    """A handler (checkpoint on SIGUSR1, say) that runs while its thread is inside
+    ``checkpoint()`` (here waiting for the checkpoint in flight) would wait for the
+    lock that thread holds, for good: it gets a RuntimeError; ``close()`` from it too
+    (it would close the file under the outer call). The outer call completes."""
+    r = subprocess.run([sys.executable, "-c", _REENTRANT, str(tmp_path / "r.ckpt")], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    gens, said = r.stdout.split(" [", 1)
+    assert gens == "1 2 2"
+    assert said.count("inside checkpoint() of the same thread") == 2, said
