@@ -691,3 +691,65 @@ def test_checkpoint_from_a_signal_handler_during_checkpoint_raises_instead_of_de
     gens, said = r.stdout.split(" [", 1)
     assert gens == "1 2 2"
     assert said.count("inside checkpoint() of the same thread") == 2, said
+
+
+_HOLDER = """
+import sys
+from pagescan._uapi import libc
+from pagescan._uapi.ptrace import PTRACE
+libc.ptrace(PTRACE.SEIZE, int(sys.argv[1]), 0, 0)  # and never waitpid: its exit stays a zombie
+print("seized", flush=True)
+sys.stdin.read()
+"""
+
+_EXITED = """
+import os, sys, threading
+import numpy as np
+import pagescan
+from pagescan.snapshot import Checkpointer
+s = pagescan.zeros(1 << 16, np.int64)
+go = threading.Event()
+def short():
+    print(threading.get_native_id(), flush=True)
+    go.wait(30)
+th = threading.Thread(target=short)
+th.start()
+sys.stdin.readline()  # seized by the holder now
+go.set()
+th.join()
+tid = th.native_id
+while open(f"/proc/self/task/{tid}/stat").read().rpartition(")")[2].split()[0] not in "ZX":
+    pass
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    ck._use_ptrace = True
+    ck.checkpoint()
+    methods = []
+    for k in range(3):
+        s[k * 512] = k + 1
+        methods.append(ck.checkpoint(wait=False).result(30).method)
+print(methods, ck._pre is None or ck._pre.refused is None, flush=True)
+"""
+
+
+def test_a_thread_that_has_exited_does_not_make_the_kernel_refuse_the_stop(tmp_path: Path) -> None:
+    """``PTRACE_SEIZE`` of a thread that has exited (an exit state set: it runs nothing
+    any more, and stays listed until reaped) fails with EPERM, as a real refusal does.
+    Such a thread needs no stop: the checkpoints keep the ptrace path. (A thread exiting
+    at the moment of the stop hits the same EPERM, rarely; a thread traced by another
+    process, here never waited for, stays a zombie, which makes it certain.)"""
+    with subprocess.Popen([sys.executable, "-c", _EXITED, str(tmp_path / "x.ckpt")], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as victim:
+        assert victim.stdin is not None and victim.stdout is not None
+        try:
+            tid = int(victim.stdout.readline())
+            with subprocess.Popen([sys.executable, "-c", _HOLDER, str(tid)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) as holder:
+                assert holder.stdout is not None and holder.stdout.readline().strip() == "seized"
+                victim.stdin.write("go\n")
+                victim.stdin.flush()
+                out = victim.stdout.readline().strip()
+                holder.communicate("", timeout=30)  # (the victim's exit waits for its zombie's tracer)
+            assert victim.wait(30) == 0
+        finally:
+            victim.kill()
+    assert out == "['ptrace', 'ptrace', 'ptrace'] True"
