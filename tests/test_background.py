@@ -753,3 +753,47 @@ def test_a_thread_that_has_exited_does_not_make_the_kernel_refuse_the_stop(tmp_p
         finally:
             victim.kill()
     assert out == "['ptrace', 'ptrace', 'ptrace'] True"
+
+
+_CALLBACK = """
+import sys, threading
+import numpy as np, pagescan
+from pagescan.snapshot import Checkpointer
+s = pagescan.zeros(1 << 16, np.int64)
+said = []
+started, go = threading.Event(), threading.Event()
+def progress(done, total):
+    started.set()
+    go.wait(10)
+    try:
+        ck.checkpoint()
+    except RuntimeError as err:
+        said.append(str(err))
+def callback(f):
+    try:
+        said.append(ck.checkpoint().generation)
+    except RuntimeError as err:
+        said.append(str(err))
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    pending = ck.checkpoint(wait=False, progress=progress)
+    pending.add_done_callback(callback)
+    started.wait(10)
+    threading.Timer(0.3, go.set).start()
+    s[0] = 1
+    info = ck.checkpoint()  # holds the lock, waiting for the one in flight: its callback runs meanwhile
+    print(pending.result().generation, info.generation, ck.generations, said)
+"""
+
+
+def test_checkpoint_from_a_done_callback_while_another_call_waits_raises_instead_of_deadlocking(
+        tmp_path: Path) -> None:
+    """A done callback runs in the background thread; a ``checkpoint()`` from it, while
+    another call holds the lock waiting for that thread to end, would wait for good: it
+    raises RuntimeError (as one from ``progress`` does, always: the generation is still
+    being written). The waiting call completes."""
+    r = subprocess.run([sys.executable, "-c", _CALLBACK, str(tmp_path / "d.ckpt")], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    gens, said = r.stdout.split(" [", 1)
+    assert gens == "1 2 2"
+    assert "from the progress callback" in said and "from a done callback while another call waits" in said, said

@@ -348,12 +348,23 @@ class Checkpointer:
         had re-armed is unknown, so the next checkpoint is full.
         """
         self._not_reentrant("checkpoint()")
-        with self._lock:
+        if threading.current_thread() is self._thread:
+            # The background thread of the checkpoint in flight: its ``progress``, or a done
+            # callback (run by ``set_result``), while a caller may hold the lock waiting for
+            # this very thread to end.
+            if self._pending is not None and not self._pending.done():
+                raise RuntimeError("checkpoint() called from the progress callback of the checkpoint in flight")
+            if not self._lock.acquire(blocking=False):
+                raise RuntimeError("checkpoint() called from a done callback while another call waits for the "
+                                   "checkpoint in flight (it would wait for this thread, for good)")
+        else:
+            self._lock.acquire()
+        try:
             self._in_call = threading.get_ident()
-            try:
-                return self._checkpoint(progress, wait)
-            finally:
-                self._in_call = None
+            return self._checkpoint(progress, wait)
+        finally:
+            self._in_call = None
+            self._lock.release()
 
     def _not_reentrant(self, what: str) -> None:
         """Refuse a call made inside this thread's :meth:`checkpoint` (a signal handler, a
