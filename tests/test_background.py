@@ -48,6 +48,7 @@ from pagescan._uapi import libc
 from pagescan.snapshot import Checkpointer, LoadedState, PendingCheckpoint, _read_self, load, verify
 
 from .conftest import requires_wp_async
+from .procs import Child as ProcChild
 from .procs import children_of
 
 pytestmark = requires_wp_async
@@ -579,3 +580,221 @@ def test_block_all_signals_blocks_every_signal_and_restores() -> None:
     finally:
         signal.signal(signal.SIGUSR1, prev)
     assert _sigblk() == before
+
+
+# -- the helper and forked processes; a stopped helper -------------------------------
+
+
+def test_a_forked_child_neither_uses_nor_ends_the_parents_helper(tmp_path: Path) -> None:
+    """The helper traces and re-arms its parent: a Checkpointer used in a forked child
+    must not ask it for an instant (it would re-arm the parent's written pages, which
+    the parent's next generation would then miss), and its ``close()`` must not end the
+    parent's helper (a ``shutdown`` of the inherited socket would)."""
+    s = pagescan.zeros(2 * N, np.int64)
+    path = tmp_path / "f.ckpt"
+    before = children_of()
+    with Checkpointer(path, {"s": s}) as ck:
+        ck._use_ptrace = True
+        ck.checkpoint()
+        s[::512] = 1
+        assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        assert ck._pre is not None
+        helper = ck._pre.pid
+        s[N::512] = 2  # written by the parent, not yet stored
+
+        def child() -> str:
+            try:
+                ck.checkpoint(wait=False).result(timeout=10)
+            except RuntimeError as err:
+                return str(err)
+            finally:
+                ck.close()
+            return "checkpointed"
+
+        said = ProcChild(child).result(timeout=20)
+        assert "forked child" in said, said
+        info = ck.checkpoint(wait=False).result(timeout=30)
+        assert (info.method, info.full) == ("ptrace", False)
+        assert ck._pre is not None and ck._pre.pid == helper  # still the parent's helper
+    assert children_of() == before
+    np.testing.assert_array_equal(loaded(path)["s"], s)  # nothing the parent wrote was lost
+
+
+def test_a_stopped_helper_fails_the_checkpoint_instead_of_hanging(tmp_path: Path) -> None:
+    """The caller waits for the helper with every signal blocked (not even Ctrl-C
+    interrupts it): a helper stopped by SIGSTOP must not hang it. The stopped helper is
+    killed (which lets any thread it had stopped go), the call raises, and the next
+    checkpoint (full) starts a new helper; nothing is left over."""
+    s = pagescan.zeros(2 * N, np.int64)
+    path = tmp_path / "s.ckpt"
+    before = children_of()
+    with Checkpointer(path, {"s": s}) as ck, writers(s) as counts:
+        ck._use_ptrace = True
+        ck.checkpoint()
+        assert ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        assert ck._pre is not None
+        helper = ck._pre.pid
+        os.kill(helper, signal.SIGSTOP)
+        t = time.monotonic()
+        with pytest.raises(ProcessLookupError, match=r"checkpoint helper process .* (stopped|ended)"):
+            ck.checkpoint(wait=False)
+        assert time.monotonic() - t < 15
+        c = sum(counts)
+        time.sleep(0.2)
+        assert sum(counts) > c  # the program runs on
+        info = ck.checkpoint(wait=False).result(timeout=30)
+        assert info.full and ck.checkpoint(wait=False).result(timeout=30).method == "ptrace"
+        assert ck._pre is not None and ck._pre.pid != helper
+    with Checkpointer(path, {"s": s}) as ck:
+        ck.checkpoint()
+    assert children_of() == before
+    check_generations(path)
+    np.testing.assert_array_equal(loaded(path)["s"], s)
+
+
+_REENTRANT = """
+import os, signal, sys, threading
+import numpy as np, pagescan
+from pagescan.snapshot import Checkpointer
+s = pagescan.zeros(1 << 16, np.int64)
+started, go = threading.Event(), threading.Event()
+def progress(done, total):
+    started.set()
+    go.wait(10)
+said = []
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    def handler(signum, frame):
+        for call in (ck.checkpoint, ck.close):
+            try:
+                call()
+                said.append("ran")
+            except RuntimeError as err:
+                said.append(str(err))
+    signal.signal(signal.SIGUSR1, handler)
+    pending = ck.checkpoint(wait=False, progress=progress)
+    started.wait(10)
+    threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+    threading.Timer(0.6, go.set).start()
+    s[0] = 1
+    info = ck.checkpoint()  # waits for the one in flight: the handler runs meanwhile
+    print(pending.result().generation, info.generation, ck.generations, said)
+"""
+
+
+def test_checkpoint_from_a_signal_handler_during_checkpoint_raises_instead_of_deadlocking(tmp_path: Path) -> None:
+    """A handler (checkpoint on SIGUSR1, say) that runs while its thread is inside
+    ``checkpoint()`` (here waiting for the checkpoint in flight) would wait for the
+    lock that thread holds, for good: it gets a RuntimeError; ``close()`` from it too
+    (it would close the file under the outer call). The outer call completes."""
+    r = subprocess.run([sys.executable, "-c", _REENTRANT, str(tmp_path / "r.ckpt")], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    gens, said = r.stdout.split(" [", 1)
+    assert gens == "1 2 2"
+    assert said.count("inside checkpoint() of the same thread") == 2, said
+
+
+_HOLDER = """
+import sys
+from pagescan._uapi import libc
+from pagescan._uapi.ptrace import PTRACE
+libc.ptrace(PTRACE.SEIZE, int(sys.argv[1]), 0, 0)  # and never waitpid: its exit stays a zombie
+print("seized", flush=True)
+sys.stdin.read()
+"""
+
+_EXITED = """
+import os, sys, threading
+import numpy as np
+import pagescan
+from pagescan.snapshot import Checkpointer
+s = pagescan.zeros(1 << 16, np.int64)
+go = threading.Event()
+def short():
+    print(threading.get_native_id(), flush=True)
+    go.wait(30)
+th = threading.Thread(target=short)
+th.start()
+sys.stdin.readline()  # seized by the holder now
+go.set()
+th.join()
+tid = th.native_id
+while open(f"/proc/self/task/{tid}/stat").read().rpartition(")")[2].split()[0] not in "ZX":
+    pass
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    ck._use_ptrace = True
+    ck.checkpoint()
+    methods = []
+    for k in range(3):
+        s[k * 512] = k + 1
+        methods.append(ck.checkpoint(wait=False).result(30).method)
+print(methods, ck._pre is None or ck._pre.refused is None, flush=True)
+"""
+
+
+def test_a_thread_that_has_exited_does_not_make_the_kernel_refuse_the_stop(tmp_path: Path) -> None:
+    """``PTRACE_SEIZE`` of a thread that has exited (an exit state set: it runs nothing
+    any more, and stays listed until reaped) fails with EPERM, as a real refusal does.
+    Such a thread needs no stop: the checkpoints keep the ptrace path. (A thread exiting
+    at the moment of the stop hits the same EPERM, rarely; a thread traced by another
+    process, here never waited for, stays a zombie, which makes it certain.)"""
+    with subprocess.Popen([sys.executable, "-c", _EXITED, str(tmp_path / "x.ckpt")], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as victim:
+        assert victim.stdin is not None and victim.stdout is not None
+        try:
+            tid = int(victim.stdout.readline())
+            with subprocess.Popen([sys.executable, "-c", _HOLDER, str(tid)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) as holder:
+                assert holder.stdout is not None and holder.stdout.readline().strip() == "seized"
+                victim.stdin.write("go\n")
+                victim.stdin.flush()
+                out = victim.stdout.readline().strip()
+                holder.communicate("", timeout=30)  # (the victim's exit waits for its zombie's tracer)
+            assert victim.wait(30) == 0
+        finally:
+            victim.kill()
+    assert out == "['ptrace', 'ptrace', 'ptrace'] True"
+
+
+_CALLBACK = """
+import sys, threading
+import numpy as np, pagescan
+from pagescan.snapshot import Checkpointer
+s = pagescan.zeros(1 << 16, np.int64)
+said = []
+started, go = threading.Event(), threading.Event()
+def progress(done, total):
+    started.set()
+    go.wait(10)
+    try:
+        ck.checkpoint()
+    except RuntimeError as err:
+        said.append(str(err))
+def callback(f):
+    try:
+        said.append(ck.checkpoint().generation)
+    except RuntimeError as err:
+        said.append(str(err))
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    pending = ck.checkpoint(wait=False, progress=progress)
+    pending.add_done_callback(callback)
+    started.wait(10)
+    threading.Timer(0.3, go.set).start()
+    s[0] = 1
+    info = ck.checkpoint()  # holds the lock, waiting for the one in flight: its callback runs meanwhile
+    print(pending.result().generation, info.generation, ck.generations, said)
+"""
+
+
+def test_checkpoint_from_a_done_callback_while_another_call_waits_raises_instead_of_deadlocking(
+        tmp_path: Path) -> None:
+    """A done callback runs in the background thread; a ``checkpoint()`` from it, while
+    another call holds the lock waiting for that thread to end, would wait for good: it
+    raises RuntimeError (as one from ``progress`` does, always: the generation is still
+    being written). The waiting call completes."""
+    r = subprocess.run([sys.executable, "-c", _CALLBACK, str(tmp_path / "d.ckpt")], capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    gens, said = r.stdout.split(" [", 1)
+    assert gens == "1 2 2"
+    assert "from the progress callback" in said and "from a done callback while another call waits" in said, said

@@ -203,6 +203,7 @@ class Checkpointer:
         self._watches: list[WriteWatch] = []
         self._store: Store | None = None
         self._lock = threading.Lock()  # one checkpoint starts at a time
+        self._in_call: int | None = None  # the thread inside checkpoint()
         self._thread: threading.Thread | None = None  # the checkpoint in flight
         self._pending: PendingCheckpoint | None = None
         # The helper process of the ptrace path (started by the first checkpoint that is
@@ -252,6 +253,7 @@ class Checkpointer:
         """Wait for a checkpoint in flight (``cancel=True``: abandon it, leaving the file
         at its previous sealed generation unless it is already sealing), then stop
         tracking and close the file. Its error, if any, stays in its future."""
+        self._not_reentrant("close()")
         if cancel and self._pending is not None:
             self._pending.cancel()
         self._join()
@@ -345,59 +347,86 @@ class Checkpointer:
         ``ProcessLookupError`` from this call (the threads it stopped run on); what it
         had re-armed is unknown, so the next checkpoint is full.
         """
-        with self._lock:
-            store = self._store
-            if store is None:
-                raise ValueError("operation on a closed Checkpointer")
-            self._join()
-            if store.damage is not None:
-                raise store.damage
-            t0 = time.perf_counter()
-            quick = contextlib.ExitStack()  # the GIL comes back fast until we return
-            quick.enter_context(_quick_gil())
-            try:
-                full = self._full_next
-                fut = PendingCheckpoint(len(store.generations) + 1)
-                alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
-                pre = None if full or alone or self._use_ptrace is False else self._precopier()
-                twin = None
-                if pre is not None:
-                    chunks = self._instant_ptrace(pre, fut)
-                    if chunks is None:
-                        pre = None  # refused: fork instead
-                if pre is None:
-                    t = time.perf_counter()
-                    chunks = self._find_written(full)  # the instant: re-armed, then frozen
-                    if not alone:
-                        twin = FrozenTwin()
-                        self._learn("fork", time.perf_counter() - t, _resident_pages())
-                    if not alone and self._use_ptrace is not False and self._pre is None:
-                        self._precopier()  # started now, ready for the next checkpoint
-                assert chunks is not None
-                method = "ptrace" if pre is not None else "direct" if alone else "fork"
-                pause = time.perf_counter() - t0
-                if wait:
-                    quick.close()
-                    self._run(fut, store, chunks, full, progress, t0, pause, twin, pre, method)
-                    return fut.result()
-                self._pending = fut
-                th = threading.Thread(target=self._run,
-                                      args=(fut, store, chunks, full, progress, t0, pause, twin, pre, method),
-                                      name="pagescan-checkpoint")
-                try:
-                    th.start()
-                except BaseException as err:
-                    if twin is not None:
-                        twin.close()
-                    if pre is not None:
-                        pre.release()
-                    fut.set_exception(err)
-                    self._pending = None
-                    raise
-                self._thread = th
-                return fut
-            finally:
+        self._not_reentrant("checkpoint()")
+        if threading.current_thread() is self._thread:
+            # The background thread of the checkpoint in flight: its ``progress``, or a done
+            # callback (run by ``set_result``), while a caller may hold the lock waiting for
+            # this very thread to end.
+            if self._pending is not None and not self._pending.done():
+                raise RuntimeError("checkpoint() called from the progress callback of the checkpoint in flight")
+            if not self._lock.acquire(blocking=False):
+                raise RuntimeError("checkpoint() called from a done callback while another call waits for the "
+                                   "checkpoint in flight (it would wait for this thread, for good)")
+        else:
+            self._lock.acquire()
+        try:
+            self._in_call = threading.get_ident()
+            return self._checkpoint(progress, wait)
+        finally:
+            self._in_call = None
+            self._lock.release()
+
+    def _not_reentrant(self, what: str) -> None:
+        """Refuse a call made inside this thread's :meth:`checkpoint` (a signal handler, a
+        finalizer): it would wait for the lock this thread holds, for good, or close the
+        file under the outer call."""
+        if self._in_call == threading.get_ident():
+            raise RuntimeError(f"{what} called inside checkpoint() of the same thread (from a signal handler "
+                               "or a finalizer?)")
+
+    def _checkpoint(self, progress: Progress | None, wait: bool) -> CheckpointInfo | PendingCheckpoint:
+        store = self._store
+        if store is None:
+            raise ValueError("operation on a closed Checkpointer")
+        self._join()
+        if store.damage is not None:
+            raise store.damage
+        t0 = time.perf_counter()
+        quick = contextlib.ExitStack()  # the GIL comes back fast until we return
+        quick.enter_context(_quick_gil())
+        try:
+            full = self._full_next
+            fut = PendingCheckpoint(len(store.generations) + 1)
+            alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
+            pre = None if full or alone or self._use_ptrace is False else self._precopier()
+            twin = None
+            if pre is not None:
+                chunks = self._instant_ptrace(pre, fut)
+                if chunks is None:
+                    pre = None  # refused: fork instead
+            if pre is None:
+                t = time.perf_counter()
+                chunks = self._find_written(full)  # the instant: re-armed, then frozen
+                if not alone:
+                    twin = FrozenTwin()
+                    self._learn("fork", time.perf_counter() - t, _resident_pages())
+                if not alone and self._use_ptrace is not False and self._pre is None:
+                    self._precopier()  # started now, ready for the next checkpoint
+            assert chunks is not None
+            method = "ptrace" if pre is not None else "direct" if alone else "fork"
+            pause = time.perf_counter() - t0
+            if wait:
                 quick.close()
+                self._run(fut, store, chunks, full, progress, t0, pause, twin, pre, method)
+                return fut.result()
+            self._pending = fut
+            th = threading.Thread(target=self._run,
+                                  args=(fut, store, chunks, full, progress, t0, pause, twin, pre, method),
+                                  name="pagescan-checkpoint")
+            try:
+                th.start()
+            except BaseException as err:
+                if twin is not None:
+                    twin.close()
+                if pre is not None:
+                    pre.release()
+                fut.set_exception(err)
+                self._pending = None
+                raise
+            self._thread = th
+            return fut
+        finally:
+            quick.close()
 
     def _precopier(self) -> Precopier | None:
         """The helper process of the ptrace path (started on first use); ``None`` once
@@ -418,8 +447,13 @@ class Checkpointer:
                 return None
         if self._pre.refused is not None:
             return None
-        if self._use_ptrace is None and not self._pre.ready():
-            return None  # still starting: fork this time rather than wait for it
+        try:
+            if self._use_ptrace is None and not self._pre.ready():
+                return None  # still starting: fork this time rather than wait for it
+        except OSError:  # it died while starting (nothing was asked of it): a new one next time
+            self._pre.close()
+            self._pre = None
+            return None
         return self._pre
 
     def _instant_ptrace(self, pre: Precopier, fut: PendingCheckpoint) -> np.ndarray | None:

@@ -112,9 +112,10 @@ def freeze(pid: int, timeout: float = 2.0, skip: int = 0) -> Frozen:
     t0 = time.perf_counter()
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, timeout)
+    dead: set[int] = set()  # exited, still listed: they run nothing, and cannot be traced
     try:
         while True:
-            new = _tasks(pid) - fr.seized - {skip}
+            new = _tasks(pid) - fr.seized - dead - {skip}
             if not new and len(fr.tids) == len(fr.seized):
                 break
             for tid in sorted(new):
@@ -124,7 +125,11 @@ def freeze(pid: int, timeout: float = 2.0, skip: int = 0) -> Frozen:
                     continue  # exited
                 except PermissionError:
                     # A thread cloned by a tracee is already ours (auto-attached, starting
-                    # stopped); anything else is a refusal (another tracer, no permission).
+                    # stopped); one that has exited (an exit state: EPERM too) runs nothing;
+                    # anything else is a refusal (another tracer, no permission).
+                    if _zombie(pid, tid):
+                        dead.add(tid)
+                        continue
                     if _tracer(pid, tid) != os.getpid():
                         raise
                     fr.seized.add(tid)

@@ -67,7 +67,19 @@ SMALL = 64
 #: The staging area keeps up to this many bytes allocated between checkpoints.
 KEEP = 64 << 20
 
+#: Seconds between checks that the helper is not stopped while we wait for its reply.
+STOPPED_CHECK = 0.5
+
 _LEN = struct.Struct("<QQ")
+
+
+def _stopped(pid: int) -> bool:
+    """Is ``pid`` in a stop (``T``: SIGSTOP and the like; ``t``: a debugger's)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 def _send(sock: socket.socket, head: dict[str, Any], blob: bytes = b"") -> None:
@@ -302,6 +314,7 @@ class Precopier:
             theirs.close()
         self.child = Child(pid)
         self.sock = ours
+        self._owner = os.getpid()  # a forked child inherits the socket: it must not use it
         with contextlib.suppress(OSError):  # EINVAL without Yama: nothing to allow
             libc.prctl(PR_SET_PTRACER, pid)
         _send(self.sock, {"neighbors": neighbors}, self.ranges.tobytes())
@@ -311,16 +324,34 @@ class Precopier:
     def pid(self) -> int:
         return self.child.pid
 
-    def _died(self, err: BaseException | None = None) -> OSError:
+    def _died(self, err: BaseException | None = None, why: str = "ended") -> OSError:
         status = self.child.wait(1.0)
         how = ("still running" if status is None else f"killed by signal {os.WTERMSIG(status)}"
                if os.WIFSIGNALED(status) else f"exit status {os.waitstatus_to_exitcode(status)}")
         return OSError(errno.ESRCH, f"{os.strerror(errno.ESRCH)}: the checkpoint helper process (pid "
-                       f"{self.child.pid}) ended ({how})")
+                       f"{self.child.pid}) {why} ({how})")
+
+    def _mine(self) -> None:
+        """Refuse in a forked child: the helper traces and re-arms the process that started it."""
+        if os.getpid() != self._owner:
+            raise RuntimeError(f"this checkpoint helper belongs to pid {self._owner}; a forked child does not "
+                               "inherit it (nor the write tracking)")
+
+    def _wait_reply(self) -> None:
+        """Wait until the helper's next message can be read. A helper seen stopped (SIGSTOP,
+        a debugger) at two checks in a row is killed, which also lets go any thread it
+        had stopped: the caller waits with every signal blocked and would hang for good."""
+        stopped = 0
+        while not select.select([self.sock], [], [], STOPPED_CHECK)[0]:
+            stopped = stopped + 1 if _stopped(self.child.pid) else 0
+            if stopped >= 2:
+                self.child.kill()
+                raise self._died(why="was stopped and was killed")
 
     def ready(self) -> bool:
         """Has the helper started (without waiting for it)? Its start takes an interpreter
         start-up (a few hundred ms on a busy machine)."""
+        self._mine()
         if not self._ready and select.select([self.sock], [], [], 0)[0]:
             head, _ = self._get()
             if not head.get("ready"):
@@ -329,6 +360,7 @@ class Precopier:
         return self._ready
 
     def _get(self) -> tuple[dict[str, Any], bytes]:
+        self._wait_reply()
         try:
             return _recv(self.sock)
         except (EOFError, ConnectionError) as err:
@@ -344,6 +376,7 @@ class Precopier:
         Raises :class:`Refused` (ptrace refused: take the instant another way) or
         ``OSError(ESRCH)`` (the helper died: what it had re-armed is unknown).
         """
+        self._mine()
         if not self._ready:
             head, _ = self._get()
             if not head.get("ready"):
@@ -351,8 +384,11 @@ class Precopier:
             self._ready = True
         old = libc.block_all_signals()
         try:
-            _send(self.sock, {"op": "checkpoint", "hold": self.hold, "skip": threading.get_native_id()},
-                  merge_runs(extra).astype(np.int64).tobytes())
+            try:
+                _send(self.sock, {"op": "checkpoint", "hold": self.hold, "skip": threading.get_native_id()},
+                      merge_runs(extra).astype(np.int64).tobytes())
+            except ConnectionError as gone:  # EPIPE: it has closed its end
+                raise self._died(gone) from None
             head, blob = self._get()
             if head.get("holding"):
                 head, blob = self._get()
@@ -407,12 +443,15 @@ class Precopier:
             self.staged = 0
 
     def close(self) -> None:
-        """Stop and reap the helper; unmap the staging area (idempotent)."""
+        """Stop and reap the helper; unmap the staging area (idempotent). In a forked
+        child, only close the inherited copies (a ``shutdown`` of the socket would end
+        the parent's helper)."""
         if self.sock.fileno() >= 0:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
+            if os.getpid() == self._owner:
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
-        if self.child.wait(1.0) is None:
+        if self.child.wait(1.0) is None:  # (in a forked child: returns at once, touches nothing)
             self.child.kill()
             self.child.wait()
         self.stage = np.empty(0, np.uint8)
