@@ -897,9 +897,15 @@ def test_random_bad_input_same_errno(uffd_wp: Userfaultfd) -> None:
                 else:
                     start = rng.choice([TASK_SIZE, TASK_SIZE - P, 1 << 47])
             end = max(0, end)
-            k = via_scan("kernel", start, end, a)
-            e = via_scan("emulated", start, end, a)
-            r = via_ioctl(start, end, a)
+            for _attempt in range(3):
+                k = via_scan("kernel", start, end, a)
+                e = via_scan("emulated", start, end, a)
+                r = via_ioctl(start, end, a)
+                # A valid range reaching past m covers this process's own heap and arenas,
+                # which the interpreter may map or unmap between the three calls: agreeing
+                # once in three tries is the check there.
+                if (k[0], k[1]) == (e[0], e[1]) == (r[0], r[1]) or end <= m.addr + m.length:
+                    break
             assert k[0] == "err" or start <= end <= TASK_SIZE, (hex(start), hex(end), a, k)
             assert (k[0], k[1]) == (e[0], e[1]) == (r[0], r[1]), (i, hex(start), hex(end), a, k, e, r)
             if k[0] == "err":
