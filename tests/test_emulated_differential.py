@@ -897,17 +897,17 @@ def test_random_bad_input_same_errno(uffd_wp: Userfaultfd) -> None:
                 else:
                     start = rng.choice([TASK_SIZE, TASK_SIZE - P, 1 << 47])
             end = max(0, end)
-            for _attempt in range(3):
-                k = via_scan("kernel", start, end, a)
-                e = via_scan("emulated", start, end, a)
-                r = via_ioctl(start, end, a)
-                # A valid range reaching past m covers this process's own heap and arenas,
-                # which the interpreter may map or unmap between the three calls: agreeing
-                # once in three tries is the check there.
-                if (k[0], k[1]) == (e[0], e[1]) == (r[0], r[1]) or end <= m.addr + m.length:
-                    break
+            k = via_scan("kernel", start, end, a)
+            e = via_scan("emulated", start, end, a)
+            r = via_ioctl(start, end, a)
             assert k[0] == "err" or start <= end <= TASK_SIZE, (hex(start), hex(end), a, k)
-            assert (k[0], k[1]) == (e[0], e[1]) == (r[0], r[1]), (i, hex(start), hex(end), a, k, e, r)
+            # The same outcome, and for an error the same errno. Regions are compared only
+            # within m: a valid range reaching past it covers this process's own heap,
+            # arenas and stack, which the interpreter changes between the three calls.
+            assert k[0] == e[0] == r[0], (i, hex(start), hex(end), a, k, e, r)
+            if k[0] == "err" or end <= m.end:
+                assert k[1] == r[1], ("kernel backend vs raw ioctl", i, hex(start), hex(end), a, k, r)
+                assert e[1] == r[1], ("emulated vs raw ioctl", i, hex(start), hex(end), a, e, r)
             if k[0] == "err":
                 seen[k[1]] = seen.get(k[1], 0) + 1
             if k[0] == "ok" and end <= m.end:  # beyond m lie VMAs this process changes as it runs
