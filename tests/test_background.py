@@ -459,24 +459,34 @@ print(methods, refused, same)
 """
 
 
-def test_a_process_traced_by_someone_else_falls_back_to_fork(tmp_path: Path) -> None:
-    """Another tracer (a debugger, strace) holds a thread: PTRACE_SEIZE is refused
-    (EPERM), the checkpoints take their instant with a fork, and say so."""
-    with subprocess.Popen([sys.executable, "-c", _TRACED, str(tmp_path / "t.ckpt")], stdin=subprocess.PIPE,
+def _traced_from_outside(victim_src: str, tracer_src: str, ckpt: Path, timeout: float) -> str:
+    """Run ``victim_src`` (it prints a thread id, waits for a line, prints its result)
+    with that thread seized by ``tracer_src`` in another process (it prints "seized",
+    holds the thread until its stdin closes); return the victim's result line. The
+    tracer is ended before the victim is waited for: a victim whose thread is a zombie
+    held by the tracer cannot finish exiting before."""
+    with subprocess.Popen([sys.executable, "-c", victim_src, str(ckpt)], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True) as victim:
         assert victim.stdin is not None and victim.stdout is not None
         try:
             tid = int(victim.stdout.readline())
-            with subprocess.Popen([sys.executable, "-c", _TRACER, str(tid)], stdin=subprocess.PIPE,
+            with subprocess.Popen([sys.executable, "-c", tracer_src, str(tid)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True) as tracer:
                 assert tracer.stdout is not None and tracer.stdout.readline().strip() == "seized"
                 victim.stdin.write("go\n")
                 victim.stdin.flush()
                 out = victim.stdout.readline().strip()
-                assert victim.wait(60) == 0
                 tracer.communicate("", timeout=30)
+            assert victim.wait(timeout) == 0
         finally:
             victim.kill()
+    return out
+
+
+def test_a_process_traced_by_someone_else_falls_back_to_fork(tmp_path: Path) -> None:
+    """Another tracer (a debugger, strace) holds a thread: PTRACE_SEIZE is refused
+    (EPERM), the checkpoints take their instant with a fork, and say so."""
+    out = _traced_from_outside(_TRACED, _TRACER, tmp_path / "t.ckpt", timeout=60)
     assert out == f"['fork', 'fork', 'fork', 'fork'] {errno.EPERM} True"
 
 
@@ -738,21 +748,7 @@ def test_a_thread_that_has_exited_does_not_make_the_kernel_refuse_the_stop(tmp_p
     Such a thread needs no stop: the checkpoints keep the ptrace path. (A thread exiting
     at the moment of the stop hits the same EPERM, rarely; a thread traced by another
     process, here never waited for, stays a zombie, which makes it certain.)"""
-    with subprocess.Popen([sys.executable, "-c", _EXITED, str(tmp_path / "x.ckpt")], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True) as victim:
-        assert victim.stdin is not None and victim.stdout is not None
-        try:
-            tid = int(victim.stdout.readline())
-            with subprocess.Popen([sys.executable, "-c", _HOLDER, str(tid)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True) as holder:
-                assert holder.stdout is not None and holder.stdout.readline().strip() == "seized"
-                victim.stdin.write("go\n")
-                victim.stdin.flush()
-                out = victim.stdout.readline().strip()
-                holder.communicate("", timeout=30)  # (the victim's exit waits for its zombie's tracer)
-            assert victim.wait(30) == 0
-        finally:
-            victim.kill()
+    out = _traced_from_outside(_EXITED, _HOLDER, tmp_path / "x.ckpt", timeout=30)
     assert out == "['ptrace', 'ptrace', 'ptrace'] True"
 
 
