@@ -14,9 +14,13 @@ import json
 import mmap
 import os
 import platform
+import shlex
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -136,3 +140,29 @@ def write_json(path: str, obj: Any) -> None:
         f.write("\n")
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+# -- the C references (scan_ref.c, track_ref.c) ----------------------------------------------
+
+
+def find_compiler(explicit: str | None = None) -> list[str] | None:
+    """``explicit``, else ``$CC``, else the first of cc, gcc, clang on PATH; None if none runs."""
+    for command in (explicit, os.environ.get("CC")):
+        if command:
+            words = shlex.split(command)
+            return words if words and shutil.which(words[0]) else None
+    for name in ("cc", "gcc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return [path]
+    return None
+
+
+def compile_c(compiler: list[str], source: Path, binary: Path, *flags: str) -> Path:
+    """``compiler -O2 -Wall -Wextra FLAGS -o binary source``; exits with the compiler's
+    message if it fails."""
+    cmd = [*compiler, "-O2", "-Wall", "-Wextra", *flags, "-o", str(binary), str(source)]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"compiling the C reference failed:\n$ {shlex.join(cmd)}\n{proc.stderr}")
+    return binary

@@ -53,7 +53,8 @@ from pagescan import PM_SCAN_WP_MATCHING, Category, RegisterMode, UffdFeature, U
 from pagescan._uapi import libc
 from pagescan._uapi.mman import MADV, MAP, PROT
 
-from _common import fmt_size, gc_paused, machine, positive_int, print_table, size_arg, write_json
+from _common import (compile_c, find_compiler, fmt_size, gc_paused, machine, positive_int, print_table, size_arg,
+                     write_json)
 
 PAGE = mmap.PAGESIZE
 HERE = Path(__file__).resolve().parent
@@ -199,19 +200,6 @@ class PythonSide:
 
 
 # -- the C side ----------------------------------------------------------------------
-
-
-def find_compiler(explicit: str | None) -> list[str] | None:
-    """``--cc``, else ``$CC``, else the first of cc, gcc, clang on PATH; None if none runs."""
-    for command in (explicit, os.environ.get("CC")):
-        if command:
-            words = shlex.split(command)
-            return words if words and shutil.which(words[0]) else None
-    for name in ("cc", "gcc", "clang"):
-        path = shutil.which(name)
-        if path:
-            return [path]
-    return None
 
 
 class CSide:
@@ -412,15 +400,6 @@ def print_report(result: dict[str, Any]) -> None:
             print(f"({r['workload']}) each scan: {pages} pages in {regions} regions ({checked})")
 
 
-def build(compiler: list[str], out_dir: Path) -> Path:
-    binary = out_dir / "scan_ref"
-    cmd = [*compiler, "-O2", "-Wall", "-Wextra", "-o", str(binary), str(C_SOURCE)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"compiling the C reference failed:\n$ {shlex.join(cmd)}\n{proc.stderr}")
-    return binary
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -480,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir = args.build_dir
             else:
                 out_dir = temp_dir = Path(tempfile.mkdtemp(prefix="pagescan-bench-"))
-            binary = build(compiler, out_dir)
+            binary = compile_c(compiler, C_SOURCE, out_dir / "scan_ref")
         result = run(args, binary)
     finally:
         if temp_dir is not None:

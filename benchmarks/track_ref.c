@@ -26,7 +26,8 @@
  *
  * Times are CLOCK_MONOTONIC (tracking.py times with time.perf_counter_ns).  Any
  * failure prints "error ..." and exits 1.  The structs and ioctl numbers are
- * declared here from the kernel's UAPI layout (system headers may predate 6.7).
+ * declared in ref_common.h from the kernel's UAPI layout (system headers may
+ * predate 6.7).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,54 +45,7 @@
 #include <time.h>
 #include <unistd.h>
 
-struct ref_pm_scan_arg {
-	uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
-	uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
-};
-
-struct ref_page_region {
-	uint64_t start, end, categories;
-};
-
-#define REF_PAGEMAP_SCAN _IOWR('f', 16, struct ref_pm_scan_arg)
-#define REF_PM_SCAN_WP_MATCHING (1ULL << 0)
-#define REF_PAGE_IS_WRITTEN (1ULL << 1)
-_Static_assert(sizeof(struct ref_pm_scan_arg) == 96, "pm_scan_arg is 96 bytes");
-_Static_assert(REF_PAGEMAP_SCAN == 0xC0606610u, "PAGEMAP_SCAN number");
-
-struct ref_uffdio_api {
-	uint64_t api, features, ioctls;
-};
-struct ref_uffdio_range {
-	uint64_t start, len;
-};
-struct ref_uffdio_register {
-	struct ref_uffdio_range range;
-	uint64_t mode, ioctls;
-};
-struct ref_uffdio_writeprotect {
-	struct ref_uffdio_range range;
-	uint64_t mode;
-};
-
-#define REF_UFFD_API 0xAAULL
-#define REF_UFFD_FEATURE_WP_ASYNC (1ULL << 15)
-#define REF_UFFDIO_REGISTER_MODE_WP 2ULL
-#define REF_UFFDIO_WRITEPROTECT_MODE_WP 1ULL
-#define REF_UFFDIO_API _IOWR(0xAA, 0x3F, struct ref_uffdio_api)
-#define REF_UFFDIO_REGISTER _IOWR(0xAA, 0x00, struct ref_uffdio_register)
-#define REF_UFFDIO_WRITEPROTECT _IOWR(0xAA, 0x06, struct ref_uffdio_writeprotect)
-_Static_assert(REF_UFFDIO_API == 0xC018AA3Fu, "UFFDIO_API number");
-_Static_assert(REF_UFFDIO_REGISTER == 0xC020AA00u, "UFFDIO_REGISTER number");
-_Static_assert(REF_UFFDIO_WRITEPROTECT == 0xC018AA06u, "UFFDIO_WRITEPROTECT number");
-
-#if defined(__NR_userfaultfd)
-#define REF_NR_USERFAULTFD __NR_userfaultfd
-#elif defined(__x86_64__)
-#define REF_NR_USERFAULTFD 323
-#else
-#error "unknown userfaultfd syscall number for this architecture"
-#endif
+#include "ref_common.h"
 
 #define MAX_THREADS 64
 
@@ -106,20 +60,6 @@ static unsigned char *expected;
 static uint64_t *indices;
 static uint64_t value = 1;
 
-static void die(const char *what)
-{
-	printf("error %s: %s\n", what, strerror(errno));
-	fflush(stdout);
-	exit(1);
-}
-
-static void fail(const char *what)
-{
-	printf("error %s\n", what);
-	fflush(stdout);
-	exit(1);
-}
-
 static uint64_t now_ns(void)
 {
 	struct timespec ts;
@@ -130,9 +70,6 @@ static uint64_t now_ns(void)
 
 static void do_setup(uint64_t pages)
 {
-	struct ref_uffdio_api api = { .api = REF_UFFD_API, .features = REF_UFFD_FEATURE_WP_ASYNC };
-	struct ref_uffdio_register reg;
-	struct ref_uffdio_writeprotect wp;
 	size_t words;
 
 	if (mem || !pages)
@@ -157,23 +94,7 @@ static void do_setup(uint64_t pages)
 	pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
 	if (pagemap_fd < 0)
 		die("open /proc/self/pagemap");
-	uffd = (int)syscall(REF_NR_USERFAULTFD, O_CLOEXEC | O_NONBLOCK);
-	if (uffd < 0)
-		die("userfaultfd");
-	if (ioctl(uffd, REF_UFFDIO_API, &api))
-		die("UFFDIO_API (WP_ASYNC)");
-	memset(&reg, 0, sizeof(reg));
-	reg.range.start = (uint64_t)(uintptr_t)mem;
-	reg.range.len = mem_len;
-	reg.mode = REF_UFFDIO_REGISTER_MODE_WP;
-	if (ioctl(uffd, REF_UFFDIO_REGISTER, &reg))
-		die("UFFDIO_REGISTER");
-	memset(&wp, 0, sizeof(wp));
-	wp.range.start = (uint64_t)(uintptr_t)mem;
-	wp.range.len = mem_len;
-	wp.mode = REF_UFFDIO_WRITEPROTECT_MODE_WP;
-	if (ioctl(uffd, REF_UFFDIO_WRITEPROTECT, &wp))
-		die("UFFDIO_WRITEPROTECT");
+	uffd = ref_arm_wp_async(mem, mem_len);
 	printf("ok\n");
 }
 
@@ -257,7 +178,6 @@ static int scan(uint64_t flags, uint64_t *walk_end)
 
 static void do_round(int fused, int threads, const uint64_t *counts, uint64_t total)
 {
-	struct ref_uffdio_writeprotect wp;
 	uint64_t raw, base, t0, t1, t2, walk_end, pages = 0, base_addr = (uint64_t)(uintptr_t)mem;
 	int n;
 
@@ -267,14 +187,8 @@ static void do_round(int fused, int threads, const uint64_t *counts, uint64_t to
 	t0 = now_ns();
 	n = scan(fused ? REF_PM_SCAN_WP_MATCHING : 0, &walk_end);
 	t1 = now_ns();
-	if (!fused) {
-		memset(&wp, 0, sizeof(wp));
-		wp.range.start = base_addr;
-		wp.range.len = mem_len;
-		wp.mode = REF_UFFDIO_WRITEPROTECT_MODE_WP;
-		if (ioctl(uffd, REF_UFFDIO_WRITEPROTECT, &wp))
-			die("UFFDIO_WRITEPROTECT");
-	}
+	if (!fused)
+		ref_write_protect(uffd, mem, mem_len);
 	t2 = now_ns();
 
 	/* The check (not timed): exactly the pages written, and the walk completed. */

@@ -69,8 +69,6 @@ import argparse
 import itertools
 import mmap
 import os
-import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -94,7 +92,7 @@ from pagescan._tracking import (
     run,
 )
 
-from _common import fmt_ns, machine, positive_int, size_arg, write_json
+from _common import compile_c, find_compiler, fmt_ns, machine, positive_int, size_arg, write_json
 
 P = mmap.PAGESIZE
 SWEEP = (1, 10, 100, 1000, 10000)
@@ -180,16 +178,10 @@ def calibrate() -> dict[str, float]:
 
 def build_c_ref(out_dir: Path) -> Path | None:
     """Compile ``track_ref.c`` ($CC, cc, gcc or clang); None if no compiler runs."""
-    cc = os.environ.get("CC")
-    words = shlex.split(cc) if cc else next(([p] for n in ("cc", "gcc", "clang") if (p := shutil.which(n))), [])
-    if not words or not shutil.which(words[0]):
+    compiler = find_compiler()
+    if compiler is None:
         return None
-    binary = out_dir / "track_ref"
-    cmd = [*words, "-O2", "-Wall", "-Wextra", "-pthread", "-o", str(binary), str(HERE / "track_ref.c")]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"compiling the C reference failed:\n$ {shlex.join(cmd)}\n{proc.stderr}")
-    return binary
+    return compile_c(compiler, HERE / "track_ref.c", out_dir / "track_ref", "-pthread")
 
 
 def _ask(proc: subprocess.Popen[str], line: str) -> list[int]:
