@@ -87,6 +87,7 @@ from pagescan._tracking import (
     WORDS,
     Workload,
     big_workloads,
+    figures,
     groups,
     hash_name,
     run,
@@ -209,8 +210,8 @@ def run_c_ref(binary: Path, workloads: Sequence[Workload], seed: int) -> dict[st
                 rng = np.random.default_rng([seed, index])  # as measure() draws them
                 raw: list[float] = []
                 base: list[float] = []
-                total: list[int] = []
                 get_ns: list[int] = []
+                reset_ns: list[int] = []
                 for r in range(wl.warmup + wl.rounds):
                     parts = wl.choose(rng)
                     writes = sum(len(p) for p in parts)
@@ -222,17 +223,11 @@ def run_c_ref(binary: Path, workloads: Sequence[Workload], seed: int) -> dict[st
                     if r >= wl.warmup:
                         raw.append(t_raw / writes)
                         base.append(t_base / writes)
-                        total.append(t_get + t_reset)
                         get_ns.append(t_get)
+                        reset_ns.append(t_reset)
+                total = [g + r for g, r in zip(get_ns, reset_ns)]
                 out[wl.key] = {
-                    "writes": int(wl.params["written"]),
-                    "per_write_raw_ns": statistics.median(raw),
-                    "per_write_base_ns": statistics.median(base),
-                    "per_write_net_ns": statistics.median([a - b for a, b in zip(raw, base)]),
-                    "per_write_net_best_ns": min(a - b for a, b in zip(raw, base)),
-                    "get_reset_ns": statistics.median(total),
-                    "get_reset_best_ns": min(total),
-                    "get_ns": statistics.median(get_ns),
+                    **figures(wl, raw, base, get_ns, reset_ns),
                     "samples": {"per_write_raw_ns": raw, "per_write_base_ns": base, "get_reset_ns": total},
                 }
         finally:

@@ -591,10 +591,22 @@ def measure(tracker: Tracker, region: Region, wl: Workload, seed: int, index: in
             base.append(t_base / writes)
             get_ns.append(t_get)
             reset_ns.append(t_reset)
-    total = [g + s for g, s in zip(get_ns, reset_ns)]
     counters = {k: v - before[k] for k, v in tracker.stats().items()}  # warm-up round included
     return {
         "counters": counters,
+        **figures(wl, raw, base, get_ns, reset_ns),
+        "reset_ns": statistics.median(reset_ns) if not wl.fused else None,
+        "extra_pages_reported": extra if not tracker.exact else 0,
+        "samples": {"per_write_raw_ns": raw, "per_write_base_ns": base, "get_ns": get_ns, "reset_ns": reset_ns},
+    }
+
+
+def figures(wl: Workload, raw: list[float], base: list[float], get_ns: list[int],
+            reset_ns: list[int]) -> dict[str, Any]:
+    """The medians (and bests) of one workload's rounds, for :func:`measure` and for the
+    C reference's driver alike: per-write cost (raw, base, net) and get+reset time."""
+    total = [g + r for g, r in zip(get_ns, reset_ns)]
+    return {
         "writes": int(wl.params["written"]),
         "per_write_raw_ns": statistics.median(raw),
         "per_write_base_ns": statistics.median(base),
@@ -603,9 +615,6 @@ def measure(tracker: Tracker, region: Region, wl: Workload, seed: int, index: in
         "get_reset_ns": statistics.median(total),
         "get_reset_best_ns": min(total),
         "get_ns": statistics.median(get_ns),
-        "reset_ns": statistics.median(reset_ns) if not wl.fused else None,
-        "extra_pages_reported": extra if not tracker.exact else 0,
-        "samples": {"per_write_raw_ns": raw, "per_write_base_ns": base, "get_ns": get_ns, "reset_ns": reset_ns},
     }
 
 
