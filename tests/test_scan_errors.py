@@ -313,6 +313,21 @@ def test_pid_forms_agree(m: Mapping) -> None:
             assert list(scan(mm.addr, mm.end, pid=_HasPid(os.getpid()), **kw)) == []
 
 
+def test_scan_on_alternating_targets(m: Mapping) -> None:
+    """``scan(pid=Target)`` runs one cached prepared Scanner for every Target (what
+    ``pagescan ps`` does over all processes): each call scans its own target, with or
+    without ``out``."""
+    with anon(8) as mm, child_process(lambda: mm.touch(2, 3)) as one, child_process(lambda: mm.touch(6, 1)) as two:
+        kw = dict(category_mask=C.PRESENT, return_mask=C.PRESENT)
+        out = np.empty(4, PAGE_REGION_DTYPE)
+        with Target(one) as a, Target(two) as b:
+            for _ in range(2):
+                assert list(scan(mm.addr, mm.end, pid=a, out=out, **kw)) == [(mm[2], mm[5], C.PRESENT)]
+                assert list(scan(mm.addr, mm.end, pid=b, out=out, **kw)) == [(mm[6], mm[7], C.PRESENT)]
+                assert list(scan(mm.addr, mm.end, pid=a, **kw)) == [(mm[2], mm[5], C.PRESENT)]
+                assert list(scan(mm.addr, mm.end, **kw)) == []  # this process: untouched
+
+
 def test_pid_is_a_popen(m: Mapping) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:

@@ -421,8 +421,43 @@ def read_rollup(pid: int) -> dict[str, int]:
     of the per-mapping smaps values (each rounded down to a KiB) by up to a KiB per
     mapping.
     """
+    return parse_rollup(read_rollup_text(pid))
+
+
+def read_rollup_text(pid: int) -> bytes:
+    """``/proc/PID/smaps_rollup`` as the kernel wrote it: one ``open``, one ``read``
+    (the kernel formats the whole record in one go), one ``close``; empty without an
+    address space."""
+    try:
+        fd = os.open(f"/proc/{pid}/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ProcessLookupError(errno.ESRCH, f"no process with pid {pid}") from None
+    except PermissionError as err:
+        raise PermissionError(err.errno, f"may not read /proc/{pid}/smaps_rollup (needs ptrace read access)") from None
+    try:
+        return os.read(fd, _ROLLUP_READ)
+    except PermissionError as err:  # the ptrace check is made at read time too
+        raise PermissionError(err.errno, f"may not read /proc/{pid}/smaps_rollup (needs ptrace read access)") from None
+    finally:
+        os.close(fd)
+
+
+#: One read of smaps_rollup (about 1 KiB: a header and two dozen ``Name: N kB`` lines).
+_ROLLUP_READ = 1 << 14
+
+
+def parse_rollup(text: bytes) -> dict[str, int]:
+    """The fields of smaps_rollup ``text`` (:func:`read_rollup_text`), in bytes.
+
+    The record is a maps-style header of six words, then ``Name: N kB`` lines: split
+    into words, every third from the seventh is a name. Anything else (a field without
+    ``kB``, a name with a space) is parsed line by line."""
+    words = text.split()
+    names = b" ".join(words[6::3])
+    if len(words) % 3 == 0 and words[8::3].count(b"kB") == names.count(b":") == len(words) // 3 - 2:
+        return dict(zip(names.decode().replace(":", "").split(), [int(v) << 10 for v in words[7::3]]))
     out: dict[str, int] = {}
-    for line in _open_small(pid, "smaps_rollup").split(b"\n")[1:]:
+    for line in text.split(b"\n")[1:]:
         key, _, rest = line.partition(b":")
         parts = rest.split()
         if parts and parts[0].isdigit():
@@ -440,8 +475,8 @@ def read_cmdline(pid: int) -> str:
 
 
 def process_uid(pid: int) -> int:
-    """The owner of ``/proc/PID``: the process's effective uid (root when the process
-    is not dumpable, e.g. after a setuid exec)."""
+    """The owner of the ``/proc/PID`` directory: the process's effective uid, even when
+    the process is not dumpable (the files in it then belong to root)."""
     try:
         return os.stat(_path(pid, "")).st_uid
     except FileNotFoundError:

@@ -302,8 +302,10 @@ class Scanner:
         return self._run(target, start, end, vec, vec_len, max_pages, out)
 
     def _call(self, start: int, end: int, vec: int, vec_len: int, max_pages: int,
-              out: np.ndarray | None) -> tuple[int, int]:
-        target = self._target
+              out: np.ndarray | None, target: Target | None = None) -> tuple[int, int]:
+        """One call of the prepared runner on ``target`` (default: this Scanner's)."""
+        if target is None:
+            target = self._target
         if target is None:
             target = _target_mod._self  # reset after fork by an at-fork hook
             if target is None or target._fd < 0:
@@ -313,7 +315,8 @@ class Scanner:
         except OSError as err:
             return self._fall_back(err, target, start, end, vec, vec_len, max_pages, out)
 
-    def _scan(self, start: int, end: int, max_pages: int, vec_len: int | None) -> ScanResult:
+    def _scan(self, start: int, end: int, max_pages: int, vec_len: int | None,
+              on: Target | None = None) -> ScanResult:
         cap = (end - start + _P - 1) // _P if end > start else 1
         if max_pages and max_pages < cap:
             cap = max_pages
@@ -323,17 +326,17 @@ class Scanner:
         elif vec_len < cap:
             cap = vec_len
         if cap == 0:
-            n, walk_end = self._call(start, end, 0, 0, max_pages, None)
+            n, walk_end = self._call(start, end, 0, 0, max_pages, None, on)
             return _result(_EMPTY, walk_end, start, end)
         if cap > _SMALL:
-            return self._scan_chunked(start, end, max_pages, cap)
+            return self._scan_chunked(start, end, max_pages, cap, on)
         # The common small call, inlined (every Python frame costs ~5% of a one-page call).
         t = _array_types.get(cap)
         if t is None:
             t = _array_types[cap] = page_region * cap
         c = t()
         buf: np.ndarray = np.frombuffer(c, PAGE_REGION_DTYPE)  # type: ignore[arg-type]  # ctypes arrays are buffers
-        target = self._target
+        target = self._target if on is None else on
         if target is None:
             target = _target_mod._self  # reset after fork by an at-fork hook
             if target is None or target._fd < 0:
@@ -352,7 +355,8 @@ class Scanner:
         res.end = end
         return res
 
-    def _scan_chunked(self, start: int, end: int, max_pages: int, cap: int) -> ScanResult:
+    def _scan_chunked(self, start: int, end: int, max_pages: int, cap: int,
+                      on: Target | None = None) -> ScanResult:
         """A call that may return more than ``_SMALL`` regions: kernel calls of at most
         ``_CHUNK`` regions into a scratch buffer, each resuming at the last ``walk_end``
         with what is left of ``cap`` and ``max_pages``; the result owns exactly its
@@ -364,18 +368,18 @@ class Scanner:
         except IndexError:
             scratch, addr = _owned(_CHUNK)
         try:
-            return self._chunks(start, end, max_pages, cap, scratch, addr)
+            return self._chunks(start, end, max_pages, cap, scratch, addr, on)
         finally:
             self._scratch.append((scratch, addr))
 
     def _chunks(self, start: int, end: int, max_pages: int, cap: int, scratch: np.ndarray,
-                addr: int) -> ScanResult:
+                addr: int, on: Target | None = None) -> ScanResult:
         end_r = -(-end // _P) * _P
         parts: list[np.ndarray] = []
         cur, left, budget = start, cap, max_pages
         while True:
             k = left if left < _CHUNK else _CHUNK
-            n, walk_end = self._call(cur, end, addr, k, budget, scratch)
+            n, walk_end = self._call(cur, end, addr, k, budget, scratch, on)
             if n:
                 got = scratch[:n].copy()
                 parts.append(got)
@@ -392,13 +396,13 @@ class Scanner:
         return _result(regions, walk_end, start, end)
 
     def _scan_out(self, start: int, end: int, out: Any, vec_len: int | None, max_pages: int,
-                  remember: bool = True) -> ScanResult:
+                  remember: bool = True, on: Target | None = None) -> ScanResult:
         addr, n = self._out_address(out, remember)
         if vec_len is not None:
             if vec_len > n:
                 raise ValueError(f"vec_len ({vec_len}) is larger than out ({n} regions)")
             n = vec_len
-        count, walk_end = self._call(start, end, addr if n else 0, n, max_pages, out if n else None)
+        count, walk_end = self._call(start, end, addr if n else 0, n, max_pages, out if n else None, on)
         return _result(out[:count], walk_end, start, end)
 
 
@@ -476,7 +480,10 @@ def scan(
         start, end = buffer_range(start, "start")
     elif type(start) is not int or type(end) is not int or not (0 <= start <= U64 and 0 <= end <= U64):
         start, end = u64("start", start), u64("end", end)
-    if pid is None and (
+    # This process, or an open Target: one prepared Scanner per set of arguments, cached
+    # (the runner takes the target per call), so a walk over many Targets prepares once.
+    on = pid if type(pid) is Target else None
+    if (pid is None or on is not None) and (
         type(flags) in _INT_TYPES and type(category_inverted) in _INT_TYPES and type(category_mask) in _INT_TYPES
         and type(category_anyof_mask) in _INT_TYPES and type(return_mask) in _INT_TYPES
         and type(max_pages) is int and (vec_len is None or type(vec_len) is int) and type(backend) is str
@@ -494,8 +501,9 @@ def scan(
         if out is not None:
             # The shared Scanner remembers a small ``out`` only: a big one is not kept
             # alive by a module-level cache.
-            return sc._scan_out(start, end, out, vec_len, sc.max_pages, remember=isinstance(out, np.ndarray) and out.size <= _SMALL)
-        return sc._scan(start, end, sc.max_pages, vec_len)
+            return sc._scan_out(start, end, out, vec_len, sc.max_pages,
+                                remember=isinstance(out, np.ndarray) and out.size <= _SMALL, on=on)
+        return sc._scan(start, end, sc.max_pages, vec_len, on)
     with Scanner(pid, flags=flags, category_inverted=category_inverted, category_mask=category_mask,
                  category_anyof_mask=category_anyof_mask, return_mask=return_mask, max_pages=max_pages,
                  vec_len=vec_len, backend=backend) as sc:

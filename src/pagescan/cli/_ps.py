@@ -18,8 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from pagescan import PAGE_REGION_DTYPE, Category, Scanner, Target
-from pagescan._procfs import process_uid, read_cmdline, read_rollup, task_size
+from pagescan import PAGE_REGION_DTYPE, Category, Target, scan
+from pagescan._procfs import (
+    parse_rollup,
+    process_uid,
+    read_cmdline,
+    read_rollup_text,
+    task_size,
+)
 
 from ._common import human, print_json, printable, table, terminal_width, user_name
 
@@ -55,31 +61,51 @@ def all_pids() -> list[int]:
     return sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
 
 
-def read_process(pid: int, top: int) -> dict[str, Any] | None:
+def read_process(pid: int, top: int, regions: np.ndarray | None = None) -> dict[str, Any] | None:
     """One process's line; ``None`` without an address space. Raises ``PermissionError``
-    (may not read it) or ``ProcessLookupError`` (gone)."""
-    rollup = read_rollup(pid)
-    if not rollup:
+    (may not read it) or ``ProcessLookupError`` (gone). ``regions``: a scratch buffer
+    for the zero-page walk."""
+    text = read_rollup_text(pid)
+    if not text:
         return None  # kernel thread, zombie: no pagemap to open
+    rollup = parse_rollup(text)
+    return _line(pid, rollup, zero_bytes(pid, top, regions))
+
+
+def zero_bytes(pid: int, top: int, regions: np.ndarray | None = None) -> int:
+    """Bytes of ``pid``'s address space mapped to the zero page or the huge zero page:
+    one ``PAGEMAP_SCAN`` walk up to ``top`` asking only for PFNZERO (more calls only if
+    the zero-page runs do not fit in ``regions``)."""
+    if regions is None:
+        regions = np.empty(_REGIONS, PAGE_REGION_DTYPE)
     zero = 0
-    regions = np.empty(256, PAGE_REGION_DTYPE)
-    with Target(pid) as target, Scanner(target, category_anyof_mask=_ZERO, return_mask=_ZERO) as sc:
+    with Target(pid) as target:
         cur = 0
-        while cur < top:  # one walk of the whole address space unless zero pages are scattered
-            n, cur = sc.scan_into(cur, top, regions)
-            if n:
-                r = regions[:n]
+        while cur < top:
+            res = scan(cur, top, pid=target, category_anyof_mask=_ZERO, return_mask=_ZERO, out=regions)
+            r = res.regions
+            if len(r):
                 zero += int((r["end"] - r["start"]).sum())
+            cur = res.walk_end
+    return zero
+
+
+def _line(pid: int, rollup: dict[str, int], zero: int) -> dict[str, Any]:
     uid = process_uid(pid)
     cmd = read_cmdline(pid)
-    uss = rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)
-    huge = sum(rollup.get(k, 0) for k in ("AnonHugePages", "ShmemPmdMapped", "FilePmdMapped",
-                                          "Shared_Hugetlb", "Private_Hugetlb"))
+    get = rollup.get
     return {
         "pid": pid, "uid": uid, "user": user_name(uid), "command": cmd,
-        "uss": uss, "pss": rollup.get("Pss", 0), "rss": rollup.get("Rss", 0), "swap": rollup.get("Swap", 0),
-        "zero": zero, "huge": huge, "rollup": rollup,
+        "uss": get("Private_Clean", 0) + get("Private_Dirty", 0), "pss": get("Pss", 0), "rss": get("Rss", 0),
+        "swap": get("Swap", 0), "zero": zero,
+        "huge": get("AnonHugePages", 0) + get("ShmemPmdMapped", 0) + get("FilePmdMapped", 0)
+        + get("Shared_Hugetlb", 0) + get("Private_Hugetlb", 0),
+        "rollup": rollup,
     }
+
+
+#: Regions per zero-page scan call (a process with more zero-page runs takes more calls).
+_REGIONS = 256
 
 
 def collect(pids: Iterable[int]) -> tuple[list[dict[str, Any]], int, int]:
@@ -87,9 +113,10 @@ def collect(pids: Iterable[int]) -> tuple[list[dict[str, Any]], int, int]:
     out = []
     unreadable = gone = 0
     top = task_size()
+    regions = np.empty(_REGIONS, PAGE_REGION_DTYPE)
     for pid in pids:
         try:
-            p = read_process(pid, top)
+            p = read_process(pid, top, regions)
         except PermissionError:
             unreadable += 1
             continue
@@ -116,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
                     "unreadable": unreadable, "exited": gone})
         return 0
     headers = ["PID", "USER", "USS", "PSS", "RSS", "SWAP", "ZERO", "HUGE", "COMMAND"]
-    rows = [[str(p["pid"]), p["user"][:12]] + [human(p[k]) for k in NUMERIC] + [printable(p["command"])]
+    # a line never shows more of a command than the terminal is wide: cut before replacing
+    # the unprintable characters (a `python -c` script can be kilobytes)
+    limit = None if args.wide else max(terminal_width(), 20) + 1
+    rows = [[str(p["pid"]), p["user"][:12]] + [human(p[k]) for k in NUMERIC] + [printable(p["command"][:limit])]
             for p in procs]
     rows.append(["", "total"] + [human(totals[k]) for k in NUMERIC] + [f"{len(procs)} processes"])
     sys.stdout.write(table(headers, rows, ">" + "<" + ">" * len(NUMERIC) + "<",
