@@ -14,6 +14,7 @@ import json
 import mmap
 import os
 import platform
+import random
 import shlex
 import shutil
 import statistics
@@ -80,16 +81,28 @@ def timed(fn: Callable[[], Any]) -> int:
     return time.perf_counter_ns() - t0
 
 
-def alternating_rounds(contenders: dict[str, Callable[[], Any]], repeat: int) -> dict[str, list[int]]:
+def alternating_rounds(contenders: dict[str, Callable[[], Any]], repeat: int,
+                       shuffle_seed: int | None = None) -> dict[str, list[int]]:
     """One warm-up call each, then ``repeat`` rounds in which every contender runs once,
-    in a rotating order (so they share the machine's noise): ns per call, per contender."""
+    in a rotating order (so they share the machine's noise): ns per call, per contender.
+
+    A rotation keeps the cyclic order, so each contender always runs right after the
+    same other one; where one leaves the machine in a state that changes the next one's
+    time (a command that reads every process's smaps evicts what the next reader of
+    /proc would find cached), ``shuffle_seed`` gives every round its own random order
+    instead (seeded: the same orders on every run)."""
     names = list(contenders)
     samples: dict[str, list[int]] = {n: [] for n in names}
+    rng = None if shuffle_seed is None else random.Random(shuffle_seed)
     for name in names:
         contenders[name]()
     for r in range(repeat):
-        k = r % len(names)
-        for name in names[k:] + names[:k]:
+        if rng is None:
+            k = r % len(names)
+            order = names[k:] + names[:k]
+        else:
+            order = rng.sample(names, len(names))
+        for name in order:
             samples[name].append(timed(contenders[name]))
     return samples
 

@@ -427,11 +427,13 @@ def read_rollup(pid: int) -> dict[str, int]:
 def read_rollup_text(pid: int) -> bytes:
     """``/proc/PID/smaps_rollup`` as the kernel wrote it: one ``open``, one ``read``
     (the kernel formats the whole record in one go), one ``close``; empty without an
-    address space."""
+    address space (a kernel thread, a zombie: the kernel refuses the open with ESRCH)."""
     try:
         fd = os.open(f"/proc/{pid}/smaps_rollup", os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ProcessLookupError(errno.ESRCH, f"no process with pid {pid}") from None
+    except ProcessLookupError:
+        return b""
     except PermissionError as err:
         raise PermissionError(err.errno, f"may not read /proc/{pid}/smaps_rollup (needs ptrace read access)") from None
     try:
@@ -441,6 +443,9 @@ def read_rollup_text(pid: int) -> bytes:
     finally:
         os.close(fd)
 
+
+#: smaps_rollup's field names, decoded, by their bytes joined with spaces.
+_ROLLUP_KEYS: dict[bytes, list[str]] = {}
 
 #: One read of smaps_rollup (about 1 KiB: a header and two dozen ``Name: N kB`` lines).
 _ROLLUP_READ = 1 << 14
@@ -454,8 +459,13 @@ def parse_rollup(text: bytes) -> dict[str, int]:
     ``kB``, a name with a space) is parsed line by line."""
     words = text.split()
     names = b" ".join(words[6::3])
-    if len(words) % 3 == 0 and words[8::3].count(b"kB") == names.count(b":") == len(words) // 3 - 2:
-        return dict(zip(names.decode().replace(":", "").split(), [int(v) << 10 for v in words[7::3]]))
+    n = len(words) // 3 - 2
+    if len(words) % 3 == 0 and words[8::3].count(b"kB") == n:
+        keys = _ROLLUP_KEYS.get(names)  # the same names every time: decoded once
+        if keys is None and names.count(b":") == n and len(_ROLLUP_KEYS) < 8:
+            keys = _ROLLUP_KEYS[names] = names.decode().replace(":", "").split()
+        if keys is not None and len(keys) == n:
+            return dict(zip(keys, [int(v) << 10 for v in words[7::3]]))
     out: dict[str, int] = {}
     for line in text.split(b"\n")[1:]:
         key, _, rest = line.partition(b":")
