@@ -230,6 +230,7 @@ def _reentrancy(seconds: float) -> tuple[int, int, int]:
         m.write(i, 1)
     kw: dict[str, Any] = dict(category_mask=PRESENT, return_mask=PRESENT)
     expect = scan(m.addr, m.end, **kw).regions.tolist()
+    plain = scan(m.addr, m.end, return_mask=PRESENT, max_pages=64).regions.tolist()  # the general path
     sc = Scanner(**kw)
     bad = [0]
     calls = [0]
@@ -240,6 +241,8 @@ def _reentrancy(seconds: float) -> tuple[int, int, int]:
             bad[0] += 1
         if sc.scan(m.addr, m.end).regions.tolist() != expect:
             bad[0] += 1
+        if scan(m.addr, m.end, return_mask=PRESENT).regions.tolist() != plain:  # scan()'s own small path
+            bad[0] += 1
 
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
@@ -249,6 +252,8 @@ def _reentrancy(seconds: float) -> tuple[int, int, int]:
     try:
         while time.monotonic() < deadline:
             if scan(m.addr, m.end, **kw).regions.tolist() != expect:
+                bad[0] += 1
+            if scan(m.addr, m.end, return_mask=PRESENT).regions.tolist() != plain:
                 bad[0] += 1
             k, walk_end = sc.scan_into(m.addr, m.end, out)
             if out[:k].tolist() != expect or walk_end != m.end:

@@ -55,9 +55,9 @@ _RANGE_OFFSET = pm_scan_arg.start.offset
 #: a request: one item store costs 20 ns, a ctypes field setter 40.
 _START, _END, _WALK_END, _VEC, _VEC_LEN, _MAX_PAGES = 2, 3, 4, 5, 6, 7
 _REGION = PAGE_REGION_DTYPE.itemsize
-#: A request is a ``bytearray`` (``fcntl.ioctl`` writes ``walk_end`` back into it) and its
-#: ``u64`` view.
-Request = tuple[bytearray, memoryview]
+#: A request: a ``u64`` view of a ``bytearray`` holding ``struct pm_scan_arg``, passed to
+#: ``fcntl.ioctl`` as it is (which writes ``walk_end`` back into it).
+Request = memoryview
 
 
 def _template(flags: int, inverted: int, mask: int, anyof: int, return_mask: int, max_pages: int = 0) -> bytes:
@@ -66,8 +66,7 @@ def _template(flags: int, inverted: int, mask: int, anyof: int, return_mask: int
 
 
 def _request(template: bytes) -> Request:
-    ba = bytearray(template)
-    return ba, memoryview(ba).cast("Q")
+    return memoryview(bytearray(template)).cast("Q")
 
 
 class KernelBackend:
@@ -96,18 +95,18 @@ class KernelBackend:
         def run(target: Target, start: int, end: int, vec: int, vec_len: int, max_pages: int,
                 out: np.ndarray | None) -> tuple[int, int]:
             try:
-                arg, q = free.pop()
+                q = free.pop()
             except IndexError:
-                arg, q = _request(template)
+                q = _request(template)
             try:
-                pack(arg, at, start, end, 0, vec, vec_len, max_pages)
+                pack(q, at, start, end, 0, vec, vec_len, max_pages)
                 try:
-                    n: int = ioctl(target._fd, req, arg, True)
+                    n: int = ioctl(target._fd, req, q, True)
                 except OSError as err:
-                    n = _again(target, arg, err)
+                    n = _again(target, q, err)
                 walk_end: int = q[_WALK_END]
             finally:
-                free.append((arg, q))
+                free.append(q)
             if n and walk_end < end and out is not None:
                 walk_end = _corrected(target, flags, walk_end, end, n, out)
             return n, walk_end
@@ -122,22 +121,22 @@ class KernelBackend:
         regions come back as ``bytes`` of ``PAGE_REGION_DTYPE`` records. Per call only
         ``start``, ``end``, ``walk_end`` and ``vec_len`` are stored (a bad ``start`` or
         ``end`` is refused by the store: ``ValueError`` naming it)."""
-        free: list[tuple[bytearray, memoryview, memoryview]] = []  # list pop/append are atomic
+        free: list[tuple[Request, memoryview]] = []  # list pop/append are atomic
         ioctl, req, template = _ioctl, _REQ, _template(flags, inverted, mask, anyof, return_mask, max_pages)
         size, page = _REGION, _PAGE_SIZE
 
-        def new() -> tuple[bytearray, memoryview, memoryview]:
-            arg, q = _request(template)
+        def new() -> tuple[Request, memoryview]:
+            q = _request(template)
             buf = bytearray(slots * size)
             view = memoryview(buf)  # kept with the request: buf stays alive and cannot be resized
             q[_VEC] = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-            return arg, q, view
+            return q, view
 
         def small(target: Target, start: int, end: int) -> tuple[bytes, int]:
             try:
-                arg, q, buf = free.pop()
+                q, buf = free.pop()
             except IndexError:
-                arg, q, buf = new()
+                q, buf = new()
             try:
                 try:
                     q[2] = start  # refuses a negative or 65-bit value: ValueError
@@ -148,13 +147,13 @@ class KernelBackend:
                 q[4] = 0
                 q[6] = (end - start + page - 1) // page  # the kernel's bounce buffer is sized by it
                 try:
-                    n: int = ioctl(target._fd, req, arg, True)
+                    n: int = ioctl(target._fd, req, q, True)
                 except OSError as err:
-                    n = _again(target, arg, err)
+                    n = _again(target, q, err)
                 walk_end: int = q[4]
                 raw = buf[:n * size].tobytes()
             finally:
-                free.append((arg, q, buf))
+                free.append((q, buf))
             if n and walk_end < end:
                 walk_end = _corrected(target, flags, walk_end, end, n, np.frombuffer(raw, PAGE_REGION_DTYPE))
             return raw, walk_end
@@ -187,9 +186,9 @@ class KernelBackend:
             return c
 
         def request(c: tuple[Any, int, list[Request], int, int]) -> Request:
-            arg, q = _request(template)
+            q = _request(template)
             q[_VEC], q[_VEC_LEN] = c[3], c[4]
-            return arg, q
+            return q
 
         def scan_into(start: int, end: int, out: Any) -> tuple[int, int]:
             if type(start) is not int or type(end) is not int:
@@ -204,9 +203,9 @@ class KernelBackend:
                     t = self_target()
             free = c[2]
             try:
-                arg, q = free.pop()
+                q = free.pop()
             except IndexError:
-                arg, q = request(c)
+                q = request(c)
             try:
                 try:
                     q[2] = start  # refuses a negative or 65-bit value: ValueError
@@ -216,16 +215,16 @@ class KernelBackend:
                     raise
                 q[4] = 0
                 try:
-                    n: int = ioctl(t._fd, req, arg, True)
+                    n: int = ioctl(t._fd, req, q, True)
                 except OSError as err:
-                    n = _again(t, arg, err)
+                    n = _again(t, q, err)
                 walk_end: int = q[4]
             except OSError as err:
                 if on_enotty is None or err.errno != errno.ENOTTY:
                     raise
                 return on_enotty(start, end, out)
             finally:
-                free.append((arg, q))
+                free.append(q)
             if n and walk_end < end:
                 walk_end = _corrected(t, flags, walk_end, end, n, out)
             return n, walk_end
@@ -233,7 +232,7 @@ class KernelBackend:
         return scan_into
 
 
-def _again(target: Target, arg: bytearray | pm_scan_arg, err: OSError) -> int:
+def _again(target: Target, arg: Request | pm_scan_arg, err: OSError) -> int:
     """After a failed ioctl: retry on EINTR (a fatal signal is pending at a chunk
     boundary: we are dying anyway), else raise the explained error."""
     while True:
