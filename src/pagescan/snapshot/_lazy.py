@@ -83,10 +83,10 @@ class CheckpointSource:
 
     thread_safe = True  # reads at explicit offsets; the index block cache is a dict
 
-    def __init__(self, path: str, generation: int | None) -> None:
+    def __init__(self, path: str, generation: int | None, _fd: int | None = None) -> None:
         # Index blocks are read (and verified) when a fault first needs them: opening
         # costs the same whatever the size of the state.
-        self.store = Store(path, lazy_index=True)
+        self.store = Store(path, lazy_index=True, _fd=_fd)
         try:
             self.generation = self.store.generation(generation).number
         except BaseException:
@@ -94,6 +94,15 @@ class CheckpointSource:
             raise
         self.map: LazyMap | None = None
         self.hbyte = np.zeros(1, np.int64)
+
+    @classmethod
+    def remote(cls, fds: list[int], path: str, generation: int, spans: list[tuple[int, int, int]]) -> CheckpointSource:
+        """The same source rebuilt in a fault server's handler from the checkpoint's fd
+        (``fds[0]``, passed with SCM_RIGHTS: the file the owner opened, even if ``path``
+        was replaced since) and the spans of :class:`LazyMap`."""
+        src = cls(path, generation, _fd=fds[0])
+        src.bind(LazyMap(src.store, spans))
+        return src
 
     def bind(self, lazymap: LazyMap) -> None:
         self.map = lazymap
