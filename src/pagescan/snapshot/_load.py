@@ -134,7 +134,7 @@ def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: b
                           record=None if recording is None else recording.array, fresh=True)
         # A handler from the fault server if this process has one (no fork of this one).
         fh.start(_faultserver.via((CheckpointSource.__module__, "CheckpointSource.remote"),
-                                  (path, src.generation, spans), [store.fd]))
+                                  src.remote_args(spans), [store.fd]))
     except BaseException:
         src.store.close()
         raise
