@@ -149,3 +149,11 @@ def test_spare_killed_while_waiting_load_forks_its_own(tmp_path: Path, server: i
     assert got.handler is not None and got.handler.guardian_pid == server
     assert raw(got["big"]) == raw(want["big"])
     got.handler.close()
+
+
+@pytest.mark.parametrize(("wait", "exc"), [("1", TypeError), (True, TypeError), (-1, ValueError),
+                                           (float("nan"), ValueError), (float("inf"), ValueError)])
+def test_start_fault_server_refuses_a_bad_wait(wait: object, exc: type[Exception]) -> None:
+    with pytest.raises(exc, match="wait"):
+        start_fault_server(wait=wait)  # type: ignore[arg-type]
+    assert _faultserver._server is None, "refused before starting anything"

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .. import _faultserver
+from .._args import seconds
 from ..arrays import mapped_array
 from ..handler import FaultHandler
 from ._lazy import CheckpointSource, LazyGroup, LazyMap, Recording, hot_pages
@@ -92,7 +93,7 @@ def start_fault_server(wait: float | None = 0.0) -> bool:
     Returns whether it is ready. It exits with this process; a process forked from
     this one does not use it (it may start its own). See ``docs/lazy-load.md``.
     """
-    return _faultserver.start(wait, preload=(__name__.rpartition(".")[0] + "._lazy",))
+    return _faultserver.start(seconds("wait", wait), preload=(__name__.rpartition(".")[0] + "._lazy",))
 
 
 def _result(store: Store, arrays: list[np.ndarray], generation: int, fh: FaultHandler | None) -> LoadedState | LoadedList:
