@@ -2,7 +2,7 @@
 by handlers forked ahead of time from a process of their own, never from the owner.
 
 * a load through the server: bit-exact; the handler is the server's child, not ours;
-  the server is the guardian; loads back to back each get a spare;
+  the server is the guardian; each load gets a new spare;
 * the server's handler killed: the server poisons, the owner gets SIGBUS (no hang,
   no zeros); the server and its spare end with the owner;
 * a process forked from the owner never uses the owner's server; a recording load
@@ -46,7 +46,8 @@ def server() -> Iterator[int]:
 def test_lazy_load_through_the_server(tmp_path: Path, server: int) -> None:
     path = tmp_path / "s.ck"
     want = lazy_state(path, 31)
-    for _ in range(3):  # back to back: the next spare (waited for) serves the next load
+    for _ in range(3):  # one spare per load (waited for: a load that finds none forks its own)
+        assert start_fault_server(wait=60)
         got = load(path, lazy=True)
         fh = got.handler
         assert fh is not None
@@ -157,3 +158,21 @@ def test_start_fault_server_refuses_a_bad_wait(wait: object, exc: type[Exception
     with pytest.raises(exc, match="wait"):
         start_fault_server(wait=wait)  # type: ignore[arg-type]
     assert _faultserver._server is None, "refused before starting anything"
+
+
+def test_server_and_spare_end_with_their_owner() -> None:
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        assert start_fault_server(wait=60)
+        srv = _faultserver._server
+        assert srv is not None and srv.spare is not None
+        report(struct.pack("ii", srv.child.pid, srv.spare[0]).hex().encode())
+        wait_go(go_r)
+        os._exit(0)  # no atexit: only the pidfd and the sockets tell them
+
+    o = Owner(body)
+    server, spare = struct.unpack("ii", bytes.fromhex(o.read(16).decode()))
+    assert _ppid(spare) == server
+    o.go()
+    status, rest = o.finish()
+    assert status == 0, rest
+    wait_gone([server, spare])

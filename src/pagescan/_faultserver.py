@@ -178,7 +178,7 @@ def _read_spare(srv: _Server, timeout: float | None) -> bool:
     p.register(srv.sock, select.POLLIN)
     if not p.poll(-1 if timeout is None else int(timeout * 1000)):
         return False
-    data, got, _, _ = socket.recv_fds(srv.sock, _REPLY.size, 2)
+    data, got, _, _ = socket.recv_fds(srv.sock, _REPLY.size, 2, socket.MSG_CMSG_CLOEXEC)
     if len(data) != _REPLY.size or len(got) != 2:
         for fd in got:
             os.close(fd)
@@ -363,7 +363,7 @@ class _Job:
 
 def _recv_request(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     """One message (its pickled body) and its fds; ``None`` at EOF."""
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, _MAX_FDS)
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, _MAX_FDS, socket.MSG_CMSG_CLOEXEC)
     if not data:
         for fd in fds:
             os.close(fd)
@@ -464,9 +464,8 @@ def _server_main(sock: socket.socket, owner: int, preload: list[str]) -> int:
                     dead[spare.pid] = spare.wait() or 0  # unused, or the owner's message is on its way
                     spare, spare_at = None, time.monotonic() + SPARE_DELAY
     finally:
-        for job in jobs.values():
-            job.child.kill()
-            job.child.wait()
+        # Handlers still serving are left to end with the owner (they watch it too): at
+        # the owner's exit (atexit) its last lazy arrays are still served.
         if spare is not None:
             spare.kill()
             spare.wait()

@@ -172,7 +172,8 @@ class _CallableSource:
 
 
 class _Shared:
-    """A small MAP_SHARED page for progress counters: [served_pages, state, error]."""
+    """A small MAP_SHARED page for progress counters: [served_pages, state, error, the
+    handler's ``waitpid`` status (written by a fault server)]."""
 
     def __init__(self, fd: int = -1) -> None:
         # A memfd: the page can also be handed to a process that is not our fork (the
