@@ -84,10 +84,10 @@ class CheckpointSource:
 
     thread_safe = True  # reads at explicit offsets; the index block cache is a dict
 
-    def __init__(self, path: str, generation: int | None) -> None:
+    def __init__(self, path: str, generation: int | None, _store: Store | None = None) -> None:
         # Index blocks are read (and verified) when a fault first needs them: opening
         # costs the same whatever the size of the state.
-        self.store = Store(path, lazy_index=True)
+        self.store = Store(path, lazy_index=True) if _store is None else _store
         try:
             self.generation = self.store.generation(generation).number
         except BaseException:
@@ -112,8 +112,7 @@ class CheckpointSource:
         (that took 0.7-0.9 ms in the handler, while the first fault waited)."""
         store = Store.__new__(Store)
         vars(store).update(state, fd=fds[0], _offsets={}, _blocks={})
-        src = cls.__new__(cls)
-        src.store, src.generation, src.map, src.hbyte = store, generation, None, np.zeros(1, np.int64)
+        src = cls(store.path, generation, _store=store)
         src.bind(LazyMap(store, spans))
         return src
 

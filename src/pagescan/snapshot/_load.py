@@ -91,7 +91,7 @@ def start_fault_server(wait: float | None = 0.0) -> bool:
     milliseconds to be ready, meanwhile lazy loads fork their own handler as without
     it. ``wait``: seconds to wait for it to be ready (``None``: as long as it takes).
     Returns whether it is ready. It exits with this process; a process forked from
-    this one does not use it (it may start its own). See ``docs/lazy-load.md``.
+    this one does not use it (it may start its own). See ``docs/howto/lazy-load.md``.
     """
     return _faultserver.start(seconds("wait", wait), preload=(__name__.rpartition(".")[0] + "._lazy",))
 
