@@ -244,3 +244,17 @@ def test_ps_unreadable_processes_are_counted_not_fatal() -> None:
     r = _cli("ps", preexec_fn=_become_nobody)
     assert r.returncode == 0 and "Traceback" not in r.stderr
     assert re.search(r"^\d+ processes not readable \(no ptrace access", r.stdout.splitlines()[-1])
+
+
+def test_rollup_fields_parsed_alike() -> None:
+    """The table's fields (``parse_rollup(only=...)``) are those of the full parse, on
+    the word-split path and on the line-by-line one (a line without ``kB``)."""
+    from pagescan._procfs import parse_rollup, read_rollup_text
+
+    text = read_rollup_text(os.getpid())
+    for t in (text, text + b"Extra:  7\n"):
+        full = parse_rollup(t)
+        assert set(_ps._TABLE_FIELDS) <= set(full) and full["Rss"] > 0
+        assert parse_rollup(t, _ps._TABLE_FIELDS) == {k: full[k] for k in _ps._TABLE_FIELDS}
+    assert parse_rollup(text + b"Extra:  7\n")["Extra"] == 7  # the fallback ran
+    assert parse_rollup(b"") == {} and parse_rollup(b"", ("Rss",)) == {}

@@ -444,15 +444,17 @@ def read_rollup_text(pid: int) -> bytes:
         os.close(fd)
 
 
-#: smaps_rollup's field names, decoded, by their bytes joined with spaces.
-_ROLLUP_KEYS: dict[bytes, list[str]] = {}
+#: smaps_rollup's field names, decoded, and the index of each, by their bytes joined
+#: with spaces.
+_ROLLUP_KEYS: dict[bytes, tuple[list[str], dict[str, int]]] = {}
 
 #: One read of smaps_rollup (about 1 KiB: a header and two dozen ``Name: N kB`` lines).
 _ROLLUP_READ = 1 << 14
 
 
-def parse_rollup(text: bytes) -> dict[str, int]:
-    """The fields of smaps_rollup ``text`` (:func:`read_rollup_text`), in bytes.
+def parse_rollup(text: bytes, only: tuple[str, ...] | None = None) -> dict[str, int]:
+    """The fields of smaps_rollup ``text`` (:func:`read_rollup_text`), in bytes: all of
+    them, or those named in ``only`` (the ones present).
 
     The record is a maps-style header of six words, then ``Name: N kB`` lines: split
     into words, every third from the seventh is a name. Anything else (a field without
@@ -461,18 +463,23 @@ def parse_rollup(text: bytes) -> dict[str, int]:
     names = b" ".join(words[6::3])
     n = len(words) // 3 - 2
     if len(words) % 3 == 0 and words[8::3].count(b"kB") == n:
-        keys = _ROLLUP_KEYS.get(names)  # the same names every time: decoded once
-        if keys is None and names.count(b":") == n and len(_ROLLUP_KEYS) < 8:
-            keys = _ROLLUP_KEYS[names] = names.decode().replace(":", "").split()
-        if keys is not None and len(keys) == n:
-            return dict(zip(keys, [int(v) << 10 for v in words[7::3]]))
+        known = _ROLLUP_KEYS.get(names)  # the same names every time: decoded once
+        if known is None and names.count(b":") == n and len(_ROLLUP_KEYS) < 8:
+            keys = names.decode().replace(":", "").split()
+            known = _ROLLUP_KEYS[names] = (keys, {k: i for i, k in enumerate(keys)})
+        if known is not None and len(known[0]) == n:
+            values = words[7::3]
+            if only is None:
+                return dict(zip(known[0], [int(v) << 10 for v in values]))
+            index = known[1]
+            return {k: int(values[index[k]]) << 10 for k in only if k in index}
     out: dict[str, int] = {}
     for line in text.split(b"\n")[1:]:
         key, _, rest = line.partition(b":")
         parts = rest.split()
         if parts and parts[0].isdigit():
             out[key.decode()] = int(parts[0]) * (1024 if parts[1:] == [b"kB"] else 1)
-    return out
+    return out if only is None else {k: out[k] for k in only if k in out}
 
 
 def read_cmdline(pid: int) -> str:

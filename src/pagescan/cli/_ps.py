@@ -61,15 +61,19 @@ def all_pids() -> list[int]:
     return sorted(int(d) for d in os.listdir("/proc") if d.isdigit())
 
 
-def read_process(pid: int, top: int, regions: np.ndarray | None = None) -> dict[str, Any] | None:
+def read_process(pid: int, top: int, regions: np.ndarray | None = None, full: bool = True) -> dict[str, Any] | None:
     """One process's line; ``None`` without an address space. Raises ``PermissionError``
     (may not read it) or ``ProcessLookupError`` (gone). ``regions``: a scratch buffer
-    for the zero-page walk."""
+    for the zero-page walk. ``full``: with every smaps_rollup field (``"rollup"``), else
+    only the table's."""
     text = read_rollup_text(pid)
     if not text:
         return None  # kernel thread, zombie: no pagemap to open
-    rollup = parse_rollup(text)
-    return _line(pid, rollup, zero_bytes(pid, top, regions))
+    rollup = parse_rollup(text, None if full else _TABLE_FIELDS)
+    line = _line(pid, rollup, zero_bytes(pid, top, regions))
+    if full:
+        line["rollup"] = rollup
+    return line
 
 
 def zero_bytes(pid: int, top: int, regions: np.ndarray | None = None) -> int:
@@ -100,23 +104,28 @@ def _line(pid: int, rollup: dict[str, int], zero: int) -> dict[str, Any]:
         "swap": get("Swap", 0), "zero": zero,
         "huge": get("AnonHugePages", 0) + get("ShmemPmdMapped", 0) + get("FilePmdMapped", 0)
         + get("Shared_Hugetlb", 0) + get("Private_Hugetlb", 0),
-        "rollup": rollup,
     }
+
+
+#: The smaps_rollup fields the table needs.
+_TABLE_FIELDS = ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Swap", "AnonHugePages", "ShmemPmdMapped",
+                 "FilePmdMapped", "Shared_Hugetlb", "Private_Hugetlb")
 
 
 #: Regions per zero-page scan call (a process with more zero-page runs takes more calls).
 _REGIONS = 256
 
 
-def collect(pids: Iterable[int]) -> tuple[list[dict[str, Any]], int, int]:
-    """(processes, how many may not be read, how many exited while being read)."""
+def collect(pids: Iterable[int], full: bool = True) -> tuple[list[dict[str, Any]], int, int]:
+    """(processes, how many may not be read, how many exited while being read);
+    ``full``: as for :func:`read_process`."""
     out = []
     unreadable = gone = 0
     top = task_size()
     regions = np.empty(_REGIONS, PAGE_REGION_DTYPE)
     for pid in pids:
         try:
-            p = read_process(pid, top, regions)
+            p = read_process(pid, top, regions, full)
         except PermissionError:
             unreadable += 1
             continue
@@ -131,7 +140,7 @@ def collect(pids: Iterable[int]) -> tuple[list[dict[str, Any]], int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    procs, unreadable, gone = collect(all_pids())
+    procs, unreadable, gone = collect(all_pids(), full=args.json)
     key = args.sort
     if key in NUMERIC:
         procs.sort(key=lambda p: (-p[key], p["pid"]))
