@@ -611,7 +611,8 @@ class Checkpointer:
             index["checksum"][s:e] = cks
             ndata = int(np.count_nonzero(nonzero))
             if ndata:
-                app.write(rows if ndata == e - s else rows[nonzero], app.reserve(ndata))
+                # Writeback of the last batch is left to the fsync that follows at once.
+                app.write(rows if ndata == e - s else rows[nonzero], app.reserve(ndata), writeback=e < total)
 
         with store.appending(total) as app, contextlib.ExitStack() as stack:
             # This thread copies batch k+1 out of memory while a worker checksums and
