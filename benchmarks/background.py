@@ -20,7 +20,9 @@ outside the timing). Side by side, in a shuffled order each round, ``--repeat`` 
   process while it writes: fuzzy, torn under concurrent writes), for "no slower than
   before";
 * ``background (auto)``, ``background, ptrace``, ``background, fork twin``: the same
-  three with ``checkpoint(wait=False)``, then ``result()``;
+  three with ``checkpoint(wait=False)``, then ``result()``; and ``wait=False, fork twin
+  (walk, then fork)``: the fork path as before it forked first (the written pages
+  found and re-armed inside the pause, as ``wait=True`` still does);
 * ``fork() snapshot``: the Redis ``BGSAVE`` way: ``os.fork()``; the child writes every
   array to a file, ``fsync``, exits; the parent waits for it.
 
@@ -206,21 +208,23 @@ def run(args: argparse.Namespace, d: str) -> int:
         e = time.perf_counter()
         record("sync, old path (fuzzy)", e - s, s, e, e, 0, c0)
 
-    def background(how: bool | None = None) -> None:
+    def background(how: bool | None = None, fork_first: bool = True) -> None:
         base = pss_kib() + sum(pss_kib(c) for c in children())  # the idle helper included
         ck._use_ptrace = how
+        ck._fork_first = fork_first
         try:
             c0, s = writer.count, time.perf_counter()
             fut = ck.checkpoint(wait=False)
             r = time.perf_counter()
         finally:
             ck._use_ptrace = None
+            ck._fork_first = True
         mem = sample_memory(fut.done, base)
         info = fut.result()
         e = time.perf_counter()
         assert how is None or info.method == ("ptrace" if how else "fork"), info
         name = {None: "checkpoint(wait=False) (auto)", True: "wait=False, ptrace", False: "wait=False, fork twin"}
-        record(name[how], r - s, s, r, e, mem, c0, stopped(info))
+        record(name[how] + ("" if fork_first else " (walk, then fork)"), r - s, s, r, e, mem, c0, stopped(info))
         if how is None:
             picks.append(info.method)
 
@@ -252,7 +256,8 @@ def run(args: argparse.Namespace, d: str) -> int:
     picks: list[str] = []
     methods: list[Callable[[], None]] = [
         sync, lambda: sync(True), lambda: sync(False), sync_old,
-        background, lambda: background(True), lambda: background(False), fork_snapshot]
+        background, lambda: background(True), lambda: background(False), lambda: background(False, False),
+        fork_snapshot]
     for m in methods:  # warm-up round
         dirty()
         m()

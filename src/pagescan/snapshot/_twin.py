@@ -42,7 +42,7 @@ import numpy as np
 
 from .._child import Child, fork
 
-__all__ = ["GAP", "FrozenTwin"]
+__all__ = ["GAP", "FrozenTwin", "ProcMem"]
 
 #: Runs at most this many bytes apart are read in one call (the bytes between are read too).
 GAP = 4 * 4096
@@ -61,35 +61,21 @@ def _twin_main(parent: int) -> int:  # pragma: no cover - runs in the child
     return 0
 
 
-class FrozenTwin:
-    """A forked copy of this process, holding its memory as it was at the fork."""
+class ProcMem:
+    """Reads of a process's memory through ``/proc/PID/mem`` (``pid=None``: ours).
 
-    def __init__(self) -> None:
-        parent = os.getpid()
-        self.child: Child = fork(lambda: _twin_main(parent))
+    Plain page references (``FOLL_GET``), never pins: reading a page that is shared
+    copy-on-write (with a frozen twin) does not unshare it (see the module docstring)."""
+
+    def __init__(self, pid: int | None = None) -> None:
         self._junk = memoryview(bytearray(GAP))
-        try:
-            self.mem = os.open(f"/proc/{self.child.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except BaseException:
-            self.close()
-            raise
+        self.mem = os.open(f"/proc/{'self' if pid is None else pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
 
-    @property
-    def pid(self) -> int:
-        return self.child.pid
-
-    def died(self, timeout: float = 0) -> OSError | None:
-        """An ``OSError(ESRCH)`` saying how the twin ended if it is gone (within ``timeout`` s), else ``None``."""
-        status = self.child.wait(timeout)
-        if status is None:
-            return None
-        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-               else f"exit status {os.waitstatus_to_exitcode(status)}")
-        return OSError(errno.ESRCH, f"{os.strerror(errno.ESRCH)}: the frozen copy of this process that the "
-                       f"checkpoint reads (pid {self.child.pid}) ended ({how})")
+    def _what(self) -> str:
+        return "this process"
 
     def read(self, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
-        """Read the runs ``[starts[i], starts[i] + lengths[i])`` of the twin into ``out`` at byte ``offsets[i]``.
+        """Read the runs ``[starts[i], starts[i] + lengths[i])`` of the process into ``out`` at byte ``offsets[i]``.
 
         Runs in ascending order less than :data:`GAP` bytes apart are read by one
         ``preadv`` of ``/proc/PID/mem`` (up to 512 runs; the bytes between them go to a
@@ -132,15 +118,50 @@ class FrozenTwin:
         while done < n:
             got = os.preadv(self.mem, [into[done:]], start + done)
             if got <= 0:
-                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: cannot read {start + done:#x} in the frozen "
-                              f"copy (pid {self.child.pid})")
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: cannot read {start + done:#x} in "
+                              f"{self._what()}")
             done += got
 
     def close(self) -> None:
-        """Kill and reap the twin (idempotent)."""
+        """Close the file (idempotent)."""
         if getattr(self, "mem", -1) >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.mem)
             self.mem = -1
+
+
+class FrozenTwin(ProcMem):
+    """A forked copy of this process, holding its memory as it was at the fork."""
+
+    def __init__(self) -> None:
+        parent = os.getpid()
+        self.mem = -1
+        self.child: Child = fork(lambda: _twin_main(parent))
+        try:
+            super().__init__(self.child.pid)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def died(self, timeout: float = 0) -> OSError | None:
+        """An ``OSError(ESRCH)`` saying how the twin ended if it is gone (within ``timeout`` s), else ``None``."""
+        status = self.child.wait(timeout)
+        if status is None:
+            return None
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.waitstatus_to_exitcode(status)}")
+        return OSError(errno.ESRCH, f"{os.strerror(errno.ESRCH)}: the frozen copy of this process that the "
+                       f"checkpoint reads (pid {self.child.pid}) ended ({how})")
+
+    def _what(self) -> str:
+        return f"the frozen copy (pid {self.child.pid})"
+
+    def close(self) -> None:
+        """Kill and reap the twin (idempotent)."""
+        super().close()
         self.child.kill()
         self.child.wait()
