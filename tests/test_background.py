@@ -423,6 +423,30 @@ def test_a_transaction_during_the_walk_is_neither_torn_nor_lost(tmp_path: Path, 
     area.close()
 
 
+def test_the_twin_tells_the_pages_written_since_the_fork() -> None:
+    """``FrozenTwin.unchanged``: a page written after the fork was copied on write (a new
+    PFN); the others are still the twin's pages (PFNs are hidden without CAP_SYS_ADMIN:
+    then no page is known unchanged, and every one is compared)."""
+    from pagescan.snapshot._twin import FrozenTwin
+
+    a = pagescan.zeros(64 * P // 8, np.int64)
+    a[:: P // 8] = 1
+    pages = (a.ctypes.data + np.arange(64) * P).astype(np.uint64)
+    twin = FrozenTwin()
+    try:
+        a[3 * P // 8] = 2
+        a[60 * P // 8 + 5] = 2
+        same = twin.unchanged(pages)
+    finally:
+        twin.close()
+    written = np.isin(np.arange(64), [3, 60])
+    assert not same[written].any()
+    if pagescan.capabilities().pfns_visible:
+        assert same[~written].all()
+    else:
+        assert not same.any()
+
+
 # -- the ptrace path: refusal, a helper killed mid-stop, no process left ------------------
 
 _TRACER = """

@@ -531,9 +531,10 @@ class Checkpointer:
         found (``wait=False``, incremental): they are found and re-armed here, after the
         fork. A page written between the fork and that walk is found (and stored with
         the twin's value, the instant's), but the walk re-arms it, so its new value
-        would be in no generation: each chunk read from the twin is compared with this
-        process's memory (read after the walk, through ``/proc/self/mem``), and those
-        that differ are carried to the next checkpoint."""
+        would be in no generation: the chunks that may have changed since the fork
+        (:meth:`_maybe_changed`) are compared with this process's memory (read after
+        the walk, through ``/proc/self/mem``), and those that differ are carried to
+        the next checkpoint."""
         changed: list[np.ndarray] = []
         live: ProcMem | None = None
         try:
@@ -556,7 +557,8 @@ class Checkpointer:
                     chunks = np.union1d(chunks, self._written_since_armed())
                 try:
                     info = self._write(store, chunks, full, progress, t0, twin.read, fut,
-                                       compare=None if live is None else (live.read, changed))
+                                       compare=None if live is None else (live.read, changed,
+                                                                          self._maybe_changed(twin, chunks)))
                 except OSError as err:
                     gone = twin.died(timeout=1.0)  # a read that failed: it is ending
                     if gone is None:
@@ -583,6 +585,21 @@ class Checkpointer:
                 pre.release()
         fut.set_result(info)
 
+    def _maybe_changed(self, twin: FrozenTwin, chunks: np.ndarray) -> np.ndarray:
+        """Which ``chunks`` may differ from the twin's: those on a page that is not the
+        very physical page the twin maps (written since the fork, so copied on write;
+        or not known: see :meth:`FrozenTwin.unchanged`). Only those are compared."""
+        ent = np.searchsorted(self._base, chunks, side="right") - 1
+        k = chunks - self._base[ent]
+        st = np.array([t.addr for t in self.targets], dtype=np.int64)[ent] + k * P
+        n = np.array([t.nbytes for t in self.targets], dtype=np.int64)[ent] - k * P
+        first = st // P * P
+        last = (st + np.clip(n, 1, P) - 1) // P * P
+        pages = np.union1d(first, last)
+        same = twin.unchanged(pages)
+        keep: np.ndarray = same[np.searchsorted(pages, first)] & same[np.searchsorted(pages, last)]
+        return ~keep
+
     def _written_since_armed(self) -> np.ndarray:
         """Chunks on pages written since :meth:`_find_written` re-armed them (not re-armed again)."""
         got = [w.get() for w in self._watches]
@@ -604,32 +621,39 @@ class Checkpointer:
         return chunks
 
     def _copy(self, read: Reader, chunks: np.ndarray, rows: np.ndarray,
-              compare: tuple[Reader, list[np.ndarray], np.ndarray] | None = None) -> None:
+              compare: tuple[Reader, list[np.ndarray], np.ndarray, np.ndarray] | None = None) -> None:
         """Copy the ``chunks`` out of memory (ours or our twin's) into ``rows`` (padded
-        with zeros). ``compare = (read2, changed, scratch)``: also read them with
-        ``read2`` into ``scratch`` and append to ``changed`` the chunks that differ."""
+        with zeros). ``compare = (read2, changed, scratch, which)``: also read the
+        chunks selected by the boolean ``which`` with ``read2`` into ``scratch``, and
+        append to ``changed`` those whose bytes differ."""
         starts, lengths, offs = chunk_runs(chunks, self.targets, self._base)
         read(starts, lengths, rows, offs)
         zero_padding(rows, chunks, self.targets, self._base)
         if compare is not None:
-            read2, changed, scratch = compare
-            now = scratch[: len(rows)]
-            read2(starts, lengths, now, offs)
-            zero_padding(now, chunks, self.targets, self._base)
-            diff = (rows.view(np.uint64) != now.view(np.uint64)).any(axis=1)
+            read2, changed, scratch, which = compare
+            sel = np.flatnonzero(which)
+            if not sel.size:
+                return
+            sub = chunks[sel]
+            now = scratch[: len(sel)]
+            s2, l2, o2 = chunk_runs(sub, self.targets, self._base)
+            read2(s2, l2, now, o2)
+            zero_padding(now, sub, self.targets, self._base)
+            diff = (rows[sel].view(np.uint64) != now.view(np.uint64)).any(axis=1)
             if diff.any():
-                changed.append(chunks[diff])
+                changed.append(sub[diff])
 
     def _write(self, store: Store, chunks: np.ndarray, full: bool, progress: Progress | None,
                t0: float, read: Reader, fut: PendingCheckpoint,
-               compare: tuple[Reader, list[np.ndarray]] | None = None) -> CheckpointInfo:
+               compare: tuple[Reader, list[np.ndarray], np.ndarray] | None = None) -> CheckpointInfo:
         """Copy ``chunks`` out of memory with ``read`` batch by batch while a worker
         checksums and writes the previous batch; seal, unless ``fut`` is cancelled
         first (``CancelledError``; the file is cut back to its sealed generations).
-        ``compare = (read2, changed)``: the chunks whose bytes read by ``read2`` differ
-        from what ``read`` read are appended to ``changed`` (see :meth:`_run`)."""
+        ``compare = (read2, changed, which)``: the chunks selected by the boolean array
+        ``which`` whose bytes read by ``read2`` differ from what ``read`` read are
+        appended to ``changed`` (see :meth:`_run`)."""
         total = len(chunks)
-        cmp = None if compare is None else (*compare, np.empty((min(total, BATCH_PAGES), P), dtype=np.uint8))
+        scratch = np.empty((min(total, BATCH_PAGES) if compare is not None else 0, P), dtype=np.uint8)
         index = np.zeros(total, dtype=INDEX_DTYPE)
         ent = np.searchsorted(self._base, chunks, side="right") - 1
         index["region"] = ent
@@ -664,7 +688,8 @@ class Checkpointer:
                 if fut.cancelled():
                     raise CancelledError
                 rows = bufs[b % nbuf][: e - s]
-                self._copy(read, chunks[s:e], rows, cmp)
+                self._copy(read, chunks[s:e], rows,
+                           None if compare is None else (compare[0], compare[1], scratch, compare[2][s:e]))
                 if pool is not None:
                     pending.append(pool.submit(process, rows, s, e))
                 else:
