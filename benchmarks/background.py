@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="fraction of the pages written before each round (default 0.10)")
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temporary one here)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON to this file")
+    ap.add_argument("--only", default=None,
+                    help="run only the methods whose names contain one of these comma-separated words "
+                         "(e.g. 'fork twin,BGSAVE')")
     args = ap.parse_args(argv)
 
     d = tempfile.mkdtemp(prefix="bg-bench-", dir=args.dir or ".")
@@ -254,10 +257,15 @@ def run(args: argparse.Namespace, d: str) -> int:
         os.sync()
 
     picks: list[str] = []
-    methods: list[Callable[[], None]] = [
-        sync, lambda: sync(True), lambda: sync(False), sync_old,
-        background, lambda: background(True), lambda: background(False), lambda: background(False, False),
-        fork_snapshot]
+    named: dict[str, Callable[[], None]] = {
+        "sync checkpoint() (auto)": sync, "sync, ptrace": lambda: sync(True),
+        "sync, fork twin": lambda: sync(False), "sync, old path (fuzzy)": sync_old,
+        "checkpoint(wait=False) (auto)": background, "wait=False, ptrace": lambda: background(True),
+        "wait=False, fork twin": lambda: background(False),
+        "wait=False, fork twin (walk, then fork)": lambda: background(False, False),
+        "fork() snapshot (BGSAVE)": fork_snapshot}
+    words = [w.strip() for w in args.only.split(",")] if args.only else [""]
+    methods = [m for name, m in named.items() if any(w in name for w in words)]
     for m in methods:  # warm-up round
         dirty()
         m()

@@ -539,7 +539,8 @@ class Checkpointer:
         live: ProcMem | None = None
         try:
             if chunks is None:
-                chunks = self._find_written(False)
+                with _quick_gil():  # its system calls and numpy release the GIL: get it back fast
+                    chunks = self._find_written(False)
                 live = ProcMem()
             if pre is not None:
                 info = self._write(store, chunks, full, progress, t0, pre.read, fut)
