@@ -2,6 +2,7 @@
 
     python benchmarks/background.py                 # 1 GiB of state, 5 rounds each
     python benchmarks/background.py --size 4G --repeat 3 --json out.json
+    python benchmarks/background.py --only "wait=False, fork twin;BGSAVE" --repeat 10
 
 The state is ``--size`` bytes in 8 ``pagescan.zeros`` arrays, every page written
 once in a warm-up (first touch of never-used memory costs 2-2.7 s/GiB in this VM).
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temporary one here)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON to this file")
     ap.add_argument("--only", default=None,
-                    help="run only the methods whose names contain one of these comma-separated words "
-                         "(e.g. 'fork twin,BGSAVE')")
+                    help="run only the methods whose names contain one of these ';'-separated strings "
+                         "(e.g. 'fork twin;BGSAVE')")
     args = ap.parse_args(argv)
 
     d = tempfile.mkdtemp(prefix="bg-bench-", dir=args.dir or ".")
@@ -264,7 +265,7 @@ def run(args: argparse.Namespace, d: str) -> int:
         "wait=False, fork twin": lambda: background(False),
         "wait=False, fork twin (walk, then fork)": lambda: background(False, False),
         "fork() snapshot (BGSAVE)": fork_snapshot}
-    words = [w.strip() for w in args.only.split(",")] if args.only else [""]
+    words = [w.strip() for w in args.only.split(";")] if args.only else [""]
     methods = [m for name, m in named.items() if any(w in name for w in words)]
     for m in methods:  # warm-up round
         dirty()
