@@ -172,6 +172,28 @@ def test_damaged_index_block_is_an_error_when_used_not_at_lazy_open(tmp_path: Pa
     _expect_sigbus(body, b"ok")
 
 
+@pytest.mark.parametrize("damaged", [None, 4300])
+def test_index_blocks_read_ahead_in_address_order(tmp_path: Path, damaged: int | None) -> None:
+    """Reading on from one block to the next (a prefetch) reads and verifies the blocks
+    after it together; a damaged entry among them is still the error of its own block."""
+    path = tmp_path / "c.ck"
+    states = make(path, steps=0)
+    if damaged is not None:
+        _flip(path, entry_offset(path, 1, damaged) + 17)
+    with Store(path, lazy_index=True) as st:
+        rows = np.zeros((1024, P), np.uint8)
+        for c0 in range(0, NPAGES, 1024):
+            chunks = np.arange(c0, min(NPAGES, c0 + 1024))
+            if damaged is not None and c0 <= damaged < c0 + 1024:
+                with pytest.raises(CorruptCheckpointError, match=f"page index entry {damaged} .*entry check mismatch"):
+                    st.read_chunks(1, chunks, rows[: len(chunks)])
+                break
+            st.read_chunks(1, chunks, rows[: len(chunks)])
+            assert np.array_equal(rows[: len(chunks)], states[0][chunks])
+            if c0 == 1024:  # blocks 0 and 1 asked for: 2.. read ahead, unless damage is among them
+                assert ((1, 4) in st._blocks) == (damaged is None)
+
+
 def test_damaged_block_table_is_refused_at_open(tmp_path: Path) -> None:
     path = tmp_path / "c.ck"
     make(path, steps=1)

@@ -43,6 +43,8 @@ def owned_bytes(arr: np.ndarray) -> int:
         base = base.base
     if isinstance(base, np.ndarray):
         return int(base.nbytes)
+    if isinstance(base, (bytes, bytearray, memoryview)):
+        return memoryview(base).nbytes
     return ctypes.sizeof(base)
 
 
@@ -87,6 +89,64 @@ def test_scan_into_bounds_and_validation() -> None:
         assert out2.tobytes() == bytes(out2.nbytes)
     with striped(16) as m, Scanner(category_mask=PRESENT, return_mask=PRESENT, vec_len=2) as sc:
         assert sc.scan_into(m.addr, m.end, np.zeros(8, PAGE_REGION_DTYPE))[0] == 2  # vec_len bounds too
+
+
+def test_scan_into_range_checked_by_the_store() -> None:
+    """Issue 12.1: scan_into stores start and end without a separate range check; a
+    negative or 65-bit value is still refused, naming the argument, before any call,
+    with the remembered out and with a new (bad) one."""
+    with striped(8) as m, Scanner(category_mask=PRESENT, return_mask=PRESENT) as sc:
+        out = np.zeros(8, PAGE_REGION_DTYPE)
+        assert sc.scan_into(m.addr, m.end, out) == (4, m.end)
+        out[:] = 0
+        for start, end, name in ((-P, m.end, "start"), (m.addr, 1 << 64, "end"), (1 << 64, m.end, "start")):
+            with pytest.raises(ValueError, match=name):
+                sc.scan_into(start, end, out)
+            with pytest.raises(ValueError, match=name):  # the range is reported before the bad out
+                sc.scan_into(start, end, np.zeros(4, np.uint64))
+        with pytest.raises(TypeError, match="start"):
+            sc.scan_into(float(m.addr), m.end, out)
+        assert out.tobytes() == bytes(out.nbytes)
+        assert sc.scan_into(np.uint64(m.addr), np.int64(m.end), out) == (4, m.end)  # __index__ ints
+        assert sc.scan_into(m.addr, m.end, out) == (4, m.end)  # every spare request is back and sound
+
+
+def test_plain_one_off_scan() -> None:
+    """Issue 12.2: ``scan()`` with only ``return_mask`` (the one-off call's own path) and
+    ``Scanner.scan`` of a small range return what the general path returns: a writable
+    result owning only its regions (made on first use), ``len`` without making it, the
+    same errors, and with ``out=`` a view of ``out``."""
+    with striped(16) as m:
+        want = scan(m.addr, m.end, category_mask=0, return_mask=PRESENT, max_pages=1 << 20)  # the general path
+        for res in (scan(m.addr, m.end, return_mask=PRESENT), scan(m.addr, m.end, return_mask=C.PRESENT),
+                    Scanner(return_mask=PRESENT).scan(m.addr, m.end)):
+            assert len(want) == 16 and len(res) == 16 and res.complete and res.walk_end == m.end  # 8 present
+            assert res.regions.tolist() == want.regions.tolist()
+            assert res.regions.flags.writeable and owned_bytes(res.regions) == 16 * 24
+            assert res.regions is res.regions  # made once
+            res.regions[0]["categories"] = 7
+            assert res[0].categories == 7
+        assert scan(m[1], m[2], return_mask=PRESENT).regions.tolist() == [(m[1], m[2], 0)]
+        assert scan(m.addr, m.addr + 100, return_mask=PRESENT).walk_end == m[1]  # end rounded up
+        out = np.zeros(16, PAGE_REGION_DTYPE)
+        res = scan(m.addr, m.end, return_mask=PRESENT, out=out)
+        assert len(res) == 16 and np.shares_memory(res.regions, out) and out.tolist() == want.regions.tolist()
+        short = np.zeros(3, PAGE_REGION_DTYPE)
+        res = scan(m.addr, m.end, return_mask=PRESENT, out=short)
+        assert len(res) == 3 and res.walk_end == m[3] and not res.complete
+        for bad in (np.zeros(3, np.uint64), [0, 0, 0]):
+            with pytest.raises((TypeError, ValueError)):
+                scan(m.addr, m.end, return_mask=PRESENT, out=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="start"):
+            scan(-P, m.end, return_mask=PRESENT)
+        with pytest.raises(ValueError, match="end"):
+            scan(m.addr, 1 << 64, return_mask=PRESENT)
+        with pytest.raises(OSError) as err:
+            scan(m.addr + 1, m.end, return_mask=PRESENT)
+        assert err.value.errno == errno.EINVAL
+        with pytest.raises(OSError) as err:
+            scan(m.addr, m.end, return_mask=1 << 40)  # an unknown category
+        assert err.value.errno == errno.EINVAL
 
 
 def test_scanner_arguments_checked_once() -> None:
@@ -170,6 +230,7 @@ def _reentrancy(seconds: float) -> tuple[int, int, int]:
         m.write(i, 1)
     kw: dict[str, Any] = dict(category_mask=PRESENT, return_mask=PRESENT)
     expect = scan(m.addr, m.end, **kw).regions.tolist()
+    plain = scan(m.addr, m.end, return_mask=PRESENT, max_pages=64).regions.tolist()  # the general path
     sc = Scanner(**kw)
     bad = [0]
     calls = [0]
@@ -180,6 +241,8 @@ def _reentrancy(seconds: float) -> tuple[int, int, int]:
             bad[0] += 1
         if sc.scan(m.addr, m.end).regions.tolist() != expect:
             bad[0] += 1
+        if scan(m.addr, m.end, return_mask=PRESENT).regions.tolist() != plain:  # scan()'s own small path
+            bad[0] += 1
 
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
@@ -189,6 +252,8 @@ def _reentrancy(seconds: float) -> tuple[int, int, int]:
     try:
         while time.monotonic() < deadline:
             if scan(m.addr, m.end, **kw).regions.tolist() != expect:
+                bad[0] += 1
+            if scan(m.addr, m.end, return_mask=PRESENT).regions.tolist() != plain:
                 bad[0] += 1
             k, walk_end = sc.scan_into(m.addr, m.end, out)
             if out[:k].tolist() != expect or walk_end != m.end:

@@ -362,6 +362,49 @@ def test_guard_pages_are_excluded(fast: bool) -> None:
             check([])
 
 
+def test_regions_to_pages_expands_every_shape() -> None:
+    """Single-page regions, runs, one region, none, and another page size: the same
+    addresses as expanding each region in Python."""
+    rng = np.random.default_rng(7)
+    mostly_single = [3, *[1] * 30, 4, *[1] * 30, 2]  # the few runs filled in after the starts
+    for page, runs in ((P, [1] * 50), (P, mostly_single), (P, list(rng.integers(1, 6, 200))), (P, [300]),
+                       (2 << 20, [1, 3, 2])):
+        gaps = rng.integers(1, 4, len(runs))
+        regions, at = [], 0x7F0000000000
+        for run, gap in zip(runs, gaps):
+            at += int(gap) * page
+            regions.append((at, at + int(run) * page, WR))
+            at += int(run) * page
+        arr = np.array(regions, dtype=PAGE_REGION_DTYPE)
+        want = [a for s, e, _ in regions for a in range(s, e, page)]
+        got = pagescan.regions_to_pages(arr, page)
+        assert got.dtype == np.uint64 and got.tolist() == want
+        assert pagescan.regions_to_pages(arr[::2], page).tolist() == [  # a strided view
+            a for s, e, _ in regions[::2] for a in range(s, e, page)]
+    assert pagescan.regions_to_pages(np.empty(0, PAGE_REGION_DTYPE)).tolist() == []
+
+
+def test_answer_larger_than_the_first_buffer() -> None:
+    """A whole-range get walks in one call into a reused buffer (4096 regions at first):
+    an answer that fills it goes on in a bigger one from where the walk stopped, with
+    nothing lost or repeated; the returned arrays never share the buffer."""
+    n = 12000
+    with anon(n) as m, WriteWatch(m.addr, m.length) as w:
+        for i in range(0, n, 2):  # 6000 regions (the last of two pages)
+            m.touch(i)
+        m.touch(n - 1)
+        want = [*range(0, n, 2), n - 1]
+        first = w.regions()
+        assert len(first) == 6000 and rel(pagescan.regions_to_pages(first), m) == want
+        assert got(w, m, reset=True) == want
+        assert got(w, m) == []
+        for i in range(1, n, 3):
+            m.touch(i)
+        assert got(w, m, reset=True) == list(range(1, n, 3))
+        assert rel(pagescan.regions_to_pages(first), m) == want, "a returned array changed"
+        assert len(w._bufs) == 1 and len(w._bufs[0]) >= 6000  # the grown buffer is kept
+
+
 def test_dontneed_reads_as_written() -> None:
     with anon(8) as m:
         m.write(0, 8, 3)

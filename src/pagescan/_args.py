@@ -29,7 +29,7 @@ import numpy as np
 from ._errors import InvalidArgumentError
 from ._uapi.pagemap import PAGE_REGION_DTYPE
 
-__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "check_aligned", "check_out",
+__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "check_aligned", "check_out", "seconds",
            "open_regular", "u64"]
 
 #: What pagescan accepts as "a buffer object": anything with the buffer protocol; these
@@ -145,6 +145,17 @@ def buffer_range(obj: Any, name: str = "buffer") -> tuple[int, int]:
 
 class NotRegularFileError(ValueError):
     """A path that had to be a regular file is a FIFO, a device, a directory, ..."""
+
+
+def seconds(name: str, value: Any) -> float | None:
+    """A timeout: ``None`` (no limit) or a finite number of seconds >= 0."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not {type(value).__name__}")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"{name} must be >= 0 and finite, got {value}")
+    return float(value)
 
 
 def open_regular(path: str | os.PathLike[str], flags: int = os.O_RDONLY, name: str = "path") -> int:

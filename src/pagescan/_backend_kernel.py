@@ -20,6 +20,7 @@ exception class stay the kernel's; the message says which argument or which memo
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -31,10 +32,10 @@ import numpy as np
 
 from . import _engine, _probe
 from . import _target as _target_mod
-from ._args import U64, check_out, u64
+from ._args import check_out, u64
 from ._errors import feature_error, with_context
 from ._procfs import task_size
-from ._uapi.pagemap import ALL_CATEGORIES, PAGEMAP_SCAN, Category, ScanFlag, pm_scan_arg
+from ._uapi.pagemap import ALL_CATEGORIES, PAGE_REGION_DTYPE, PAGEMAP_SCAN, Category, ScanFlag, pm_scan_arg
 
 if TYPE_CHECKING:
     from ._backend import Runner
@@ -45,10 +46,27 @@ __all__ = ["KernelBackend"]
 _ioctl = fcntl.ioctl
 _PAGE_SIZE = mmap.PAGESIZE
 _WP_MATCHING = int(ScanFlag.WP_MATCHING)
+_REQ = int(PAGEMAP_SCAN)
 #: ``start, end, walk_end, vec, vec_len, max_pages`` of ``struct pm_scan_arg``, at byte 16:
 #: one ``pack_into`` costs a third of six ctypes field setters.
 _pack_range = struct.Struct("=6Q").pack_into
 _RANGE_OFFSET = pm_scan_arg.start.offset
+#: Indices of the ``u64`` fields of ``struct pm_scan_arg`` in a ``memoryview.cast("Q")`` of
+#: a request: one item store costs 20 ns, a ctypes field setter 40.
+_START, _END, _WALK_END, _VEC, _VEC_LEN, _MAX_PAGES = 2, 3, 4, 5, 6, 7
+_REGION = PAGE_REGION_DTYPE.itemsize
+#: A request: a ``u64`` view of a ``bytearray`` holding ``struct pm_scan_arg``, passed to
+#: ``fcntl.ioctl`` as it is (which writes ``walk_end`` back into it).
+Request = memoryview
+
+
+def _template(flags: int, inverted: int, mask: int, anyof: int, return_mask: int, max_pages: int = 0) -> bytes:
+    return bytes(pm_scan_arg(ctypes.sizeof(pm_scan_arg), flags, 0, 0, 0, 0, 0, max_pages, inverted, mask, anyof,
+                             return_mask))
+
+
+def _request(template: bytes) -> Request:
+    return memoryview(bytearray(template)).cast("Q")
 
 
 class KernelBackend:
@@ -70,81 +88,143 @@ class KernelBackend:
     def prepare(self, flags: int, inverted: int, mask: int, anyof: int, return_mask: int) -> Runner:
         """The prepared call behind :class:`~pagescan.Scanner`: the same as :meth:`scan`
         with the flags and masks packed once, the range packed in one ``struct`` call."""
-        free: list[pm_scan_arg] = []  # spare request structs: list pop/append are atomic
-        ioctl, pack, at, req = _ioctl, _pack_range, _RANGE_OFFSET, PAGEMAP_SCAN
+        free: list[Request] = []  # spare requests: list pop/append are atomic
+        ioctl, pack, at, req, template = _ioctl, _pack_range, _RANGE_OFFSET, _REQ, _template(
+            flags, inverted, mask, anyof, return_mask)
 
         def run(target: Target, start: int, end: int, vec: int, vec_len: int, max_pages: int,
                 out: np.ndarray | None) -> tuple[int, int]:
             try:
-                arg = free.pop()
+                q = free.pop()
             except IndexError:
-                arg = pm_scan_arg(96, flags, 0, 0, 0, 0, 0, 0, inverted, mask, anyof, return_mask)
+                q = _request(template)
             try:
-                pack(arg, at, start, end, 0, vec, vec_len, max_pages)
+                pack(q, at, start, end, 0, vec, vec_len, max_pages)
                 try:
-                    n: int = ioctl(target._fd, req, arg, True)
+                    n: int = ioctl(target._fd, req, q, True)
                 except OSError as err:
-                    n = _again(target, arg, err)
-                walk_end: int = arg.walk_end
+                    n = _again(target, q, err)
+                walk_end: int = q[_WALK_END]
             finally:
-                free.append(arg)
+                free.append(q)
             if n and walk_end < end and out is not None:
                 walk_end = _corrected(target, flags, walk_end, end, n, out)
             return n, walk_end
 
         return run
 
+    def prepare_small(self, flags: int, inverted: int, mask: int, anyof: int, return_mask: int, max_pages: int,
+                      slots: int) -> Callable[[Target, int, int], tuple[bytes, int]]:
+        """``small(target, start, end) -> (regions, walk_end)`` for ``start < end`` at
+        most ``slots`` pages apart, with the default ``vec_len`` (one slot per page of
+        the range): the kernel writes into a reused buffer of ``slots`` regions, and the
+        regions come back as ``bytes`` of ``PAGE_REGION_DTYPE`` records. Per call only
+        ``start``, ``end``, ``walk_end`` and ``vec_len`` are stored (a bad ``start`` or
+        ``end`` is refused by the store: ``ValueError`` naming it)."""
+        free: list[tuple[Request, memoryview]] = []  # list pop/append are atomic
+        ioctl, req, template = _ioctl, _REQ, _template(flags, inverted, mask, anyof, return_mask, max_pages)
+        size, page = _REGION, _PAGE_SIZE
+
+        def new() -> tuple[Request, memoryview]:
+            q = _request(template)
+            buf = bytearray(slots * size)
+            view = memoryview(buf)  # kept with the request: buf stays alive and cannot be resized
+            q[_VEC] = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+            return q, view
+
+        def small(target: Target, start: int, end: int) -> tuple[bytes, int]:
+            try:
+                q, buf = free.pop()
+            except IndexError:
+                q, buf = new()
+            try:
+                try:
+                    q[2] = start  # refuses a negative or 65-bit value: ValueError
+                    q[3] = end
+                except ValueError:
+                    u64("start", start), u64("end", end)  # the error that names the argument
+                    raise
+                q[4] = 0
+                q[6] = (end - start + page - 1) // page  # the kernel's bounce buffer is sized by it
+                try:
+                    n: int = ioctl(target._fd, req, q, True)
+                except OSError as err:
+                    n = _again(target, q, err)
+                walk_end: int = q[4]
+                raw = buf[:n * size].tobytes()
+            finally:
+                free.append((q, buf))
+            if n and walk_end < end:
+                walk_end = _corrected(target, flags, walk_end, end, n, np.frombuffer(raw, PAGE_REGION_DTYPE))
+            return raw, walk_end
+
+        return small
+
     def prepare_into(
         self, target: Target | None, flags: int, inverted: int, mask: int, anyof: int, return_mask: int,
         max_pages: int, vec_len: int | None, on_enotty: Callable[[int, int, Any], tuple[int, int]] | None,
     ) -> Callable[[int, int, Any], tuple[int, int]]:
         """``Scanner.scan_into`` as one closure: the range checks, the remembered ``out``
-        (validated once, re-checked for length and writability at each call), the
-        target (``None``: this process, reopened after fork) and the ioctl in a single
-        Python frame. ``on_enotty(start, end, out)`` serves a call the kernel answered
+        (validated once, re-checked for identity, length and writability at each call),
+        the target (``None``: this process, reopened after fork) and the ioctl in a
+        single Python frame. Spare requests are kept per remembered ``out``, with its
+        address and length already packed: a call stores only ``start``, ``end`` and
+        ``walk_end``. ``on_enotty(start, end, out)`` serves a call the kernel answered
         ENOTTY (no ``PAGEMAP_SCAN``: ``backend="auto"`` falls back)."""
-        free: list[pm_scan_arg] = []  # spare request structs: list pop/append are atomic
-        ioctl, pack, at, req = _ioctl, _pack_range, _RANGE_OFFSET, PAGEMAP_SCAN
-        # (out, address, slots the kernel may fill, length) of the last array seen; the reference
-        # keeps numpy from resizing it in place.
-        last: tuple[Any, int, int, int] | None = None
+        ioctl, req, template = _ioctl, _REQ, _template(flags, inverted, mask, anyof, return_mask, max_pages)
+        self_target = _target_mod.self_target
+        # (out, its length, spare requests packed for it, its address, slots the kernel may
+        # fill) of the last array seen; the reference keeps numpy from resizing it in place.
+        last: tuple[Any, int, list[Request], int, int] = (None, -1, [], 0, 0)
 
-        def remember(out: Any) -> tuple[Any, int, int, int]:
+        def remember(out: Any, start: int, end: int) -> tuple[Any, int, list[Request], int, int]:
             nonlocal last
+            u64("start", start), u64("end", end)  # a bad range is reported before a bad out
             addr = check_out(out)
             n = len(out)
-            c = last = (out, addr, n if vec_len is None or n <= vec_len else vec_len, n)
+            c = last = (out, n, [], addr, n if vec_len is None or n <= vec_len else vec_len)
             return c
 
+        def request(c: tuple[Any, int, list[Request], int, int]) -> Request:
+            q = _request(template)
+            q[_VEC], q[_VEC_LEN] = c[3], c[4]
+            return q
+
         def scan_into(start: int, end: int, out: Any) -> tuple[int, int]:
-            if type(start) is not int or type(end) is not int or not (0 <= start <= U64 and 0 <= end <= U64):
+            if type(start) is not int or type(end) is not int:
                 start, end = u64("start", start), u64("end", end)
             c = last
-            if c is None or c[0] is not out or len(out) != c[3] or not out.flags.writeable:
-                c = remember(out)
+            if c[0] is not out or len(out) != c[1] or not out.flags.writeable:
+                c = remember(out, start, end)
             t = target
             if t is None:
                 t = _target_mod._self  # reset after fork by an at-fork hook
                 if t is None or t._fd < 0:
-                    t = _target_mod.self_target()
+                    t = self_target()
+            free = c[2]
+            try:
+                q = free.pop()
+            except IndexError:
+                q = request(c)
             try:
                 try:
-                    arg = free.pop()
-                except IndexError:
-                    arg = pm_scan_arg(96, flags, 0, 0, 0, 0, 0, 0, inverted, mask, anyof, return_mask)
+                    q[2] = start  # refuses a negative or 65-bit value: ValueError
+                    q[3] = end
+                except ValueError:
+                    u64("start", start), u64("end", end)  # the error that names the argument
+                    raise
+                q[4] = 0
                 try:
-                    pack(arg, at, start, end, 0, c[1], c[2], max_pages)
-                    try:
-                        n: int = ioctl(t._fd, req, arg, True)
-                    except OSError as err:
-                        n = _again(t, arg, err)
-                    walk_end: int = arg.walk_end
-                finally:
-                    free.append(arg)
+                    n: int = ioctl(t._fd, req, q, True)
+                except OSError as err:
+                    n = _again(t, q, err)
+                walk_end: int = q[4]
             except OSError as err:
                 if on_enotty is None or err.errno != errno.ENOTTY:
                     raise
                 return on_enotty(start, end, out)
+            finally:
+                free.append(q)
             if n and walk_end < end:
                 walk_end = _corrected(t, flags, walk_end, end, n, out)
             return n, walk_end
@@ -152,14 +232,14 @@ class KernelBackend:
         return scan_into
 
 
-def _again(target: Target, arg: pm_scan_arg, err: OSError) -> int:
+def _again(target: Target, arg: Request | pm_scan_arg, err: OSError) -> int:
     """After a failed ioctl: retry on EINTR (a fatal signal is pending at a chunk
     boundary: we are dying anyway), else raise the explained error."""
     while True:
         if not isinstance(err, InterruptedError):
             if target._fd < 0:
                 target.fd  # raises ValueError: closed Target
-            raise _explain(err, target, arg) from None
+            raise _explain(err, target, arg if isinstance(arg, pm_scan_arg) else pm_scan_arg.from_buffer_copy(arg)) from None
         try:
             n: int = _ioctl(target._fd, PAGEMAP_SCAN, arg, True)
             return n

@@ -31,7 +31,7 @@ import errno
 import mmap
 import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, NamedTuple, final
+from typing import TYPE_CHECKING, Any, NamedTuple, cast, final
 
 import numpy as np
 
@@ -44,6 +44,10 @@ from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag, page_region
 if TYPE_CHECKING:
     from ._backend import Backend, Runner
 
+#: A backend's call for a small range: ``small(target, start, end) -> (regions as bytes,
+#: walk_end)`` (see ``KernelBackend.prepare_small``).
+Small = Callable[[Target, int, int], "tuple[bytes, int]"]
+
 __all__ = ["PageRegion", "ScanResult", "Scanner", "buffer_range", "masks", "scan", "scan_iter"]
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -54,6 +58,9 @@ DEFAULT_VEC_LEN = 1 << 16
 _SMALL = 512
 #: Larger calls go through a scratch buffer of this many regions per kernel call.
 _CHUNK = 4096
+#: The widest range (bytes) that cannot return more than ``_SMALL`` regions.
+_SMALL_SPAN = _SMALL * PAGE_SIZE
+_REGION = PAGE_REGION_DTYPE.itemsize
 
 _EMPTY = np.empty(0, PAGE_REGION_DTYPE)
 _EMPTY.flags.writeable = False
@@ -73,26 +80,48 @@ class ScanResult:
     """What one ``PAGEMAP_SCAN`` call returned.
 
     Attributes:
-        regions: numpy array of :data:`PAGE_REGION_DTYPE`, ascending, non-overlapping.
+        regions: numpy array of :data:`PAGE_REGION_DTYPE`, ascending, non-overlapping
+            (made on first use: from the bytes of a small answer, it owns only its
+            regions; with ``out=``, a view of ``out``).
         walk_end: where the walk stopped; everything in ``[start, walk_end)`` was
             examined. Equals the page-rounded ``end`` when the walk completed.
         complete: ``walk_end`` reached ``end``.
         start, end: the range asked for.
     """
 
-    __slots__ = ("complete", "end", "regions", "start", "walk_end")
+    __slots__ = ("_regions", "end", "start", "walk_end")
 
-    regions: np.ndarray
+    #: an array, the bytes of a small answer, or ``(out, n)``: made an array on first use
+    _regions: np.ndarray | bytes | tuple[np.ndarray, int]
     walk_end: int
-    complete: bool
     start: int
     end: int
 
     def __init__(self) -> None:
         raise TypeError("ScanResult has no public constructor; call pagescan.scan()")
 
+    @property
+    def regions(self) -> np.ndarray:
+        r = self._regions
+        if type(r) is np.ndarray:
+            return r
+        if isinstance(r, bytes):
+            a: np.ndarray = np.frombuffer(bytearray(r), PAGE_REGION_DTYPE)
+        else:
+            out, n = cast("tuple[np.ndarray, int]", r)  # the caller's out and the regions written into it
+            a = out[:n]
+        self._regions = a
+        return a
+
+    @property
+    def complete(self) -> bool:
+        return self.walk_end >= self.end
+
     def __len__(self) -> int:
-        return len(self.regions)
+        r = self._regions
+        if type(r) is bytes:
+            return len(r) // _REGION
+        return len(r) if type(r) is np.ndarray else cast("tuple[np.ndarray, int]", r)[1]
 
     def __iter__(self) -> Iterator[PageRegion]:
         for s, e, c in self.regions.tolist():
@@ -110,7 +139,7 @@ class ScanResult:
 
     def __repr__(self) -> str:
         return (
-            f"<ScanResult regions={len(self.regions)} pages={self.pages} "
+            f"<ScanResult regions={len(self)} pages={self.pages} "
             f"walk_end={self.walk_end:#x} complete={self.complete}>"
         )
 
@@ -118,11 +147,10 @@ class ScanResult:
 _new_result = object.__new__
 
 
-def _result(regions: np.ndarray, walk_end: int, start: int, end: int) -> ScanResult:
+def _result(regions: np.ndarray | bytes | tuple[np.ndarray, int], walk_end: int, start: int, end: int) -> ScanResult:
     res: ScanResult = _new_result(ScanResult)
-    res.regions = regions
+    res._regions = regions
     res.walk_end = walk_end
-    res.complete = walk_end >= end
     res.start = start
     res.end = end
     return res
@@ -164,7 +192,8 @@ class Scanner:
     """
 
     __slots__ = (
-        "__dict__", "__weakref__", "_fallback", "_impl", "_out", "_owned", "_run", "_scratch", "_target", "backend",
+        "__dict__", "__weakref__", "_fallback", "_impl", "_out", "_owned", "_run", "_scratch", "_small", "_target",
+        "backend",
         "category_anyof_mask", "category_inverted", "category_mask", "flags", "max_pages",
         "return_mask", "vec_len",
     )
@@ -196,6 +225,7 @@ class Scanner:
         impl, self._fallback = _backend.pick(backend)
         self._impl: Backend = impl
         self._run: Runner = self._prepare()
+        self._small: Small | None = self._prepare_small()
         self.backend = backend
         self._scratch: list[tuple[np.ndarray, int]] = []
         self._out: tuple[np.ndarray, int, int] | None = None
@@ -218,6 +248,16 @@ class Scanner:
     def _prepare(self) -> Runner:
         return _backend.prepare(self._impl, self.flags, self.category_inverted, self.category_mask,
                                 self.category_anyof_mask, self.return_mask)
+
+    def _prepare_small(self) -> Small | None:
+        """The backend's call for a range of at most ``_SMALL`` pages with the default
+        ``vec_len`` (a reused buffer; the regions come back as bytes), if it has one."""
+        own = getattr(self._impl, "prepare_small", None)
+        if own is None:
+            return None
+        small: Small = own(self.flags, self.category_inverted, self.category_mask, self.category_anyof_mask,
+                           self.return_mask, self.max_pages, _SMALL)
+        return small
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -297,9 +337,21 @@ class Scanner:
         Scanner (and "auto" from now on) to the emulation; anything else is raised."""
         if not (self._fallback and err.errno == errno.ENOTTY):
             raise err
+        self._switch()
+        return self._run(target, start, end, vec, vec_len, max_pages, out)
+
+    def _switch(self) -> None:
         self._impl, self._fallback = _backend.fall_back(), False
         self._run = self._prepare()
-        return self._run(target, start, end, vec, vec_len, max_pages, out)
+        self._small = None
+
+    def _small_failed(self, err: OSError, start: int, end: int, max_pages: int) -> ScanResult:
+        """The small call failed: ENOTTY under ``backend="auto"`` switches to the emulation
+        (and repeats the call there); anything else is raised."""
+        if not (self._fallback and err.errno == errno.ENOTTY):
+            raise err
+        self._switch()
+        return self._scan(start, end, max_pages, None)
 
     def _call(self, start: int, end: int, vec: int, vec_len: int, max_pages: int,
               out: np.ndarray | None) -> tuple[int, int]:
@@ -314,6 +366,23 @@ class Scanner:
             return self._fall_back(err, target, start, end, vec, vec_len, max_pages, out)
 
     def _scan(self, start: int, end: int, max_pages: int, vec_len: int | None) -> ScanResult:
+        small = self._small
+        if small is not None and vec_len is None and start < end <= start + _SMALL_SPAN and max_pages == self.max_pages:
+            target = self._target
+            if target is None:
+                target = _target_mod._self  # reset after fork by an at-fork hook
+                if target is None or target._fd < 0:
+                    target = self_target()
+            try:
+                raw, walk_end = small(target, start, end)
+            except OSError as err:
+                return self._small_failed(err, start, end, max_pages)
+            res: ScanResult = _new_result(ScanResult)
+            res._regions = raw
+            res.walk_end = walk_end
+            res.start = start
+            res.end = end
+            return res
         cap = (end - start + _P - 1) // _P if end > start else 1
         if max_pages and max_pages < cap:
             cap = max_pages
@@ -344,13 +413,7 @@ class Scanner:
             n, walk_end = self._fall_back(err, target, start, end, _addressof(c), cap, max_pages, buf)
         if n != cap:
             buf = buf[:n].copy() if cap > 16 and 2 * n < cap else buf[:n]
-        res: ScanResult = _new_result(ScanResult)
-        res.regions = buf
-        res.walk_end = walk_end
-        res.complete = walk_end >= end
-        res.start = start
-        res.end = end
-        return res
+        return _result(buf, walk_end, start, end)
 
     def _scan_chunked(self, start: int, end: int, max_pages: int, cap: int) -> ScanResult:
         """A call that may return more than ``_SMALL`` regions: kernel calls of at most
@@ -422,7 +485,24 @@ def _fall_back_into(target: Target | None, flags: int, inverted: int, mask: int,
 
 
 _cache: dict[tuple[Any, ...], Scanner] = {}
+#: The shared Scanners of calls that give only ``return_mask``, by return_mask.
+_plain: dict[int, Scanner] = {}
 _CACHE_MAX = 256
+_ZERO = 0
+_AUTO = "auto"
+
+
+def _shared(key: tuple[Any, ...]) -> Scanner:
+    """The shared Scanner of this process for ``(flags, category_inverted, category_mask,
+    category_anyof_mask, return_mask, max_pages, backend)`` (types already checked)."""
+    sc = _cache.get(key)
+    if sc is None:
+        flags, inverted, mask, anyof, return_mask, max_pages, backend = key
+        sc = Scanner(None, flags=flags, category_inverted=inverted, category_mask=mask, category_anyof_mask=anyof,
+                     return_mask=return_mask, max_pages=max_pages, backend=backend)
+        if len(_cache) < _CACHE_MAX:
+            _cache[key] = sc
+    return sc
 
 
 def scan(
@@ -474,21 +554,57 @@ def scan(
     """
     if end is None:
         start, end = buffer_range(start, "start")
-    elif type(start) is not int or type(end) is not int or not (0 <= start <= U64 and 0 <= end <= U64):
+    elif type(start) is not int or type(end) is not int:
+        start, end = u64("start", start), u64("end", end)
+    if (pid is None and vec_len is None and flags is _ZERO and category_inverted is _ZERO
+            and category_mask is _ZERO and category_anyof_mask is _ZERO and max_pages is _ZERO and backend is _AUTO
+            and type(return_mask) in _INT_TYPES):
+        # The common one-off call (only ``return_mask`` given): a shared Scanner found by
+        # its return_mask alone, and the small-range call inlined (a frame is ~5% of it).
+        res: ScanResult
+        sc = _plain.get(return_mask)
+        if sc is None:
+            sc = _shared((0, 0, 0, 0, return_mask, 0, "auto"))
+            if len(_plain) < _CACHE_MAX:
+                _plain[return_mask] = sc
+        if out is not None:
+            if type(out) is np.ndarray and len(out) <= _SMALL:  # the shared Scanner keeps only a small out
+                n, walk_end = sc.scan_into(start, end, out)  # checks the range and out
+                res = _new_result(ScanResult)
+                res._regions = (out, n)
+                res.walk_end = walk_end
+                res.start = start
+                res.end = end
+                return res
+            if not (0 <= start <= U64 and 0 <= end <= U64):
+                start, end = u64("start", start), u64("end", end)
+            return sc._scan_out(start, end, out, None, 0, remember=False)
+        small = sc._small
+        if small is not None and start < end <= start + _SMALL_SPAN:  # small() checks the range
+            target = _target_mod._self  # reset after fork by an at-fork hook
+            if target is None or target._fd < 0:
+                target = self_target()
+            try:
+                raw, walk_end = small(target, start, end)
+            except OSError as err:
+                return sc._small_failed(err, start, end, 0)
+            res = _new_result(ScanResult)
+            res._regions = raw
+            res.walk_end = walk_end
+            res.start = start
+            res.end = end
+            return res
+        if not (0 <= start <= U64 and 0 <= end <= U64):
+            start, end = u64("start", start), u64("end", end)
+        return sc._scan(start, end, 0, None)
+    if not (0 <= start <= U64 and 0 <= end <= U64):
         start, end = u64("start", start), u64("end", end)
     if pid is None and (
         type(flags) in _INT_TYPES and type(category_inverted) in _INT_TYPES and type(category_mask) in _INT_TYPES
         and type(category_anyof_mask) in _INT_TYPES and type(return_mask) in _INT_TYPES
         and type(max_pages) is int and (vec_len is None or type(vec_len) is int) and type(backend) is str
     ):
-        key = (flags, category_inverted, category_mask, category_anyof_mask, return_mask, max_pages, backend)
-        sc = _cache.get(key)
-        if sc is None:
-            sc = Scanner(None, flags=flags, category_inverted=category_inverted, category_mask=category_mask,
-                         category_anyof_mask=category_anyof_mask, return_mask=return_mask, max_pages=max_pages,
-                         backend=backend)
-            if len(_cache) < _CACHE_MAX:
-                _cache[key] = sc
+        sc = _shared((flags, category_inverted, category_mask, category_anyof_mask, return_mask, max_pages, backend))
         if vec_len is not None and not 0 <= vec_len <= U64:
             vec_len = u64("vec_len", vec_len)
         if out is not None:

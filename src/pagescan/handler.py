@@ -44,6 +44,10 @@ are children of the owner, watched through pidfds (``pagescan._child``) and reap
 (``weakref.finalize``); if the owner exits first, the handler notices (a pidfd) and
 both exit.
 
+A lazy load (``pagescan.snapshot.load``) can instead hand the uffd to handler and
+guardian processes started ahead of time by a fault server (``pagescan._faultserver``,
+:meth:`FaultHandler.start`'s ``via``): no fork of the owner at all.
+
 A process the owner forks later does not inherit the registration (no
 ``EVENT_FORK``): pages not yet served read as zeros there. Fork after :meth:`wait`.
 """
@@ -168,10 +172,20 @@ class _CallableSource:
 
 
 class _Shared:
-    """A small MAP_SHARED page for progress counters: [served_pages, state, error]."""
+    """A small MAP_SHARED page for progress counters: [served_pages, state, error, the
+    handler's ``waitpid`` status (written by a fault server)]."""
 
-    def __init__(self) -> None:
-        self._map = libc.RawMapping(P, PROT.READ | PROT.WRITE, MAP.SHARED | MAP.ANONYMOUS)
+    def __init__(self, fd: int = -1) -> None:
+        # A memfd: the page can also be handed to a process that is not our fork (the
+        # fault server, ``pagescan._faultserver``) with SCM_RIGHTS.
+        self.fd = os.memfd_create("pagescan-handler", os.MFD_CLOEXEC) if fd < 0 else fd
+        try:
+            if fd < 0:
+                os.ftruncate(self.fd, P)
+            self._map = libc.RawMapping(P, PROT.READ | PROT.WRITE, MAP.SHARED, self.fd)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.addr = self._map.addr
         # Our own mapping, alive as long as this object is: safe to view in place.
         self.arr = (ctypes.c_uint64 * 4).from_address(self.addr)
@@ -179,9 +193,29 @@ class _Shared:
     def close(self) -> None:
         self.addr = 0
         self._map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 STATE_RUNNING, STATE_DONE, STATE_FAILED = 0, 1, 2
+
+
+class _Proc(Protocol):
+    """A helper process as the owner sees it: a :class:`~pagescan._child.Child`, or a
+    process of the fault server (``pagescan._faultserver``)."""
+
+    pid: int
+    status: int | None
+
+    def wait(self, timeout: float | None = None) -> int | None: ...
+
+    def kill(self, sig: int = signal.SIGKILL) -> None: ...
+
+
+#: ``via(handler, uffd)`` of :meth:`FaultHandler.start`: hands the registered uffd to
+#: processes started elsewhere; returns (handler, guardian), or ``None`` to fork them.
+Via = Callable[["FaultHandler", Userfaultfd], "tuple[_Proc, _Proc] | None"]
 
 
 class _Lifecycle:
@@ -191,8 +225,8 @@ class _Lifecycle:
 
     def __init__(self) -> None:
         self.owner = os.getpid()
-        self.handler: Child | None = None
-        self.guardian: Child | None = None
+        self.handler: _Proc | None = None
+        self.guardian: _Proc | None = None
         self.shared: _Shared | None = None
 
     def stop(self) -> None:
@@ -299,7 +333,9 @@ class FaultHandler:
 
     # -- owner side -----------------------------------------------------------------
 
-    def start(self) -> FaultHandler:
+    def start(self, via: Via | None = None) -> FaultHandler:
+        """Register the regions and start serving. ``via``: see :data:`Via` (``None``,
+        or if it returns ``None``: fork the handler and its guardian here)."""
         from ._scan import scan
 
         if self._started:
@@ -323,6 +359,12 @@ class FaultHandler:
                         f"lazy targets must be unpopulated: {busy.pages} pages of {a:#x}+{n:#x} are already "
                         "present (or swapped)",
                     )
+            procs = via(self, uf) if via is not None else None
+            if procs is not None:
+                life.handler, life.guardian = procs
+                self._started = True
+                ok = True
+                return self
             # The handler holds the only write end of `life`; the guardian reads EOF (after
             # "D" for done) when the handler ends, however it ends.
             life_r, life_w = os.pipe()
@@ -658,9 +700,10 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
         if ahead is not None:
             ahead.close()
         shared[1] = state
-        with contextlib.suppress(OSError):
-            os.write(life_w, b"D" if state == STATE_DONE else b"F")
-        os.close(life_w)
+        if life_w >= 0:  # -1: a fault server's handler, guarded by the server (its exit status)
+            with contextlib.suppress(OSError):
+                os.write(life_w, b"D" if state == STATE_DONE else b"F")
+            os.close(life_w)
         os.close(owner_fd)
     return 0 if state == STATE_DONE else 1
 

@@ -69,7 +69,7 @@ import numpy as np
 from . import _probe
 from ._args import Buffer, buffer_range, check_aligned, u64
 from ._errors import InvalidArgumentError, feature_error
-from ._scan import Scanner, scan, walk
+from ._scan import Scanner, ScanResult, scan, walk
 from ._uapi import libc
 from ._uapi.mman import MADV
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag
@@ -83,6 +83,10 @@ P = mmap.PAGESIZE
 #: answer had at most one region per this many pages of the range (1 GiB written at
 #: 0.01 %: 346 against 598 us; 0.05 %: 504 against 671 us; slower above about 0.08 %).
 _SPARSE_PAGES = 2048
+#: Regions the reused buffer of a whole-range get starts with, and the most it is kept at
+#: (the C reference's buffer has room for every page).
+_BUF_FIRST = 4096
+_BUF_KEEP = 1 << 16
 #: Reported regions closer than this many pages share one guard-check scan.
 _WINDOW_GAP = 64
 #: More than one guard-check scan per this many pages of the range: one scan of the span.
@@ -111,18 +115,39 @@ def _nbytes(obj: Any) -> int:
 
 def regions_to_pages(regions: np.ndarray, page_size: int = P) -> np.ndarray:
     """Expand ``PAGE_REGION_DTYPE`` regions to the ascending uint64 addresses of their pages."""
-    if not len(regions):
+    n = len(regions)
+    if not n:
         return np.empty(0, dtype=np.uint64)
-    if len(regions) == 1:  # the common small case: one numpy call instead of ten
+    if n == 1:  # the common small case: one numpy call instead of ten
         s, e, _ = regions[0].tolist()
         return np.arange(s, e, page_size, dtype=np.uint64)
-    starts = regions["start"]
-    counts = ((regions["end"] - starts) // np.uint64(page_size)).astype(np.int64)
+    starts, ends = regions["start"], regions["end"]
+    shift = page_size.bit_length() - 1
+    size = ends - starts
+    counts = size >> np.uint64(shift) if page_size == 1 << shift else size // np.uint64(page_size)
     total = int(counts.sum())
-    offsets = np.arange(total, dtype=np.uint64)
-    first_index = np.repeat(np.cumsum(counts) - counts, counts).astype(np.uint64)
-    pages: np.ndarray = np.repeat(starts, counts) + (offsets - first_index) * np.uint64(page_size)
-    return pages
+    if total == n:  # one page per region (scattered writes)
+        return np.ascontiguousarray(starts)
+    if total - n <= n // 4:  # mostly single pages: each region's start, then the few runs filled in
+        pages: np.ndarray = np.repeat(starts, counts.astype(np.intp))
+        multi = np.flatnonzero(counts != 1)
+        extra = counts[multi].astype(np.intp) - 1  # pages after the first, per run
+        upto = np.cumsum(extra)
+        step = np.arange(1, int(upto[-1]) + 1, dtype=np.intp) - np.repeat(upto - extra, extra)  # 1..extra
+        at = np.repeat(multi + upto - extra, extra) + step  # multi + upto - extra: where a run's first page is
+        pages[at] += step.astype(np.uint64) * np.uint64(page_size)
+        return pages
+    # The running sum of the steps from page to page: one page, or the jump to the next region.
+    steps = np.full(total, page_size, dtype=np.uint64)
+    steps[0] = starts[0]
+    steps[np.cumsum(counts[:-1]).astype(np.intp)] = starts[1:] - ends[:-1] + np.uint64(page_size)
+    return np.cumsum(steps, out=steps)
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    if not parts:
+        return np.empty(0, PAGE_REGION_DTYPE)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _as_regions(pages: np.ndarray) -> np.ndarray:
@@ -158,7 +183,7 @@ class WriteWatch:
         ValueError, TypeError: bad arguments (unaligned ``start``, ``length <= 0``).
     """
 
-    __slots__ = ("__weakref__", "_guard_buf", "_lock", "_owner", "_scanners", "_sparse", "_uffd", "end", "exclude",
+    __slots__ = ("__weakref__", "_bufs", "_guard_buf", "_lock", "_owner", "_scanners", "_sparse", "_uffd", "end", "exclude",
                  "start")
 
     def __init__(self, start: int | Buffer, length: int | None = None, *, nohugepage: bool = False) -> None:
@@ -167,6 +192,7 @@ class WriteWatch:
         self._scanners: dict[tuple[bool, bool] | None, Scanner] = {}
         self._sparse = True  # the previous answer was sparse: use the fast path
         self._guard_buf = np.zeros(64, PAGE_REGION_DTYPE)  # guard regions of one window
+        self._bufs: list[np.ndarray] = []  # spare region buffers of whole-range gets
         if length is None:
             lo, hi = buffer_range(start, "start")
             if _nbytes(start) == 0:
@@ -285,6 +311,10 @@ class WriteWatch:
             OSError: EINVAL for hugetlb memory when ``reset=True`` and ``max_pages`` is
                 smaller than the first written huge page.
         """
+        return self._written(reset, max_pages, False)
+
+    def _written(self, reset: bool, max_pages: int | None, pages: bool) -> np.ndarray:
+        """:meth:`regions`, or with ``pages`` the addresses of their pages (:meth:`get`)."""
         self._check()
         if max_pages is not None:
             given = max_pages
@@ -303,43 +333,81 @@ class WriteWatch:
                 flags=int(ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if reset else 0)),
                 category_mask=_WRITTEN | ex, category_inverted=ex, return_mask=_WRITTEN,
             )
-        parts = []
-        last = None
+        if max_pages is None:
+            return self._whole(sc, fast, pages)
         with self._lock:
-            try:
-                for last in walk(sc, self.start, self.end, None, max_pages or 0):
-                    if len(last.regions):
-                        parts.append(last.regions)
-                if last is not None and not last.complete:
-                    # The walk stopped early (max_pages): CHECK_WPASYNC has not seen the
-                    # rest of the range. Check it without walking pages: inverting
-                    # WPALLOWED in the mask makes the kernel skip every async-WP VMA at
-                    # the VMA level, and CHECK_WPASYNC fails on any other.
-                    w = int(Category.WPALLOWED)
-                    scan(last.walk_end, self.end, flags=int(ScanFlag.CHECK_WPASYNC),
-                         category_inverted=w, category_mask=w, vec_len=0)
-            except PermissionError as err:
-                raise self._gone(err) from err
-            # PAGEMAP_SCAN skips holes silently: a range moved away or unmapped would
-            # read "nothing written". Check it is still wholly mapped.
-            self._check_mapped()
+            parts, last = self._walk(sc, self.start, max_pages)
         got = sum(int((p["end"] - p["start"]).sum()) for p in parts) // P
-        if reset and max_pages and not got and last is not None and not last.complete:
+        if reset and not got and last is not None and not last.complete:
             # The walk stopped at a huge page it could not re-arm in part (hugetlb).
             raise OSError(
                 errno.EINVAL,
                 f"{os.strerror(errno.EINVAL)}: max_pages={max_pages} is smaller than the written huge "
                 f"page at {last.walk_end:#x}; with reset=True hugetlb pages are returned and re-armed whole",
             )
-        if not parts:
-            found = np.empty(0, PAGE_REGION_DTYPE)
-        else:
-            found = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        if fast and len(found):
-            found = self._without_guards(found)
-        if self.exclude and max_pages is None:
-            self._sparse = len(found) * _SPARSE_PAGES <= (self.end - self.start) // P
-        return found
+        found = _joined(parts)
+        return regions_to_pages(found) if pages else found
+
+    def _walk(self, sc: Scanner, start: int, max_pages: int) -> tuple[list[np.ndarray], ScanResult | None]:
+        """The written regions of ``[start, end)``, walked in calls of a few thousand
+        regions (the caller holds the lock), and the last result."""
+        parts = []
+        last = None
+        try:
+            for last in walk(sc, start, self.end, None, max_pages):
+                if len(last.regions):
+                    parts.append(last.regions)
+            if last is not None and not last.complete:
+                # The walk stopped early (max_pages): CHECK_WPASYNC has not seen the
+                # rest of the range. Check it without walking pages: inverting
+                # WPALLOWED in the mask makes the kernel skip every async-WP VMA at
+                # the VMA level, and CHECK_WPASYNC fails on any other.
+                w = int(Category.WPALLOWED)
+                scan(last.walk_end, self.end, flags=int(ScanFlag.CHECK_WPASYNC),
+                     category_inverted=w, category_mask=w, vec_len=0)
+        except PermissionError as err:
+            raise self._gone(err) from err
+        # PAGEMAP_SCAN skips holes silently: a range moved away or unmapped would
+        # read "nothing written". Check it is still wholly mapped.
+        self._check_mapped()
+        return parts, last
+
+    def _whole(self, sc: Scanner, fast: bool, pages: bool) -> np.ndarray:
+        """The whole range (no ``max_pages``) in one kernel call, as the C reference makes
+        it: into a reused buffer (grown, and the walk resumed, when an answer fills it),
+        then guard pages left out after the fast path; the answer is converted to
+        addresses, or copied, before the buffer is reused."""
+        end = self.end
+        with self._lock:
+            try:
+                buf = self._bufs.pop()  # list pop/append are atomic: a reentrant get takes its own
+            except IndexError:
+                buf = np.empty(_BUF_FIRST, PAGE_REGION_DTYPE)
+            try:
+                try:
+                    n, walk_end = sc.scan_into(self.start, end, buf)
+                    while walk_end < end and n == len(buf):  # full: go on in a bigger one
+                        bigger = np.empty(2 * len(buf), PAGE_REGION_DTYPE)
+                        bigger[:n] = buf[:n]
+                        buf = bigger
+                        k, walk_end = sc.scan_into(walk_end, end, buf[n:])
+                        n += k
+                except PermissionError as err:
+                    raise self._gone(err) from err
+                found = buf[:n]
+                if walk_end < end:  # stopped at a hugetlb page it could not re-arm in part
+                    parts, _ = self._walk(sc, walk_end, 0)
+                    found = _joined([found, *parts])
+                else:
+                    self._check_mapped()
+                if fast and len(found):
+                    found = self._without_guards(found)
+                if self.exclude:
+                    self._sparse = len(found) * _SPARSE_PAGES <= (end - self.start) // P
+                return regions_to_pages(found) if pages else found.copy()  # nothing returned shares buf
+            finally:
+                if len(buf) <= _BUF_KEEP:
+                    self._bufs.append(buf)
 
     def _without_guards(self, regions: np.ndarray) -> np.ndarray:
         """``regions`` (from the fast path) less the guard pages among them.
@@ -390,7 +458,7 @@ class WriteWatch:
 
     def get(self, max_pages: int | None = None, reset: bool = False) -> np.ndarray:
         """Addresses of the written pages, ascending ``uint64`` (``GetWriteWatch``)."""
-        return regions_to_pages(self.regions(reset=reset, max_pages=max_pages))
+        return self._written(reset, max_pages, True)
 
     def reset(self) -> None:
         """Re-arm every page of the range (``ResetWriteWatch``)."""

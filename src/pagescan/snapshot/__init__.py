@@ -58,7 +58,7 @@ import numpy as np
 
 from ..writewatch import WriteWatch
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
-from ._load import LoadedList, LoadedState, load
+from ._load import LoadedList, LoadedState, load, start_fault_server
 from ._pages import BATCH_PAGES, P, Progress, pages_of
 from ._restoring import _restore as _restore  # the CLI restores (address, length) pairs exactly
 from ._restoring import lazy_restore, restore
@@ -81,6 +81,7 @@ __all__ = [
     "inspect",
     "lazy_restore",
     "load",
+    "start_fault_server",
     "restore",
     "verify",
 ]
@@ -673,7 +674,8 @@ class Checkpointer:
             index["checksum"][s:e] = cks
             ndata = int(np.count_nonzero(nonzero))
             if ndata:
-                app.write(rows if ndata == e - s else rows[nonzero], app.reserve(ndata))
+                # Writeback of the last batch is left to the fsync that follows at once.
+                app.write(rows if ndata == e - s else rows[nonzero], app.reserve(ndata), writeback=e < total)
 
         with store.appending(total) as app, contextlib.ExitStack() as stack:
             # This thread copies batch k+1 out of memory while a worker checksums and
@@ -821,3 +823,4 @@ def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
                 for g in store.generations
             ],
         }
+

@@ -135,7 +135,7 @@ PAGE_SEED = 0x70A6E5CA
 ENTRY_SEED = 0x1DE8C4EC
 
 
-def digest(*parts: bytes) -> bytes:
+def digest(*parts: bytes | bytearray | memoryview) -> bytes:
     """8-byte BLAKE2b of the concatenated parts (record integrity)."""
     h = hashlib.blake2b(digest_size=8)
     for p in parts:

@@ -7,13 +7,15 @@ from typing import Any
 
 import numpy as np
 
+from .. import _faultserver
+from .._args import seconds
 from ..arrays import mapped_array
 from ..handler import FaultHandler
 from ._lazy import CheckpointSource, LazyGroup, LazyMap, Recording, hot_pages
 from ._pages import BATCH_PAGES, P, pages_of
 from ._store import Store
 
-__all__ = ["LoadedList", "LoadedState", "load"]
+__all__ = ["LoadedList", "LoadedState", "load", "start_fault_server"]
 
 
 class LoadedState(dict):  # type: ignore[type-arg]
@@ -81,6 +83,19 @@ def load(path: str | os.PathLike[str], generation: int | None = None, *, lazy: b
         return _result(store, arrays, gen.number, None)
 
 
+def start_fault_server(wait: float | None = 0.0) -> bool:
+    """Start this process's fault server (once): a fresh interpreter that keeps a lazy
+    load's handler process ready, so that ``load(lazy=True)`` forks nothing.
+
+    Call it early (at the program's start): the server takes a few hundred
+    milliseconds to be ready, meanwhile lazy loads fork their own handler as without
+    it. ``wait``: seconds to wait for it to be ready (``None``: as long as it takes).
+    Returns whether it is ready. It exits with this process; a process forked from
+    this one does not use it (it may start its own). See ``docs/howto/lazy-load.md``.
+    """
+    return _faultserver.start(seconds("wait", wait), preload=(__name__.rpartition(".")[0] + "._lazy",))
+
+
 def _result(store: Store, arrays: list[np.ndarray], generation: int, fh: FaultHandler | None) -> LoadedState | LoadedList:
     out: LoadedState | LoadedList
     if store.mapping:
@@ -118,7 +133,9 @@ def _load_lazy(path: str, generation: int | None, prefetch: bool, working_set: b
         recording = Recording(path, src.generation, lazymap, int(lazymap.hbase[-1])) if record else None
         fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
                           record=None if recording is None else recording.array, fresh=True)
-        fh.start()
+        # A handler from the fault server if this process has one (no fork of this one).
+        fh.start(_faultserver.via((CheckpointSource.__module__, "CheckpointSource.remote"),
+                                  src.remote_args(spans), [store.fd]))
     except BaseException:
         src.store.close()
         raise

@@ -1,0 +1,178 @@
+"""The fault server (``pagescan._faultserver``, ``start_fault_server``): lazy loads served
+by handlers forked ahead of time from a process of their own, never from the owner.
+
+* a load through the server: bit-exact; the handler is the server's child, not ours;
+  the server is the guardian; each load gets a new spare;
+* the server's handler killed: the server poisons, the owner gets SIGBUS (no hang,
+  no zeros); the server and its spare end with the owner;
+* a process forked from the owner never uses the owner's server; a recording load
+  does not either (it forks its handler).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pagescan import _faultserver
+from pagescan.snapshot import load, start_fault_server
+
+from .procs import wait_gone
+from .test_snapshot import Owner, kill_handler_expect_sigbus, wait_go
+from .test_state import lazy_state, raw
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+@pytest.fixture
+def server() -> Iterator[int]:
+    """This process's server, ready (stopped and reaped after the test)."""
+    assert start_fault_server(wait=60)
+    srv = _faultserver._server
+    assert srv is not None
+    yield srv.child.pid
+    _faultserver.stop()
+
+
+def test_lazy_load_through_the_server(tmp_path: Path, server: int) -> None:
+    path = tmp_path / "s.ck"
+    want = lazy_state(path, 31)
+    for _ in range(3):  # one spare per load (waited for: a load that finds none forks its own)
+        assert start_fault_server(wait=60)
+        got = load(path, lazy=True)
+        fh = got.handler
+        assert fh is not None
+        hpid = fh.pid
+        assert fh.guardian_pid == server and _ppid(hpid) == server, "a spare of the server, not our fork"
+        assert raw(got["big"]) == raw(want["big"]) and raw(got["mid"]) == raw(want["mid"])
+        assert fh.wait(30) and fh.exit_status == 0 and fh.pid == 0
+        assert fh.progress() == (fh.total_pages, fh.total_pages)
+        del got
+        wait_gone([hpid])
+    assert _faultserver._server is not None and _faultserver._server.child.wait(0) is None, "the server stays"
+
+
+def test_threads_loading_at_once_through_the_server(tmp_path: Path, server: int) -> None:
+    """Only one request is in flight at a time: the other threads fork their handler."""
+    path = tmp_path / "t.ck"
+    want = lazy_state(path, 32, npages=256)
+    errors: list[str] = []
+    guardians: list[int] = []
+
+    def one() -> None:
+        got = load(path, lazy=True)
+        if raw(got["big"]) != raw(want["big"]):
+            errors.append("wrong data")
+        assert got.handler is not None
+        guardians.append(got.handler.guardian_pid)
+        got.handler.close()
+
+    threads = [threading.Thread(target=one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(guardians) == 4
+    assert server in guardians
+
+
+def test_server_handler_killed_is_sigbus_and_server_ends_with_owner(tmp_path: Path) -> None:
+    path = tmp_path / "k.ck"
+    want = lazy_state(path, 33, npages=1024)
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        assert start_fault_server(wait=60)
+        got = load(path, lazy=True, prefetch=False)
+        fh = got.handler
+        assert fh is not None and fh.guardian_pid == _faultserver._server.child.pid  # type: ignore[union-attr]
+        ok = np.array_equal(got["big"][0], want["big"][0])
+        report(struct.pack("iii", fh.pid, fh.guardian_pid, int(ok)).hex().encode())
+        wait_go(go_r)
+        _ = float(got["big"][900].sum())  # never served: SIGBUS
+        report(b"!read " + (b"zeros" if not got["big"][900].any() else b"data"))
+
+    kill_handler_expect_sigbus(body)  # also: handler and server gone after the owner
+
+
+def test_forked_process_and_recording_do_not_use_the_server(tmp_path: Path, server: int) -> None:
+    path = tmp_path / "f.ck"
+    want = lazy_state(path, 34, npages=256)
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        got = load(path, lazy=True)
+        fh = got.handler
+        assert fh is not None and raw(got["big"]) == raw(want["big"])
+        mine = _ppid(fh.pid) == os.getpid() and fh.guardian_pid != server
+        report(b"ok" if mine and _faultserver._server is None else b"!used the parent's server")
+        fh.close()
+
+    o = Owner(body)
+    assert o.read(2) == b"ok"
+    status, rest = o.finish()
+    assert status == 0, rest
+    got = load(path, lazy=True, record=True)
+    assert got.handler is not None and got.handler.guardian_pid != server
+    assert raw(got["big"]) == raw(want["big"])
+    got.handler.close()
+    got = load(path, lazy=True)  # the server still serves the parent
+    assert got.handler is not None and got.handler.guardian_pid == server
+    assert raw(got["big"]) == raw(want["big"])
+    got.handler.close()
+
+
+def test_spare_killed_while_waiting_load_forks_its_own(tmp_path: Path, server: int) -> None:
+    """The announced spare is dead when the load comes: nothing was handed over, the load
+    forks its handler (right data), and the server forks a new spare for the next one."""
+    import signal
+
+    path = tmp_path / "d.ck"
+    want = lazy_state(path, 35, npages=256)
+    srv = _faultserver._server
+    assert srv is not None and srv.spare is not None
+    spare = srv.spare[0]
+    os.kill(spare, signal.SIGKILL)
+    wait_gone([spare])
+    got = load(path, lazy=True)
+    assert got.handler is not None and got.handler.guardian_pid != server
+    assert raw(got["big"]) == raw(want["big"])
+    got.handler.close()
+    assert start_fault_server(wait=60)  # the next spare
+    got = load(path, lazy=True)
+    assert got.handler is not None and got.handler.guardian_pid == server
+    assert raw(got["big"]) == raw(want["big"])
+    got.handler.close()
+
+
+@pytest.mark.parametrize(("wait", "exc"), [("1", TypeError), (True, TypeError), (-1, ValueError),
+                                           (float("nan"), ValueError), (float("inf"), ValueError)])
+def test_start_fault_server_refuses_a_bad_wait(wait: object, exc: type[Exception]) -> None:
+    with pytest.raises(exc, match="wait"):
+        start_fault_server(wait=wait)  # type: ignore[arg-type]
+    assert _faultserver._server is None, "refused before starting anything"
+
+
+def test_server_and_spare_end_with_their_owner() -> None:
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        assert start_fault_server(wait=60)
+        srv = _faultserver._server
+        assert srv is not None and srv.spare is not None
+        report(struct.pack("ii", srv.child.pid, srv.spare[0]).hex().encode())
+        wait_go(go_r)
+        os._exit(0)  # no atexit: only the pidfd and the sockets tell them
+
+    o = Owner(body)
+    server, spare = struct.unpack("ii", bytes.fromhex(o.read(16).decode()))
+    assert _ppid(spare) == server
+    o.go()
+    status, rest = o.finish()
+    assert status == 0, rest
+    wait_gone([server, spare])
