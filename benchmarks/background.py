@@ -2,6 +2,7 @@
 
     python benchmarks/background.py                 # 1 GiB of state, 5 rounds each
     python benchmarks/background.py --size 4G --repeat 3 --json out.json
+    python benchmarks/background.py --only "wait=False, fork twin;BGSAVE" --repeat 10
 
 The state is ``--size`` bytes in 8 ``pagescan.zeros`` arrays, every page written
 once in a warm-up (first touch of never-used memory costs 2-2.7 s/GiB in this VM).
@@ -20,7 +21,9 @@ outside the timing). Side by side, in a shuffled order each round, ``--repeat`` 
   process while it writes: fuzzy, torn under concurrent writes), for "no slower than
   before";
 * ``background (auto)``, ``background, ptrace``, ``background, fork twin``: the same
-  three with ``checkpoint(wait=False)``, then ``result()``;
+  three with ``checkpoint(wait=False)``, then ``result()``; and ``wait=False, fork twin
+  (walk, then fork)``: the fork path as before it forked first (the written pages
+  found and re-armed inside the pause, as ``wait=True`` still does);
 * ``fork() snapshot``: the Redis ``BGSAVE`` way: ``os.fork()``; the child writes every
   array to a file, ``fsync``, exits; the parent waits for it.
 
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="fraction of the pages written before each round (default 0.10)")
     ap.add_argument("--dir", default=None, help="directory for the files (default: a temporary one here)")
     ap.add_argument("--json", default=None, help="also write the figures as JSON to this file")
+    ap.add_argument("--only", default=None,
+                    help="run only the methods whose names contain one of these ';'-separated strings "
+                         "(e.g. 'fork twin;BGSAVE')")
     args = ap.parse_args(argv)
 
     d = tempfile.mkdtemp(prefix="bg-bench-", dir=args.dir or ".")
@@ -206,21 +212,23 @@ def run(args: argparse.Namespace, d: str) -> int:
         e = time.perf_counter()
         record("sync, old path (fuzzy)", e - s, s, e, e, 0, c0)
 
-    def background(how: bool | None = None) -> None:
+    def background(how: bool | None = None, fork_first: bool = True) -> None:
         base = pss_kib() + sum(pss_kib(c) for c in children())  # the idle helper included
         ck._use_ptrace = how
+        ck._fork_first = fork_first
         try:
             c0, s = writer.count, time.perf_counter()
             fut = ck.checkpoint(wait=False)
             r = time.perf_counter()
         finally:
             ck._use_ptrace = None
+            ck._fork_first = True
         mem = sample_memory(fut.done, base)
         info = fut.result()
         e = time.perf_counter()
         assert how is None or info.method == ("ptrace" if how else "fork"), info
         name = {None: "checkpoint(wait=False) (auto)", True: "wait=False, ptrace", False: "wait=False, fork twin"}
-        record(name[how], r - s, s, r, e, mem, c0, stopped(info))
+        record(name[how] + ("" if fork_first else " (walk, then fork)"), r - s, s, r, e, mem, c0, stopped(info))
         if how is None:
             picks.append(info.method)
 
@@ -250,9 +258,15 @@ def run(args: argparse.Namespace, d: str) -> int:
         os.sync()
 
     picks: list[str] = []
-    methods: list[Callable[[], None]] = [
-        sync, lambda: sync(True), lambda: sync(False), sync_old,
-        background, lambda: background(True), lambda: background(False), fork_snapshot]
+    named: dict[str, Callable[[], None]] = {
+        "sync checkpoint() (auto)": sync, "sync, ptrace": lambda: sync(True),
+        "sync, fork twin": lambda: sync(False), "sync, old path (fuzzy)": sync_old,
+        "checkpoint(wait=False) (auto)": background, "wait=False, ptrace": lambda: background(True),
+        "wait=False, fork twin": lambda: background(False),
+        "wait=False, fork twin (walk, then fork)": lambda: background(False, False),
+        "fork() snapshot (BGSAVE)": fork_snapshot}
+    words = [w.strip() for w in args.only.split(";")] if args.only else [""]
+    methods = [m for name, m in named.items() if any(w in name for w in words)]
     for m in methods:  # warm-up round
         dirty()
         m()

@@ -385,10 +385,16 @@ class _WriteFirst:
 
 
 @pytest.mark.parametrize("wait", [True, False])
-def test_a_transaction_between_the_walk_and_the_fork_is_not_torn(tmp_path: Path, wait: bool) -> None:
+def test_a_transaction_during_the_walk_is_neither_torn_nor_lost(tmp_path: Path, wait: bool) -> None:
     """The walk re-arms A's pages, then a transaction writes A and B, then the walk reaches
-    B: B is found written, A is not, yet the twin holds both: A must be stored too."""
-    area = mmap.mmap(-1, 16 * N + P)
+    B: B is found written (and re-armed), A is not.
+
+    ``wait=True`` walks, then forks: the twin holds both writes, A must be stored too.
+    ``wait=False`` forks, then walks (in the background): the twin holds neither, so the
+    generation holds neither; B's new value, re-armed by the walk, must not be lost: it
+    is in the next generation (found by comparing with the live memory), with A's."""
+    # Private: a shared mapping is not copied on write by fork (the twin would see the writes).
+    area = mmap.mmap(-1, 16 * N + P, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = np.frombuffer(area, np.uint8)
     libc.mprotect(whole.ctypes.data + 8 * N, P, 0)  # a gap page: two watches, a's (lower) walked first
     a = whole[: 8 * N].view(np.int64)
@@ -406,11 +412,39 @@ def test_a_transaction_between_the_walk_and_the_fork_is_not_torn(tmp_path: Path,
         ck._watches[1] = _WriteFirst(ck._watches[1], transaction)  # type: ignore[call-overload]
         with writers(np.zeros(2 * N, np.int64), 1):  # a second thread: the fork path
             info = ck.checkpoint() if wait else ck.checkpoint(wait=False).result(timeout=30)
-        assert info.generation == 2
+            assert info.generation == 2
+            g2 = loaded(path)
+            assert g2["a"][5] == g2["b"][5] == (1 if wait else 0)
+            info = ck.checkpoint() if wait else ck.checkpoint(wait=False).result(timeout=30)
+        assert info.generation == 3
     out = loaded(path)
     assert out["a"][5] == out["b"][5] == 1
     del a, b, whole
     area.close()
+
+
+def test_the_twin_tells_the_pages_written_since_the_fork() -> None:
+    """``FrozenTwin.unchanged``: a page written after the fork was copied on write (a new
+    PFN); the others are still the twin's pages (PFNs are hidden without CAP_SYS_ADMIN:
+    then no page is known unchanged, and every one is compared)."""
+    from pagescan.snapshot._twin import FrozenTwin
+
+    a = pagescan.zeros(64 * P // 8, np.int64)
+    a[:: P // 8] = 1
+    pages = (a.ctypes.data + np.arange(64) * P).astype(np.uint64)
+    twin = FrozenTwin()
+    try:
+        a[3 * P // 8] = 2
+        a[60 * P // 8 + 5] = 2
+        same = twin.unchanged(pages)
+    finally:
+        twin.close()
+    written = np.isin(np.arange(64), [3, 60])
+    assert not same[written].any()
+    if pagescan.capabilities().pfns_visible:
+        assert same[~written].all()
+    else:
+        assert not same.any()
 
 
 # -- the ptrace path: refusal, a helper killed mid-stop, no process left ------------------

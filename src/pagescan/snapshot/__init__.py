@@ -64,7 +64,7 @@ from ._restoring import _restore as _restore  # the CLI restores (address, lengt
 from ._restoring import lazy_restore, restore
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
 from ._precopy import Precopier, Refused
-from ._twin import FrozenTwin
+from ._twin import FrozenTwin, ProcMem
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi import libc
 from .._uapi.libc import read_runs
@@ -212,6 +212,9 @@ class Checkpointer:
         # by the costs measured so far), ``True`` always ptrace, ``False`` always fork.
         self._pre: Precopier | None = None
         self._use_ptrace: bool | None = None
+        # ``wait=False`` on the fork path: fork first, find the written chunks after
+        # (:meth:`_run`); ``False``: find them, then fork, as ``wait=True`` does (benchmarks).
+        self._fork_first = True
         # Seconds per page: a fork per resident page, the ptrace path per page it copies.
         self._cost = {"fork": FORK_COST, "copy": COPY_COST}
         #: The helper's figures for the last ptrace instant (rounds, stop seconds, ...).
@@ -322,7 +325,9 @@ class Checkpointer:
           us: a debugger attached, Yama): the written chunks are found and re-armed
           (:meth:`_find_written`), then the process is forked; the child (a frozen
           twin, :mod:`pagescan.snapshot._twin`) holds the memory as it was at the
-          ``fork``. The pause grows with the populated memory (page tables).
+          ``fork``. With ``wait=False`` an incremental checkpoint forks first and
+          finds the chunks after, in the background (:meth:`_run`): the pause is
+          the ``fork`` alone. The pause grows with the populated memory (page tables).
         * ``"direct"``: this is the process's only thread and no ``progress`` callback
           is given: nothing else can write during a synchronous checkpoint, it copies
           from this process directly (signals blocked).
@@ -397,13 +402,15 @@ class Checkpointer:
                     pre = None  # refused: fork instead
             if pre is None:
                 t = time.perf_counter()
-                chunks = self._find_written(full)  # the instant: re-armed, then frozen
+                if wait or full or alone or not self._fork_first:
+                    chunks = self._find_written(full)  # the instant: re-armed, then frozen
+                else:
+                    chunks = None  # frozen first; found and re-armed in the background (_run)
                 if not alone:
                     twin = FrozenTwin()
                     self._learn("fork", time.perf_counter() - t, _resident_pages())
                 if not alone and self._use_ptrace is not False and self._pre is None:
                     self._precopier()  # started now, ready for the next checkpoint
-            assert chunks is not None
             method = "ptrace" if pre is not None else "direct" if alone else "fork"
             pause = time.perf_counter() - t0
             if wait:
@@ -514,13 +521,28 @@ class Checkpointer:
         pages = np.repeat(runs[:, 0], lens) + (np.arange(total) - first) * P
         return pages_to_chunks(pages.astype(np.uint64), self.targets, self._base)
 
-    def _run(self, fut: PendingCheckpoint, store: Store, chunks: np.ndarray, full: bool,
+    def _run(self, fut: PendingCheckpoint, store: Store, chunks: np.ndarray | None, full: bool,
              progress: Progress | None, t0: float, pause: float, twin: FrozenTwin | None,
              pre: Precopier | None = None, method: str = "") -> None:
         """Write the generation (from the twin, from the helper's staging area, or from
         this process when both are ``None``); settle ``fut``; always reap the twin and
-        empty the staging area."""
+        empty the staging area.
+
+        ``chunks`` is ``None`` when the twin was forked before the written chunks were
+        found (``wait=False``, incremental): they are found and re-armed here, after the
+        fork. A page written between the fork and that walk is found (and stored with
+        the twin's value, the instant's), but the walk re-arms it, so its new value
+        would be in no generation: the chunks that may have changed since the fork
+        (:meth:`_maybe_changed`) are compared with this process's memory (read after
+        the walk, through ``/proc/self/mem``), and those that differ are carried to
+        the next checkpoint."""
+        changed: list[np.ndarray] = []
+        live: ProcMem | None = None
         try:
+            if chunks is None:
+                with _quick_gil():  # its system calls and numpy release the GIL: get it back fast
+                    chunks = self._find_written(False)
+                live = ProcMem()
             if pre is not None:
                 info = self._write(store, chunks, full, progress, t0, pre.read, fut)
             elif twin is None:
@@ -530,13 +552,15 @@ class Checkpointer:
                 finally:
                     libc.restore_signals(old)
             else:
-                if not full:
+                if not full and live is None:
                     # Pages written after the walk re-armed them and before the fork are in
                     # the twin's memory: store them too (also written after: harmless, the
                     # twin holds the value of the instant; they stay reported for the next).
                     chunks = np.union1d(chunks, self._written_since_armed())
                 try:
-                    info = self._write(store, chunks, full, progress, t0, twin.read, fut)
+                    info = self._write(store, chunks, full, progress, t0, twin.read, fut,
+                                       compare=None if live is None else (live.read, changed,
+                                                                          self._maybe_changed(twin, chunks)))
                 except OSError as err:
                     gone = twin.died(timeout=1.0)  # a read that failed: it is ending
                     if gone is None:
@@ -544,7 +568,7 @@ class Checkpointer:
                     raise OSError(gone.errno, f"{gone.strerror}; generation {fut.generation} was not written, "
                                   f"{store.path} is unchanged") from err
             info = dataclasses.replace(info, pause=pause, method=method)
-            self._carry = np.empty(0, np.int64)
+            self._carry = np.concatenate(changed) if changed else np.empty(0, np.int64)
             self._full_next = False
         except CancelledError:
             return
@@ -555,11 +579,28 @@ class Checkpointer:
                 raise
             return
         finally:
+            if live is not None:
+                live.close()
             if twin is not None:
                 twin.close()
             if pre is not None:
                 pre.release()
         fut.set_result(info)
+
+    def _maybe_changed(self, twin: FrozenTwin, chunks: np.ndarray) -> np.ndarray:
+        """Which ``chunks`` may differ from the twin's: those on a page that is not the
+        very physical page the twin maps (written since the fork, so copied on write;
+        or not known: see :meth:`FrozenTwin.unchanged`). Only those are compared."""
+        ent = np.searchsorted(self._base, chunks, side="right") - 1
+        k = chunks - self._base[ent]
+        st = np.array([t.addr for t in self.targets], dtype=np.int64)[ent] + k * P
+        n = np.array([t.nbytes for t in self.targets], dtype=np.int64)[ent] - k * P
+        first = st // P * P
+        last = (st + np.clip(n, 1, P) - 1) // P * P
+        pages = np.union1d(first, last)
+        same = twin.unchanged(pages)
+        keep: np.ndarray = same[np.searchsorted(pages, first)] & same[np.searchsorted(pages, last)]
+        return ~keep
 
     def _written_since_armed(self) -> np.ndarray:
         """Chunks on pages written since :meth:`_find_written` re-armed them (not re-armed again)."""
@@ -581,18 +622,40 @@ class Checkpointer:
         self._carry = chunks  # remembered until stored
         return chunks
 
-    def _copy(self, read: Reader, chunks: np.ndarray, rows: np.ndarray) -> None:
-        """Copy the ``chunks`` out of memory (ours or our twin's) into ``rows`` (padded with zeros)."""
+    def _copy(self, read: Reader, chunks: np.ndarray, rows: np.ndarray,
+              compare: tuple[Reader, list[np.ndarray], np.ndarray, np.ndarray] | None = None) -> None:
+        """Copy the ``chunks`` out of memory (ours or our twin's) into ``rows`` (padded
+        with zeros). ``compare = (read2, changed, scratch, which)``: also read the
+        chunks selected by the boolean ``which`` with ``read2`` into ``scratch``, and
+        append to ``changed`` those whose bytes differ."""
         starts, lengths, offs = chunk_runs(chunks, self.targets, self._base)
         read(starts, lengths, rows, offs)
         zero_padding(rows, chunks, self.targets, self._base)
+        if compare is not None:
+            read2, changed, scratch, which = compare
+            sel = np.flatnonzero(which)
+            if not sel.size:
+                return
+            sub = chunks[sel]
+            now = scratch[: len(sel)]
+            s2, l2, o2 = chunk_runs(sub, self.targets, self._base)
+            read2(s2, l2, now, o2)
+            zero_padding(now, sub, self.targets, self._base)
+            diff = (rows[sel].view(np.uint64) != now.view(np.uint64)).any(axis=1)
+            if diff.any():
+                changed.append(sub[diff])
 
     def _write(self, store: Store, chunks: np.ndarray, full: bool, progress: Progress | None,
-               t0: float, read: Reader, fut: PendingCheckpoint) -> CheckpointInfo:
+               t0: float, read: Reader, fut: PendingCheckpoint,
+               compare: tuple[Reader, list[np.ndarray], np.ndarray] | None = None) -> CheckpointInfo:
         """Copy ``chunks`` out of memory with ``read`` batch by batch while a worker
         checksums and writes the previous batch; seal, unless ``fut`` is cancelled
-        first (``CancelledError``; the file is cut back to its sealed generations)."""
+        first (``CancelledError``; the file is cut back to its sealed generations).
+        ``compare = (read2, changed, which)``: the chunks selected by the boolean array
+        ``which`` whose bytes read by ``read2`` differ from what ``read`` read are
+        appended to ``changed`` (see :meth:`_run`)."""
         total = len(chunks)
+        scratch = np.empty((min(total, BATCH_PAGES) if compare is not None else 0, P), dtype=np.uint8)
         index = np.zeros(total, dtype=INDEX_DTYPE)
         ent = np.searchsorted(self._base, chunks, side="right") - 1
         index["region"] = ent
@@ -628,7 +691,8 @@ class Checkpointer:
                 if fut.cancelled():
                     raise CancelledError
                 rows = bufs[b % nbuf][: e - s]
-                self._copy(read, chunks[s:e], rows)
+                self._copy(read, chunks[s:e], rows,
+                           None if compare is None else (compare[0], compare[1], scratch, compare[2][s:e]))
                 if pool is not None:
                     pending.append(pool.submit(process, rows, s, e))
                 else:

@@ -23,7 +23,9 @@ garbage collector (no finalizer of the program runs in it), blocks every signal 
 terminal's Ctrl-C or a ``kill`` of the process group does not end it early), and
 sleeps in ``poll`` on a pidfd of its parent: it exits when the parent dies, and the
 parent kills it (``SIGKILL``) and reaps it when the copy is done. The parent never
-needs the child to do anything: its memory is read whatever it is doing. The uffd
+needs the child to do anything: its memory is read whatever it is doing.
+:meth:`FrozenTwin.unchanged` tells which of our pages are still the twin's very pages
+(the same PFN in both pagemaps: not written by us since the fork). The uffd
 write tracking is not inherited (the child's VMAs are not registered; see
 :mod:`pagescan.writewatch`), and a WriteWatch refuses to act in a forked child, so the
 child never unregisters the parent's ranges.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import mmap
 import os
 import select
 import signal
@@ -41,11 +44,16 @@ import signal
 import numpy as np
 
 from .._child import Child, fork
+from .._uapi.pagemap import PM
 
-__all__ = ["GAP", "FrozenTwin"]
+__all__ = ["GAP", "FrozenTwin", "ProcMem"]
 
 #: Runs at most this many bytes apart are read in one call (the bytes between are read too).
 GAP = 4 * 4096
+#: :meth:`FrozenTwin.unchanged` reads the pagemap entries of pages at most this many
+#: pages apart in one call (8 bytes per page).
+SPAN_GAP = 4096
+P = mmap.PAGESIZE
 
 
 def _twin_main(parent: int) -> int:  # pragma: no cover - runs in the child
@@ -61,35 +69,21 @@ def _twin_main(parent: int) -> int:  # pragma: no cover - runs in the child
     return 0
 
 
-class FrozenTwin:
-    """A forked copy of this process, holding its memory as it was at the fork."""
+class ProcMem:
+    """Reads of a process's memory through ``/proc/PID/mem`` (``pid=None``: ours).
 
-    def __init__(self) -> None:
-        parent = os.getpid()
-        self.child: Child = fork(lambda: _twin_main(parent))
+    Plain page references (``FOLL_GET``), never pins: reading a page that is shared
+    copy-on-write (with a frozen twin) does not unshare it (see the module docstring)."""
+
+    def __init__(self, pid: int | None = None) -> None:
         self._junk = memoryview(bytearray(GAP))
-        try:
-            self.mem = os.open(f"/proc/{self.child.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except BaseException:
-            self.close()
-            raise
+        self.mem = os.open(f"/proc/{'self' if pid is None else pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
 
-    @property
-    def pid(self) -> int:
-        return self.child.pid
-
-    def died(self, timeout: float = 0) -> OSError | None:
-        """An ``OSError(ESRCH)`` saying how the twin ended if it is gone (within ``timeout`` s), else ``None``."""
-        status = self.child.wait(timeout)
-        if status is None:
-            return None
-        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-               else f"exit status {os.waitstatus_to_exitcode(status)}")
-        return OSError(errno.ESRCH, f"{os.strerror(errno.ESRCH)}: the frozen copy of this process that the "
-                       f"checkpoint reads (pid {self.child.pid}) ended ({how})")
+    def _what(self) -> str:
+        return "this process"
 
     def read(self, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
-        """Read the runs ``[starts[i], starts[i] + lengths[i])`` of the twin into ``out`` at byte ``offsets[i]``.
+        """Read the runs ``[starts[i], starts[i] + lengths[i])`` of the process into ``out`` at byte ``offsets[i]``.
 
         Runs in ascending order less than :data:`GAP` bytes apart are read by one
         ``preadv`` of ``/proc/PID/mem`` (up to 512 runs; the bytes between them go to a
@@ -132,15 +126,81 @@ class FrozenTwin:
         while done < n:
             got = os.preadv(self.mem, [into[done:]], start + done)
             if got <= 0:
-                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: cannot read {start + done:#x} in the frozen "
-                              f"copy (pid {self.child.pid})")
+                raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: cannot read {start + done:#x} in "
+                              f"{self._what()}")
             done += got
 
     def close(self) -> None:
-        """Kill and reap the twin (idempotent)."""
+        """Close the file (idempotent)."""
         if getattr(self, "mem", -1) >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.mem)
             self.mem = -1
+
+
+class FrozenTwin(ProcMem):
+    """A forked copy of this process, holding its memory as it was at the fork."""
+
+    def __init__(self) -> None:
+        parent = os.getpid()
+        self.mem = -1
+        self.child: Child = fork(lambda: _twin_main(parent))
+        try:
+            super().__init__(self.child.pid)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self.child.pid
+
+    def died(self, timeout: float = 0) -> OSError | None:
+        """An ``OSError(ESRCH)`` saying how the twin ended if it is gone (within ``timeout`` s), else ``None``."""
+        status = self.child.wait(timeout)
+        if status is None:
+            return None
+        how = (f"killed by signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit status {os.waitstatus_to_exitcode(status)}")
+        return OSError(errno.ESRCH, f"{os.strerror(errno.ESRCH)}: the frozen copy of this process that the "
+                       f"checkpoint reads (pid {self.child.pid}) ended ({how})")
+
+    def _what(self) -> str:
+        return f"the frozen copy (pid {self.child.pid})"
+
+    def unchanged(self, pages: np.ndarray) -> np.ndarray:
+        """For each page address (ascending): is it still the very physical page the twin
+        maps there (so its bytes are the twin's)? From both processes' ``pagemap``
+        entries: present in both with the same PFN. A page this process wrote since the
+        fork was copied on write (a new PFN); one read as PFN 0 (no ``CAP_SYS_ADMIN``:
+        the kernel hides PFNs), or not present in either, is not known to be unchanged."""
+        same = np.zeros(len(pages), dtype=bool)
+        if not len(pages):
+            return same
+        pg = pages.astype(np.int64) // P
+        cut = np.flatnonzero(np.diff(pg) > SPAN_GAP) + 1
+        bounds = np.concatenate([[0], cut, [len(pg)]]).tolist()
+        fds = [os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC) for pid in ("self", self.child.pid)]
+        try:
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                lo, hi = int(pg[a]), int(pg[b - 1]) + 1
+                ent = []
+                for fd in fds:
+                    e = np.zeros(hi - lo, dtype=np.uint64)
+                    got = os.preadv(fd, [e.data.cast("B")], lo * 8)
+                    e[got // 8:] = 0  # a short read: unknown
+                    ent.append(e[pg[a:b] - lo])
+                mine, theirs = ent
+                pfn = mine & np.uint64(PM.PFN_MASK)
+                same[a:b] = ((mine & theirs & np.uint64(PM.PRESENT)) != 0) & (pfn != 0) & (
+                    pfn == (theirs & np.uint64(PM.PFN_MASK)))
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return same
+
+    def close(self) -> None:
+        """Kill and reap the twin (idempotent)."""
+        super().close()
         self.child.kill()
         self.child.wait()
