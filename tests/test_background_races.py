@@ -1,0 +1,247 @@
+"""Races around background checkpoints (issue 13): signals, handlers, ``close()``.
+
+Real signals, real threads, real ptrace. What is checked:
+
+* a signal taken off a thread's queue by the stop (a signal-delivery stop: it reached
+  the thread between its seize and its stop) is delivered when the thread is let go:
+  ``SIGTRAP`` included, a thread let go by the settling of a stop that failed, and a
+  thread let go by the kernel because the tracer died (deterministic: the signal is
+  sent to a seized thread, which makes the signal-delivery stop certain);
+* signals sent from another process at a high rate to a thread busy in numpy, during
+  repeated checkpoints: every one arrives (realtime signals are queued, so they are
+  counted exactly; standard ones merge while pending, so each is sent only once the
+  previous one has arrived). Counted by the interpreter's wakeup fd, which gets a byte
+  per delivery (a Python handler may run once for several);
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from pagescan._uapi import libc
+from pagescan._uapi.ptrace import PTRACE
+from pagescan.snapshot._freeze import Frozen, freeze
+
+from .conftest import requires_wp_async
+from .procs import Child
+
+RT = int(signal.SIGRTMIN) + 1
+F_SETPIPE_SZ = 1031
+
+
+def tgkill(pid: int, tid: int, sig: int) -> bool:
+    """Send ``sig`` to thread ``tid`` of ``pid``; False if refused (EAGAIN: the queue of
+    realtime signals is full)."""
+    return int(ctypes.CDLL(None, use_errno=True).tgkill(pid, tid, sig)) == 0
+
+
+class Deliveries:
+    """The read end of a victim's wakeup fd: counts the signals delivered to it, by number."""
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        fcntl.fcntl(self.w, F_SETPIPE_SZ, 1 << 20)  # never full: a byte dropped would look like a lost signal
+        self.got: dict[int, int] = {}
+
+    def drain(self, timeout: float) -> bool:
+        if not select.select([self.r], [], [], timeout)[0]:
+            return False
+        for b in os.read(self.r, 1 << 16):
+            self.got[b] = self.got.get(b, 0) + 1
+        return True
+
+    def wait_for(self, sig: int, n: int, timeout: float = 5.0) -> int:
+        """Wait until ``n`` deliveries of ``sig`` are counted (or ``timeout`` s pass); the count."""
+        end = time.monotonic() + timeout
+        while self.got.get(sig, 0) < n and time.monotonic() < end:
+            self.drain(0.05)
+        return self.got.get(sig, 0)
+
+    def close(self) -> None:
+        for fd in (self.r, self.w):
+            if fd >= 0:
+                os.close(fd)
+        self.r = self.w = -1
+
+
+#: Counts, through the wakeup fd given as argv[1], every SIGTRAP, SIGUSR1 and SIGRTMIN+1
+#: delivered; a thread busy in numpy prints its tid; runs until stdin closes.
+_COUNTED = r"""
+import os, signal, sys, threading
+import numpy as np
+from pagescan._uapi import libc
+from pagescan._uapi.ptrace import PR_SET_PTRACER
+try:
+    libc.prctl(PR_SET_PTRACER, -1 & 0xFFFFFFFFFFFFFFFF)  # any tracer (Yama ptrace_scope 1)
+except OSError:
+    pass
+w = int(sys.argv[1])
+os.set_blocking(w, False)
+signal.set_wakeup_fd(w, warn_on_full_buffer=True)
+for s in (signal.SIGTRAP, signal.SIGUSR1, signal.SIGRTMIN + 1):
+    signal.signal(s, lambda *a: None)
+stop = threading.Event()
+def busy():
+    a = np.ones(1 << 15)
+    while not stop.is_set():
+        a.sum()
+th = threading.Thread(target=busy)
+th.start()
+print(th.native_id, flush=True)
+sys.stdin.read()
+stop.set()
+th.join()
+"""
+
+
+@contextmanager
+def counted_victim() -> Iterator[tuple[int, int, Deliveries]]:
+    """A process counting its signals: ``(pid, busy thread's tid, deliveries)``."""
+    d = Deliveries()
+    with subprocess.Popen([sys.executable, "-c", _COUNTED, str(d.w)], pass_fds=(d.w,), stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True) as p:
+        try:
+            os.close(d.w)
+            d.w = -1
+            assert p.stdout is not None and p.stdin is not None
+            tid = int(p.stdout.readline())
+            yield p.pid, tid, d
+            p.stdin.close()
+            assert p.wait(30) == 0
+        finally:
+            p.kill()
+            d.close()
+
+
+def _in_signal_delivery_stop(pid: int, tid: int, sig: int) -> None:
+    """Seize ``tid`` and send it ``sig``: the thread takes it off its queue and stops
+    for us (a signal-delivery stop); from here on only its tracer can give it back."""
+    libc.ptrace(PTRACE.SEIZE, tid)
+    assert tgkill(pid, tid, sig)
+    deadline = time.monotonic() + 10
+    while True:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            if f.read().rpartition(")")[2].split()[0] == "t":
+                return
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+
+
+def _freeze_and_die(pid: int, tid: int) -> int:
+    """(In a forked child.) Stop every thread of ``pid`` and exit without letting them go."""
+    _in_signal_delivery_stop(pid, tid, RT)
+    fr = freeze(pid)
+    return fr.tids[tid]
+
+
+@pytest.mark.parametrize("how", ["thaw", "thaw SIGTRAP", "settle", "tracer dies"])
+def test_a_signal_taken_by_the_stop_is_delivered_when_the_thread_is_let_go(how: str) -> None:
+    """A thread that a signal reaches between its seize and its stop is reported in a
+    signal-delivery stop: the kernel took the signal off its queue and delivers it only
+    if the tracer resumes the thread with it. ``thaw`` gives it back (``SIGTRAP`` too: a
+    real signal, an interrupt is reported as ``PTRACE_EVENT_STOP``); so does the settling
+    of a thread seized but not yet seen stopped (a freeze that failed), and the kernel's
+    detach when the tracer dies before letting the threads go (the stop was waited for
+    with ``WNOWAIT``, which leaves the signal with the thread)."""
+    sig = int(signal.SIGTRAP) if how == "thaw SIGTRAP" else RT
+    with counted_victim() as (pid, tid, d):
+        if how == "tracer dies":
+            assert Child(lambda: _freeze_and_die(pid, tid)).result(30) == RT
+        else:
+            _in_signal_delivery_stop(pid, tid, sig)
+            if how == "settle":
+                fr = Frozen(pid)
+                fr.seized.add(tid)  # seized, its stop not waited for yet
+            else:
+                fr = freeze(pid)
+            handed = fr.tids.get(tid)
+            fr.thaw()
+            assert handed == (None if how == "settle" else sig)
+        assert d.wait_for(sig, 1) == 1
+
+
+_CHECKPOINTING = r"""
+import os, signal, sys, threading, time
+import numpy as np
+import pagescan
+from pagescan.snapshot import Checkpointer
+w = int(sys.argv[2])
+os.set_blocking(w, False)
+signal.set_wakeup_fd(w, warn_on_full_buffer=True)
+for s in (signal.SIGTRAP, signal.SIGUSR1, signal.SIGRTMIN + 1):
+    signal.signal(s, lambda *a: None)
+s = pagescan.zeros(1 << 18, np.int64)
+stop = threading.Event()
+def busy():
+    a = np.ones(1 << 15)
+    k = 0
+    while not stop.is_set():
+        a.sum()
+        s[(k * 512) % s.size] = k
+        k += 1
+th = threading.Thread(target=busy)
+th.start()
+print(th.native_id, flush=True)
+methods = set()
+n = 0
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    ck._use_ptrace = True
+    ck.checkpoint()
+    t = time.monotonic()
+    while time.monotonic() - t < float(sys.argv[3]):
+        r = ck.checkpoint(wait=bool(n % 2))
+        methods.add((r if n % 2 else r.result()).method)
+        n += 1
+stop.set()
+th.join()
+print(n, sorted(methods), flush=True)
+"""
+
+
+@requires_wp_async
+def test_signals_sent_during_repeated_checkpoints_all_arrive(tmp_path: Path) -> None:
+    """Another process sends a thread busy in numpy SIGTRAP and SIGUSR1 in turn (each
+    once the previous one has arrived: standard signals merge while pending) and bursts
+    of a realtime signal (queued: counted exactly) while the program checkpoints again
+    and again (ptrace instants): every signal sent is delivered, exactly once."""
+    d = Deliveries()
+    seconds = 2.5
+    with subprocess.Popen([sys.executable, "-c", _CHECKPOINTING, str(tmp_path / "s.ckpt"), str(d.w), str(seconds)],
+                          pass_fds=(d.w,), stdout=subprocess.PIPE, text=True) as p, contextlib.ExitStack() as stack:
+        stack.callback(d.close)
+        stack.callback(p.kill)
+        os.close(d.w)
+        d.w = -1
+        assert p.stdout is not None
+        tid = int(p.stdout.readline())
+        sent = {int(signal.SIGTRAP): 0, int(signal.SIGUSR1): 0, RT: 0}
+        k = 0
+        end = time.monotonic() + seconds - 0.3  # (the victim's threads run until it ends)
+        while time.monotonic() < end:
+            std = int(signal.SIGTRAP if k % 2 else signal.SIGUSR1)
+            k += 1
+            assert tgkill(p.pid, tid, std)
+            sent[std] += 1
+            for _ in range(4):
+                sent[RT] += tgkill(p.pid, tid, RT)
+            assert d.wait_for(std, sent[std]) == sent[std], (sent, d.got)
+        assert d.wait_for(RT, sent[RT]) == sent[RT], (sent, d.got)
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0
+        n, methods = out.split(" ", 1)
+        assert int(n) > 10 and methods.strip() == "['ptrace']", out
+        d.drain(0.05)
+        assert d.got == sent and sent[RT] > 1000, (sent, d.got)
