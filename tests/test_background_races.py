@@ -12,6 +12,9 @@ Real signals, real threads, real ptrace. What is checked:
   counted exactly; standard ones merge while pending, so each is sent only once the
   previous one has arrived). Counted by the interpreter's wakeup fd, which gets a byte
   per delivery (a Python handler may run once for several);
+* ``close()`` from another thread while ``checkpoint()`` runs (``wait=True`` and
+  ``wait=False``, in its pause or writing) waits for it or, with ``cancel=True``,
+  cancels it; the file is left at a sealed generation; no fd, no process is left.
 """
 
 from __future__ import annotations
@@ -20,23 +23,31 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import random
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import pagescan
 from pagescan._uapi import libc
 from pagescan._uapi.ptrace import PTRACE
+from pagescan.snapshot import Checkpointer, CheckpointInfo, inspect, load, verify
 from pagescan.snapshot._freeze import Frozen, freeze
 
 from .conftest import requires_wp_async
-from .procs import Child
+from .procs import Child, children_of
+
+P = 4096
 
 RT = int(signal.SIGRTMIN) + 1
 F_SETPIPE_SZ = 1031
@@ -245,3 +256,158 @@ def test_signals_sent_during_repeated_checkpoints_all_arrive(tmp_path: Path) -> 
         assert int(n) > 10 and methods.strip() == "['ptrace']", out
         d.drain(0.05)
         assert d.got == sent and sent[RT] > 1000, (sent, d.got)
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _close_while_checkpointing(path: Path, s: np.ndarray, wait: bool, cancel: bool, delay: float | None) -> None:
+    """A thread checkpoints ``s`` three times (``s[::P] = k`` before the k-th); ``close()``
+    comes once its first write has started (``delay`` None) or after ``delay`` s."""
+    started = threading.Event()
+    outcomes: list[object] = []
+
+    def progress(done: int, total: int) -> None:
+        if not started.is_set():
+            started.set()
+            time.sleep(0.02)  # close() is called meanwhile
+
+    ck = Checkpointer(path, {"s": s})
+    ck.checkpoint()
+
+    def run() -> None:
+        for k in range(1, 4):
+            s[::P] = k
+            try:
+                r = ck.checkpoint(progress, wait=wait)
+                info = r if isinstance(r, CheckpointInfo) else r.result(30)
+                outcomes.append((info.generation, k))
+            except CancelledError:
+                outcomes.append("cancelled")
+            except ValueError as err:
+                assert "closed" in str(err)
+                outcomes.append("closed")
+                return
+
+    th = threading.Thread(target=run)
+    th.start()
+    if delay is None:
+        assert started.wait(30)
+    else:
+        time.sleep(delay)
+    ck.close(cancel=cancel)
+    th.join(30)
+    assert not th.is_alive()
+    assert outcomes and (cancel or "cancelled" not in outcomes), outcomes
+    sealed = [o for o in outcomes if isinstance(o, tuple)]
+    summary = inspect(path)
+    assert summary["unsealed_tail_bytes"] == 0 and summary["damage"] is None, summary
+    assert len(verify(path)) == 1 + len(sealed), outcomes
+    if sealed:
+        gen, k = sealed[-1]
+        assert gen == 1 + len(sealed)
+        assert (load(path)["s"][::P] == k).all()
+
+
+@requires_wp_async
+@pytest.mark.parametrize("wait", [True, False])
+def test_close_from_another_thread_waits_for_or_cancels_the_running_checkpoint(tmp_path: Path, wait: bool) -> None:
+    """``close()`` while another thread is inside ``checkpoint()`` (in its pause, or
+    writing: a ``progress`` callback says when) waits for it, ``close(cancel=True)``
+    cancels it; it never closes the helper or the file under it. The running call ends
+    with its result, ``CancelledError`` (cancelled) or ``ValueError`` (it started after
+    ``close()`` had begun), nothing else; the file is left at a sealed generation, the
+    last one sealed holding what was written before it; no fd or process is left."""
+    s = pagescan.zeros(4 << 20, np.uint8)
+    rng = random.Random(13)
+    before, fds = children_of(), _fds()
+    for it in range(6):
+        _close_while_checkpointing(tmp_path / f"{it}.ckpt", s, wait, cancel=bool(it % 2),
+                                   delay=None if it % 4 < 2 else rng.random() * 0.03)
+    assert children_of() == before
+    assert _fds() == fds
+
+
+#: The main thread checkpoints again and again (writing a page of ``s`` before each), a
+#: thread busy in numpy sends itself SIGUSR1 all the while; the main thread runs the
+#: Python handler, which (while a checkpoint call is under way) raises, or calls
+#: ``checkpoint(wait=False)`` itself. After every checkpoint that returned, the file's
+#: last generation must be ``s``.
+_HANDLED = r"""
+import signal, sys, threading, time
+import numpy as np
+import pagescan
+from pagescan.snapshot import Checkpointer, load
+mode, seconds = sys.argv[2], float(sys.argv[3])
+s = pagescan.zeros(1 << 17, np.int64)
+stop = threading.Event()
+def busy():
+    a = np.ones(1 << 14)
+    me = threading.get_ident()
+    while not stop.is_set():
+        a.sum()
+        signal.pthread_kill(me, signal.SIGUSR1)
+        time.sleep(0.003)
+class Boom(Exception):
+    pass
+armed, inner, said = [False], [], {}
+def handler(signum, frame):
+    if not armed[0]:
+        return
+    if mode == "raise":
+        raise Boom
+    try:
+        inner.append(ck.checkpoint(wait=False))
+        said["inner ok"] = said.get("inner ok", 0) + 1
+    except RuntimeError:  # inside a synchronous call still
+        said["inner refused"] = said.get("inner refused", 0) + 1
+signal.signal(signal.SIGUSR1, handler)
+th = threading.Thread(target=busy)
+th.start()
+bad = 0
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    ck._use_ptrace = True
+    ck.checkpoint()
+    t, i = time.monotonic(), 0
+    while time.monotonic() - t < seconds:
+        i += 1
+        s[(i * 512) % s.size] = i
+        armed[0] = True
+        try:
+            r = ck.checkpoint(wait=bool(i % 2))
+            armed[0] = False
+            if not isinstance(r, pagescan.snapshot.CheckpointInfo):
+                r.result(30)
+            for f in inner:
+                f.result(30)
+            said["ok"] = said.get("ok", 0) + 1
+            if not (load(sys.argv[1])["s"] == s).all():
+                bad += 1
+        except Boom:
+            said["boom"] = said.get("boom", 0) + 1
+        finally:
+            armed[0] = False
+stop.set()
+th.join()
+print(bad, sorted(said.items()), flush=True)
+"""
+
+
+@requires_wp_async
+@pytest.mark.parametrize("mode", ["raise", "reentrant"])
+def test_python_handlers_run_after_the_pause(tmp_path: Path, mode: str) -> None:
+    """A Python signal handler due while ``checkpoint()`` runs in the main thread (the
+    signal went to another thread: the main thread runs the handler whatever its
+    signal mask) runs when the pause is over, never inside it: an exception it raises
+    (``KeyboardInterrupt``, say) comes out of ``checkpoint()`` without breaking off the
+    exchange with the helper (whose next reply would then answer the next request: the
+    pages of the new instant would go unstored), and a ``checkpoint()`` it makes is
+    refused (a synchronous call, still inside) or taken after the call's own. Every
+    generation sealed is the memory of its instant."""
+    r = subprocess.run([sys.executable, "-c", _HANDLED, str(tmp_path / "h.ckpt"), mode, "1.5"],
+                       check=False, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    bad, said = r.stdout.split(" ", 1)
+    assert bad == "0", r.stdout
+    assert "'ok'" in said and ("'boom'" in said if mode == "raise" else "'inner ok'" in said), said
