@@ -390,6 +390,7 @@ with Checkpointer(sys.argv[1], {"s": s}) as ck:
             armed[0] = False
 stop.set()
 th.join()
+said["restored"] = signal.getsignal(signal.SIGUSR1) is handler and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 print(bad, sorted(said.items()), flush=True)
 """
 
@@ -411,3 +412,4 @@ def test_python_handlers_run_after_the_pause(tmp_path: Path, mode: str) -> None:
     bad, said = r.stdout.split(" ", 1)
     assert bad == "0", r.stdout
     assert "'ok'" in said and ("'boom'" in said if mode == "raise" else "'inner ok'" in said), said
+    assert "('restored', True)" in said, said  # the program's handlers are back

@@ -177,15 +177,16 @@ class _HeldSignals:
     def __init__(self) -> None:
         self.saved: dict[int, Callable[..., Any]] = {}
         self.due: list[tuple[int, Any]] = []
+        self.owner = False
         if _HeldSignals.active or threading.current_thread() is not threading.main_thread():
             return
+        _HeldSignals.active = self.owner = True
         with contextlib.suppress(ValueError):  # (not the main interpreter)
             for sig in range(1, signal.NSIG):
                 handler = _getsignal(sig)
                 if callable(handler):
                     signal.signal(sig, self._record)
                     self.saved[sig] = handler
-            _HeldSignals.active = True
 
     def _record(self, signum: int, frame: Any) -> None:
         self.due.append((signum, frame))
@@ -193,12 +194,12 @@ class _HeldSignals:
     def release(self) -> None:
         """Put the handlers back and run those that came due (idempotent); raises the
         first exception one of them raised, after running the others."""
-        if not _HeldSignals.active or not (self.saved or self.due):
+        if not self.owner:
             return
+        self.owner = _HeldSignals.active = False
         saved, self.saved = self.saved, {}
         for sig, handler in saved.items():
             signal.signal(sig, handler)
-        _HeldSignals.active = False
         first: BaseException | None = None
         while self.due:
             signum, frame = self.due.pop(0)
