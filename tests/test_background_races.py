@@ -413,3 +413,26 @@ def test_python_handlers_run_after_the_pause(tmp_path: Path, mode: str) -> None:
     assert bad == "0", r.stdout
     assert "'ok'" in said and ("'boom'" in said if mode == "raise" else "'inner ok'" in said), said
     assert "('restored', True)" in said, said  # the program's handlers are back
+
+
+def test_close_from_the_progress_callback_raises_and_leaves_the_checkpoint_alone(tmp_path: Path) -> None:
+    """The ``progress`` callback of a background checkpoint runs in its thread, in the
+    middle of the write: ``close()`` there (``cancel=True`` too) raises RuntimeError and
+    changes nothing; the checkpoint completes and the Checkpointer stays usable."""
+    s = pagescan.zeros(1 << 20, np.uint8)
+    said: list[str] = []
+    path = tmp_path / "p.ckpt"
+    with Checkpointer(path, {"s": s}) as ck:
+        ck.checkpoint()
+
+        def progress(done: int, total: int) -> None:
+            try:
+                ck.close(cancel=True)
+            except RuntimeError as err:
+                said.append(str(err))
+
+        s[::P] = 7
+        assert ck.checkpoint(progress, wait=False).result(30).generation == 2
+        assert ck.checkpoint().generation == 3
+    assert said and all("progress callback" in x for x in said), said
+    assert len(verify(path)) == 3 and (load(path)["s"][::P] == 7).all()

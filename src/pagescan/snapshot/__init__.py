@@ -317,14 +317,14 @@ class Checkpointer:
         ``concurrent.futures.CancelledError``); a ``checkpoint()`` that starts once
         ``close()`` has begun raises ``ValueError`` (closed)."""
         self._not_reentrant("close()")
+        callback = threading.current_thread() is self._thread
+        if callback:  # from the background thread: never waits (raises RuntimeError instead)
+            self._acquire("close()")
         self._closing = True  # no checkpoint starts from now on
         if cancel and self._pending is not None:
             self._pending.cancel()
-        try:
+        if not callback:
             self._acquire("close()")  # a checkpoint() running in another thread ends first
-        except RuntimeError:
-            self._closing = False
-            raise
         try:
             self._close()
         finally:
@@ -390,6 +390,8 @@ class Checkpointer:
           while the other threads run, then stops them all with ptrace, copies what
           they wrote since the last round and lets them go: the stop is the instant.
           This thread waits with every signal blocked (delivered when it returns).
+          In the main thread, Python signal handlers that come due during the call
+          are held back until the pause is over (:class:`_HeldSignals`).
           The other threads stall for the stop only; the pause grows with the bytes
           written since the previous checkpoint.
         * ``"fork"`` (a full checkpoint; or the kernel refused to let the helper trace
