@@ -12,6 +12,10 @@ Real signals, real threads, real ptrace. What is checked:
   counted exactly; standard ones merge while pending, so each is sent only once the
   previous one has arrived). Counted by the interpreter's wakeup fd, which gets a byte
   per delivery (a Python handler may run once for several);
+* a Python handler due while ``checkpoint()`` runs in the main thread runs after the
+  pause: what it raises comes out of the call without breaking off the exchange with
+  the helper (which made later generations store the previous instant's pages), a
+  ``checkpoint()`` it makes is refused or taken after; every generation is the memory;
 * ``close()`` from another thread while ``checkpoint()`` runs (``wait=True`` and
   ``wait=False``, in its pause or writing) waits for it or, with ``cancel=True``,
   cancels it; the file is left at a sealed generation; no fd, no process is left.
@@ -436,3 +440,65 @@ def test_close_from_the_progress_callback_raises_and_leaves_the_checkpoint_alone
         assert ck.checkpoint().generation == 3
     assert said and all("progress callback" in x for x in said), said
     assert len(verify(path)) == 3 and (load(path)["s"][::P] == 7).all()
+
+
+_BROKEN_OFF = r"""
+import signal, sys, threading, time
+import numpy as np, pagescan
+from pagescan.snapshot import Checkpointer, load
+s = pagescan.zeros(1 << 22, np.int64)
+stop, go = threading.Event(), threading.Event()
+def busy():
+    a = np.ones(1 << 14)
+    while not stop.is_set():
+        a.sum()
+        if go.is_set():  # once the call has sent its request: the handler is due while it waits
+            go.clear()
+            time.sleep(0.002)
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+class Boom(Exception):
+    pass
+armed = [False]
+def handler(signum, frame):
+    if armed[0]:
+        raise Boom
+signal.signal(signal.SIGUSR1, handler)
+th = threading.Thread(target=busy)
+th.start()
+out = []
+with Checkpointer(sys.argv[1], {"s": s}) as ck:
+    ck._use_ptrace = True
+    ck.checkpoint()
+    ck.checkpoint()
+    s[::512] = 1  # every page: the pre-copy takes a while
+    ck._pre.hold = 0.2  # and the helper replies twice (the first while holding the threads)
+    armed[0] = True
+    go.set()
+    try:
+        ck.checkpoint()
+    except Boom:
+        out.append("boom")
+    armed[0] = False
+    ck._pre.hold = 0.0
+    for i in range(3):
+        s[1000 + i * 512] = 100 + i
+        ck.checkpoint()
+        out.append(bool((load(sys.argv[1])["s"] == s).all()))
+stop.set()
+th.join()
+print(out)
+"""
+
+
+@requires_wp_async
+def test_an_exception_from_a_handler_does_not_break_off_the_exchange_with_the_helper(tmp_path: Path) -> None:
+    """A handler raising while the call waits for the helper's replies (it became due
+    during the pre-copy; the helper's first reply wakes the call) used to leave the
+    last reply unread: each later checkpoint read the previous one's reply, and stored
+    the pages of the previous instant, not its own (writes lost: the file no longer
+    matched memory). Now the exception comes out after the pause, and every later
+    generation is the memory."""
+    r = subprocess.run([sys.executable, "-c", _BROKEN_OFF, str(tmp_path / "b.ckpt")], check=False,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "['boom', True, True, True]", r.stdout
