@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 import sys
@@ -155,6 +156,62 @@ _instant_lock = threading.Lock()
 _gil_users: list[Any] = [0, 0.0]  # pauses in progress, the interval to restore
 
 
+#: ``signal.getsignal`` without its conversion of the result to an enum (60 us for the
+#: 64 signals, against 2 us): the C function it wraps.
+_getsignal: Callable[[int], Any] = getattr(signal, "_signal", signal).getsignal
+
+
+class _HeldSignals:
+    """Python signal handlers held back while :meth:`Checkpointer.checkpoint` runs in the
+    main thread, the only one that runs them (whichever thread the kernel delivered the
+    signal to: its C handler only marks it due). A handler due meanwhile would run at
+    the next bytecode of the pause, in the one thread the instant does not stop: its
+    writes could tear the generation, its exception (``KeyboardInterrupt``) would break
+    off the exchange with the helper in the middle. So each Python-level handler is
+    swapped for a recorder during the call, and :meth:`release` puts them back and runs
+    what came meanwhile, in order. (``signal.signal`` re-installs the C handler without
+    ``SA_RESTART``: a ``siginterrupt(sig, False)`` is undone, as by any ``signal.signal``.)
+    Nested calls (a finalizer's checkpoint) hold nothing more."""
+
+    active = False  # (main thread only)
+
+    def __init__(self) -> None:
+        self.saved: dict[int, Callable[..., Any]] = {}
+        self.due: list[tuple[int, Any]] = []
+        self.owner = False
+        if _HeldSignals.active or threading.current_thread() is not threading.main_thread():
+            return
+        _HeldSignals.active = self.owner = True
+        with contextlib.suppress(ValueError):  # (not the main interpreter)
+            for sig in range(1, signal.NSIG):
+                handler = _getsignal(sig)
+                if callable(handler):
+                    signal.signal(sig, self._record)
+                    self.saved[sig] = handler
+
+    def _record(self, signum: int, frame: Any) -> None:
+        self.due.append((signum, frame))
+
+    def release(self) -> None:
+        """Put the handlers back and run those that came due (idempotent); raises the
+        first exception one of them raised, after running the others."""
+        if not self.owner:
+            return
+        self.owner = _HeldSignals.active = False
+        saved, self.saved = self.saved, {}
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        first: BaseException | None = None
+        while self.due:
+            signum, frame = self.due.pop(0)
+            try:
+                saved[signum](signum, frame)
+            except BaseException as err:  # noqa: BLE001 - raised once the others have run
+                first = first or err
+        if first is not None:
+            raise first
+
+
 #: First guesses, in seconds per page, of the cost of the fork path (a walk and a
 #: ``fork()``, per resident page of the process: page tables) and of the ptrace path
 #: (per written page its helper finds: its copies, walks and stop included); each
@@ -207,6 +264,7 @@ class Checkpointer:
         self._in_call: int | None = None  # the thread inside checkpoint()
         self._thread: threading.Thread | None = None  # the checkpoint in flight
         self._pending: PendingCheckpoint | None = None
+        self._closing = False  # close() has begun
         # The helper process of the ptrace path (started by the first checkpoint that is
         # not taken alone). ``_use_ptrace``: ``None`` picks per checkpoint (the cheaper
         # by the costs measured so far), ``True`` always ptrace, ``False`` always fork.
@@ -256,10 +314,27 @@ class Checkpointer:
     def close(self, cancel: bool = False) -> None:
         """Wait for a checkpoint in flight (``cancel=True``: abandon it, leaving the file
         at its previous sealed generation unless it is already sealing), then stop
-        tracking and close the file. Its error, if any, stays in its future."""
+        tracking and close the file. Its error, if any, stays in its future.
+
+        From another thread while :meth:`checkpoint` runs: waits for that call to return
+        (``cancel=True`` cancels its checkpoint too: a ``checkpoint(wait=True)`` then raises
+        ``concurrent.futures.CancelledError``); a ``checkpoint()`` that starts once
+        ``close()`` has begun raises ``ValueError`` (closed)."""
         self._not_reentrant("close()")
+        callback = threading.current_thread() is self._thread
+        if callback:  # from the background thread: never waits (raises RuntimeError instead)
+            self._acquire("close()")
+        self._closing = True  # no checkpoint starts from now on
         if cancel and self._pending is not None:
             self._pending.cancel()
+        if not callback:
+            self._acquire("close()")  # a checkpoint() running in another thread ends first
+        try:
+            self._close()
+        finally:
+            self._lock.release()
+
+    def _close(self) -> None:
         self._join()
         if self._pre is not None:
             self._pre.close()
@@ -319,6 +394,8 @@ class Checkpointer:
           while the other threads run, then stops them all with ptrace, copies what
           they wrote since the last round and lets them go: the stop is the instant.
           This thread waits with every signal blocked (delivered when it returns).
+          In the main thread, Python signal handlers that come due during the call
+          are held back until the pause is over (:class:`_HeldSignals`).
           The other threads stall for the stop only; the pause grows with the bytes
           written since the previous checkpoint.
         * ``"fork"`` (a full checkpoint; or the kernel refused to let the helper trace
@@ -351,26 +428,35 @@ class Checkpointer:
         ``OSError`` with the errno), and the chunks found written are stored by the
         next checkpoint. The helper dying while it takes the instant raises
         ``ProcessLookupError`` from this call (the threads it stopped run on); what it
-        had re-armed is unknown, so the next checkpoint is full.
+        had re-armed is unknown, so the next checkpoint is full. :meth:`close` with
+        ``cancel=True`` from another thread cancels a running ``wait=True`` call: it raises
+        ``concurrent.futures.CancelledError`` (the file keeps its previous generations).
         """
         self._not_reentrant("checkpoint()")
+        self._acquire("checkpoint()")
+        held: list[_HeldSignals] = []
+        try:
+            self._in_call = threading.get_ident()
+            return self._checkpoint(progress, wait, held)
+        finally:
+            self._in_call = None
+            self._lock.release()
+            for h in held:
+                h.release()  # Python handlers due meanwhile run now
+
+    def _acquire(self, what: str) -> None:
+        """Take the lock of :meth:`checkpoint` and :meth:`close` (one runs at a time)."""
         if threading.current_thread() is self._thread:
             # The background thread of the checkpoint in flight: its ``progress``, or a done
             # callback (run by ``set_result``), while a caller may hold the lock waiting for
             # this very thread to end.
             if self._pending is not None and not self._pending.done():
-                raise RuntimeError("checkpoint() called from the progress callback of the checkpoint in flight")
+                raise RuntimeError(f"{what} called from the progress callback of the checkpoint in flight")
             if not self._lock.acquire(blocking=False):
-                raise RuntimeError("checkpoint() called from a done callback while another call waits for the "
+                raise RuntimeError(f"{what} called from a done callback while another call waits for the "
                                    "checkpoint in flight (it would wait for this thread, for good)")
         else:
             self._lock.acquire()
-        try:
-            self._in_call = threading.get_ident()
-            return self._checkpoint(progress, wait)
-        finally:
-            self._in_call = None
-            self._lock.release()
 
     def _not_reentrant(self, what: str) -> None:
         """Refuse a call made inside this thread's :meth:`checkpoint` (a signal handler, a
@@ -380,19 +466,22 @@ class Checkpointer:
             raise RuntimeError(f"{what} called inside checkpoint() of the same thread (from a signal handler "
                                "or a finalizer?)")
 
-    def _checkpoint(self, progress: Progress | None, wait: bool) -> CheckpointInfo | PendingCheckpoint:
+    def _checkpoint(self, progress: Progress | None, wait: bool,
+                    held: list[_HeldSignals]) -> CheckpointInfo | PendingCheckpoint:
         store = self._store
-        if store is None:
+        if store is None or self._closing:
             raise ValueError("operation on a closed Checkpointer")
         self._join()
         if store.damage is not None:
             raise store.damage
+        held.append(_HeldSignals())  # until the pause ends (the copy, for "direct")
         t0 = time.perf_counter()
         quick = contextlib.ExitStack()  # the GIL comes back fast until we return
         quick.enter_context(_quick_gil())
         try:
             full = self._full_next
             fut = PendingCheckpoint(len(store.generations) + 1)
+            self._pending = fut  # (wait=True too: close(cancel=True) from another thread cancels it)
             alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
             pre = None if full or alone or self._use_ptrace is False else self._precopier()
             twin = None
@@ -415,9 +504,17 @@ class Checkpointer:
             pause = time.perf_counter() - t0
             if wait:
                 quick.close()
+                if not alone:
+                    try:
+                        held[0].release()  # the instant is taken: handlers due meanwhile run now
+                    except BaseException:
+                        if twin is not None:  # abandoned: the chunks found are carried to the next
+                            twin.close()
+                        if pre is not None:
+                            pre.release()
+                        raise
                 self._run(fut, store, chunks, full, progress, t0, pause, twin, pre, method)
                 return fut.result()
-            self._pending = fut
             th = threading.Thread(target=self._run,
                                   args=(fut, store, chunks, full, progress, t0, pause, twin, pre, method),
                                   name="pagescan-checkpoint")
@@ -488,6 +585,11 @@ class Checkpointer:
             self._pre = None
             raise OSError(err.errno, f"{err.strerror}; generation {fut.generation} was not written, "
                           f"{self.path} is unchanged (the next checkpoint is full)") from err
+        except BaseException:  # broken off while the helper worked (it was killed): as above
+            self._full_next = True
+            pre.close()
+            self._pre = None
+            raise
         self.last_instant = figures
         found = self._runs_to_chunks(runs)
         # Per page found: its copies (a hot page twice), the walks and the stop included.

@@ -7,8 +7,16 @@ thread with ``PTRACE_SEIZE`` (which does not stop it) and stops it with
 it then runs no instruction of the program until it is detached. ``TRACECLONE`` makes
 a thread that a tracee clones meanwhile a tracee too, starting stopped; the task list
 is re-read until every thread in it is stopped, so no thread of the process is left
-running. :meth:`Frozen.thaw` detaches them (``PTRACE_DETACH``; a signal that arrived
-while a thread was being stopped is handed back to it then).
+running. :meth:`Frozen.thaw` detaches them (``PTRACE_DETACH``).
+
+A signal that reaches a thread between its seize and its stop is reported as a
+signal-delivery stop (``status >> 16 == 0``, any signal, ``SIGTRAP`` included: with
+``PTRACE_SEIZE`` an interrupt is reported as ``PTRACE_EVENT_STOP``, never so): the
+kernel has taken it off the thread's queue, and it is delivered only if the tracer
+resumes the thread with it (``PTRACE_DETACH``'s ``data``; ``0`` discards it). Stops are
+waited for with ``WNOWAIT``, which leaves the stop's signal with the thread (a plain
+wait clears it, ``wait_task_stopped``): if the helper dies before it detaches, the
+kernel's detach delivers it, as it does for every stop we never waited for.
 
 If the helper dies while the threads are stopped, the kernel detaches its tracees and
 wakes them (``exit_ptrace`` -> ``__ptrace_unlink``, which wakes a task in a traced
@@ -30,7 +38,7 @@ import signal
 import time
 
 from .._uapi import libc
-from .._uapi.ptrace import PTRACE, PTRACE_EVENT_STOP, PTRACE_O, WALL
+from .._uapi.ptrace import PTRACE, PTRACE_O, WALL
 
 __all__ = ["Frozen", "freeze"]
 
@@ -52,6 +60,16 @@ class Frozen:
         self.seized: set[int] = set()
         self.seconds = 0.0  # how long stopping them took
 
+    def stopped(self, tid: int) -> bool:
+        """Wait for the next stop of ``tid`` (seized); record it. ``False``: it exited
+        (reaped now) or is gone."""
+        sig = _wait_stop(tid)
+        if sig is None:
+            self.seized.discard(tid)
+            return False
+        self.tids[tid] = sig
+        return True
+
     def thaw(self, settle: bool = True) -> None:
         """Detach every thread (idempotent); each resumes where it stopped.
 
@@ -64,13 +82,27 @@ class Frozen:
                     continue
                 try:
                     libc.ptrace(PTRACE.INTERRUPT, tid)
-                    os.waitpid(tid, WALL)
-                except (OSError, ChildProcessError):
+                    if not self.stopped(tid):
+                        continue
+                except OSError:  # ChildProcessError too
                     continue  # gone
             with contextlib.suppress(OSError):  # ESRCH: it exited meanwhile
                 libc.ptrace(PTRACE.DETACH, tid, 0, self.tids.get(tid, 0))
         self.seized.clear()
         self.tids.clear()
+
+
+def _wait_stop(tid: int) -> int | None:
+    """Wait for a ptrace stop of ``tid``: the signal to hand back when it is resumed (that
+    of a signal-delivery stop, else 0); ``None`` if it exited instead (now reaped).
+    ``WNOWAIT``: the kernel keeps the stop's signal until the thread is resumed."""
+    res = os.waitid(os.P_PID, tid, os.WEXITED | os.WSTOPPED | os.WNOWAIT | WALL)
+    if res is None or res.si_code != os.CLD_TRAPPED:  # exited, killed
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(tid, WALL)
+        return None
+    # si_status: the signal, and the ptrace event above it (0: a signal-delivery stop)
+    return res.si_status & 0xFF if res.si_status >> 8 == 0 else 0
 
 
 def _tasks(pid: int) -> set[int]:
@@ -142,19 +174,9 @@ def freeze(pid: int, timeout: float = 2.0, skip: int = 0) -> Frozen:
                     libc.ptrace(PTRACE.INTERRUPT, tid)
             for tid in sorted(fr.seized - fr.tids.keys()):
                 try:
-                    _, status = os.waitpid(tid, WALL)
+                    fr.stopped(tid)  # a clone event stop: its new thread shows up in the task list
                 except ChildProcessError:  # gone (and reaped by its own process)
                     fr.seized.discard(tid)
-                    continue
-                if os.WIFSTOPPED(status):
-                    event = status >> 16
-                    sig = os.WSTOPSIG(status)
-                    # A signal-delivery stop (event 0): the signal is handed back on thaw.
-                    fr.tids[tid] = sig if event == 0 and sig != signal.SIGTRAP else 0
-                    if event not in (0, PTRACE_EVENT_STOP):
-                        fr.tids[tid] = 0  # a clone event stop: its new thread shows up in the task list
-                else:
-                    fr.seized.discard(tid)  # exited
         fr.seconds = time.perf_counter() - t0
         return fr
     except _Timeout:

@@ -252,8 +252,11 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs in the helper proce
     parent, sockfd, memfd = (int(x) for x in argv[:3])
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
     sock = socket.socket(fileno=sockfd)
-    head, blob = _recv(sock)
-    return _Helper(parent, sock, memfd, _runs(blob).copy(), bool(head["neighbors"])).serve()
+    try:
+        head, blob = _recv(sock)
+        return _Helper(parent, sock, memfd, _runs(blob).copy(), bool(head["neighbors"])).serve()
+    except (EOFError, ConnectionError):
+        return 0  # our parent closed its end (a Checkpointer closed before it needed us)
 
 
 # -- our side ----------------------------------------------------------------------------
@@ -392,6 +395,11 @@ class Precopier:
             head, blob = self._get()
             if head.get("holding"):
                 head, blob = self._get()
+        except OSError:
+            raise
+        except BaseException:  # broken off mid-exchange: its reply would answer the next request
+            self.child.kill()
+            raise
         finally:
             libc.restore_signals(old)
         runs = _runs(blob)
