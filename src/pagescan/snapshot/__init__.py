@@ -69,6 +69,7 @@ from ._twin import FrozenTwin, ProcMem
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi import libc
 from .._uapi.libc import read_runs
+from .._procfs import read_maps
 
 __all__ = [
     "CheckpointError",
@@ -305,6 +306,12 @@ class Checkpointer:
         # Chunks found written (and re-armed) by a checkpoint that then failed: they go
         # into the next one.
         self._carry = np.empty(0, np.int64)
+        # State in a MAP_SHARED mapping is not copied on write by fork(): only the ptrace
+        # stop (or a checkpoint taken alone) freezes it.
+        self._shared = any(v.shared for lo, hi in merged_page_runs(self.targets)
+                           for v in read_maps(os.getpid(), lo, hi))
+        if self._shared:
+            self._use_ptrace = True
 
     @property
     def regions(self) -> list[tuple[int, int]]:
@@ -483,12 +490,22 @@ class Checkpointer:
             fut = PendingCheckpoint(len(store.generations) + 1)
             self._pending = fut  # (wait=True too: close(cancel=True) from another thread cancels it)
             alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
-            pre = None if full or alone or self._use_ptrace is False else self._precopier()
+            pre = (None if (full and not self._shared) or alone or self._use_ptrace is False
+                   else self._precopier())
             twin = None
             if pre is not None:
+                if full:  # (shared state) every page, copied in the stop: armed first
+                    self._carry = self._find_written(True)
                 chunks = self._instant_ptrace(pre, fut)
                 if chunks is None:
                     pre = None  # refused: fork instead
+            if pre is None and self._shared and not alone:
+                self._pending = None
+                raise CheckpointError(
+                    f"{self.path}: generation {fut.generation} was not taken: the state lies in a shared "
+                    "mapping (MAP_SHARED), which fork() does not freeze, and the ptrace stop of the other "
+                    "threads was refused; checkpoint with wait=True while this is the only thread, or keep "
+                    "the state in private memory (pagescan.zeros, numpy arrays)")
             if pre is None:
                 t = time.perf_counter()
                 if wait or full or alone or not self._fork_first:
@@ -518,9 +535,11 @@ class Checkpointer:
             th = threading.Thread(target=self._run,
                                   args=(fut, store, chunks, full, progress, t0, pause, twin, pre, method),
                                   name="pagescan-checkpoint")
+            self._thread = th  # before start: its progress and done callbacks check it
             try:
                 th.start()
             except BaseException as err:
+                self._thread = None
                 if twin is not None:
                     twin.close()
                 if pre is not None:
@@ -528,7 +547,6 @@ class Checkpointer:
                 fut.set_exception(err)
                 self._pending = None
                 raise
-            self._thread = th
             return fut
         finally:
             quick.close()
