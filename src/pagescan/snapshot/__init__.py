@@ -43,6 +43,7 @@ of their pages.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import os
@@ -230,6 +231,19 @@ def _bases(ts: list[Target]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([t.chunks for t in ts], dtype=np.int64)]).astype(np.int64)
 
 
+def _in_shared_mapping(runs: list[tuple[int, int]]) -> bool:
+    """Whether any of the sorted, disjoint page ``runs`` lies in a shared (``MAP_SHARED``)
+    VMA of this process (one read of maps for all of them)."""
+    if not runs:
+        return False
+    starts = [lo for lo, _ in runs]
+    for v in read_maps(os.getpid(), runs[0][0], runs[-1][1]):
+        i = bisect.bisect_left(starts, v.end) - 1  # the last run starting below the VMA's end
+        if v.shared and i >= 0 and runs[i][1] > v.start:
+            return True
+    return False
+
+
 class Checkpointer:
     """Incremental checkpoints of ``state`` into the file ``path``.
 
@@ -271,6 +285,7 @@ class Checkpointer:
         # by the costs measured so far), ``True`` always ptrace, ``False`` always fork.
         self._pre: Precopier | None = None
         self._use_ptrace: bool | None = None
+        self._shared = False  # the state lies in a MAP_SHARED mapping (set below)
         # ``wait=False`` on the fork path: fork first, find the written chunks after
         # (:meth:`_run`); ``False``: find them, then fork, as ``wait=True`` does (benchmarks).
         self._fork_first = True
@@ -297,8 +312,14 @@ class Checkpointer:
             if store.damage is not None:
                 raise store.damage
             store.truncate_unsealed()
-            for lo, hi in merged_page_runs(self.targets):
+            runs = merged_page_runs(self.targets)
+            for lo, hi in runs:
                 self._watches.append(WriteWatch(lo, hi - lo))
+            # State in a MAP_SHARED mapping is not copied on write by fork(): only the
+            # ptrace stop (or a checkpoint taken alone) freezes it.
+            self._shared = _in_shared_mapping(runs)
+            if self._shared:
+                self._use_ptrace = True
         except BaseException:
             self.close()
             raise
@@ -306,12 +327,6 @@ class Checkpointer:
         # Chunks found written (and re-armed) by a checkpoint that then failed: they go
         # into the next one.
         self._carry = np.empty(0, np.int64)
-        # State in a MAP_SHARED mapping is not copied on write by fork(): only the ptrace
-        # stop (or a checkpoint taken alone) freezes it.
-        self._shared = any(v.shared for lo, hi in merged_page_runs(self.targets)
-                           for v in read_maps(os.getpid(), lo, hi))
-        if self._shared:
-            self._use_ptrace = True
 
     @property
     def regions(self) -> list[tuple[int, int]]:
