@@ -3,7 +3,9 @@
 Per process: ``/proc/PID/smaps_rollup`` (the kernel's sums over all mappings: RSS, PSS,
 USS = Private_Clean + Private_Dirty, swap, PMD-mapped and hugetlb sizes) and one
 ``PAGEMAP_SCAN`` walk asking only for zero pages (not in RSS: smaps does not count
-them). Processes without an address space (kernel threads) are left out; processes that
+them); the walks run in a second thread, from the other end of the process list, while
+the main thread reads the rollups (both are kernel work with the GIL released). Processes
+without an address space (kernel threads) are left out; processes that
 exit while being read are skipped; those the caller may not read (no ptrace access)
 are counted in the footer.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -66,11 +69,19 @@ def read_process(pid: int, top: int, regions: np.ndarray | None = None, full: bo
     (may not read it) or ``ProcessLookupError`` (gone). ``regions``: a scratch buffer
     for the zero-page walk. ``full``: with every smaps_rollup field (``"rollup"``), else
     only the table's."""
+    line = _rollup_line(pid, full)
+    if line is not None:
+        line["zero"] = zero_bytes(pid, top, regions)
+    return line
+
+
+def _rollup_line(pid: int, full: bool) -> dict[str, Any] | None:
+    """A line without its ``"zero"``; ``None`` without an address space."""
     text = read_rollup_text(pid)
     if not text:
         return None  # kernel thread, zombie: no pagemap to open
     rollup = parse_rollup(text, None if full else _TABLE_FIELDS)
-    line = _line(pid, rollup, zero_bytes(pid, top, regions))
+    line = _line(pid, rollup)
     if full:
         line["rollup"] = rollup
     return line
@@ -94,14 +105,14 @@ def zero_bytes(pid: int, top: int, regions: np.ndarray | None = None) -> int:
     return zero
 
 
-def _line(pid: int, rollup: dict[str, int], zero: int) -> dict[str, Any]:
+def _line(pid: int, rollup: dict[str, int]) -> dict[str, Any]:
     uid = process_uid(pid)
     cmd = read_cmdline(pid)
     get = rollup.get
     return {
         "pid": pid, "uid": uid, "user": user_name(uid), "command": cmd,
         "uss": get("Private_Clean", 0) + get("Private_Dirty", 0), "pss": get("Pss", 0), "rss": get("Rss", 0),
-        "swap": get("Swap", 0), "zero": zero,
+        "swap": get("Swap", 0), "zero": 0,
         "huge": get("AnonHugePages", 0) + get("ShmemPmdMapped", 0) + get("FilePmdMapped", 0)
         + get("Shared_Hugetlb", 0) + get("Private_Hugetlb", 0),
     }
@@ -116,26 +127,79 @@ _TABLE_FIELDS = ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Swap", "AnonHu
 _REGIONS = 256
 
 
+class _ZeroWalks(threading.Thread):
+    """The zero-page walks of ``pids``, last pid first, in a thread of their own.
+
+    Both kinds of read spend their time in the kernel with the GIL released
+    (``smaps_rollup`` and ``PAGEMAP_SCAN`` each walk every page table of the process),
+    so with a second CPU the walks run while the main thread reads the rollups: from the
+    other end of the list, so that the two seldom walk the same process at once (they
+    would contend for its page-table locks). ``result(pid)`` waits for the thread: the
+    bytes, or the ``OSError`` the walk raised. ``stop()`` makes it finish early."""
+
+    def __init__(self, pids: list[int], top: int) -> None:
+        super().__init__(name="pagescan-ps-zero", daemon=True)
+        self._pids, self._top = pids, top
+        self._done: dict[int, int | OSError] = {}
+        self._stopping = False
+
+    def run(self) -> None:
+        regions = np.empty(_REGIONS, PAGE_REGION_DTYPE)
+        done, top = self._done, self._top
+        for pid in reversed(self._pids):
+            if self._stopping:
+                return
+            try:
+                done[pid] = zero_bytes(pid, top, regions)
+            except OSError as err:  # gone, a kernel thread, not ours to read
+                done[pid] = err
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def result(self, pid: int) -> int | OSError:
+        if self.is_alive():
+            self.join()
+        return self._done[pid]
+
+
 def collect(pids: Iterable[int], full: bool = True) -> tuple[list[dict[str, Any]], int, int]:
     """(processes, how many may not be read, how many exited while being read);
     ``full``: as for :func:`read_process`."""
-    out = []
+    pids = list(pids)
+    walks = _ZeroWalks(pids, task_size())
+    walks.start()
+    lines: list[tuple[int, dict[str, Any] | OSError]] = []
+    try:
+        for pid in pids:
+            try:
+                line = _rollup_line(pid, full)
+            except (PermissionError, ProcessLookupError, FileNotFoundError) as err:
+                lines.append((pid, err))
+                continue
+            if line is not None:
+                lines.append((pid, line))
+    except BaseException:
+        walks.stop()  # Ctrl-C: do not leave it walking
+        raise
+    out: list[dict[str, Any]] = []
     unreadable = gone = 0
-    top = task_size()
-    regions = np.empty(_REGIONS, PAGE_REGION_DTYPE)
-    for pid in pids:
-        try:
-            p = read_process(pid, top, regions, full)
-        except PermissionError:
+    for pid, got in lines:
+        if isinstance(got, dict):
+            zero = walks.result(pid)
+            if not isinstance(zero, OSError):
+                got["zero"] = zero
+                out.append(got)
+                continue
+            got = zero
+        if isinstance(got, PermissionError):
             unreadable += 1
-            continue
-        except (ProcessLookupError, FileNotFoundError):
+        elif isinstance(got, (ProcessLookupError, FileNotFoundError)):
             # ESRCH also means "no address space" (a kernel thread, a zombie): not counted
             if not os.path.exists(f"/proc/{pid}"):
                 gone += 1
-            continue
-        if p is not None:
-            out.append(p)
+        else:
+            raise got
     return out, unreadable, gone
 
 
@@ -162,8 +226,9 @@ def run(args: argparse.Namespace) -> int:
                            cut="none" if args.wide else "right") + "\n")
     notes = []
     if unreadable:
-        who = "" if os.geteuid() == 0 else " (no ptrace access: another user's; run as root to see them)"
-        notes.append(f"{unreadable} processes not readable{who}")
+        who = (" (the kernel refused ptrace read access)" if os.geteuid() == 0
+               else " (no ptrace access: another user's; run as root to see them)")
+        notes.append(f"{unreadable} {'process' if unreadable == 1 else 'processes'} not readable{who}")
     if gone:
         notes.append(f"{gone} exited while being read")
     if notes:
