@@ -45,7 +45,7 @@ import pytest
 
 import pagescan
 from pagescan._uapi import libc
-from pagescan.snapshot import Checkpointer, LoadedState, PendingCheckpoint, _read_self, load, verify
+from pagescan.snapshot import CheckpointError, Checkpointer, LoadedState, PendingCheckpoint, _read_self, load, verify
 
 from .conftest import requires_wp_async
 from .procs import Child as ProcChild
@@ -181,13 +181,40 @@ def test_state_in_a_shared_mapping_is_frozen_by_the_stop_never_by_a_fork(tmp_pat
                     methods.add(info.method)
                 assert min(counts) > 0
                 ck._use_ptrace = False  # as when the kernel refuses the helper's stop
-                if 0:
+                with pytest.raises(CheckpointError, match="shared mapping"):
                     ck.checkpoint(wait=False)
                 ck._use_ptrace = True
             final = ck.checkpoint()
-        pass  # TEMP
+        assert methods == {"ptrace"}
         assert check_generations(path) == final.generation
         np.testing.assert_array_equal(loaded(path)["s"], s)
+    finally:
+        del s
+        buf.close()
+
+
+@pytest.mark.parametrize("advice", ["WIPEONFORK", "DONTFORK"])
+def test_state_that_fork_does_not_copy_is_frozen_by_the_stop(tmp_path: Path, advice: str) -> None:
+    """Private memory under ``MADV_WIPEONFORK`` reads as zeros in a forked child, and
+    under ``MADV_DONTFORK`` is not mapped there at all: a frozen twin cannot hold it
+    (before: the generation stored zeros, or the checkpoint failed with EIO), so such
+    state takes the ptrace stop, like a shared mapping."""
+    buf = mmap.mmap(-1, 2 * N * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(getattr(mmap, f"MADV_{advice}", {"WIPEONFORK": 18, "DONTFORK": 10}[advice]))
+    s = np.frombuffer(buf, np.int64)
+    s[:] = 7
+    path = tmp_path / "nofork.ckpt"
+    methods = set()
+    try:
+        with Checkpointer(path, {"s": s}) as ck, writers(s):
+            methods.add(ck.checkpoint().method)  # full
+            methods.add(ck.checkpoint(wait=False).result(timeout=30).method)
+            final = ck.checkpoint()
+            methods.add(final.method)
+            got = loaded(path)["s"]
+            assert invariant_breaks(got) == 0 and got.min() > 0, "zeros or a torn state stored"
+        assert methods == {"ptrace"}
+        assert check_generations(path) == final.generation
     finally:
         del s
         buf.close()

@@ -70,7 +70,7 @@ from ._twin import FrozenTwin, ProcMem
 from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi import libc
 from .._uapi.libc import read_runs
-from .._procfs import read_maps
+from .._procfs import read_smaps
 
 __all__ = [
     "CheckpointError",
@@ -232,14 +232,17 @@ def _bases(ts: list[Target]) -> np.ndarray:
 
 
 def _in_shared_mapping(runs: list[tuple[int, int]]) -> bool:
-    """Whether any of the sorted, disjoint page ``runs`` lies in a shared (``MAP_SHARED``)
-    VMA of this process (one read of maps for all of them)."""
+    """Whether any of the sorted, disjoint page ``runs`` lies in memory that a forked
+    child does not hold as it was at the ``fork``: a shared (``MAP_SHARED``) VMA, or one
+    marked ``MADV_DONTFORK`` (``dc`` in VmFlags: not mapped in the child) or
+    ``MADV_WIPEONFORK`` (``wf``: zeros in the child). One read of smaps, up to the last
+    run (the kernel walks the page tables of the VMAs below it: a few ms per GiB)."""
     if not runs:
         return False
     starts = [lo for lo, _ in runs]
-    for v in read_maps(os.getpid(), runs[0][0], runs[-1][1]):
+    for v in read_smaps(os.getpid(), runs[0][0], runs[-1][1], fields=()):
         i = bisect.bisect_left(starts, v.end) - 1  # the last run starting below the VMA's end
-        if v.shared and i >= 0 and runs[i][1] > v.start:
+        if (v.shared or "dc" in v.vmflags or "wf" in v.vmflags) and i >= 0 and runs[i][1] > v.start:
             return True
     return False
 
@@ -315,7 +318,8 @@ class Checkpointer:
             runs = merged_page_runs(self.targets)
             for lo, hi in runs:
                 self._watches.append(WriteWatch(lo, hi - lo))
-            # State in a MAP_SHARED mapping is not copied on write by fork(): only the
+            # State in a MAP_SHARED mapping is not copied on write by fork() (nor is one
+            # under MADV_DONTFORK or MADV_WIPEONFORK copied at all): only the
             # ptrace stop (or a checkpoint taken alone) freezes it.
             self._shared = _in_shared_mapping(runs)
             if self._shared:
@@ -518,7 +522,8 @@ class Checkpointer:
                 self._pending = None
                 raise CheckpointError(
                     f"{self.path}: generation {fut.generation} was not taken: the state lies in a shared "
-                    "mapping (MAP_SHARED), which fork() does not freeze, and the ptrace stop of the other "
+                    "mapping (MAP_SHARED; or under MADV_DONTFORK or MADV_WIPEONFORK), which fork() does not "
+                    "freeze, and the ptrace stop of the other "
                     "threads was refused; checkpoint with wait=True while this is the only thread, or keep "
                     "the state in private memory (pagescan.zeros, numpy arrays)")
             if pre is None:
