@@ -23,7 +23,7 @@ import pytest
 from pagescan import _faultserver
 from pagescan.snapshot import load, start_fault_server
 
-from .procs import wait_gone
+from .procs import run_in_child, wait_gone
 from .test_snapshot import Owner, kill_handler_expect_sigbus, wait_go
 from .test_state import lazy_state, raw
 
@@ -176,3 +176,68 @@ def test_server_and_spare_end_with_their_owner() -> None:
     status, rest = o.finish()
     assert status == 0, rest
     wait_gone([server, spare])
+
+
+def test_start_after_the_server_died_starts_a_new_one(tmp_path: Path) -> None:
+    """A server that died (killed, crashed) is reaped and replaced by the next start
+    (before: every later start raised ConnectionError, and the dead server stayed a
+    zombie until exit)."""
+    import signal
+
+    path = tmp_path / "r.ck"
+    want = lazy_state(path, 36, npages=256)
+    try:
+        assert start_fault_server(wait=60)
+        srv = _faultserver._server
+        assert srv is not None
+        old = srv.child.pid
+        os.kill(old, signal.SIGKILL)
+        wait_gone([old])
+        assert start_fault_server(wait=60)
+        srv = _faultserver._server
+        assert srv is not None and srv.child.pid != old
+        assert not os.path.exists(f"/proc/{old}"), "the dead server was not reaped"
+        got = load(path, lazy=True)
+        assert got.handler is not None and got.handler.guardian_pid == srv.child.pid
+        assert raw(got["big"]) == raw(want["big"])
+        got.handler.close()
+    finally:
+        _faultserver.stop()
+
+
+def test_start_waits_only_as_long_as_told_and_never_for_itself() -> None:
+    """``start_fault_server()`` (wait=0) returns at once while another thread's call
+    waits for the server, and one made from a signal handler that interrupted this
+    thread's own waiting call returns (``False``) instead of waiting for that call,
+    for good."""
+    import signal
+
+    def body() -> tuple[list[bool], bool, bool]:
+        seen: list[bool] = []
+
+        def handler(signum: int, frame: object) -> None:
+            srv = _faultserver._server
+            seen.append(srv is not None and srv.lock.locked())  # interrupted inside the wait
+            seen.append(start_fault_server())
+
+        signal.signal(signal.SIGUSR1, handler)
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        ready = start_fault_server(wait=60)
+        # another thread's waiting call: a wait=0 call from here returns at once
+        _faultserver.stop()
+        t = threading.Thread(target=start_fault_server, kwargs={"wait": 60})
+        t.start()
+        while _faultserver._server is None or not _faultserver._server.lock.locked():
+            pass
+        other = threading.Thread(target=start_fault_server)
+        other.start()
+        other.join(5)
+        quick = not other.is_alive()
+        t.join(60)
+        _faultserver.stop()
+        return seen, ready, quick
+
+    seen, ready, quick = run_in_child(body, timeout=60)
+    assert seen == [True, False] and ready
+    assert quick, "a wait=0 start waited for another thread's wait"
+

@@ -75,13 +75,40 @@ SPARE_DELAY = 0.01
 _MAX_FDS = 16
 
 
+class _Lock:
+    """A lock that knows which thread holds it: a thread never waits for itself (a
+    signal handler or a finalizer run while its own thread holds it)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+
+    def acquire(self, timeout: float | None = None) -> bool:
+        """Take it within ``timeout`` seconds (``None``: as long as it takes); ``False``
+        at once if this thread holds it."""
+        if not self._lock.acquire(blocking=False):
+            if self._holder == threading.get_ident() or timeout == 0:
+                return False
+            if not self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+                return False
+        self._holder = threading.get_ident()
+        return True
+
+    def release(self) -> None:
+        self._holder = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
 class _Server:
     """The owner's end: the server process, its socket, and the spare it announced."""
 
     def __init__(self, child: Child, sock: socket.socket) -> None:
         self.child, self.sock = child, sock
         self.owner = os.getpid()
-        self.lock = threading.Lock()
+        self.lock = _Lock()
         #: The announced spare: (pid, pidfd, socket to it).
         self.spare: tuple[int, int, socket.socket] | None = None
         #: The server has announced a spare (it is up); the spare has unshared its memory.
@@ -97,6 +124,20 @@ class _Server:
         self.drop_spare()
         with contextlib.suppress(OSError):
             self.sock.close()
+
+    def end(self) -> None:
+        """Close our ends, kill and reap the server."""
+        self.close()
+        self.child.kill()
+        self.child.wait()
+
+
+def _drop(srv: _Server) -> None:
+    """The server is gone or broken: forget it (the next :func:`start` starts another)."""
+    global _server
+    if _server is srv:
+        _server = None
+    srv.end()
 
 
 _server: _Server | None = None
@@ -122,7 +163,7 @@ from pagescan._faultserver import _server_main
 os._exit(_server_main(socket.socket(fileno=3), int(sys.argv[1]), sys.argv[3:]))
 """
 
-_start_lock = threading.Lock()
+_start_lock = _Lock()
 
 
 def start(wait: float | None = 0.0, preload: tuple[str, ...] = ()) -> bool:
@@ -132,11 +173,19 @@ def start(wait: float | None = 0.0, preload: tuple[str, ...] = ()) -> bool:
     has taken its copies of the memory it shares with the server (a few hundred ms);
     until then loads fork their own handler. ``wait`` (seconds, ``None``: as long as it takes): wait until it is ready.
     ``preload``: modules the server imports before its first spare (those of the
-    sources' factories). Returns whether it is ready."""
+    sources' factories). Returns whether it is ready. A server found dead is reaped
+    and started again. Never waits longer than ``wait`` for another thread (nor at
+    all for its own thread: a signal handler that interrupted it gets ``False``)."""
     global _server
-    with _start_lock:
+    deadline = None if wait is None else time.monotonic() + wait
+    if not _start_lock.acquire(wait):  # another thread is starting it (or this one, interrupted)
+        return False
+    try:
         srv = _server
-        if srv is None or srv.owner != os.getpid() or srv.child.status is not None:
+        if srv is not None and srv.owner == os.getpid() and srv.child.wait(0) is not None:
+            _drop(srv)  # it died: reaped now, started again
+            srv = None
+        if srv is None or srv.owner != os.getpid():
             a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,25 +199,37 @@ def start(wait: float | None = 0.0, preload: tuple[str, ...] = ()) -> bool:
             finally:
                 b.close()
             srv = _server = _Server(Child(pid), a)
-    return _poll_spare(srv, wait)
+    finally:
+        _start_lock.release()
+    return _poll_spare(srv, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 def _poll_spare(srv: _Server, timeout: float | None) -> bool:
     """Whether the server has a spare ready (waiting ``timeout`` for its announcement,
     and for the spare to say it has taken its copies of the memory it shares)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    with srv.lock:
-        if not _read_spare(srv, timeout):
+    # Another thread's request or wait holds it: wait for it no longer than told (this
+    # thread's own, interrupted by a signal handler: not at all).
+    if not srv.lock.acquire(timeout):
+        return False
+    try:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not _read_spare(srv, left):
             return False
         assert srv.spare is not None
         if not srv.spare_warm:
             p = select.poll()
             p.register(srv.spare[2], select.POLLIN)
-            left = -1 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
-            if not p.poll(left):
+            wait = -1 if deadline is None else int(max(0.0, deadline - time.monotonic()) * 1000)
+            if not p.poll(wait):
                 return False
             srv.spare_warm = srv.spare[2].recv(1) == b"R"
         return srv.spare_warm
+    except OSError:  # the server (or its spare) is gone: the next start starts another
+        _drop(srv)
+        return False
+    finally:
+        srv.lock.release()
 
 
 def _read_spare(srv: _Server, timeout: float | None) -> bool:
@@ -193,11 +254,8 @@ def stop() -> None:
     """Kill and reap this process's server (no-op if none, or in a forked child)."""
     global _server
     srv, _server = _server, None
-    if srv is None:
-        return
-    srv.close()
-    srv.child.kill()
-    srv.child.wait()
+    if srv is not None:
+        srv.end()
 
 
 atexit.register(stop)
@@ -266,7 +324,7 @@ def via(factory: tuple[str, str], args: tuple[Any, ...], fds: list[int]) -> Via 
         return None
 
     def send(fh: FaultHandler, uf: Userfaultfd) -> tuple[_Proc, _Proc] | None:
-        if fh.record is not None or fh._shared is None or not srv.lock.acquire(blocking=False):
+        if fh.record is not None or fh._shared is None or not srv.lock.acquire(0):
             return None
         try:
             return _request(srv, fh, uf, factory, args, fds)
@@ -289,17 +347,13 @@ def _request(srv: _Server, fh: FaultHandler, uf: Userfaultfd, factory: tuple[str
              args: tuple[Any, ...], fds: list[int]) -> tuple[_Proc, _Proc] | None:
     """Give the uffd to the server (the guardian) first, then to its spare (the handler).
     Neither is waited for: the first fault waits for the spare if need be."""
-    global _server
     shared = fh._shared
     assert shared is not None
     try:
         spare = _take_spare(srv)
     except OSError:
         spare = None
-        _server = None
-        srv.close()
-        srv.child.kill()
-        srv.child.wait()
+        _drop(srv)
     if spare is None:
         return None
     pid, pidfd, conn = spare
@@ -318,10 +372,7 @@ def _request(srv: _Server, fh: FaultHandler, uf: Userfaultfd, factory: tuple[str
         _send(srv.sock, pickle.dumps((pid, fh.owner, fh.regions)), [uf.fd, shared.fd, done_w])
     except OSError:
         # No guardian: stop the spare (pages it served are right) and fork our own.
-        _server = None
-        srv.close()
-        srv.child.kill()
-        srv.child.wait()
+        _drop(srv)
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         p = select.poll()

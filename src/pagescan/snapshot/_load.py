@@ -90,8 +90,10 @@ def start_fault_server(wait: float | None = 0.0) -> bool:
     Call it early (at the program's start): the server takes a few hundred
     milliseconds to be ready, meanwhile lazy loads fork their own handler as without
     it. ``wait``: seconds to wait for it to be ready (``None``: as long as it takes).
-    Returns whether it is ready. It exits with this process; a process forked from
-    this one does not use it (it may start its own). See ``docs/howto/lazy-load.md``.
+    Returns whether it is ready (``False`` at once from a signal handler that
+    interrupted this thread's own call). A server that died is replaced by the next
+    call. It exits with this process; a process forked from this one does not use it
+    (it may start its own). See ``docs/howto/lazy-load.md``.
     """
     return _faultserver.start(seconds("wait", wait), preload=(__name__.rpartition(".")[0] + "._lazy",))
 
