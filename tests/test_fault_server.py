@@ -241,3 +241,26 @@ def test_start_waits_only_as_long_as_told_and_never_for_itself() -> None:
     assert seen == [True, False] and ready
     assert quick, "a wait=0 start waited for another thread's wait"
 
+
+def test_server_killed_while_its_handler_serves(tmp_path: Path, server: int) -> None:
+    """The server (the guardian) killed mid-load: the handler serves on, right data;
+    ``wait()`` waits for the handler itself (before: it returned ``False`` at once,
+    with ``exit_status`` 0, and no longer tracked the handler, which ``close()`` then
+    left running)."""
+    import signal
+
+    path = tmp_path / "g.ck"
+    want = lazy_state(path, 37, npages=512)
+    got = load(path, lazy=True, prefetch=False)
+    fh = got.handler
+    assert fh is not None and fh.guardian_pid == server
+    hpid = fh.pid
+    assert raw(got["big"][:4]) == raw(want["big"][:4])
+    os.kill(server, signal.SIGKILL)
+    wait_gone([server])
+    assert not fh.wait(0.2) and fh.pid == hpid, "the handler, still serving, is no longer waited for"
+    assert fh.exit_status is None
+    assert all(raw(got[k]) == raw(want[k]) for k in want)  # every page touched: served
+    assert fh.wait(30) and fh.exit_status == 0 and fh.pid == 0
+    wait_gone([hpid])
+    fh.close()

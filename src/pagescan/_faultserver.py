@@ -55,6 +55,7 @@ from ._uapi import libc
 from ._uapi.mman import MADV
 from ._uapi.pagemap import Category
 from .handler import (
+    STATE_DONE,
     STATE_FAILED,
     FaultHandler,
     Via,
@@ -269,7 +270,9 @@ class _Remote:
 
     Both the handler and its guardian (the server) are done once the server closes the
     "done" pipe: it has reaped the handler, poisoned what it left empty, and written its
-    ``waitpid`` status to the progress page. ``kill`` signals the handler only (through
+    ``waitpid`` status to the progress page. If the server ends first (killed), the
+    handler serves on without a guardian: it is waited for through its pidfd, and its
+    status is 0 if it served every page, else that of an exit status 1. ``kill`` signals the handler only (through
     its pidfd), never the server; only the owner does.
     """
 
@@ -290,12 +293,22 @@ class _Remote:
         if os.getpid() != self.parent:
             self._close()
             return None
-        p = select.poll()
-        p.register(self.done_fd, select.POLLIN)
-        if not p.poll(-1 if timeout is None else int(max(0.0, timeout) * 1000 + 0.999)):
-            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # The "done" pipe closes once the server has reaped the handler, or when the
+        # server ends first (killed): then the handler, unguarded, serves on, and is
+        # waited for through its pidfd (readable at once in the first case).
+        for fd in (self.done_fd, self.pidfd):
+            if fd >= 0:
+                p = select.poll()
+                p.register(fd, select.POLLIN)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not p.poll(-1 if left is None else int(left * 1000 + 0.999)):
+                    return None
         arr = self.shared.arr if self.shared.addr else None
-        self.status = int(arr[3]) if arr is not None else 0
+        status = int(arr[3]) if arr is not None else 0
+        if arr is not None and status == 0 and arr[1] != STATE_DONE:
+            status = 1 << 8  # no server wrote its status (it ended first): exit status 1, not done
+        self.status = status
         self._close()
         return self.status
 
