@@ -795,6 +795,27 @@ def test_checkpoint_from_a_signal_handler_during_checkpoint_raises_instead_of_de
     assert said.count("inside checkpoint() of the same thread") == 2, said
 
 
+
+_REENTRANT_CLOSE = _REENTRANT.replace(
+    """    s[0] = 1
+    info = ck.checkpoint()  # waits for the one in flight: the handler runs meanwhile
+    print(pending.result().generation, info.generation, ck.generations, said)""",
+    """    ck.close()  # waits for the one in flight: the handler runs meanwhile
+    print(pending.result().generation, ck.closed, said)""")
+
+
+def test_checkpoint_or_close_from_a_signal_handler_during_close_raises_instead_of_deadlocking(
+        tmp_path: Path) -> None:
+    """The same during ``close()`` waiting for the checkpoint in flight (before: the
+    handler's call waited, for good, for the lock that ``close()`` holds)."""
+    assert _REENTRANT_CLOSE != _REENTRANT
+    r = subprocess.run([sys.executable, "-c", _REENTRANT_CLOSE, str(tmp_path / "r.ckpt")], capture_output=True,
+                       text=True, timeout=30, check=False)
+    assert r.returncode == 0, r.stderr
+    gens, said = r.stdout.split(" [", 1)
+    assert gens == "1 True"
+    assert said.count("inside close() of the same thread") == 2, said
+
 _HOLDER = """
 import sys
 from pagescan._uapi import libc

@@ -279,7 +279,8 @@ class Checkpointer:
         self._watches: list[WriteWatch] = []
         self._store: Store | None = None
         self._lock = threading.Lock()  # one checkpoint starts at a time
-        self._in_call: int | None = None  # the thread inside checkpoint()
+        self._in_call: int | None = None  # the thread inside checkpoint() or close()
+        self._in_what = ""  # which of the two
         self._thread: threading.Thread | None = None  # the checkpoint in flight
         self._pending: PendingCheckpoint | None = None
         self._closing = False  # close() has begun
@@ -356,8 +357,11 @@ class Checkpointer:
         if not callback:
             self._acquire("close()")  # a checkpoint() running in another thread ends first
         try:
+            self._in_what = "close()"
+            self._in_call = threading.get_ident()  # (it may wait for the one in flight)
             self._close()
         finally:
+            self._in_call = None
             self._lock.release()
 
     def _close(self) -> None:
@@ -462,6 +466,7 @@ class Checkpointer:
         self._acquire("checkpoint()")
         held: list[_HeldSignals] = []
         try:
+            self._in_what = "checkpoint()"
             self._in_call = threading.get_ident()
             return self._checkpoint(progress, wait, held)
         finally:
@@ -485,11 +490,11 @@ class Checkpointer:
             self._lock.acquire()
 
     def _not_reentrant(self, what: str) -> None:
-        """Refuse a call made inside this thread's :meth:`checkpoint` (a signal handler, a
-        finalizer): it would wait for the lock this thread holds, for good, or close the
-        file under the outer call."""
+        """Refuse a call made inside this thread's :meth:`checkpoint` or :meth:`close` (a
+        signal handler, a finalizer): it would wait for the lock this thread holds, for
+        good, or close the file under the outer call."""
         if self._in_call == threading.get_ident():
-            raise RuntimeError(f"{what} called inside checkpoint() of the same thread (from a signal handler "
+            raise RuntimeError(f"{what} called inside {self._in_what} of the same thread (from a signal handler "
                                "or a finalizer?)")
 
     def _checkpoint(self, progress: Progress | None, wait: bool,
