@@ -258,3 +258,27 @@ def test_rollup_fields_parsed_alike() -> None:
         assert parse_rollup(t, _ps._TABLE_FIELDS) == {k: full[k] for k in _ps._TABLE_FIELDS}
     assert parse_rollup(text + b"Extra:  7\n")["Extra"] == 7  # the fallback ran
     assert parse_rollup(b"") == {} and parse_rollup(b"", ("Rss",)) == {}
+
+
+def test_ps_on_the_emulation_without_pfns_lists_processes_with_zero_unknown() -> None:
+    """On the emulation (a kernel without PAGEMAP_SCAN) without the privilege to read
+    PFNs, the zero pages of most processes cannot be known (the walk raises
+    PermissionError): they are listed all the same, their rollup read, zero unknown
+    (``-``, JSON ``null``) -- before, every one of them was counted as not readable
+    ("another user's") and the table was empty."""
+    assert os.getuid() == 0, "this test drops root to uid 65534"
+    import json
+
+    env = {**os.environ, "PAGESCAN_BACKEND": "emulated"}
+    r = _cli("ps", "--json", "--sort", "zero", preexec_fn=_become_nobody, env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    doc: dict[str, Any] = json.loads(r.stdout)
+    mine = doc["processes"]
+    assert mine and {p["uid"] for p in mine} == {65534}, "its own processes are readable"
+    assert any(p["zero"] is None for p in mine), "a zero count the emulation cannot know"
+    known = [p["zero"] for p in mine if p["zero"] is not None]
+    assert [p["zero"] for p in mine] == sorted(known, reverse=True) + [None] * (len(mine) - len(known))
+    r = _cli("ps", "--wide", preexec_fn=_become_nobody, env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln.split()[1:2] == ["nobody"]]
+    assert rows and any(row[6] == "-" for row in rows), r.stdout

@@ -7,7 +7,10 @@ them); the walks run in a second thread, from the other end of the process list,
 the main thread reads the rollups (both are kernel work with the GIL released). Processes
 without an address space (kernel threads) are left out; processes that
 exit while being read are skipped; those the caller may not read (no ptrace access)
-are counted in the footer.
+are counted in the footer. On the emulation (``backend="emulated"``, a kernel without
+``PAGEMAP_SCAN``) without the privilege to read PFNs, the walk of a process whose
+rollup was read may refuse (``PermissionError``: its zero pages cannot be known): its
+zero count is ``None``.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def add_parser(sub: Any) -> None:
         "read access: your own processes, all of them as root): pid, user, USS (private memory: "
         "Private_Clean + Private_Dirty), PSS, RSS, swap (the kernel's sums, from "
         "/proc/PID/smaps_rollup: they match ps and smaps_rollup), zero (zero-page and huge "
-        "zero-page mappings, from PAGEMAP_SCAN: not in RSS), huge (PMD-mapped THPs and hugetlb "
+        "zero-page mappings, from PAGEMAP_SCAN: not in RSS; '-' where it cannot be known: a kernel "
+        "without PAGEMAP_SCAN, and no privilege to read PFNs), huge (PMD-mapped THPs and hugetlb "
         "pages) and the command line. Processes that exit while being read are skipped; those "
         "you may not read are counted in the last line. Sizes in bytes with binary units.",
     )
@@ -187,8 +191,10 @@ def collect(pids: Iterable[int], full: bool = True) -> tuple[list[dict[str, Any]
     for pid, got in lines:
         if isinstance(got, dict):
             zero = walks.result(pid)
-            if not isinstance(zero, OSError):
-                got["zero"] = zero
+            if not isinstance(zero, OSError) or isinstance(zero, PermissionError):
+                # Refused after its rollup was read: not ptrace access (the same check) but
+                # the emulation, which cannot tell zero pages without PFNs: unknown.
+                got["zero"] = None if isinstance(zero, OSError) else zero
                 out.append(got)
                 continue
             got = zero
@@ -206,11 +212,13 @@ def collect(pids: Iterable[int], full: bool = True) -> tuple[list[dict[str, Any]
 def run(args: argparse.Namespace) -> int:
     procs, unreadable, gone = collect(all_pids(), full=args.json)
     key = args.sort
-    if key in NUMERIC:
-        procs.sort(key=lambda p: (-p[key], p["pid"]))
+    if key in NUMERIC:  # largest first; unknown (None) last
+        procs.sort(key=lambda p: (p[key] is None, -(p[key] or 0), p["pid"]))
     else:
         procs.sort(key=lambda p: (p[key], p["pid"]))
-    totals = {k: sum(p[k] for p in procs) for k in NUMERIC}
+    # an unknown value counts as nothing in the total (unknown if all are)
+    totals = {k: None if procs and all(p[k] is None for p in procs) else sum(p[k] or 0 for p in procs)
+              for k in NUMERIC}
     if args.json:
         print_json({"processes": procs, "totals": {"processes": len(procs), **totals},
                     "unreadable": unreadable, "exited": gone})
@@ -219,9 +227,12 @@ def run(args: argparse.Namespace) -> int:
     # a line never shows more of a command than the terminal is wide: cut before replacing
     # the unprintable characters (a `python -c` script can be kilobytes)
     limit = None if args.wide else max(terminal_width(), 20) + 1
-    rows = [[str(p["pid"]), p["user"][:12]] + [human(p[k]) for k in NUMERIC] + [printable(p["command"][:limit])]
+    def h(v: int | None) -> str:
+        return "-" if v is None else human(v)
+
+    rows = [[str(p["pid"]), p["user"][:12]] + [h(p[k]) for k in NUMERIC] + [printable(p["command"][:limit])]
             for p in procs]
-    rows.append(["", "total"] + [human(totals[k]) for k in NUMERIC] + [f"{len(procs)} processes"])
+    rows.append(["", "total"] + [h(totals[k]) for k in NUMERIC] + [f"{len(procs)} processes"])
     sys.stdout.write(table(headers, rows, ">" + "<" + ">" * len(NUMERIC) + "<",
                            cut="none" if args.wide else "right") + "\n")
     notes = []
