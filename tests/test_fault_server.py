@@ -264,3 +264,32 @@ def test_server_killed_while_its_handler_serves(tmp_path: Path, server: int) -> 
     assert fh.wait(30) and fh.exit_status == 0 and fh.pid == 0
     wait_gone([hpid])
     fh.close()
+
+
+def test_start_in_a_child_forked_while_another_thread_starts_the_server() -> None:
+    """A fork while another thread is inside ``start()`` (its spawn) copies that
+    thread's hold on the start: the child's own ``start()`` must not wait for a
+    thread that does not exist there (before: for good)."""
+    holding, done = threading.Event(), threading.Event()
+
+    def hold() -> None:  # as another thread inside start(), spawning
+        assert _faultserver._start_lock.acquire()
+        holding.set()
+        done.wait(30)
+        _faultserver._start_lock.release()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert holding.wait(30)
+
+        def body() -> bool:
+            try:
+                return start_fault_server(wait=30)
+            finally:
+                _faultserver.stop()
+
+        assert run_in_child(body, timeout=40)
+    finally:
+        done.set()
+        t.join()

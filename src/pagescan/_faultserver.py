@@ -145,8 +145,10 @@ _server: _Server | None = None
 
 
 def _forget_in_child() -> None:
-    """After ``fork``: the parent's server is not ours (never used, killed or reaped here)."""
-    global _server
+    """After ``fork``: the parent's server is not ours (never used, killed or reaped here),
+    and a hold on :func:`start` by another thread of the parent is no one's here."""
+    global _server, _start_lock
+    _start_lock = _Lock()
     srv, _server = _server, None
     if srv is not None:
         srv.close()
