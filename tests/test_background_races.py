@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from concurrent.futures import CancelledError
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,7 +50,7 @@ from pagescan.snapshot import Checkpointer, CheckpointInfo, inspect, load, verif
 from pagescan.snapshot._freeze import Frozen, freeze
 
 from .conftest import requires_wp_async
-from .procs import Child, children_of
+from .procs import Child, children_of, forked
 
 P = 4096
 
@@ -502,3 +503,44 @@ def test_an_exception_from_a_handler_does_not_break_off_the_exchange_with_the_he
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "['boom', True, True, True]", r.stdout
+
+
+def test_a_child_forked_while_another_thread_checkpoints_can_close_its_copy(tmp_path: Path) -> None:
+    """A ``fork`` while another thread is inside ``checkpoint()`` copies that call's
+    lock, held by a thread that does not exist in the child: there ``close()`` only
+    drops the child's copies, and ``checkpoint()`` raises ``RuntimeError``, at once
+    (before: both waited for the lock, for good). The parent's checkpoint completes."""
+    s = pagescan.zeros(1 << 16, np.int64)
+    path = tmp_path / "f.ckpt"
+    inside, release = threading.Event(), threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        inside.set()
+        release.wait(30)
+
+    with Checkpointer(path, {"s": s}) as ck:
+        ck.checkpoint()
+        s[:] = 5
+        result: list[Any] = []
+        t = threading.Thread(target=lambda: result.append(ck.checkpoint(progress)))
+        t.start()
+        try:
+            assert inside.wait(30)
+
+            def child() -> str:
+                try:
+                    ck.checkpoint()
+                    said = "checkpointed"
+                except RuntimeError as err:
+                    said = str(err)
+                ck.close()
+                return said + (" closed" if ck.closed else " open")
+
+            with forked(child, alarm=20) as c:
+                said = c.result(30)
+        finally:
+            release.set()
+            t.join(30)
+        assert "forked child" in said and said.endswith(" closed"), said
+        assert result and result[0].generation == 2
+    assert load(path)["s"].tolist() == s.tolist()

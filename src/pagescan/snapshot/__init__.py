@@ -280,6 +280,7 @@ class Checkpointer:
         self._watches: list[WriteWatch] = []
         self._store: Store | None = None
         self._lock = threading.Lock()  # one checkpoint starts at a time
+        self._pid = os.getpid()  # a forked child inherits a copy: see _forked()
         self._in_call: int | None = None  # the thread inside checkpoint() or close()
         self._in_what = ""  # which of the two
         self._thread: threading.Thread | None = None  # the checkpoint in flight
@@ -347,7 +348,16 @@ class Checkpointer:
         From another thread while :meth:`checkpoint` runs: waits for that call to return
         (``cancel=True`` cancels its checkpoint too: a ``checkpoint(wait=True)`` then raises
         ``concurrent.futures.CancelledError``); a ``checkpoint()`` that starts once
-        ``close()`` has begun raises ``ValueError`` (closed)."""
+        ``close()`` has begun raises ``ValueError`` (closed).
+
+        In a process forked from the one that made it, only closes the child's copies
+        of the file and of the tracking (the parent's are left alone), without waiting
+        for anything."""
+        if self._forked():
+            self._closing = True
+            self._thread = None  # the parent's: not ours to wait for
+            self._close()
+            return
         self._not_reentrant("close()")
         callback = threading.current_thread() is self._thread
         if callback:  # from the background thread: never waits (raises RuntimeError instead)
@@ -463,6 +473,9 @@ class Checkpointer:
         ``cancel=True`` from another thread cancels a running ``wait=True`` call: it raises
         ``concurrent.futures.CancelledError`` (the file keeps its previous generations).
         """
+        if self._forked():
+            raise RuntimeError(f"this Checkpointer belongs to pid {self._pid}; a forked child does not inherit "
+                               "its write tracking: checkpoint only from the parent")
         self._not_reentrant("checkpoint()")
         self._acquire("checkpoint()")
         held: list[_HeldSignals] = []
@@ -475,6 +488,11 @@ class Checkpointer:
             self._lock.release()
             for h in held:
                 h.release()  # Python handlers due meanwhile run now
+
+    def _forked(self) -> bool:
+        """In a child forked from the process that made us: our lock may have been held
+        by one of the parent's threads at the ``fork`` (it stays held here, for good)."""
+        return os.getpid() != self._pid
 
     def _acquire(self, what: str) -> None:
         """Take the lock of :meth:`checkpoint` and :meth:`close` (one runs at a time)."""
