@@ -272,6 +272,48 @@ def test_scan_is_reentrant_from_signal_handlers() -> None:
     assert bad == 0
 
 
+
+_FIRST_SCAN = """
+import linecache, os, signal, sys
+import numpy as np
+import pagescan
+from pagescan import _backend
+assert not _backend._backends, "a backend is loaded already"
+buf = pagescan.zeros(16 * 4096, np.uint8)
+buf[:4096] = 1
+seen = []
+signal.signal(signal.SIGUSR1, lambda *_: seen.append(pagescan.scan(buf, category_mask=pagescan.Category.PRESENT).pages))
+fired = []
+
+def tracer(frame, event, arg):
+    if frame.f_code.co_name != "_get":
+        return None
+    if event == "line" and not fired and "Backend()" in linecache.getline(frame.f_code.co_filename, frame.f_lineno):
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGUSR1)  # the handler's scan runs here, as this one loads the backend
+    return tracer
+
+sys.settrace(tracer)
+n = pagescan.scan(buf, category_mask=pagescan.Category.PRESENT).pages
+sys.settrace(None)
+print(fired, seen, n)
+"""
+
+
+@pytest.mark.parametrize("backend", ["kernel", "emulated"])
+def test_scan_from_a_signal_handler_during_the_first_scan(backend: str) -> None:
+    """The first scan of a process loads its backend: a handler's scan that comes
+    meanwhile gets an answer (before: it waited for good for the lock the loading scan
+    held). In a fresh interpreter, the signal sent as the backend is constructed."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PAGESCAN_BACKEND": backend}
+    r = subprocess.run([sys.executable, "-c", _FIRST_SCAN], capture_output=True, text=True, timeout=30, env=env,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[1]", "[1]", "1"]
+
 def test_one_scanner_many_threads() -> None:
     with striped(64) as m, Scanner(category_mask=PRESENT, return_mask=PRESENT) as sc:
         expect = sc.scan(m.addr, m.end).regions.tolist()

@@ -12,7 +12,6 @@ argument -- the same errno for the same bad input on both backends.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional, Protocol
 
@@ -69,7 +68,6 @@ def prepare(impl: Backend, flags: int, inverted: int, mask: int, anyof: int, ret
     return run
 
 
-_lock = threading.Lock()
 _backends: dict[str, Backend] = {}
 _env: str | None = None
 #: Set once the kernel answered ENOTTY: "auto" then means the emulation.
@@ -77,20 +75,21 @@ _kernel_missing = False
 
 
 def _get(name: str) -> Backend:
+    """The backend ``name``, loaded on first use. No lock around the load: a scan from a
+    signal handler or a finalizer that runs meanwhile in the same thread would wait for
+    it for good. Two threads loading at once each make one (stateless, cheap); the
+    first stored is kept."""
     impl = _backends.get(name)
     if impl is None:
-        with _lock:
-            impl = _backends.get(name)
-            if impl is None:
-                if name == "kernel":
-                    from ._backend_kernel import KernelBackend
+        if name == "kernel":
+            from ._backend_kernel import KernelBackend
 
-                    impl = KernelBackend()
-                else:
-                    from ._backend_emulated import EmulatedBackend
+            impl = KernelBackend()
+        else:
+            from ._backend_emulated import EmulatedBackend
 
-                    impl = EmulatedBackend()
-                _backends[name] = impl
+            impl = EmulatedBackend()
+        impl = _backends.setdefault(name, impl)  # atomic
     return impl
 
 
