@@ -314,6 +314,23 @@ def test_scan_from_a_signal_handler_during_the_first_scan(backend: str) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["[1]", "[1]", "1"]
 
+
+def test_emulated_scan_from_a_signal_handler_while_the_zero_pfn_is_learned() -> None:
+    """The emulation learns the zero page's PFN once (a read fault and a pagemap read):
+    a handler's scan that needs it meanwhile gets an answer (before: it waited for good
+    for the lock the learning scan held)."""
+    import subprocess
+    import sys
+
+    script = (_FIRST_SCAN.replace('"Backend()"', '"vm_read"').replace('"_get"', '"get"')
+              .replace("category_mask=pagescan.Category.PRESENT", "return_mask=pagescan.Category.PFNZERO")
+              .replace("buf[:4096] = 1", "buf[:4096] = 1; _ = buf[8192:12288].sum()"))
+    env = {**os.environ, "PAGESCAN_BACKEND": "emulated"}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, env=env,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["[1]", "[16]", "16"]
+
 def test_one_scanner_many_threads() -> None:
     with striped(64) as m, Scanner(category_mask=PRESENT, return_mask=PRESENT) as sc:
         expect = sc.scan(m.addr, m.end).regions.tolist()

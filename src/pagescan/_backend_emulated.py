@@ -116,7 +116,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -174,24 +173,26 @@ assert not _CATS & _FLAGS
 
 
 class _ZeroPfn:
-    """The PFN of the shared zero page, learned once by a read fault (needs PFNs)."""
+    """The PFN of the shared zero page, learned once by a read fault (needs PFNs).
+
+    No lock: a scan from a signal handler or a finalizer that needs it while this
+    thread learns it would wait for good; two threads learning it at once find the
+    same value."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.value: int | None = None
 
     def get(self) -> int:
-        with self.lock:
-            if self.value is None:
-                with libc.RawMapping(P, PROT.READ, MAP.PRIVATE | MAP.ANONYMOUS) as page:
-                    libc.vm_read(os.getpid(), page.addr, bytearray(1))  # read fault: maps the zero page
-                    fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-                    try:
-                        e = int.from_bytes(os.pread(fd, 8, page.addr // P * 8), "little")
-                    finally:
-                        os.close(fd)
-                self.value = e & int(PM.PFN_MASK) if e >> 63 else 0
-            return self.value
+        if self.value is None:
+            with libc.RawMapping(P, PROT.READ, MAP.PRIVATE | MAP.ANONYMOUS) as page:
+                libc.vm_read(os.getpid(), page.addr, bytearray(1))  # read fault: maps the zero page
+                fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    e = int.from_bytes(os.pread(fd, 8, page.addr // P * 8), "little")
+                finally:
+                    os.close(fd)
+            self.value = e & int(PM.PFN_MASK) if e >> 63 else 0
+        return self.value
 
 
 _zero_pfn = _ZeroPfn()
