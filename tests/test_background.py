@@ -686,6 +686,31 @@ def test_block_all_signals_blocks_every_signal_and_restores() -> None:
 # -- the helper and forked processes; a stopped helper -------------------------------
 
 
+_CRASH_AFTER_FIRST_CHECKPOINT = """
+import os, sys, threading
+import numpy as np, pagescan
+from pagescan.snapshot import Checkpointer
+s = pagescan.zeros(1 << 16, np.int64)
+threading.Thread(target=threading.Event().wait, daemon=True).start()  # not alone: the helper starts
+ck = Checkpointer(sys.argv[1], {"s": s})
+ck.checkpoint()
+assert ck._pre is not None
+print(ck._pre.pid, flush=True)
+os._exit(0)  # a crash: no close(), the helper still starting
+"""
+
+
+def test_the_helper_ends_quietly_when_the_program_ends_before_it_started(tmp_path: Path) -> None:
+    """A program that ends (crashes) while its checkpoint helper is still starting: the
+    helper exits without a word (before: a ProcessLookupError traceback on the
+    program's stderr, after the program had ended). ``subprocess.run`` reads stderr to
+    its end, which comes when the helper, which inherits it, has exited too."""
+    r = subprocess.run([sys.executable, "-c", _CRASH_AFTER_FIRST_CHECKPOINT, str(tmp_path / "c.ckpt")],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and r.stdout.strip().isdigit(), r.stderr
+    assert r.stderr == ""
+
+
 def test_a_forked_child_neither_uses_nor_ends_the_parents_helper(tmp_path: Path) -> None:
     """The helper traces and re-arms its parent: a Checkpointer used in a forked child
     must not ask it for an instant (it would re-arm the parent's written pages, which

@@ -293,3 +293,27 @@ def test_start_in_a_child_forked_while_another_thread_starts_the_server() -> Non
     finally:
         done.set()
         t.join()
+
+
+_OWNER_GONE_AT_ONCE = """
+import os
+from pagescan.snapshot import start_fault_server
+pid = os.fork()
+if pid == 0:
+    start_fault_server()  # wait=0: the server is still starting
+    os._exit(0)
+os.waitpid(pid, 0)  # the owner reaped at once: gone before the server can watch it
+"""
+
+
+def test_the_server_ends_quietly_when_its_owner_is_gone_before_it_started() -> None:
+    """An owner that exits (and is reaped) while its server is still starting: the
+    server exits without a word (before: a ProcessLookupError traceback on the
+    owner's stderr, which it keeps). ``subprocess.run`` reads stderr to its end, which
+    comes when the server has exited too."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _OWNER_GONE_AT_ONCE], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -472,7 +472,10 @@ def _server_main(sock: socket.socket, owner: int, preload: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_stdio()
     _drop_inherited({sock.fileno()})
-    owner_fd = os.pidfd_open(owner)
+    try:
+        owner_fd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        return 0  # the owner exited (and was reaped) before we could watch it
     if os.getppid() != owner:
         return 0  # the owner exited before we watched it
     # What every spare needs, done once here: the factories' modules, the scan backend

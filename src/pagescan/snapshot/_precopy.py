@@ -257,6 +257,8 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs in the helper proce
         return _Helper(parent, sock, memfd, _runs(blob).copy(), bool(head["neighbors"])).serve()
     except (EOFError, ConnectionError):
         return 0  # our parent closed its end (a Checkpointer closed before it needed us)
+    except ProcessLookupError:
+        return 0  # our parent ended (exited, crashed) before we could watch it
 
 
 # -- our side ----------------------------------------------------------------------------
