@@ -754,8 +754,11 @@ def test_map_png_row_with_more_mappings_than_pixels(capsys: pytest.CaptureFixtur
             pixels = [rgb.getpixel((x, y)) for x in range(geo.bar_x, geo.bar_x + geo.bar_w)]
             rows[y] = sum(p == file_colour for p in pixels) / len(pixels)
         assert max(rows.values()) == 1.0, rows
-        title = img.crop((0, 0, img.width, 24)).getcolors(1 << 16)
-    assert title is not None and len(title) > 1  # some text in the title
+        drawn = img.crop((0, 0, img.width, 24)).getcolors(1 << 16)
+        title = img.text["Title"]  # the PNG text chunk
+    assert drawn is not None and len(drawn) > 1  # some text drawn in the title strip
+    assert title.startswith(f"pid {proc.pid} (") and "-c" in title, title  # pid, user, command line
+    assert re.search(r" -- present \S+ \(zero pages \S+\), swapped \S+, \d+ mappings$", title), title
     assert out.strip().endswith("rows)")
 
 
