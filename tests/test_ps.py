@@ -258,3 +258,15 @@ def test_rollup_fields_parsed_alike() -> None:
         assert parse_rollup(t, _ps._TABLE_FIELDS) == {k: full[k] for k in _ps._TABLE_FIELDS}
     assert parse_rollup(text + b"Extra:  7\n")["Extra"] == 7  # the fallback ran
     assert parse_rollup(b"") == {} and parse_rollup(b"", ("Rss",)) == {}
+
+
+def test_an_error_in_the_walking_thread_is_raised_by_collect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect in the zero-page walks (here: one injected into pagescan's own code, not
+    the kernel's) surfaces in the caller's thread, not as a thread's printed traceback
+    and a missing value."""
+    def broken(pid: int, top: int, regions: Any = None) -> int:
+        raise RuntimeError(f"walk of {pid} broke")
+
+    monkeypatch.setattr(_ps, "zero_bytes", broken)
+    with pytest.raises(RuntimeError, match=r"walk of \d+ broke"):
+        _ps.collect([os.getpid()])
