@@ -857,8 +857,9 @@ class Checkpointer:
                 rows = buf[:n]
                 starts, lengths, offs = chunk_runs(chunks[s:e], self.targets, self._base)
                 off = app.reserve(n)
-                last = e == total  # its writeback is left to the fsync that follows at once
-                app.write_memory(starts, lengths, offs, n, off, writeback=not last)
+                # Writeback starts at once, the last batch's too: the device works while
+                # the batch is read back and checksummed and the index is made.
+                app.write_memory(starts, lengths, offs, n, off)
                 app.read_back(rows, off)
                 cks = page_checksums(rows)
                 nonzero = cks != 0
@@ -868,7 +869,7 @@ class Checkpointer:
                     ndata = int(np.count_nonzero(nonzero))
                     app.give_back(n)
                     if ndata:
-                        app.write(rows[nonzero], app.reserve(ndata), writeback=not last)
+                        app.write(rows[nonzero], app.reserve(ndata))
                 index["kind"][s:e] = np.where(nonzero, KIND_DATA, KIND_ZERO)
                 index["checksum"][s:e] = cks
             if not fut.set_running_or_notify_cancel():
