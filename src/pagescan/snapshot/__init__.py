@@ -200,12 +200,18 @@ class _HeldSignals:
         if _HeldSignals.active or threading.current_thread() is not threading.main_thread():
             return
         _HeldSignals.active = self.owner = True
-        with contextlib.suppress(ValueError):  # (not the main interpreter)
-            for sig in range(1, signal.NSIG):
-                handler = _getsignal(sig)
-                if callable(handler):
-                    signal.signal(sig, self._record)
-                    self.saved[sig] = handler
+        try:
+            with contextlib.suppress(ValueError):  # (not the main interpreter)
+                for sig in range(1, signal.NSIG):
+                    handler = _getsignal(sig)
+                    if callable(handler):
+                        signal.signal(sig, self._record)
+                        self.saved[sig] = handler
+        except BaseException:
+            # A handler not swapped yet ran meanwhile and raised: put back those that
+            # were (and run what they recorded), then let its exception out.
+            self.release()
+            raise
 
     def _record(self, signum: int, frame: Any) -> None:
         self.due.append((signum, frame))
