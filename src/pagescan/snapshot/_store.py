@@ -787,6 +787,7 @@ class Appender:
         self.table_bytes = nblocks(npages) * BLOCK_SIZE
         self.data_start = self.offset + GEN_HEADER.size + npages * ENTRY_SIZE + self.table_bytes
         self.ndata = 0
+        self.high = 0  # end of the data written by write_memory
         self.sealed = False
         if os.fstat(store.fd).st_size != self.offset:  # never write over a stale tail
             with self._io():
@@ -824,6 +825,30 @@ class Appender:
         if writeback:
             _start_writeback(self.store.fd, off, len(mv))
 
+    def write_memory(self, starts: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, nrows: int, off: int,
+                     writeback: bool = True) -> None:
+        """Write ``nrows`` data pages at an offset from :meth:`reserve` straight from this
+        process's memory: the runs ``[starts[i], starts[i]+lengths[i])`` at byte
+        ``offsets[i]`` of the rows, zeros elsewhere (``pwritev``: the kernel reads the
+        memory; a run it cannot read is ``OSError(EFAULT)``)."""
+        with self._io():
+            libc.pwrite_runs(self.store.fd, starts, lengths, offsets, nrows * self.store.page_size, off)
+        self.high = max(self.high, off + nrows * self.store.page_size)
+        if writeback:
+            _start_writeback(self.store.fd, off, nrows * self.store.page_size)
+
+    def read_back(self, rows: np.ndarray, off: int) -> None:
+        """Read the data pages just written at ``off`` into ``rows`` (from the page cache)."""
+        mv = rows.data.cast("B")
+        with self._io():
+            got = os.preadv(self.store.fd, [mv], off)
+        if got != len(mv):
+            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: short read of {self.store.path} at offset {off}")
+
+    def give_back(self, nrows: int) -> None:
+        """Return the last ``nrows`` rows reserved (their file bytes are written over or cut off)."""
+        self.ndata -= nrows
+
     def seal(self, index: np.ndarray, parent: int) -> Generation:
         """Write the header and index (fills the entry checks), ``fsync``, commit, ``fsync``."""
         st = self.store
@@ -841,7 +866,14 @@ class Appender:
         length = GEN_HEADER.size + len(idx_raw) + len(tab_raw) + self.ndata * P
         commit = _commit_record(self.number, self.offset, length, digest(tab_raw), head[-8:])
         with self._io():
+            if self.high > self.offset + length:  # rows given back after they were written
+                os.ftruncate(st.fd, self.offset + length)
             _pwrite_all(st.fd, head + idx_raw + tab_raw, self.offset)
+            # The commit record's place is written (zeros: no commit, an unsealed tail
+            # after a crash) and made durable with the rest, so that writing the record
+            # changes no file size or block map: the second fsync has no metadata to
+            # journal (0.14 against 0.20 ms here).
+            _pwrite_all(st.fd, bytes(len(commit)), self.offset + length)
             os.fsync(st.fd)  # everything the commit record vouches for is durable first
             _pwrite_all(st.fd, commit, self.offset + length)
             os.fsync(st.fd)
