@@ -380,6 +380,49 @@ def test_direct_checkpoint_on_the_fast_path_leaves_guard_pages_out(tmp_path: Pat
     assert redone == 1 and never == 0
 
 
+@pytest.mark.skipif(not pagescan.capabilities().guard_regions,
+                    reason="needs MADV_GUARD_INSTALL with PAGE_IS_GUARD (Linux 6.16)")
+def test_ptrace_checkpoint_leaves_guard_pages_out(tmp_path: Path) -> None:
+    """The ptrace path's helper walks on the fast path, which reports (once) a guard page
+    installed since arming; it cannot be read, so the helper finds the guard pages among
+    what it copies and leaves them out. Before, the checkpoint failed with EFAULT, and so
+    did every later one while the guard page existed."""
+    from pagescan import MADV, Category
+
+    wr, gd = int(Category.WRITTEN), int(Category.GUARD)
+    path = tmp_path / "guard-ptrace.ck"
+    with Mapping(64) as m, Checkpointer(path, [region(m)]) as c:
+        c._use_ptrace = True  # (the pytest process has a second thread: never "direct")
+        m.write(0, 64)
+        c.checkpoint()
+        stored: list[list[int]] = []
+
+        def step(expect: list[int]) -> None:
+            masked = pagescan.scan(m.addr, m.end, category_mask=wr | gd, category_inverted=gd, return_mask=wr)
+            assert [(a - m.addr) // P for a in pagescan.regions_to_pages(masked.regions).tolist()] == expect, "oracle"
+            info = c.checkpoint()
+            assert info.method == "ptrace"
+            with Store(path) as st:
+                stored.append(sorted(st.generations[-1].index["page"].tolist()))
+
+        m.touch(3)
+        m.touch(10)
+        m.touch(11)
+        m.madvise(MADV.GUARD_INSTALL, 11, 1)  # written, then made a guard page
+        m.madvise(MADV.GUARD_INSTALL, 20, 1)  # unwritten
+        step([3, 10])
+        m.touch(40)
+        step([40])
+        m.madvise(MADV.GUARD_REMOVE, 11, 1)
+        m.madvise(MADV.GUARD_REMOVE, 20, 1)
+        step([11, 20])  # emptied slots read as written (and as zeros)
+        assert stored == [[3, 10], [40], [11, 20]]
+        (got,) = restored(path, [64], 2)
+        assert got[11].max() == 1 and got[20].max() == 1 and got[3].max() == 1
+        (got,) = restored(path, [64], 4)
+        assert got[11].max() == 0 and got[20].max() == 0 and got[40].max() == 1
+
+
 @requires_guard
 def test_a_page_that_cannot_be_read_fails_the_checkpoint_and_leaves_the_file(tmp_path: Path, method: str) -> None:
     """A guard page in the state (it cannot be read) fails a full checkpoint with the
