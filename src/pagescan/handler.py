@@ -518,10 +518,13 @@ class _Pages:
 #: verifies) a window and copies it in, so two windows are read and copied at once, on
 #: two CPUs (``preadv``, the checksums and ``UFFDIO_COPY`` all run without the GIL).
 PREFETCH_THREADS = 2
+#: Windows queued for them (one more than the threads: a thread that ends a window
+#: finds the next one waiting, without waiting for the main thread).
+PREFETCH_QUEUE = PREFETCH_THREADS + 1
 #: Largest prefetch window (a fault is served with at most :data:`MAX_WINDOW`): the
 #: per-window work in Python (finding the pages, locating them in the source, the
 #: thread hand-off) is paid once per window.
-PREFETCH_WINDOW = 4 << 20
+PREFETCH_WINDOW = 8 << 20
 
 
 class _Prefetch:
@@ -535,24 +538,31 @@ class _Prefetch:
     states of its own window (no other job and no fault touches them while it runs) and
     returns the runs it filled, which :meth:`collect` marks. The main thread waits for
     the jobs in flight before it reads messages (:meth:`collect` with ``wait_all``), so
-    no window is copied after a ``REMOVE``/``UNMAP``/``REMAP`` that it has not seen.
-    Only the pages still pending when a window is copied are filled."""
+    no window is copied after a ``REMOVE``/``UNMAP``/``REMAP`` that it has not seen;
+    to keep that wait short (a fault waits in it), it first tells the jobs to stop
+    (:attr:`halt`): a job not started yet does nothing, one that has read its window
+    does not copy it (its pages stay pending, for later). Only the pages still pending
+    when a window is copied are filled."""
 
     def __init__(self, fh: FaultHandler, pages: _Pages, uf: Userfaultfd) -> None:
         self.fh, self.pages, self.uf = fh, pages, uf
         threaded = bool(getattr(fh.source, "thread_safe", False))
-        n = PREFETCH_THREADS if threaded else 1
+        n = PREFETCH_QUEUE if threaded else 1
         self.maps = [mmap.mmap(-1, PREFETCH_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(n)]
         self.views = [memoryview(m) for m in self.maps]
         self.addrs = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in self.maps]
         self.free = list(range(n))
-        self.pool = ThreadPoolExecutor(n, "prefetch") if threaded else None
+        self.pool = ThreadPoolExecutor(PREFETCH_THREADS, "prefetch") if threaded else None
         # A job writes a byte here when it ends: the main thread polls it with the uffd.
         self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK) if threaded else (-1, -1)
         #: Jobs in flight: (result, lo, hi, buffer).
-        self.jobs: list[tuple[Future[list[tuple[int, int]]], int, int, int]] = []
+        self.jobs: list[tuple[Future[list[tuple[int, int]] | None], int, int, int]] = []
         #: The next pending pages are in a window in flight: start nothing until a job ends.
         self.stalled = False
+        #: Set by the main thread before it waits for the jobs: they stop early.
+        self.halt = False
+        #: The first page a halted job left pending (prefetch resumes there).
+        self.resume = -1
 
     def can_start(self) -> bool:
         return bool(self.free) and not self.stalled
@@ -564,14 +574,19 @@ class _Prefetch:
         i = self.pages.region_of(g)
         return g, min(self.pages.base[i + 1], g + window // P)
 
-    def _job(self, lo: int, hi: int, b: int) -> list[tuple[int, int]]:
+    def _job(self, lo: int, hi: int, b: int) -> list[tuple[int, int]] | None:
+        """Read and copy one window; ``None``: halted before copying (nothing done)."""
+        if self.halt:
+            return None
         pages = self.pages
         i = pages.region_of(lo)
         off = pages.offset[i] + (lo - pages.base[i]) * P
         has_data = self.fh.source.read(off, self.views[b][: (hi - lo) * P])
+        if self.halt:
+            return None
         return _copy_pending(self.uf, pages, lo, hi, self.addrs[b] if has_data else None)
 
-    def _wake(self, _res: Future[list[tuple[int, int]]]) -> None:
+    def _wake(self, _res: Future[list[tuple[int, int]] | None]) -> None:
         # A done callback: runs once the result is set, so the main thread, woken by
         # the byte, finds the job done.
         with contextlib.suppress(OSError):
@@ -588,7 +603,7 @@ class _Prefetch:
             lo, hi = span
             b = self.free.pop()
             if self.pool is None:
-                self._done(self._job(lo, hi, b), b)
+                self._done(self._job(lo, hi, b), lo, b)
             else:
                 res = self.pool.submit(self._job, lo, hi, b)
                 res.add_done_callback(self._wake)
@@ -596,25 +611,30 @@ class _Prefetch:
             cursor = hi
         return cursor
 
-    def _done(self, runs: list[tuple[int, int]], b: int) -> None:
-        for s, e in runs:
-            self.pages.set(s, e, 1)
+    def _done(self, runs: list[tuple[int, int]] | None, lo: int, b: int) -> None:
+        if runs is None:  # halted: nothing copied
+            self.resume = lo if self.resume < 0 else min(self.resume, lo)
+        else:
+            for s, e in runs:
+                self.pages.set(s, e, 1)
         self.free.append(b)
 
     def collect(self, wait_all: bool = False) -> None:
-        """Mark what the ended jobs filled (every job's, waiting for them, with
-        ``wait_all``); an error of a job (a damaged page) is raised here."""
+        """Mark what the ended jobs filled; with ``wait_all``, halt the jobs and wait
+        for every one. An error of a job (a damaged page) is raised here."""
         if self.rfd >= 0:
             with contextlib.suppress(BlockingIOError):
                 os.read(self.rfd, 64)
+        self.halt = wait_all  # stays set if a job failed: the others stop too
         left = []
         for job in self.jobs:
-            res, _lo, _hi, b = job
+            res, lo, _hi, b = job
             if wait_all or res.done():
-                self._done(res.result(), b)
+                self._done(res.result(), lo, b)
                 self.stalled = False
             else:
                 left.append(job)
+        self.halt = False
         self.jobs = left
 
     def close(self) -> None:
@@ -748,6 +768,8 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 ahead = _Prefetch(fh, pages, uf)
                 if ahead.rfd >= 0:
                     poller.register(ahead.rfd, select.POLLIN)
+            if ahead.resume >= 0:  # windows halted for a fault: go back to them
+                cursor, ahead.resume = min(cursor, ahead.resume), -1
             if ahead.can_start():
                 cursor = ahead.start(cursor, window)
                 window = min(window * 2, PREFETCH_WINDOW)
