@@ -15,7 +15,11 @@ What the handler does:
   anything, warming the source meanwhile: a lazy load is touched at once, and a fault
   that arrives while a window is being read waits for that window;
 * when idle, prefetches ahead in address order, the window growing from 64 KiB to
-  4 MiB while idle and shrinking back on a fault (CRIU's lazy-pages policy);
+  8 MiB while idle and shrinking back on a fault (CRIU's lazy-pages policy); with a
+  ``thread_safe`` source two threads each read (and verify) a window and copy it in,
+  so reading and ``UFFDIO_COPY`` run on two CPUs at once, and messages are read only
+  while no window is being copied (a window copied after a ``REMOVE`` was read could
+  land after the owner's pages were discarded);
 * treats EEXIST (already populated: a race with prefetch) by waking the range,
   EAGAIN (the mm is changing) by reading the pending events and retrying, and
   ENOENT (a span crossing two VMAs of a range, or a range gone) by splitting the span;
