@@ -598,7 +598,8 @@ class _Prefetch:
 
     def start(self, cursor: int, window: int) -> int:
         """Start a job on each free buffer, on the next pending pages at or after
-        ``cursor`` (a window each); returns where the next one starts."""
+        ``cursor`` (a window each; without threads: do one); returns where the next
+        one starts."""
         while self.free:
             span = self._plan(cursor, window)
             if span is None or any(span[0] < hi and lo < span[1] for _, lo, hi, _ in self.jobs):
@@ -606,8 +607,9 @@ class _Prefetch:
                 break
             lo, hi = span
             b = self.free.pop()
-            if self.pool is None:
+            if self.pool is None:  # one window, then back to look for faults
                 self._done(self._job(lo, hi, b), lo, b)
+                return hi
             else:
                 res = self.pool.submit(self._job, lo, hi, b)
                 res.add_done_callback(self._wake)
