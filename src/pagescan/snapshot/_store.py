@@ -71,8 +71,12 @@ _HOST_PAGE = mmap.PAGESIZE
 #: Index blocks :meth:`Store.locate` reads (and verifies) at once when a block follows
 #: one already read: 16 blocks cover 64 MiB of pages.
 BLOCKS_AHEAD = 16
-#: :meth:`Store.read_chunks` over several generations: entries of one generation that
-#: share a read straight into place (fewer are read with their file neighbours)...
+#: :meth:`Store.read_chunks` reads this many consecutive chunks or more held by several
+#: generations in a few reads (:meth:`Store._read_window`: a prefetch window; a fault's
+#: 16 pages cost less the plain way, a read per run) ...
+WINDOW_MIN = 128
+#: ... where at least this many entries of one generation share a read straight into
+#: place (fewer are read with their file neighbours into scratch memory) ...
 DIRECT_MIN = 8
 #: ... and the most pages skipped between two pages read together into scratch memory.
 SCATTER_GAP = 16
@@ -675,7 +679,7 @@ class Store:
             return self._where_chunk(int(gens[i]), int(chunks[i]))
 
         n = len(chunks)
-        if n > 1 and int(chunks[-1]) - int(chunks[0]) == n - 1 and int(gens.min()) != int(gens.max()):
+        if n >= WINDOW_MIN and int(chunks[-1]) - int(chunks[0]) == n - 1 and int(gens.min()) != int(gens.max()):
             self._read_window(offs, gens, cks, out, fresh, where)  # a window over several generations
         else:
             self._read_at(offs, cks, out, fresh, where)
