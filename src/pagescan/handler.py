@@ -544,9 +544,10 @@ class _Prefetch:
     the jobs in flight before it reads messages (:meth:`collect` with ``wait_all``), so
     no window is copied after a ``REMOVE``/``UNMAP``/``REMAP`` that it has not seen;
     to keep that wait short (a fault waits in it), it first tells the jobs to stop
-    (:attr:`halt`): a job not started yet does nothing, one that has read its window
-    does not copy it (its pages stay pending, for later). Only the pages still pending
-    when a window is copied are filled."""
+    (:attr:`halt`): a job not started yet does nothing, one reading its window does not
+    copy it, one copying stops at the next :data:`MAX_WINDOW` (what is left stays
+    pending; prefetch resumes there). Only the pages still pending when a window is
+    copied are filled."""
 
     def __init__(self, fh: FaultHandler, pages: _Pages, uf: Userfaultfd) -> None:
         self.fh, self.pages, self.uf = fh, pages, uf
@@ -560,7 +561,7 @@ class _Prefetch:
         # A job writes a byte here when it ends: the main thread polls it with the uffd.
         self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK) if threaded else (-1, -1)
         #: Jobs in flight: (result, lo, hi, buffer).
-        self.jobs: list[tuple[Future[list[tuple[int, int]] | None], int, int, int]] = []
+        self.jobs: list[tuple[Future[tuple[list[tuple[int, int]], bool]], int, int, int]] = []
         #: The next pending pages are in a window in flight: start nothing until a job ends.
         self.stalled = False
         #: Set by the main thread before it waits for the jobs: they stop early.
@@ -578,19 +579,20 @@ class _Prefetch:
         i = self.pages.region_of(g)
         return g, min(self.pages.base[i + 1], g + window // P)
 
-    def _job(self, lo: int, hi: int, b: int) -> list[tuple[int, int]] | None:
-        """Read and copy one window; ``None``: halted before copying (nothing done)."""
+    def _job(self, lo: int, hi: int, b: int) -> tuple[list[tuple[int, int]], bool]:
+        """Read and copy one window: (the runs filled, whether the job ran to its end
+        rather than stopping for :attr:`halt`)."""
         if self.halt:
-            return None
+            return [], False
         pages = self.pages
         i = pages.region_of(lo)
         off = pages.offset[i] + (lo - pages.base[i]) * P
         has_data = self.fh.source.read(off, self.views[b][: (hi - lo) * P])
         if self.halt:
-            return None
-        return _copy_pending(self.uf, pages, lo, hi, self.addrs[b] if has_data else None)
+            return [], False
+        return _copy_pending(self.uf, pages, lo, hi, self.addrs[b] if has_data else None, lambda: self.halt)
 
-    def _wake(self, _res: Future[list[tuple[int, int]] | None]) -> None:
+    def _wake(self, _res: Future[tuple[list[tuple[int, int]], bool]]) -> None:
         # A done callback: runs once the result is set, so the main thread, woken by
         # the byte, finds the job done.
         with contextlib.suppress(OSError):
@@ -617,12 +619,12 @@ class _Prefetch:
             cursor = hi
         return cursor
 
-    def _done(self, runs: list[tuple[int, int]] | None, lo: int, b: int) -> None:
-        if runs is None:  # halted: nothing copied
+    def _done(self, result: tuple[list[tuple[int, int]], bool], lo: int, b: int) -> None:
+        runs, whole = result
+        for s, e in runs:
+            self.pages.set(s, e, 1)
+        if not whole:  # halted: the rest of the window is still pending
             self.resume = lo if self.resume < 0 else min(self.resume, lo)
-        else:
-            for s, e in runs:
-                self.pages.set(s, e, 1)
         self.free.append(b)
 
     def collect(self, wait_all: bool = False) -> None:
@@ -652,22 +654,29 @@ class _Prefetch:
         self.rfd = self.wfd = -1
 
 
-def _copy_pending(uf: Userfaultfd, pages: _Pages, lo: int, hi: int, src: int | None) -> list[tuple[int, int]]:
+def _copy_pending(uf: Userfaultfd, pages: _Pages, lo: int, hi: int, src: int | None,
+                  halt: Callable[[], bool] | None = None) -> tuple[list[tuple[int, int]], bool]:
     """Fill the pages of ``[lo, hi)`` (one region) still pending from ``src`` (the
-    window's bytes; ``None``: zero pages), a run at a time; returns the runs filled
-    (global pages; the caller marks them)."""
+    window's bytes; ``None``: zero pages), a run of at most :data:`MAX_WINDOW` at a
+    time, stopping before the next one once ``halt()`` is true. Returns the runs filled
+    (global pages; the caller marks them) and whether it went to the end."""
     i = pages.region_of(lo)
     todo = (pages.state[lo:hi] == 0).astype(np.int8)
     edges = np.flatnonzero(np.diff(todo, prepend=0, append=0))
     done: list[tuple[int, int]] = []
-    for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        addr = pages.addr[i] + (lo + s - pages.base[i]) * P
-        try:
-            _fill(uf, addr, (e - s) * P, None if src is None else src + s * P)
-        except _Retry:
-            break  # pages stay pending
-        done.append((lo + s, lo + e))
-    return done
+    step = MAX_WINDOW // P
+    for s0, e in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        for s in range(s0, e, step):
+            if halt is not None and halt():
+                return done, False
+            t = min(e, s + step)
+            addr = pages.addr[i] + (lo + s - pages.base[i]) * P
+            try:
+                _fill(uf, addr, (t - s) * P, None if src is None else src + s * P)
+            except _Retry:
+                return done, True  # pages stay pending
+            done.append((lo + s, lo + t))
+    return done, True
 
 
 def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
