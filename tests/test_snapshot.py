@@ -969,6 +969,58 @@ def test_lazy_prefetch_progress_and_wait(tmp_path: Path) -> None:
                 assert np.array_equal(view(m), vs)  # no fault needed: everything is in
 
 
+def test_lazy_prefetch_damaged_window_is_not_served(tmp_path: Path) -> None:
+    """Prefetch reads and copies two windows at once (two threads of the handler): a
+    damaged page far into the file fails its window before any of it is copied, the
+    handler fails, and touching the page raises SIGBUS; pages served before are exact,
+    and the restore leaves no fd, memfd or process behind."""
+    path = tmp_path / "pfd.ck"
+    npages = 8192  # 32 MiB: windows grow to 4 MiB, several in flight before the damage
+    rng = np.random.default_rng(21)
+    with Mapping(npages) as src:
+        vs = view(src)
+        vs[:] = random_pages(rng, npages)
+        exp = vs.copy()
+        with Checkpointer(path, [region(src)]) as c:
+            c.checkpoint()
+    victim = 6000
+    with Store(path) as st:
+        g = st.generations[0]
+        _flip(path, g.data_offset + victim * P + 123)
+
+    def open_fds() -> dict[str, str]:
+        out = {}
+        for f in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own fd
+                out[f] = os.readlink(f"/proc/self/fd/{f}")
+        return {f: t for f, t in out.items() if not t.endswith("/pagemap")}  # the scan backend's, kept open
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        m = Mapping(npages)
+        v = view(m)
+        fds = open_fds()
+        with lazy_restore(path, [region(m)], prefetch=True) as fh:
+            hpid, gpid = fh.pid, fh.guardian_pid
+            done = fh.wait(30)
+            served = fh.progress()[0]
+        ok = not done and 0 < served < npages and np.array_equal(v[:1000], exp[:1000])
+        left = open_fds()
+        if left != fds:
+            report(f"!fds before {fds}, after {left}".encode())
+        report(struct.pack("iiii", hpid, gpid, int(ok), int(left == fds)).hex().encode())
+        _ = int(v[victim].sum())
+        report(b"!damaged page served")
+
+    o = Owner(body)
+    hpid, gpid, ok, fds_same = struct.unpack("iiii", bytes.fromhex(o.read(32).decode()))
+    status, rest = o.finish()
+    assert not rest.startswith(b"!"), rest.decode(errors="replace")
+    assert ok == 1, "the handler finished, or served pages were wrong"
+    assert fds_same == 1, "the restore left an fd behind"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, f"owner status {status:#x}: {rest!r}"
+    wait_gone([hpid, gpid])
+
+
 def test_lazy_handler_killed_midway_is_a_clear_failure(tmp_path: Path) -> None:
     path = tmp_path / "kill.ck"
     expected, _ = make_chain(path, np.random.default_rng(12), [64], steps=1)
