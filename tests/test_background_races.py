@@ -544,3 +544,37 @@ def test_a_child_forked_while_another_thread_checkpoints_can_close_its_copy(tmp_
         assert "forked child" in said and said.endswith(" closed"), said
         assert result and result[0].generation == 2
     assert load(path)["s"].tolist() == s.tolist()
+
+
+def test_a_handler_raising_while_the_handlers_are_held_back_leaves_them_all_in_place(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Python signal handler can run between any two bytecodes of the main thread,
+    also while ``checkpoint()`` swaps the program's handlers for recorders (the stress
+    test above caught one raising there, once in a loaded suite run). Its exception
+    comes out, and every handler swapped so far is back in place: none is left a
+    recorder, and the next checkpoint holds them back again."""
+    import pagescan.snapshot as snap
+
+    class Boom(Exception):
+        pass
+
+    real = snap._getsignal
+
+    def getsignal(sig: int) -> object:
+        if sig == signal.SIGUSR1:
+            raise Boom  # as if SIGUSR1's own handler ran here and raised
+        return real(sig)
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
+    monkeypatch.setattr(snap, "_getsignal", getsignal)
+    with pytest.raises(Boom):
+        snap._HeldSignals()
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    assert not snap._HeldSignals.active
+    monkeypatch.setattr(snap, "_getsignal", real)
+    held = snap._HeldSignals()
+    try:
+        assert held.owner and signal.getsignal(signal.SIGINT) == held._record
+    finally:
+        held.release()
+    assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]

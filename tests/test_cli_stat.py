@@ -580,14 +580,13 @@ def test_stat_written_only_where_uffd_wp_is_registered(capsys: pytest.CaptureFix
 # -- --watch ----------------------------------------------------------------------------------
 
 
-def test_stat_watch_under_a_pty(child: Child) -> None:
-    """Three screens in a pseudo-terminal, then exit 0; without a terminal: a clear error."""
-    pid, fd = pty.fork()
-    if pid == 0:  # pragma: no cover - child
+def _watch_in_a_pty(pid: int, *args: str) -> tuple[int, str]:
+    """``pagescan stat PID --watch ...`` in a 60x120 pseudo-terminal: (exit code, what it drew)."""
+    child_pid, fd = pty.fork()
+    if child_pid == 0:  # pragma: no cover - child
         try:
             os.environ.update(TERM="xterm", COLUMNS="120", LINES="60")
-            os.execv(sys.executable, [sys.executable, "-m", "pagescan", "stat", str(child.pid),
-                                      "--watch", "0.2", "--count", "3"])
+            os.execv(sys.executable, [sys.executable, "-m", "pagescan", "stat", str(pid), "--watch", *args])
         finally:
             os._exit(127)
     chunks = []
@@ -604,22 +603,63 @@ def test_stat_watch_under_a_pty(child: Child) -> None:
                 if not data:
                     break
                 chunks.append(data)
-        _, status = os.waitpid(pid, 0)
-        pid = 0
+        _, status = os.waitpid(child_pid, 0)
+        child_pid = 0
     finally:
-        if pid:
+        if child_pid:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
-            os.waitpid(pid, 0)
+                os.kill(child_pid, 9)
+            os.waitpid(child_pid, 0)
         os.close(fd)
-    screen = b"".join(chunks).decode(errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, screen[-2000:]
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+
+
+def _attributes(screen: str) -> set[str]:
+    """Every SGR parameter curses sent (``ESC [ 0;1 m``: "0", "1"): 1 is bold, 7 reverse video."""
+    return {a for params in re.findall(r"\x1b\[([0-9;]*)m", screen) for a in params.split(";")}
+
+
+def test_stat_watch_under_a_pty(child: Child) -> None:
+    """Three screens in a pseudo-terminal, then exit 0; without a terminal: a clear error.
+    Nothing changes in the child, so no cell is highlighted."""
+    code, screen = _watch_in_a_pty(child.pid, "0.2", "--count", "3")
+    assert code == 0, screen[-2000:]
     assert "q quits" in screen and "RSS" in screen and "USS" in screen
     assert f"pid {child.pid}" in screen and os.path.basename(child.file) in screen
     assert "\x1b[" in screen  # drawn by curses, not printed
+    assert not _attributes(screen) & {"1", "7"}  # bold, reverse video: changed cells and rows, none here
     r = _cli("stat", str(child.pid), "--watch", "1", stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == "pagescan: stat --watch needs a terminal (stdin and stdout); use --json for scripts\n"
+
+
+_GROWING = """
+import mmap, sys, time
+m = mmap.mmap(-1, 256 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+print("ready", flush=True)
+for off in range(0, 256 << 20, 1 << 20):  # 1 MiB more every 20 ms, for about 5 s
+    m[off:off + (1 << 20)] = b"x" * (1 << 20)
+    time.sleep(0.02)
+sys.stdin.read()
+"""
+
+
+def test_stat_watch_highlights_what_changed() -> None:
+    """A process writing 1 MiB every 20 ms: from the second screen on, its growing
+    mapping's row is redrawn with the changed cells in bold and its address in reverse
+    video (the row is found by address and name, so it is compared with itself)."""
+    proc = subprocess.Popen([sys.executable, "-c", _GROWING], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        code, screen = _watch_in_a_pty(proc.pid, "0.3", "--count", "4")
+    finally:
+        proc.kill()
+        proc.wait()
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                f.close()
+    assert code == 0, screen[-2000:]
+    assert _attributes(screen) >= {"1", "7"}, screen[-2000:]
 
 
 # -- map --------------------------------------------------------------------------------------
@@ -714,8 +754,11 @@ def test_map_png_row_with_more_mappings_than_pixels(capsys: pytest.CaptureFixtur
             pixels = [rgb.getpixel((x, y)) for x in range(geo.bar_x, geo.bar_x + geo.bar_w)]
             rows[y] = sum(p == file_colour for p in pixels) / len(pixels)
         assert max(rows.values()) == 1.0, rows
-        title = img.crop((0, 0, img.width, 24)).getcolors(1 << 16)
-    assert title is not None and len(title) > 1  # some text in the title
+        drawn = img.crop((0, 0, img.width, 24)).getcolors(1 << 16)
+        title = img.text["Title"]  # the PNG text chunk
+    assert drawn is not None and len(drawn) > 1  # some text drawn in the title strip
+    assert title.startswith(f"pid {proc.pid} (") and "-c" in title, title  # pid, user, command line
+    assert re.search(r" -- present \S+ \(zero pages \S+\), swapped \S+, \d+ mappings$", title), title
     assert out.strip().endswith("rows)")
 
 

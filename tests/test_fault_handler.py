@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -334,6 +335,49 @@ def test_dontneed_gives_zeros_never_the_old_data() -> None:
                 for i in range(N)
             )
             assert fh.wait(10)
+
+
+def test_dontneed_during_threaded_prefetch_gives_zeros(tmp_path: Path) -> None:
+    """With a thread-safe source two threads prefetch windows while the owner discards
+    pages just ahead of the progress (in the windows being read and copied): a
+    discarded range reads zeros, never data copied in after the discard (the main
+    thread reads the REMOVE message only with no window in flight)."""
+    n = 32768  # 128 MiB: prefetch windows of up to 8 MiB, several in flight
+    data = random_bytes(n * P, 31)
+    path = tmp_path / "src.bin"
+    path.write_bytes(data)
+    cuts: list[int] = []
+    with anon(n) as m, FileSource(path) as src:
+        with FaultHandler([(m.addr, m.length)], src, prefetch=True) as fh:
+            while fh.progress()[0] < n - 8192 and fh.wait(0.0002) is False:
+                page = fh.progress()[0] + 256 + 613 * len(cuts) % 6144
+                if page not in cuts:
+                    m.madvise(MADV.DONTNEED, page, 16)
+                    cuts.append(page)
+            assert fh.wait(60)
+        assert len(cuts) >= 5, "too few discards while prefetching"
+        got = np.frombuffer(m.read(0, n), np.uint8).reshape(n, P)
+        want = np.frombuffer(data, np.uint8).reshape(n, P).copy()
+        for page in cuts:
+            want[page : page + 16] = 0
+        bad = np.flatnonzero((got != want).any(axis=1))
+        assert not bad.size, f"{bad.size} pages wrong, first {bad[:8]} (discarded: {cuts[:8]}...)"
+
+
+def test_faults_during_threaded_prefetch_halt_and_resume(tmp_path: Path) -> None:
+    """Touches from the far end while two threads prefetch from the start: each fault
+    stops the windows not yet copied (left pending, resumed later); every page ends
+    up in, exact."""
+    n = 16384
+    data = random_bytes(n * P, 32)
+    path = tmp_path / "src.bin"
+    path.write_bytes(data)
+    with anon(n) as m, FileSource(path) as src, FaultHandler([(m.addr, m.length)], src, prefetch=True) as fh:
+        for page in range(n - 1, n // 2, -997):
+            assert m.read(page) == data[page * P : (page + 1) * P]
+        assert fh.wait(60)
+        assert fh.progress() == (n, n)
+        assert m.read(0, n) == data
 
 
 def test_unmap_part_of_the_range_handler_still_finishes() -> None:

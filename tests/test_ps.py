@@ -282,3 +282,15 @@ def test_ps_on_the_emulation_without_pfns_lists_processes_with_zero_unknown() ->
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     rows = [ln.split() for ln in r.stdout.splitlines() if ln.split()[1:2] == ["nobody"]]
     assert rows and any(row[6] == "-" for row in rows), r.stdout
+
+
+def test_an_error_in_the_walking_thread_is_raised_by_collect(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A defect in the zero-page walks (here: one injected into pagescan's own code, not
+    the kernel's) surfaces in the caller's thread, not as a thread's printed traceback
+    and a missing value."""
+    def broken(pid: int, top: int, regions: Any = None) -> int:
+        raise RuntimeError(f"walk of {pid} broke")
+
+    monkeypatch.setattr(_ps, "zero_bytes", broken)
+    with pytest.raises(RuntimeError, match=r"walk of \d+ broke"):
+        _ps.collect([os.getpid()])

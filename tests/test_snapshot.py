@@ -66,7 +66,7 @@ from pagescan.snapshot import (
 from pagescan.snapshot._format import BLOCK_SIZE, COMMIT, ENTRY_SIZE, GEN_HEADER, nblocks
 from pagescan.snapshot._store import Store
 
-from .conftest import requires_wp_async
+from .conftest import requires_guard, requires_wp_async
 from .memory import Mapping, P, vmflags
 from .procs import wait_gone
 
@@ -235,7 +235,16 @@ def make_chain(path: Path, rng: np.random.Generator, npages: list[int], steps: i
 # -- chains of generations -------------------------------------------------------------
 
 
-def test_chain_restores_every_generation_and_stores_only_changed_pages(tmp_path: Path) -> None:
+@pytest.fixture(params=["direct", "threads"])
+def method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How synchronous checkpoints take their instant: "direct" (as in a process whose only
+    thread checkpoints; pytest's faulthandler watchdog is a second thread, which writes
+    no memory) or as in a process with other threads ("fork" or "ptrace")."""
+    monkeypatch.setattr(snap, "_single_thread", lambda: request.param == "direct")
+    return str(request.param)
+
+
+def test_chain_restores_every_generation_and_stores_only_changed_pages(tmp_path: Path, method: str) -> None:
     rng = np.random.default_rng(1)
     path = tmp_path / "chain.ck"
     a, b = Mapping(64), Mapping(24)
@@ -266,7 +275,7 @@ def test_chain_restores_every_generation_and_stores_only_changed_pages(tmp_path:
                     vb[p] = random_pages(rng, 1)
                 info = c.checkpoint()
                 zeros = sum(1 for p in wa if not va[p].any()) + sum(1 for p in wb if not vb[p].any())
-                assert info.generation == gen and not info.full
+                assert info.generation == gen and not info.full and (info.method == "direct") == (method == "direct")
                 assert info.pages == len(wa) + len(wb), "exactly the pages written since the previous generation"
                 assert info.zero_pages == zeros
                 assert info.bytes == (len(wa) + len(wb) - zeros) * P
@@ -292,7 +301,155 @@ def test_chain_restores_every_generation_and_stores_only_changed_pages(tmp_path:
         b.close()
 
 
-def test_zero_pages_take_no_data(tmp_path: Path) -> None:
+def _guard_run(tmp_path: Path, fast: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[list[tuple[int, ...]], int]:
+    """The guard-page scenario of the next test, with the "direct" checkpoint finding the
+    written pages on the kernel's fast path (``fast``) or with the masked walk. Returns,
+    per checkpoint, (method, pages, zero pages, stored chunks...) and how often a copy
+    failed on a guard page and was redone without it."""
+    from pagescan import MADV, Category
+
+    wr, gd = int(Category.WRITTEN), int(Category.GUARD)
+    monkeypatch.setattr(snap, "_single_thread", lambda: True)  # (pytest's faulthandler watchdog thread)
+    monkeypatch.setattr(snap, "_fast_path_exact", (lambda: True) if fast else (lambda: False))
+    redone = []
+    real = Checkpointer._without_guards
+
+    def spy(self: Checkpointer, err: OSError) -> np.ndarray | None:
+        got = real(self, err)
+        redone.append(got is not None)
+        return got
+
+    monkeypatch.setattr(Checkpointer, "_without_guards", spy)
+    path = tmp_path / f"guard-{fast}.ck"
+    out: list[tuple[int, ...]] = []
+    with Mapping(64) as m, Checkpointer(path, [region(m)]) as c:
+
+        def step(expect: list[int], fast_reports: list[int]) -> None:
+            masked = pagescan.scan(m.addr, m.end, category_mask=wr | gd, category_inverted=gd, return_mask=wr)
+            assert [(a - m.addr) // P for a in pagescan.regions_to_pages(masked.regions).tolist()] == expect, "oracle"
+            raw = pagescan.scan(m.addr, m.end, category_mask=wr, return_mask=wr)  # the fast path, no re-arming
+            assert [(a - m.addr) // P for a in pagescan.regions_to_pages(raw.regions).tolist()] == fast_reports
+            for w in c._watches:
+                w._sparse = fast  # without the fast path, the masked walk (not get's sparse strategy)
+            info = c.checkpoint()
+            with Store(path) as st:
+                stored = sorted(st.generations[-1].index["page"].tolist())
+            assert stored == expect
+            out.append((info.method, info.pages, info.zero_pages, *stored))
+
+        m.write(0, 64)
+        c.checkpoint()  # full (no guard page yet: a full checkpoint cannot read one)
+        m.touch(3)
+        m.touch(10)
+        m.touch(11)
+        m.madvise(MADV.GUARD_INSTALL, 11, 1)  # written, then made a guard page
+        m.madvise(MADV.GUARD_INSTALL, 20, 1)  # unwritten
+        # The fast path reports both guard pages (not armed yet): the copy fails on them.
+        step([3, 10], [3, 10, 11, 20])
+        m.touch(40)
+        # The fast path armed them; the masked walk leaves them as they were.
+        step([40], [40] if fast else [11, 20, 40])
+        m.madvise(MADV.GUARD_REMOVE, 11, 1)
+        m.madvise(MADV.GUARD_REMOVE, 20, 1)
+        step([11, 20], [11, 20])  # emptied slots read as written (and as zeros)
+        step([], [])
+        for gen, want in ((2, 0x01), (5, 0)):
+            (got,) = restored(path, [64], gen)
+            assert got[11].max() == want and got[20].max() == (1 if gen == 2 else 0)
+    return out, sum(redone)
+
+
+@pytest.mark.skipif(
+    not (pagescan.capabilities().guard_regions and pagescan.capabilities().scan_generation.get("written_unpopulated_pte")),
+    reason="needs MADV_GUARD_INSTALL with PAGE_IS_GUARD (Linux 6.16) and the 2026 fix under which an emptied "
+    "slot reads WRITTEN on every path (6.18.44 has it)")
+def test_direct_checkpoint_on_the_fast_path_leaves_guard_pages_out(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 12.3/12.5: a "direct" checkpoint finds the written pages on the kernel's
+    WRITTEN-only fast path, which also reports (once) guard pages not armed yet. Every
+    page found is read, and a guard page cannot be read, so the copy fails exactly when
+    one is among them; it is then redone without them. Proved against the masked walk
+    (the oracle, scanned just before each checkpoint) and against the same checkpoints
+    taken with the masked walk: the same generations, chunk for chunk, and the same
+    restored memory -- for guard pages installed on written and unwritten pages after
+    arming, armed by the fast path, and removed again."""
+    fast, redone = _guard_run(tmp_path, True, monkeypatch)
+    masked, never = _guard_run(tmp_path, False, monkeypatch)
+    assert fast == masked
+    assert fast == [("direct", 2, 0, 3, 10), ("direct", 1, 0, 40), ("direct", 2, 2, 11, 20), ("direct", 0, 0)]
+    assert redone == 1 and never == 0
+
+
+@pytest.mark.skipif(not pagescan.capabilities().guard_regions,
+                    reason="needs MADV_GUARD_INSTALL with PAGE_IS_GUARD (Linux 6.16)")
+def test_ptrace_checkpoint_leaves_guard_pages_out(tmp_path: Path) -> None:
+    """The ptrace path's helper walks on the fast path, which reports (once) a guard page
+    installed since arming; it cannot be read, so the helper finds the guard pages among
+    what it copies and leaves them out. Before, the checkpoint failed with EFAULT, and so
+    did every later one while the guard page existed."""
+    from pagescan import MADV, Category
+
+    wr, gd = int(Category.WRITTEN), int(Category.GUARD)
+    path = tmp_path / "guard-ptrace.ck"
+    with Mapping(64) as m, Checkpointer(path, [region(m)]) as c:
+        c._use_ptrace = True  # (the pytest process has a second thread: never "direct")
+        m.write(0, 64)
+        c.checkpoint()
+        stored: list[list[int]] = []
+
+        def step(expect: list[int]) -> None:
+            masked = pagescan.scan(m.addr, m.end, category_mask=wr | gd, category_inverted=gd, return_mask=wr)
+            assert [(a - m.addr) // P for a in pagescan.regions_to_pages(masked.regions).tolist()] == expect, "oracle"
+            info = c.checkpoint()
+            assert info.method == "ptrace"
+            with Store(path) as st:
+                stored.append(sorted(st.generations[-1].index["page"].tolist()))
+
+        m.touch(3)
+        m.touch(10)
+        m.touch(11)
+        m.madvise(MADV.GUARD_INSTALL, 11, 1)  # written, then made a guard page
+        m.madvise(MADV.GUARD_INSTALL, 20, 1)  # unwritten
+        step([3, 10])
+        m.touch(40)
+        step([40])
+        m.madvise(MADV.GUARD_REMOVE, 11, 1)
+        m.madvise(MADV.GUARD_REMOVE, 20, 1)
+        step([11, 20])  # emptied slots read as written (and as zeros)
+        assert stored == [[3, 10], [40], [11, 20]]
+        (got,) = restored(path, [64], 2)
+        assert got[11].max() == 1 and got[20].max() == 1 and got[3].max() == 1
+        (got,) = restored(path, [64], 4)
+        assert got[11].max() == 0 and got[20].max() == 0 and got[40].max() == 1
+
+
+@requires_guard
+def test_a_page_that_cannot_be_read_fails_the_checkpoint_and_leaves_the_file(tmp_path: Path, method: str) -> None:
+    """A guard page in the state (it cannot be read) fails a full checkpoint with the
+    kernel's errno, after the bytes before it were copied or written; the file keeps its
+    generations, and the next checkpoint, once the page is readable again, is whole."""
+    from pagescan import MADV
+
+    path = tmp_path / "unreadable.ck"
+    with Mapping(64) as m, Checkpointer(path, [region(m)]) as c:
+        m.write(0, 64, 7)
+        m.madvise(MADV.GUARD_INSTALL, 40, 1)
+        with pytest.raises(OSError) as exc:
+            c.checkpoint()
+        assert exc.value.errno in (errno.EFAULT, errno.EIO)
+        if method == "direct":
+            assert f"{m.addr + 40 * P:#x}" in str(exc.value)
+        assert c.generations == 0 and inspect(path)["unsealed_tail_bytes"] == 0
+        m.madvise(MADV.GUARD_REMOVE, 40, 1)
+        info = c.checkpoint()
+        assert info.full and info.pages == 64 and info.zero_pages == 1
+        (got,) = restored(path, [64])
+        want = np.full((64, P), 7, np.uint8)
+        want[40] = 0
+        assert np.array_equal(got, want)
+
+
+def test_zero_pages_take_no_data(tmp_path: Path, method: str) -> None:
     path = tmp_path / "zero.ck"
     with Mapping(512) as m:
         v = view(m)
@@ -310,7 +467,7 @@ def test_zero_pages_take_no_data(tmp_path: Path) -> None:
         assert np.array_equal(got, v)
 
 
-def test_regions_as_buffer_objects_and_pairs(tmp_path: Path) -> None:
+def test_regions_as_buffer_objects_and_pairs(tmp_path: Path, method: str) -> None:
     path = tmp_path / "buf.ck"
     rng = np.random.default_rng(2)
     mm = mmap.mmap(-1, 8 * P)
@@ -810,6 +967,58 @@ def test_lazy_prefetch_progress_and_wait(tmp_path: Path) -> None:
                 assert seen == sorted(seen)
                 wait_gone([hpid])
                 assert np.array_equal(view(m), vs)  # no fault needed: everything is in
+
+
+def test_lazy_prefetch_damaged_window_is_not_served(tmp_path: Path) -> None:
+    """Prefetch reads and copies two windows at once (two threads of the handler): a
+    damaged page far into the file fails its window before any of it is copied, the
+    handler fails, and touching the page raises SIGBUS; pages served before are exact,
+    and the restore leaves no fd, memfd or process behind."""
+    path = tmp_path / "pfd.ck"
+    npages = 8192  # 32 MiB: windows grow to 4 MiB, several in flight before the damage
+    rng = np.random.default_rng(21)
+    with Mapping(npages) as src:
+        vs = view(src)
+        vs[:] = random_pages(rng, npages)
+        exp = vs.copy()
+        with Checkpointer(path, [region(src)]) as c:
+            c.checkpoint()
+    victim = 6000
+    with Store(path) as st:
+        g = st.generations[0]
+        _flip(path, g.data_offset + victim * P + 123)
+
+    def open_fds() -> dict[str, str]:
+        out = {}
+        for f in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own fd
+                out[f] = os.readlink(f"/proc/self/fd/{f}")
+        return {f: t for f, t in out.items() if not t.endswith("/pagemap")}  # the scan backend's, kept open
+
+    def body(report: Callable[[bytes], None], go_r: int) -> None:
+        m = Mapping(npages)
+        v = view(m)
+        fds = open_fds()
+        with lazy_restore(path, [region(m)], prefetch=True) as fh:
+            hpid, gpid = fh.pid, fh.guardian_pid
+            done = fh.wait(30)
+            served = fh.progress()[0]
+        ok = not done and 0 < served < npages and np.array_equal(v[:1000], exp[:1000])
+        left = open_fds()
+        if left != fds:
+            report(f"!fds before {fds}, after {left}".encode())
+        report(struct.pack("iiii", hpid, gpid, int(ok), int(left == fds)).hex().encode())
+        _ = int(v[victim].sum())
+        report(b"!damaged page served")
+
+    o = Owner(body)
+    hpid, gpid, ok, fds_same = struct.unpack("iiii", bytes.fromhex(o.read(32).decode()))
+    status, rest = o.finish()
+    assert not rest.startswith(b"!"), rest.decode(errors="replace")
+    assert ok == 1, "the handler finished, or served pages were wrong"
+    assert fds_same == 1, "the restore left an fd behind"
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, f"owner status {status:#x}: {rest!r}"
+    wait_gone([hpid, gpid])
 
 
 def test_lazy_handler_killed_midway_is_a_clear_failure(tmp_path: Path) -> None:

@@ -362,6 +362,60 @@ def test_guard_pages_are_excluded(fast: bool) -> None:
             check([])
 
 
+@requires_guard
+def test_guard_pages_on_the_fast_path_kernel_and_emulation_agree() -> None:
+    """Issue 12.3: what the kernel's WRITTEN-only fast path reports about guard pages in an
+    async uffd-WP range (the unarmed ones, once: the walk that re-arms arms them), and
+    what the masked walk and a GUARD scan report, are what the emulated backend (the
+    pure engine over pagemap) answers too -- for guard pages installed before
+    registering, after arming on unwritten and written pages, armed by a fast-path walk,
+    and removed again."""
+    n = 32
+    masks = {
+        "fast": {"category_mask": WR, "return_mask": WR},
+        "masked": {"category_mask": WR | GD, "category_inverted": GD, "return_mask": WR},
+        "guard": {"category_mask": GD, "return_mask": GD},
+        "all": {"category_anyof_mask": 0x1FF, "return_mask": 0x1FF},
+    }
+
+    def answers(m: Mapping) -> dict[str, list[tuple[int, int, int]]]:
+        out = {}
+        for name, kw in masks.items():
+            k = pagescan.scan(m.addr, m.end, backend="kernel", **kw)
+            e = pagescan.scan(m.addr, m.end, backend="emulated", **kw)
+            assert k.regions.tolist() == e.regions.tolist(), name
+            out[name] = [(int(s - m.addr) // P, int(t - m.addr) // P, int(c)) for s, t, c in k.regions.tolist()]
+        return out
+
+    with anon(n) as m:
+        m.write(0, n)
+        m.madvise(MADV.GUARD_INSTALL, 2, 1)  # before registering
+        with Userfaultfd(pagescan.UffdFeature.WP_ASYNC) as uf:
+            uf.register(m.addr, m.length, RegisterMode.WP)
+            uf.writeprotect(m.addr, m.length)  # does not arm the guard page
+            m.madvise(MADV.GUARD_INSTALL, 5, 1)  # after arming, unwritten
+            m.touch(9)
+            m.madvise(MADV.GUARD_INSTALL, 9, 1)  # written, then made a guard page
+            m.touch(12)
+            a = answers(m)
+            assert [(s, e) for s, e, _ in a["fast"]] == [(2, 3), (5, 6), (9, 10), (12, 13)]
+            assert [(s, e) for s, e, _ in a["masked"]] == [(12, 13)]
+            assert [(s, e) for s, e, _ in a["guard"]] == [(2, 3), (5, 6), (9, 10)]
+            # A fast-path walk that re-arms reports them once, and arms them.
+            armed = pagescan.scan(m.addr, m.end, flags=int(pagescan.ScanFlag.WP_MATCHING), **masks["fast"])
+            assert [(int(r.start - m.addr) // P, int(r.end - m.addr) // P) for r in armed] == [(2, 3), (5, 6), (9, 10),
+                                                                                            (12, 13)]
+            a = answers(m)
+            assert a["fast"] == a["masked"] == []
+            assert [(s, e) for s, e, _ in a["guard"]] == [(2, 3), (5, 6), (9, 10)]
+            m.madvise(MADV.GUARD_REMOVE, 0, n)
+            a = answers(m)
+            assert a["guard"] == []
+            if pagescan.capabilities().scan_generation.get("written_unpopulated_pte"):
+                # An emptied slot reads written on both paths (the 2026 fix; before it, on the fast one only).
+                assert a["fast"] == a["masked"] and [(s, e) for s, e, _ in a["fast"]] == [(2, 3), (5, 6), (9, 10)]
+
+
 def test_regions_to_pages_expands_every_shape() -> None:
     """Single-page regions, runs, one region, none, and another page size: the same
     addresses as expanding each region in Python."""

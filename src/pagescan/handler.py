@@ -15,7 +15,11 @@ What the handler does:
   anything, warming the source meanwhile: a lazy load is touched at once, and a fault
   that arrives while a window is being read waits for that window;
 * when idle, prefetches ahead in address order, the window growing from 64 KiB to
-  4 MiB while idle and shrinking back on a fault (CRIU's lazy-pages policy);
+  8 MiB while idle and shrinking back on a fault (CRIU's lazy-pages policy); with a
+  ``thread_safe`` source two threads each read (and verify) a window and copy it in,
+  so reading and ``UFFDIO_COPY`` run on two CPUs at once, and messages are read only
+  while no window is being copied (a window copied after a ``REMOVE`` was read could
+  land after the owner's pages were discarded);
 * treats EEXIST (already populated: a race with prefetch) by waking the range,
   EAGAIN (the mm is changing) by reading the pending events and retrying, and
   ENOENT (a span crossing two VMAs of a range, or a range gone) by splitting the span;
@@ -514,22 +518,59 @@ class _Pages:
                 self.set(s, s + (hi - lo) // P, value)
 
 
-class _Prefetch:
-    """Address-order prefetch, one window per step: the window after the current one is
-    read from the source by a worker thread while the current one is copied in (when
-    the source says it may be read from two threads: ``thread_safe``), so reading,
-    checking and ``UFFDIO_COPY`` overlap. Only the pages still pending when a window is
-    copied are filled (a fault or a ``REMOVE`` may have come meanwhile)."""
+#: Threads of the handler that prefetch with a ``thread_safe`` source: each reads (and
+#: verifies) a window and copies it in, so two windows are read and copied at once, on
+#: two CPUs (``preadv``, the checksums and ``UFFDIO_COPY`` all run without the GIL).
+PREFETCH_THREADS = 2
+#: Windows queued for them (one more than the threads: a thread that ends a window
+#: finds the next one waiting, without waiting for the main thread).
+PREFETCH_QUEUE = PREFETCH_THREADS + 1
+#: Largest prefetch window (a fault is served with at most :data:`MAX_WINDOW`): the
+#: per-window work in Python (finding the pages, locating them in the source, the
+#: thread hand-off) is paid once per window.
+PREFETCH_WINDOW = 8 << 20
 
-    def __init__(self, fh: FaultHandler, pages: _Pages) -> None:
-        self.fh, self.pages = fh, pages
-        self.maps = [mmap.mmap(-1, MAX_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(2)]
+
+class _Prefetch:
+    """Address-order prefetch, one window per job: read the window from the source into
+    a buffer of the job's own, then copy its pending pages in (``UFFDIO_COPY``). With a
+    source that may be read from several threads (``thread_safe``), the jobs run on
+    :data:`PREFETCH_THREADS` worker threads, each reading *and* copying, so both halves
+    of the work run on both CPUs; otherwise one at a time, in the calling thread.
+
+    Page states and uffd messages stay with the main thread: a job only reads the
+    states of its own window (no other job and no fault touches them while it runs) and
+    returns the runs it filled, which :meth:`collect` marks. The main thread waits for
+    the jobs in flight before it reads messages (:meth:`collect` with ``wait_all``), so
+    no window is copied after a ``REMOVE``/``UNMAP``/``REMAP`` that it has not seen;
+    to keep that wait short (a fault waits in it), it first tells the jobs to stop
+    (:attr:`halt`): a job not started yet does nothing, one reading its window does not
+    copy it, one copying stops at the next :data:`MAX_WINDOW` (what is left stays
+    pending; prefetch resumes there). Only the pages still pending when a window is
+    copied are filled."""
+
+    def __init__(self, fh: FaultHandler, pages: _Pages, uf: Userfaultfd) -> None:
+        self.fh, self.pages, self.uf = fh, pages, uf
+        threaded = bool(getattr(fh.source, "thread_safe", False))
+        n = PREFETCH_QUEUE if threaded else 1
+        self.maps = [mmap.mmap(-1, PREFETCH_WINDOW, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) for _ in range(n)]
         self.views = [memoryview(m) for m in self.maps]
         self.addrs = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in self.maps]
-        self.pool = ThreadPoolExecutor(1, "prefetch") if getattr(fh.source, "thread_safe", False) else None
-        # The window read ahead: (result, lo, hi, buffer).
-        self.ahead: tuple[Future[bool] | bool, int, int, int] | None = None
-        self.turn = 0
+        self.free = list(range(n))
+        self.pool = ThreadPoolExecutor(PREFETCH_THREADS, "prefetch") if threaded else None
+        # A job writes a byte here when it ends: the main thread polls it with the uffd.
+        self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK) if threaded else (-1, -1)
+        #: Jobs in flight: (result, lo, hi, buffer).
+        self.jobs: list[tuple[Future[tuple[list[tuple[int, int]], bool]], int, int, int]] = []
+        #: The next pending pages are in a window in flight: start nothing until a job ends.
+        self.stalled = False
+        #: Set by the main thread before it waits for the jobs: they stop early.
+        self.halt = False
+        #: The first page a halted job left pending (prefetch resumes there).
+        self.resume = -1
+
+    def can_start(self) -> bool:
+        return bool(self.free) and not self.stalled
 
     def _plan(self, cursor: int, window: int) -> tuple[int, int] | None:
         g = self.pages.next_pending(cursor)
@@ -538,56 +579,104 @@ class _Prefetch:
         i = self.pages.region_of(g)
         return g, min(self.pages.base[i + 1], g + window // P)
 
-    def _read(self, lo: int, hi: int, b: int) -> bool:
+    def _job(self, lo: int, hi: int, b: int) -> tuple[list[tuple[int, int]], bool]:
+        """Read and copy one window: (the runs filled, whether the job ran to its end
+        rather than stopping for :attr:`halt`)."""
+        if self.halt:
+            return [], False
         pages = self.pages
         i = pages.region_of(lo)
         off = pages.offset[i] + (lo - pages.base[i]) * P
-        return self.fh.source.read(off, self.views[b][: (hi - lo) * P])
+        has_data = self.fh.source.read(off, self.views[b][: (hi - lo) * P])
+        if self.halt:
+            return [], False
+        return _copy_pending(self.uf, pages, lo, hi, self.addrs[b] if has_data else None, lambda: self.halt)
 
-    def _start(self, span: tuple[int, int] | None) -> None:
-        if span is None:
-            self.ahead = None
-            return
-        b = self.turn
-        self.turn ^= 1
-        lo, hi = span
-        res: Future[bool] | bool = (self.pool.submit(self._read, lo, hi, b) if self.pool is not None
-                                    else self._read(lo, hi, b))
-        self.ahead = (res, lo, hi, b)
+    def _wake(self, _res: Future[tuple[list[tuple[int, int]], bool]]) -> None:
+        # A done callback: runs once the result is set, so the main thread, woken by
+        # the byte, finds the job done.
+        with contextlib.suppress(OSError):
+            os.write(self.wfd, b"\0")
 
-    def step(self, uf: Userfaultfd, cursor: int, window: int) -> int:
-        """Serve one window (the one read ahead, or the next pending one at or after
-        ``cursor``); returns where the next one starts."""
-        if self.ahead is None:
-            self._start(self._plan(cursor, window))
-            if self.ahead is None:
-                return cursor
-        res, lo, hi, b = self.ahead
-        self.ahead = None
-        if self.pool is not None:
-            self._start(self._plan(hi, window))  # read on, into the other buffer, while this one is copied
-        has_data = res if isinstance(res, bool) else res.result()
-        _copy_pending(uf, self.pages, lo, hi, self.addrs[b] if has_data else None)
-        return hi
+    def start(self, cursor: int, window: int) -> int:
+        """Start a job on each free buffer, on the next pending pages at or after
+        ``cursor`` (a window each; without threads: do one); returns where the next
+        one starts."""
+        while self.free:
+            span = self._plan(cursor, window)
+            if span is None or any(span[0] < hi and lo < span[1] for _, lo, hi, _ in self.jobs):
+                self.stalled = bool(self.jobs)
+                break
+            lo, hi = span
+            b = self.free.pop()
+            if self.pool is None:  # one window, then back to look for faults
+                self._done(self._job(lo, hi, b), lo, b)
+                return hi
+            else:
+                res = self.pool.submit(self._job, lo, hi, b)
+                res.add_done_callback(self._wake)
+                self.jobs.append((res, lo, hi, b))
+            cursor = hi
+        return cursor
+
+    def _done(self, result: tuple[list[tuple[int, int]], bool], lo: int, b: int) -> None:
+        runs, whole = result
+        for s, e in runs:
+            self.pages.set(s, e, 1)
+        if not whole:  # halted: the rest of the window is still pending
+            self.resume = lo if self.resume < 0 else min(self.resume, lo)
+        self.free.append(b)
+
+    def collect(self, wait_all: bool = False) -> None:
+        """Mark what the ended jobs filled; with ``wait_all``, halt the jobs and wait
+        for every one. An error of a job (a damaged page) is raised here."""
+        if self.rfd >= 0:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.rfd, 64)
+        self.halt = wait_all  # stays set if a job failed: the others stop too
+        left = []
+        for job in self.jobs:
+            res, lo, _hi, b = job
+            if wait_all or res.done():
+                self._done(res.result(), lo, b)
+                self.stalled = False
+            else:
+                left.append(job)
+        self.halt = False
+        self.jobs = left
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
+        for fd in (self.rfd, self.wfd):
+            if fd >= 0:
+                os.close(fd)
+        self.rfd = self.wfd = -1
 
 
-def _copy_pending(uf: Userfaultfd, pages: _Pages, lo: int, hi: int, src: int | None) -> None:
+def _copy_pending(uf: Userfaultfd, pages: _Pages, lo: int, hi: int, src: int | None,
+                  halt: Callable[[], bool] | None = None) -> tuple[list[tuple[int, int]], bool]:
     """Fill the pages of ``[lo, hi)`` (one region) still pending from ``src`` (the
-    window's bytes; ``None``: zero pages), a run at a time."""
+    window's bytes; ``None``: zero pages), a run of at most :data:`MAX_WINDOW` at a
+    time, stopping before the next one once ``halt()`` is true. Returns the runs filled
+    (global pages; the caller marks them) and whether it went to the end."""
     i = pages.region_of(lo)
     todo = (pages.state[lo:hi] == 0).astype(np.int8)
     edges = np.flatnonzero(np.diff(todo, prepend=0, append=0))
-    for s, e in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        addr = pages.addr[i] + (lo + s - pages.base[i]) * P
-        try:
-            _fill(uf, addr, (e - s) * P, None if src is None else src + s * P)
-        except _Retry:
-            return  # pages stay pending
-        pages.set(lo + s, lo + e, 1)
+    done: list[tuple[int, int]] = []
+    step = MAX_WINDOW // P
+    for s0, e in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+        for s in range(s0, e, step):
+            if halt is not None and halt():
+                return done, False
+            t = min(e, s + step)
+            addr = pages.addr[i] + (lo + s - pages.base[i]) * P
+            try:
+                _fill(uf, addr, (t - s) * P, None if src is None else src + s * P)
+            except _Retry:
+                return done, True  # pages stay pending
+            done.append((lo + s, lo + t))
+    return done, True
 
 
 def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
@@ -629,9 +718,10 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 state = STATE_DONE
                 break
             try:
-                # Prefetching: only look whether a fault waits. Recording: wake now and
-                # then to see the owner end it (last element of `rec`).
-                busy = hot_pos < hot.size or prefetch
+                # Prefetching with a free worker: only look whether a fault waits (with
+                # every worker busy: sleep until a fault comes or a window is in).
+                # Recording: wake now and then to see the owner end it (last element of `rec`).
+                busy = hot_pos < hot.size or (prefetch and (ahead is None or ahead.can_start()))
                 if first:
                     first = False
                     ready = poller.poll(0)
@@ -644,7 +734,11 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 continue
             if any(fd == owner_fd for fd, _ in ready):
                 break  # the owner exited: STATE_FAILED
-            events = uf.read_events(timeout=0, max_events=64) if ready else []
+            faulted = any(fd == uf.fd for fd, _ in ready)
+            if ahead is not None and ahead.jobs:
+                # Messages are read only with no window in flight (see _Prefetch).
+                ahead.collect(wait_all=faulted)
+            events = uf.read_events(timeout=0, max_events=64) if faulted else []
             if events:
                 window = MIN_WINDOW
                 for ev in events:
@@ -686,9 +780,14 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 continue
             # No fault waiting: prefetch the next pending pages.
             if ahead is None:
-                ahead = _Prefetch(fh, pages)
-            cursor = ahead.step(uf, cursor, window)
-            window = min(window * 2, MAX_WINDOW)
+                ahead = _Prefetch(fh, pages, uf)
+                if ahead.rfd >= 0:
+                    poller.register(ahead.rfd, select.POLLIN)
+            if ahead.resume >= 0:  # windows halted for a fault: go back to them
+                cursor, ahead.resume = min(cursor, ahead.resume), -1
+            if ahead.can_start():
+                cursor = ahead.start(cursor, window)
+                window = min(window * 2, PREFETCH_WINDOW)
             shared[0] = pages.served()
         if state == STATE_DONE:
             for a, n in zip(pages.addr, (n for _, n in pages.regions)):

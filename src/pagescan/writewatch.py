@@ -440,6 +440,38 @@ class WriteWatch:
         pages = np.setdiff1d(regions_to_pages(regions), regions_to_pages(np.concatenate(guards)), assume_unique=True)
         return _as_regions(pages)
 
+    def _fast_get(self, reset: bool) -> np.ndarray:
+        """Page addresses of the whole range as the kernel's ``WRITTEN``-only fast path
+        reports them (``reset``: re-armed in the same walk): :meth:`get`'s answer plus the
+        guard pages not armed yet, which that walk arms, so each is reported once
+        (``docs/kernel-facts.md``, PAGEMAP_SCAN, "Fast paths"). For a caller that finds
+        those pages another way: the Checkpointer reads every page it is given, and a
+        guard page cannot be read (:meth:`_guard_pages` then names them)."""
+        self._check()
+        reset = bool(reset)
+        sc = self._scanners.get((reset, True))
+        if sc is None:
+            sc = self._scanners[reset, True] = Scanner(
+                flags=int(ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if reset else 0)),
+                category_mask=_WRITTEN, return_mask=_WRITTEN,
+            )
+        return self._whole(sc, False, True)
+
+    def _guard_pages(self, pages: np.ndarray) -> np.ndarray:
+        """Those of the ascending page addresses ``pages`` that are guard pages now (one
+        ``GUARD`` scan of their span; armed or not, a guard page reads ``GUARD``)."""
+        if not self.exclude or not pages.size:
+            return np.empty(0, np.uint64)
+        g = self._scanners.get(None)
+        if g is None:
+            g = self._scanners[None] = Scanner(category_mask=_GUARD, return_mask=_GUARD)
+        lo, hi = max(int(pages[0]), self.start), min(int(pages[-1]) + P, self.end)
+        if lo >= hi:
+            return np.empty(0, np.uint64)
+        with self._lock:
+            found = _joined([res.regions for res in walk(g, lo, hi, None, 0)])
+        return np.intersect1d(pages.astype(np.uint64), regions_to_pages(found), assume_unique=True)
+
     def _gone(self, err: OSError | None = None) -> PermissionError:
         detail = f" ({err.strerror})" if err is not None and err.errno != errno.EPERM else ""
         return PermissionError(

@@ -40,6 +40,7 @@ __all__ = [
     "open_userfaultfd",
     "prctl",
     "ptrace",
+    "pwrite_runs",
     "sync_file_range",
     "process_vm_readv",
     "process_vm_writev",
@@ -138,6 +139,7 @@ def libc() -> ctypes.CDLL:
         "syscall": (c_long, [c_long]),  # variadic: extra args passed with explicit types
         "process_vm_readv": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
         "process_vm_writev": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
+        "pwritev": (c_ssize_t, [c_int, c_void_p, c_int, ctypes.c_int64]),
         "pthread_sigmask": (c_int, [c_int, c_void_p, c_void_p]),
     }
     for name, (restype, argtypes) in protos.items():
@@ -431,3 +433,66 @@ def write_runs(pid: int, starts: np.ndarray, lengths: np.ndarray, data: np.ndarr
     """Write bytes of ``data`` (at ``offsets``, or packed) into the runs of ``pid``."""
     _transfer(pid, data, np.asarray(starts, np.uint64), np.asarray(lengths, np.uint64),
               None if offsets is None else np.asarray(offsets, np.uint64), write=True)
+
+
+def pwrite_runs(fd: int, starts: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, total: int, pos: int) -> None:
+    """Write the runs ``[starts[i], starts[i]+lengths[i])`` of *this* process's memory to
+    ``fd`` at ``pos + offsets[i]`` (ascending, disjoint), zeros in the gaps between them
+    and after the last up to ``total`` bytes: ``pwritev(2)`` of up to ``IOV_MAX`` iovecs a
+    call. The kernel reads the memory (Python never does): a run it cannot read is
+    ``OSError(EFAULT)`` naming its address, after the bytes before it were written.
+    """
+    n = len(starts)
+    if not n:
+        return
+    st = np.asarray(starts, np.uint64)
+    ln = np.asarray(lengths, np.uint64)
+    of = np.asarray(offsets, np.uint64)
+    gaps = np.empty(n, np.uint64)
+    gaps[:-1] = of[1:] - (of[:-1] + ln[:-1])
+    gaps[-1] = np.uint64(total) - (of[-1] + ln[-1])
+    iov = np.empty(2 * n, dtype=_IOVEC)
+    iov["base"][0::2] = st
+    iov["len"][0::2] = ln
+    zeros = _zeros(int(gaps.max()))
+    iov["base"][1::2] = zeros.ctypes.data
+    iov["len"][1::2] = gaps
+    if not gaps.all():
+        iov = iov[iov["len"] != 0]
+    fn = libc().pwritev
+    i, k = 0, len(iov)
+    at = pos
+    while i < k:
+        j = min(k, i + IOV_MAX)
+        want = int(iov["len"][i:j].sum())
+        try:
+            got = _retry(lambda: int(fn(fd, int(iov.ctypes.data) + i * _IOVEC.itemsize, j - i, at)))
+        except OSError as err:
+            if err.errno != errno.EFAULT:
+                raise
+            raise OSError(err.errno, f"{err.strerror}: cannot read {int(iov['base'][i]):#x} in this process "
+                          "(not mapped there, or a guard page?)") from None
+        at += got
+        if got == want:
+            i = j
+            continue
+        if got == 0:
+            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: short write at offset {at}")
+        # Resume at the first byte not written (the next call names a run it cannot read).
+        ends = np.cumsum(iov["len"][i:j])
+        r = i + int(np.searchsorted(ends, got, side="right"))
+        done_in_r = got - (int(ends[r - i - 1]) if r > i else 0)
+        if done_in_r:
+            iov["base"][r] += np.uint64(done_in_r)
+            iov["len"][r] -= np.uint64(done_in_r)
+        i = r
+
+
+@functools.cache
+def _zero_block(n: int) -> np.ndarray:
+    return np.zeros(max(n, 1), np.uint8)
+
+
+def _zeros(n: int) -> np.ndarray:
+    """A zeroed buffer of at least ``n`` bytes, kept (the iovecs of a write point into it)."""
+    return _zero_block(1 << max(n - 1, 0).bit_length())

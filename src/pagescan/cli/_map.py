@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pagescan import Category, Target, scan_iter
+from pagescan import Category, Target, __version__, scan_iter
 from pagescan._procfs import read_maps
 
 from ._common import human, parse_pid
@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     d = ImageDraw.Draw(img)
     total = sum(hi - lo for _, lo, hi, _ in rows)
     nmaps = sum(len(g) for g, _, _, _ in rows)
-    d.text((10, 4), _title(args.pid, regions, len(vmas)), fill=(0, 0, 0), font=font)
+    title = _title(args.pid, regions, len(vmas))
+    d.text((10, 4), title, fill=(0, 0, 0), font=font)
     d.text((10, 20), f"{nmaps} mappings in {len(rows)} rows, {human(total)} mapped (each bar is one mapping, "
            "or one file's adjacent mappings; bars are not to scale)", fill=(90, 90, 90), font=font)
     x = 10
@@ -255,6 +256,11 @@ def run(args: argparse.Namespace) -> int:
         y += row_h
         prev_end = hi
     img = img.crop((0, 0, W, y + 10))
-    img.save(args.png, format="PNG")
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("Title", title)  # the drawn title, also as the PNG's own text (image viewers, scripts)
+    info.add_text("Software", f"pagescan {__version__}")
+    img.save(args.png, format="PNG", pnginfo=info)
     print(f"wrote {args.png} ({img.width}x{img.height}, {len(rows)} rows)")
     return 0

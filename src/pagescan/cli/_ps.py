@@ -139,24 +139,29 @@ class _ZeroWalks(threading.Thread):
     so with a second CPU the walks run while the main thread reads the rollups: from the
     other end of the list, so that the two seldom walk the same process at once (they
     would contend for its page-table locks). ``result(pid)`` waits for the thread: the
-    bytes, or the ``OSError`` the walk raised. ``stop()`` makes it finish early."""
+    bytes, or the ``OSError`` the walk raised (any other error is raised there, in the
+    caller's thread). ``stop()`` makes it finish early."""
 
     def __init__(self, pids: list[int], top: int) -> None:
         super().__init__(name="pagescan-ps-zero", daemon=True)
         self._pids, self._top = pids, top
         self._done: dict[int, int | OSError] = {}
+        self._error: BaseException | None = None
         self._stopping = False
 
     def run(self) -> None:
         regions = np.empty(_REGIONS, PAGE_REGION_DTYPE)
         done, top = self._done, self._top
-        for pid in reversed(self._pids):
-            if self._stopping:
-                return
-            try:
-                done[pid] = zero_bytes(pid, top, regions)
-            except OSError as err:  # gone, a kernel thread, not ours to read
-                done[pid] = err
+        try:
+            for pid in reversed(self._pids):
+                if self._stopping:
+                    return
+                try:
+                    done[pid] = zero_bytes(pid, top, regions)
+                except OSError as err:  # gone, a kernel thread, not ours to read
+                    done[pid] = err
+        except BaseException as err:  # a bug: handed to the caller, not printed by threading
+            self._error = err
 
     def stop(self) -> None:
         self._stopping = True
@@ -164,6 +169,8 @@ class _ZeroWalks(threading.Thread):
     def result(self, pid: int) -> int | OSError:
         if self.is_alive():
             self.join()
+        if self._error is not None:
+            raise self._error
         return self._done[pid]
 
 

@@ -64,8 +64,12 @@ def _loop(screen: Any, seconds: float, count: int | None, draw: Callable[[], lis
                 pos = line.find(cell, x)
                 if pos < 0 or pos >= cols - 1:
                     break
-                changed = k >= len(old) or old[k] != cell
-                attr = curses.A_BOLD | (curses.A_REVERSE if k == 0 else 0) if changed else curses.A_NORMAL
+                if k == 0:  # the address (the row's key): reverse video, the row changed
+                    attr = curses.A_REVERSE
+                elif k >= len(old) or old[k] != cell:
+                    attr = curses.A_BOLD
+                else:
+                    attr = curses.A_NORMAL
                 screen.addnstr(y, pos, cell, cols - 1 - pos, attr)
                 x = pos + len(cell)
         previous = current

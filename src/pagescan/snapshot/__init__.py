@@ -46,6 +46,8 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
+import functools
 import os
 import signal
 import time
@@ -58,6 +60,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from ..capabilities import capabilities
 from ..writewatch import WriteWatch
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
 from ._load import LoadedList, LoadedState, load, start_fault_server
@@ -95,6 +98,19 @@ Reader = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], None]
 
 def _read_self(starts: np.ndarray, lengths: np.ndarray, out: np.ndarray, offsets: np.ndarray) -> None:
     read_runs(os.getpid(), starts, lengths, out, offsets)
+
+
+def _single_thread() -> bool:
+    """Whether this process has one thread (this one)."""
+    return len(os.listdir("/proc/self/task")) == 1
+
+
+@functools.cache
+def _fast_path_exact() -> bool:
+    """Whether the kernel's ``WRITTEN``-only fast path reports what the masked walk does,
+    guard pages apart: an emptied slot reads ``WRITTEN`` on both (the 2026 fix;
+    ``docs/kernel-facts.md``). Probed once per process (a few milliseconds)."""
+    return bool(capabilities().scan_generation.get("written_unpopulated_pte"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,12 +200,18 @@ class _HeldSignals:
         if _HeldSignals.active or threading.current_thread() is not threading.main_thread():
             return
         _HeldSignals.active = self.owner = True
-        with contextlib.suppress(ValueError):  # (not the main interpreter)
-            for sig in range(1, signal.NSIG):
-                handler = _getsignal(sig)
-                if callable(handler):
-                    signal.signal(sig, self._record)
-                    self.saved[sig] = handler
+        try:
+            with contextlib.suppress(ValueError):  # (not the main interpreter)
+                for sig in range(1, signal.NSIG):
+                    handler = _getsignal(sig)
+                    if callable(handler):
+                        signal.signal(sig, self._record)
+                        self.saved[sig] = handler
+        except BaseException:
+            # A handler not swapped yet ran meanwhile and raised: put back those that
+            # were (and run what they recorded), then let its exception out.
+            self.release()
+            raise
 
     def _record(self, signum: int, frame: Any) -> None:
         self.due.append((signum, frame))
@@ -334,6 +356,8 @@ class Checkpointer:
         # Chunks found written (and re-armed) by a checkpoint that then failed: they go
         # into the next one.
         self._carry = np.empty(0, np.int64)
+        # (pages, carry before them) found on the fast path, until read (_find_written).
+        self._unfiltered: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def regions(self) -> list[tuple[int, int]]:
@@ -532,7 +556,7 @@ class Checkpointer:
             full = self._full_next
             fut = PendingCheckpoint(len(store.generations) + 1)
             self._pending = fut  # (wait=True too: close(cancel=True) from another thread cancels it)
-            alone = wait and progress is None and len(os.listdir("/proc/self/task")) == 1
+            alone = wait and progress is None and _single_thread()
             pre = (None if (full and not self._shared) or alone or self._use_ptrace is False
                    else self._precopier())
             twin = None
@@ -553,7 +577,7 @@ class Checkpointer:
             if pre is None:
                 t = time.perf_counter()
                 if wait or full or alone or not self._fork_first:
-                    chunks = self._find_written(full)  # the instant: re-armed, then frozen
+                    chunks = self._find_written(full, fast=alone)  # the instant: re-armed, then frozen
                 else:
                     chunks = None  # frozen first; found and re-armed in the background (_run)
                 if not alone:
@@ -712,8 +736,15 @@ class Checkpointer:
             elif twin is None:
                 old = libc.block_all_signals()
                 try:
-                    info = self._write(store, chunks, full, progress, t0, _read_self, fut)
+                    try:
+                        info = self._write_direct(store, chunks, full, t0, fut)
+                    except OSError as err:
+                        again = self._without_guards(err)
+                        if again is None:
+                            raise
+                        info = self._write_direct(store, again, full, t0, fut)
                 finally:
+                    self._unfiltered = None
                     libc.restore_signals(old)
             else:
                 if not full and live is None:
@@ -772,18 +803,47 @@ class Checkpointer:
         pages = np.concatenate(got) if got else np.empty(0, np.uint64)
         return pages_to_chunks(pages, self.targets, self._base)
 
-    def _find_written(self, full: bool) -> np.ndarray:
-        """Global chunk numbers to store (sorted); the tracking is re-armed for them."""
+    def _find_written(self, full: bool, fast: bool = False) -> np.ndarray:
+        """Global chunk numbers to store (sorted); the tracking is re-armed for them.
+
+        ``fast`` (the "direct" method only): on the kernel's ``WRITTEN``-only fast path,
+        which also reports (once, arming them) the guard pages not armed yet; the pages
+        found are kept in ``_unfiltered`` until they have been read. Every page found is
+        read (each intersects a chunk), and a guard page cannot be read, so a copy that
+        succeeds proves that none was among them; a copy that fails on one is redone
+        without them (:meth:`_without_guards`): what :meth:`WriteWatch.get` answers."""
+        self._unfiltered = None
         if full:
             for w in self._watches:
                 w.reset()  # arm first, then copy: a racing write is also in the next checkpoint
             return np.arange(int(self._base[-1]), dtype=np.int64)
-        got = [w.get(reset=True) for w in self._watches]
-        pages = np.concatenate(got) if got else np.empty(0, np.uint64)
+        fast = fast and _fast_path_exact() and any(w.exclude for w in self._watches)
+        got = [w._fast_get(reset=True) if fast else w.get(reset=True) for w in self._watches]
+        pages = got[0] if len(got) == 1 else np.concatenate(got) if got else np.empty(0, np.uint64)
         chunks = pages_to_chunks(pages, self.targets, self._base)
+        if fast:
+            self._unfiltered = (pages, self._carry)
         if self._carry.size:
             chunks = np.union1d(chunks, self._carry)
         self._carry = chunks  # remembered until stored
+        return chunks
+
+    def _without_guards(self, err: OSError) -> np.ndarray | None:
+        """After a failed copy of chunks found on the fast path (:meth:`_find_written`):
+        the chunks :meth:`WriteWatch.get` would have given (the pages found less the guard
+        pages among them), or ``None`` when none of them is a guard page (``err`` is real)."""
+        found, self._unfiltered = self._unfiltered, None
+        if found is None or err.errno != errno.EFAULT:
+            return None
+        pages, carry = found
+        guards = [w._guard_pages(pages[(pages >= w.start) & (pages < w.end)]) for w in self._watches]
+        bad = np.concatenate(guards) if guards else np.empty(0, np.uint64)
+        if not bad.size:
+            return None
+        chunks = pages_to_chunks(np.setdiff1d(pages, bad, assume_unique=True), self.targets, self._base)
+        if carry.size:
+            chunks = np.union1d(chunks, carry)
+        self._carry = chunks
         return chunks
 
     def _copy(self, read: Reader, chunks: np.ndarray, rows: np.ndarray,
@@ -808,6 +868,53 @@ class Checkpointer:
             diff = (rows[sel].view(np.uint64) != now.view(np.uint64)).any(axis=1)
             if diff.any():
                 changed.append(sub[diff])
+
+    def _write_direct(self, store: Store, chunks: np.ndarray, full: bool, t0: float,
+                      fut: PendingCheckpoint) -> CheckpointInfo:
+        """:meth:`_write` for the "direct" method (this thread alone, signals blocked:
+        nothing can write the memory meanwhile). Each batch is written to the file
+        straight from memory (``pwritev``: the kernel reads it, a bad address is
+        ``EFAULT``), read back from the page cache and checksummed; a batch that holds
+        zero chunks is written again without them (zero chunks are not stored)."""
+        total = len(chunks)
+        index = np.zeros(total, dtype=INDEX_DTYPE)
+        ent = np.searchsorted(self._base, chunks, side="right") - 1
+        index["region"] = ent
+        index["page"] = chunks - self._base[ent]
+        parent = 0 if full else store.generations[-1].number
+        buf = np.empty((min(total, BATCH_PAGES), P), dtype=np.uint8)
+        with store.appending(total) as app:
+            for s in range(0, total, BATCH_PAGES):
+                e = min(total, s + BATCH_PAGES)
+                if fut.cancelled():
+                    raise CancelledError
+                n = e - s
+                rows = buf[:n]
+                starts, lengths, offs = chunk_runs(chunks[s:e], self.targets, self._base)
+                off = app.reserve(n)
+                # Writeback starts at once, the last batch's too: the device works while
+                # the batch is read back and checksummed and the index is made.
+                app.write_memory(starts, lengths, offs, n, off)
+                app.read_back(rows, off)
+                cks = page_checksums(rows)
+                nonzero = cks != 0
+                maybe_zero = np.flatnonzero(~nonzero)
+                if maybe_zero.size:
+                    nonzero[maybe_zero] = rows[maybe_zero].any(axis=1)
+                    ndata = int(np.count_nonzero(nonzero))
+                    app.give_back(n)
+                    if ndata:
+                        app.write(rows[nonzero], app.reserve(ndata))
+                index["kind"][s:e] = np.where(nonzero, KIND_DATA, KIND_ZERO)
+                index["checksum"][s:e] = cks
+            if not fut.set_running_or_notify_cancel():
+                raise CancelledError
+            app.seal(index, parent)
+        gen = store.generations[-1]
+        return CheckpointInfo(
+            generation=gen.number, full=full, pages=total, zero_pages=total - app.ndata,
+            bytes=app.ndata * P, seconds=time.perf_counter() - t0,
+        )
 
     def _write(self, store: Store, chunks: np.ndarray, full: bool, progress: Progress | None,
                t0: float, read: Reader, fut: PendingCheckpoint,

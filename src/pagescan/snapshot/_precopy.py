@@ -122,6 +122,24 @@ def merge_runs(runs: np.ndarray) -> np.ndarray:
     return np.stack([r[first, 0], ends[last]], axis=1)
 
 
+def subtract_runs(runs: np.ndarray, holes: np.ndarray) -> np.ndarray:
+    """Sorted disjoint ``(start, end)`` runs less sorted disjoint ``holes`` (page-aligned)."""
+    if not len(runs) or not len(holes):
+        return runs
+    lens = (runs[:, 1] - runs[:, 0]) // P
+    pages = np.repeat(runs[:, 0], lens) + (np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)) * P
+    hlens = (holes[:, 1] - holes[:, 0]) // P
+    hpages = np.repeat(holes[:, 0], hlens) + (
+        np.arange(int(hlens.sum())) - np.repeat(np.cumsum(hlens) - hlens, hlens)) * P
+    pages = pages[~np.isin(pages, hpages)]
+    if not len(pages):
+        return np.empty((0, 2), np.int64)
+    cut = np.flatnonzero(np.diff(pages) != P) + 1
+    first = np.concatenate([[0], cut])
+    last = np.concatenate([cut, [len(pages)]]) - 1
+    return np.stack([pages[first], pages[last] + P], axis=1).astype(np.int64)
+
+
 # -- the helper process -------------------------------------------------------------------
 
 
@@ -139,9 +157,14 @@ class _Helper:
         os.close(memfd)
         self.stage = np.frombuffer(self.map, dtype=np.uint8)
         self.target = Target(parent)
+        self.guards: list[np.ndarray] = []  # guard pages met by copy() in this checkpoint
 
     def scan(self) -> np.ndarray:
-        """Written runs of the ranges, re-armed in the same walk."""
+        """Written runs of the ranges, re-armed in the same walk.
+
+        On the kernel's ``WRITTEN``-only fast path, which also reports (and arms) a guard
+        page installed since the last walk, once: :meth:`copy` finds it (a guard page
+        cannot be read) and leaves it out."""
         from .._scan import scan_iter
         from .._uapi.pagemap import Category, ScanFlag
 
@@ -164,6 +187,23 @@ class _Helper:
             runs = np.stack([np.maximum(runs[:, 0], self.ranges[r, 0]), np.minimum(runs[:, 1], self.ranges[r, 1])],
                             axis=1)
             runs = merge_runs(runs)
+        try:
+            return self._read(runs)
+        except OSError as err:
+            if err.errno != errno.EFAULT:
+                raise
+            # A page that cannot be read: a guard page the fast-path walk reported? Left
+            # out of the copy and of the reply: the generation then holds what the walk
+            # masked to leave guard pages out would give. Anything else is raised.
+            guards = self.guard_runs(runs)
+            if not len(guards):
+                raise
+        self.guards.append(guards)
+        return self._read(subtract_runs(runs, guards))
+
+    def _read(self, runs: np.ndarray) -> int:
+        if not len(runs):
+            return 0
         r = np.searchsorted(self.ranges[:, 0], runs[:, 0], side="right") - 1
         offs = runs[:, 0] - self.ranges[r, 0] + self.soff[r]
         lens = runs[:, 1] - runs[:, 0]
@@ -171,10 +211,30 @@ class _Helper:
                        offs.astype(np.uint64))
         return int(lens.sum())
 
+    def guard_runs(self, runs: np.ndarray) -> np.ndarray:
+        """The guard pages among ``runs``, as runs: one walk asking only for GUARD (not on
+        the fast path, and not re-arming) from the first run to the last."""
+        from .._scan import scan_iter
+        from .._uapi.pagemap import Category
+
+        g = int(Category.GUARD)
+        parts = [np.stack([res.regions["start"], res.regions["end"]], axis=1).astype(np.int64)
+                 for res in scan_iter(int(runs[0, 0]), int(runs[-1, 1]), pid=self.target,
+                                      category_anyof_mask=g, return_mask=g) if len(res.regions)]
+        return merge_runs(np.concatenate(parts)) if parts else np.empty((0, 2), np.int64)
+
+    def reply_runs(self, found: list[np.ndarray]) -> np.ndarray:
+        """Every page found this checkpoint, less the guard pages :meth:`copy` left out."""
+        allr = merge_runs(np.concatenate(found))
+        if self.guards:
+            allr = subtract_runs(allr, merge_runs(np.concatenate(self.guards)))
+        return allr
+
     def checkpoint(self, head: dict[str, Any], extra: np.ndarray) -> None:
         from ._freeze import freeze
 
         t0 = time.perf_counter()
+        self.guards = []
         found = []
         copied = 0
         runs = merge_runs(np.concatenate([self.scan(), extra]))
@@ -198,7 +258,7 @@ class _Helper:
             fr = freeze(self.parent, skip=int(head.get("skip", 0)))
             nthreads = len(fr.tids)
         except (PermissionError, TimeoutError) as err:
-            allr = merge_runs(np.concatenate(found))
+            allr = self.reply_runs(found)
             _send(self.sock, {"ok": False, "refused": True, "errno": err.errno or errno.EPERM,
                               "error": str(err)}, allr.tobytes())
             if isinstance(err, TimeoutError):
@@ -219,7 +279,7 @@ class _Helper:
         finally:
             fr.thaw()
         t3 = time.perf_counter()
-        allr = merge_runs(np.concatenate(found))
+        allr = self.reply_runs(found)
         _send(self.sock, {"ok": True, "rounds": rounds, "precopy": t1 - t0, "stop": t3 - t2 + fr.seconds,
                           "stopping": fr.seconds, "threads": nthreads,
                           "stop_pages": stop_pages, "copied": copied, "seconds": t3 - t0}, allr.tobytes())
@@ -243,7 +303,7 @@ class _Helper:
                     self.checkpoint(head, _runs(blob))
                 except (OSError, ValueError) as err:
                     _send(self.sock, {"ok": False, "refused": False, "errno": getattr(err, "errno", 0) or errno.EIO,
-                                      "error": str(err)})
+                                      "error": getattr(err, "strerror", None) or str(err)})  # no "[Errno N]" twice
             else:
                 return 0
 

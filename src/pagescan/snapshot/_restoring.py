@@ -30,9 +30,9 @@ def _pid_arg(pid: Any) -> int:
 
 
 def _open_for_targets(path: str | os.PathLike[str], state: Any, generation: int | None, *,
-                      exact_pairs: bool = False) -> tuple[Store, list[Target], Generation]:
+                      exact_pairs: bool = False, lazy_index: bool = False) -> tuple[Store, list[Target], Generation]:
     mapping, ts = targets(state, writable=True, exact_pairs=exact_pairs)
-    store = Store(path)
+    store = Store(path, lazy_index=lazy_index)
     try:
         ordered = match(store, mapping, ts)
         gen = store.generation(generation)
@@ -144,11 +144,13 @@ def lazy_restore(
     first. If the handler dies, touching a page not yet restored raises SIGBUS (never
     wrong data, never a hang); a damaged page is not served either.
     """
-    store, ts, gen = _open_for_targets(path, state, generation)
-    store.close()
+    # The index blocks are read (and verified) when first used, as by a lazy load:
+    # reading the whole index at the start cost 25 ms per GiB of state.
+    store, ts, gen = _open_for_targets(path, state, generation, lazy_index=True)
     try:
-        src = CheckpointSource(os.fspath(path), gen.number)
+        src = CheckpointSource(os.fspath(path), gen.number, _store=store)
     except BaseException:
+        store.close()
         _release(ts)
         raise
     try:

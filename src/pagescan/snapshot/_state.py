@@ -217,13 +217,18 @@ def pages_to_chunks(pages: np.ndarray, ts: list[Target], base: np.ndarray) -> np
         if lo == hi:
             continue
         off = pg[lo:hi] - t.addr
+        if t.addr % P == 0:  # chunk k is page k: sorted and unique already
+            parts.append(off // P + int(base[e]))
+            continue
         k1 = np.floor_divide(off, P)
         k2 = k1 + (off % P != 0)
         ks = np.concatenate([k1, k2])
         ks = ks[(ks >= 0) & (ks < t.chunks)]
-        parts.append(ks + int(base[e]))
+        parts.append(np.unique(ks) + int(base[e]))
     if not parts:
         return np.empty(0, np.int64)
+    if len(parts) == 1:
+        return parts[0]
     return np.unique(np.concatenate(parts))
 
 

@@ -71,6 +71,15 @@ _HOST_PAGE = mmap.PAGESIZE
 #: Index blocks :meth:`Store.locate` reads (and verifies) at once when a block follows
 #: one already read: 16 blocks cover 64 MiB of pages.
 BLOCKS_AHEAD = 16
+#: :meth:`Store.read_chunks` reads this many consecutive chunks or more held by several
+#: generations in a few reads (:meth:`Store._read_window`: a prefetch window; a fault's
+#: 16 pages cost less the plain way, a read per run) ...
+WINDOW_MIN = 128
+#: ... where at least this many entries of one generation share a read straight into
+#: place (fewer are read with their file neighbours into scratch memory) ...
+DIRECT_MIN = 8
+#: ... and the most pages skipped between two pages read together into scratch memory.
+SCATTER_GAP = 16
 
 CheckpointError.__module__ = "pagescan.snapshot"
 CorruptCheckpointError.__module__ = "pagescan.snapshot"
@@ -665,8 +674,68 @@ class Store:
         gens, offs, cks = self.locate(number, chunks)
         if not bool((offs >= 0).any()):
             return False
-        self._read_at(offs, cks, out, fresh, lambda i: self._where_chunk(int(gens[i]), int(chunks[i])))
+
+        def where(i: int) -> str:
+            return self._where_chunk(int(gens[i]), int(chunks[i]))
+
+        n = len(chunks)
+        if n >= WINDOW_MIN and int(chunks[-1]) - int(chunks[0]) == n - 1 and int(gens.min()) != int(gens.max()):
+            self._read_window(offs, gens, cks, out, fresh, where)  # a window over several generations
+        else:
+            self._read_at(offs, cks, out, fresh, where)
         return True
+
+    def _read_window(self, offs: np.ndarray, gens: np.ndarray, cks: np.ndarray, out: np.ndarray, fresh: bool,
+                     where: Callable[[int], str]) -> None:
+        """:meth:`_read_at` for consecutive chunks held by several generations, in a few
+        reads instead of one per run (a window of a chain with a 10% incremental
+        generation has hundreds of runs: a read and a pass through Python each).
+
+        In file order, entries of one generation whose rows advance with their file
+        pages (gaps allowed) are read straight into ``out`` with one read, gaps included:
+        a gap page there is that generation's data for the chunk of the gap row (a
+        generation stores its data pages in chunk order), superseded by a newer
+        generation, whose pages are written later, or by a zero entry, zeroed last.
+        The other entries are read by file neighbourhood into scratch memory and copied
+        to their rows. Then every row is checked against its checksum, as always."""
+        P = self.page_size
+        n = len(offs)
+        is_data = offs >= 0
+        idx = np.flatnonzero(is_data)
+        order = np.argsort(offs[idx], kind="stable")
+        so, sr, sg = offs[idx][order], idx[order], gens[idx][order]
+        dof = np.diff(so)
+        link = (dof % P == 0) & (dof // P == np.diff(sr)) & (np.diff(sg) == 0)
+        cuts = np.flatnonzero(~link) + 1
+        starts = np.concatenate([[0], cuts]).tolist()
+        ends = np.concatenate([cuts, [so.size]]).tolist()
+        rest = np.ones(so.size, bool)
+        covered = 0  # rows written by direct reads
+        for s, e in zip(starts, ends):
+            if e - s < DIRECT_MIN and e - s < so.size:
+                continue
+            r0, r1 = int(sr[s]), int(sr[e - 1]) + 1
+            want = (r1 - r0) * P
+            if os.preadv(self.fd, [out[r0:r1].data.cast("B")], int(so[s])) != want:
+                raise CorruptCheckpointError(f"{where(r0)}: page data truncated (file changed after opening?)")
+            rest[s:e] = False
+            covered += r1 - r0 - (e - s)
+        if rest.any():
+            ro, rr, rg = so[rest], sr[rest], sg[rest]
+            gcut = np.flatnonzero((np.diff(ro) > SCATTER_GAP * P) | (np.diff(rg) != 0)) + 1
+            for a, b in zip(np.concatenate([[0], gcut]).tolist(), np.concatenate([gcut, [ro.size]]).tolist()):
+                base = int(ro[a])
+                tmp = np.empty(((int(ro[b - 1]) - base) // P + 1, P), np.uint8)
+                if os.preadv(self.fd, [tmp.data.cast("B")], base) != tmp.nbytes:
+                    raise CorruptCheckpointError(f"{where(int(rr[a]))}: page data truncated (file changed after opening?)")
+                out[rr[a:b]] = tmp[(ro[a:b] - base) // P]
+        if not bool(is_data.all()) and (covered or not fresh):
+            out[:n][~is_data] = 0
+        bad = np.flatnonzero(page_checksums(out[:n]) != cks)
+        if bad.size:
+            raise CorruptCheckpointError(
+                f"{where(int(bad[0]))}: page data damaged (checksum mismatch; {bad.size} bad page(s) in this read)"
+            )
 
     def _where_chunk(self, number: int, chunk: int) -> str:
         r = int(np.searchsorted(self.base, chunk, side="right")) - 1
@@ -787,6 +856,7 @@ class Appender:
         self.table_bytes = nblocks(npages) * BLOCK_SIZE
         self.data_start = self.offset + GEN_HEADER.size + npages * ENTRY_SIZE + self.table_bytes
         self.ndata = 0
+        self.high = 0  # end of the data written by write_memory
         self.sealed = False
         if os.fstat(store.fd).st_size != self.offset:  # never write over a stale tail
             with self._io():
@@ -824,6 +894,30 @@ class Appender:
         if writeback:
             _start_writeback(self.store.fd, off, len(mv))
 
+    def write_memory(self, starts: np.ndarray, lengths: np.ndarray, offsets: np.ndarray, nrows: int, off: int,
+                     writeback: bool = True) -> None:
+        """Write ``nrows`` data pages at an offset from :meth:`reserve` straight from this
+        process's memory: the runs ``[starts[i], starts[i]+lengths[i])`` at byte
+        ``offsets[i]`` of the rows, zeros elsewhere (``pwritev``: the kernel reads the
+        memory; a run it cannot read is ``OSError(EFAULT)``)."""
+        with self._io():
+            libc.pwrite_runs(self.store.fd, starts, lengths, offsets, nrows * self.store.page_size, off)
+        self.high = max(self.high, off + nrows * self.store.page_size)
+        if writeback:
+            _start_writeback(self.store.fd, off, nrows * self.store.page_size)
+
+    def read_back(self, rows: np.ndarray, off: int) -> None:
+        """Read the data pages just written at ``off`` into ``rows`` (from the page cache)."""
+        mv = rows.data.cast("B")
+        with self._io():
+            got = os.preadv(self.store.fd, [mv], off)
+        if got != len(mv):
+            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)}: short read of {self.store.path} at offset {off}")
+
+    def give_back(self, nrows: int) -> None:
+        """Return the last ``nrows`` rows reserved (their file bytes are written over or cut off)."""
+        self.ndata -= nrows
+
     def seal(self, index: np.ndarray, parent: int) -> Generation:
         """Write the header and index (fills the entry checks), ``fsync``, commit, ``fsync``."""
         st = self.store
@@ -841,7 +935,14 @@ class Appender:
         length = GEN_HEADER.size + len(idx_raw) + len(tab_raw) + self.ndata * P
         commit = _commit_record(self.number, self.offset, length, digest(tab_raw), head[-8:])
         with self._io():
+            if self.high > self.offset + length:  # rows given back after they were written
+                os.ftruncate(st.fd, self.offset + length)
             _pwrite_all(st.fd, head + idx_raw + tab_raw, self.offset)
+            # The commit record's place is written (zeros: no commit, an unsealed tail
+            # after a crash) and made durable with the rest, so that writing the record
+            # changes no file size or block map: the second fsync has no metadata to
+            # journal (0.14 against 0.20 ms here).
+            _pwrite_all(st.fd, bytes(len(commit)), self.offset + length)
             os.fsync(st.fd)  # everything the commit record vouches for is durable first
             _pwrite_all(st.fd, commit, self.offset + length)
             os.fsync(st.fd)
