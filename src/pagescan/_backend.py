@@ -15,6 +15,11 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Optional, Protocol
 
+# Imported with the package (about 2 ms), not at the first scan: a scan from a signal
+# handler that interrupts the first scan's import of it would find the module half
+# initialized (ImportError). The emulation is still loaded on first use.
+from ._backend_kernel import KernelBackend
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -82,8 +87,6 @@ def _get(name: str) -> Backend:
     impl = _backends.get(name)
     if impl is None:
         if name == "kernel":
-            from ._backend_kernel import KernelBackend
-
             impl = KernelBackend()
         else:
             from ._backend_emulated import EmulatedBackend

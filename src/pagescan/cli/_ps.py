@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows = [[str(p["pid"]), p["user"][:12]] + [h(p[k]) for k in NUMERIC] + [printable(p["command"][:limit])]
             for p in procs]
-    rows.append(["", "total"] + [h(totals[k]) for k in NUMERIC] + [f"{len(procs)} processes"])
+    rows.append(["", "total"] + [h(totals[k]) for k in NUMERIC] + [f"{len(procs)} {'process' if len(procs) == 1 else 'processes'}"])
     sys.stdout.write(table(headers, rows, ">" + "<" + ">" * len(NUMERIC) + "<",
                            cut="none" if args.wide else "right") + "\n")
     notes = []
