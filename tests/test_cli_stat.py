@@ -653,11 +653,7 @@ def test_stat_watch_highlights_what_changed() -> None:
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
         code, screen = _watch_in_a_pty(proc.pid, "0.3", "--count", "4")
     finally:
-        proc.kill()
-        proc.wait()
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                f.close()
+        stop(proc)
     assert code == 0, screen[-2000:]
     assert _attributes(screen) >= {"1", "7"}, screen[-2000:]
 

@@ -907,14 +907,7 @@ class Checkpointer:
                         app.write(rows[nonzero], app.reserve(ndata))
                 index["kind"][s:e] = np.where(nonzero, KIND_DATA, KIND_ZERO)
                 index["checksum"][s:e] = cks
-            if not fut.set_running_or_notify_cancel():
-                raise CancelledError
-            app.seal(index, parent)
-        gen = store.generations[-1]
-        return CheckpointInfo(
-            generation=gen.number, full=full, pages=total, zero_pages=total - app.ndata,
-            bytes=app.ndata * P, seconds=time.perf_counter() - t0,
-        )
+            return _sealed(store, app, index, parent, fut, full, total, t0)
 
     def _write(self, store: Store, chunks: np.ndarray, full: bool, progress: Progress | None,
                t0: float, read: Reader, fut: PendingCheckpoint,
@@ -972,14 +965,19 @@ class Checkpointer:
                     progress(e, total)
             for f in pending:
                 f.result()
-            if not fut.set_running_or_notify_cancel():
-                raise CancelledError
-            app.seal(index, parent)
-        gen = store.generations[-1]
-        return CheckpointInfo(
-            generation=gen.number, full=full, pages=total, zero_pages=total - app.ndata,
-            bytes=app.ndata * P, seconds=time.perf_counter() - t0,
-        )
+            return _sealed(store, app, index, parent, fut, full, total, t0)
+
+
+def _sealed(store: Store, app: Any, index: np.ndarray, parent: Any, fut: PendingCheckpoint, full: bool,
+            total: int, t0: float) -> CheckpointInfo:
+    """Seal the generation ``app`` wrote (unless its checkpoint was cancelled) and describe it."""
+    if not fut.set_running_or_notify_cancel():
+        raise CancelledError
+    app.seal(index, parent)
+    return CheckpointInfo(
+        generation=store.generations[-1].number, full=full, pages=total, zero_pages=total - app.ndata,
+        bytes=app.ndata * P, seconds=time.perf_counter() - t0,
+    )
 
 
 def compact(path: str | os.PathLike[str], generation: int | None = None, *, progress: Progress | None = None) -> int:
