@@ -621,13 +621,13 @@ def _attributes(screen: str) -> set[str]:
 
 def test_stat_watch_under_a_pty(child: Child) -> None:
     """Three screens in a pseudo-terminal, then exit 0; without a terminal: a clear error.
-    Nothing changes in the child, so no cell is highlighted."""
+    (Even an idle process's PSS moves as other processes map and unmap the libraries
+    it shares, so whether a cell is highlighted here is not fixed; see the next test.)"""
     code, screen = _watch_in_a_pty(child.pid, "0.2", "--count", "3")
     assert code == 0, screen[-2000:]
     assert "q quits" in screen and "RSS" in screen and "USS" in screen
     assert f"pid {child.pid}" in screen and os.path.basename(child.file) in screen
     assert "\x1b[" in screen  # drawn by curses, not printed
-    assert not _attributes(screen) & {"1", "7"}  # bold, reverse video: changed cells and rows, none here
     r = _cli("stat", str(child.pid), "--watch", "1", stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == "pagescan: stat --watch needs a terminal (stdin and stdout); use --json for scripts\n"
