@@ -234,12 +234,14 @@ def run(args: argparse.Namespace) -> int:
     # a line never shows more of a command than the terminal is wide: cut before replacing
     # the unprintable characters (a `python -c` script can be kilobytes)
     limit = None if args.wide else max(terminal_width(), 20) + 1
+
     def h(v: int | None) -> str:
         return "-" if v is None else human(v)
 
     rows = [[str(p["pid"]), p["user"][:12]] + [h(p[k]) for k in NUMERIC] + [printable(p["command"][:limit])]
             for p in procs]
-    rows.append(["", "total"] + [h(totals[k]) for k in NUMERIC] + [f"{len(procs)} {'process' if len(procs) == 1 else 'processes'}"])
+    count = f"{len(procs)} {'process' if len(procs) == 1 else 'processes'}"
+    rows.append(["", "total"] + [h(totals[k]) for k in NUMERIC] + [count])
     sys.stdout.write(table(headers, rows, ">" + "<" + ">" * len(NUMERIC) + "<",
                            cut="none" if args.wide else "right") + "\n")
     notes = []
