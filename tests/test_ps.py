@@ -269,19 +269,36 @@ def test_ps_on_the_emulation_without_pfns_lists_processes_with_zero_unknown() ->
     assert os.getuid() == 0, "this test drops root to uid 65534"
     import json
 
-    env = {**os.environ, "PAGESCAN_BACKEND": "emulated"}
-    r = _cli("ps", "--json", "--sort", "zero", preexec_fn=_become_nobody, env=env)
-    assert r.returncode == 0 and r.stderr == "", r.stderr
-    doc: dict[str, Any] = json.loads(r.stdout)
-    mine = doc["processes"]
-    assert mine and {p["uid"] for p in mine} == {65534}, "its own processes are readable"
-    assert any(p["zero"] is None for p in mine), "a zero count the emulation cannot know"
-    known = [p["zero"] for p in mine if p["zero"] is not None]
-    assert [p["zero"] for p in mine] == sorted(known, reverse=True) + [None] * (len(mine) - len(known))
-    r = _cli("ps", "--wide", preexec_fn=_become_nobody, env=env)
-    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
-    rows = [ln.split() for ln in r.stdout.splitlines() if ln.split()[1:2] == ["nobody"]]
-    assert rows and any(row[6] == "-" for row in rows), r.stdout
+    # A process of the same user with pages that may be the zero page (read, never
+    # written: present and not exclusively mapped), whatever the interpreter's own are.
+    reader = subprocess.Popen([sys.executable, "-c", _ZERO_READER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, preexec_fn=_become_nobody)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline() == "ready\n"
+        env = {**os.environ, "PAGESCAN_BACKEND": "emulated"}
+        r = _cli("ps", "--json", "--sort", "zero", preexec_fn=_become_nobody, env=env)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        doc: dict[str, Any] = json.loads(r.stdout)
+        mine = doc["processes"]
+        assert mine and {p["uid"] for p in mine} == {65534}, "its own processes are readable"
+        assert [p["zero"] for p in mine if p["pid"] == reader.pid] == [None], "a zero count it cannot know"
+        known = [p["zero"] for p in mine if p["zero"] is not None]
+        assert [p["zero"] for p in mine] == sorted(known, reverse=True) + [None] * (len(mine) - len(known))
+        r = _cli("ps", "--wide", preexec_fn=_become_nobody, env=env)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+        rows = [ln.split() for ln in r.stdout.splitlines() if ln.split()[1:2] == ["nobody"]]
+        assert [row[6] for row in rows if row[0] == str(reader.pid)] == ["-"], r.stdout
+    finally:
+        stop(reader)
+
+
+_ZERO_READER = """
+import mmap, sys
+m = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+sum(m[i] for i in range(0, 1 << 20, 4096))  # read faults: the zero page
+print("ready", flush=True)
+sys.stdin.read()
+"""
 
 
 def test_an_error_in_the_walking_thread_is_raised_by_collect(monkeypatch: pytest.MonkeyPatch) -> None:
