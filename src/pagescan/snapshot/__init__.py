@@ -70,7 +70,7 @@ from ._restoring import lazy_restore, restore
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
 from ._precopy import Precopier, Refused
 from ._twin import FrozenTwin, ProcMem
-from ._store import CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
+from ._store import Appender, CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi import libc
 from .._uapi.libc import read_runs
 from .._procfs import read_smaps
@@ -968,7 +968,7 @@ class Checkpointer:
             return _sealed(store, app, index, parent, fut, full, total, t0)
 
 
-def _sealed(store: Store, app: Any, index: np.ndarray, parent: Any, fut: PendingCheckpoint, full: bool,
+def _sealed(store: Store, app: Appender, index: np.ndarray, parent: int, fut: PendingCheckpoint, full: bool,
             total: int, t0: float) -> CheckpointInfo:
     """Seal the generation ``app`` wrote (unless its checkpoint was cancelled) and describe it."""
     if not fut.set_running_or_notify_cancel():
