@@ -29,6 +29,7 @@ Real threads writing real memory, real forks, real files. What is checked:
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -48,6 +49,7 @@ from pagescan._uapi import libc
 from pagescan.snapshot import CheckpointError, Checkpointer, LoadedState, PendingCheckpoint, _read_self, load, verify
 
 from .conftest import requires_wp_async
+from .memory import anon
 from .procs import Child as ProcChild
 from .procs import children_of
 
@@ -502,6 +504,51 @@ def test_the_twin_tells_the_pages_written_since_the_fork() -> None:
         assert same[~written].all()
     else:
         assert not same.any()
+
+
+def test_the_twin_reads_scattered_runs_as_they_were_at_the_fork() -> None:
+    """``FrozenTwin.read``: runs of any length, near (read in one call with the bytes
+    between) and far apart, more than one call's 512 runs, and a span with a hole (an
+    unmapped page) in it, read run by run: every byte as it was at the fork, nothing
+    outside the runs touched; runs that do not fit in ``out`` are refused before any read."""
+    from pagescan.snapshot._twin import FrozenTwin
+
+    npages, hole = 4000, 3950
+    m = anon(npages)
+    mem = np.ctypeslib.as_array((ctypes.c_uint8 * (hole * P)).from_address(m.addr))
+    rng = np.random.default_rng(7)
+    mem[:] = rng.integers(0, 256, mem.size, dtype=np.uint8)
+    before = mem.copy()
+    m.write(hole + 1, npages - hole - 1, 0x5A)
+    libc.munmap(m[hole], P)
+    starts, lengths, at = [], [], 0
+    while True:  # in order; gaps from none to several pages
+        start = at + int(rng.integers(0, 2 * P if len(starts) % 10 else 6 * P))
+        length = int(rng.integers(1, 2 * P))
+        if start + length > (hole - 10) * P:
+            break
+        starts.append(start)
+        lengths.append(length)
+        at = start + length
+    starts += [(hole - 1) * P + 100, (hole + 1) * P]  # the hole between them: one span, read run by run
+    lengths += [P - 100, 2 * P]
+    st = np.array(starts, np.int64)
+    ln = np.array(lengths, np.int64)
+    of = np.concatenate([[0], np.cumsum(ln)[:-1]])
+    out = np.full(int(ln.sum()) + 5, 0xAB, np.uint8)
+    twin = FrozenTwin()
+    try:
+        mem[:] ^= 0xFF  # written after the fork: the twin keeps the old bytes
+        twin.read(st + m.addr, ln, out, of)
+        with pytest.raises(ValueError):
+            twin.read(st + m.addr, ln, out[:-6], of)
+    finally:
+        twin.close()
+    want = np.concatenate([before[s : s + n] for s, n in zip(starts[:-1], lengths[:-1])] + [np.full(2 * P, 0x5A, np.uint8)])
+    assert len(st) > 1000 and np.array_equal(out[: want.size], want)
+    assert (out[want.size :] == 0xAB).all()
+    del mem
+    m.close()
 
 
 # -- the ptrace path: refusal, a helper killed mid-stop, no process left ------------------

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 __all__ = [
+    "IOVEC",
     "SYS_userfaultfd",
     "RawMapping",
     "check",
@@ -40,6 +41,7 @@ __all__ = [
     "open_userfaultfd",
     "prctl",
     "ptrace",
+    "preadv",
     "pwrite_runs",
     "sync_file_range",
     "process_vm_readv",
@@ -147,6 +149,27 @@ def libc() -> ctypes.CDLL:
         fn.restype = restype
         fn.argtypes = argtypes
     return lib
+
+
+@functools.cache
+def _libc_holding_gil() -> ctypes.PyDLL:
+    """libc again, as a ``PyDLL``: its calls keep the GIL (see :func:`preadv`)."""
+    lib = ctypes.PyDLL(None, use_errno=True)
+    lib.preadv.restype = ctypes.c_ssize_t
+    lib.preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    return lib
+
+
+def preadv(fd: int, iov: int, count: int, offset: int, keep_gil: bool = False) -> int:
+    """``preadv(fd, iov, count, offset)`` with the iovec array at address ``iov``; the
+    bytes read. ``keep_gil``: the GIL is not released for the call. For many short
+    reads made while another thread runs Python code: each release hands it the GIL,
+    and taking it back waits until that thread lets go, up to a whole switch interval
+    (5 ms by default) a call; kept, the other thread runs between our calls at the
+    usual switch points instead. Only for reads that cannot wait on this process (a
+    ``userfaultfd`` whose handler is one of our threads would need the GIL)."""
+    fn = (_libc_holding_gil() if keep_gil else libc()).preadv
+    return _retry(lambda: int(fn(fd, iov, count, offset)))
 
 
 def check(result: int) -> int:
@@ -363,7 +386,8 @@ def vm_write(pid: int, address: int, data: Any) -> int:
 # Python never dereferences it.
 
 IOV_MAX = 1024
-_IOVEC = np.dtype([("base", "<u8"), ("len", "<u8")])
+#: ``struct iovec``.
+IOVEC = np.dtype([("base", "<u8"), ("len", "<u8")])
 
 
 def _transfer(pid: int, local: np.ndarray, starts: np.ndarray, lengths: np.ndarray,
@@ -388,8 +412,8 @@ def _transfer(pid: int, local: np.ndarray, starts: np.ndarray, lengths: np.ndarr
     fn = process_vm_writev if write else process_vm_readv
     verb = "write" if write else "read"
     i, n = 0, len(starts)
-    remote = np.empty(min(n, IOV_MAX), dtype=_IOVEC)
-    loc = np.empty(min(n, IOV_MAX), dtype=_IOVEC)
+    remote = np.empty(min(n, IOV_MAX), dtype=IOVEC)
+    loc = np.empty(min(n, IOV_MAX), dtype=IOVEC)
     while i < n:
         j = min(n, i + IOV_MAX)
         k = j - i
@@ -451,7 +475,7 @@ def pwrite_runs(fd: int, starts: np.ndarray, lengths: np.ndarray, offsets: np.nd
     gaps = np.empty(n, np.uint64)
     gaps[:-1] = of[1:] - (of[:-1] + ln[:-1])
     gaps[-1] = np.uint64(total) - (of[-1] + ln[-1])
-    iov = np.empty(2 * n, dtype=_IOVEC)
+    iov = np.empty(2 * n, dtype=IOVEC)
     iov["base"][0::2] = st
     iov["len"][0::2] = ln
     zeros = _zeros(int(gaps.max()))
@@ -466,7 +490,7 @@ def pwrite_runs(fd: int, starts: np.ndarray, lengths: np.ndarray, offsets: np.nd
         j = min(k, i + IOV_MAX)
         want = int(iov["len"][i:j].sum())
         try:
-            got = _retry(lambda: int(fn(fd, int(iov.ctypes.data) + i * _IOVEC.itemsize, j - i, at)))
+            got = _retry(lambda: int(fn(fd, int(iov.ctypes.data) + i * IOVEC.itemsize, j - i, at)))
         except OSError as err:
             if err.errno != errno.EFAULT:
                 raise

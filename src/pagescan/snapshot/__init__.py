@@ -319,6 +319,7 @@ class Checkpointer:
         self._fork_first = True
         # Seconds per page: a fork per resident page, the ptrace path per page it copies.
         self._cost = {"fork": FORK_COST, "copy": COPY_COST}
+        self._found_last = 0  # chunks the last incremental checkpoint found written
         #: The helper's figures for the last ptrace instant (rounds, stop seconds, ...).
         self.last_instant: dict[str, Any] = {}
         meta = metas(self.targets)
@@ -682,12 +683,18 @@ class Checkpointer:
         self._learn("copy", float(figures.get("seconds", 0.0)), int(found.size))
         chunks = np.union1d(found, self._carry)
         self._carry = chunks  # remembered until stored
+        self._found_last = len(chunks)
         return chunks
 
     def _over_budget(self) -> bool:
         """More pages written than the helper can copy in the time of a fork? Counted
-        without re-arming, in walks that stop as soon as the answer is known."""
+        without re-arming, in walks that stop as soon as the answer is known; not
+        counted when the previous checkpoint found more than twice as many (a program
+        that rewrites much of its state between checkpoints keeps doing so: the walk
+        would only lengthen the pause; the fork's own walk counts them again)."""
         budget = int(_resident_pages() * self._cost["fork"] / self._cost["copy"])
+        if self._found_last > 2 * budget:
+            return True
         n = int(self._carry.size)
         for w in self._watches:
             if n > budget:
@@ -826,6 +833,7 @@ class Checkpointer:
         if self._carry.size:
             chunks = np.union1d(chunks, self._carry)
         self._carry = chunks  # remembered until stored
+        self._found_last = len(chunks)
         return chunks
 
     def _without_guards(self, err: OSError) -> np.ndarray | None:
