@@ -94,7 +94,8 @@ class ProcMem:
         ``preadv`` of ``/proc/PID/mem`` (up to 512 runs; the bytes between them go to a
         scratch buffer). A span that cannot be read whole (a hole between two mappings)
         is read run by run. A run the kernel cannot read (the twin ended: ``0`` bytes)
-        raises ``OSError``. ``out`` must hold every run (checked: the kernel writes there).
+        raises ``OSError``. ``out`` (C-contiguous, writable) must hold every run: checked,
+        since the kernel writes there.
         """
         n = len(starts)
         if not n:
@@ -102,8 +103,10 @@ class ProcMem:
         st = starts.astype(np.int64)
         ln = lengths.astype(np.int64)
         of = offsets.astype(np.int64)
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("out must be a C-contiguous, writable array")
         flat = out.reshape(-1).view(np.uint8)
-        if not out.flags.c_contiguous or bool((of < 0).any() or (ln < 0).any()) or int((of + ln).max()) > flat.nbytes:
+        if bool((of < 0).any() or (ln < 0).any()) or int((of + ln).max()) > flat.nbytes:
             raise ValueError("the runs do not fit in out")
         gap = st[1:] - (st[:-1] + ln[:-1])
         cut = np.flatnonzero((gap < 0) | (gap > GAP)) + 1
