@@ -51,17 +51,16 @@ import functools
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
-import sys
+from collections.abc import Callable
 import threading
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any, Literal, overload
 
 import numpy as np
 
 from ..capabilities import capabilities
 from ..writewatch import WriteWatch
+from ._gil import quick_gil as _quick_gil
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
 from ._load import LoadedList, LoadedState, load, start_fault_server
 from ._pages import BATCH_PAGES, P, Progress, pages_of
@@ -145,37 +144,9 @@ class PendingCheckpoint(Future[CheckpointInfo]):
         self.generation = generation
 
 
-@contextmanager
-def _quick_gil() -> Iterator[None]:
-    """The GIL switch interval lowered to 0.1 ms (restored after): the pause, and each
-    batch of the write that follows, make system calls and numpy calls that release the
-    GIL, and a thread that holds it meanwhile (a busy Python loop) would otherwise keep
-    it for a whole interval (5 ms by default) each time. Measured with such a loop
-    running, 1 GiB with 10% written: a synchronous checkpoint took 1.4-1.9 s, and
-    0.56 s with the interval lowered around each batch (the loop's own progress goes on
-    at the usual points where threads switch, more often).
-
-    Pauses of several Checkpointers may overlap (threads, or a signal handler): the first
-    one in saves the program's interval and the last one out restores it."""
-    with _gil_lock:
-        if _gil_users[0] == 0:
-            _gil_users[1] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_gil_users[1], 1e-4))
-        _gil_users[0] += 1
-    try:
-        yield
-    finally:
-        with _gil_lock:
-            _gil_users[0] -= 1
-            if _gil_users[0] == 0:
-                sys.setswitchinterval(_gil_users[1])
-
-
-_gil_lock = threading.RLock()
 #: One ptrace instant at a time in this process: two helpers seizing the same threads
 #: would refuse each other (EPERM).
 _instant_lock = threading.Lock()
-_gil_users: list[Any] = [0, 0.0]  # pauses in progress, the interval to restore
 
 
 #: ``signal.getsignal`` without its conversion of the result to an enum (60 us for the

@@ -12,6 +12,7 @@ from .._args import seconds
 from ..arrays import mapped_array
 from ..handler import FaultHandler
 from ._lazy import CheckpointSource, LazyGroup, LazyMap, Recording, hot_pages
+from ._gil import quick_gil
 from ._pages import BATCH_PAGES, P, pages_of
 from ._store import Store
 
@@ -65,7 +66,7 @@ def load(path: str | os.PathLike[str], generation: int | None = None, *, lazy: b
     path = os.fspath(path)
     if lazy:
         return _load_lazy(path, generation, prefetch, working_set, record)
-    with Store(path) as store:
+    with quick_gil(), Store(path) as store:
         gen = store.generation(generation)
         gen_of, pos_of = store.latest_map(gen.number)
         arrays = []

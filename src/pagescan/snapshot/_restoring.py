@@ -12,6 +12,7 @@ import numpy as np
 from .._uapi.libc import write_runs
 from ..handler import FaultHandler
 from ._lazy import CheckpointSource, LazyMap, Recording, drop, hot_pages, probe_missing
+from ._gil import quick_gil
 from ._pages import BATCH_PAGES, P, Progress, pages_of
 from ._state import Target, chunk_runs, match, targets
 from ._store import Generation, Store
@@ -88,6 +89,12 @@ def restore(
 def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
              progress: Progress | None, *, exact_pairs: bool) -> int:
     """:func:`restore`; ``exact_pairs``: ``(address, length)`` pairs are exact bytes, any alignment (the CLI)."""
+    with quick_gil():
+        return _restore_quickly(path, state, generation, pid, progress, exact_pairs)
+
+
+def _restore_quickly(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
+                     progress: Progress | None, exact_pairs: bool) -> int:
     target = _pid_arg(pid)
     store, ts, gen = _open_for_targets(path, state, generation, exact_pairs=exact_pairs)
     if pid is not None and target != os.getpid() and any(t.keep is not None for t in ts):
