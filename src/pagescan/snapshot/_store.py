@@ -80,6 +80,9 @@ WINDOW_MIN = 128
 DIRECT_MIN = 8
 #: ... and the most pages skipped between two pages read together into scratch memory.
 SCATTER_GAP = 16
+#: :meth:`Store._read_at` reads data pages at most this many pages apart in the file
+#: with one call (the pages between are read too, and dropped).
+READ_GAP = 4
 
 CheckpointError.__module__ = "pagescan.snapshot"
 CorruptCheckpointError.__module__ = "pagescan.snapshot"
@@ -777,32 +780,50 @@ class Store:
         reads as the runs allow; checked against ``cks`` unless it is ``None``."""
         P = self.page_size
         n = len(offs)
+        if not out.flags.c_contiguous:  # (the reads go straight into its rows)
+            rows = np.zeros((n, P), np.uint8)
+            self._read_at(offs, cks, rows, True, where)
+            out[:n] = rows
+            return
         is_data = offs >= 0
         if not fresh and not is_data.all():
             out[:n][~is_data] = 0
         idx = np.flatnonzero(is_data)
         if idx.size:
             o = offs[idx]
-            cuts = np.flatnonzero(np.diff(o) != P) + 1
-            starts = np.concatenate([[0], cuts]).tolist()
-            ends = np.concatenate([cuts, [idx.size]]).tolist()
-            tmp: np.ndarray | None = None
-            for s, e in zip(starts, ends):
-                r0, r1 = int(idx[s]), int(idx[e - 1]) + 1
-                if r1 - r0 == e - s:  # the rows are consecutive too: read in place
-                    dst = out[r0:r1]
+            # Blocks: pages consecutive both in the file and in ``out``. One read per span
+            # of blocks at most READ_GAP pages apart in the file, each block straight into
+            # its rows, the pages between (superseded by a newer generation, say) into
+            # scratch memory.
+            brk = np.flatnonzero((np.diff(o) != P) | (np.diff(idx) != 1)) + 1
+            b0 = np.concatenate([[0], brk])
+            b1 = np.concatenate([brk, [idx.size]])
+            gaps = np.concatenate([[-1], (o[b0[1:]] - o[b1[:-1] - 1]) // P - 1])  # pages skipped before a block
+            gaps[1:][(o[b0[1:]] - o[b1[:-1] - 1]) % P != 0] = -1
+            rows_mv = out.reshape(-1).data.cast("B")
+            junk = memoryview(bytearray(READ_GAP * P))
+            fd = self.fd
+            bufs: list[memoryview] = []
+            at = want = 0
+            first = 0
+            for s, e, g in zip(b0.tolist(), b1.tolist(), gaps.tolist()):
+                if bufs and (g < 0 or g > READ_GAP or len(bufs) >= 1000):
+                    if os.preadv(fd, bufs, at) != want:
+                        raise CorruptCheckpointError(
+                            f"{where(int(idx[first]))}: page data truncated (file changed after opening?)")
+                    bufs = []
+                if bufs:
+                    if g:
+                        bufs.append(junk[: g * P])
+                        want += g * P
                 else:
-                    if tmp is None or len(tmp) < e - s:
-                        tmp = np.empty((e - s, P), dtype=np.uint8)
-                    dst = tmp[: e - s]
-                want = (e - s) * P
-                got = os.preadv(self.fd, [dst.data.cast("B")], int(o[s]))
-                if got != want:
-                    raise CorruptCheckpointError(
-                        f"{where(int(idx[s]))}: page data truncated (file changed after opening?)"
-                    )
-                if r1 - r0 != e - s:
-                    out[idx[s:e]] = dst
+                    at, want, first = int(o[s]), 0, s
+                r0 = int(idx[s])
+                bufs.append(rows_mv[r0 * P : (r0 + e - s) * P])
+                want += (e - s) * P
+            if bufs and os.preadv(fd, bufs, at) != want:
+                raise CorruptCheckpointError(
+                    f"{where(int(idx[first]))}: page data truncated (file changed after opening?)")
         if cks is not None and n:
             bad = np.flatnonzero(page_checksums(out[:n]) != cks)
             if bad.size:
