@@ -2,6 +2,7 @@
 
     python benchmarks/state.py                      # 1 GiB of state, 3 rounds (~1.5 min here)
     python benchmarks/state.py --size 256 --repeat 5 --json out.json
+    python benchmarks/state.py --busy-thread        # with a thread looping in Python meanwhile
     python benchmarks/state.py --lazy-scale 1G,2G,4G,8G          # also time to first element at each size
     python benchmarks/state.py --lazy-only --lazy-scale 1G,2G,4G,8G  # only that (~1 min here)
 
@@ -37,12 +38,17 @@ every method). Measured, each a median of ``--repeat`` rounds:
    >= 3x faster than the first lazy run; recording off by default if it costs more
    than 5%.
 
+``--busy-thread``: a thread of this process runs a Python loop throughout, on both
+sides (a program's worker or server thread: every call of 1-3 that releases the GIL
+then waits to get it back; 4 and 5 run in fresh processes, the loop takes a CPU).
+
 The machine is whatever you run it on; figures from a shared, noisy VM are indicative.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -51,7 +57,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -262,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="--lazy-scale: the loading process first populates this much other memory")
     ap.add_argument("--forked-handler", action="store_true",
                     help="--lazy-scale also without the fault server (the handler forked at load), in alternating rounds")
+    ap.add_argument("--busy-thread", action="store_true",
+                    help="a thread loops in Python throughout (both sides), as a program's worker or "
+                         "server thread would")
     ap.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     args = ap.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="pagescan-state-", dir=args.dir or ".")
@@ -270,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         r: dict[str, list[float]] = {}
         size = 0
         if not args.lazy_only:
-            r, size, nstate, pages_written = state_rounds(args, workdir)
+            with busy_thread(args.busy_thread):
+                r, size, nstate, pages_written = state_rounds(args, workdir)
         med = {k: m for k, v in r.items() if (m := median(v)) is not None}
         rows: list[tuple[str, float, str, str, str]] = []
         if r:
@@ -314,13 +326,36 @@ def main(argv: list[str] | None = None) -> int:
         print_table(["measurement", "seconds", "throughput", "ratio", "target"],
                     [(name, f"{secs:.4f}", thr, ratio, target) for name, secs, thr, ratio, target in rows], "<>><<")
         what = f"{size / MiB:.0f} MiB in {nstate} arrays; " if r else ""
-        print(f"\n{what}medians of {args.repeat} round(s)")
+        busy = "; a thread looping in Python throughout" if args.busy_thread and r else ""
+        print(f"\n{what}medians of {args.repeat} round(s){busy}")
         if args.json:
             write_json(args.json, {"machine": machine(), "size_bytes": size, "repeat": args.repeat, "raw": r,
                                    "median": med, "lazy_scale": scale})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+@contextlib.contextmanager
+def busy_thread(on: bool) -> Iterator[None]:
+    """With ``on``: a thread incrementing a counter in a Python loop until the block ends."""
+    if not on:
+        yield
+        return
+    stop = threading.Event()
+
+    def loop() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+
+    th = threading.Thread(target=loop, name="busy", daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
 
 
 def state_rounds(args: argparse.Namespace, workdir: str) -> tuple[dict[str, list[float]], int, int, int]:
