@@ -140,6 +140,7 @@ def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path, met
     s = mem[offset:offset + 2 * N * 8].view(np.int64)
     path = tmp_path / "c.ckpt"
     methods = set()
+    bg_methods = set()
     with Checkpointer(path, {"s": s}) as ck:
         ck._use_ptrace = {"ptrace": True, "fork": False, "declined": None}[method]
         ck._cost["copy"] = 1e9 if method == "declined" else ck._cost["copy"]
@@ -156,13 +157,51 @@ def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path, met
                     fut = ck.checkpoint(wait=False)
                     assert isinstance(fut, PendingCheckpoint)
                     info = fut.result(timeout=30)
+                    bg_methods.add(info.method)
                 methods.add(info.method)
                 rounds += 1
         assert min(counts) > 0
         final = ck.checkpoint()
-    assert methods == {"fork" if method == "declined" else method}
+    if method == "declined":  # (a synchronous one takes the ptrace path while little is written)
+        assert bg_methods == {"fork"} and methods <= {"fork", "ptrace"}
+    else:
+        assert methods == {method}
     assert check_generations(path) == final.generation
     np.testing.assert_array_equal(loaded(path)["s"], s)  # tracking survived every instant
+
+
+@requires_wp_async
+def test_a_synchronous_checkpoint_takes_the_ptrace_path_unless_much_is_written(tmp_path: Path) -> None:
+    """With other threads, ``checkpoint()`` (wait=True, the default choice) takes the
+    ptrace path, quicker and a shorter stall for them, while the pages written are at
+    most a quarter of the state (its staging area holds them all); beyond, it forks.
+    Both generations hold exactly what was written."""
+    from pagescan.snapshot import SYNC_STAGING_SHARE
+    from pagescan.snapshot._precopy import KEEP
+
+    npages = 4 * (KEEP // P)  # KEEP is a quarter of it: the share decides
+    a = pagescan.zeros(npages * P // 8, np.int64)
+    rows = a.reshape(npages, P // 8)
+    path = tmp_path / "sync.ckpt"
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait)  # another thread: neither "direct" nor alone
+    other.start()
+    try:
+        with Checkpointer(path, {"a": a}) as ck:
+            ck.checkpoint()
+            deadline = time.monotonic() + 30
+            while ck._pre is None or not ck._pre.ready():  # the helper starts with the first checkpoint
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            methods = []
+            for share in (0.05, SYNC_STAGING_SHARE + 0.2, 0.05):
+                rows[: int(npages * share), 0] += 1
+                methods.append(ck.checkpoint().method)
+                np.testing.assert_array_equal(loaded(path)["a"], a)
+    finally:
+        idle.set()
+        other.join()
+    assert methods == ["ptrace", "fork", "ptrace"]
 
 
 def test_state_in_a_shared_mapping_is_frozen_by_the_stop_never_by_a_fork(tmp_path: Path) -> None:

@@ -67,7 +67,7 @@ from ._pages import BATCH_PAGES, P, Progress, pages_of
 from ._restoring import _restore as _restore  # the CLI restores (address, length) pairs exactly
 from ._restoring import lazy_restore, restore
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
-from ._precopy import Precopier, Refused
+from ._precopy import KEEP, Precopier, Refused
 from ._twin import FrozenTwin, ProcMem
 from ._store import Appender, CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi import libc
@@ -216,6 +216,9 @@ class _HeldSignals:
 #: (per written page its helper finds: its copies, walks and stop included); each
 #: Checkpointer refines them from what it measures.
 FORK_COST = 0.2e-6
+#: A synchronous checkpoint takes the ptrace path while the pages written are at most
+#: this share of the state (its staging area holds them all until they are written).
+SYNC_STAGING_SHARE = 0.25
 COPY_COST = 2e-6
 
 
@@ -539,7 +542,7 @@ class Checkpointer:
             if pre is not None:
                 if full:  # (shared state) every page, copied in the stop: armed first
                     self._carry = self._find_written(True)
-                chunks = self._instant_ptrace(pre, fut)
+                chunks = self._instant_ptrace(pre, fut, wait)
                 if chunks is None:
                     pre = None  # refused: fork instead
             if pre is None and self._shared and not alone:
@@ -623,7 +626,7 @@ class Checkpointer:
             return None
         return self._pre
 
-    def _instant_ptrace(self, pre: Precopier, fut: PendingCheckpoint) -> np.ndarray | None:
+    def _instant_ptrace(self, pre: Precopier, fut: PendingCheckpoint, wait: bool = False) -> np.ndarray | None:
         """Take the instant with the helper (:mod:`._precopy`): the chunks to store, now
         held by its staging area; ``None`` if the kernel refused the stop (the chunks its
         rounds found are carried to the fork path)."""
@@ -632,7 +635,7 @@ class Checkpointer:
             starts, lengths, _ = chunk_runs(self._carry, self.targets, self._base)
             s = starts.astype(np.int64)
             extra = np.stack([s // P * P, (s + lengths.astype(np.int64) + P - 1) // P * P], axis=1)
-        if self._use_ptrace is None and self._over_budget():
+        if self._use_ptrace is None and self._over_budget(wait):
             return None
         try:
             with _instant_lock:  # another Checkpointer's helper must not be tracing us now
@@ -661,13 +664,24 @@ class Checkpointer:
         self._found_last = len(chunks)
         return chunks
 
-    def _over_budget(self) -> bool:
-        """More pages written than the helper can copy in the time of a fork? Counted
-        without re-arming, in walks that stop as soon as the answer is known; not
-        counted when the previous checkpoint found more than twice as many (a program
-        that rewrites much of its state between checkpoints keeps doing so: the walk
-        would only lengthen the pause; the fork's own walk counts them again)."""
-        budget = int(_resident_pages() * self._cost["fork"] / self._cost["copy"])
+    def _over_budget(self, wait: bool = False) -> bool:
+        """Should this checkpoint fork rather than take the ptrace path?
+
+        ``wait=False``: when more pages were written than the helper can copy in the
+        time of a fork (the pause is what counts). ``wait=True``: the caller waits for
+        the whole write either way, and the ptrace path is the quicker one and stalls
+        the other threads for less (``benchmarks/README.md``), but its staging area
+        holds every page written: it forks when they are more than
+        :data:`SYNC_STAGING_SHARE` of the state (and :data:`~._precopy.KEEP`).
+
+        Counted without re-arming, in walks that stop as soon as the answer is known;
+        not counted when the previous checkpoint found more than twice as many (a
+        program that rewrites much of its state between checkpoints keeps doing so: the
+        walk would only lengthen the pause; the fork's own walk counts them again)."""
+        if wait:
+            budget = max(int(int(self._base[-1]) * SYNC_STAGING_SHARE), KEEP // P)
+        else:
+            budget = int(_resident_pages() * self._cost["fork"] / self._cost["copy"])
         if self._found_last > 2 * budget:
             return True
         n = int(self._carry.size)
