@@ -19,6 +19,9 @@ thing with raw syscalls:
     ``--dirty-percent`` of its pages (random, seeded, identical on both sides) and
     times only ``scan(start, end, flags=PM_SCAN_WP_MATCHING, category_mask=WRITTEN,
     return_mask=WRITTEN)``, which must report exactly the pages written (µs/scan);
+(w) the floor of (b) in pure Python: the same get+WP as a bare ``fcntl.ioctl`` into a
+    fixed buffer, against the same C round (what the interpreter costs around a walk
+    that has just evicted its code and data from the caches). No target;
 (c) full-category scan of the same range (``return_mask`` = all supported
     categories, no masks) after one more dirtying round (µs/scan).
 
@@ -72,8 +75,9 @@ _M64 = (1 << 64) - 1
 #: The two sides populate their ranges taking turns in chunks of this size.
 POPULATE_CHUNK = 4 << 20
 #: Python/C ratio each workload must stay under (the floors, x, y and z, have none).
-TARGETS: dict[str, float | None] = {"a": 3.0, "p": 2.2, "x": None, "y": None, "z": None, "b": 1.05, "c": 1.05}
-WORKLOADS = "apxyzbc"
+TARGETS: dict[str, float | None] = {"a": 3.0, "p": 2.2, "x": None, "y": None, "z": None, "b": 1.05, "w": None,
+                                   "c": 1.05}
+WORKLOADS = "apxyzbwc"
 #: The one-page workloads: Python batches against the C loop.
 ONE_PAGE = "apxyz"
 
@@ -263,6 +267,29 @@ class PythonSide:
             raise AssertionError(f"(b) reported {res.pages} pages (complete={res.complete}), dirtied {k}")
         return t1 - t0, res.pages, len(res)
 
+    def w(self) -> tuple[int, int, int]:
+        """Floor of (b): the same get+WP as a bare ``fcntl.ioctl`` on a ready request."""
+        from pagescan._uapi.pagemap import PAGEMAP_SCAN, pm_scan_arg
+
+        self.dirty_round()
+        k = self.dirty
+        regions = np.zeros(k, pagescan.PAGE_REGION_DTYPE)
+        arg = pm_scan_arg(96, WP_MATCHING, self.start, self.end, 0, regions.ctypes.data, k, 0, 0, WRITTEN, 0,
+                          WRITTEN)
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        ioctl, req, now = fcntl.ioctl, int(PAGEMAP_SCAN), self.now
+        try:
+            t0 = now()
+            n = ioctl(fd, req, arg, True)
+            t1 = now()
+        finally:
+            os.close(fd)
+        got = regions[:n]
+        pages = int((got["end"] - got["start"]).sum()) // PAGE
+        if pages != k:
+            raise AssertionError(f"(w) reported {pages} pages, dirtied {k}")
+        return t1 - t0, pages, n
+
     def c(self) -> tuple[int, int, int]:
         scan, start, end, m, now = pagescan.scan, self.start, self.end, self.categories, self.now
         t0 = now()
@@ -330,6 +357,8 @@ class CSide:
         ns, pages, regions = self.ask("b")
         return ns, pages, regions
 
+    w = b  # the floor of (b) is measured against the same C round
+
     def c(self) -> tuple[int, int, int]:
         ns, pages, regions = self.ask("c")
         return ns, pages, regions
@@ -384,11 +413,15 @@ def run(args: argparse.Namespace, binary: Path | None) -> dict[str, Any]:
             # (b): one warm-up round each, then alternate rounds (same pages on both sides).
             for side in sides.values():
                 side.b()
+            # (w), the floor of (b), takes turns with it round by round (its C side is
+            # another round of (b)): the walk slows down and speeds up over a run.
             for _ in range(args.repeat):
                 for name, side in sides.items():
                     ns, pages, regions = side.b()
                     samples["b"][name].append(ns / 1000)
                     counts["b"][name].append((pages, regions))
+                for name, side in sides.items():
+                    samples["w"][name].append(side.w()[0] / 1000)
 
             # (c): leave one round of written pages in place, then alternate scans.
             for side in sides.values():
@@ -418,6 +451,7 @@ def run(args: argparse.Namespace, binary: Path | None) -> dict[str, Any]:
         "y": ("floor: scan_into without checks", "ns/call"),
         "z": ("floor: scan() without checks", "ns/call"),
         "b": (f"get+WP written, {fmt_size(args.size)}, {args.dirty_percent:g}% dirty", "us/scan"),
+        "w": ("floor: (b) as a bare fcntl.ioctl", "us/scan"),
         "c": (f"full-category scan, {fmt_size(args.size)}", "us/scan"),
     }
     for w in WORKLOADS:

@@ -123,6 +123,43 @@ def test_x01_pagescan_corrects_stale_walk_end(alternating_4000: Mapping) -> None
     assert parts[-1].complete and parts[-1].walk_end == m.end
 
 
+@requires_wp_async
+def test_x01_stale_walk_end_under_wp_matching(uffd_wp: Userfaultfd) -> None:
+    """X-01 with PM_SCAN_WP_MATCHING (a get+WP of many written pages, the tracking's
+    hot call): the stale value is found at the last 512-region boundary, on every entry
+    point (a result's own buffer, a Scanner's ``out``, which WriteWatch uses), and every
+    page reported is re-armed."""
+    n = 6000
+    with anon(n) as m:
+        m.write(0, n)
+        arm(uffd_wp, m)
+        kw = dict(flags=WP | CHK, category_mask=C.WRITTEN, return_mask=C.WRITTEN)
+        sc = pagescan.Scanner(**kw)
+        out = np.zeros(4096, pagescan.PAGE_REGION_DTYPE)
+        for written, how in ((1300, "scan"), (2000, "vec_len"), (3000, "Scanner.scan"), (2600, "scan_into")):
+            for i in range(0, 2 * written, 2):
+                ctypes.memset(m[i], 1, 1)
+            raw = raw_scan(m.addr, m.end, vec_len=4096, req=WR, ret=WR) if how == "scan" else None
+            if raw is not None:  # the kernel's own answer is stale (no WP: nothing re-armed)
+                assert raw.ret == written and raw.walk_end == m[2 * ((written - 1) // 512 * 512)]
+            if how == "scan":
+                res = scan(m.addr, m.end, **kw)
+                got, walk_end = res.regions, res.walk_end
+            elif how == "vec_len":
+                res = scan(m.addr, m.end, vec_len=written + 7, **kw)
+                got, walk_end = res.regions, res.walk_end
+            elif how == "Scanner.scan":
+                res = sc.scan(m.addr, m.end)
+                got, walk_end = res.regions, res.walk_end
+            else:
+                k, walk_end = sc.scan_into(m.addr, m.end, out)
+                got = out[:k]
+            assert walk_end == m.end, how
+            assert [(int(s), int(e)) for s, e, _ in got.tolist()] == [(m[i], m[i + 1]) for i in range(0, 2 * written, 2)]
+            assert view(m, WR, category_mask=C.WRITTEN) == []  # all re-armed
+        sc.close()
+
+
 def test_x01_kernel_bug_raw_walk_end(alternating_4000: Mapping) -> None:
     """Pins the kernel bug itself: if this fails, a kernel fixed X-01."""
     m = alternating_4000

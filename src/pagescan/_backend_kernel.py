@@ -47,6 +47,8 @@ _ioctl = fcntl.ioctl
 _PAGE_SIZE = mmap.PAGESIZE
 _WP_MATCHING = int(ScanFlag.WP_MATCHING)
 _REQ = int(PAGEMAP_SCAN)
+#: Regions in the kernel's bounce buffer (``PAGEMAP_WALK_SIZE >> PAGE_SHIFT``).
+_BOUNCE = 512
 #: ``start, end, walk_end, vec, vec_len, max_pages`` of ``struct pm_scan_arg``, at byte 16:
 #: one ``pack_into`` costs a third of six ctypes field setters.
 _pack_range = struct.Struct("=6Q").pack_into
@@ -155,7 +157,7 @@ class KernelBackend:
             finally:
                 free.append((q, buf))
             if n and walk_end < end:
-                walk_end = _corrected(target, flags, walk_end, end, n, np.frombuffer(raw, PAGE_REGION_DTYPE))
+                walk_end = _corrected(target, flags, walk_end, end, n, memoryview(raw).cast("Q"))
             return raw, walk_end
 
         return small
@@ -174,18 +176,19 @@ class KernelBackend:
         ioctl, req, template = _ioctl, _REQ, _template(flags, inverted, mask, anyof, return_mask, max_pages)
         self_target = _target_mod.self_target
         # (out, its length, spare requests packed for it, its address, slots the kernel may
-        # fill) of the last array seen; the reference keeps numpy from resizing it in place.
-        last: tuple[Any, int, list[Request], int, int] = (None, -1, [], 0, 0)
+        # fill, its u64 words once made) of the last array seen; the reference keeps numpy
+        # from resizing it in place.
+        last: tuple[Any, int, list[Request], int, int, list[memoryview]] = (None, -1, [], 0, 0, [])
 
-        def remember(out: Any, start: int, end: int) -> tuple[Any, int, list[Request], int, int]:
+        def remember(out: Any, start: int, end: int) -> tuple[Any, int, list[Request], int, int, list[memoryview]]:
             nonlocal last
             u64("start", start), u64("end", end)  # a bad range is reported before a bad out
             addr = check_out(out)
             n = len(out)
-            c = last = (out, n, [], addr, n if vec_len is None or n <= vec_len else vec_len)
+            c = last = (out, n, [], addr, n if vec_len is None or n <= vec_len else vec_len, [])
             return c
 
-        def request(c: tuple[Any, int, list[Request], int, int]) -> Request:
+        def request(c: tuple[Any, int, list[Request], int, int, list[memoryview]]) -> Request:
             q = _request(template)
             q[_VEC], q[_VEC_LEN] = c[3], c[4]
             return q
@@ -226,7 +229,10 @@ class KernelBackend:
             finally:
                 free.append(q)
             if n and walk_end < end:
-                walk_end = _corrected(t, flags, walk_end, end, n, out)
+                words = c[5]
+                if not words:
+                    words.append(_words(out))
+                walk_end = _corrected(t, flags, walk_end, end, n, words[0])
             return n, walk_end
 
         return scan_into
@@ -247,15 +253,23 @@ def _again(target: Target, arg: Request | pm_scan_arg, err: OSError) -> int:
             err = again
 
 
-def _corrected(target: Target, flags: int, walk_end: int, end: int, n: int, out: np.ndarray) -> int:
-    """``walk_end`` after a call that returned ``n`` regions and stopped before ``end``."""
-    got = out[:n]
-    if walk_end < int(got["end"][n - 1]) and _is_stale(target.pid, flags, walk_end, got):
+def _words(out: np.ndarray) -> memoryview:
+    """A ``u64`` view of a C-contiguous region array, three words per region: reading
+    one word from it costs a third of ``ndarray.item`` right after a walk of a large
+    range has evicted numpy's code and data from the caches."""
+    return out.view(np.uint64).data
+
+
+def _corrected(target: Target, flags: int, walk_end: int, end: int, n: int, out: np.ndarray | memoryview) -> int:
+    """``walk_end`` after a call that returned ``n`` regions (``out``: the array, or its
+    :func:`_words`) and stopped before ``end``."""
+    last_end: int = out[3 * n - 2] if isinstance(out, memoryview) else out.item(n - 1)[1]
+    if walk_end < last_end and _is_stale(target.pid, flags, walk_end, out, n):
         return -(-end // _PAGE_SIZE) * _PAGE_SIZE  # completed; the kernel rounds end up
     return walk_end
 
 
-def _is_stale(pid: int, flags: int, walk_end: int, regions: np.ndarray) -> bool:
+def _is_stale(pid: int, flags: int, walk_end: int, out: np.ndarray | memoryview, n: int) -> bool:
     """``walk_end`` lies below the last region returned: stale, or a skipped hugetlb page?
 
     A stale value is the restart point of an internal buffer flush, and the walk
@@ -263,12 +277,18 @@ def _is_stale(pid: int, flags: int, walk_end: int, regions: np.ndarray) -> bool:
     A hugetlb page withdrawn under WP_MATCHING is never reported, so its start never is.
     Only when neither test decides (the memory changed between passes) is smaps read.
     """
-    starts = regions["start"]
-    i = int(np.searchsorted(starts, walk_end))
-    if i < len(starts) and int(starts[i]) == walk_end:
-        return True
     if not flags & _WP_MATCHING:
         return True  # only WP_MATCHING withdraws pages
+    # Each flush but the last writes a full bounce buffer, so the last restart point is
+    # the start of the region at the last multiple of 512: one read, where a search of
+    # the regions costs 3-30 us after a large walk (a tenth of a 1 GiB get+WP).
+    i = (n - 1) // _BOUNCE * _BOUNCE
+    if i and (out[3 * i] if isinstance(out, memoryview) else out.item(i)[0]) == walk_end:
+        return True
+    starts = np.asarray(out)[0:3 * n:3] if isinstance(out, memoryview) else out[:n]["start"]
+    i = int(np.searchsorted(starts, walk_end))
+    if i < n and int(starts[i]) == walk_end:
+        return True
     return not _in_hugetlb(pid, walk_end)
 
 

@@ -54,9 +54,14 @@ PAGE_SIZE = mmap.PAGESIZE
 _P = PAGE_SIZE
 #: Default region capacity of one call when ``vec_len`` is not given.
 DEFAULT_VEC_LEN = 1 << 16
-#: Calls that can return at most this many regions get an exactly sized buffer.
+#: Calls over at most this many pages with the default ``vec_len`` take the backend's
+#: small call (a reused buffer, the regions returned as bytes).
 _SMALL = 512
-#: Larger calls go through a scratch buffer of this many regions per kernel call.
+#: Calls that can return at most this many regions get an exactly sized buffer the
+#: kernel writes into, which becomes the result's (a 1 GiB get+WP sized by ``vec_len``
+#: is then answered without reading its regions again: a copy of them costs ~20 us
+#: after the walk, 5% of the call); larger calls go through a scratch buffer of this
+#: many regions per kernel call.
 _CHUNK = 4096
 #: The widest range (bytes) that cannot return more than ``_SMALL`` regions.
 _SMALL_SPAN = _SMALL * PAGE_SIZE
@@ -158,6 +163,8 @@ def _result(regions: np.ndarray | bytes | tuple[np.ndarray, int], walk_end: int,
 
 _array_types: dict[int, Any] = {}
 _addressof = ctypes.addressof
+_c_char = ctypes.c_char
+_frombuffer = np.frombuffer
 
 
 def _owned(cap: int) -> tuple[np.ndarray, int]:
@@ -397,30 +404,30 @@ class Scanner:
         if cap == 0:
             n, walk_end = self._call(start, end, 0, 0, max_pages, None, on)
             return _result(_EMPTY, walk_end, start, end)
-        if cap > _SMALL:
+        if cap > _CHUNK:
             return self._scan_chunked(start, end, max_pages, cap, on)
-        # The common small call, inlined (every Python frame costs ~5% of a one-page call).
-        t = _array_types.get(cap)
-        if t is None:
-            t = _array_types[cap] = page_region * cap
-        c = t()
-        buf: np.ndarray = np.frombuffer(c, PAGE_REGION_DTYPE)  # type: ignore[arg-type]  # ctypes arrays are buffers
+        # The common call, inlined (every Python frame costs ~5% of a one-page call). The
+        # buffer is a bytearray: cheaper to make than a ctypes array, and no type per size.
+        mem = bytearray(cap * _REGION)
+        addr = _addressof(_c_char.from_buffer(mem))  # (the ctypes object is dropped at once)
+        buf = _frombuffer(mem, PAGE_REGION_DTYPE)
         target = self._target if on is None else on
         if target is None:
             target = _target_mod._self  # reset after fork by an at-fork hook
             if target is None or target._fd < 0:
                 target = self_target()
         try:
-            n, walk_end = self._run(target, start, end, _addressof(c), cap, max_pages, buf)
+            n, walk_end = self._run(target, start, end, addr, cap, max_pages, buf)
         except OSError as err:
-            n, walk_end = self._fall_back(err, target, start, end, _addressof(c), cap, max_pages, buf)
+            n, walk_end = self._fall_back(err, target, start, end, addr, cap, max_pages, buf)
         if n != cap:
-            buf = buf[:n].copy() if cap > 16 and 2 * n < cap else buf[:n]
+            # A result keeps at most twice its regions when small, an eighth more when large.
+            buf = buf[:n].copy() if cap > 16 and (2 * n < cap if cap <= _SMALL else 8 * n < 7 * cap) else buf[:n]
         return _result(buf, walk_end, start, end)
 
     def _scan_chunked(self, start: int, end: int, max_pages: int, cap: int,
                       on: Target | None = None) -> ScanResult:
-        """A call that may return more than ``_SMALL`` regions: kernel calls of at most
+        """A call that may return more than ``_CHUNK`` regions: kernel calls of at most
         ``_CHUNK`` regions into a scratch buffer, each resuming at the last ``walk_end``
         with what is left of ``cap`` and ``max_pages``; the result owns exactly its
         regions. Scratch buffers are reused (taken from and given back to a list, so
