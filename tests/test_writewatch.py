@@ -362,6 +362,31 @@ def test_guard_pages_are_excluded(fast: bool) -> None:
             check([])
 
 
+def test_guard_check_windows_group_regions_less_than_the_gap_apart() -> None:
+    """The windows of the fast path's guard check: the Python loop (few regions) and
+    numpy (many) both group exactly the regions closer than ``_WINDOW_GAP`` pages, as a
+    naive grouping does, for gaps just under, at and over it."""
+    from pagescan.writewatch import _WINDOW_GAP, _WINDOW_LOOP, _windows
+
+    rng = np.random.default_rng(7)
+    base = 1 << 32
+    for count in (1, 2, 3, 17, _WINDOW_LOOP, _WINDOW_LOOP + 1, 600):
+        for _ in range(5):
+            gaps = rng.choice([0, 1, _WINDOW_GAP - 1, _WINDOW_GAP, _WINDOW_GAP + 1, 500], count)
+            gaps[0] = 0
+            lengths = rng.integers(1, 4, count)
+            starts = base + P * (np.cumsum(gaps) + np.concatenate([[0], np.cumsum(lengths)[:-1]]))
+            regions = np.zeros(count, PAGE_REGION_DTYPE)
+            regions["start"], regions["end"] = starts, starts + P * lengths
+            want: list[tuple[int, int]] = []
+            for s, e, _ in regions.tolist():
+                if want and s - want[-1][1] < _WINDOW_GAP * P:
+                    want[-1] = (want[-1][0], e)
+                else:
+                    want.append((s, e))
+            assert _windows(regions) == want, count
+
+
 @requires_guard
 def test_guard_pages_on_the_fast_path_kernel_and_emulation_agree() -> None:
     """Issue 12.3: what the kernel's WRITTEN-only fast path reports about guard pages in an
@@ -421,8 +446,8 @@ def test_regions_to_pages_expands_every_shape() -> None:
     addresses as expanding each region in Python."""
     rng = np.random.default_rng(7)
     mostly_single = [3, *[1] * 30, 4, *[1] * 30, 2]  # the few runs filled in after the starts
-    for page, runs in ((P, [1] * 50), (P, mostly_single), (P, list(rng.integers(1, 6, 200))), (P, [300]),
-                       (2 << 20, [1, 3, 2])):
+    for page, runs in ((P, [1] * 50), (P, [1] * 300), (P, mostly_single), (P, mostly_single * 3),
+                       (P, list(rng.integers(1, 6, 200))), (P, [300]), (P, [9] * 60), (2 << 20, [1, 3, 2])):
         gaps = rng.integers(1, 4, len(runs))
         regions, at = [], 0x7F0000000000
         for run, gap in zip(runs, gaps):

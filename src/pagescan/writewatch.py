@@ -91,6 +91,9 @@ _BUF_KEEP = 1 << 16
 _WINDOW_GAP = 64
 #: More than one guard-check scan per this many pages of the range: one scan of the span.
 _WINDOW_PAGES = 1024
+#: Up to this many regions, their windows are found in a Python loop (warm, 10 us
+#: against numpy's 15 at 64 regions; level at ~120).
+_WINDOW_LOOP = 128
 _WRITTEN = int(Category.WRITTEN)
 _GUARD = int(Category.GUARD)
 
@@ -148,6 +151,27 @@ def _joined(parts: list[np.ndarray]) -> np.ndarray:
     if not parts:
         return np.empty(0, PAGE_REGION_DTYPE)
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _windows(regions: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, end)`` of the groups of ``regions`` (ascending, at least one) less than
+    ``_WINDOW_GAP`` pages apart: in Python for a few regions (a dozen numpy calls cost
+    more than the loop while a large walk has left the caches cold), with numpy for many."""
+    gap = _WINDOW_GAP * P
+    if len(regions) <= _WINDOW_LOOP:
+        rows = regions.tolist()
+        out = []
+        lo, hi = rows[0][0], rows[0][1]
+        for s, e, _ in rows:
+            if s - hi >= gap:
+                out.append((lo, hi))
+                lo = s
+            hi = e
+        out.append((lo, hi))
+        return out
+    starts, ends = regions["start"], regions["end"]
+    cut = np.flatnonzero(starts[1:] - ends[:-1] >= np.uint64(gap)) + 1
+    return list(zip(starts[np.r_[0, cut]].tolist(), ends[np.r_[cut - 1, len(regions) - 1]].tolist()))
 
 
 def _as_regions(pages: np.ndarray) -> np.ndarray:
@@ -421,16 +445,13 @@ class WriteWatch:
         g = self._scanners.get(None)
         if g is None:
             g = self._scanners[None] = Scanner(category_mask=_GUARD, return_mask=_GUARD)
-        starts, ends = regions["start"], regions["end"]
-        cut = np.flatnonzero(starts[1:] - ends[:-1] >= np.uint64(_WINDOW_GAP * P)) + 1
-        if len(cut) * _WINDOW_PAGES > (self.end - self.start) // P:
-            windows = [(int(starts[0]), int(ends[-1]))]
-        else:
-            windows = list(zip(starts[np.r_[0, cut]].tolist(), ends[np.r_[cut - 1, len(regions) - 1]].tolist()))
-        buf = self._guard_buf
+        windows = _windows(regions)
+        if len(windows) * _WINDOW_PAGES > (self.end - self.start) // P:
+            windows = [(windows[0][0], windows[-1][1])]
+        buf, into = self._guard_buf, g.scan_into
         guards: list[np.ndarray] = []
         for lo, hi in windows:
-            n, walk_end = g.scan_into(lo, hi, buf)  # usually none: no allocation
+            n, walk_end = into(lo, hi, buf)  # usually none: no allocation
             if n == len(buf) and walk_end < hi:
                 guards.extend(res.regions for res in walk(g, lo, hi, None, 0))
             elif n:
