@@ -204,6 +204,23 @@ def test_a_synchronous_checkpoint_takes_the_ptrace_path_unless_much_is_written(t
     assert methods == ["ptrace", "fork", "ptrace"]
 
 
+def test_the_synchronous_staging_budget_is_bounded_by_the_state_and_the_memory_available() -> None:
+    """A synchronous ptrace-path checkpoint stages every written page: at most a quarter
+    of the state and of ``MemAvailable``, never below what the helper keeps anyway."""
+    from pagescan._procfs import mem_available
+    from pagescan.snapshot import SYNC_STAGING_SHARE, _sync_staging_budget
+    from pagescan.snapshot._precopy import KEEP
+
+    keep, gib = KEEP // P, (1 << 30) // P
+    assert SYNC_STAGING_SHARE == 0.25
+    assert _sync_staging_budget(16 * gib, None) == 4 * gib  # a quarter of the state
+    assert _sync_staging_budget(16 * gib, 8 << 30) == 2 * gib  # a quarter of what is available
+    assert _sync_staging_budget(16 * gib, 0) == keep  # never below KEEP
+    assert _sync_staging_budget(keep, 1 << 40) == keep  # a small state: KEEP
+    available = mem_available()
+    assert available is not None and 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def test_state_in_a_shared_mapping_is_frozen_by_the_stop_never_by_a_fork(tmp_path: Path) -> None:
     """``fork()`` shares a MAP_SHARED mapping with the twin instead of copying it on
     write, so only the ptrace stop freezes such state: every checkpoint of it takes that

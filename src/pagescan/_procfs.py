@@ -25,7 +25,7 @@ import platform
 from ._uapi import libc
 from ._uapi.procfs import PROCMAP_QUERY, ProcmapQueryFlag, procmap_query
 
-__all__ = ["SmapsStream", "Vma", "query_maps", "read_maps", "read_smaps", "task_size"]
+__all__ = ["SmapsStream", "Vma", "mem_available", "query_maps", "read_maps", "read_smaps", "task_size"]
 
 _PAGE_SIZE = mmap.PAGESIZE
 
@@ -397,6 +397,19 @@ def task_size() -> int:
         bits = 56 if la57 and _vmalloc_total() > (1 << 46) else 47
         return (1 << bits) - _PAGE_SIZE
     return 1 << 48
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (the kernel's estimate of what can
+    be allocated without swapping), or ``None`` if it cannot be read."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _vmalloc_total() -> int:

@@ -72,7 +72,7 @@ from ._twin import FrozenTwin, ProcMem
 from ._store import Appender, CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi import libc
 from .._uapi.libc import read_runs
-from .._procfs import read_smaps
+from .._procfs import mem_available, read_smaps
 
 __all__ = [
     "CheckpointError",
@@ -217,9 +217,21 @@ class _HeldSignals:
 #: Checkpointer refines them from what it measures.
 FORK_COST = 0.2e-6
 #: A synchronous checkpoint takes the ptrace path while the pages written are at most
-#: this share of the state (its staging area holds them all until they are written).
+#: this share of the state, and of the memory the kernel counts available (its staging
+#: area holds them all until they are written).
 SYNC_STAGING_SHARE = 0.25
 COPY_COST = 2e-6
+
+
+def _sync_staging_budget(state_pages: int, available: int | None) -> int:
+    """Pages a synchronous checkpoint may stage on the ptrace path: at most
+    :data:`SYNC_STAGING_SHARE` of the state and of ``available`` bytes (``MemAvailable``;
+    ``None``: unknown, not bounded), and never less than what the helper keeps anyway
+    (:data:`~._precopy.KEEP`)."""
+    budget = int(state_pages * SYNC_STAGING_SHARE)
+    if available is not None:
+        budget = min(budget, int(available * SYNC_STAGING_SHARE) // P)
+    return max(budget, KEEP // P)
 
 
 def _resident_pages() -> int:
@@ -672,14 +684,14 @@ class Checkpointer:
         the whole write either way, and the ptrace path is the quicker one and stalls
         the other threads for less (``benchmarks/README.md``), but its staging area
         holds every page written: it forks when they are more than
-        :data:`SYNC_STAGING_SHARE` of the state (and :data:`~._precopy.KEEP`).
+        :func:`_sync_staging_budget` allows.
 
         Counted without re-arming, in walks that stop as soon as the answer is known;
         not counted when the previous checkpoint found more than twice as many (a
         program that rewrites much of its state between checkpoints keeps doing so: the
         walk would only lengthen the pause; the fork's own walk counts them again)."""
         if wait:
-            budget = max(int(int(self._base[-1]) * SYNC_STAGING_SHARE), KEEP // P)
+            budget = _sync_staging_budget(int(self._base[-1]), mem_available())
         else:
             budget = int(_resident_pages() * self._cost["fork"] / self._cost["copy"])
         if self._found_last > 2 * budget:
