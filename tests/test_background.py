@@ -221,6 +221,65 @@ def test_the_synchronous_staging_budget_is_bounded_by_the_state_and_the_memory_a
     assert available is not None and 0 < available <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def _memory_cgroup() -> tuple[str, str] | None:
+    """This process's memory cgroup directory, where a child cgroup gets a memory limit
+    file, and that file's name: v1 (``memory.limit_in_bytes``), or v2 (``memory.max``,
+    when the memory controller is enabled for children)."""
+    from pagescan._procfs import _CGROUP_V1, _CGROUP_V2
+
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        if hid == "0" and not controllers:
+            roots, (limit_file, _) = _CGROUP_V2
+        elif "memory" in controllers.split(","):
+            roots, (limit_file, _) = _CGROUP_V1
+        else:
+            continue
+        for root in roots:
+            d = Path(root, path.lstrip("/"))
+            if limit_file == "memory.limit_in_bytes" and (d / limit_file).exists():
+                return str(d), limit_file
+            control = d / "cgroup.subtree_control"
+            if limit_file == "memory.max" and control.exists() and "memory" in control.read_text().split():
+                return str(d), limit_file
+    return None
+
+
+def test_the_memory_available_is_bounded_by_a_memory_cgroup_limit() -> None:
+    """``mem_available`` (the synchronous staging budget's bound) in a process placed in
+    a memory cgroup limited to 256 MiB, made here for real: at most that limit, not the
+    machine's ``MemAvailable``."""
+    from pagescan._procfs import mem_available
+
+    found = _memory_cgroup()
+    if found is None:
+        pytest.skip("no memory cgroup controller this process can create a child in (v1 or delegated v2)")
+    parent, limit_file = found
+    child = os.path.join(parent, f"pagescan-test-{os.getpid()}")
+    limit = 256 << 20
+    os.mkdir(child)
+    try:
+        Path(child, limit_file).write_text(str(limit))
+        code = ("import os, sys; open(os.path.join(sys.argv[1], 'cgroup.procs'), 'w').write(str(os.getpid()));"
+                "from pagescan._procfs import mem_available; print(mem_available())")
+        out = subprocess.run([sys.executable, "-c", code, child], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        inside = int(out.stdout)
+        assert 0 < inside <= limit
+        here = mem_available()
+        assert here is not None and here > 4 * limit  # this machine: 24 GiB, no such limit above us
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                os.rmdir(child)
+                break
+            except OSError:  # the child process's exit is still being accounted
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
 def test_state_in_a_shared_mapping_is_frozen_by_the_stop_never_by_a_fork(tmp_path: Path) -> None:
     """``fork()`` shares a MAP_SHARED mapping with the twin instead of copying it on
     write, so only the ptrace stop freezes such state: every checkpoint of it takes that
@@ -605,6 +664,54 @@ def test_the_twin_reads_scattered_runs_as_they_were_at_the_fork() -> None:
     assert (out[want.size :] == 0xAB).all()
     del mem
     m.close()
+
+
+@pytest.mark.parametrize("keep_gil", [False, True])
+def test_preadv_takes_64_bit_offsets_and_addresses_either_way(tmp_path: Path, keep_gil: bool) -> None:
+    """``libc.preadv`` with and without the GIL: an offset beyond 4 GiB in a sparse file
+    reads what is there (a prototype missing on one of the two handles passed its
+    offset and iovec address as 32-bit ``int``s: the bytes at 4 GiB less)."""
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.seek(10)
+        f.write(b"LOW!")
+        f.seek((1 << 32) + 10)
+        f.write(b"HIGH")
+    buf = np.zeros(4, np.uint8)
+    iov = np.zeros(1, libc.IOVEC)
+    iov["base"], iov["len"] = buf.ctypes.data, 4
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert libc.preadv(fd, int(iov.ctypes.data), 1, (1 << 32) + 10, keep_gil) == 4
+        assert buf.tobytes() == b"HIGH"
+        assert libc.preadv(fd, int(iov.ctypes.data), 1, 10, keep_gil) == 4
+        assert buf.tobytes() == b"LOW!"
+    finally:
+        os.close(fd)
+
+
+def test_live_reads_take_one_call_per_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ProcMem`` (this process, the GIL released: the background checkpoint's compare
+    pass) reads runs close together in one ``preadv`` each, exactly, and falls back to
+    reading run by run only for a span that cannot be read whole."""
+    from pagescan.snapshot._twin import ProcMem
+
+    a = pagescan.zeros(64 * P, np.uint8)
+    a[:] = np.random.default_rng(3).integers(0, 256, a.size, dtype=np.uint8)
+    starts = np.arange(0, 60 * P, 3 * P + 100, dtype=np.int64)
+    lengths = np.full(len(starts), 1000, np.int64)
+    offsets = np.arange(len(starts), dtype=np.int64) * 1000
+    out = np.zeros(int(lengths.sum()), np.uint8)
+    by_run: list[int] = []
+    real = ProcMem._read_run
+    monkeypatch.setattr(ProcMem, "_read_run", lambda self, *args: (by_run.append(1), real(self, *args))[1])
+    mem = ProcMem()
+    try:
+        mem.read(starts + a.ctypes.data, lengths, out, offsets)
+    finally:
+        mem.close()
+    assert not by_run
+    assert np.array_equal(out, np.concatenate([a[s : s + 1000] for s in starts.tolist()]))
 
 
 # -- the ptrace path: refusal, a helper killed mid-stop, no process left ------------------

@@ -127,8 +127,8 @@ def test_x01_pagescan_corrects_stale_walk_end(alternating_4000: Mapping) -> None
 def test_x01_stale_walk_end_under_wp_matching(uffd_wp: Userfaultfd) -> None:
     """X-01 with PM_SCAN_WP_MATCHING (a get+WP of many written pages, the tracking's
     hot call): the stale value is found at the last 512-region boundary, on every entry
-    point (a result's own buffer, a Scanner's ``out``, which WriteWatch uses), and every
-    page reported is re-armed."""
+    point (a result's own buffer, a Scanner's ``out``, which WriteWatch uses, an ``out``
+    that is an ndarray subclass), and every page reported is re-armed."""
     n = 6000
     with anon(n) as m:
         m.write(0, n)
@@ -136,7 +136,9 @@ def test_x01_stale_walk_end_under_wp_matching(uffd_wp: Userfaultfd) -> None:
         kw = dict(flags=WP | CHK, category_mask=C.WRITTEN, return_mask=C.WRITTEN)
         sc = pagescan.Scanner(**kw)
         out = np.zeros(4096, pagescan.PAGE_REGION_DTYPE)
-        for written, how in ((1300, "scan"), (2000, "vec_len"), (3000, "Scanner.scan"), (2600, "scan_into")):
+        masked = np.ma.MaskedArray(np.zeros(4096, pagescan.PAGE_REGION_DTYPE))  # an ndarray subclass
+        for written, how in ((1300, "scan"), (2000, "vec_len"), (3000, "Scanner.scan"), (2600, "scan_into"),
+                             (2200, "scan_into, MaskedArray"), (1800, "scan(out=MaskedArray)")):
             for i in range(0, 2 * written, 2):
                 ctypes.memset(m[i], 1, 1)
             raw = raw_scan(m.addr, m.end, vec_len=4096, req=WR, ret=WR) if how == "scan" else None
@@ -151,9 +153,15 @@ def test_x01_stale_walk_end_under_wp_matching(uffd_wp: Userfaultfd) -> None:
             elif how == "Scanner.scan":
                 res = sc.scan(m.addr, m.end)
                 got, walk_end = res.regions, res.walk_end
-            else:
+            elif how == "scan_into":
                 k, walk_end = sc.scan_into(m.addr, m.end, out)
                 got = out[:k]
+            elif how == "scan_into, MaskedArray":
+                k, walk_end = sc.scan_into(m.addr, m.end, masked)
+                got = np.asarray(masked)[:k]
+            else:
+                res = scan(m.addr, m.end, out=masked, **kw)
+                got, walk_end = np.asarray(res.regions), res.walk_end
             assert walk_end == m.end, how
             assert [(int(s), int(e)) for s, e, _ in got.tolist()] == [(m[i], m[i + 1]) for i in range(0, 2 * written, 2)]
             assert view(m, WR, category_mask=C.WRITTEN) == []  # all re-armed

@@ -45,6 +45,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -1413,6 +1414,97 @@ def test_bulk_work_lowers_the_gil_switch_interval_and_restores_the_programs(tmp_
         assert sys.getswitchinterval() == pytest.approx(mine)
     finally:
         sys.setswitchinterval(old)
+
+
+def test_a_nested_quick_gil_at_any_line_restores_the_programs_interval() -> None:
+    """A signal handler (or ``__del__``) may nest a ``quick_gil`` use between any two
+    lines of the one it interrupts: the nested use runs lowered or at the program's
+    interval, never saves the lowered one, and the program's interval is back after
+    the outer use, wherever the nest happened."""
+    import sys
+
+    from pagescan.snapshot import _gil
+
+    code = _gil.quick_gil.__wrapped__.__code__  # type: ignore[attr-defined]
+    lines = sorted({ln for _, _, ln in code.co_lines() if ln is not None})
+    mine, old = 0.0031, sys.getswitchinterval()
+    sys.setswitchinterval(mine)
+    try:
+        for at in lines:
+            fired: list[float] = []
+
+            def tracer(frame: Any, event: str, arg: Any) -> Any:
+                if frame.f_code is not code:
+                    return None
+                if event == "line" and frame.f_lineno == at and not fired:
+                    fired.append(-1.0)
+                    sys.settrace(None)
+                    try:
+                        with _gil.quick_gil():
+                            fired.append(sys.getswitchinterval())
+                    finally:
+                        sys.settrace(tracer)
+                return tracer
+
+            sys.settrace(tracer)
+            try:
+                with _gil.quick_gil():
+                    pass
+            finally:
+                sys.settrace(None)
+            assert sys.getswitchinterval() == pytest.approx(mine), f"nested at line {at}"
+            assert not getattr(_gil, "_depth", None)
+            if fired:
+                assert fired[1] in (pytest.approx(1e-4), pytest.approx(mine))
+    finally:
+        sys.setswitchinterval(old)
+
+
+def test_a_child_forked_during_quick_gil_keeps_only_its_own_thread_s_uses() -> None:
+    """A child forked while another thread is inside ``quick_gil`` gets the program's
+    interval back (that thread is not in the child); one forked from inside a use keeps
+    it lowered until that use ends, then restores it."""
+    import sys
+
+    from pagescan.snapshot import _gil
+
+    mine, old = 0.0027, sys.getswitchinterval()
+    sys.setswitchinterval(mine)
+    inside, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with _gil.quick_gil():
+            inside.set()
+            leave.wait(30)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert inside.wait(30)
+        for nested in (False, True):
+            r, w = os.pipe()
+            during = 0.0
+            with _gil.quick_gil() if nested else contextlib.nullcontext():
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child
+                    during = sys.getswitchinterval()
+            if pid == 0:  # pragma: no cover - the child, its use (if any) ended
+                try:
+                    ok = (abs(during - (1e-4 if nested else mine)) < 2e-6
+                          and abs(sys.getswitchinterval() - mine) < 2e-6)
+                    os.write(w, b"1" if ok else f"{during} {sys.getswitchinterval()}".encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            got = os.read(r, 64)
+            os.close(r)
+            os.waitpid(pid, 0)
+            assert got == b"1", (nested, got)
+    finally:
+        leave.set()
+        t.join()
+        sys.setswitchinterval(old)
+    assert sys.getswitchinterval() == pytest.approx(old) and not _gil._depth
 
 
 def test_reads_across_superseded_pages_give_every_generation_exactly(tmp_path: Path) -> None:

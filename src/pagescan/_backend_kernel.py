@@ -47,8 +47,9 @@ _ioctl = fcntl.ioctl
 _PAGE_SIZE = mmap.PAGESIZE
 _WP_MATCHING = int(ScanFlag.WP_MATCHING)
 _REQ = int(PAGEMAP_SCAN)
-#: Regions in the kernel's bounce buffer (``PAGEMAP_WALK_SIZE >> PAGE_SHIFT``).
-_BOUNCE = 512
+#: Regions in the kernel's bounce buffer (``PAGEMAP_WALK_SIZE >> PAGE_SHIFT``: the
+#: entries of one page table, 512 with 4 KiB pages).
+_BOUNCE = _PAGE_SIZE // 8
 #: ``start, end, walk_end, vec, vec_len, max_pages`` of ``struct pm_scan_arg``, at byte 16:
 #: one ``pack_into`` costs a third of six ctypes field setters.
 _pack_range = struct.Struct("=6Q").pack_into
@@ -256,13 +257,16 @@ def _again(target: Target, arg: Request | pm_scan_arg, err: OSError) -> int:
 def _words(out: np.ndarray) -> memoryview:
     """A ``u64`` view of a C-contiguous region array, three words per region: reading
     one word from it costs a third of ``ndarray.item`` right after a walk of a large
-    range has evicted numpy's code and data from the caches."""
-    return out.view(np.uint64).data
+    range has evicted numpy's code and data from the caches. (Of the array's memory:
+    a subclass such as ``np.ma.MaskedArray`` has its own ``.data``.)"""
+    return np.asarray(out).view(np.uint64).data
 
 
 def _corrected(target: Target, flags: int, walk_end: int, end: int, n: int, out: np.ndarray | memoryview) -> int:
     """``walk_end`` after a call that returned ``n`` regions (``out``: the array, or its
     :func:`_words`) and stopped before ``end``."""
+    if not isinstance(out, memoryview) and type(out) is not np.ndarray:
+        out = np.asarray(out)  # a subclass's item() may be its own (MaskedArray's is)
     last_end: int = out[3 * n - 2] if isinstance(out, memoryview) else out.item(n - 1)[1]
     if walk_end < last_end and _is_stale(target.pid, flags, walk_end, out, n):
         return -(-end // _PAGE_SIZE) * _PAGE_SIZE  # completed; the kernel rounds end up

@@ -400,16 +400,71 @@ def task_size() -> int:
 
 
 def mem_available() -> int | None:
-    """``MemAvailable`` of ``/proc/meminfo`` in bytes (the kernel's estimate of what can
-    be allocated without swapping), or ``None`` if it cannot be read."""
+    """Bytes this process may still allocate without swapping, as far as can be read:
+    ``MemAvailable`` of ``/proc/meminfo`` (the kernel's estimate), bounded by the
+    headroom (limit less usage) of every memory cgroup above this process, v1 or v2
+    (a container's limit is not in meminfo). ``None`` if nothing can be read."""
+    avail = None
     try:
         with open("/proc/meminfo", "rb") as f:
             for line in f:
                 if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    for limit, usage in _cgroup_memory():
+        headroom = max(limit - usage, 0)
+        avail = headroom if avail is None else min(avail, headroom)
+    return avail
+
+
+#: Where the memory controller's files are: v2 (``0::path``), v2 under a hybrid layout,
+#: v1 (a ``memory`` line); and the (limit, usage) file names of each.
+_CGROUP_V2: tuple[tuple[str, ...], tuple[str, str]] = (
+    ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"), ("memory.max", "memory.current"))
+_CGROUP_V1: tuple[tuple[str, ...], tuple[str, str]] = (
+    ("/sys/fs/cgroup/memory",), ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+
+
+def _cgroup_memory() -> list[tuple[int, int]]:
+    """``(limit, usage)`` in bytes of each memory cgroup of this process with a limit,
+    from its own up to the root of the mount."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        hid, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hid == "0" and not controllers:
+            roots, (limit_file, usage_file) = _CGROUP_V2
+        elif "memory" in controllers.split(","):
+            roots, (limit_file, usage_file) = _CGROUP_V1
+        else:
+            continue
+        for root in roots:
+            level = path.rstrip("/") or "/"
+            if not os.path.exists(os.path.join(root, level.lstrip("/"), usage_file)):
+                continue
+            while True:
+                d = os.path.join(root, level.lstrip("/"))
+                try:
+                    with open(os.path.join(d, limit_file)) as f:
+                        text = f.read().strip()
+                    with open(os.path.join(d, usage_file)) as f:
+                        usage = int(f.read())
+                    if text != "max":
+                        found.append((int(text), usage))
+                except (OSError, ValueError):
+                    pass  # the root has no limit file
+                if level == "/":
+                    break
+                level = os.path.dirname(level)
+            break
+    return found
 
 
 def _vmalloc_total() -> int:

@@ -112,9 +112,11 @@ class ScanResult:
             return r
         if isinstance(r, bytes):
             a: np.ndarray = np.frombuffer(bytearray(r), PAGE_REGION_DTYPE)
-        else:
-            out, n = cast("tuple[np.ndarray, int]", r)  # the caller's out and the regions written into it
+        elif type(r) is tuple:
+            out, n = r  # the caller's out and the regions written into it
             a = out[:n]
+        else:
+            return cast("np.ndarray", r)  # a view of an ``out`` that is an ndarray subclass
         self._regions = a
         return a
 
@@ -126,7 +128,7 @@ class ScanResult:
         r = self._regions
         if type(r) is bytes:
             return len(r) // _REGION
-        return len(r) if type(r) is np.ndarray else cast("tuple[np.ndarray, int]", r)[1]
+        return r[1] if type(r) is tuple else len(r)
 
     def __iter__(self) -> Iterator[PageRegion]:
         for s, e, c in self.regions.tolist():
@@ -421,7 +423,7 @@ class Scanner:
         except OSError as err:
             n, walk_end = self._fall_back(err, target, start, end, addr, cap, max_pages, buf)
         if n != cap:
-            # A result keeps at most twice its regions when small, an eighth more when large.
+            # A result keeps at most twice its regions when small, a seventh more when large.
             buf = buf[:n].copy() if cap > 16 and (2 * n < cap if cap <= _SMALL else 8 * n < 7 * cap) else buf[:n]
         return _result(buf, walk_end, start, end)
 

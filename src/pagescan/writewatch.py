@@ -207,7 +207,7 @@ class WriteWatch:
         ValueError, TypeError: bad arguments (unaligned ``start``, ``length <= 0``).
     """
 
-    __slots__ = ("__weakref__", "_bufs", "_guard_buf", "_lock", "_owner", "_scanners", "_sparse", "_uffd", "end", "exclude",
+    __slots__ = ("__weakref__", "_bufs", "_guard_bufs", "_lock", "_owner", "_scanners", "_sparse", "_uffd", "end", "exclude",
                  "start")
 
     def __init__(self, start: int | Buffer, length: int | None = None, *, nohugepage: bool = False) -> None:
@@ -215,7 +215,8 @@ class WriteWatch:
         # Prepared once (buffers reused), by (reset, fast path); the guard check by None.
         self._scanners: dict[tuple[bool, bool] | None, Scanner] = {}
         self._sparse = True  # the previous answer was sparse: use the fast path
-        self._guard_buf = np.zeros(64, PAGE_REGION_DTYPE)  # guard regions of one window
+        # Guard regions of one window: a reentrant get (a signal handler) takes its own.
+        self._guard_bufs = [np.zeros(64, PAGE_REGION_DTYPE)]
         self._bufs: list[np.ndarray] = []  # spare region buffers of whole-range gets
         if length is None:
             lo, hi = buffer_range(start, "start")
@@ -446,16 +447,23 @@ class WriteWatch:
         if g is None:
             g = self._scanners[None] = Scanner(category_mask=_GUARD, return_mask=_GUARD)
         windows = _windows(regions)
-        if len(windows) * _WINDOW_PAGES > (self.end - self.start) // P:
+        if (len(windows) - 1) * _WINDOW_PAGES > (self.end - self.start) // P:
             windows = [(windows[0][0], windows[-1][1])]
-        buf, into = self._guard_buf, g.scan_into
+        try:
+            buf = self._guard_bufs.pop()  # list pop/append are atomic
+        except IndexError:
+            buf = np.zeros(64, PAGE_REGION_DTYPE)
+        into = g.scan_into
         guards: list[np.ndarray] = []
-        for lo, hi in windows:
-            n, walk_end = into(lo, hi, buf)  # usually none: no allocation
-            if n == len(buf) and walk_end < hi:
-                guards.extend(res.regions for res in walk(g, lo, hi, None, 0))
-            elif n:
-                guards.append(buf[:n].copy())
+        try:
+            for lo, hi in windows:
+                n, walk_end = into(lo, hi, buf)  # usually none: no allocation
+                if n == len(buf) and walk_end < hi:
+                    guards.extend(res.regions for res in walk(g, lo, hi, None, 0))
+                elif n:
+                    guards.append(buf[:n].copy())
+        finally:
+            self._guard_bufs.append(buf)
         if not guards:
             return regions
         pages = np.setdiff1d(regions_to_pages(regions), regions_to_pages(np.concatenate(guards)), assume_unique=True)

@@ -142,6 +142,7 @@ def libc() -> ctypes.CDLL:
         "process_vm_readv": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
         "process_vm_writev": (c_ssize_t, [c_int, c_void_p, c_ulong, c_void_p, c_ulong, c_ulong]),
         "pwritev": (c_ssize_t, [c_int, c_void_p, c_int, ctypes.c_int64]),
+        "preadv": (c_ssize_t, [c_int, c_void_p, c_int, ctypes.c_int64]),
         "pthread_sigmask": (c_int, [c_int, c_void_p, c_void_p]),
     }
     for name, (restype, argtypes) in protos.items():

@@ -82,6 +82,7 @@ __all__ = [
     "LoadedList",
     "LoadedState",
     "PendingCheckpoint",
+    "SYNC_STAGING_SHARE",
     "compact",
     "inspect",
     "lazy_restore",

@@ -97,14 +97,14 @@ class ProcMem:
         raises ``OSError``. ``out`` (C-contiguous, writable) must hold every run: checked,
         since the kernel writes there.
         """
+        if not (out.flags.c_contiguous and out.flags.writeable):
+            raise ValueError("out must be a C-contiguous, writable array")
         n = len(starts)
         if not n:
             return
         st = starts.astype(np.int64)
         ln = lengths.astype(np.int64)
         of = offsets.astype(np.int64)
-        if not (out.flags.c_contiguous and out.flags.writeable):
-            raise ValueError("out must be a C-contiguous, writable array")
         flat = out.reshape(-1).view(np.uint8)
         if bool((of < 0).any() or (ln < 0).any()) or int((of + ln).max()) > flat.nbytes:
             raise ValueError("the runs do not fit in out")
@@ -163,7 +163,9 @@ class FrozenTwin(ProcMem):
     thread looped; 0.57 s kept). No read of the twin waits on one of our threads: it
     inherits no ``userfaultfd`` registration (pagescan never asks for
     ``UFFD_FEATURE_EVENT_FORK``; with a handler that did, the ``fork()`` itself waits
-    for it), so a page is read or is absent."""
+    for it), so a page is read or is absent. (One case is not covered: state in a file
+    mapping whose file system is served by a thread of this process, a FUSE server
+    running in it, would make a read of a page not in memory wait for that thread.)"""
 
     keep_gil = True
 
