@@ -22,6 +22,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -360,6 +361,51 @@ def test_guard_pages_are_excluded(fast: bool) -> None:
             m.madvise(MADV.GUARD_REMOVE, 0, n)
             check([2, 4, 8, 2001, 5001, 5002])  # an emptied slot reads as written
             check([])
+
+
+@requires_guard
+def test_a_get_nested_in_the_guard_check_leaves_the_outer_answer_whole() -> None:
+    """A ``get`` made by a signal handler while another ``get`` checks its windows for
+    guard pages (here: between the outer check's scan of its first window and its
+    reading of the answer; the nested check ends on the last window, with another guard
+    page) takes its own buffer: the outer answer still leaves out the guard page of
+    that window."""
+    import sys
+    from typing import Any
+
+    n = 8192
+    with anon(n) as m, WriteWatch(m.addr, m.length) as w:
+        m.write(0, n)
+        w.reset()
+        for page in (99, 101, 4999, 5001):
+            m.touch(page)
+        m.madvise(MADV.GUARD_INSTALL, 100, 1)  # unarmed: the fast path reports them
+        m.madvise(MADV.GUARD_INSTALL, 5000, 1)
+        code = WriteWatch._without_guards.__code__
+        line = next(ln for _, _, ln in code.co_lines()
+                    if ln and "if n == len(buf)" in Path(code.co_filename).read_text().splitlines()[ln - 1])
+        nested: list[list[int]] = []
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            if frame.f_code is not code:
+                return None
+            if event == "line" and frame.f_lineno == line and frame.f_locals["lo"] < m[4000] and not nested:
+                sys.settrace(None)
+                try:
+                    w._sparse = True
+                    nested.append(got(w, m))
+                finally:
+                    sys.settrace(tracer)
+            return tracer
+
+        w._sparse = True  # the fast path, then the guard check
+        sys.settrace(tracer)
+        try:
+            outer = got(w, m)
+        finally:
+            sys.settrace(None)
+        assert nested == [[99, 101, 4999, 5001]]
+        assert outer == [99, 101, 4999, 5001]
 
 
 def test_guard_check_windows_group_regions_less_than_the_gap_apart() -> None:
