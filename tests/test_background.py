@@ -29,6 +29,7 @@ Real threads writing real memory, real forks, real files. What is checked:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -41,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 import numpy as np
 import pytest
 
@@ -168,6 +170,188 @@ def test_every_generation_is_one_instant_while_threads_write(tmp_path: Path, met
         assert methods == {method}
     assert check_generations(path) == final.generation
     np.testing.assert_array_equal(loaded(path)["s"], s)  # tracking survived every instant
+
+
+def test_bad_checkpoint_arguments_are_refused_before_anything_is_taken(tmp_path: Path) -> None:
+    """A ``progress`` that is not callable and a ``wait`` that is not a bool are
+    ``TypeError`` from the call, before the instant (nothing re-armed, no generation);
+    ``restore`` checks its ``progress`` before writing a byte."""
+    from pagescan.snapshot import inspect, restore
+
+    a = pagescan.zeros(4 * P, np.uint8)
+    path = tmp_path / "args.ckpt"
+    with Checkpointer(path, {"a": a}) as ck:
+        ck.checkpoint()
+        a[0] = 1
+        for kw in ({"progress": 5}, {"wait": "no"}, {"wait": None}, {"wait": 1}):
+            with pytest.raises(TypeError):
+                ck.checkpoint(**kw)  # type: ignore[call-overload]
+        assert len(inspect(path)["generations"]) == 1
+        assert ck.checkpoint().pages == 1  # the write was still found
+    tgt = pagescan.zeros(4 * P, np.uint8)
+    tgt[:] = 7
+    with pytest.raises(TypeError, match="progress"):
+        restore(path, {"a": tgt}, progress=5)  # type: ignore[arg-type]
+    assert (tgt == 7).all()
+
+
+def test_a_checkpointer_dropped_without_close_releases_its_file() -> None:
+    """A Checkpointer dropped unclosed: its file's fd (and the writer's lock on it) and
+    its helper go with it; the file can be opened for writing again."""
+    import gc
+    import tempfile
+
+    a = pagescan.zeros(4 * P, np.uint8)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "drop.ckpt"
+        before = set(os.listdir("/proc/self/fd"))
+        ck = Checkpointer(path, {"a": a})
+        ck.checkpoint()
+        del ck
+        gc.collect()
+
+        def opened() -> set[str]:
+            names = set()
+            for f in set(os.listdir("/proc/self/fd")) - before:
+                with contextlib.suppress(OSError):
+                    names.add(os.readlink(f"/proc/self/fd/{f}"))
+            return names
+
+        assert not any(str(path) in name for name in opened())
+        with Checkpointer(path, {"a": a}) as again:  # the lock is free
+            again.checkpoint()
+
+
+def test_no_collection_runs_during_a_checkpoint_and_finalizers_never_tear_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cyclic garbage collector is paused while ``checkpoint()`` runs: a finalizer
+    it would run writes from the one thread the instant does not stop (here a "direct"
+    checkpoint, this thread alone: its copy, batch by batch). With a collection due at
+    every allocation, none runs inside the call, every generation holds both halves of
+    the finalizer's write or neither, and the program's GC setting is back after."""
+    import gc
+
+    import pagescan.snapshot as snap
+    from pagescan.snapshot import BATCH_PAGES
+
+    # As in a process whose only thread checkpoints (pytest's faulthandler watchdog is a
+    # second thread, which writes no memory).
+    monkeypatch.setattr(snap, "_single_thread", lambda: True)
+    a = pagescan.zeros(8 * BATCH_PAGES * P // 8, np.int64)  # 8 batches
+    runs: list[float] = []
+    inside = [False]
+    count = [0]
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:  # one transaction over the first and the last page
+            count[0] += 1
+            a[1] = a[-1] = count[0]
+
+    def seen(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and inside[0] and ck._in_call is not None:
+            runs.append(time.monotonic())
+
+    path = tmp_path / "gc.ckpt"
+    old = gc.get_threshold()
+    gc.callbacks.append(seen)
+    gc.set_threshold(1)  # a collection at (nearly) every allocation
+    try:
+        with Checkpointer(path, {"a": a}) as ck:
+            ck.checkpoint()
+            for _ in range(5):
+                a[::512] += 1
+                Cycle()  # garbage with a finalizer, due at the next collection
+                inside[0] = True
+                info = ck.checkpoint()
+                inside[0] = False
+                assert info.method == "direct"
+                assert gc.isenabled()
+                st = loaded(path)["a"]
+                assert st[1] == st[-1]
+    finally:
+        gc.callbacks.remove(seen)
+        gc.set_threshold(*old)
+    assert runs == []
+    assert count[0] == 5  # the finalizers did run, after each call
+
+
+@requires_wp_async
+def test_a_child_forked_during_a_ptrace_instant_has_its_signal_handlers_and_can_checkpoint(tmp_path: Path) -> None:
+    """Another thread forks while the main thread's checkpoint holds the instant lock
+    and the Python signal handlers: the child gets its handlers back (SIGUSR1's runs,
+    SIGINT raises ``KeyboardInterrupt``) and a free instant lock (a new Checkpointer's
+    ptrace checkpoint there completes)."""
+    import pagescan.snapshot as snap
+
+    got: list[int] = []
+    old_usr1 = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    big = pagescan.zeros(64 << 20 >> 3)
+    stop = threading.Event()
+    status: dict[str, Any] = {}
+    r, w = os.pipe()
+
+    def in_child() -> str:
+        held_lock, held_signals = snap._instant_lock.locked(), snap._HeldSignals.active
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+            interrupted = False
+        except KeyboardInterrupt:
+            interrupted = True
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(30)  # a hang ends the child (faulthandler's timer waits for the parent's thread here)
+        small = pagescan.zeros(4096)
+        other = threading.Thread(target=stop.wait, daemon=True)
+        other.start()
+        with Checkpointer(tmp_path / "child.ckpt", {"s": small}) as ck2:
+            ck2._use_ptrace = True
+            ck2.checkpoint()
+            small[:10] = 1
+            method = ck2.checkpoint().method
+        return f"{held_lock} {held_signals} {bool(got)} {interrupted} {method}"
+
+    def forker() -> None:
+        while not stop.is_set():
+            if snap._HeldSignals.active and snap._instant_lock.locked():
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - the child
+                    try:
+                        os.write(w, in_child().encode())
+                    finally:
+                        os._exit(0)
+                status["pid"] = pid
+                stop.set()
+                return
+
+    try:
+        with Checkpointer(tmp_path / "c.ckpt", {"b": big}) as ck:
+            ck._use_ptrace = True
+            ck.checkpoint()
+            ck.checkpoint()
+            th = threading.Thread(target=forker)
+            th.start()
+            for _ in range(200):
+                if stop.is_set():
+                    break
+                big[::512] += 1
+                ck.checkpoint()  # the main thread: it holds the handlers
+            stop.set()
+            th.join()
+        assert "pid" in status, "no fork landed inside an instant"
+        os.close(w)
+        answer = os.read(r, 200).decode()
+        assert os.waitpid(status["pid"], 0)[1] == 0
+        assert answer == "False False True True ptrace", answer
+    finally:
+        signal.signal(signal.SIGUSR1, old_usr1)
+        os.close(r)
+        with contextlib.suppress(OSError):
+            os.close(w)
 
 
 @requires_wp_async

@@ -500,6 +500,13 @@ def test_regions_as_buffer_objects_and_pairs(tmp_path: Path, method: str) -> Non
         m.close()
     with pytest.raises(ValueError, match="not page aligned"):
         Checkpointer(tmp_path / "x.ck", [(m.addr + 1, P)])
+    for far in (1 << 63, (1 << 64) - P, 1 << 64):  # a ValueError, never an OverflowError after the file is read
+        with pytest.raises(ValueError, match="beyond the address space"):
+            restore(path, [(far, 4 * P)])
+        with pytest.raises(ValueError, match="beyond the address space"), lazy_restore(path, [(far, 4 * P)]):
+            pass
+        with pytest.raises(ValueError, match="beyond the address space"):
+            Checkpointer(tmp_path / "x.ck", [(far, P)])
     with pytest.raises(ValueError, match="no entries"):
         Checkpointer(tmp_path / "x.ck", [])
     with pytest.raises(TypeError):

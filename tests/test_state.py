@@ -647,6 +647,16 @@ def test_version_2_files_are_read_not_continued(tmp_path: Path) -> None:
     assert bytes(tgt) == pages.tobytes()
     with pytest.raises(CheckpointError, match="version 2"):
         Checkpointer(path, [tgt])
+    # A lazy load that records its working set leaves a version 2 file as it is (a
+    # section appended to it would read as a damaged generation to every reader).
+    lazy = load(path, lazy=True, record=True)
+    assert bytes(lazy[0][:P]) == pages[0].tobytes()
+    del lazy
+    gc.collect()
+    verify(path)
+    assert bytes(load(path)[0]) == pages.tobytes()
+    with Store(path, writable=True, lock=True) as store, pytest.raises(CheckpointError, match="version 2"):
+        store.append_section(fmt.SECTION_WORKING_SET, 1, b"\0" * 8)
     compact(path)  # rewrites it in the current version
     assert inspect(path)["version"] == fmt.VERSION and bytes(load(path)[0]) == pages.tobytes()
 
@@ -722,6 +732,92 @@ def test_cli_inspect_entries_and_load_check(tmp_path: Path, capsys: pytest.Captu
     path.write_bytes(bytes(data))
     assert pagescan.cli.main(["checkpoint", "load", str(path), "--check"]) == 1
     assert "CorruptCheckpointError" in capsys.readouterr().err
+
+
+def test_lazy_restore_refuses_a_private_mapping_of_a_memfd(tmp_path: Path) -> None:
+    """A ``MAP_PRIVATE`` mapping of a memfd takes MISSING faults, but once its private
+    copies are dropped a touch maps the file's own page, raising no fault: the file's
+    bytes would show through, silently. Refused with ``ValueError`` before anything is
+    touched; eager ``restore`` into it is exact; ``MAP_SHARED`` of it is served lazily."""
+    n = 8 * P
+    src = pagescan.zeros(n, np.uint8)
+    src[:] = 0x22
+    path = tmp_path / "memfd.ck"
+    with Checkpointer(path, {"a": src}) as ck:
+        ck.checkpoint()
+    fd = os.memfd_create("pagescan-test")
+    try:
+        os.ftruncate(fd, n)
+        os.pwrite(fd, b"\x11" * n, 0)
+        private = mmap.mmap(fd, n, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        tgt = np.frombuffer(private, np.uint8)
+        tgt[:] = 0x33  # private copies
+        with pytest.raises(ValueError, match="private mapping"), lazy_restore(path, {"a": tgt}):
+            pass
+        assert (tgt == 0x33).all()  # nothing dropped
+        restore(path, {"a": tgt})
+        assert (tgt == 0x22).all()
+        del tgt
+        private.close()
+        shared = mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        sh = np.frombuffer(shared, np.uint8)
+        with lazy_restore(path, {"a": sh}, prefetch=False) as fh:
+            assert (sh == 0x22).all()
+            assert fh.wait(10)
+        del sh
+        shared.close()
+    finally:
+        os.close(fd)
+
+
+_LOADS_UNDER_SIGNALS = r"""
+import os, signal, sys, time
+import numpy as np
+import pagescan
+from pagescan.snapshot import Checkpointer, load, restore
+P, path = 4096, sys.argv[1]
+src = pagescan.zeros(256 * P, np.uint8)
+src[:] = np.arange(src.size) % 251
+with Checkpointer(path, {"a": src}) as ck:
+    ck.checkpoint()
+bad, busy, seen = [0], [False], [0]
+def handler(sig, frame):
+    if busy[0]:
+        return
+    busy[0] = True
+    try:
+        seen[0] += 1
+        r = load(path, lazy=True)
+        bad[0] += not np.array_equal(r["a"], src)
+        del r
+        tgt = pagescan.zeros(256 * P, np.uint8)
+        restore(path, {"a": tgt})
+        bad[0] += not np.array_equal(tgt, src)
+    finally:
+        busy[0] = False
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+t0, n = time.monotonic(), 0
+while time.monotonic() - t0 < 3:
+    r = load(path, lazy=True)
+    bad[0] += not np.array_equal(r["a"], src)
+    del r
+    n += 1
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+print(n, seen[0], bad[0])
+"""
+
+
+def test_lazy_loads_in_a_signal_handler_during_lazy_loads_neither_hang_nor_differ(tmp_path: Path) -> None:
+    """A signal handler that makes lazy loads and restores, every 2 ms, while the main
+    thread makes lazy loads (each forks its handler): a signal never runs a handler
+    inside the fork's at-fork hooks, where a second fork would wait for the hooks'
+    locks for good; every load is exact."""
+    out = subprocess.run([sys.executable, "-c", _LOADS_UNDER_SIGNALS, str(tmp_path / "sig.ck")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loads, signals, bad = map(int, out.stdout.split())
+    assert loads > 10 and signals > 10 and bad == 0
 
 
 def test_lazy_restore_records_and_uses_a_working_set(tmp_path: Path) -> None:

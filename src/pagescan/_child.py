@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from ._fdholder import FdHolder
@@ -104,10 +105,25 @@ def fork(main: Callable[[], int]) -> Child:
     """Fork a child that runs ``main()`` and leaves with ``os._exit`` of what it returns
     (1 if it raises): it never returns into the caller's code nor runs ``atexit``
     handlers. Returns the :class:`Child` in the parent."""
+    if getattr(_forking, "active", False):
+        # A signal handler run by the at-fork hooks of a fork this thread is making: a
+        # second fork now would wait, for good, for locks those hooks hold.
+        raise RuntimeError("cannot fork from a signal handler while this thread is forking")
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()  # or the child could write our buffered output again
-    pid = os.fork()
+    # Signals blocked in this thread while the fork and its hooks run (handlers due are
+    # run after); the flag covers a signal another thread took meanwhile.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    _forking.active = True
+    try:
+        pid = os.fork()
+    except BaseException:
+        _forking.active = False
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        raise
+    _forking.active = False
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if pid == 0:  # pragma: no cover - child
         code = 1
         try:
@@ -117,3 +133,7 @@ def fork(main: Callable[[], int]) -> Child:
         finally:
             os._exit(code)
     return Child(pid)
+
+
+#: ``active`` while this thread is inside :func:`fork`'s ``os.fork`` (its hooks included).
+_forking = threading.local()

@@ -19,7 +19,7 @@ or without the GIL). The instant is taken in a short pause inside
 while the program runs, then to stop every other thread with ptrace (:mod:`._freeze`)
 for a last walk and copy: that stop is the instant. A full checkpoint, or one whose
 helper the kernel may not let trace us, forks instead: the child, a *frozen twin*
-that runs nothing of the program, keeps the memory as it was at the ``fork``
+that runs nothing of the program (its after-fork hooks apart), keeps the memory as it was at the ``fork``
 (copy-on-write), and the chunks are read from it through ``/proc/PID/mem`` (never by
 dereferencing addresses from Python). ``checkpoint(wait=False)`` returns a
 :class:`PendingCheckpoint` (a ``concurrent.futures.Future``) right after the pause and
@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import gc
 import os
 import signal
 import time
@@ -168,6 +169,8 @@ class _HeldSignals:
     Nested calls (a finalizer's checkpoint) hold nothing more."""
 
     active = False  # (main thread only)
+    #: The one holding the handlers now (a child forked meanwhile puts them back).
+    live: _HeldSignals | None = None
 
     def __init__(self) -> None:
         self.saved: dict[int, Callable[..., Any]] = {}
@@ -176,6 +179,7 @@ class _HeldSignals:
         if _HeldSignals.active or threading.current_thread() is not threading.main_thread():
             return
         _HeldSignals.active = self.owner = True
+        _HeldSignals.live = self
         try:
             with contextlib.suppress(ValueError):  # (not the main interpreter)
                 for sig in range(1, signal.NSIG):
@@ -198,6 +202,7 @@ class _HeldSignals:
         if not self.owner:
             return
         self.owner = _HeldSignals.active = False
+        _HeldSignals.live = None
         saved, self.saved = self.saved, {}
         for sig, handler in saved.items():
             signal.signal(sig, handler)
@@ -210,6 +215,26 @@ class _HeldSignals:
                 first = first or err
         if first is not None:
             raise first
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while a checkpoint ran in another thread: the instant lock that
+    thread may hold, and the Python signal handlers held back, are not the child's to
+    wait for: a new lock, and the program's handlers back (what came due meanwhile is
+    the parent's, not run here)."""
+    global _instant_lock
+    _instant_lock = threading.Lock()
+    held = _HeldSignals.live
+    if held is None:
+        return
+    _HeldSignals.live, _HeldSignals.active, held.owner = None, False, False
+    saved, held.saved, held.due = held.saved, {}, []
+    with contextlib.suppress(ValueError):  # (not the main thread of the main interpreter)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: First guesses, in seconds per page, of the cost of the fork path (a walk and a
@@ -471,7 +496,9 @@ class Checkpointer:
         other threads write (with or without the GIL): state spanning pages is never
         torn. A write racing the pause is in this generation or the next, never lost.
         During the pause the interpreter's GIL switch interval is 0.1 ms (restored
-        before returning), so that a thread busy under the GIL does not delay it.
+        before returning), so that a thread busy under the GIL does not delay it, and
+        the cyclic garbage collector is paused for the call (a finalizer it ran would
+        write from the one thread the instant does not stop).
         The pause is ``CheckpointInfo.pause``.
 
         ``wait=True`` (default): returns the :class:`CheckpointInfo` when sealed.
@@ -489,19 +516,30 @@ class Checkpointer:
         ``cancel=True`` from another thread cancels a running ``wait=True`` call: it raises
         ``concurrent.futures.CancelledError`` (the file keeps its previous generations).
         """
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable or None, not {type(progress).__name__}")
+        if not isinstance(wait, bool):
+            raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
         if self._forked():
             raise RuntimeError(f"this Checkpointer belongs to pid {self._pid}; a forked child does not inherit "
                                "its write tracking: checkpoint only from the parent")
         self._not_reentrant("checkpoint()")
         self._acquire("checkpoint()")
         held: list[_HeldSignals] = []
+        collecting = gc.isenabled()
         try:
             self._in_what = "checkpoint()"
             self._in_call = threading.get_ident()
+            # No collection in this thread while the instant is taken: a finalizer run by
+            # it would write memory from the one thread the instant does not stop (the
+            # "direct" copy, the ptrace stop) and could tear the generation.
+            gc.disable()
             return self._checkpoint(progress, wait, held)
         finally:
             self._in_call = None
             self._lock.release()
+            if collecting:
+                gc.enable()
             for h in held:
                 h.release()  # Python handlers due meanwhile run now
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import weakref
 from typing import Any
 
 import numpy as np
 
+from .._procfs import read_maps
 from .._uapi import libc
 from .._uapi.mman import MADV
 from .._uapi.userfaultfd import RegisterMode
@@ -216,8 +218,8 @@ class Recording:
         except (CheckpointError, OSError):
             return
         with store:
-            if store.damage is not None or len(store.generations) < self.generation:
-                return
+            if store.damage is not None or len(store.generations) < self.generation or store.version < 3:
+                return  # (a version 2 file holds no sections: left as it is)
             chunks = self.lazymap.to_chunks(hpages)
             with contextlib.suppress(OSError):
                 store.append_section(SECTION_WORKING_SET, self.generation, chunks.astype("<u8").tobytes())
@@ -243,6 +245,27 @@ def probe_missing(regions: list[tuple[int, int]]) -> None:
             uf.register(a, n, RegisterMode.MISSING)
         for a, n in regions:
             uf.unregister(a, n)
+
+
+def refuse_private_files(regions: list[tuple[int, int]]) -> None:
+    """Refuse (``ValueError``) a private mapping of a shared-memory file (a memfd or
+    tmpfs file mapped ``MAP_PRIVATE``) among the ranges: the kernel takes MISSING
+    faults there, but after the pages are dropped a touch maps the file's own page
+    from its page cache, raising no fault: the file's bytes, not the checkpoint's,
+    with nothing to tell. (Private anonymous memory and anonymous hugetlb are served.)"""
+    if not regions:
+        return
+    lo = min(a for a, _ in regions)
+    hi = max(a + n for a, n in regions)
+    vmas = read_maps(os.getpid(), lo, hi)
+    for a, n in regions:
+        for v in vmas:
+            if (v.start < a + n and a < v.end and not v.shared and not v.anonymous
+                    and not v.name.startswith("/anon_hugepage")):
+                raise ValueError(
+                    f"lazy restore into {a:#x}-{a + n:#x}: {v.start:#x}-{v.end:#x} is a private mapping of "
+                    f"the file {v.name or '(unnamed)'}; a touched page would read the file's bytes, not the "
+                    "checkpoint's: use restore(), or map the file MAP_SHARED")
 
 
 def drop(a: int, n: int) -> None:

@@ -528,6 +528,12 @@ class Precopier:
         with contextlib.suppress(BufferError):
             self.map.close()
 
+    def __del__(self) -> None:
+        # Dropped without close() (its Checkpointer was): end the helper, quietly.
+        with contextlib.suppress(Exception):
+            if self.sock.fileno() >= 0:
+                self.close()
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main(sys.argv[1:]))

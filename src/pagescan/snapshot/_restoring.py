@@ -11,7 +11,7 @@ import numpy as np
 
 from .._uapi.libc import write_runs
 from ..handler import FaultHandler
-from ._lazy import CheckpointSource, LazyMap, Recording, drop, hot_pages, probe_missing
+from ._lazy import CheckpointSource, LazyMap, Recording, drop, hot_pages, probe_missing, refuse_private_files
 from ._gil import quick_gil
 from ._pages import BATCH_PAGES, P, Progress, pages_of
 from ._state import Target, chunk_runs, match, targets
@@ -89,6 +89,8 @@ def restore(
 def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
              progress: Progress | None, *, exact_pairs: bool) -> int:
     """:func:`restore`; ``exact_pairs``: ``(address, length)`` pairs are exact bytes, any alignment (the CLI)."""
+    if progress is not None and not callable(progress):  # before a byte is written
+        raise TypeError(f"progress must be a callable or None, not {type(progress).__name__}")
     with quick_gil():
         return _restore_quickly(path, state, generation, pid, progress, exact_pairs)
 
@@ -132,8 +134,10 @@ def lazy_restore(
 ) -> Iterator[FaultHandler]:
     """Restore into the objects of ``state`` lazily: pages arrive on first touch.
 
-    ``state`` as for :func:`restore` (private anonymous or shmem memory of this
-    process). The pages that lie entirely inside an object are dropped
+    ``state`` as for :func:`restore` (private anonymous memory, or shared memory
+    (shmem, hugetlb) mapped ``MAP_SHARED``, of this process; a ``MAP_PRIVATE`` mapping
+    of a memfd or tmpfs file is refused with ``ValueError``: its file's pages would
+    show through). The pages that lie entirely inside an object are dropped
     (``MADV_DONTNEED``; ``MADV_REMOVE`` for shared memory) and served from the file on
     first touch by a handler process; the bytes of an object on pages it shares with
     other objects (the first and last page of a small array on the malloc heap) are
@@ -177,6 +181,7 @@ def lazy_restore(
             else:
                 eager.append((t, i, 0, t.nbytes))
         probe_missing(regions)
+        refuse_private_files(regions)
         me = os.getpid()
         for t, i, skip, length in eager:
             _restore_bytes(src, t, i, skip, length, me)

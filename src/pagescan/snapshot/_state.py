@@ -47,6 +47,11 @@ def _label(name: str | None, i: int) -> str:
     return f"entry {name!r}" if name is not None else f"entry {i}"
 
 
+#: No region of a process ends above this: its offsets in the file and its runs are
+#: signed 64-bit (user space ends far below, at 2**47 or 2**56 on x86-64).
+_ADDRESS_END = 1 << 63
+
+
 def _pair(value: tuple[Any, ...], label: str) -> tuple[int, int]:
     if len(value) != 2 or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in value):
         raise TypeError(f"{label}: a region must be an (address, length) pair of ints or a buffer object, "
@@ -56,6 +61,8 @@ def _pair(value: tuple[Any, ...], label: str) -> tuple[int, int]:
         raise ValueError(f"{label}: bad region ({a:#x}, {n}): the address must be >= 0 and the length > 0")
     if a % P:
         raise ValueError(f"{label}: region address {a:#x} is not page aligned")
+    if a + (n + P - 1) // P * P > _ADDRESS_END:
+        raise ValueError(f"{label}: region ({a:#x}, {n}) ends beyond the address space ({_ADDRESS_END:#x})")
     return a, n
 
 
@@ -64,6 +71,8 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
     if isinstance(value, tuple):
         if exact_pairs:
             a, n = int(value[0]), int(value[1])
+            if a < 0 or n <= 0 or a + n > _ADDRESS_END:
+                raise ValueError(f"{label}: bad region ({a:#x}, {n})")
         else:
             a, n = _pair(value, label)
             n = (n + P - 1) // P * P  # the 0.1 form: whole pages

@@ -220,6 +220,14 @@ class Store:
             os.close(self.fd)
             self.fd = -1
 
+    def __del__(self) -> None:
+        # Forgotten without close() (a Checkpointer dropped unclosed): the fd, and a
+        # writer's lock on the file with it, must not outlive the object.
+        with contextlib.suppress(Exception):
+            if getattr(self, "fd", -1) >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
     def __enter__(self) -> Store:
         return self
 
@@ -354,6 +362,8 @@ class Store:
         """Append a sealed section at the sealed end (``fsync``'d; the writer's lock is needed)."""
         if not self.writable:
             raise CheckpointError(f"{self.path} is open read-only")
+        if self.version < 3:  # its readers would take a section for a damaged generation
+            raise CheckpointError(f"{self.path} is a version {self.version} checkpoint: it holds no sections")
         if self.damage is not None:
             raise self.damage
         off = self.sealed_end
