@@ -1314,6 +1314,29 @@ def test_cli_verify_ok_and_damaged(tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"generation 2, region 0, page {page}:" in err and err.count("\n") == 1
 
 
+def test_compact_keeps_the_files_mode_and_owner_and_follows_a_link(tmp_path: Path) -> None:
+    """``compact`` writes a new file and renames it over the old one: it keeps the old
+    file's mode (a private 0600 checkpoint stays private) and owner, and compacts the
+    file a symbolic link names, leaving the link in place."""
+    a = pagescan.zeros(8 * P, np.uint8)
+    real = tmp_path / "data" / "real.ck"
+    real.parent.mkdir()
+    with Checkpointer(real, {"a": a}) as ck:
+        ck.checkpoint()
+        a[0] = 1
+        ck.checkpoint()
+    os.chmod(real, 0o600)
+    os.chown(real, 65534, 65534)  # (the tests run as root)
+    link = tmp_path / "link.ck"
+    link.symlink_to(real)
+    compact(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    st = os.stat(real)
+    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o600, 65534, 65534)
+    assert len(inspect(real)["generations"]) == 1 and snap.load(real)["a"][0] == 1
+    assert sorted(p.name for p in real.parent.iterdir()) == ["real.ck"]
+
+
 def test_cli_compact_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "c.ck"
     expected, _ = make_chain(path, np.random.default_rng(22), [16], steps=2)

@@ -1038,10 +1038,14 @@ def compact(path: str | os.PathLike[str], generation: int | None = None, *, prog
     (numbered 1) with every chunk of that generation's state (zero chunks as such);
     generations after ``generation`` and optional sections are dropped. Chunks are
     verified while they are copied. The new file is written beside ``path`` and
-    renamed over it (atomic: a crash leaves the old file). Refused while a Checkpointer
-    has the file open. Returns the number of chunks.
+    renamed over it (atomic: a crash leaves the old file), with the old file's mode
+    (and owner, when we may set it); a symbolic link is followed (the file it names is
+    replaced, the link stays). Refused while a Checkpointer has the file open. Returns
+    the number of chunks.
     """
-    path = os.fspath(path)
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable or None, not {type(progress).__name__}")
+    path = os.path.realpath(os.fspath(path))
     with Store(path, writable=True, lock=True) as store:
         gen = store.generation(generation)
         gen_of, pos_of = store.latest_map(gen.number)
@@ -1051,6 +1055,11 @@ def compact(path: str | os.PathLike[str], generation: int | None = None, *, prog
         index["region"] = region
         index["page"] = np.arange(total) - store.base[region]
         fd, named_tmp = new_file(path, store.page_size, store.mapping, store.entries)
+        old = os.fstat(store.fd)
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, old.st_mode & 0o7777)
+            if (old.st_uid, old.st_gid) != (os.getuid(), os.getgid()):
+                os.fchown(fd, old.st_uid, old.st_gid)  # (root only; the mode above stays)
         tmp_name = named_tmp or f"{path}.compact-{os.getpid()}"
         linked = named_tmp is not None
         try:
