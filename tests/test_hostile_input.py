@@ -75,6 +75,49 @@ def test_item1_scan_out_multidimensional_refused_before_syscall(shape: tuple[int
 # -- item 2: scan() is reentrant -----------------------------------------------------------------
 
 
+def test_an_out_subclass_cannot_widen_or_unlock_what_the_kernel_writes() -> None:
+    """An ndarray subclass passed as ``out`` is judged by its plain-array view: a
+    ``__len__`` that claims a million slots gets the kernel one (no heap overrun: this
+    aborted the interpreter), a ``flags`` that claims a read-only view of ``bytes`` is
+    writable is refused (the immutable object stayed unchanged). Run in a child: a
+    regression would abort it, not the test run."""
+
+    def attempt() -> tuple[int, int, bool, str]:
+        class Long(np.ndarray):
+            def __len__(self) -> int:
+                return 1 << 20
+
+        class FakeFlags:
+            writeable = c_contiguous = True
+
+        class Unlocked(np.ndarray):
+            @property
+            def flags(self) -> Any:  # type: ignore[override]
+                return FakeFlags()
+
+        m = anon(4096)
+        for i in range(0, 4096, 2):
+            m.write(i, 1)
+        kw: dict[str, Any] = dict(category_mask=Category.PRESENT, return_mask=Category.PRESENT)
+        slots = np.zeros(3, PAGE_REGION_DTYPE)
+        out = slots[1:2].view(Long)  # one slot, between two sentinels
+        res = scan(m.addr, m.end, out=out, **kw)
+        n, _ = pagescan.Scanner(**kw).scan_into(m.addr, m.end, out)
+        data = bytes(48)
+        locked = np.frombuffer(data, PAGE_REGION_DTYPE).view(Unlocked)
+        try:
+            pagescan.Scanner(**kw).scan_into(m.addr, m.end, locked)
+            refused = False
+        except ValueError:
+            refused = True
+        m.close()
+        return len(np.asarray(res.regions)), n, refused and data == bytes(48), slots[[0, 2]].tobytes().hex()
+
+    reported, n, refused, sentinels = run_in_child(attempt)
+    assert (reported, n, refused) == (1, 1, True)
+    assert sentinels == "00" * 48
+
+
 @pytest.mark.parametrize("primed", [True, False], ids=["cached-fd", "first-call-after-fork"])
 def test_item2_scan_reentrant_from_signal_handler(primed: bool) -> None:
     """A 100 us timer whose handler scans one range while the main code scans another,

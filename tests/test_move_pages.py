@@ -120,6 +120,26 @@ def test_populated_destination_is_eexist() -> None:
         assert ei.value.result == MoveResult(0, 0)  # type: ignore[attr-defined]
 
 
+def test_a_populated_destination_under_the_callers_uffd_keeps_its_protection() -> None:
+    """With the caller's uffd (write tracking on ``dst``), a populated ``dst`` is EEXIST
+    before anything is done: the protection of its pages is left as it was (clearing
+    it first made every page read as written)."""
+    from pagescan import Category, UffdFeature, scan
+
+    with anon(4) as src, anon(4) as dst, Userfaultfd(UffdFeature.WP_ASYNC) as uf:
+        fill_random(src, 6)
+        dst.write(0, 1, 0xEE)
+        uf.register(dst.addr, dst.length, RegisterMode.WP)
+        uf.writeprotect(dst.addr, dst.length)
+        wr = int(Category.WRITTEN)
+        assert len(scan(dst.addr, dst.end, category_mask=wr, return_mask=wr)) == 0
+        with pytest.raises(FileExistsError) as ei:
+            move_pages(dst.addr, src.addr, src.length, uffd=uf)
+        assert ei.value.result == MoveResult(0, 0)  # type: ignore[attr-defined]
+        assert len(scan(dst.addr, dst.end, category_mask=wr, return_mask=wr)) == 0
+        assert present(src) == [1, 1, 1, 1]
+
+
 # -- EBUSY: pages shared after fork -----------------------------------------------------
 
 

@@ -687,6 +687,9 @@ def test_page_owning_arrays() -> None:
     assert d.dtype.itemsize == 9
     with pytest.raises(TypeError):
         pagescan.empty(3, object)
+    for huge in ((2**40, 2**40), 2**62, (2**31,) * 3):  # numpy says ValueError too; never OverflowError
+        with pytest.raises(ValueError, match="too big"):
+            pagescan.zeros(huge)
     with pytest.raises(ValueError, match="negative"):
         pagescan.zeros((2, -1))
     with pytest.raises(TypeError):

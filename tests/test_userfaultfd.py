@@ -395,6 +395,8 @@ def test_unknown_ioctl_and_short_read_are_einval() -> None:
             os.read(uf.fileno(), 32)  # no message, O_NONBLOCK
         assert uf.read_events(timeout=0) == []
         assert uf.read_events(timeout=0.05) == []
+        with pytest.raises(ValueError, match="timeout"):
+            uf.read_events(timeout=10**400)  # beyond a float: a ValueError, not OverflowError
 
 
 # -- register-ioctls (selftests Part 2) --------------------------------------------------

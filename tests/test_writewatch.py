@@ -652,6 +652,55 @@ def test_overlapping_watch_is_refused() -> None:
             assert rel(w2.get(), m) == [4]
 
 
+def test_a_forked_child_may_watch_what_its_parent_watches() -> None:
+    """The parent's watches are not the child's (its copies of the ranges are not
+    registered): a child forked while one is open watches the same range itself."""
+    with anon(4) as m, WriteWatch(m.addr, m.length):
+
+        def child() -> None:
+            with WriteWatch(m.addr, m.length) as mine:
+                m.touch(1)
+                assert rel(mine.get(), m) == [1]
+
+        assert_child_ok(*run_in_child(child))
+
+
+def test_a_watch_made_or_closed_by_a_signal_handler_during_another_is_no_error() -> None:
+    """A signal handler (here: run at the overlap check of another ``WriteWatch()``)
+    may make and close watches: the check goes on over what it saw."""
+    import sys
+
+    code = WriteWatch.__init__.__code__
+    text = Path(code.co_filename).read_text().splitlines()
+    line = next(ln for _, _, ln in code.co_lines() if ln and "if other[0] < hi and lo < other[1]:" in text[ln - 1])
+    with anon(16) as m:
+        others = [WriteWatch(m[i], P) for i in range(0, 8, 2)]
+        nested: list[int] = []
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            if frame.f_code is not code:
+                return None
+            if event == "line" and frame.f_lineno == line and not nested:
+                sys.settrace(None)
+                try:
+                    WriteWatch(m[12], P).close()
+                    others.pop().close()
+                    nested.append(1)
+                finally:
+                    sys.settrace(tracer)
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            w = WriteWatch(m[8], 2 * P)
+        finally:
+            sys.settrace(None)
+        assert nested == [1]
+        w.close()
+        for o in others:
+            o.close()
+
+
 def test_range_registered_with_another_uffd_is_refused() -> None:
     with anon(4) as m, Userfaultfd(0) as uf:
         uf.register(m.addr, m.length, RegisterMode.MISSING)

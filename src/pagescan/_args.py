@@ -63,14 +63,19 @@ def u64(name: str, value: Any, *, bool_ok: bool = True) -> int:
     return v
 
 
-def check_out(out: Any, name: str = "out") -> int:
-    """Validate an array the kernel will write regions into; return its address.
+def check_out(out: Any, name: str = "out") -> tuple[int, int]:
+    """Validate an array the kernel will write regions into; return its address and
+    its number of slots.
 
     1-D, C-contiguous, writable, exactly :data:`PAGE_REGION_DTYPE`: anything else would
     let the kernel write where the array's memory is not (``ValueError``/``TypeError``).
+    An ndarray subclass is judged by its plain-array view (``np.asarray``: shape,
+    flags and address from the array itself), never by attributes it may override.
     """
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array of PAGE_REGION_DTYPE, not {type(out).__name__}")
+    if type(out) is not np.ndarray:
+        out = np.asarray(out)  # a subclass's __len__, flags or ctypes may say anything
     if out.dtype != PAGE_REGION_DTYPE:
         raise ValueError(f"{name} must have dtype PAGE_REGION_DTYPE {PAGE_REGION_DTYPE}, not {out.dtype}")
     if out.ndim != 1:
@@ -79,7 +84,7 @@ def check_out(out: Any, name: str = "out") -> int:
         raise ValueError(f"{name} must be C-contiguous (its stride is {out.strides[0]}, not 24)")
     if not out.flags.writeable:
         raise ValueError(f"{name} must be writable")
-    return int(out.ctypes.data)
+    return int(out.ctypes.data), int(out.shape[0])
 
 
 def check_aligned(call: str, name: str, value: int, page_size: int = P) -> None:

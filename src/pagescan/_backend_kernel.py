@@ -184,8 +184,7 @@ class KernelBackend:
         def remember(out: Any, start: int, end: int) -> tuple[Any, int, list[Request], int, int, list[memoryview]]:
             nonlocal last
             u64("start", start), u64("end", end)  # a bad range is reported before a bad out
-            addr = check_out(out)
-            n = len(out)
+            addr, n = check_out(out)
             c = last = (out, n, [], addr, n if vec_len is None or n <= vec_len else vec_len, [])
             return c
 

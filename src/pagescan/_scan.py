@@ -334,8 +334,7 @@ class Scanner:
         c = self._out
         if c is not None and c[0] is out and len(out) == c[2] and out.flags.writeable:
             return c[1], c[2]
-        addr = check_out(out)
-        n = len(out)
+        addr, n = check_out(out)
         if remember:
             self._out = (out, addr, n)
         return addr, n
@@ -488,7 +487,7 @@ def _fall_back_into(target: Target | None, flags: int, inverted: int, mask: int,
         nonlocal run
         if run is None:
             run = _backend.prepare(_backend.fall_back(), flags, inverted, mask, anyof, return_mask)
-        addr, n = check_out(out), len(out)
+        addr, n = check_out(out)
         if vec_len is not None and vec_len < n:
             n = vec_len
         return run(self_target() if target is None else target, start, end, addr, n, max_pages,

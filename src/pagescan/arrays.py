@@ -14,6 +14,7 @@ written), and memory is only used where the program writes.
 from __future__ import annotations
 
 import math
+import sys
 import mmap
 from collections.abc import Sequence
 from typing import Any, SupportsIndex
@@ -53,6 +54,8 @@ def mapped_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> tuple[np.ndarr
         raise TypeError(f"dtype {dtype} holds Python object references, which cannot live in raw pages")
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
+    if nbytes > sys.maxsize:
+        raise ValueError(f"array is too big: shape {shape} of {dtype} is {nbytes} bytes")
     length = max(P, (nbytes + P - 1) // P * P)
     m = _Mapping(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                  prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -31,6 +31,8 @@ from ._uapi.pagemap import Category
 from ._uapi.userfaultfd import RegisterMode
 from .userfaultfd import Userfaultfd
 
+_PRESENT = int(Category.PRESENT)
+
 __all__ = ["MoveResult", "move_pages"]
 
 P = mmap.PAGESIZE
@@ -102,6 +104,12 @@ def move_pages(
         if own:
             uf.register(dst, length, RegisterMode.MISSING)
         else:
+            # Only the markers on empty pages are to go: with a page present the move
+            # fails (EEXIST) anyway, so fail before touching the caller's protection.
+            if len(scan(dst, dst + length, category_mask=_PRESENT, return_mask=_PRESENT, max_pages=1, vec_len=1)):
+                err = FileExistsError(errno.EEXIST, f"move_pages: dst [{dst:#x}, {dst + length:#x}) is populated")
+                err.result = MoveResult(0, 0)  # type: ignore[attr-defined]  # nothing done
+                raise err
             try:
                 uf.writeprotect(dst, length, enable=False)  # drop uffd-wp markers (EEXIST otherwise)
             except OSError as err:

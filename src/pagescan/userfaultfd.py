@@ -428,7 +428,10 @@ class Userfaultfd(FdHolder):
         if timeout is not None:
             if not isinstance(timeout, numbers.Real):  # int, float, numpy scalars, Fraction
                 raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
-            seconds = float(timeout)
+            try:
+                seconds = float(timeout)
+            except OverflowError:  # an int beyond a float's range
+                seconds = math.inf
             if not 0 <= seconds <= MAX_TIMEOUT:  # also NaN
                 raise ValueError(f"timeout must be between 0 and {MAX_TIMEOUT} seconds (None waits forever), "
                                  f"got {timeout}")

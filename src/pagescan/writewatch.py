@@ -101,6 +101,17 @@ _active_lock = threading.RLock()  # reentrant: a signal handler or __del__ may c
 _active: dict[int, tuple[int, int]] = {}  # id(watch) -> (start, end)
 
 
+def _forget_in_child() -> None:
+    """A forked child tracks nothing of its parent's (its copies of the ranges are not
+    registered): its own watches may cover them."""
+    global _active_lock
+    _active_lock = threading.RLock()
+    _active.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _msync_async(addr: int, length: int) -> None:
     """``msync(MS_ASYNC)``: a no-op on the memory that fails with ENOMEM on a hole."""
     libc.msync(addr, length, libc.MS_ASYNC)
@@ -233,7 +244,7 @@ class WriteWatch:
             raise feature_error(errno.EINVAL, ["UFFD_FEATURE_WP_ASYNC"], "needed by WriteWatch")
         self.exclude = int(Category.GUARD) if _probe.pagemap_scan().categories & Category.GUARD else 0
         with _active_lock:
-            for other in _active.values():
+            for other in tuple(_active.values()):  # (a signal handler may create or close one meanwhile)
                 if other[0] < hi and lo < other[1]:
                     raise OSError(
                         errno.EBUSY,
