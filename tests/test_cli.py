@@ -217,6 +217,20 @@ def one_line_error(rc: int, out: str, err: str, kind: str) -> str:
 # -- scan -------------------------------------------------------------------------------
 
 
+def test_closed_standard_streams_are_no_traceback() -> None:
+    """Started with stdout closed (``>&-``): exit 1 with a one-line message, no
+    traceback; with stderr closed (``2>&-``) the report is still written."""
+    def closing(fd: int) -> Any:
+        return lambda: os.close(fd)
+
+    out = subprocess.run([sys.executable, "-m", "pagescan", "ps"], stderr=subprocess.PIPE, text=True,
+                         preexec_fn=closing(1), timeout=120)
+    assert out.returncode == 1 and out.stderr == "pagescan: standard output is closed\n"
+    out = subprocess.run([sys.executable, "-m", "pagescan", "caps"], stdout=subprocess.PIPE, text=True,
+                         preexec_fn=closing(2), timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("kernel")
+
+
 def test_scan_hex_range(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
     lo, hi = child.piece("written")
     for text in (f"0x{lo:x}-0x{hi:x}", f"{lo:x}-{hi:x}"):

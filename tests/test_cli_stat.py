@@ -658,6 +658,83 @@ def test_stat_watch_highlights_what_changed() -> None:
     assert _attributes(screen) >= {"1", "7"}, screen[-2000:]
 
 
+def test_stat_of_a_process_that_exits_while_its_smaps_is_read_is_an_error(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The kernel ends smaps early, with no error, once the process is gone: the
+    process is killed after the first read of its smaps, and ``stat`` reports that it
+    exited (exit 1) instead of a table of the mappings read so far (exit 0)."""
+    import signal
+
+    import pagescan.mappings as mappings_mod
+    from pagescan.cli import main
+
+    proc = subprocess.Popen([sys.executable, "-c", "import mmap, time\nms = [mmap.mmap(-1, 4096) for _ in range(3000)]\n"
+                             "[m.write(b'x') for m in ms]\nprint('ok', flush=True)\ntime.sleep(60)"],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ok\n"
+
+        def first_read_then_kill(pid: int, name: str) -> bytes:
+            fd = os.open(f"/proc/{pid}/{name}", os.O_RDONLY)
+            try:
+                first = os.read(fd, 1 << 16)
+                time.sleep(0.5)  # the other thread's scan of the process is over by then
+                os.kill(pid, signal.SIGKILL)
+                time.sleep(0.3)  # dead, not reaped: its memory is gone
+                rest = os.read(fd, 1 << 22)  # the kernel: EOF, no error
+            finally:
+                os.close(fd)
+            return first + rest
+
+        monkeypatch.setattr(mappings_mod, "_read_big", first_read_then_kill)
+        assert main(["stat", str(proc.pid)]) == 1
+        assert "total" not in capsys.readouterr().out
+    finally:
+        stop(proc)
+
+
+def test_stat_watch_highlights_the_first_row_and_fits_lines_to_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The screen loop itself, on a recording screen of 30x100: the first mapping row
+    (screen row 3, under the pid line and the headers) is highlighted when it changes,
+    like any other, and the table is fitted to the 99 columns a line may use."""
+    import curses
+
+    from pagescan.cli import _watch
+
+    monkeypatch.setattr(curses, "curs_set", lambda n: None)
+    monkeypatch.setattr(curses, "napms", lambda ms: None)
+    monkeypatch.setenv("COLUMNS", "80")
+
+    class Screen:
+        def __init__(self) -> None:
+            self.calls: list[Any] = []
+
+        def timeout(self, t: int) -> None: ...
+        def getmaxyx(self) -> tuple[int, int]: return (30, 100)
+        def erase(self) -> None: self.calls.append("erase")
+        def addnstr(self, y: int, x: int, text: str, n: int, attr: int = 0) -> None:
+            self.calls.append((y, x, text[:n], attr))
+        def refresh(self) -> None: ...
+        def getch(self) -> int: return -1
+
+    widths: list[str] = []
+    frames = iter([
+        ["pid 1 (root): x", "ADDRESS  PERM   RSS  MAPPING", "1000     rw-p  4.0K  [heap]", "2000     rw-p  4.0K  [stack]"],
+        ["pid 1 (root): x", "ADDRESS  PERM   RSS  MAPPING", "1000     rw-p  9.0M  [heap]", "2000     rw-p  4.0K  [stack]"],
+    ])
+
+    def draw() -> list[str]:
+        widths.append(os.environ["COLUMNS"])
+        return next(frames)
+
+    scr = Screen()
+    _watch._loop(scr, 0.0, 2, draw, [])
+    second = scr.calls[scr.calls.index("erase", 1):]
+    marked = {(c[0], c[2], c[3]) for c in second if c != "erase" and c[3] in (curses.A_BOLD, curses.A_REVERSE)}
+    assert marked == {(3, "1000", curses.A_REVERSE), (3, "9.0M", curses.A_BOLD)}
+    assert widths == ["99", "99"]
+
+
 # -- map --------------------------------------------------------------------------------------
 
 

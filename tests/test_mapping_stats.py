@@ -75,6 +75,30 @@ def test_other_layouts_fall_back_to_the_line_parser() -> None:
     assert _parse_smaps(b"", task_size()) == ([], [], [])
 
 
+def test_names_with_a_carriage_return_or_trailing_spaces_are_read_whole(tmp_path: Any) -> None:
+    """maps escapes only "\\n" in a file name: a name with a "\\r" is one line, and the
+    spaces a name ends with are its own (maps pads before the name, never after)."""
+    import mmap as mmap_mod
+
+    from pagescan._procfs import read_maps
+
+    path = os.path.join(str(tmp_path), "a\rb ")
+    with open(path, "wb") as f:
+        f.write(b"x" * P)
+    with open(path, "rb") as f:
+        m = mmap_mod.mmap(f.fileno(), P, prot=mmap_mod.PROT_READ)
+        try:
+            addr = pagescan.buffer_range(m)[0]
+            vmas = read_maps(os.getpid())
+            (vma,) = [v for v in vmas if v.start <= addr < v.end]
+            assert vma.name == path
+            (stat,) = [s for s in mapping_stats(os.getpid()) if s.start <= addr < s.end]
+            assert stat.name == path
+            assert pagescan.scan(addr, addr + P).complete  # the emulation and scan read maps too
+        finally:
+            m.close()
+
+
 def test_fields_and_classes_of_known_mappings() -> None:
     with Isolated(16) as anon, Isolated(8, prot=PROT.READ) as zero, Isolated(4, flags=MAP.SHARED | MAP.ANONYMOUS) as shm:
         anon.write(0, 10)

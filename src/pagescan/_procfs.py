@@ -161,7 +161,7 @@ def _parse_header(line: bytes) -> Vma:
         offset=int(parts[2], 16),
         dev=parts[3].decode(),
         inode=int(parts[4]),
-        name=parts[5].strip().decode(errors="replace") if len(parts) > 5 else "",
+        name=parts[5].lstrip().decode(errors="replace") if len(parts) > 5 else "",  # trailing spaces are the name's
     )
 
 
@@ -173,7 +173,7 @@ def _vma_end(line: bytes) -> int:
 def maps_in_range(data: bytes, start: int, end: int) -> tuple[list[Vma], int]:
     """The VMAs of maps text ``data`` that intersect ``[start, end)``, and how many
     VMAs come before the first of them (its record's index in smaps)."""
-    lines = [line for line in data.splitlines() if line]
+    lines = [line for line in data.split(b"\n") if line]  # (a file name may hold a "\r": only "\n" is escaped)
     # maps is in address order: find the first VMA ending above ``start`` by bisection.
     below = bisect.bisect_right(lines, start, key=_vma_end)
     out: list[Vma] = []

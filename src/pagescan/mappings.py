@@ -39,6 +39,7 @@ How the scan's counts relate to smaps:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import mmap
 import os
@@ -286,6 +287,11 @@ def _mapping_table(pid: Any = None, *, backend: str = "auto", smaps: bool = True
                                        category_anyof_mask=anyof & supported, backend=backend)
                 ]
             text = reader.result()
+            # A process that exits while its maps or smaps is read ends the text early,
+            # with no error: a truncated table would pass for the whole one. Its pagemap
+            # (opened while it lived) reads empty once its memory is gone.
+            if not os.pread(target.fd, 8, 0):
+                raise ProcessLookupError(errno.ESRCH, f"pid {pid} exited while its mappings were read")
         finally:
             reader.close()
     fields: _Fields | None = None
@@ -413,7 +419,7 @@ def _parse_maps(text: bytes, limit: int) -> _Vmas:
         lo, _, hi = parts[0].partition(b"-")
         end = int(hi, 16)
         if end <= limit:
-            name = parts[5].strip().decode(errors="replace") if len(parts) > 5 else ""
+            name = parts[5].lstrip().decode(errors="replace") if len(parts) > 5 else ""  # trailing spaces are the name's
             out.append((int(lo, 16), end, parts[1].decode(), int(parts[2], 16), name, parts[3].decode(),
                         int(parts[4])))
     return out

@@ -39,7 +39,7 @@ def _loop(screen: Any, seconds: float, count: int | None, draw: Callable[[], lis
     shown = 0
     while True:
         rows, cols = screen.getmaxyx()
-        os.environ["COLUMNS"] = str(cols)  # draw() fits the table to the window
+        os.environ["COLUMNS"] = str(cols - 1)  # draw() fits the table to what a line may hold (cols - 1)
         try:
             lines = draw()
         except ProcessLookupError:
@@ -55,7 +55,7 @@ def _loop(screen: Any, seconds: float, count: int | None, draw: Callable[[], lis
             key = cells[0] + " " + (cells[-1] if cells else "") if cells else ""
             current[key] = cells
             old = previous.get(key)
-            if old is None or not previous or old == cells or y <= 3:
+            if old is None or not previous or old == cells or y <= 2:  # (the pid line and the headers)
                 screen.addnstr(y, 0, line, cols - 1)
                 continue
             # draw cell by cell, changed cells in bold
