@@ -409,23 +409,20 @@ def _memory_cgroup() -> tuple[str, str] | None:
     """This process's memory cgroup directory, where a child cgroup gets a memory limit
     file, and that file's name: v1 (``memory.limit_in_bytes``), or v2 (``memory.max``,
     when the memory controller is enabled for children)."""
-    from pagescan._procfs import _CGROUP_V1, _CGROUP_V2
+    from pagescan._procfs import _cgroup_mounts
 
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         hid, controllers, path = line.split(":", 2)
-        if hid == "0" and not controllers:
-            roots, (limit_file, _) = _CGROUP_V2
-        elif "memory" in controllers.split(","):
-            roots, (limit_file, _) = _CGROUP_V1
-        else:
-            continue
-        for root in roots:
-            d = Path(root, path.lstrip("/"))
-            if limit_file == "memory.limit_in_bytes" and (d / limit_file).exists():
-                return str(d), limit_file
+        version = "2" if hid == "0" and not controllers else "1" if "memory" in controllers.split(",") else ""
+        for v, root, point in _cgroup_mounts():
+            if v != version or not version:
+                continue
+            d = Path(point, os.path.relpath(path, root))
+            if version == "1" and (d / "memory.limit_in_bytes").exists():
+                return str(d), "memory.limit_in_bytes"
             control = d / "cgroup.subtree_control"
-            if limit_file == "memory.max" and control.exists() and "memory" in control.read_text().split():
-                return str(d), limit_file
+            if version == "2" and control.exists() and "memory" in control.read_text().split():
+                return str(d), "memory.max"
     return None
 
 

@@ -402,8 +402,9 @@ def task_size() -> int:
 def mem_available() -> int | None:
     """Bytes this process may still allocate without swapping, as far as can be read:
     ``MemAvailable`` of ``/proc/meminfo`` (the kernel's estimate), bounded by the
-    headroom (limit less usage) of every memory cgroup above this process, v1 or v2
-    (a container's limit is not in meminfo). ``None`` if nothing can be read."""
+    headroom (limit less usage, reclaimable file cache not counted) of every memory
+    cgroup above this process, v1 or v2, as its mounts show them (a container's limit
+    is not in meminfo). ``None`` if nothing can be read."""
     avail = None
     try:
         with open("/proc/meminfo", "rb") as f:
@@ -419,52 +420,92 @@ def mem_available() -> int | None:
     return avail
 
 
-#: Where the memory controller's files are: v2 (``0::path``), v2 under a hybrid layout,
-#: v1 (a ``memory`` line); and the (limit, usage) file names of each.
-_CGROUP_V2: tuple[tuple[str, ...], tuple[str, str]] = (
-    ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"), ("memory.max", "memory.current"))
-_CGROUP_V1: tuple[tuple[str, ...], tuple[str, str]] = (
-    ("/sys/fs/cgroup/memory",), ("memory.limit_in_bytes", "memory.usage_in_bytes"))
+#: The memory controller's (limit, usage, memory.stat key of reclaimable file cache)
+#: under cgroup v2 and v1.
+_CGROUP_V2 = ("memory.max", "memory.current", b"inactive_file")
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", b"total_inactive_file")
+
+
+def _cgroup_mounts() -> list[tuple[str, str, str]]:
+    """``(version, root, mount point)`` of the cgroup file systems that hold the memory
+    controller, from ``/proc/self/mountinfo`` (``root``: the cgroup the mount shows at
+    its top, ``/`` unless a container's view starts lower)."""
+    found = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                head, _, tail = line.partition(b" - ")
+                fields, rest = head.split(), tail.split()
+                if len(fields) < 5 or len(rest) < 3:
+                    continue
+                root, point = fields[3].decode(errors="replace"), fields[4].decode(errors="replace")
+                if rest[0] == b"cgroup2":
+                    found.append(("2", root, point))
+                elif rest[0] == b"cgroup" and b"memory" in rest[2].split(b","):
+                    found.append(("1", root, point))
+    except OSError:
+        pass
+    return found
 
 
 def _cgroup_memory() -> list[tuple[int, int]]:
-    """``(limit, usage)`` in bytes of each memory cgroup of this process with a limit,
-    from its own up to the root of the mount."""
+    """``(limit, usage less reclaimable file cache)`` in bytes of each memory cgroup of
+    this process with a limit, from its own up to the top of the mount."""
     try:
         with open("/proc/self/cgroup") as f:
             lines = f.read().splitlines()
     except OSError:
         return []
+    mounts = _cgroup_mounts()
     found = []
     for line in lines:
         hid, _, rest = line.partition(":")
         controllers, _, path = rest.partition(":")
         if hid == "0" and not controllers:
-            roots, (limit_file, usage_file) = _CGROUP_V2
+            version, (limit_file, usage_file, cache_key) = "2", _CGROUP_V2
         elif "memory" in controllers.split(","):
-            roots, (limit_file, usage_file) = _CGROUP_V1
+            version, (limit_file, usage_file, cache_key) = "1", _CGROUP_V1
         else:
             continue
-        for root in roots:
-            level = path.rstrip("/") or "/"
-            if not os.path.exists(os.path.join(root, level.lstrip("/"), usage_file)):
+        for v, root, point in mounts:
+            if v != version:
+                continue
+            # The process's cgroup as seen under this mount: its path below the mount's
+            # root (a container's mount may start at its own cgroup).
+            rel = os.path.relpath(path or "/", root) if root != "/" else (path or "/").lstrip("/")
+            if rel.startswith(".."):
+                rel = ""  # outside what the mount shows: its top is the nearest we see
+            level = os.path.normpath(os.path.join(point, "" if rel == "." else rel))
+            if not os.path.exists(os.path.join(level, usage_file)):
                 continue
             while True:
-                d = os.path.join(root, level.lstrip("/"))
                 try:
-                    with open(os.path.join(d, limit_file)) as f:
+                    with open(os.path.join(level, limit_file)) as f:
                         text = f.read().strip()
-                    with open(os.path.join(d, usage_file)) as f:
+                    with open(os.path.join(level, usage_file)) as f:
                         usage = int(f.read())
                     if text != "max":
-                        found.append((int(text), usage))
+                        found.append((int(text), usage - _stat_value(level, cache_key)))
                 except (OSError, ValueError):
                     pass  # the root has no limit file
-                if level == "/":
+                if level == point or len(level) <= len(point):
                     break
                 level = os.path.dirname(level)
             break
     return found
+
+
+def _stat_value(directory: str, key: bytes) -> int:
+    """A value of ``memory.stat`` (0 if absent)."""
+    try:
+        with open(os.path.join(directory, "memory.stat"), "rb") as f:
+            for line in f:
+                name, _, value = line.partition(b" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _vmalloc_total() -> int:
