@@ -215,7 +215,10 @@ def run(args: argparse.Namespace) -> int:
     font = ImageFont.load_default(size=12) if hasattr(ImageFont, "load_default") else None
     geo = layout(args.width)
     W, bar_x, bar_w, row_h, gap_h = geo.width, geo.bar_x, geo.bar_w, geo.row_h, geo.gap_h
-    height = geo.top + sum(row_h for _ in rows) + gap_h * len(rows) + 20
+    # Gaps are drawn only above rows 1 GiB or more past the previous one: the image is
+    # sized for those (sized for a gap per row, it took twice the memory, then a copy).
+    gaps = sum(1 for prev, row in zip(rows, rows[1:]) if row[1] - prev[2] >= 1 << 30)
+    height = geo.top + row_h * len(rows) + gap_h * gaps + 10  # (10: the bottom margin)
     img = Image.new("RGB", (W, height), (255, 255, 255))
     d = ImageDraw.Draw(img)
     total = sum(hi - lo for _, lo, hi, _ in rows)
@@ -255,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
         d.text((10, y + 1), label, fill=(0, 0, 0), font=font)
         y += row_h
         prev_end = hi
-    img = img.crop((0, 0, W, y + 10))
+    if y + 10 < height:
+        img = img.crop((0, 0, W, y + 10))
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
