@@ -332,6 +332,13 @@ def test_scan_usage_errors(child: Child, capsys: pytest.CaptureFixture[str]) -> 
     assert "END must be above START" in usage_error(capsys, "scan", pid, f"{lo + P:x}-{lo:x}")
     assert "not a pid" in usage_error(capsys, "stat", "-5")
     assert "not a pid" in usage_error(capsys, "scan", "me")
+    for odd in (" 5", "+5", "\u0663"):  # a space, a sign, an Arabic-Indic digit: not pid 5 nor 3
+        assert "not a pid" in usage_error(capsys, "stat", odd)
+    assert "beyond user space" in usage_error(capsys, "scan", pid, "0-ffffffffffffffff")
+    with open(f"/proc/{pid}/maps") as f:
+        has_vsyscall = "[vsyscall]" in f.read()
+    if has_vsyscall:  # (x86-64 kernels with vsyscall emulation)
+        assert "beyond user space" in usage_error(capsys, "scan", pid, "[vsyscall]")
     assert "must be at least 600" in usage_error(capsys, "map", pid, "--png", "x.png", "--width", "100")
     assert "required" in usage_error(capsys, "map", pid)
 

@@ -61,9 +61,9 @@ def nonneg_int(text: str) -> int:
 
 
 def parse_positive(text: str, what: str = "an integer >= 1") -> int:
-    """A decimal integer >= 1 (``argparse`` type)."""
+    """A decimal integer >= 1, ASCII digits only (``argparse`` type)."""
     try:
-        value = int(text, 10)
+        value = int(text, 10) if text.isascii() and text.isdigit() else 0  # not " 5", "+5" nor "٣"
     except ValueError:
         value = 0
     if value <= 0:

@@ -66,12 +66,13 @@ def _hex(text: str) -> int:
 
 def resolve_range(pid: int, text: str | None) -> list[tuple[int, int, str]]:
     """``[(start, end, label)]`` for a hex range or a mapping name."""
-    vmas = read_maps(pid)
-    if text is None:
-        from pagescan._procfs import task_size
+    from pagescan._procfs import task_size
 
-        limit = task_size()
-        vmas = [v for v in vmas if v.end <= limit]
+    limit = task_size()
+    vmas = read_maps(pid)
+    beyond = [v for v in vmas if v.end > limit]  # [vsyscall]: no page tables to scan
+    vmas = [v for v in vmas if v.end <= limit]
+    if text is None:
         return [(vmas[0].start, vmas[-1].end, "")] if vmas else []
     lo_s, sep, hi_s = text.partition("-")
     if sep and lo_s and hi_s:
@@ -84,8 +85,12 @@ def resolve_range(pid: int, text: str | None) -> list[tuple[int, int, str]]:
                 raise UsageError(f"range start {lo:#x} is not page aligned (page size {_P:#x})")
             if hi <= lo:
                 raise UsageError(f"empty range {text!r}: END must be above START")
+            if hi > limit:
+                raise UsageError(f"range {text!r} ends beyond user space ({limit:#x})")
             return [(lo, hi, text)]
     found = [(v.start, v.end, v.name) for v in vmas if v.name and (v.name == text or os.path.basename(v.name) == text)]
+    if not found and any(v.name == text for v in beyond):
+        raise UsageError(f"{text} lies beyond user space ({limit:#x}): PAGEMAP_SCAN does not walk it")
     if not found:
         raise ValueError(f"no mapping named {text!r} in pid {pid} (and not a START-END hex range)")
     return found
