@@ -294,7 +294,7 @@ def test_a_child_forked_during_a_ptrace_instant_has_its_signal_handlers_and_can_
     r, w = os.pipe()
 
     def in_child() -> str:
-        held_lock, held_signals = snap._instant_lock.locked(), snap._HeldSignals.active
+        held_lock, held_signals = snap._instant_lock.locked(), snap._HeldSignals.live is not None
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.05)
         try:
@@ -317,7 +317,7 @@ def test_a_child_forked_during_a_ptrace_instant_has_its_signal_handlers_and_can_
 
     def forker() -> None:
         while not stop.is_set():
-            if snap._HeldSignals.active and snap._instant_lock.locked():
+            if snap._HeldSignals.live is not None and snap._instant_lock.locked():
                 pid = os.fork()
                 if pid == 0:  # pragma: no cover - the child
                     try:

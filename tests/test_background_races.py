@@ -570,7 +570,7 @@ def test_a_handler_raising_while_the_handlers_are_held_back_leaves_them_all_in_p
     with pytest.raises(Boom):
         snap._HeldSignals()
     assert {sig: signal.getsignal(sig) for sig in before} == before
-    assert not snap._HeldSignals.active
+    assert snap._HeldSignals.live is None
     monkeypatch.setattr(snap, "_getsignal", real)
     held = snap._HeldSignals()
     try:

@@ -168,17 +168,17 @@ class _HeldSignals:
     ``SA_RESTART``: a ``siginterrupt(sig, False)`` is undone, as by any ``signal.signal``.)
     Nested calls (a finalizer's checkpoint) hold nothing more."""
 
-    active = False  # (main thread only)
-    #: The one holding the handlers now (a child forked meanwhile puts them back).
+    #: The one holding the handlers now (main thread only; a child forked meanwhile
+    #: puts them back).
     live: _HeldSignals | None = None
 
     def __init__(self) -> None:
         self.saved: dict[int, Callable[..., Any]] = {}
         self.due: list[tuple[int, Any]] = []
         self.owner = False
-        if _HeldSignals.active or threading.current_thread() is not threading.main_thread():
+        if _HeldSignals.live is not None or threading.current_thread() is not threading.main_thread():
             return
-        _HeldSignals.active = self.owner = True
+        self.owner = True
         _HeldSignals.live = self
         try:
             with contextlib.suppress(ValueError):  # (not the main interpreter)
@@ -199,13 +199,7 @@ class _HeldSignals:
     def release(self) -> None:
         """Put the handlers back and run those that came due (idempotent); raises the
         first exception one of them raised, after running the others."""
-        if not self.owner:
-            return
-        self.owner = _HeldSignals.active = False
-        _HeldSignals.live = None
-        saved, self.saved = self.saved, {}
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        saved = self._put_back()
         first: BaseException | None = None
         while self.due:
             signum, frame = self.due.pop(0)
@@ -216,6 +210,17 @@ class _HeldSignals:
         if first is not None:
             raise first
 
+    def _put_back(self) -> dict[int, Callable[..., Any]]:
+        """Stop holding: the program's handlers back in place (idempotent); returns them."""
+        if not self.owner:
+            return {}
+        self.owner = False
+        _HeldSignals.live = None
+        saved, self.saved = self.saved, {}
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        return saved
+
 
 def _after_fork_in_child() -> None:
     """A child forked while a checkpoint ran in another thread: the instant lock that
@@ -225,13 +230,10 @@ def _after_fork_in_child() -> None:
     global _instant_lock
     _instant_lock = threading.Lock()
     held = _HeldSignals.live
-    if held is None:
-        return
-    _HeldSignals.live, _HeldSignals.active, held.owner = None, False, False
-    saved, held.saved, held.due = held.saved, {}, []
-    with contextlib.suppress(ValueError):  # (not the main thread of the main interpreter)
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    if held is not None:
+        held.due = []
+        with contextlib.suppress(ValueError):  # (not the main thread of the main interpreter)
+            held._put_back()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
