@@ -405,15 +405,7 @@ def mem_available() -> int | None:
     headroom (limit less usage, reclaimable file cache not counted) of every memory
     cgroup above this process, v1 or v2, as its mounts show them (a container's limit
     is not in meminfo). ``None`` if nothing can be read."""
-    avail = None
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-                    break
-    except (OSError, ValueError, IndexError):
-        pass
+    avail = _meminfo(b"MemAvailable:")
     for limit, usage in _cgroup_memory():
         headroom = max(limit - usage, 0)
         avail = headroom if avail is None else min(avail, headroom)
@@ -472,10 +464,10 @@ def _cgroup_memory() -> list[tuple[int, int]]:
                 continue
             # The process's cgroup as seen under this mount: its path below the mount's
             # root (a container's mount may start at its own cgroup).
-            rel = os.path.relpath(path or "/", root) if root != "/" else (path or "/").lstrip("/")
+            rel = os.path.relpath(path or "/", root)
             if rel.startswith(".."):
-                rel = ""  # outside what the mount shows: its top is the nearest we see
-            level = os.path.normpath(os.path.join(point, "" if rel == "." else rel))
+                rel = "."  # outside what the mount shows: its top is the nearest we see
+            level = os.path.normpath(os.path.join(point, rel))
             if not os.path.exists(os.path.join(level, usage_file)):
                 continue
             while True:
@@ -508,15 +500,20 @@ def _stat_value(directory: str, key: bytes) -> int:
     return 0
 
 
-def _vmalloc_total() -> int:
+def _meminfo(key: bytes) -> int | None:
+    """A ``/proc/meminfo`` field (``key`` with its colon) in bytes, ``None`` if absent."""
     try:
-        with open("/proc/meminfo") as f:
+        with open("/proc/meminfo", "rb") as f:
             for line in f:
-                if line.startswith("VmallocTotal:"):
+                if line.startswith(key):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return None
+
+
+def _vmalloc_total() -> int:
+    return _meminfo(b"VmallocTotal:") or 0
 
 
 # -- whole-process views: smaps_rollup, command line, owner (for `pagescan stat` / `ps`) --
