@@ -64,7 +64,7 @@ from ..writewatch import WriteWatch
 from ._gil import quick_gil as _quick_gil
 from ._format import INDEX_DTYPE, KIND_DATA, KIND_ZERO, SECTION_WORKING_SET, VERSION, page_checksums
 from ._load import LoadedList, LoadedState, load, start_fault_server
-from ._pages import BATCH_PAGES, P, Progress, pages_of
+from ._pages import BATCH_PAGES, P, Progress, check_progress, pages_of
 from ._restoring import _restore as _restore  # the CLI restores (address, length) pairs exactly
 from ._restoring import lazy_restore, restore
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
@@ -518,8 +518,7 @@ class Checkpointer:
         ``cancel=True`` from another thread cancels a running ``wait=True`` call: it raises
         ``concurrent.futures.CancelledError`` (the file keeps its previous generations).
         """
-        if progress is not None and not callable(progress):
-            raise TypeError(f"progress must be a callable or None, not {type(progress).__name__}")
+        check_progress(progress)
         if not isinstance(wait, bool):
             raise TypeError(f"wait must be a bool, not {type(wait).__name__}")
         if self._forked():
@@ -1045,8 +1044,7 @@ def compact(path: str | os.PathLike[str], generation: int | None = None, *, prog
     replaced, the link stays). Refused while a Checkpointer has the file open. Returns
     the number of chunks.
     """
-    if progress is not None and not callable(progress):
-        raise TypeError(f"progress must be a callable or None, not {type(progress).__name__}")
+    check_progress(progress)
     path = os.path.realpath(os.fspath(path))
     with Store(path, writable=True, lock=True) as store:
         gen = store.generation(generation)

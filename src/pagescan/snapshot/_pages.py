@@ -9,7 +9,7 @@ import numpy as np
 
 from ._store import Store
 
-__all__ = ["BATCH_PAGES", "P", "Progress", "pages_of"]
+__all__ = ["BATCH_PAGES", "P", "Progress", "check_progress", "pages_of"]
 
 P = mmap.PAGESIZE
 #: Chunks per batch (4 MiB): copied out of memory, checksummed, written; restored.
@@ -17,6 +17,13 @@ BATCH_PAGES = 1024
 
 #: ``progress(done, total)`` callbacks, in pages (chunks).
 Progress = Callable[[int, int], None]
+
+
+def check_progress(progress: object) -> None:
+    """``TypeError`` unless ``progress`` is a callable or ``None`` (checked up front: a
+    call would otherwise fail on it only after its first batch)."""
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable or None, not {type(progress).__name__}")
 
 
 def pages_of(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, lo: int, hi: int, out: np.ndarray,

@@ -13,7 +13,7 @@ from .._uapi.libc import write_runs
 from ..handler import FaultHandler
 from ._lazy import CheckpointSource, LazyMap, Recording, drop, hot_pages, probe_missing, refuse_private_files
 from ._gil import quick_gil
-from ._pages import BATCH_PAGES, P, Progress, pages_of
+from ._pages import BATCH_PAGES, P, Progress, check_progress, pages_of
 from ._state import Target, chunk_runs, match, targets
 from ._store import Generation, Store
 
@@ -89,8 +89,7 @@ def restore(
 def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
              progress: Progress | None, *, exact_pairs: bool) -> int:
     """:func:`restore`; ``exact_pairs``: ``(address, length)`` pairs are exact bytes, any alignment (the CLI)."""
-    if progress is not None and not callable(progress):  # before a byte is written
-        raise TypeError(f"progress must be a callable or None, not {type(progress).__name__}")
+    check_progress(progress)  # before a byte is written
     with quick_gil():
         return _restore_quickly(path, state, generation, pid, progress, exact_pairs)
 
