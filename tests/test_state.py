@@ -383,6 +383,36 @@ def lazy_state(path: Path, seed: int, npages: int = 2048) -> dict[str, np.ndarra
     return state
 
 
+def test_verify_checks_sections(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``verify`` (and ``pagescan checkpoint verify``) check every sealed section too: a
+    damaged payload, and a working-set record that a lazy load would refuse (a length
+    not a multiple of 8, a chunk outside the entries), are errors, not "ok"."""
+    path = tmp_path / "sec.ck"
+    lazy_state(path, 4, npages=64)
+    with Store(path, writable=True, lock=True) as store:
+        total = store.total_pages
+        store.append_section(fmt.SECTION_WORKING_SET, 2, np.arange(5, dtype="<u8").tobytes())
+    assert len(verify(path)) == 2
+    assert pagescan.cli.main(["checkpoint", "verify", str(path)]) == 0
+    assert "1 section(s)" in capsys.readouterr().out
+    good = path.read_bytes()
+    with Store(path) as store:
+        payload = store.sections[0].payload_offset
+    data = bytearray(good)
+    data[payload + 3] ^= 0x40  # a flipped bit in the payload: its digest no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="section of type 1 .* damaged"):
+        verify(path)
+    assert pagescan.cli.main(["checkpoint", "verify", str(path)]) == 1
+    assert "CorruptCheckpointError" in capsys.readouterr().err
+    for bad, why in [(b"\0" * 12, "length 12"), (np.array([total], "<u8").tobytes(), "outside the entries")]:
+        path.write_bytes(good)
+        with Store(path, writable=True, lock=True) as store:
+            store.append_section(fmt.SECTION_WORKING_SET, 2, bad)
+        with pytest.raises(CorruptCheckpointError, match=why):
+            verify(path)
+
+
 def test_lazy_load_first_touch_under_the_gil_and_threads(tmp_path: Path) -> None:
     path = tmp_path / "lazy.ck"
     want = lazy_state(path, 3)

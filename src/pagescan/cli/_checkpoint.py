@@ -31,10 +31,11 @@ def add_parser(sub: Any) -> None:
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(run=run_inspect, subparser=q)
 
-    v = csub.add_parser("verify", help="check every checksum of every sealed generation",
+    v = csub.add_parser("verify", help="check every checksum of every sealed generation and section",
                         description="Read every page of every sealed generation and compare its "
-                        "checksum; exit status 1 naming the generation and page of the first damaged "
-                        "one. An unsealed tail is not an error.")
+                        "checksum, then every sealed section (a working-set record); exit status 1 "
+                        "naming the generation and page, or the section, of the first damaged one. "
+                        "An unsealed tail is not an error.")
     v.add_argument("path", help="checkpoint file")
     v.set_defaults(run=run_verify, subparser=v)
 
@@ -186,8 +187,10 @@ def run_verify(args: argparse.Namespace) -> int:
     for g in gens:
         kind = "full" if g.parent == 0 else f"on {g.parent}"
         print(f"generation {g.number} ({kind}): {g.pages} pages ({g.data_pages} with data) ok")
-    tail = inspect(args.path)["unsealed_tail_bytes"]
+    info = inspect(args.path)
+    tail, sections = info["unsealed_tail_bytes"], len(info["sections"])
     print(f"ok: {len(gens)} generation(s), {sum(g.pages for g in gens)} pages verified"
+          + (f", {sections} section(s)" if sections else "")
           + (f"; {tail}-byte unsealed tail ignored" if tail else ""))
     return 0
 

@@ -19,7 +19,7 @@ from ..handler import FaultHandler
 from ..userfaultfd import Userfaultfd
 from ._format import SECTION_WORKING_SET
 from ._pages import P
-from ._store import CheckpointError, CorruptCheckpointError, Store
+from ._store import CheckpointError, CorruptCheckpointError, Section, Store
 
 __all__ = ["CheckpointSource", "LazyGroup", "LazyMap", "Recording", "drop", "hot_pages", "probe_missing"]
 
@@ -175,17 +175,22 @@ class CheckpointSource:
         rows[order] = tmp
 
 
+def read_working_set(store: Store, sec: Section) -> np.ndarray:
+    """The first-touch chunks of a working-set section, checked (``CorruptCheckpointError``)."""
+    raw = store.read_section(sec)
+    if len(raw) % 8:
+        raise CorruptCheckpointError(f"{store.path}: working-set section is damaged (length {len(raw)})")
+    chunks = np.frombuffer(raw, dtype="<u8")
+    if chunks.size and int(chunks.max()) >= store.total_pages:
+        raise CorruptCheckpointError(f"{store.path}: working-set section names chunks outside the entries")
+    return chunks.astype(np.int64)
+
+
 def _working_set(store: Store, generation: int) -> np.ndarray | None:
     """The newest first-touch chunks recorded for ``generation`` (``None`` if none)."""
     for sec in reversed(store.sections):
         if sec.type == SECTION_WORKING_SET and sec.generation == generation:
-            raw = store.read_section(sec)
-            if len(raw) % 8:
-                raise CorruptCheckpointError(f"{store.path}: working-set section is damaged (length {len(raw)})")
-            chunks = np.frombuffer(raw, dtype="<u8").astype(np.int64)
-            if chunks.size and (int(chunks.min()) < 0 or int(chunks.max()) >= store.total_pages):
-                raise CorruptCheckpointError(f"{store.path}: working-set section names chunks outside the entries")
-            return chunks
+            return read_working_set(store, sec)
     return None
 
 
