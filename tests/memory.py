@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import mmap as _mmap
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -144,6 +146,28 @@ def hugetlb_anon(n_huge: int, huge_size: int = 2 << 20, shared: bool = False) ->
     return m
 
 
+def collapse(m: Mapping, offset: int = 0, npages: int | None = None) -> None:
+    """MADV_COLLAPSE, retrying what is transient: EAGAIN (pages briefly off the LRU) and
+    ENOMEM (no free huge page at that moment: memory fragmented by the suite's other
+    tests; the kernel is asked to compact once, as root may)."""
+    compacted = False
+    for _ in range(50):
+        try:
+            m.madvise(MADV.COLLAPSE, offset, npages)
+            return
+        except BlockingIOError:
+            time.sleep(0.01)
+        except OSError as err:
+            if err.errno != errno.ENOMEM:
+                raise
+            if not compacted:
+                with contextlib.suppress(OSError), open("/proc/sys/vm/compact_memory", "w") as f:
+                    f.write("1")
+                compacted = True
+            time.sleep(0.01)
+    m.madvise(MADV.COLLAPSE, offset, npages)
+
+
 def thp(n_huge: int = 1) -> Mapping:
     """PMD-aligned anonymous memory with MADV_HUGEPAGE, written so THPs form.
 
@@ -155,7 +179,7 @@ def thp(n_huge: int = 1) -> Mapping:
     m.write(0, m.npages)
     if not is_thp(m):
         with contextlib.suppress(OSError):
-            m.madvise(MADV.COLLAPSE)
+            collapse(m)
     return m
 
 

@@ -30,6 +30,7 @@ from .memory import (
     P,
     Mapping,
     anon,
+    collapse,
     file_mapping,
     hugetlb_anon,
     memfd_mapping,
@@ -328,7 +329,7 @@ def test_huge_thp_by_collapse() -> None:
         assert per_page(m) == [PRES | WR] * HP
         assert smaps_field(m, "AnonHugePages") == 0
         m.madvise(MADV.HUGEPAGE)  # lifts NOHUGEPAGE, which MADV_COLLAPSE would refuse
-        m.madvise(MADV.COLLAPSE)
+        collapse(m)
         assert smaps_field(m, "AnonHugePages") * 1024 == H
         assert per_page(m) == [HUGE | PRES | WR] * HP
         assert_thp_pfns(m)

@@ -22,6 +22,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from .memory import (
     Mapping,
     P,
     anon,
+    collapse,
     child_process,
     file_mapping,
     hugetlb_anon,
@@ -295,17 +297,6 @@ def test_no_thp_forms_while_watched(nohugepage: bool) -> None:
             assert is_thp(m), "after close the range may become a THP again"
 
 
-def collapse(m: Mapping) -> None:
-    """MADV_COLLAPSE, retrying its transient EAGAIN (pages briefly off the LRU)."""
-    for _ in range(50):
-        try:
-            m.madvise(MADV.COLLAPSE)
-            return
-        except BlockingIOError:
-            time.sleep(0.01)
-    m.madvise(MADV.COLLAPSE)
-
-
 # -- guard pages, DONTNEED --------------------------------------------------------------
 
 
@@ -371,7 +362,6 @@ def test_a_get_nested_in_the_guard_check_leaves_the_outer_answer_whole() -> None
     page) takes its own buffer: the outer answer still leaves out the guard page of
     that window."""
     import sys
-    from typing import Any
 
     n = 8192
     with anon(n) as m, WriteWatch(m.addr, m.length) as w:
