@@ -30,7 +30,7 @@ from pagescan._procfs import task_size
 from pagescan._uapi.mman import MAP
 from pagescan.cli._common import printable
 from pagescan.cli._stat import COLUMNS, DEFAULT_COLUMNS
-from pagescan.mappings import SMAPS_FIELDS
+from pagescan.mappings import SMAPS_FIELDS, mapping_stats
 
 from . import oracle
 from .conftest import requires_pagemap_scan, requires_wp_async
@@ -575,6 +575,26 @@ def test_stat_written_only_where_uffd_wp_is_registered(capsys: pytest.CaptureFix
         cells = {int(ln.split()[0], 16): ln.split() for ln in rows_of(out.splitlines())}
         assert cells[m.addr][3] == "12K"
         assert {c[3] for a, c in cells.items() if a != m.addr} == {"-"}
+
+
+@requires_wp_async
+def test_stat_swapped_is_swap_where_uffd_wp_markers_are(capsys: pytest.CaptureFixture[str]) -> None:
+    """Arming unpopulated pages installs uffd-wp markers, which ``PAGEMAP_SCAN`` reports
+    as SWAPPED; smaps' ``Swap`` (and ``pmap -X``) counts real swap entries only. In a
+    mapping registered for uffd (``uw``/``um``), ``swapped`` is smaps' ``Swap``."""
+    with Mapping(64) as m, pagescan.WriteWatch(m.addr, m.length):
+        m.touch(0, 4)  # 4 pages present, 60 slots hold markers
+        sw = int(pagescan.Category.SWAPPED)
+        res = pagescan.scan(m.addr, m.end, category_anyof_mask=sw, return_mask=sw)
+        assert sum(int(e - s) for s, e, _ in res.regions.tolist()) == 60 * P, "no markers: the case is not made"
+        doc = run_json(capsys, "stat", "self")
+        row = by_start(doc)[m.addr]
+        assert "uw" in row["vmflags"] and row["smaps"]["Swap"] == 0
+        assert row["pages"]["swapped"] == 0 and row["bytes"]["swapped"] == 0
+        assert row["pages"]["present"] == 4
+        assert doc["totals"]["pages"]["swapped"] == sum(r["pages"]["swapped"] for r in doc["mappings"])
+        stats = {s.start: s for s in mapping_stats()}
+        assert stats[m.addr].pages["swapped"] == 0
 
 
 # -- --watch ----------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ How the scan's counts relate to smaps:
   not count them. hugetlb pages are PRESENT but smaps reports them in
   ``Shared_Hugetlb``/``Private_Hugetlb`` instead of ``Rss``.
 * ``swapped`` counts non-present, non-empty entries other than guard markers: real swap
-  entries, and uffd-wp and poison markers (the categories cannot tell those apart), so
-  it equals smaps ``Swap`` unless such markers exist. Guard markers are reported by the
-  kernel as SWAPPED|GUARD; they are counted in ``guard`` only. Swapped-out shmem pages
+  entries, and uffd-wp and poison markers (the categories cannot tell those apart). Such
+  markers exist only in mappings registered with a userfaultfd (``uw`` or ``um`` in
+  VmFlags; arming unpopulated pages puts one in every empty slot), so there, when smaps
+  is read, ``swapped`` is smaps' ``Swap``; it equals ``Swap`` elsewhere too. Guard
+  markers are reported by the kernel as SWAPPED|GUARD; they are counted in ``guard`` only. Swapped-out shmem pages
   leave no entry in the process's page tables (smaps counts them in ``Swap``; the scan
   cannot see them).
 * ``huge`` counts PMD-mapped pages other than the huge zero page (smaps does not count
@@ -309,7 +311,20 @@ def _mapping_table(pid: Any = None, *, backend: str = "auto", smaps: bool = True
         for j, c in enumerate(cols):
             full[:, cols_wanted.index(c)] = counts[:, j]
         counts = full
+    if "swapped" in cols and fields is not None:
+        _swap_where_markers(counts[:, cols_wanted.index("swapped")], fields)
     return _MappingTable(vmas, cols_wanted, counts, fields, shmem_devs)
+
+
+def _swap_where_markers(swapped: np.ndarray, fields: _Fields) -> None:
+    """Set ``swapped`` (pages, per mapping, in place) to smaps' ``Swap`` in the mappings
+    registered with a userfaultfd (``uw``/``um`` in VmFlags): only there can page tables
+    hold uffd-wp or poison markers, which ``PAGEMAP_SCAN`` reports as SWAPPED and smaps
+    does not count (a mapping armed before it was populated holds one per empty page)."""
+    swap = fields.column("Swap")
+    for i, flags in enumerate(fields.flags()):
+        if "uw" in flags or "um" in flags:
+            swapped[i] = (swap[i] or 0) // P
 
 
 _ALL = 0
