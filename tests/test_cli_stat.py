@@ -34,7 +34,7 @@ from pagescan.mappings import SMAPS_FIELDS, mapping_stats
 
 from . import oracle
 from .conftest import requires_pagemap_scan, requires_wp_async
-from .memory import Mapping, P, child_process
+from .memory import Mapping, P, child_process, file_mapping
 from .procs import stop
 from .test_mapping_stats import Isolated
 from .test_cli import (  # the target with a known layout, and the CLI helpers
@@ -595,6 +595,28 @@ def test_stat_swapped_is_swap_where_uffd_wp_markers_are(capsys: pytest.CaptureFi
         assert doc["totals"]["pages"]["swapped"] == sum(r["pages"]["swapped"] for r in doc["mappings"])
         stats = {s.start: s for s in mapping_stats()}
         assert stats[m.addr].pages["swapped"] == 0
+
+
+def test_file_names_that_are_not_utf8_stay_distinct(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names are the kernel's bytes: two files whose names differ only in bytes that are
+    not UTF-8 are two names (``os.fsencode`` gives the bytes back), in ``mapping_stats``,
+    ``stat --json`` and ``--group``; shown with ``?`` for what cannot be printed."""
+    paths = [os.path.join(os.fsencode(tmp_path), b"bad" + bytes([c])) for c in (0xFF, 0xFE)]
+    with contextlib.ExitStack() as stack:
+        maps = [stack.enter_context(file_mapping(os.fsdecode(p), 4, shared=True)) for p in paths]
+        for m in maps:
+            m.touch(0)
+        stats = {s.start: s for s in mapping_stats()}
+        assert [os.fsencode(stats[m.addr].name) for m in maps] == paths
+        doc = run_json(capsys, "stat", "self", "--group")
+        groups = {g["name"]: g for g in doc["groups"]}
+        assert [groups[os.fsdecode(p)]["mappings"] for p in paths] == [1, 1]
+        monkeypatch.setenv("COLUMNS", "200")
+        rc, out, _ = run(capsys, "stat", "self", "--group")
+        assert rc == 0 and out.count(os.fsdecode(os.path.join(os.fsencode(tmp_path), b"bad?"))) == 2
+        rc, out, err = run(capsys, "map", "self", "--png", str(tmp_path / "map.png"))
+        assert rc == 0, err
 
 
 # -- --watch ----------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def _parse_header(line: bytes) -> Vma:
         offset=int(parts[2], 16),
         dev=parts[3].decode(),
         inode=int(parts[4]),
-        name=parts[5].lstrip().decode(errors="replace") if len(parts) > 5 else "",  # trailing spaces are the name's
+        name=os.fsdecode(parts[5].lstrip()) if len(parts) > 5 else "",  # trailing spaces are the name's
     )
 
 

@@ -434,7 +434,7 @@ def _parse_maps(text: bytes, limit: int) -> _Vmas:
         lo, _, hi = parts[0].partition(b"-")
         end = int(hi, 16)
         if end <= limit:
-            name = parts[5].lstrip().decode(errors="replace") if len(parts) > 5 else ""  # trailing spaces are the name's
+            name = os.fsdecode(parts[5].lstrip()) if len(parts) > 5 else ""  # trailing spaces are the name's
             out.append((int(lo, 16), end, parts[1].decode(), int(parts[2], 16), name, parts[3].decode(),
                         int(parts[4])))
     return out
