@@ -188,7 +188,8 @@ def mapping_stats(
     smaps: bool = True,
     categories: Iterable[str] | None = None,
 ) -> list[MappingStat]:
-    """Every mapping of ``pid`` (default: this process) below the top of user space.
+    """Every mapping of ``pid`` (default: this process), ``[vsyscall]`` included (above
+    the top of user space, where no page is classified: its classes count 0).
 
     ``smaps``: also read ``/proc/PID/smaps`` (the mappings then come from it, with their
     fields and VmFlags); without it only ``/proc/PID/maps`` is read. ``categories``: the
@@ -298,11 +299,13 @@ def _mapping_table(pid: Any = None, *, backend: str = "auto", smaps: bool = True
             reader.close()
     fields: _Fields | None = None
     shmem_devs: frozenset[str] = frozenset()
+    # Every mapping the kernel lists, as pmap -X shows them: [vsyscall] too, above the
+    # top of user space, where no page table is walked (its classes count 0).
     if smaps:
-        vmas, fields = _smaps_columns(text, limit)
+        vmas, fields = _smaps_columns(text, _EVERYWHERE)
         shmem_devs = _shmem_devices(pid) if vmas else frozenset()
     else:
-        vmas = _parse_maps(text, limit)
+        vmas = _parse_maps(text, _EVERYWHERE)
     cols = tuple(c for c in cols_wanted if int(STAT_CATEGORIES[c]) & supported)
     regions = np.concatenate(parts) if len(parts) > 1 else parts[0] if parts else np.empty(0, PAGE_REGION_DTYPE)
     counts = _account(vmas, regions, cols) if vmas else np.zeros((0, len(cols)), np.int64)
@@ -327,6 +330,8 @@ def _swap_where_markers(swapped: np.ndarray, fields: _Fields) -> None:
             swapped[i] = (swap[i] or 0) // P
 
 
+_EVERYWHERE = 1 << 64  #: a limit above every address
+_USER_END = (1 << 63) - 1  #: user addresses are below (they fit in an int64)
 _ALL = 0
 for _c in STAT_CATEGORIES.values():
     _ALL |= int(_c)
@@ -628,9 +633,11 @@ def _is_shmem(perms: str, name: str, dev: str, shmem_devs: frozenset[str]) -> bo
 
 def _account(vmas: _Vmas, regions: np.ndarray, cols: tuple[str, ...]) -> np.ndarray:
     """``[mapping, column]`` page counts of ``regions`` (cut at the mappings' bounds)."""
+    counts = np.zeros((len(vmas), len(cols)), dtype=np.int64)
     nvma = len(vmas)
-    counts = np.zeros((nvma, len(cols)), dtype=np.int64)
-    if len(regions) and cols:
+    while nvma and vmas[nvma - 1][1] > _USER_END:  # [vsyscall]: nothing scanned up there
+        nvma -= 1
+    if len(regions) and cols and nvma:
         starts = np.fromiter((v[0] for v in vmas), dtype=np.int64, count=nvma)
         ends = np.fromiter((v[1] for v in vmas), dtype=np.int64, count=nvma)
         rs = regions["start"].astype(np.int64)  # user addresses fit in 63 bits
@@ -655,5 +662,5 @@ def _account(vmas: _Vmas, regions: np.ndarray, cols: tuple[str, ...]) -> np.ndar
         lut[values] = np.arange(len(values))
         key = idx_vma * len(values) + lut[rc]
         per_value = np.bincount(key, weights=pages, minlength=nvma * len(values)).reshape(nvma, len(values))
-        counts = np.rint(per_value @ _indicator(cols)[values]).astype(np.int64)  # exact: < 2**53
+        counts[:nvma] = np.rint(per_value @ _indicator(cols)[values]).astype(np.int64)  # exact: < 2**53
     return counts
