@@ -47,7 +47,7 @@ def add_parser(sub: Any) -> None:
         help="memory of every process you may read: USS, PSS, RSS, swap, zero pages, huge pages",
         description="One line per process with an address space that the caller may read (ptrace "
         "read access: your own processes, all of them as root): pid, user, USS (private memory: "
-        "Private_Clean + Private_Dirty), PSS, RSS, swap (the kernel's sums, from "
+        "Private_Clean + Private_Dirty, as smem; psutil adds Private_Hugetlb), PSS, RSS, swap (the kernel's sums, from "
         "/proc/PID/smaps_rollup: they match ps and smaps_rollup), zero (zero-page and huge "
         "zero-page mappings, from PAGEMAP_SCAN: not in RSS; '-' where it cannot be known: a kernel "
         "without PAGEMAP_SCAN, and no privilege to read PFNs), huge (PMD-mapped THPs and hugetlb "

@@ -459,9 +459,10 @@ def summary(snap: Snapshot, total: Row) -> str:
 
         uss = tot("Private_Clean") + tot("Private_Dirty")
         parts.append(f"RSS {human(tot('Rss'))} (PSS {human(tot('Pss'))}, USS {human(uss)}), swap {human(tot('Swap'))}")
-        hugetlb = tot("Shared_Hugetlb") + tot("Private_Hugetlb")
-        if hugetlb:
-            parts.append(f"hugetlb {human(hugetlb)} (not in RSS)")
+        private_hugetlb = tot("Private_Hugetlb")
+        hugetlb = tot("Shared_Hugetlb") + private_hugetlb
+        if hugetlb:  # psutil's uss is USS + Private_Hugetlb
+            parts.append(f"hugetlb {human(hugetlb)} ({human(private_hugetlb)} private; not in RSS or USS)")
     if "zero" in have:
         parts.append(f"zero pages {human(have['zero'])} (not in RSS)")
     if "huge" in have:
