@@ -553,7 +553,7 @@ def test_a_handler_raising_while_the_handlers_are_held_back_leaves_them_all_in_p
     test above caught one raising there, once in a loaded suite run). Its exception
     comes out, and every handler swapped so far is back in place: none is left a
     recorder, and the next checkpoint holds them back again."""
-    import pagescan.snapshot as snap
+    import pagescan._held as snap  # (the holding lives there; snapshot's _HeldSignals is it)
 
     class Boom(Exception):
         pass
@@ -568,11 +568,11 @@ def test_a_handler_raising_while_the_handlers_are_held_back_leaves_them_all_in_p
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     monkeypatch.setattr(snap, "_getsignal", getsignal)
     with pytest.raises(Boom):
-        snap._HeldSignals()
+        snap.HeldSignals()
     assert {sig: signal.getsignal(sig) for sig in before} == before
-    assert snap._HeldSignals.live is None
+    assert snap.HeldSignals.live is None
     monkeypatch.setattr(snap, "_getsignal", real)
-    held = snap._HeldSignals()
+    held = snap.HeldSignals()
     try:
         assert held.owner and signal.getsignal(signal.SIGINT) == held._record
     finally:

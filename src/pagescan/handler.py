@@ -77,6 +77,7 @@ import numpy as np
 
 from ._child import Child, fork
 from ._args import U64, open_regular, u64
+from ._held import held_still
 from ._errors import InvalidArgumentError, PartialProgressError
 from ._uapi import libc
 from ._uapi.mman import MAP, PROT
@@ -339,7 +340,15 @@ class FaultHandler:
 
     def start(self, via: Via | None = None) -> FaultHandler:
         """Register the regions and start serving. ``via``: see :data:`Via` (``None``,
-        or if it returns ``None``: fork the handler and its guardian here)."""
+        or if it returns ``None``: fork the handler and its guardian here).
+
+        Python signal handlers and finalizers of this thread run once the handler serves
+        (:func:`pagescan._held.held_still`): one that touched a registered page before
+        would wait for a server only this thread can start."""
+        with held_still():
+            return self._start(via)
+
+    def _start(self, via: Via | None) -> FaultHandler:
         from ._scan import scan
 
         if self._started:

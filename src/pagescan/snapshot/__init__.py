@@ -50,7 +50,6 @@ import errno
 import functools
 import gc
 import os
-import signal
 import time
 from collections.abc import Callable
 import threading
@@ -59,6 +58,7 @@ from typing import Any, Literal, overload
 
 import numpy as np
 
+from .._held import HeldSignals as _HeldSignals
 from ..capabilities import capabilities
 from ..writewatch import WriteWatch
 from ._gil import quick_gil as _quick_gil
@@ -152,89 +152,12 @@ class PendingCheckpoint(Future[CheckpointInfo]):
 _instant_lock = threading.Lock()
 
 
-#: ``signal.getsignal`` without its conversion of the result to an enum (60 us for the
-#: 64 signals, against 2 us): the C function it wraps.
-_getsignal: Callable[[int], Any] = getattr(signal, "_signal", signal).getsignal
-
-
-class _HeldSignals:
-    """Python signal handlers held back while :meth:`Checkpointer.checkpoint` runs in the
-    main thread, the only one that runs them (whichever thread the kernel delivered the
-    signal to: its C handler only marks it due). A handler due meanwhile would run at
-    the next bytecode of the pause, in the one thread the instant does not stop: its
-    writes could tear the generation, its exception (``KeyboardInterrupt``) would break
-    off the exchange with the helper in the middle. So each Python-level handler is
-    swapped for a recorder during the call, and :meth:`release` puts them back and runs
-    what came meanwhile, in order. (``signal.signal`` re-installs the C handler without
-    ``SA_RESTART``: a ``siginterrupt(sig, False)`` is undone, as by any ``signal.signal``.)
-    Nested calls (a finalizer's checkpoint) hold nothing more."""
-
-    #: The one holding the handlers now (main thread only; a child forked meanwhile
-    #: puts them back).
-    live: _HeldSignals | None = None
-
-    def __init__(self) -> None:
-        self.saved: dict[int, Callable[..., Any]] = {}
-        self.due: list[tuple[int, Any]] = []
-        self.owner = False
-        if _HeldSignals.live is not None or threading.current_thread() is not threading.main_thread():
-            return
-        self.owner = True
-        _HeldSignals.live = self
-        try:
-            with contextlib.suppress(ValueError):  # (not the main interpreter)
-                for sig in range(1, signal.NSIG):
-                    handler = _getsignal(sig)
-                    if callable(handler):
-                        signal.signal(sig, self._record)
-                        self.saved[sig] = handler
-        except BaseException:
-            # A handler not swapped yet ran meanwhile and raised: put back those that
-            # were (and run what they recorded), then let its exception out.
-            self.release()
-            raise
-
-    def _record(self, signum: int, frame: Any) -> None:
-        self.due.append((signum, frame))
-
-    def release(self) -> None:
-        """Put the handlers back and run those that came due (idempotent); raises the
-        first exception one of them raised, after running the others."""
-        saved = self._put_back()
-        first: BaseException | None = None
-        while self.due:
-            signum, frame = self.due.pop(0)
-            try:
-                saved[signum](signum, frame)
-            except BaseException as err:  # noqa: BLE001 - raised once the others have run
-                first = first or err
-        if first is not None:
-            raise first
-
-    def _put_back(self) -> dict[int, Callable[..., Any]]:
-        """Stop holding: the program's handlers back in place (idempotent); returns them."""
-        if not self.owner:
-            return {}
-        self.owner = False
-        _HeldSignals.live = None
-        saved, self.saved = self.saved, {}
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        return saved
-
-
 def _after_fork_in_child() -> None:
     """A child forked while a checkpoint ran in another thread: the instant lock that
-    thread may hold, and the Python signal handlers held back, are not the child's to
-    wait for: a new lock, and the program's handlers back (what came due meanwhile is
-    the parent's, not run here)."""
+    thread may hold is not the child's to wait for (the held signal handlers are put
+    back by :mod:`pagescan._held`)."""
     global _instant_lock
     _instant_lock = threading.Lock()
-    held = _HeldSignals.live
-    if held is not None:
-        held.due = []
-        with contextlib.suppress(ValueError):  # (not the main thread of the main interpreter)
-            held._put_back()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -662,9 +585,11 @@ class Checkpointer:
             self._precopier()
             return None
         if self._pre is None:
+            runs = merged_page_runs(self.targets)
+            if not len(runs):  # nothing to track (every entry is empty): the fork path is free
+                return None
             try:
-                self._pre = Precopier(merged_page_runs(self.targets),
-                                      neighbors=any(t.addr % P for t in self.targets if t.nbytes))
+                self._pre = Precopier(runs, neighbors=any(t.addr % P for t in self.targets if t.nbytes))
             except OSError:
                 self._use_ptrace = False
                 return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .._held import held_still
 from .._uapi.libc import write_runs
 from ..handler import FaultHandler
 from ._lazy import CheckpointSource, LazyMap, Recording, drop, hot_pages, probe_missing, refuse_private_files
@@ -80,10 +82,12 @@ def restore(
     of 4 MiB, each checksum-verified before it is written: a damaged page raises
     :class:`CorruptCheckpointError` (naming generation and page) before its batch is
     written, though earlier batches are in place by then. With ``pid``, the entries are
-    page-aligned ``(address, length)`` pairs in that process. Returns the generation
-    restored.
+    ``(address, length)`` pairs in that process, exact bytes at any alignment (as
+    ``pagescan restore`` takes them): each ``length`` is its entry's size. Without
+    ``pid``, a pair is whole pages (``length`` rounded up), as a state of pairs is
+    checkpointed. Returns the generation restored.
     """
-    return _restore(path, state, generation, pid, progress, exact_pairs=False)
+    return _restore(path, state, generation, pid, progress, exact_pairs=pid is not None)
 
 
 def _restore(path: str | os.PathLike[str], state: Any, generation: int | None, pid: Any,
@@ -179,21 +183,25 @@ def lazy_restore(
                 eager.append((t, i, hi - t.addr, t.addr + t.nbytes - hi))
             else:
                 eager.append((t, i, 0, t.nbytes))
-        probe_missing(regions)
-        refuse_private_files(regions)
-        me = os.getpid()
-        for t, i, skip, length in eager:
-            _restore_bytes(src, t, i, skip, length, me)
-        for a, n in regions:
-            drop(a, n)
-        lazymap = LazyMap(src.store, spans)
-        src.bind(lazymap)
-        hot = hot_pages(src, lazymap, working_set and not record)  # a recording sees every touch
-        recording = (Recording(os.fspath(path), src.generation, lazymap, int(lazymap.hbase[-1]))
-                     if record else None)
-        fh = FaultHandler(regions, src, prefetch=prefetch, hot=hot,
-                          record=None if recording is None else recording.array)
-        with fh:
+        with contextlib.ExitStack() as serving:
+            # From the first registration (the probe's) until the handler process serves:
+            # a signal handler or finalizer of this thread that touched a registered page
+            # would wait for a server only this thread can start. They run once it serves.
+            with held_still():
+                probe_missing(regions)
+                refuse_private_files(regions)
+                me = os.getpid()
+                for t, i, skip, length in eager:
+                    _restore_bytes(src, t, i, skip, length, me)
+                for a, n in regions:
+                    drop(a, n)
+                lazymap = LazyMap(src.store, spans)
+                src.bind(lazymap)
+                hot = hot_pages(src, lazymap, working_set and not record)  # a recording sees every touch
+                recording = (Recording(os.fspath(path), src.generation, lazymap, int(lazymap.hbase[-1]))
+                             if record else None)
+                fh = serving.enter_context(FaultHandler(regions, src, prefetch=prefetch, hot=hot,
+                                                        record=None if recording is None else recording.array))
             yield fh
             if recording is not None:  # the rest comes in, prefetched, before the block ends
                 recording.save()
