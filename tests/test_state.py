@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -60,7 +61,7 @@ from pagescan.snapshot._store import Store
 
 from .conftest import requires_wp_async
 from .memory import P
-from .procs import wait_gone
+from .procs import run_in_child, wait_gone
 from .test_snapshot import kill_handler_expect_sigbus, wait_go
 
 pytestmark = requires_wp_async
@@ -381,6 +382,143 @@ def lazy_state(path: Path, seed: int, npages: int = 2048) -> dict[str, np.ndarra
         state["big"][::9] += 1
         ck.checkpoint()
     return state
+
+
+class _Flags:
+    c_contiguous = writeable = True
+
+
+class _LiesAboutData(np.ndarray):
+    """Says its data is elsewhere (``__array_interface__``)."""
+
+    @property
+    def __array_interface__(self) -> dict[str, Any]:
+        d = dict(np.asarray(self).__array_interface__)
+        d["data"] = (int(d["data"][0]) + (1 << 20), False)
+        return d
+
+
+class _LiesAboutFlags(np.ndarray):
+    @property  # type: ignore[misc]
+    def flags(self) -> Any:
+        return _Flags()
+
+
+class _LiesAboutSize(np.ndarray):
+    @property  # type: ignore[misc]
+    def nbytes(self) -> int:
+        return 512 * 8
+
+    @property  # type: ignore[misc]
+    def shape(self) -> tuple[int, ...]:
+        return (512,)
+
+
+class _LiesAboutDtype(np.ndarray):
+    @property  # type: ignore[misc]
+    def dtype(self) -> Any:
+        return np.dtype(np.uint64)
+
+
+class _LongTuple(tuple):  # type: ignore[type-arg]
+    def __len__(self) -> int:
+        return 2
+
+
+def test_buffers_that_misstate_what_they_are_are_judged_by_their_real_memory(tmp_path: Path) -> None:
+    """What the kernel and pagescan write through is taken from the object's real buffer,
+    never from attributes a subclass can override: a lying address, contiguity, size or
+    dtype cannot steer a restore outside the object or over object references (in 0.2,
+    each of these crashed the interpreter). A memoryview of an object array is refused
+    like the array."""
+    path = tmp_path / "lies.ck"
+    src = np.arange(512, dtype=np.uint64)  # one 4 KiB entry
+    with Checkpointer(path, [src]) as ck:
+        ck.checkpoint()
+
+    def outcome(make: Callable[[], Any]) -> Callable[[], str]:
+        def body() -> str:
+            t = make()
+            try:
+                restore(path, [t])
+            except (TypeError, ValueError, CheckpointError) as err:
+                return f"{type(err).__name__}: {err}"
+            return "restored"
+        return body
+
+    base = np.zeros(1024, np.uint64)
+    assert run_in_child(outcome(lambda: memoryview(np.zeros(512, object)))).startswith(("TypeError", "ValueError"))
+    assert run_in_child(outcome(lambda: np.zeros(512, object).view(_LiesAboutDtype))).startswith(
+        ("TypeError", "ValueError"))
+    assert run_in_child(outcome(lambda: base[::-2].view(_LiesAboutFlags))).startswith("ValueError")
+    assert run_in_child(outcome(lambda: np.zeros(2, np.uint64).view(_LiesAboutSize))).startswith("CheckpointError")
+
+    def lying_address() -> bytes:
+        real = np.zeros(512, np.uint64)
+        restore(path, [real.view(_LiesAboutData)])  # into its real memory, exactly
+        return real.tobytes()
+
+    assert run_in_child(lying_address) == src.tobytes()
+    # A region pair is read by the tuple's real items, whatever __len__ says.
+    with pytest.raises(TypeError, match="pair"):
+        restore(path, [_LongTuple((src.ctypes.data,))])
+    # A dtype numpy cannot describe (overlapping fields) is refused naming the entry.
+    odd = np.zeros(4, np.dtype({"names": ["a", "b"], "formats": ["<u4", "<u4"], "offsets": [0, 2],
+                                "itemsize": 8}))
+    with pytest.raises(ValueError, match=r"odd.*dtype"):
+        Checkpointer(tmp_path / "odd.ck", {"odd": odd})
+
+
+def test_a_state_of_empty_arrays_checkpoints_with_threads_running(tmp_path: Path) -> None:
+    """Nothing to track is a state too: with another thread alive (the helper paths),
+    synchronous, background and with progress, each checkpoint seals a generation."""
+    path = tmp_path / "empty.ck"
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        state = {"empty": np.zeros((0, 3)), "also": np.zeros(0, np.int8)}
+        with Checkpointer(path, state) as ck:
+            ck.checkpoint()
+            ck.checkpoint(wait=False).result(30)
+            ck.checkpoint(progress=lambda done, total: None)
+    finally:
+        stop.set()
+        other.join()
+    assert len(inspect(path)["generations"]) == 3
+    got = load(path)
+    assert got["empty"].shape == (0, 3) and got["also"].dtype == np.int8 and got["also"].size == 0
+
+
+def test_a_signal_handler_touching_the_target_while_lazy_restore_starts_does_not_hang(tmp_path: Path) -> None:
+    """A Python signal handler (or a finalizer) that reads the target while
+    ``lazy_restore`` starts runs after the handler process is serving: before, a touch
+    between the registration and the fork of the server waited for ever."""
+    path = tmp_path / "sig.ck"
+    a = pagescan.zeros(2 << 20, np.uint8)
+    a[:] = 0x33
+    with Checkpointer(path, {"a": a}) as ck:
+        ck.checkpoint()
+
+    def body() -> int:
+        seen = []
+        signal.signal(signal.SIGALRM, lambda s, f: seen.append(int(a[::4096].sum())))
+        try:
+            for i in range(60):
+                signal.setitimer(signal.ITIMER_REAL, 0.0001 * (1 + i % 20), 0)
+                try:
+                    with lazy_restore(path, {"a": a}) as fh:
+                        assert fh.wait(30)
+                except FileExistsError:
+                    pass  # touched between drop and registration: the documented refusal
+                signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        assert all(v == 0x33 * 512 for v in seen)
+        return len(seen)
+
+    assert run_in_child(body, timeout=90) > 0
 
 
 def test_verify_checks_sections(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import mmap
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -66,9 +67,25 @@ def _pair(value: tuple[Any, ...], label: str) -> tuple[int, int]:
     return a, n
 
 
+def _holds_objects(fmt: str) -> bool:
+    """A buffer format (PEP 3118, ``struct`` syntax) with an ``O`` item: object references.
+    Field names (``:name:``) are left out of the test."""
+    return "O" in re.sub(r":[^:]*:", "", fmt)
+
+
+def _describable(dtype: np.dtype[Any], label: str) -> None:
+    """Refuse a dtype the checkpoint's header cannot describe (numpy's ``descr``: e.g.
+    structured fields that overlap or are out of order), naming the entry."""
+    try:
+        np.lib.format.dtype_to_descr(dtype)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{label}: dtype {dtype} cannot be stored ({err})") from None
+
+
 def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: bool) -> Target:
     label = _label(name, i)
     if isinstance(value, tuple):
+        value = tuple.__getitem__(value, slice(None))  # its real items, whatever a subclass says
         if exact_pairs:
             a, n = int(value[0]), int(value[1])
             if a < 0 or n <= 0 or a + n > _ADDRESS_END:
@@ -81,21 +98,26 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
         raise TypeError(f"{label}: expected a buffer object (a numpy array, bytearray, mmap, ...), "
                         f"not {type(value).__name__}")
     if isinstance(value, np.ndarray):
-        if value.dtype.hasobject:
-            raise TypeError(f"{label}: dtype {value.dtype} holds Python object references; only raw data "
+        # Judged by the plain array over the same memory: a subclass can override
+        # ``dtype``, ``flags``, ``nbytes``, ``shape`` or ``__array_interface__``, none of
+        # which may steer where the kernel writes.
+        arr = np.ndarray.view(value, np.ndarray)  # (the C method: nothing of the subclass runs)
+        if arr.dtype.hasobject:
+            raise TypeError(f"{label}: dtype {arr.dtype} holds Python object references; only raw data "
                             "can be checkpointed")
-        if not value.flags.c_contiguous:
+        _describable(arr.dtype, label)
+        if not arr.flags.c_contiguous:
             raise ValueError(f"{label}: the array is not C-contiguous (pass numpy.ascontiguousarray(...) of it, "
                              "or the array it is a view of)")
-        if writable and not value.flags.writeable:
+        if writable and not arr.flags.writeable:
             raise ValueError(f"{label}: the array is read-only")
         try:
-            keep: Any = memoryview(value)  # type: ignore[arg-type]  # ndarray is a buffer
+            keep: Any = memoryview(arr)  # type: ignore[arg-type]  # ndarray is a buffer
         except (TypeError, ValueError, BufferError) as err:  # e.g. a dtype the buffer protocol cannot express
-            keep = value
+            keep = arr
             del err
-        addr = int(value.__array_interface__["data"][0])
-        return Target(label, name, addr, int(value.nbytes), value.dtype, tuple(value.shape), True, keep)
+        addr = int(arr.__array_interface__["data"][0])
+        return Target(label, name, addr, int(arr.nbytes), arr.dtype, tuple(arr.shape), True, keep)
     try:
         mv = memoryview(value)
     except TypeError:
@@ -103,6 +125,10 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
                         f"not {type(value).__name__}") from None
     except (ValueError, BufferError) as err:  # a closed mmap, a released memoryview
         raise ValueError(f"{label}: cannot use the buffer ({err})") from None
+    if _holds_objects(mv.format):
+        mv.release()
+        raise TypeError(f"{label}: the buffer's items (format {mv.format!r}) hold Python object references; "
+                        "only raw data can be checkpointed")
     if not mv.c_contiguous:
         mv.release()
         raise ValueError(f"{label}: the buffer is not C-contiguous")
