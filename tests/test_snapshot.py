@@ -1276,6 +1276,25 @@ def test_restore_into_another_process(tmp_path: Path) -> None:
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
+def test_restore_with_pid_takes_exact_pairs(tmp_path: Path) -> None:
+    """With ``pid`` a pair is exact bytes at any address, as ``pagescan restore`` takes
+    it: an entry of 1000 bytes goes to ``(address, 1000)``, and nothing around it is
+    written (before, the length was rounded up to a page and the sizes never matched)."""
+    path = tmp_path / "exact.ck"
+    src = np.arange(125, dtype=np.uint64)  # 1000 bytes
+    with snap.Checkpointer(path, {"a": src}) as ck:
+        ck.checkpoint()
+    with Mapping(2) as m:
+        view(m)[:] = 0xEE
+        at = m.addr + 16
+        assert restore(path, {"a": (at, 1000)}, pid=os.getpid()) == 1
+        assert ctypes.string_at(at, 1000) == src.tobytes()
+        assert ctypes.string_at(m.addr, 16) == b"\xee" * 16
+        assert ctypes.string_at(at + 1000, 2 * P - 1016) == b"\xee" * (2 * P - 1016)
+        with pytest.raises(CheckpointError, match="4096 bytes here and 1000"):
+            restore(path, {"a": (m.addr, P)}, pid=os.getpid())
+
+
 # -- command line ------------------------------------------------------------------------
 
 
