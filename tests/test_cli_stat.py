@@ -596,6 +596,10 @@ def test_stat_swapped_is_swap_where_uffd_wp_markers_are(capsys: pytest.CaptureFi
         assert doc["totals"]["pages"]["swapped"] == sum(r["pages"]["swapped"] for r in doc["mappings"])
         stats = {s.start: s for s in mapping_stats()}
         assert stats[m.addr].pages["swapped"] == 0
+        # Whatever other columns are asked for (smaps is read for swapped alone too).
+        rc, out, _ = run(capsys, "stat", "self", "--columns", "swapped", "--all")
+        cells = {int(ln.split()[0], 16): ln.split() for ln in rows_of(out.splitlines())}
+        assert rc == 0 and cells[m.addr][2] == "0", cells[m.addr]
 
 
 def test_file_names_that_are_not_utf8_stay_distinct(tmp_path: Path, capsys: pytest.CaptureFixture[str],

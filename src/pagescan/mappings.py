@@ -192,7 +192,9 @@ def mapping_stats(
     the top of user space, where no page is classified: its classes count 0).
 
     ``smaps``: also read ``/proc/PID/smaps`` (the mappings then come from it, with their
-    fields and VmFlags); without it only ``/proc/PID/maps`` is read. ``categories``: the
+    fields and VmFlags); without it only ``/proc/PID/maps`` is read, and ``swapped``
+    counts the uffd-wp and poison markers of registered mappings too (see the module
+    doc). ``categories``: the
     page classes to count with ``PAGEMAP_SCAN`` (names of :data:`STAT_CATEGORIES`;
     default all, empty: no scan). Classes the kernel does not support count 0.
 

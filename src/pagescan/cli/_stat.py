@@ -204,7 +204,8 @@ def add_parser(sub: Any) -> None:
 
 def _needs(columns: Sequence[str]) -> tuple[bool, tuple[str, ...]]:
     """(read smaps?, page classes to scan) for these columns."""
-    smaps = any(COLUMNS[c].source in ("smaps", "derived") or c == "written" for c in columns)
+    # written needs VmFlags (uw); swapped too: in a uffd-registered mapping it is Swap
+    smaps = any(COLUMNS[c].source in ("smaps", "derived") or c in ("written", "swapped") for c in columns)
     classes = tuple(c for c in STAT_CATEGORIES if c in columns)
     return smaps, classes
 
