@@ -1621,3 +1621,102 @@ def test_feature_bit_63_is_kernel_feature_error() -> None:
     assert isinstance(err, OSError)
     # The error names what is missing (KernelFeatureError.feature): an unknown bit by number.
     assert "None" not in err.feature and "63" in err.feature, err.feature
+
+
+# -- close racing with use; buffers held through the call ---------------------------------
+
+
+def test_close_during_a_call_waits_for_it_and_the_fd_number_is_not_reused_under_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``close()`` that runs while a call has the fd number in hand (another thread, a
+    signal handler, a finalizer: here the ioctl itself calls it) closes the fd only once
+    that call returns. Before, the number was freed at once, a new uffd took it, and the
+    call meant for the old uffd registered the range with the new one."""
+    import pagescan.userfaultfd as mod
+
+    real = mod.libc.ioctl
+    made: list[Userfaultfd] = []
+
+    with anon(4) as m:
+        a = Userfaultfd()
+
+        def ioctl(fd: int, request: int, arg: Any) -> Any:
+            if request == U.UFFDIO_REGISTER and not made:
+                a.close()
+                made.append(Userfaultfd())  # would take a's number if a's fd were closed
+            return real(fd, request, arg)
+
+        monkeypatch.setattr(mod.libc, "ioctl", ioctl)
+        a.register(m.addr, m.length)
+        monkeypatch.setattr(mod.libc, "ioctl", real)
+        b = made[0]
+        try:
+            assert a.closed and b.fd != -1
+            b.register(m.addr, m.length)  # a's registration is gone with a; none went to b
+            with pytest.raises(ValueError, match="closed"):
+                a.register(m.addr, m.length)
+        finally:
+            b.close()
+    assert "anon_inode:[userfaultfd]" not in _fd_links()
+
+
+def _fd_links() -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # (the listing's own fd)
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return links
+
+
+def test_close_wakes_a_thread_waiting_in_read_events() -> None:
+    uf = Userfaultfd()
+    got: list[BaseException | list[Any]] = []
+
+    def reader() -> None:
+        try:
+            got.append(uf.read_events(timeout=None))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            got.append(err)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.1)
+    uf.close()
+    t.join(5)
+    assert not t.is_alive(), "read_events still waits after close()"
+    assert isinstance(got[0], ValueError) and "closed" in str(got[0])
+    with pytest.raises(TypeError):
+        Userfaultfd().read_events(timeout=True)  # type: ignore[arg-type]
+
+
+class _BigNbytes(np.ndarray):
+    @property  # type: ignore[misc]
+    def nbytes(self) -> int:
+        return 16 * P
+
+
+def test_copy_from_holds_the_buffer_until_the_kernel_has_read_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The buffer's export is held through ``UFFDIO_COPY``: a resize attempted meanwhile
+    (here from inside the call) fails with ``BufferError`` and the page gets the bytes
+    given; before, the bytearray was resized and the kernel copied freed heap. The length
+    is the array's real one, whatever a subclass's ``nbytes`` says."""
+    data = bytearray(b"A" * P)
+    resized: list[BaseException] = []
+    real = Userfaultfd.copy
+
+    def copy(self: Userfaultfd, dst: int, src: int, length: int, **kw: Any) -> int:
+        try:
+            data.clear()
+        except BufferError as err:
+            resized.append(err)
+        return real(self, dst, src, length, **kw)
+
+    with anon(16) as m, Userfaultfd() as uf:
+        uf.register(m.addr, m.length)
+        monkeypatch.setattr(Userfaultfd, "copy", copy)
+        assert uf.copy_from(m.addr, data) == P
+        monkeypatch.setattr(Userfaultfd, "copy", real)
+        assert resized and m.read(0) == b"A" * P
+        assert uf.copy_from(m.addr + P, np.full(P, 7, np.uint8).view(_BigNbytes)) == P
+        present = pagescan.scan(m.addr, m.end, category_anyof_mask=int(Category.PRESENT), return_mask=0)
+        assert present.pages == 2 and m.read(1) == b"\x07" * P

@@ -29,7 +29,7 @@ import numpy as np
 from ._errors import InvalidArgumentError
 from ._uapi.pagemap import PAGE_REGION_DTYPE
 
-__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "check_aligned", "check_out", "seconds",
+__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "held_buffer", "check_aligned", "check_out", "seconds",
            "open_regular", "u64"]
 
 #: What pagescan accepts as "a buffer object": anything with the buffer protocol; these
@@ -100,7 +100,7 @@ def check_aligned(call: str, name: str, value: int, page_size: int = P) -> None:
 def _as_bytes(obj: Any, name: str) -> np.ndarray:
     """A uint8 view of a buffer object's bytes; refuses integers and non-buffers."""
     if isinstance(obj, np.ndarray):
-        arr = obj
+        arr = np.ndarray.view(obj, np.ndarray)  # its real memory, whatever a subclass says
     else:
         if isinstance(obj, (int, np.integer, np.bool_)) or hasattr(obj, "__index__"):
             raise TypeError(
@@ -128,9 +128,18 @@ def _as_bytes(obj: Any, name: str) -> np.ndarray:
 
 
 def buffer_span(obj: Any, name: str = "buffer") -> tuple[int, int]:
-    """``(address, nbytes)`` of a contiguous buffer object's own bytes."""
+    """``(address, nbytes)`` of a contiguous buffer object's own bytes (for a range to
+    scan or watch; nothing is read or written through it here)."""
     arr = _as_bytes(obj, name)
     return int(arr.__array_interface__["data"][0]), int(arr.nbytes)
+
+
+def held_buffer(obj: Any, name: str = "buffer") -> tuple[np.ndarray, int, int]:
+    """``(holder, address, nbytes)``: the holder keeps the object's buffer exported (not
+    resized, not closed, not freed) while it lives; keep it until the kernel has read or
+    written the bytes."""
+    arr = _as_bytes(obj, name)
+    return arr, int(arr.__array_interface__["data"][0]), int(arr.nbytes)
 
 
 def buffer_range(obj: Any, name: str = "buffer") -> tuple[int, int]:

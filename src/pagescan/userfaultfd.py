@@ -24,6 +24,7 @@ Facts (``docs/kernel-facts.md``, userfaultfd):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
@@ -36,7 +37,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _probe
-from ._args import buffer_span, u64
+from ._args import held_buffer, u64
 from ._errors import KernelFeatureError, PartialProgressError, feature_error, with_context
 from ._fdholder import FdHolder
 from ._registry import wp_async_registry
@@ -197,7 +198,7 @@ class Userfaultfd(FdHolder):
             EPERM (``EVENT_FORK`` without ``CAP_SYS_PTRACE``).
     """
 
-    __slots__ = ("__weakref__", "features", "ioctls", "supported_features")
+    __slots__ = ("__weakref__", "_box", "_busy", "_deferred", "_wake", "features", "ioctls", "supported_features")
     _what = "Userfaultfd"
 
     def __init__(
@@ -208,7 +209,7 @@ class Userfaultfd(FdHolder):
         user_mode_only: bool = False,
         inheritable: bool = False,
     ) -> None:
-        self._fd = -1
+        self._own(-1)
         features = _u64("features", features)
         flags = (0 if inheritable else U.O_CLOEXEC) | (U.O_NONBLOCK if nonblock else 0)
         if user_mode_only:
@@ -222,7 +223,7 @@ class Userfaultfd(FdHolder):
             if err.errno == errno.EINVAL:
                 raise _feature_error(features) or err from None
             raise
-        self._fd = fd
+        self._own(fd)
         self.supported_features = UffdFeature(api.features)
         enabled = features
         if enabled & UffdFeature.WP_ASYNC:
@@ -253,25 +254,99 @@ class Userfaultfd(FdHolder):
             raise ValueError(f"fd {fd} is not a userfaultfd ({link})")
         features = _u64("features", features)
         self = object.__new__(cls)
-        self._fd = fd
+        self._own(fd)
         self.features = UffdFeature(features)
         self.supported_features = UffdFeature(0)
         self.ioctls = UffdIoctl(0)
         return self
 
     # -- fd lifecycle (FdHolder) -------------------------------------------------------
+    #
+    # Every call that hands the fd number to the kernel holds it "in use" (``_acquire``
+    # .. ``_release``): ``close()`` from another thread, a signal handler or a finalizer
+    # meanwhile closes the fd only when the last such call has returned, so its number
+    # cannot be reused by another file under a call meant for this uffd. The markers are
+    # list items, appended and popped (atomic under the GIL; no lock a signal handler
+    # could find held by the thread it interrupted).
+
+    def _own(self, fd: int) -> None:
+        self._fd = fd
+        self._box = [fd] if fd >= 0 else []  # popped once: by close() or detach()
+        self._busy: list[None] = []
+        self._deferred: list[int] = []
+        self._wake: list[int] = []  # a pipe that close() writes to, made by a waiting read_events
+
+    def _acquire(self) -> int:
+        self._busy.append(None)
+        fd = self._fd
+        if fd < 0:
+            self._release()
+            raise ValueError(f"I/O operation on closed {self._what}")
+        return fd
+
+    def _release(self) -> None:
+        self._busy.pop()
+        if self._deferred and not self._busy:
+            self._close_deferred()
+
+    def _close_deferred(self) -> None:
+        try:
+            fd = self._deferred.pop()  # one caller wins
+        except IndexError:
+            return
+        os.close(fd)
+        self._close_wake()
+
+    def _close_wake(self) -> None:
+        wake, self._wake = self._wake, []
+        for w in wake:
+            os.close(w)
 
     def close(self) -> None:
-        """Close the fd: the kernel unregisters every range and wakes all waiters."""
-        super().close()
+        """Close the fd: the kernel unregisters every range and wakes the faulting
+        threads. A call in progress in another thread (or interrupted by the caller, a
+        signal handler) finishes first; a :meth:`read_events` waiting on a non-blocking
+        uffd returns at once with ``ValueError``."""
+        try:
+            fd = self._box.pop()
+        except (IndexError, AttributeError):
+            return
+        self._fd = -1
+        self._closing()
+        self._deferred.append(fd)
+        if not self._busy:
+            self._close_deferred()
+
+    def detach(self) -> int:
+        """Give up ownership of the fd and return it."""
+        if self._fd < 0:
+            raise ValueError(f"I/O operation on closed {self._what}")
+        try:
+            fd = self._box.pop()
+        except IndexError:
+            raise ValueError(f"I/O operation on closed {self._what}") from None
+        self._fd = -1
+        return fd
+
+    def _ioctl(self, request: int, arg: ctypes.Structure) -> None:
+        fd = self._acquire()
+        try:
+            libc.ioctl(fd, request, arg)
+        finally:
+            self._release()
 
     def _closing(self) -> None:
         wp_async_registry.remove(id(self))
+        if self._wake:
+            with contextlib.suppress(OSError):
+                os.write(self._wake[1], b"x")
 
     def _finalize(self) -> None:
         # Always: once this object is gone its id may be reused by another one, and
         # registrations of a detached fd are no longer this object's to vouch for.
         wp_async_registry.remove(id(self))
+        if getattr(self, "_wake", None):
+            self._close_wake()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
@@ -289,14 +364,18 @@ class Userfaultfd(FdHolder):
         s, n = _range("UFFDIO_REGISTER", start, length)
         m = _u64("mode", mode)
         arg = U.uffdio_register(U.uffdio_range(s, n), m, 0)
+        fd = self._acquire()
         try:
-            libc.ioctl(self.fd, U.UFFDIO_REGISTER, arg)
-        except OSError as err:
-            raise with_context(err, f"UFFDIO_REGISTER of [{s:#x}, {s + n:#x}) mode {RegisterMode(m)!r}"
-                                    + (_range_hint(s, n, err) or _REGISTER_HINTS.get(err.errno or 0, ""))) from None
-        # Recorded for the emulated PAGEMAP_SCAN (WPALLOWED, CHECK_WPASYNC): the range is
-        # now this uffd's, in this mode (the registry asks the kernel whether it is async).
-        wp_async_registry.add(id(self), s, s + n, wp=bool(m & RegisterMode.WP), fd=self.fd)
+            try:
+                libc.ioctl(fd, U.UFFDIO_REGISTER, arg)
+            except OSError as err:
+                raise with_context(err, f"UFFDIO_REGISTER of [{s:#x}, {s + n:#x}) mode {RegisterMode(m)!r}"
+                                   + (_range_hint(s, n, err) or _REGISTER_HINTS.get(err.errno or 0, ""))) from None
+            # Recorded for the emulated PAGEMAP_SCAN (WPALLOWED, CHECK_WPASYNC): the range is
+            # now this uffd's, in this mode (the registry asks the kernel whether it is async).
+            wp_async_registry.add(id(self), s, s + n, wp=bool(m & RegisterMode.WP), fd=fd)
+        finally:
+            self._release()
         return UffdIoctl(arg.ioctls)
 
     def unregister(self, start: int, length: int) -> None:
@@ -304,7 +383,7 @@ class Userfaultfd(FdHolder):
         s, n = _range("UFFDIO_UNREGISTER", start, length)
         arg = U.uffdio_range(s, n)
         try:
-            libc.ioctl(self.fd, U.UFFDIO_UNREGISTER, arg)
+            self._ioctl(U.UFFDIO_UNREGISTER, arg)
         except OSError as err:
             raise with_context(err, f"UFFDIO_UNREGISTER of [{s:#x}, {s + n:#x})" + (
                 _range_hint(s, n, err) or (" (no mapping there, or it belongs to another userfaultfd)"
@@ -323,7 +402,7 @@ class Userfaultfd(FdHolder):
         mode = (U.WriteprotectMode.WP if enable else 0) | (U.WriteprotectMode.DONTWAKE if dontwake else 0)
         arg = U.uffdio_writeprotect(U.uffdio_range(s, n), mode)
         try:
-            libc.ioctl(self.fd, U.UFFDIO_WRITEPROTECT, arg)
+            self._ioctl(U.UFFDIO_WRITEPROTECT, arg)
         except OSError as err:
             raise with_context(err, f"UFFDIO_WRITEPROTECT of [{s:#x}, {s + n:#x})" + _range_hint(s, n, err) + (
                 " (a mapping in range is not registered for write-protect with this userfaultfd)"
@@ -342,8 +421,11 @@ class Userfaultfd(FdHolder):
 
     def copy_from(self, dst: int, data: Any, *, wp: bool = False, dontwake: bool = False) -> int:
         """``UFFDIO_COPY`` the bytes of a buffer object (length a page multiple) to ``dst``."""
-        addr, n = buffer_span(data, "data")
-        return self.copy(dst, addr, n, wp=wp, dontwake=dontwake)
+        held, addr, n = held_buffer(data, "data")
+        try:
+            return self.copy(dst, addr, n, wp=wp, dontwake=dontwake)
+        finally:
+            del held  # the export ends once the kernel has copied the bytes
 
     def zeropage(self, start: int, length: int, *, dontwake: bool = False) -> int:
         """``UFFDIO_ZEROPAGE``: map zero pages (the shared zero page on private anon)."""
@@ -393,14 +475,14 @@ class Userfaultfd(FdHolder):
         s, n = _range("UFFDIO_WAKE", start, length)
         arg = U.uffdio_range(s, n)
         try:
-            libc.ioctl(self.fd, U.UFFDIO_WAKE, arg)
+            self._ioctl(U.UFFDIO_WAKE, arg)
         except OSError as err:
             raise with_context(err, f"UFFDIO_WAKE of [{s:#x}, {s + n:#x})" + _range_hint(s, n, err)) from None
 
     def _resolve(self, request: int, arg: ctypes.Structure, field: str, name: str, dst: int, length: int) -> int:
         setattr(arg, field, 0)
         try:
-            libc.ioctl(self.fd, request, arg)
+            self._ioctl(request, arg)
         except OSError as err:
             if err.errno == errno.EAGAIN:
                 done = int(getattr(arg, field))
@@ -426,7 +508,8 @@ class Userfaultfd(FdHolder):
         """
         ms = -1
         if timeout is not None:
-            if not isinstance(timeout, numbers.Real):  # int, float, numpy scalars, Fraction
+            if not isinstance(timeout, numbers.Real) or isinstance(timeout, (bool, np.bool_)):
+                # (int, float, numpy scalars, Fraction; True is not a number of seconds)
                 raise TypeError(f"timeout must be a number of seconds or None, not {type(timeout).__name__}")
             try:
                 seconds = float(timeout)
@@ -439,24 +522,29 @@ class Userfaultfd(FdHolder):
         max_events = u64("max_events", max_events)
         if not 1 <= max_events <= 65536:
             raise ValueError(f"max_events must be between 1 and 65536, got {max_events}")
-        fd = self.fd
-        if timeout is not None or not os.get_blocking(fd):
-            poller = select.poll()
-            poller.register(fd, select.POLLIN)
-            while True:
-                try:
-                    ready = poller.poll(ms)
-                except InterruptedError:
-                    continue
-                break
-            if not ready:
-                return []
-            if ready[0][1] & select.POLLERR:
-                raise OSError(errno.EINVAL, "poll on userfaultfd gave POLLERR (a blocking fd cannot be polled)")
+        fd = self._acquire()
         try:
-            data = os.read(fd, _MSG_SIZE * max_events)
-        except BlockingIOError:
-            return []
+            if timeout is not None or not os.get_blocking(fd):
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                if ms:  # a wait: close() from elsewhere ends it (through a pipe it writes to)
+                    if not self._wake:
+                        self._wake.extend(os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK))
+                    poller.register(self._wake[0], select.POLLIN)
+                ready = dict(poller.poll(ms))  # (retried after a signal handler: the fds stay ours)
+                if self._fd < 0:
+                    raise ValueError(f"I/O operation on closed {self._what} (closed while waiting)")
+                events = ready.get(fd, 0)
+                if not events:
+                    return []
+                if events & select.POLLERR:
+                    raise OSError(errno.EINVAL, "poll on userfaultfd gave POLLERR (a blocking fd cannot be polled)")
+            try:
+                data = os.read(fd, _MSG_SIZE * max_events)
+            except BlockingIOError:
+                return []
+        finally:
+            self._release()
         return parse_uffd_msgs(data)
 
 
