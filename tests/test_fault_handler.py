@@ -605,3 +605,20 @@ def test_memory_that_cannot_be_served() -> None:
     finally:
         libc.mmap(hole[2], 4 * P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED)
         hole.close()
+
+
+def test_bad_sources_and_hot_pages_are_refused_at_construction() -> None:
+    """A source that is neither a Source nor a callable is a ``TypeError`` here: before,
+    it failed in the handler process, whose guardian then poisoned the pages (the
+    owner's first touch died of SIGBUS). ``hot`` must be integer page numbers in range."""
+    regions = [(0x10000000, 4 * P)]  # (not registered: construction only)
+    for bad in (42, "abc", None, b"data"):
+        with pytest.raises(TypeError, match="source must be"):
+            FaultHandler(regions, bad)  # type: ignore[arg-type]
+    src = lambda off, n: None  # noqa: E731
+    for hot, err in [([2**63], ValueError), ([2**64], ValueError), ([4], ValueError), ([-1], ValueError),
+                     ([1.7], TypeError), (["2"], TypeError), ([True], TypeError), ([[1]], ValueError)]:
+        with pytest.raises(err):
+            FaultHandler(regions, src, hot=hot)
+    assert FaultHandler(regions, src, hot=[3, 0, 1]).hot.tolist() == [3, 0, 1]  # type: ignore[union-attr]
+    assert FaultHandler(regions, src, hot=np.array([2], np.uint64)).hot.tolist() == [2]  # type: ignore[union-attr]

@@ -261,6 +261,28 @@ class _Lifecycle:
                           "pages not served by then are poisoned", ResourceWarning, stacklevel=2)
 
 
+def _page_numbers(hot: Any, total: int) -> np.ndarray:
+    """``hot`` as int64 page numbers in ``[0, total)``: ``TypeError`` for what is not
+    integers (floats, strings, bools), ``ValueError`` for numbers out of range."""
+    try:
+        arr = np.asarray(hot)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise TypeError(f"hot must be a sequence of page numbers ({err})") from None
+    if arr.ndim != 1:
+        raise ValueError(f"hot must be a 1-D sequence of page numbers, not {arr.ndim}-D")
+    if not arr.size:
+        return np.empty(0, np.int64)
+    if arr.dtype.kind == "O":  # ints beyond 64 bits (or anything else)
+        if all(isinstance(x, int) and not isinstance(x, bool) for x in arr.tolist()):
+            raise ValueError(f"hot must be page numbers in [0, {total})")
+        raise TypeError("hot must be integer page numbers")
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"hot must be integer page numbers, not {arr.dtype}")
+    if int(arr.min()) < 0 or int(arr.max()) >= total:
+        raise ValueError(f"hot must be page numbers in [0, {total})")
+    return arr.astype(np.int64)
+
+
 class FaultHandler:
     """Register ``regions`` for MISSING faults and serve them from ``source`` in a child.
 
@@ -304,16 +326,24 @@ class FaultHandler:
     ) -> None:
         self.regions = _regions(regions)
         self.total_pages = sum(n for _, n in self.regions) // P
-        self.source: Source = source if hasattr(source, "read") else _CallableSource(source)
+        if hasattr(source, "read"):
+            self.source: Source = source
+        elif callable(source):
+            self.source = _CallableSource(source)
+        else:  # found now, not by the handler process (whose failure would leave SIGBUS)
+            raise TypeError(f"source must be a Source (with a read method) or a callable (offset, length) -> "
+                            f"bytes | None, not {type(source).__name__}")
         self.prefetch = prefetch
-        self.hot = None if hot is None else np.asarray(hot, dtype=np.int64)
-        if self.hot is not None and self.hot.size and not (
-            self.hot.ndim == 1 and int(self.hot.min()) >= 0 and int(self.hot.max()) < self.total_pages
-        ):
-            raise ValueError(f"hot must be page numbers in [0, {self.total_pages})")
-        if record is not None and (record.dtype != np.uint64 or record.ndim != 1 or len(record) < self.total_pages + 2
-                                   or not record.flags.writeable):
-            raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 2} elements")
+        self.hot = None if hot is None else _page_numbers(hot, self.total_pages)
+        if record is not None:
+            if not isinstance(record, np.ndarray):
+                raise TypeError(f"record must be a numpy array, not {type(record).__name__}")
+            real = np.ndarray.view(record, np.ndarray)  # (not what a subclass says)
+            if (real.dtype != np.uint64 or real.ndim != 1 or len(real) < self.total_pages + 2
+                    or not real.flags.writeable):
+                raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 2} "
+                                 "elements")
+            record = real
         self.record = record
         self.fresh = bool(fresh)
         #: ``waitpid`` status of the handler process once reaped by :meth:`wait`.
