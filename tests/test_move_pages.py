@@ -279,6 +279,9 @@ def test_bad_arguments() -> None:
         with pytest.raises(OSError) as ei:
             move_pages(src[1], src.addr, 2 * P)  # overlapping
         assert ei.value.errno == errno.EINVAL
+        with pytest.raises(OSError, match="beyond user space") as ei:
+            move_pages(dst.addr, src.addr, 2**63)  # (not "overlap": the range is the problem)
+        assert ei.value.errno == errno.EINVAL
         with anon(4, prot=PROT.READ) as ro:
             with pytest.raises(OSError) as ei:
                 move_pages(ro.addr, src.addr, P)  # protections differ

@@ -23,6 +23,7 @@ import mmap
 from typing import NamedTuple
 
 from ._args import check_aligned, u64
+from ._procfs import task_size as _task_size
 from ._errors import InvalidArgumentError, KernelFeatureError, PartialProgressError
 from ._uapi import libc
 from ._uapi.mman import MADV
@@ -94,6 +95,10 @@ def move_pages(
     check_aligned("move_pages", "src", src)
     if length == 0 or length % P:
         raise InvalidArgumentError(f"move_pages: length {length} is not a non-zero multiple of the page size ({P})")
+    for name, at in (("src", src), ("dst", dst)):
+        if at + length > _task_size():
+            raise InvalidArgumentError(f"move_pages: {name} [{at:#x}, {at + length:#x}) ends beyond user space "
+                                       f"({_task_size():#x})")
     if dst < src + length and src < dst + length:
         raise InvalidArgumentError(
             f"move_pages: src [{src:#x}, {src + length:#x}) and dst [{dst:#x}, {dst + length:#x}) overlap")
