@@ -36,6 +36,7 @@ import json
 import mmap
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -1331,6 +1332,99 @@ def test_cli_verify_ok_and_damaged(tmp_path: Path, capsys: pytest.CaptureFixture
     page = int(g.index[k]["page"])
     assert err.startswith("pagescan: CorruptCheckpointError: ")
     assert f"generation 2, region 0, page {page}:" in err and err.count("\n") == 1
+
+
+def test_a_writer_locks_the_file_its_path_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Checkpointer that opened the file just before ``compact`` renamed a new one over
+    it (the lock holder before it) locks and continues the file the path names now:
+    before, its generations went into the unnamed old inode, reported as sealed."""
+    import pagescan.snapshot._store as store_mod
+
+    path = tmp_path / "c.ck"
+    a = pagescan.zeros(4 * P, np.uint8)
+    with snap.Checkpointer(path, {"a": a}) as ck:
+        ck.checkpoint()
+        a[0] = 1
+        ck.checkpoint()
+    newer = tmp_path / "newer.ck"
+    shutil.copy(path, newer)
+    compact(newer)
+    real, swapped = store_mod._lock, []
+
+    def lock(fd: int, name: str) -> None:
+        if not swapped:  # as if preempted between open and flock while compact finished
+            swapped.append(os.stat(path).st_ino)
+            os.replace(newer, path)
+        real(fd, name)
+
+    monkeypatch.setattr(store_mod, "_lock", lock)
+    with snap.Checkpointer(path, {"a": a}) as ck:
+        a[0] = 42
+        info = ck.checkpoint()
+    assert swapped and os.stat(path).st_ino != swapped[0]
+    assert snap.load(path)["a"][0] == 42 and len(inspect(path)["generations"]) == info.generation
+
+
+@pytest.mark.parametrize("how", ["shortened", "replaced"])
+def test_a_file_changed_under_a_checkpointer_is_not_written_to(tmp_path: Path, how: str) -> None:
+    """Shortened (or removed, renamed over) by someone else while open: the next
+    checkpoint raises ``CheckpointError`` and writes nothing; before, the hole was
+    padded with zeros (or the unnamed inode written) and the generation reported sealed."""
+    path = tmp_path / "t.ck"
+    a = pagescan.zeros(4 * P, np.uint8)
+    with snap.Checkpointer(path, {"a": a}) as ck:
+        ck.checkpoint()
+        a[1] = 7
+        ck.checkpoint()
+        if how == "shortened":
+            os.truncate(path, os.path.getsize(path) // 2)
+        else:
+            shutil.copy(path, tmp_path / "copy.ck")
+            os.replace(tmp_path / "copy.ck", path)
+        before = path.read_bytes()
+        a[2] = 9
+        with pytest.raises(CheckpointError, match="shorter|replaced") as ei:
+            ck.checkpoint()
+        assert "generation 3 was not written" in str(ei.value)
+        assert path.read_bytes() == before
+
+
+def test_a_twin_that_dies_at_once_fails_the_checkpoint_clearly(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frozen copy ending right after the fork is an ``OSError`` naming it and the
+    generation not written (a twin that lived through the reads gave a good generation);
+    what was found written is carried to the next checkpoint."""
+    import pagescan.snapshot._twin as twin_mod
+
+    path = tmp_path / "tw.ck"
+    a = pagescan.zeros(4 * P, np.uint8)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)  # not alone: the fork path
+    other.start()
+    try:
+        with snap.Checkpointer(path, {"a": a}) as ck:
+            ck._use_ptrace = False
+            ck.checkpoint()
+            a[3] = 5
+            real = twin_mod._twin_main
+            monkeypatch.setattr(twin_mod, "_twin_main", lambda parent: os._exit(3))
+            failed = 0
+            for i in range(300):  # it may end later, in the reads (the same message), or after them (a success)
+                if failed == 3:
+                    break
+                a[2] = i % 256  # something to read every time
+                try:
+                    ck.checkpoint()
+                except OSError as err:
+                    assert re.search(r"frozen copy.*ended.*generation \d+ was not written", str(err)), err
+                    failed += 1
+            assert failed
+            monkeypatch.setattr(twin_mod, "_twin_main", real)
+            ck.checkpoint()
+    finally:
+        stop.set()
+        other.join()
+    assert snap.load(path)["a"][3] == 5
 
 
 def test_compact_keeps_the_files_mode_and_owner_and_follows_a_link(tmp_path: Path) -> None:

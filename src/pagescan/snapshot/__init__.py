@@ -536,7 +536,12 @@ class Checkpointer:
                 else:
                     chunks = None  # frozen first; found and re-armed in the background (_run)
                 if not alone:
-                    twin = FrozenTwin()
+                    try:
+                        twin = FrozenTwin()
+                    except OSError as err:  # (what was found and re-armed is carried to the next)
+                        self._pending = None
+                        raise OSError(err.errno, f"{err.strerror}; generation {fut.generation} was not written, "
+                                      f"{self.path} is unchanged") from err
                     self._learn("fork", time.perf_counter() - t, _resident_pages())
                 if not alone and self._use_ptrace is not False and self._pre is None:
                     self._precopier()  # started now, ready for the next checkpoint
@@ -989,7 +994,7 @@ def compact(path: str | os.PathLike[str], generation: int | None = None, *, prog
         tmp_name = named_tmp or f"{path}.compact-{os.getpid()}"
         linked = named_tmp is not None
         try:
-            with Store(tmp_name, writable=True, _fd=fd) as out:
+            with Store(tmp_name, writable=True, _fd=fd, _unnamed=not linked) as out:
                 with out.appending(total) as app:
                     buf = np.empty((min(total, BATCH_PAGES), store.page_size), dtype=np.uint8)
                     for s in range(0, total, BATCH_PAGES):

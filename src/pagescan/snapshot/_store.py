@@ -173,13 +173,16 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, writable: bool = False, lock: bool = False,
-                 lazy_index: bool = False, _fd: int | None = None) -> None:
+                 lazy_index: bool = False, _fd: int | None = None, _unnamed: bool = False) -> None:
         self.path = os.fspath(path)
+        #: A file being made (``O_TMPFILE``), linked once complete: no name to lose yet.
+        self.unnamed = _unnamed
         self.writable = writable
         #: Version 4: read and verify index blocks when first used, not at open (a lazy
         #: load: the open costs the same at any size). Damage in an index is then an
         #: error when that block is used, never at open.
         self.lazy_index = lazy_index
+        ours = _fd is None
         if _fd is None:
             _fd = open_regular(self.path, os.O_RDWR if writable else os.O_RDONLY)
         self.fd = _fd
@@ -188,9 +191,23 @@ class Store:
         try:
             if lock:
                 _lock(self.fd, self.path)
+                if ours:
+                    # The lock holder before us (compact) may have renamed a new file over
+                    # the one we opened: writes to that unnamed inode would be lost. Lock
+                    # the file the path names now.
+                    for _ in range(_RELOCK_TRIES):
+                        if _names(self.path, self.fd):
+                            break
+                        os.close(self.fd)
+                        self.fd = -1
+                        self.fd = open_regular(self.path, os.O_RDWR if writable else os.O_RDONLY)
+                        _lock(self.fd, self.path)
+                    else:
+                        raise CheckpointError(f"{self.path} keeps being replaced while it is opened")
             self._load()
         except BaseException:
-            os.close(self.fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             self.fd = -1
             raise
 
@@ -889,7 +906,15 @@ class Appender:
         self.ndata = 0
         self.high = 0  # end of the data written by write_memory
         self.sealed = False
-        if os.fstat(store.fd).st_size != self.offset:  # never write over a stale tail
+        st = os.fstat(store.fd)
+        if st.st_size < self.offset or (st.st_nlink == 0 and not store.unnamed):
+            # Shortened, or removed or renamed over, by someone else since it was read:
+            # a generation written now could never be read back.
+            how = "was removed or replaced" if st.st_nlink == 0 else (
+                f"is now {st.st_size} bytes, shorter than its sealed generations ({self.offset})")
+            raise CheckpointError(f"{store.path} {how} while open for writing; generation {self.number} "
+                                  "was not written")
+        if st.st_size != self.offset:  # never write over a stale tail
             with self._io():
                 os.ftruncate(store.fd, self.offset)
 
@@ -1038,6 +1063,19 @@ def _start_writeback(fd: int, off: int, length: int) -> None:
         libc.sync_file_range(fd, off, length)
     except (OSError, AttributeError):
         pass  # a hint only: the fsync in seal() follows
+
+
+_RELOCK_TRIES = 8
+
+
+def _names(path: str, fd: int) -> bool:
+    """``path`` names the file open as ``fd`` (same device and inode, still linked)."""
+    st = os.fstat(fd)
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_nlink > 0 and (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
 
 def _lock(fd: int, path: str) -> None:

@@ -175,6 +175,12 @@ class FrozenTwin(ProcMem):
         self.child: Child = fork(lambda: _twin_main(parent))
         try:
             super().__init__(self.child.pid)
+        except OSError as err:  # it ended before its memory could be opened: say how
+            why = self.died(1.0)
+            self.close()
+            if why is None:
+                raise
+            raise why from err
         except BaseException:
             self.close()
             raise
