@@ -1626,12 +1626,12 @@ def test_feature_bit_63_is_kernel_feature_error() -> None:
 # -- close racing with use; buffers held through the call ---------------------------------
 
 
-def test_close_during_a_call_waits_for_it_and_the_fd_number_is_not_reused_under_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_close_during_a_call_keeps_the_number_from_another_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """``close()`` that runs while a call has the fd number in hand (another thread, a
-    signal handler, a finalizer: here the ioctl itself calls it) closes the fd only once
-    that call returns. Before, the number was freed at once, a new uffd took it, and the
-    call meant for the old uffd registered the range with the new one."""
+    signal handler, a finalizer: here the ioctl itself calls it) releases the uffd but
+    keeps the number taken until the call is out: the call fails (``ValueError``), and a
+    uffd made meanwhile gets another number. Before, the number was freed at once, a new
+    uffd took it, and the call meant for the old uffd registered the range with it."""
     import pagescan.userfaultfd as mod
 
     real = mod.libc.ioctl
@@ -1647,12 +1647,15 @@ def test_close_during_a_call_waits_for_it_and_the_fd_number_is_not_reused_under_
             return real(fd, request, arg)
 
         monkeypatch.setattr(mod.libc, "ioctl", ioctl)
-        a.register(m.addr, m.length)
-        monkeypatch.setattr(mod.libc, "ioctl", real)
+        try:
+            with pytest.raises(ValueError, match="closed"):
+                a.register(m.addr, m.length)
+        finally:
+            monkeypatch.setattr(mod.libc, "ioctl", real)
         b = made[0]
         try:
             assert a.closed and b.fd != -1
-            b.register(m.addr, m.length)  # a's registration is gone with a; none went to b
+            b.register(m.addr, m.length)  # nothing was registered with b (nor left with a)
             with pytest.raises(ValueError, match="closed"):
                 a.register(m.addr, m.length)
         finally:
@@ -1720,3 +1723,80 @@ def test_copy_from_holds_the_buffer_until_the_kernel_has_read_it(monkeypatch: py
         assert uf.copy_from(m.addr + P, np.full(P, 7, np.uint8).view(_BigNbytes)) == P
         present = pagescan.scan(m.addr, m.end, category_anyof_mask=int(Category.PRESENT), return_mask=0)
         assert present.pages == 2 and m.read(1) == b"\x07" * P
+
+
+def test_a_forked_child_closing_its_copy_does_not_end_the_parents_waits() -> None:
+    """The wake pipe is the parent's: a child's ``close()`` (of its inherited copy) must
+    not write to it, or every later wait of the parent returned at once."""
+    uf = Userfaultfd()
+    try:
+        assert uf.read_events(timeout=0.01) == []  # (the wait makes the wake pipe)
+        child = Child(lambda: (uf.close(), 0)[1])
+        assert child.result(10) == 0
+        t = time.monotonic()
+        assert uf.read_events(timeout=0.3) == []
+        assert time.monotonic() - t >= 0.25, "the child's close() ended the parent's wait"
+    finally:
+        uf.close()
+
+
+def test_a_child_forked_during_a_call_can_close_its_copy() -> None:
+    """A call in progress in another thread at the fork is not the child's: its close()
+    closes its fd at once (before, it waited for that call for ever and the fd stayed)."""
+    uf = Userfaultfd()
+    waiting = threading.Thread(target=_read_quietly, args=(uf,))
+    waiting.start()
+    time.sleep(0.1)  # now inside read_events
+
+    def child() -> list[str]:
+        uf.close()
+        return [ln for ln in _fd_links() if "userfaultfd" in ln]
+
+    try:
+        assert Child(child).result(10) == []
+    finally:
+        uf.close()
+        waiting.join(5)
+    assert not waiting.is_alive()
+
+
+def _read_quietly(uf: Userfaultfd) -> None:
+    with contextlib.suppress(ValueError):
+        uf.read_events(timeout=None)
+
+
+def test_a_close_before_the_wait_is_set_up_still_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``close()`` landing after a ``read_events`` began but before it made its wake
+    pipe (here: from inside the pipe's creation) ends the wait at once."""
+    uf = Userfaultfd()
+    real = os.pipe2
+
+    def pipe2(flags: int) -> tuple[int, int]:
+        uf.close()
+        return real(flags)
+
+    monkeypatch.setattr(os, "pipe2", pipe2)
+    t = time.monotonic()
+    with pytest.raises(ValueError, match="closed"):
+        uf.read_events(timeout=5)
+    assert time.monotonic() - t < 2
+    monkeypatch.setattr(os, "pipe2", real)
+    assert "anon_inode:[userfaultfd]" not in _fd_links()
+
+
+def test_a_call_cut_short_does_not_keep_the_uffd_open() -> None:
+    """A call whose cleanup an exception from a signal handler cut short leaves its
+    marker behind (Python cannot promise a ``finally`` runs to its end): ``close()``
+    still releases the uffd at once, its number waits on a placeholder, and the object's
+    collection closes that."""
+    nulls = _fd_links().count("/dev/null")
+    uf = Userfaultfd()
+    uf._busy.append(object())  # the marker of such a call
+    uf.close()
+    links = _fd_links()
+    assert "anon_inode:[userfaultfd]" not in links and links.count("/dev/null") == nulls + 1
+    with pytest.raises(ValueError, match="closed"):
+        uf.read_events()
+    del uf
+    gc.collect()
+    assert _fd_links().count("/dev/null") == nulls

@@ -32,7 +32,9 @@ import mmap
 import numbers
 import os
 import select
-from typing import Any, NamedTuple
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -177,6 +179,9 @@ def _range(call: str, start: Any, length: Any, name: str = "start") -> tuple[int
     return _u64(name, start), _u64("length", length)
 
 
+_R = TypeVar("_R")
+
+
 class Userfaultfd(FdHolder):
     """A userfaultfd after its ``UFFDIO_API`` handshake.
 
@@ -198,7 +203,7 @@ class Userfaultfd(FdHolder):
             EPERM (``EVENT_FORK`` without ``CAP_SYS_PTRACE``).
     """
 
-    __slots__ = ("__weakref__", "_box", "_busy", "_deferred", "_wake", "features", "ioctls", "supported_features")
+    __slots__ = ("__weakref__", "_box", "_busy", "_parked", "_wake", "features", "ioctls", "supported_features")
     _what = "Userfaultfd"
 
     def __init__(
@@ -262,91 +267,131 @@ class Userfaultfd(FdHolder):
 
     # -- fd lifecycle (FdHolder) -------------------------------------------------------
     #
-    # Every call that hands the fd number to the kernel holds it "in use" (``_acquire``
-    # .. ``_release``): ``close()`` from another thread, a signal handler or a finalizer
-    # meanwhile closes the fd only when the last such call has returned, so its number
-    # cannot be reused by another file under a call meant for this uffd. The markers are
-    # list items, appended and popped (atomic under the GIL; no lock a signal handler
-    # could find held by the thread it interrupted).
+    # ``close()`` may run while another call has the fd number in hand: in another
+    # thread, or in a signal handler or finalizer that interrupted one. Were the number
+    # freed then, a file opened meanwhile could take it and get the call meant for this
+    # uffd (a range registered with another uffd, a read of another file). So each call
+    # puts a token of its own in ``_busy`` while it uses the number (list append and
+    # remove are atomic under the GIL; no lock a signal handler could find held), and
+    # ``close()`` with a call in progress puts a placeholder (``/dev/null``) on the
+    # number with ``dup2``: the uffd is released at once (ranges unregistered, faulting
+    # threads woken), the number stays taken until the last call is out (or, should an
+    # exception raised by a signal handler have cut a call's cleanup short, until this
+    # object is collected). A call that reaches the placeholder reports the uffd closed.
 
     def _own(self, fd: int) -> None:
         self._fd = fd
         self._box = [fd] if fd >= 0 else []  # popped once: by close() or detach()
-        self._busy: list[None] = []
-        self._deferred: list[int] = []
+        self._busy: list[object] = []
+        self._parked: list[int] = []  # the number, on the placeholder, while calls are out
         self._wake: list[int] = []  # a pipe that close() writes to, made by a waiting read_events
+        _live.add(self)
 
-    def _acquire(self) -> int:
-        self._busy.append(None)
-        fd = self._fd
-        if fd < 0:
-            self._release()
-            raise ValueError(f"I/O operation on closed {self._what}")
-        return fd
-
-    def _release(self) -> None:
-        self._busy.pop()
-        if self._deferred and not self._busy:
-            self._close_deferred()
-
-    def _close_deferred(self) -> None:
+    def _use(self, fn: Callable[..., _R], *args: Any) -> _R:
+        """``fn(fd, *args)`` with the number held (``ValueError`` if closed, before or
+        meanwhile)."""
+        token = object()
+        busy = self._busy
         try:
-            fd = self._deferred.pop()  # one caller wins
-        except IndexError:
-            return
-        os.close(fd)
-        self._close_wake()
+            busy.append(token)
+            fd = self._fd
+            if fd < 0:
+                raise ValueError(f"I/O operation on closed {self._what}")
+            return fn(fd, *args)
+        except OSError:
+            if self._fd < 0:  # closed meanwhile (it may have reached the placeholder)
+                raise ValueError(f"I/O operation on closed {self._what}") from None
+            raise
+        finally:
+            try:
+                busy.remove(token)
+            except ValueError:  # (never appended: cut short before)
+                pass
+            if self._parked and not busy:
+                self._unpark()
 
-    def _close_wake(self) -> None:
-        wake, self._wake = self._wake, []
-        for w in wake:
-            os.close(w)
+    def _unpark(self) -> None:
+        """Close the parked number, and the wake pipe (no call is out any more)."""
+        while True:
+            try:
+                fd = self._parked.pop()  # one caller each
+            except IndexError:
+                break
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self._fd < 0:
+            self._close_wake()
 
     def close(self) -> None:
-        """Close the fd: the kernel unregisters every range and wakes the faulting
-        threads. A call in progress in another thread (or interrupted by the caller, a
-        signal handler) finishes first; a :meth:`read_events` waiting on a non-blocking
-        uffd returns at once with ``ValueError``."""
+        """Close the uffd: the kernel unregisters every range and wakes the faulting
+        threads. A call in progress meanwhile (another thread, or one a signal handler
+        interrupted) fails with ``ValueError``, never reaches another file; a
+        :meth:`read_events` waiting on a non-blocking uffd (the default) returns at once
+        with ``ValueError``."""
         try:
             fd = self._box.pop()
         except (IndexError, AttributeError):
             return
         self._fd = -1
         self._closing()
-        self._deferred.append(fd)
         if not self._busy:
-            self._close_deferred()
+            os.close(fd)
+            self._close_wake()
+            return
+        try:
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(null, fd, inheritable=False)  # the uffd is released here
+            finally:
+                os.close(null)
+        except OSError:  # no placeholder to be had: closed (its number may be reused)
+            os.close(fd)
+            return
+        self._parked.append(fd)
+        if not self._busy:  # the last call left meanwhile
+            self._unpark()
 
     def detach(self) -> int:
-        """Give up ownership of the fd and return it."""
-        if self._fd < 0:
-            raise ValueError(f"I/O operation on closed {self._what}")
+        """Give up ownership of the fd and return it (a waiting :meth:`read_events`
+        returns with ``ValueError``)."""
         try:
             fd = self._box.pop()
-        except IndexError:
+        except (IndexError, AttributeError):
             raise ValueError(f"I/O operation on closed {self._what}") from None
         self._fd = -1
+        self._closing()
         return fd
 
     def _ioctl(self, request: int, arg: ctypes.Structure) -> None:
-        fd = self._acquire()
-        try:
-            libc.ioctl(fd, request, arg)
-        finally:
-            self._release()
+        self._use(libc.ioctl, request, arg)
 
     def _closing(self) -> None:
         wp_async_registry.remove(id(self))
         if self._wake:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, IndexError):
                 os.write(self._wake[1], b"x")
+
+    def _close_wake(self) -> None:
+        wake, self._wake = self._wake, []
+        for w in wake:
+            with contextlib.suppress(OSError):
+                os.close(w)
 
     def _finalize(self) -> None:
         # Always: once this object is gone its id may be reused by another one, and
         # registrations of a detached fd are no longer this object's to vouch for.
         wp_async_registry.remove(id(self))
+        if getattr(self, "_parked", None):
+            self._unpark()
         if getattr(self, "_wake", None):
             self._close_wake()
+
+    def _after_fork(self) -> None:
+        """In a child: no call of the parent's threads is in progress here, and the wake
+        pipe is shared with the parent (a byte written here would end its waits)."""
+        self._busy = []
+        self._close_wake()
+        self._unpark()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._fd}"
@@ -364,18 +409,23 @@ class Userfaultfd(FdHolder):
         s, n = _range("UFFDIO_REGISTER", start, length)
         m = _u64("mode", mode)
         arg = U.uffdio_register(U.uffdio_range(s, n), m, 0)
-        fd = self._acquire()
-        try:
+
+        def register(fd: int) -> None:
             try:
                 libc.ioctl(fd, U.UFFDIO_REGISTER, arg)
             except OSError as err:
+                if self._fd < 0:
+                    raise
                 raise with_context(err, f"UFFDIO_REGISTER of [{s:#x}, {s + n:#x}) mode {RegisterMode(m)!r}"
                                    + (_range_hint(s, n, err) or _REGISTER_HINTS.get(err.errno or 0, ""))) from None
             # Recorded for the emulated PAGEMAP_SCAN (WPALLOWED, CHECK_WPASYNC): the range is
-            # now this uffd's, in this mode (the registry asks the kernel whether it is async).
+            # now this uffd's, in this mode (the registry asks the kernel whether it is
+            # async), with the number still held.
             wp_async_registry.add(id(self), s, s + n, wp=bool(m & RegisterMode.WP), fd=fd)
-        finally:
-            self._release()
+            if self._fd < 0:  # closed meanwhile: its records went with it
+                wp_async_registry.remove(id(self))
+
+        self._use(register)
         return UffdIoctl(arg.ioctls)
 
     def unregister(self, start: int, length: int) -> None:
@@ -522,30 +572,35 @@ class Userfaultfd(FdHolder):
         max_events = u64("max_events", max_events)
         if not 1 <= max_events <= 65536:
             raise ValueError(f"max_events must be between 1 and 65536, got {max_events}")
-        fd = self._acquire()
+        data = self._use(self._read, timeout is not None, ms, max_events)
+        return parse_uffd_msgs(data) if data else []
+
+    def _read(self, fd: int, timed: bool, ms: int, max_events: int) -> bytes:
+        """:meth:`read_events`' wait and read, with ``fd`` held in use."""
+        if timed or not os.get_blocking(fd):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if ms:  # a wait: close() from elsewhere ends it (through a pipe it writes to)
+                if not self._wake:
+                    self._wake.extend(os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK))
+                poller.register(self._wake[0], select.POLLIN)
+                if self._fd < 0:  # closed before the pipe was there to be written to
+                    raise ValueError(f"I/O operation on closed {self._what}")
+            ready = dict(poller.poll(ms))  # (retried after a signal handler: the number stays ours)
+            if self._fd < 0:
+                raise ValueError(f"I/O operation on closed {self._what} (closed while waiting)")
+            events = ready.get(fd, 0)
+            if not events:
+                return b""
+            if events & select.POLLERR:
+                raise OSError(errno.EINVAL, "poll on userfaultfd gave POLLERR (a blocking fd cannot be polled)")
         try:
-            if timeout is not None or not os.get_blocking(fd):
-                poller = select.poll()
-                poller.register(fd, select.POLLIN)
-                if ms:  # a wait: close() from elsewhere ends it (through a pipe it writes to)
-                    if not self._wake:
-                        self._wake.extend(os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK))
-                    poller.register(self._wake[0], select.POLLIN)
-                ready = dict(poller.poll(ms))  # (retried after a signal handler: the fds stay ours)
-                if self._fd < 0:
-                    raise ValueError(f"I/O operation on closed {self._what} (closed while waiting)")
-                events = ready.get(fd, 0)
-                if not events:
-                    return []
-                if events & select.POLLERR:
-                    raise OSError(errno.EINVAL, "poll on userfaultfd gave POLLERR (a blocking fd cannot be polled)")
-            try:
-                data = os.read(fd, _MSG_SIZE * max_events)
-            except BlockingIOError:
-                return []
-        finally:
-            self._release()
-        return parse_uffd_msgs(data)
+            data = os.read(fd, _MSG_SIZE * max_events)
+        except BlockingIOError:
+            return b""
+        if self._fd < 0 and not data:  # the placeholder's end of file
+            raise ValueError(f"I/O operation on closed {self._what}")
+        return data
 
 
 def _range_hint(start: int, length: int, err: OSError) -> str:
@@ -590,3 +645,15 @@ def _feature_error(requested: int) -> KernelFeatureError | None:
     names = [f"UFFD_FEATURE_{known[1 << b]}" if (1 << b) in known else f"unknown feature bit {b}"
              for b in range(64) if missing >> b & 1]
     return feature_error(errno.EINVAL, names)
+
+
+#: Every open Userfaultfd of this process (for the after-fork reset).
+_live: weakref.WeakSet[Userfaultfd] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for uf in list(_live):
+        uf._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
