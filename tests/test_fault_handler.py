@@ -622,3 +622,40 @@ def test_bad_sources_and_hot_pages_are_refused_at_construction() -> None:
             FaultHandler(regions, src, hot=hot)
     assert FaultHandler(regions, src, hot=[3, 0, 1]).hot.tolist() == [3, 0, 1]  # type: ignore[union-attr]
     assert FaultHandler(regions, src, hot=np.array([2], np.uint64)).hot.tolist() == [2]  # type: ignore[union-attr]
+
+
+def test_the_handler_process_collects_garbage_as_the_owner_did() -> None:
+    """The handler is forked while the owner holds the collector off (``held_still``):
+    the child gets it back as it was, not disabled for good."""
+    import gc
+
+    assert gc.isenabled()
+    with anon(1) as m:
+        with FaultHandler([(m.addr, P)], lambda off, n: bytes([1 + gc.isenabled()]) * n, prefetch=False) as fh:
+            assert m.read(0)[:1] == b"\x02", "the source ran with the collector disabled"
+            assert fh.wait(10)
+    assert gc.isenabled()
+
+
+def test_collector_blocks_overlapping_in_two_threads() -> None:
+    """``no_gc`` blocks of two threads overlap: the first out does not turn the collector
+    back on under the other; the last out does."""
+    import gc
+
+    from pagescan._held import no_gc
+
+    a_in, a_out, seen = threading.Event(), threading.Event(), []
+
+    def a() -> None:
+        with no_gc():
+            a_in.set()
+            a_out.wait(5)
+
+    t = threading.Thread(target=a)
+    t.start()
+    a_in.wait(5)
+    with no_gc():
+        a_out.set()
+        t.join(5)
+        seen.append(gc.isenabled())
+    assert seen == [False] and gc.isenabled()

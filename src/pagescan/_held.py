@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-__all__ = ["HeldSignals", "held_still"]
+__all__ = ["HeldSignals", "held_still", "no_gc"]
 
 
 #: ``signal.getsignal`` without its conversion of the result to an enum (60 us for the
@@ -87,9 +87,41 @@ class HeldSignals:
         return saved
 
 
+#: ``no_gc`` blocks open in this process (any thread), and whether the collector was on
+#: when the first one opened: it is process-wide, so the last block out turns it back on.
+_gc_depth = [0]
+_gc_was_on = [False]
+_gc_lock = threading.RLock()  # reentrant: a signal handler may open a block inside one
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """No garbage collection in this process inside the block (blocks nest and overlap
+    across threads; the collector comes back on when the last one ends, if it was on)."""
+    with _gc_lock:
+        if _gc_depth[0] == 0:
+            _gc_was_on[0] = gc.isenabled()
+        _gc_depth[0] += 1
+        gc.disable()
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_depth[0] -= 1
+            if _gc_depth[0] == 0 and _gc_was_on[0]:
+                gc.enable()
+
+
 def _after_fork_in_child() -> None:
-    """A child forked while another thread held the handlers: the program's handlers
-    back (what came due meanwhile is the parent's, not run here)."""
+    """A child forked while another thread held the handlers, or the collector: the
+    program's handlers back (what came due meanwhile is the parent's, not run here), and
+    the collector as it was before the parent's blocks (the blocks are not the child's)."""
+    global _gc_lock
+    _gc_lock = threading.RLock()
+    if _gc_depth[0]:
+        _gc_depth[0] = 0
+        if _gc_was_on[0]:
+            gc.enable()
     held = HeldSignals.live
     if held is not None:
         held.due = []
@@ -105,12 +137,9 @@ def held_still() -> Iterator[None]:
     """No Python signal handler and no garbage collection runs inside the block (both run
     after it, what came due first): their code could touch memory that only this thread
     can make readable again, or change it mid-operation. Nests."""
-    collecting = gc.isenabled()
     held = HeldSignals()
-    gc.disable()
     try:
-        yield
+        with no_gc():
+            yield
     finally:
-        if collecting:
-            gc.enable()
         held.release()

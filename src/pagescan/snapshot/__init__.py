@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import gc
 import os
 import time
 from collections.abc import Callable
@@ -59,6 +58,7 @@ from typing import Any, Literal, overload
 import numpy as np
 
 from .._held import HeldSignals as _HeldSignals
+from .._held import no_gc as _no_gc
 from ..capabilities import capabilities
 from ..writewatch import WriteWatch
 from ._gil import quick_gil as _quick_gil
@@ -449,22 +449,21 @@ class Checkpointer:
             raise RuntimeError(f"this Checkpointer belongs to pid {self._pid}; a forked child does not inherit "
                                "its write tracking: checkpoint only from the parent")
         self._not_reentrant("checkpoint()")
-        self._acquire("checkpoint()")
         held: list[_HeldSignals] = []
-        collecting = gc.isenabled()
         try:
-            self._in_what = "checkpoint()"
-            self._in_call = threading.get_ident()
-            # No collection in this thread while the instant is taken: a finalizer run by
-            # it would write memory from the one thread the instant does not stop (the
-            # "direct" copy, the ptrace stop) and could tear the generation.
-            gc.disable()
-            return self._checkpoint(progress, wait, held)
+            # No collection inside the call: a finalizer run by this thread would write
+            # memory from the one thread the instant does not stop (the "direct" copy,
+            # the ptrace stop) and could tear the generation.
+            with _no_gc():
+                self._acquire("checkpoint()")
+                try:
+                    self._in_what = "checkpoint()"
+                    self._in_call = threading.get_ident()
+                    return self._checkpoint(progress, wait, held)
+                finally:
+                    self._in_call = None
+                    self._lock.release()
         finally:
-            self._in_call = None
-            self._lock.release()
-            if collecting:
-                gc.enable()
             for h in held:
                 h.release()  # Python handlers due meanwhile run now
 
