@@ -462,6 +462,15 @@ def test_buffers_that_misstate_what_they_are_are_judged_by_their_real_memory(tmp
     # A region pair is read by the tuple's real items, whatever __len__ says.
     with pytest.raises(TypeError, match="pair"):
         restore(path, [_LongTuple((src.ctypes.data,))])
+    # With pid, pairs are exact but still two ints each.
+    for bad in [(src.ctypes.data, 4096, "junk"), (float(src.ctypes.data), 4096.0), (str(src.ctypes.data), "4096"),
+                ()]:
+        with pytest.raises(TypeError, match="pair"):
+            restore(path, [bad], pid=os.getpid())
+    # Items of object references in any buffer: refused naming the entry.
+    import ctypes
+    with pytest.raises(TypeError, match="entry 'objs'.*object references"):
+        Checkpointer(tmp_path / "objs.ck", {"objs": (ctypes.py_object * 2)()})
     # A dtype numpy cannot describe (overlapping fields) is refused naming the entry.
     odd = np.zeros(4, np.dtype({"names": ["a", "b"], "formats": ["<u4", "<u4"], "offsets": [0, 2],
                                 "itemsize": 8}))

@@ -53,13 +53,21 @@ def _label(name: str | None, i: int) -> str:
 _ADDRESS_END = 1 << 63
 
 
-def _pair(value: tuple[Any, ...], label: str) -> tuple[int, int]:
-    if len(value) != 2 or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in value):
+def _pair(value: tuple[Any, ...], label: str, whole_pages: bool = True) -> tuple[int, int]:
+    """An ``(address, length)`` pair, checked: two ints; with ``whole_pages`` (a state of
+    pairs) the address page aligned and the length counted in whole pages, else exact
+    bytes at any address (``restore(pid=...)``, the CLI)."""
+    if len(value) != 2 or not all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+                                  for x in value):
         raise TypeError(f"{label}: a region must be an (address, length) pair of ints or a buffer object, "
                         f"not {value!r}")
     a, n = int(value[0]), int(value[1])
     if a < 0 or n <= 0:
         raise ValueError(f"{label}: bad region ({a:#x}, {n}): the address must be >= 0 and the length > 0")
+    if not whole_pages:
+        if a + n > _ADDRESS_END:
+            raise ValueError(f"{label}: region ({a:#x}, {n}) ends beyond the address space ({_ADDRESS_END:#x})")
+        return a, n
     if a % P:
         raise ValueError(f"{label}: region address {a:#x} is not page aligned")
     if a + (n + P - 1) // P * P > _ADDRESS_END:
@@ -87,9 +95,7 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
     if isinstance(value, tuple):
         value = tuple.__getitem__(value, slice(None))  # its real items, whatever a subclass says
         if exact_pairs:
-            a, n = int(value[0]), int(value[1])
-            if a < 0 or n <= 0 or a + n > _ADDRESS_END:
-                raise ValueError(f"{label}: bad region ({a:#x}, {n})")
+            a, n = _pair(value, label, whole_pages=False)
         else:
             a, n = _pair(value, label)
             n = (n + P - 1) // P * P  # the 0.1 form: whole pages
@@ -125,9 +131,10 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
                         f"not {type(value).__name__}") from None
     except (ValueError, BufferError) as err:  # a closed mmap, a released memoryview
         raise ValueError(f"{label}: cannot use the buffer ({err})") from None
-    if _holds_objects(mv.format):
+    fmt = mv.format
+    if _holds_objects(fmt):
         mv.release()
-        raise TypeError(f"{label}: the buffer's items (format {mv.format!r}) hold Python object references; "
+        raise TypeError(f"{label}: the buffer's items (format {fmt!r}) hold Python object references; "
                         "only raw data can be checkpointed")
     if not mv.c_contiguous:
         mv.release()
