@@ -1334,6 +1334,16 @@ def test_cli_verify_ok_and_damaged(tmp_path: Path, capsys: pytest.CaptureFixture
     assert f"generation 2, region 0, page {page}:" in err and err.count("\n") == 1
 
 
+def _two_generations(path: Path) -> tuple[snap.Checkpointer, np.ndarray]:
+    """A Checkpointer (open) of one page-owning array, two generations sealed."""
+    a = pagescan.zeros(4 * P, np.uint8)
+    ck = snap.Checkpointer(path, {"a": a})
+    ck.checkpoint()
+    a[1] = 7
+    ck.checkpoint()
+    return ck, a
+
+
 def test_a_writer_locks_the_file_its_path_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Checkpointer that opened the file just before ``compact`` renamed a new one over
     it (the lock holder before it) locks and continues the file the path names now:
@@ -1341,11 +1351,8 @@ def test_a_writer_locks_the_file_its_path_names(tmp_path: Path, monkeypatch: pyt
     import pagescan.snapshot._store as store_mod
 
     path = tmp_path / "c.ck"
-    a = pagescan.zeros(4 * P, np.uint8)
-    with snap.Checkpointer(path, {"a": a}) as ck:
-        ck.checkpoint()
-        a[0] = 1
-        ck.checkpoint()
+    ck, a = _two_generations(path)
+    ck.close()
     newer = tmp_path / "newer.ck"
     shutil.copy(path, newer)
     compact(newer)
@@ -1371,11 +1378,8 @@ def test_a_file_changed_under_a_checkpointer_is_not_written_to(tmp_path: Path, h
     checkpoint raises ``CheckpointError`` and writes nothing; before, the hole was
     padded with zeros (or the unnamed inode written) and the generation reported sealed."""
     path = tmp_path / "t.ck"
-    a = pagescan.zeros(4 * P, np.uint8)
-    with snap.Checkpointer(path, {"a": a}) as ck:
-        ck.checkpoint()
-        a[1] = 7
-        ck.checkpoint()
+    ck, a = _two_generations(path)
+    with ck:
         if how == "shortened":
             os.truncate(path, os.path.getsize(path) // 2)
         else:

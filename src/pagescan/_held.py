@@ -27,9 +27,9 @@ class HeldSignals:
     (its writes could tear the generation, its exception, ``KeyboardInterrupt``, would
     break off the exchange with the helper in the middle); while a lazy restore or a
     :class:`~pagescan.FaultHandler` starts, a touch of a registered page would wait for
-    a handler process that only this thread can start (a hang). So each Python-level handler is
-    swapped for a recorder during the call, and :meth:`release` puts them back and runs
-    what came meanwhile, in order. (``signal.signal`` re-installs the C handler without
+    a handler process that only this thread can start (a hang). So each Python-level
+    handler is swapped for a recorder during the call, and :meth:`release` puts them
+    back and runs what came meanwhile, in order. (``signal.signal`` re-installs the C handler without
     ``SA_RESTART``: a ``siginterrupt(sig, False)`` is undone, as by any ``signal.signal``.)
     Nested calls (a finalizer's checkpoint) hold nothing more."""
 
