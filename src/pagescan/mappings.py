@@ -25,9 +25,9 @@ How the scan's counts relate to smaps:
   markers exist only in mappings registered with a userfaultfd (``uw`` or ``um`` in
   VmFlags; arming unpopulated pages puts one in every empty slot), so there, when smaps
   is read, ``swapped`` is smaps' ``Swap``; it equals ``Swap`` elsewhere too. Guard
-  markers are reported by the kernel as SWAPPED|GUARD; they are counted in ``guard`` only. Swapped-out shmem pages
-  leave no entry in the process's page tables (smaps counts them in ``Swap``; the scan
-  cannot see them).
+  markers are reported by the kernel as SWAPPED|GUARD; they are counted in ``guard``
+  only. Swapped-out shmem pages leave no entry in the process's page tables (smaps
+  counts them in ``Swap``; the scan cannot see them).
 * ``huge`` counts PMD-mapped pages other than the huge zero page (smaps does not count
   it either), so it equals ``AnonHugePages + ShmemPmdMapped + FilePmdMapped`` plus the
   present hugetlb pages.
@@ -194,9 +194,9 @@ def mapping_stats(
     ``smaps``: also read ``/proc/PID/smaps`` (the mappings then come from it, with their
     fields and VmFlags); without it only ``/proc/PID/maps`` is read, and ``swapped``
     counts the uffd-wp and poison markers of registered mappings too (see the module
-    doc). ``categories``: the
-    page classes to count with ``PAGEMAP_SCAN`` (names of :data:`STAT_CATEGORIES`;
-    default all, empty: no scan). Classes the kernel does not support count 0.
+    doc). ``categories``: the page classes to count with ``PAGEMAP_SCAN`` (names of
+    :data:`STAT_CATEGORIES`; default all, empty: no scan). Classes the kernel does not
+    support count 0.
 
     Raises ``ProcessLookupError`` / ``PermissionError`` like :func:`pagescan.scan`.
     """
