@@ -29,8 +29,8 @@ import numpy as np
 from ._errors import InvalidArgumentError
 from ._uapi.pagemap import PAGE_REGION_DTYPE
 
-__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "held_buffer", "check_aligned", "check_out", "seconds",
-           "open_regular", "u64"]
+__all__ = ["U64", "Buffer", "NotRegularFileError", "buffer_range", "buffer_span", "check_aligned", "check_out",
+           "held_buffer", "open_regular", "plain_array", "seconds", "u64"]
 
 #: What pagescan accepts as "a buffer object": anything with the buffer protocol; these
 #: are the usual ones (``collections.abc.Buffer`` needs Python 3.12).
@@ -63,19 +63,26 @@ def u64(name: str, value: Any, *, bool_ok: bool = True) -> int:
     return v
 
 
+def plain_array(arr: np.ndarray) -> np.ndarray:
+    """The plain ``ndarray`` over an array's memory: its dtype, shape, flags and address
+    as numpy keeps them, never what a subclass's overridden attributes (``__len__``,
+    ``flags``, ``nbytes``, ``__array_interface__``, ...) say. Judge anything the kernel
+    will read or write through by this (``ndarray.view`` of the base class: no code of
+    the subclass runs)."""
+    return arr if type(arr) is np.ndarray else np.ndarray.view(arr, np.ndarray)
+
+
 def check_out(out: Any, name: str = "out") -> tuple[int, int]:
     """Validate an array the kernel will write regions into; return its address and
     its number of slots.
 
     1-D, C-contiguous, writable, exactly :data:`PAGE_REGION_DTYPE`: anything else would
     let the kernel write where the array's memory is not (``ValueError``/``TypeError``).
-    An ndarray subclass is judged by its plain-array view (``np.asarray``: shape,
-    flags and address from the array itself), never by attributes it may override.
+    An ndarray subclass is judged by :func:`plain_array`.
     """
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy array of PAGE_REGION_DTYPE, not {type(out).__name__}")
-    if type(out) is not np.ndarray:
-        out = np.asarray(out)  # a subclass's __len__, flags or ctypes may say anything
+    out = plain_array(out)
     if out.dtype != PAGE_REGION_DTYPE:
         raise ValueError(f"{name} must have dtype PAGE_REGION_DTYPE {PAGE_REGION_DTYPE}, not {out.dtype}")
     if out.ndim != 1:
@@ -100,7 +107,7 @@ def check_aligned(call: str, name: str, value: int, page_size: int = P) -> None:
 def _as_bytes(obj: Any, name: str) -> np.ndarray:
     """A uint8 view of a buffer object's bytes; refuses integers and non-buffers."""
     if isinstance(obj, np.ndarray):
-        arr = np.ndarray.view(obj, np.ndarray)  # its real memory, whatever a subclass says
+        arr = plain_array(obj)
     else:
         if isinstance(obj, (int, np.integer, np.bool_)) or hasattr(obj, "__index__"):
             raise TypeError(
@@ -130,8 +137,7 @@ def _as_bytes(obj: Any, name: str) -> np.ndarray:
 def buffer_span(obj: Any, name: str = "buffer") -> tuple[int, int]:
     """``(address, nbytes)`` of a contiguous buffer object's own bytes (for a range to
     scan or watch; nothing is read or written through it here)."""
-    arr = _as_bytes(obj, name)
-    return int(arr.__array_interface__["data"][0]), int(arr.nbytes)
+    return held_buffer(obj, name)[1:]
 
 
 def held_buffer(obj: Any, name: str = "buffer") -> tuple[np.ndarray, int, int]:

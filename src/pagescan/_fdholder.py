@@ -25,8 +25,12 @@ class FdHolder:
     def fd(self) -> int:
         fd = self._fd
         if fd < 0:
-            raise ValueError(f"I/O operation on closed {self._what}")
+            raise self._closed_error()
         return fd
+
+    def _closed_error(self, detail: str = "") -> ValueError:
+        """The error of a use after ``close()`` (``detail``: appended)."""
+        return ValueError(f"I/O operation on closed {self._what}{detail}")
 
     def fileno(self) -> int:
         return self.fd

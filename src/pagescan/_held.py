@@ -29,9 +29,9 @@ class HeldSignals:
     :class:`~pagescan.FaultHandler` starts, a touch of a registered page would wait for
     a handler process that only this thread can start (a hang). So each Python-level
     handler is swapped for a recorder during the call, and :meth:`release` puts them
-    back and runs what came meanwhile, in order. (``signal.signal`` re-installs the C handler without
-    ``SA_RESTART``: a ``siginterrupt(sig, False)`` is undone, as by any ``signal.signal``.)
-    Nested calls (a finalizer's checkpoint) hold nothing more."""
+    back and runs what came meanwhile, in order. (``signal.signal`` re-installs the C
+    handler without ``SA_RESTART``: a ``siginterrupt(sig, False)`` is undone, as by any
+    ``signal.signal``.) Nested calls (a finalizer's checkpoint) hold nothing more."""
 
     #: The one holding the handlers now (main thread only; a child forked meanwhile
     #: puts them back).

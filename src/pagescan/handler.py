@@ -76,7 +76,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ._child import Child, fork
-from ._args import U64, open_regular, u64
+from ._args import U64, open_regular, plain_array, u64
 from ._held import held_still
 from ._errors import InvalidArgumentError, PartialProgressError
 from ._uapi import libc
@@ -338,7 +338,7 @@ class FaultHandler:
         if record is not None:
             if not isinstance(record, np.ndarray):
                 raise TypeError(f"record must be a numpy array, not {type(record).__name__}")
-            real = np.ndarray.view(record, np.ndarray)  # (not what a subclass says)
+            real = plain_array(record)
             if (real.dtype != np.uint64 or real.ndim != 1 or len(real) < self.total_pages + 2
                     or not real.flags.writeable):
                 raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 2} "

@@ -95,10 +95,11 @@ def move_pages(
     check_aligned("move_pages", "src", src)
     if length == 0 or length % P:
         raise InvalidArgumentError(f"move_pages: length {length} is not a non-zero multiple of the page size ({P})")
+    limit = _task_size()
     for name, at in (("src", src), ("dst", dst)):
-        if at + length > _task_size():
+        if at + length > limit:
             raise InvalidArgumentError(f"move_pages: {name} [{at:#x}, {at + length:#x}) ends beyond user space "
-                                       f"({_task_size():#x})")
+                                       f"({limit:#x})")
     if dst < src + length and src < dst + length:
         raise InvalidArgumentError(
             f"move_pages: src [{src:#x}, {src + length:#x}) and dst [{dst:#x}, {dst + length:#x}) overlap")

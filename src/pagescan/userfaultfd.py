@@ -296,11 +296,11 @@ class Userfaultfd(FdHolder):
             busy.append(token)
             fd = self._fd
             if fd < 0:
-                raise ValueError(f"I/O operation on closed {self._what}")
+                raise self._closed_error()
             return fn(fd, *args)
         except OSError:
             if self._fd < 0:  # closed meanwhile (it may have reached the placeholder)
-                raise ValueError(f"I/O operation on closed {self._what}") from None
+                raise self._closed_error() from None
             raise
         finally:
             try:
@@ -334,21 +334,18 @@ class Userfaultfd(FdHolder):
             return
         self._fd = -1
         self._closing()
-        if not self._busy:
-            os.close(fd)
-            self._close_wake()
-            return
-        try:
-            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if self._busy:  # a call has the number: the uffd goes, the number stays taken
             try:
-                os.dup2(null, fd, inheritable=False)  # the uffd is released here
-            finally:
-                os.close(null)
-        except OSError:  # no placeholder to be had: closed (its number may be reused)
-            os.close(fd)
-            return
+                null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.dup2(null, fd, inheritable=False)  # the uffd is released here
+                finally:
+                    os.close(null)
+            except OSError:  # no placeholder to be had: closed (its number may be reused)
+                os.close(fd)
+                return
         self._parked.append(fd)
-        if not self._busy:  # the last call left meanwhile
+        if not self._busy:  # none (left), or the last call left meanwhile: closed now
             self._unpark()
 
     def detach(self) -> int:
@@ -357,7 +354,7 @@ class Userfaultfd(FdHolder):
         try:
             fd = self._box.pop()
         except (IndexError, AttributeError):
-            raise ValueError(f"I/O operation on closed {self._what}") from None
+            raise self._closed_error() from None
         self._fd = -1
         self._closing()
         return fd
@@ -585,10 +582,10 @@ class Userfaultfd(FdHolder):
                     self._wake.extend(os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK))
                 poller.register(self._wake[0], select.POLLIN)
                 if self._fd < 0:  # closed before the pipe was there to be written to
-                    raise ValueError(f"I/O operation on closed {self._what}")
+                    raise self._closed_error()
             ready = dict(poller.poll(ms))  # (retried after a signal handler: the number stays ours)
             if self._fd < 0:
-                raise ValueError(f"I/O operation on closed {self._what} (closed while waiting)")
+                raise self._closed_error(" (closed while waiting)")
             events = ready.get(fd, 0)
             if not events:
                 return b""
@@ -599,7 +596,7 @@ class Userfaultfd(FdHolder):
         except BlockingIOError:
             return b""
         if self._fd < 0 and not data:  # the placeholder's end of file
-            raise ValueError(f"I/O operation on closed {self._what}")
+            raise self._closed_error()
         return data
 
 

@@ -49,9 +49,9 @@ def add_parser(sub: Any) -> None:
         "read access: your own processes, all of them as root): pid, user, USS (private memory: "
         "Private_Clean + Private_Dirty, as smem; psutil adds Private_Hugetlb), PSS, RSS, swap "
         "(the kernel's sums, from /proc/PID/smaps_rollup: they match ps and smaps_rollup), zero "
-        "(zero-page and huge zero-page mappings, from PAGEMAP_SCAN: not in RSS; '-' where it cannot be known: a kernel "
-        "without PAGEMAP_SCAN, and no privilege to read PFNs), huge (PMD-mapped THPs and hugetlb "
-        "pages) and the command line. Processes that exit while being read are skipped; those "
+        "(zero-page and huge zero-page mappings, from PAGEMAP_SCAN: not in RSS; '-' where it "
+        "cannot be known: a kernel without PAGEMAP_SCAN, and no privilege to read PFNs), huge "
+        "(PMD-mapped THPs and hugetlb pages) and the command line. Processes that exit while being read are skipped; those "
         "you may not read are counted in the last line. Sizes in bytes with binary units.",
     )
     p.add_argument("--sort", choices=SORT_KEYS, default="pss",

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .._args import plain_array
 from ._format import EntryMeta
 from ._store import CheckpointError, Store
 
@@ -64,13 +65,9 @@ def _pair(value: tuple[Any, ...], label: str, whole_pages: bool = True) -> tuple
     a, n = int(value[0]), int(value[1])
     if a < 0 or n <= 0:
         raise ValueError(f"{label}: bad region ({a:#x}, {n}): the address must be >= 0 and the length > 0")
-    if not whole_pages:
-        if a + n > _ADDRESS_END:
-            raise ValueError(f"{label}: region ({a:#x}, {n}) ends beyond the address space ({_ADDRESS_END:#x})")
-        return a, n
-    if a % P:
+    if whole_pages and a % P:
         raise ValueError(f"{label}: region address {a:#x} is not page aligned")
-    if a + (n + P - 1) // P * P > _ADDRESS_END:
+    if a + ((n + P - 1) // P * P if whole_pages else n) > _ADDRESS_END:
         raise ValueError(f"{label}: region ({a:#x}, {n}) ends beyond the address space ({_ADDRESS_END:#x})")
     return a, n
 
@@ -104,10 +101,7 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
         raise TypeError(f"{label}: expected a buffer object (a numpy array, bytearray, mmap, ...), "
                         f"not {type(value).__name__}")
     if isinstance(value, np.ndarray):
-        # Judged by the plain array over the same memory: a subclass can override
-        # ``dtype``, ``flags``, ``nbytes``, ``shape`` or ``__array_interface__``, none of
-        # which may steer where the kernel writes.
-        arr = np.ndarray.view(value, np.ndarray)  # (the C method: nothing of the subclass runs)
+        arr = plain_array(value)  # (a subclass's attributes may not steer where the kernel writes)
         if arr.dtype.hasobject:
             raise TypeError(f"{label}: dtype {arr.dtype} holds Python object references; only raw data "
                             "can be checkpointed")
