@@ -144,7 +144,7 @@ def main() -> None:
         sides["against"] = os.path.abspath(args.against)
     sides["floor"] = sides["this"]
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="lazy-bench-") as d:
-        path = os.path.join(d, "bench.ck")
+        path = os.path.abspath(os.path.join(d, "bench.ck"))  # (each run's interpreter starts elsewhere)
         want = make_checkpoint(path, size, args.incremental)
         results: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
         names = list(sides)
