@@ -35,8 +35,8 @@ from pagescan import Category, FaultHandler, FileSource, RegisterMode, Userfault
 from pagescan._uapi import libc
 from pagescan._uapi.mman import MADV, MAP, PROT
 
-from .memory import Mapping, P, anon, pagemap_entries, vmflags
-from .procs import children_of, wait_gone
+from .memory import Mapping, P, anon, hugetlb_anon, pagemap_entries, vmflags
+from .procs import children_of, run_in_child, wait_gone
 
 N = 64  # pages per lazy region unless said otherwise
 
@@ -421,6 +421,103 @@ def test_remap_follows_the_moved_range() -> None:
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, report.decode(errors="replace")
     assert report.endswith(b"OK")
     wait_gone([hpid, gpid])
+
+
+def _libc_mremap() -> Callable[..., int]:
+    mremap = ctypes.CDLL(None, use_errno=True).mremap
+    mremap.restype = ctypes.c_void_p
+    mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    return mremap  # type: ignore[no-any-return]
+
+
+def test_remap_of_part_of_a_range_serves_both_parts() -> None:
+    """``mremap`` of the middle of a served range (before: only a move of a whole region
+    was followed; the moved pages hung, or with prefetch read zeros): each part is
+    served its own bytes at its own address, touched or prefetched."""
+    data = random_bytes(N * P, 21)
+
+    def owner(prefetch: bool) -> bool:
+        with anon(N) as m, anon(N) as dst:
+            fh = FaultHandler([(m.addr, m.length)], source_of(data), prefetch=prefetch).start()
+            try:
+                assert m.read(0) == data[:P]
+                lo, hi = 20, 44  # pages [20, 44) move; the window served first was [0, 16)
+                moved = _libc_mremap()(m[lo], (hi - lo) * P, (hi - lo) * P, 1 | 2, dst.addr)
+                assert moved == dst.addr
+                if prefetch:
+                    assert fh.wait(10) is True
+                ok = all(dst.read(i - lo) == data[i * P : (i + 1) * P] for i in range(lo, hi))
+                ok = ok and all(m.read(i) == data[i * P : (i + 1) * P] for i in [*range(lo), *range(hi, N)])
+                if not prefetch:
+                    assert fh.wait(10) is True
+                return ok
+            finally:
+                fh.close()
+                libc.mmap(m[20], 24 * P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED)
+
+    for prefetch in (False, True):
+        assert run_in_child(lambda: owner(prefetch), timeout=20) is True, f"prefetch={prefetch}"
+    assert not children_of()
+
+
+def test_faults_on_pages_not_the_handlers_to_serve_get_zero_pages() -> None:
+    """A fault the handler has no data for is answered, never dropped (a hang): a range
+    grown in place by ``mremap`` (the new tail stays registered) and pages moved out
+    with ``move_pages`` after they were served (holes again) read zeros, as such
+    memory reads anywhere."""
+    data = bytes([7]) * (N * P)
+
+    def grown() -> list[int]:
+        with anon(2 * N) as m:
+            libc.munmap(m[N], N * P)  # room to grow into
+            fh = FaultHandler([(m.addr, N * P)], source_of(data), prefetch=False).start()
+            try:
+                assert m.read(0) == data[:P]
+                assert _libc_mremap()(m.addr, N * P, 2 * N * P, 0, None) == m.addr  # in place
+                return [m.read(N + 1)[0], m.read(2 * N - 1)[-1], m.read(3)[0]]
+            finally:
+                fh.close()
+
+    assert run_in_child(grown, timeout=20) == [0, 0, 7]
+
+    def moved_out() -> list[int]:
+        with anon(N) as m, anon(16) as dst:
+            fh = FaultHandler([(m.addr, N * P)], source_of(data), prefetch=False).start()
+            try:
+                assert m.read(0) == data[:P]  # served: the first 64 KiB window
+                pagescan.move_pages(dst.addr, m.addr, 16 * P)
+                return [dst.read(0)[0], m.read(0)[0], m.read(15)[0], m.read(16)[0]]
+            finally:
+                fh.close()
+
+    assert run_in_child(moved_out, timeout=20) == [7, 0, 0, 7]
+    assert not children_of()
+
+
+def test_hugetlb_memory_is_refused_before_anything_is_dropped(hugetlb_2m: int, tmp_path: Path) -> None:
+    """The handler serves base pages; hugetlb faults are resolved a whole huge page at a
+    time (``UFFDIO_COPY`` of 4 KiB there is EINVAL, which killed the handler and left
+    the owner SIGBUS). Refused at start, ``FaultHandler`` and ``lazy_restore`` alike,
+    the target's bytes untouched."""
+    from pagescan.snapshot import Checkpointer, lazy_restore
+
+    h = 2 << 20
+    for shared in (False, True):
+        with hugetlb_anon(1, shared=shared) as m:
+            with pytest.raises(pagescan.InvalidArgumentError, match="hugetlb"):
+                FaultHandler([(m.addr, h)], lambda o, n: bytes(n)).start()
+            arr = np.frombuffer((ctypes.c_uint8 * h).from_address(m.addr), np.uint8)
+            arr[:] = 5
+            path = tmp_path / f"h{int(shared)}.ck"
+            with Checkpointer(path, [arr]) as ck:
+                ck.checkpoint()
+            arr[:] = 9
+            with pytest.raises(ValueError, match="hugetlb"):
+                with lazy_restore(path, [arr]):
+                    pass
+            assert (arr == 9).all(), "nothing dropped, nothing restored"
+            del arr
+    assert not children_of()
 
 
 # -- failure: never a hang, never wrong data --------------------------------------------

@@ -82,7 +82,7 @@ from ._errors import InvalidArgumentError, PartialProgressError
 from ._uapi import libc
 from ._uapi.mman import MAP, PROT
 from ._uapi.pagemap import Category
-from ._uapi.userfaultfd import RegisterMode, UffdFeature
+from ._uapi.userfaultfd import RegisterMode, UffdFeature, UffdIoctl
 from .userfaultfd import (
     PagefaultEvent,
     RemapEvent,
@@ -283,6 +283,17 @@ def _page_numbers(hot: Any, total: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def servable(ioctls: int, a: int, n: int, what: str) -> None:
+    """Refuse (``InvalidArgumentError``) a range just registered for MISSING faults whose
+    ``ioctls`` lack ``UFFDIO_ZEROPAGE``: the kernel leaves it out for hugetlb memory, whose
+    faults are resolved a whole huge page at a time (``UFFDIO_COPY`` of 4 KiB there is
+    EINVAL), and the handler serves base pages."""
+    if not ioctls & UffdIoctl.ZEROPAGE:
+        raise InvalidArgumentError(
+            f"{what}: {a:#x}-{a + n:#x} is (or holds) hugetlb memory, which is not served lazily: its faults "
+            "are resolved a whole huge page at a time")
+
+
 class FaultHandler:
     """Register ``regions`` for MISSING faults and serve them from ``source`` in a child.
 
@@ -307,7 +318,8 @@ class FaultHandler:
 
     Use as a context manager; :meth:`wait` blocks until every page is in. Raises
     ``OSError`` from registration (EINVAL for memory that cannot take MISSING faults,
-    EBUSY if registered elsewhere).
+    or hugetlb memory, whose faults are resolved a huge page at a time: not served
+    here; EBUSY if registered elsewhere).
 
     The handler and guardian processes are watched through pidfds. A handler dropped
     without :meth:`close` is closed when it is collected (with a ``ResourceWarning``
@@ -393,7 +405,7 @@ class FaultHandler:
             # Register first (EBUSY if another uffd has the range: the clearer error),
             # then insist on empty pages (closing the uffd undoes the registration).
             for a, n in self.regions:
-                uf.register(a, n, RegisterMode.MISSING)
+                servable(uf.register(a, n, RegisterMode.MISSING), a, n, "FaultHandler")
             for a, n in [] if self.fresh else self.regions:
                 busy = scan(a, a + n, category_anyof_mask=int(Category.PRESENT | Category.SWAPPED), return_mask=0)
                 if len(busy):
@@ -501,7 +513,7 @@ class _Pages:
     """Per-page state of the lazy ranges: 0 pending, 1 in (served or present), 2 zero-fill."""
 
     def __init__(self, regions: list[tuple[int, int]]) -> None:
-        self.regions = regions
+        self.regions = list(regions)  # (split by remap)
         self.base = [0]
         for _, n in regions:
             self.base.append(self.base[-1] + n // P)
@@ -547,6 +559,24 @@ class _Pages:
             if a <= address < a + n:
                 return i, self.base[i] + (address - a) // P
         return None
+
+    def remap(self, old: int, new: int, length: int) -> None:
+        """``[old, old+length)`` now lies at ``new`` (``mremap``): a region the move cuts
+        is split where it cuts (its pieces keep their global pages and source offsets),
+        and the pieces inside it take their new addresses."""
+        for cut in (old, old + length):
+            for i, a in enumerate(self.addr):
+                n = self.regions[i][1]
+                if a < cut < a + n:
+                    k = cut - a
+                    self.regions[i : i + 1] = [(a, k), (cut, n - k)]
+                    self.addr[i : i + 1] = [a, cut]
+                    self.offset[i : i + 1] = [self.offset[i], self.offset[i] + k]
+                    self.base.insert(i + 1, self.base[i] + k // P)
+                    break
+        for i, a in enumerate(self.addr):
+            if old <= a < old + length:
+                self.addr[i] = new + (a - old)
 
     def mark(self, start: int, end: int, value: int) -> None:
         for i, a in enumerate(self.addr):
@@ -783,7 +813,12 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                 for ev in events:
                     if isinstance(ev, PagefaultEvent):
                         loc = pages.locate(ev.address)
-                        if loc is None:
+                        if loc is None or pages.state[loc[1]] == 1:
+                            # Not ours to serve (a range grown in place by mremap), or served
+                            # and since emptied without an event (moved out by UFFDIO_MOVE;
+                            # or a repeated message): what such memory reads anywhere,
+                            # a zero page (EEXIST, already there: its waiters are woken).
+                            _zero_page(uf, ev.address)
                             continue
                         g = loc[1]
                         if rec is not None:
@@ -799,9 +834,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                     elif isinstance(ev, UnmapEvent):
                         pages.mark(ev.start, ev.end, 1)
                     elif isinstance(ev, RemapEvent):
-                        for i, a in enumerate(pages.addr):
-                            if ev.from_ <= a < ev.from_ + ev.len:
-                                pages.addr[i] = ev.to + (a - ev.from_)
+                        pages.remap(ev.from_, ev.to, ev.len)
                 shared[0] = pages.served()
                 if hot_pos >= hot.size:
                     continue
@@ -996,6 +1029,20 @@ def _fill(uf: Userfaultfd, addr: int, length: int, src: int | None) -> None:
             with contextlib.suppress(OSError):
                 uf.wake(addr + done, P)  # already in: wake its waiters, go on after it
             done += P
+
+
+def _zero_page(uf: Userfaultfd, address: int) -> None:
+    """Resolve a fault at ``address`` with a zero page (EEXIST, already there, or EAGAIN,
+    the mm changing: wake its waiters, who fault again if need be; ENOENT, the page is
+    gone: nothing to do)."""
+    page = address - address % P
+    try:
+        uf.zeropage(page, P)
+    except (FileExistsError, PartialProgressError):  # (EAGAIN, the mm changing: it faults again)
+        with contextlib.suppress(OSError):
+            uf.wake(page, P)
+    except FileNotFoundError:
+        pass
 
 
 def _halves(op: Callable[[int, int], object], start: int, length: int) -> None:

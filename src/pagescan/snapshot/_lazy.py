@@ -15,7 +15,7 @@ from .._procfs import read_maps
 from .._uapi import libc
 from .._uapi.mman import MADV
 from .._uapi.userfaultfd import RegisterMode
-from ..handler import FaultHandler
+from ..handler import FaultHandler, servable
 from ..userfaultfd import Userfaultfd
 from ._format import SECTION_WORKING_SET
 from ._pages import P
@@ -242,12 +242,13 @@ def hot_pages(src: CheckpointSource, lazymap: LazyMap, use: bool) -> np.ndarray 
 
 
 def probe_missing(regions: list[tuple[int, int]]) -> None:
-    """Register (and unregister) the ranges for MISSING faults: refuse memory that cannot take them."""
+    """Register (and unregister) the ranges for MISSING faults: refuse memory that cannot
+    take them, and hugetlb memory, which the handler does not serve (``InvalidArgumentError``)."""
     if not regions:
         return
     with Userfaultfd(0) as uf:
         for a, n in regions:
-            uf.register(a, n, RegisterMode.MISSING)
+            servable(uf.register(a, n, RegisterMode.MISSING), a, n, "lazy restore (use restore())")
         for a, n in regions:
             uf.unregister(a, n)
 
@@ -257,7 +258,7 @@ def refuse_private_files(regions: list[tuple[int, int]]) -> None:
     tmpfs file mapped ``MAP_PRIVATE``) among the ranges: the kernel takes MISSING
     faults there, but after the pages are dropped a touch maps the file's own page
     from its page cache, raising no fault: the file's bytes, not the checkpoint's,
-    with nothing to tell. (Private anonymous memory and anonymous hugetlb are served.)"""
+    with nothing to tell. (Private anonymous memory and shared memory are served.)"""
     if not regions:
         return
     lo = min(a for a, _ in regions)

@@ -138,9 +138,10 @@ def lazy_restore(
     """Restore into the objects of ``state`` lazily: pages arrive on first touch.
 
     ``state`` as for :func:`restore` (private anonymous memory, or shared memory
-    (shmem, hugetlb) mapped ``MAP_SHARED``, of this process; a ``MAP_PRIVATE`` mapping
-    of a memfd or tmpfs file is refused with ``ValueError``: its file's pages would
-    show through). The pages that lie entirely inside an object are dropped
+    (shmem) mapped ``MAP_SHARED``, of this process; refused with ``ValueError``: a
+    ``MAP_PRIVATE`` mapping of a memfd or tmpfs file, whose file's pages would show
+    through, and hugetlb memory, whose faults are resolved a huge page at a time --
+    use :func:`restore` there). The pages that lie entirely inside an object are dropped
     (``MADV_DONTNEED``; ``MADV_REMOVE`` for shared memory) and served from the file on
     first touch by a handler process; the bytes of an object on pages it shares with
     other objects (the first and last page of a small array on the malloc heap) are
