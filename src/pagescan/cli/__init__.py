@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from . import _bench, _caps, _checkpoint, _map, _ps, _scan, _stat
-from ._common import RawJSON, UsageError, print_json
+from ._common import RawJSON, UsageError, print_json, printable
 
 __all__ = ["RawJSON", "build_parser", "main", "print_json"]
 
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (OSError, ValueError, NotImplementedError) as err:
-        msg = " ".join(str(err).split())  # one line
+        msg = printable(" ".join(str(err).split()))  # one line; a name from a file cannot steer the terminal
         pid = getattr(args, "pid", None)
         if isinstance(err, ProcessLookupError) and pid is not None and os.path.exists(f"/proc/{pid}/status"):
             msg = f"pid {pid} has no user address space (a kernel thread, or a process that has exited)"

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ._common import human, parse_pid, parse_positive, print_json, table
+from ._common import human, parse_pid, parse_positive, print_json, printable, table
 
 
 def add_parser(sub: Any) -> None:
@@ -153,7 +153,7 @@ def run_inspect(args: argparse.Namespace) -> int:
               f"entr{'y' if len(ents) == 1 else 'ies'} ({info['state']}, {human(sum(info['regions']))}), "
               f"{len(gens)} sealed generation(s), {human(info['file_size'])} ({info['file_size']} bytes)")
         erows = [
-            [str(i) if e["name"] is None else e["name"], e["dtype"] if e["array"] else "bytes",
+            [str(i) if e["name"] is None else printable(e["name"]), e["dtype"] if e["array"] else "bytes",
              "(" + ", ".join(map(str, e["shape"])) + ("," if len(e["shape"]) == 1 else "") + ")", str(e["bytes"])]
             for i, e in enumerate(ents)
         ]
@@ -250,7 +250,8 @@ def run_load(args: argparse.Namespace) -> int:
         print_json({"path": args.path, "generation": loaded.generation, "checked": bool(args.check), "entries": rows})
         return 0
     print(table(["ENTRY", "DTYPE", "SHAPE", "BYTES"],
-                [[str(k), str(a.dtype), str(a.shape), str(a.nbytes)] for k, a in items], "<<>>", last_free=False))
+                [[printable(str(k)), str(a.dtype), str(a.shape), str(a.nbytes)] for k, a in items], "<<>>",
+                last_free=False))
     total = sum(int(a.nbytes) for _, a in items)
     print(f"ok: loaded generation {loaded.generation} of {args.path}: {len(items)} entr{'y' if len(items) == 1 else 'ies'}, "
           f"{human(total)} ({total} bytes)")

@@ -1046,7 +1046,9 @@ def verify(path: str | os.PathLike[str], *, progress: Progress | None = None) ->
             if sec.type == SECTION_WORKING_SET:
                 read_working_set(store, sec)
             else:  # a type this version does not use: its digest still holds
-                store.read_section(sec)
+                store.check_section(sec)
+        if store.damage is None and store.file_size != store.sealed_end:
+            store.check_tail()  # a torn tail, or a damaged record with sealed ones after it
         if store.damage is not None:
             raise store.damage
         return list(store.generations)

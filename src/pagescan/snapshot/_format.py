@@ -323,4 +323,6 @@ def _descr_to_dtype(descr: str, i: int) -> np.dtype[Any]:
         raise ValueError(f"entry {i}: bad dtype {descr[:80]!r} ({type(err).__name__})") from None
     if dt.hasobject:
         raise ValueError(f"entry {i}: dtype {dt} holds object references")
+    if dt.subdtype is not None:  # an array's own dtype never is one: numpy moves it into the shape
+        raise ValueError(f"entry {i}: dtype {dt} is a sub-array dtype")
     return dt

@@ -177,7 +177,7 @@ class CheckpointSource:
 
 def read_working_set(store: Store, sec: Section) -> np.ndarray:
     """The first-touch chunks of a working-set section, checked (``CorruptCheckpointError``)."""
-    raw = store.read_section(sec)
+    raw = store.read_section(sec, limit=8 * store.total_pages)  # each chunk at most once
     if len(raw) % 8:
         raise CorruptCheckpointError(f"{store.path}: working-set section is damaged (length {len(raw)})")
     chunks = np.frombuffer(raw, dtype="<u8")

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import os
 import mmap
 from collections.abc import Callable, Iterator
@@ -366,14 +367,36 @@ class Store:
         # The payload digest is checked when the payload is read (it may be large).
         return Section(int(typ), int(gen), off, commit_off + COMMIT.size, off + SECTION_HEADER.size, int(nbytes))
 
-    def read_section(self, sec: Section) -> bytes:
-        """A section's payload, checked against its digest (``CorruptCheckpointError``)."""
+    def read_section(self, sec: Section, limit: int | None = None) -> bytes:
+        """A section's payload, checked against its digest (``CorruptCheckpointError``);
+        one longer than ``limit`` bytes is refused as damaged before it is read."""
+        if limit is not None and sec.payload_bytes > limit:
+            raise CorruptCheckpointError(f"{self.path}: section of type {sec.type} at offset {sec.offset} is "
+                                         f"damaged ({sec.payload_bytes} bytes, more than its kind can hold: {limit})")
         raw = _pread_exact(self.fd, sec.payload_bytes, sec.payload_offset)
-        craw = _pread_exact(self.fd, COMMIT.size, sec.payload_offset + sec.payload_bytes)
-        if len(raw) != sec.payload_bytes or len(craw) != COMMIT.size or digest(raw) != COMMIT.unpack(craw)[4]:
+        if len(raw) != sec.payload_bytes or digest(raw) != self._section_digest(sec):
             raise CorruptCheckpointError(f"{self.path}: section of type {sec.type} at offset {sec.offset} is "
                                          "damaged (checksum mismatch)")
         return raw
+
+    def check_section(self, sec: Section) -> None:
+        """Check a section's payload against its digest without keeping it (read a MiB
+        at a time: its length is the file's word, whatever the file holds)."""
+        h = hashlib.blake2b(digest_size=8)
+        off, end = sec.payload_offset, sec.payload_offset + sec.payload_bytes
+        while off < end:
+            raw = _pread_exact(self.fd, min(1 << 20, end - off), off)
+            if not raw:
+                break
+            h.update(raw)
+            off += len(raw)
+        if off != end or h.digest() != self._section_digest(sec):
+            raise CorruptCheckpointError(f"{self.path}: section of type {sec.type} at offset {sec.offset} is "
+                                         "damaged (checksum mismatch)")
+
+    def _section_digest(self, sec: Section) -> bytes | None:
+        craw = _pread_exact(self.fd, COMMIT.size, sec.payload_offset + sec.payload_bytes)
+        return COMMIT.unpack(craw)[4] if len(craw) == COMMIT.size else None
 
     def append_section(self, type_: int, generation: int, payload: bytes) -> Section:
         """Append a sealed section at the sealed end (``fsync``'d; the writer's lock is needed)."""
@@ -384,6 +407,8 @@ class Store:
         if self.damage is not None:
             raise self.damage
         off = self.sealed_end
+        if self.file_size != off:
+            self.check_tail()  # the tail is cut below: never a damaged file's sealed records
         head = SECTION_HEADER.pack(MAGIC_SECTION, type_, generation, len(payload), 0, 0, 0, b"\0" * 8)
         head = head[:-8] + digest(head[:-8])
         length = len(head) + len(payload)
@@ -402,6 +427,40 @@ class Store:
         self.sections.append(sec)
         self.sealed_end = self.file_size = sec.end
         return sec
+
+    def check_tail(self) -> None:
+        """Refuse (``CorruptCheckpointError``, also kept as :attr:`damage`) an unsealed tail
+        that holds a valid commit record of a record in it: the walk stopped at a damaged
+        record with sealed generations after it, not at a writer's torn tail -- cutting
+        the tail would destroy them. Reads the whole tail (a MiB at a time): done before
+        anything is cut, and by ``verify``."""
+        off, end = self.sealed_end, self.file_size
+        pos, carry = off, b""
+        while pos < end:
+            chunk = carry + _pread_exact(self.fd, min(1 << 20, end - pos), pos)
+            if len(chunk) == len(carry):
+                break
+            start = pos - len(carry)
+            k = chunk.find(MAGIC_COMMIT)
+            while k >= 0:
+                if self._seals_tail_record(start + k, off, end):
+                    if not isinstance(self._read_record(off, os.fstat(self.fd).st_size), str):
+                        return  # sealed since the walk (a writer at work): not damage
+                    self.damage = CorruptCheckpointError(
+                        f"{self.path}: the record at offset {off} is damaged, but a sealed record follows it "
+                        f"(commit record at offset {start + k}): nothing after it is read or cut")
+                    raise self.damage
+                k = chunk.find(MAGIC_COMMIT, k + 1)
+            pos += len(chunk) - len(carry)
+            carry = chunk[-(len(MAGIC_COMMIT) - 1):]
+
+    def _seals_tail_record(self, at: int, off: int, end: int) -> bool:
+        """Is there a valid commit record at ``at`` for a record that starts at or after ``off``?"""
+        craw = _pread_exact(self.fd, COMMIT.size, at)
+        if len(craw) < COMMIT.size:
+            return False
+        cmagic, _cgen, goff, length, _i, _h, _x, cdig = COMMIT.unpack(craw)
+        return cmagic == MAGIC_COMMIT and digest(craw[:-8]) == cdig and off <= goff and goff + length == at <= end
 
     def _sealed_at_end(self, off: int, size: int) -> int | None:
         """Generation number of a valid commit record ending the file, for a record at or after ``off``."""
@@ -422,6 +481,8 @@ class Store:
         if commit_off + COMMIT.size > size:
             return "commit record missing"
         craw = _pread_exact(self.fd, COMMIT.size, commit_off)
+        if len(craw) < COMMIT.size:  # the file shrank since it was measured (a writer cut its tail)
+            return "commit record missing"
         cmagic, cgen, goff, length, _d, hdig, _x, cdig = COMMIT.unpack(craw)
         if cmagic != MAGIC_COMMIT or digest(craw[:-8]) != cdig:
             return "commit record missing or damaged"
@@ -451,7 +512,10 @@ class Store:
         why = self._commit_mismatch(off, commit_off, size, number, dig)  # bounds npages, ndata by the size
         if why:
             return why
-        idig = COMMIT.unpack(_pread_exact(self.fd, COMMIT.size, commit_off))[4]
+        craw = _pread_exact(self.fd, COMMIT.size, commit_off)
+        if len(craw) < COMMIT.size:  # cut since the check above
+            return "commit record missing"
+        idig = COMMIT.unpack(craw)[4]
         # Sealed: from here on, anything wrong is damage.
         expected = len(self.generations) + 1
         where = f"{self.path}: generation {number}"
@@ -861,10 +925,12 @@ class Store:
     # -- writing --------------------------------------------------------------------
 
     def truncate_unsealed(self) -> None:
-        """Drop an unsealed tail left by an interrupted writer (refused on a damaged file)."""
+        """Drop an unsealed tail left by an interrupted writer (refused on a damaged file,
+        and on a tail that holds a sealed record: :meth:`check_tail`)."""
         if self.damage is not None:
             raise self.damage
         if self.file_size != self.sealed_end:
+            self.check_tail()
             os.ftruncate(self.fd, self.sealed_end)
             os.fsync(self.fd)
             self.file_size = self.sealed_end

@@ -1,0 +1,182 @@
+"""Checkpoint files that are damaged, forged or changing underfoot (review of 2026-12-03).
+
+Each test builds a real file with the public API, damages or forges it the way a crash,
+a racing writer or a hostile author would, and checks that every reader answers with a
+clear error -- never another exception type, never a destroyed sealed generation, never
+memory out of proportion to the state, never control characters on the terminal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pagescan.snapshot import Checkpointer, CheckpointError, CorruptCheckpointError, inspect, load, verify
+from pagescan.snapshot import _format as fmt
+from pagescan.snapshot._store import Store
+
+
+def _three_generations(path: Path) -> dict[str, np.ndarray]:
+    st = {"a": np.arange(4096, dtype=np.float64), "b": np.zeros(3000, np.uint8)}
+    with Checkpointer(path, st) as ck:
+        ck.checkpoint()
+        for g in range(2):
+            st["a"][g * 600] = -1.0 - g
+            st["b"][g] = 7
+            ck.checkpoint()
+    return st
+
+
+def _records(path: Path) -> list[tuple[int, int]]:
+    """(offset, end) of each sealed record."""
+    with Store(path) as st:
+        return [(g.offset, g.end) for g in st.generations] + [(s.offset, s.end) for s in st.sections]
+
+
+def test_a_damaged_record_followed_by_sealed_ones_and_a_torn_tail_is_never_cut(tmp_path: Path) -> None:
+    """One flipped bit in generation 2's header plus the partial tail of a writer that
+    died: the walk stops at generation 2 and the file does not end sealed, so it looked
+    like a torn tail -- and the next writer cut generations 2 and 3 (sealed, intact)
+    away. Now: refused by the writer and by ``verify``, the file unchanged."""
+    path = tmp_path / "c.ck"
+    _three_generations(path)
+    (_o1, _e1), (o2, _e2), _ = sorted(_records(path))[:3]
+    data = bytearray(path.read_bytes())
+    data[o2 + 17] ^= 1  # generation 2's npages
+    data += bytes(64 + 32 * 3) + os.urandom(4096)  # generation 4, never sealed
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpointError, match="a sealed record follows it"):
+        verify(path)
+    with pytest.raises(CorruptCheckpointError, match="a sealed record follows it"):
+        Checkpointer(path, {"a": np.zeros(4096), "b": np.zeros(3000, np.uint8)})
+    assert path.read_bytes() == bytes(data), "nothing was cut"
+
+
+def test_a_torn_tail_alone_is_still_cut(tmp_path: Path) -> None:
+    """The check above does not take a real torn tail for damage."""
+    path = tmp_path / "t.ck"
+    st = _three_generations(path)
+    good = path.read_bytes()
+    path.write_bytes(good + bytes(64 + 32 * 3) + os.urandom(8192))
+    assert [g.number for g in verify(path)] == [1, 2, 3]
+    with Checkpointer(path, st):
+        pass
+    assert path.read_bytes() == good
+
+
+def _cut_and_regrow(path: str, sealed: int, tail: bytes, stop: multiprocessing.synchronize.Event) -> None:
+    fd = os.open(path, os.O_RDWR)
+    while not stop.is_set():
+        os.ftruncate(fd, sealed)  # what a writer's abort does
+        os.pwrite(fd, tail, sealed)  # and the next writer's unsealed generation
+    os.close(fd)
+
+
+def test_readers_racing_a_writer_that_cuts_its_tail(tmp_path: Path) -> None:
+    """A file shrinking between a reader's ``fstat`` and its reads: only the library's
+    errors or a good answer (``struct.error`` escaped before: a commit record read short)."""
+    path = tmp_path / "r.ck"
+    _three_generations(path)
+    raw = path.read_bytes()
+    last = sorted(_records(path))[-1]
+    sealed, tail = raw[: last[0]], bytearray(raw[last[0] : last[1]])
+    tail[-fmt.COMMIT.size :] = bytes(fmt.COMMIT.size)  # its commit record not written yet
+    path.write_bytes(sealed + bytes(tail))
+    ctx = multiprocessing.get_context("fork")
+    stop = ctx.Event()
+    proc = ctx.Process(target=_cut_and_regrow, args=(str(path), len(sealed), bytes(tail), stop))
+    proc.start()
+    answers = 0
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            for call in (inspect, verify, load):
+                try:
+                    call(path)
+                except CheckpointError:
+                    pass
+                answers += 1
+    finally:
+        stop.set()
+        proc.join(10)
+    assert proc.exitcode == 0 and answers > 100
+
+
+def test_a_working_set_section_longer_than_the_state_allows_is_refused_unread(tmp_path: Path) -> None:
+    """A sealed working-set section whose payload is a 64 MiB hole (a few KiB on disk):
+    a valid record names each chunk at most once, so more than 8 bytes a chunk is damage,
+    refused before it is read; ``verify`` reads unknown sections a MiB at a time."""
+    path = tmp_path / "w.ck"
+    _three_generations(path)
+    size = path.stat().st_size
+    n = 64 << 20
+    for typ in (fmt.SECTION_WORKING_SET, 99):
+        head = fmt.SECTION_HEADER.pack(fmt.MAGIC_SECTION, typ, 3, n, 0, 0, 0, b"\0" * 8)
+        head = head[:-8] + fmt.digest(head[:-8])
+        h = hashlib.blake2b(digest_size=8)
+        zeros = bytes(1 << 24)
+        for _ in range(n >> 24):
+            h.update(zeros)
+        rec = fmt.COMMIT.pack(fmt.MAGIC_COMMIT, 3, size, 64 + n, h.digest(), head[-8:], 0, b"\0" * 8)
+        rec = rec[:-8] + fmt.digest(rec[:-8])
+        with open(path, "r+b") as f:
+            f.truncate(size)
+            f.seek(size)
+            f.write(head)
+            f.truncate(size + 64 + n)  # the payload: a hole
+            f.seek(size + 64 + n)
+            f.write(rec)
+        code = (
+            "import resource, sys\n"
+            "from pagescan.snapshot import verify, load, CorruptCheckpointError\n"
+            f"p = {str(path)!r}\n"
+            "try:\n"
+            "    verify(p); print('verified')\n"
+            "except CorruptCheckpointError as e:\n"
+            "    print('refused:', e)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        lines = out.stdout.split("\n")
+        assert out.returncode == 0, out.stderr
+        if typ == fmt.SECTION_WORKING_SET:
+            assert "more than its kind can hold" in lines[0], lines
+        else:
+            assert lines[0] == "verified", lines  # a valid (if odd) section of an unknown type
+        assert int(lines[1]) < 150, f"peak RSS {lines[1]} MiB for a {n >> 20} MiB hole"
+
+
+def test_a_sub_array_dtype_in_the_metadata_is_damage(tmp_path: Path) -> None:
+    """An array's own dtype is never a sub-array dtype (numpy moves it into the shape):
+    metadata naming one (shape ``[]``, dtype ``('<i4', (25,))``: 100 bytes, as the entry)
+    is refused when the file is opened, not later by a ``reshape`` in ``load``."""
+    good = fmt.encode_meta(True, [fmt.EntryMeta("x", 100, np.dtype(np.int32), (25,), True)])
+    assert fmt.decode_meta(good, [100])[1][0].shape == (25,)
+    forged = good.replace(b'"shape":[25]', b'"shape":[]').replace(
+        repr(repr("<i4")).encode()[1:-1], repr(repr(("<i4", (25,)))).encode()[1:-1])
+    assert forged != good
+    with pytest.raises(ValueError, match="sub-array"):
+        fmt.decode_meta(forged, [100])
+
+
+def test_names_from_a_file_cannot_steer_the_terminal(tmp_path: Path) -> None:
+    """Entry names are any ``str``: the CLI shows control characters and lone surrogates
+    as ``?`` (they set the window title, erased lines, or failed to encode)."""
+    path = tmp_path / "e.ck"
+    name = "w\x1b]0;title\x07\x1b[2K\rfake\x1b[8mx"
+    with Checkpointer(path, {name: np.zeros(8)}) as ck:
+        ck.checkpoint()
+    for cmd in (["checkpoint", "inspect", str(path)], ["checkpoint", "load", str(path)]):
+        out = subprocess.run([sys.executable, "-m", "pagescan", *cmd], capture_output=True, timeout=60,
+                             env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+        assert out.returncode == 0, out.stderr
+        assert not set(out.stdout) & set(range(32)) - {10}, out.stdout
+        assert b"w?]0;title??[2K?fake?[8mx" in out.stdout
