@@ -460,7 +460,7 @@ class Store:
         if len(craw) < COMMIT.size:
             return False
         cmagic, _cgen, goff, length, _i, _h, _x, cdig = COMMIT.unpack(craw)
-        return cmagic == MAGIC_COMMIT and digest(craw[:-8]) == cdig and off <= goff and goff + length == at <= end
+        return bool(cmagic == MAGIC_COMMIT and digest(craw[:-8]) == cdig and off <= goff and goff + length == at <= end)
 
     def _sealed_at_end(self, off: int, size: int) -> int | None:
         """Generation number of a valid commit record ending the file, for a record at or after ``off``."""
