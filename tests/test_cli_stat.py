@@ -225,9 +225,18 @@ def test_stat_agrees_with_smaps_for_every_mapping(child: Child, capsys: pytest.C
             assert v is None  # no mapping of the target is registered for uffd-wp
         else:
             assert v == sum(m["pages"][k] for m in doc["mappings"]) and total["bytes"][k] == v * P
+    rollup = read_rollup(child.pid)  # the target holds still
     for field in doc["mappings"][0]["smaps"]:
-        if field not in _NOT_SUMMED:
+        if field in ("Pss", "Pss_Dirty", "SwapPss"):
+            # smaps_rollup's own total: each record's PSS is cut down to a KiB, so the rows
+            # add up to less, by less than a KiB a mapping.
+            rows = sum(m["smaps"][field] for m in doc["mappings"])
+            assert total["smaps"][field] == rollup[field] * KB, field
+            assert rows <= total["smaps"][field] < rows + KB * len(doc["mappings"]), field
+        elif field not in _NOT_SUMMED:
             assert total["smaps"][field] == sum(m["smaps"][field] for m in doc["mappings"]), field
+    assert [total["pss_anon"], total["pss_file"], total["pss_shmem"]] == [
+        rollup["Pss_Anon"] * KB, rollup["Pss_File"] * KB, rollup["Pss_Shmem"] * KB]
     assert total["uss"] == sum(m["uss"] for m in doc["mappings"])
 
 
@@ -678,6 +687,40 @@ def test_stat_watch_under_a_pty(child: Child) -> None:
     r = _cli("stat", str(child.pid), "--watch", "1", stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr == "pagescan: stat --watch needs a terminal (stdin and stdout); use --json for scripts\n"
+
+
+def test_stat_watch_says_when_the_process_exits() -> None:
+    """The watched process exits: the terminal is restored, then one line on stderr and
+    exit status 1 (it used to end silently, with 0)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(1.0)"],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        code, screen = _watch_in_a_pty(proc.pid, "0.2")
+    finally:
+        stop(proc)
+    assert code == 1, screen[-2000:]
+    assert "pagescan: ProcessLookupError" in screen.split("q quits")[-1], screen[-2000:]
+
+
+def test_a_column_list_with_a_plus_adds_to_the_defaults() -> None:
+    """The documented ``--columns +referenced,file`` (one ``+`` for the list)."""
+    from pagescan.cli._stat import _column_list
+
+    assert _column_list("+referenced,file") == [*DEFAULT_COLUMNS, "referenced", "file"]
+    assert _column_list("referenced,+file") == [*DEFAULT_COLUMNS, "referenced", "file"]
+    assert _column_list("rss,pss") == ["rss", "pss"]
+
+
+def test_no_column_is_cut_when_the_table_is_wider_than_the_terminal(child: Child) -> None:
+    """``--columns all`` on an 80-column terminal (or piped: 120): lines are left long, as
+    ``pmap -X`` leaves them; before, every row was cut at the width, losing columns."""
+    r = _cli("stat", str(child.pid), "--columns", "all", env={**os.environ, "COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert not any(ln.endswith("…") for ln in lines[1:])
+    header = lines[1].split()
+    assert header[-1] == "MAPPING" and {COLUMNS[c].header for c in COLUMNS} <= set(header)
 
 
 _GROWING = """

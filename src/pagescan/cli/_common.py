@@ -141,7 +141,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, las
     Cells of the last column that do not fit keep their end (a path's file name) behind
     a leading ``…`` (``cut="middle"``: shortened by :func:`shorten`; ``"right"``: keep
     their start; ``"none"``: left whole, lines may be wider than the terminal); if even
-    the fixed columns are wider than the terminal, lines are cut. ``widths``: each
+    the fixed columns are wider than the terminal, lines are left wider (no column is
+    ever cut: ``pmap -X`` cuts none either). ``widths``: each
     column's widest cell or header, when the caller knows them already.
     """
     ncol = len(headers)
@@ -172,8 +173,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str, las
                 else:
                     cell = "…" + cell[len(cell) - room + 1 :]
             line += cell
-        line = line.rstrip()
-        return line if len(line) <= term else line[: max(term - 1, 20)] + "…"
+        return line.rstrip()
 
     return "\n".join([fmt(headers)] + [fmt(r) for r in rows])
 

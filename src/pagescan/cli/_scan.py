@@ -19,6 +19,7 @@ from ._common import (
     parse_categories,
     parse_pid,
     print_json,
+    printable,
     table,
 )
 
@@ -134,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for s, e, c in out:
         i = bisect.bisect_right(starts, s) - 1
-        label = vmas[i].name if i >= 0 and vmas[i].end > s else ""
+        label = printable(vmas[i].name) if i >= 0 and vmas[i].end > s else ""
         rows.append([f"{s:x}-{e:x}", str((e - s) // _P), human(e - s), category_letters(c), label])
     print(table(["RANGE", "PAGES", "SIZE", "PSWFZHDGA", "MAPPING"], rows, "<>><<"))
     total = sum(e - s for s, e, _ in out)

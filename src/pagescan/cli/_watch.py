@@ -25,12 +25,15 @@ def watch(seconds: float, count: int | None, draw: Callable[[], list[str]]) -> i
     except ImportError as err:  # pragma: no cover - a Python built without curses
         print(f"pagescan: stat --watch needs the curses module ({err})", file=sys.stderr)
         return 1
-    result: list[int] = []
+    result: list[Any] = []
     curses.wrapper(_loop, seconds, count, draw, result)
-    return result[0] if result else 0
+    if result and isinstance(result[0], ProcessLookupError):  # printed once the screen is restored
+        print(f"pagescan: ProcessLookupError: {' '.join(str(result[0]).split())}", file=sys.stderr)
+        return 1
+    return int(result[0]) if result else 0
 
 
-def _loop(screen: Any, seconds: float, count: int | None, draw: Callable[[], list[str]], result: list[int]) -> None:
+def _loop(screen: Any, seconds: float, count: int | None, draw: Callable[[], list[str]], result: list[Any]) -> None:
     import curses
 
     curses.curs_set(0)
@@ -42,9 +45,9 @@ def _loop(screen: Any, seconds: float, count: int | None, draw: Callable[[], lis
         os.environ["COLUMNS"] = str(cols - 1)  # draw() fits the table to what a line may hold (cols - 1)
         try:
             lines = draw()
-        except ProcessLookupError:
-            result.append(0)
-            return  # the process exited: the last screen stays on the terminal until exit
+        except ProcessLookupError as err:
+            result.append(err)
+            return  # the process exited: said on stderr once curses has restored the terminal
         text = "\n".join(lines).split("\n")
         screen.erase()
         stamp = time.strftime("%H:%M:%S")
