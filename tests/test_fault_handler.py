@@ -460,6 +460,58 @@ def test_remap_of_part_of_a_range_serves_both_parts() -> None:
     assert not children_of()
 
 
+def test_overlapping_regions_and_a_private_record_are_refused() -> None:
+    """Two regions naming the same page (the first's source won, silently) and a
+    ``record`` in private memory (the handler's writes landed in its own copy, and the
+    end of the recording never reached it: ``wait()`` hung) are refused."""
+    with anon(32) as m:
+        with pytest.raises(pagescan.InvalidArgumentError, match="overlap"):
+            FaultHandler([(m.addr, 32 * P), (m[16], 16 * P)], lambda o, n: bytes(n))
+        with pytest.raises(ValueError, match="MAP_SHARED"):
+            FaultHandler([(m.addr, 32 * P)], lambda o, n: bytes(n), record=np.zeros(34, np.uint64))
+        shared = mmap.mmap(-1, 34 * 8, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        rec = np.frombuffer(shared, np.uint64)
+        FaultHandler([(m.addr, 32 * P)], lambda o, n: bytes(n), record=rec)  # accepted (not started)
+        del rec
+        shared.close()
+
+
+def test_a_forked_child_neither_ends_nor_saves_the_parents_recording(tmp_path: Path) -> None:
+    """``load(lazy=True, record=True)``, then ``fork``: the child dropping its copy (or
+    exiting) ended the parent's recording (the stop flag is in shared memory) and
+    appended a working set of its own to the file."""
+    import gc
+
+    from pagescan.snapshot import Checkpointer, inspect, load
+
+    path = tmp_path / "r.ck"
+    a = np.ones(512 * P // 8)
+    with Checkpointer(path, {"a": a}) as ck:
+        ck.checkpoint()
+    st = load(path, lazy=True, record=True)
+    try:
+        assert st.handler is not None and st.handler.record is not None
+        rec = st.handler.record
+        _ = st["a"][0]
+
+        def child() -> None:
+            nonlocal st
+            del st
+            gc.collect()
+
+        run_in_child(child)
+        assert int(rec[-1]) == 0, "the child ended the recording"
+        assert inspect(path)["sections"] == []
+        _ = st["a"][300 * P // 8]
+        assert int(rec[0]) == 2, "the parent's touch was not recorded"
+        rec[-1] = 1  # the owner ends the recording: the handler prefetches the rest
+        assert st.handler.wait(20)
+    finally:
+        del st, rec
+        gc.collect()
+    assert [s["type"] for s in inspect(path)["sections"]] == ["working-set"]
+
+
 def test_faults_on_pages_not_the_handlers_to_serve_get_zero_pages() -> None:
     """A fault the handler has no data for is answered, never dropped (a hang): a range
     grown in place by ``mremap`` (the new tail stays registered) and pages moved out

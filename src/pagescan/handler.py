@@ -78,6 +78,7 @@ import numpy as np
 from ._child import Child, fork
 from ._args import U64, open_regular, plain_array, u64
 from ._held import held_still
+from ._procfs import read_maps
 from ._errors import InvalidArgumentError, PartialProgressError
 from ._uapi import libc
 from ._uapi.mman import MAP, PROT
@@ -125,6 +126,10 @@ def _regions(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
             raise InvalidArgumentError(f"FaultHandler: regions[{i}] {a:#x}+{n:#x} is not page aligned and "
                                        "non-empty, or runs past the top of the address space")
         out.append((a, n))
+    spans = sorted(out)
+    for (a, n), (b, m) in zip(spans, spans[1:]):
+        if b < a + n:  # the same page would have two sources: the first region's wins, silently
+            raise InvalidArgumentError(f"FaultHandler: regions {a:#x}+{n:#x} and {b:#x}+{m:#x} overlap")
     return out
 
 
@@ -355,6 +360,11 @@ class FaultHandler:
                     or not real.flags.writeable):
                 raise ValueError(f"record must be a writable uint64 array of at least {self.total_pages + 2} "
                                  "elements")
+            lo = int(real.__array_interface__["data"][0])
+            if not all(v.shared for v in read_maps(os.getpid(), lo, lo + real.nbytes)):
+                # The handler (another process) writes it: in private memory its records
+                # would land in the handler's copy, and the end of the recording never reach it.
+                raise ValueError("record must lie in memory shared with the handler (a MAP_SHARED mapping)")
             record = real
         self.record = record
         self.fresh = bool(fresh)

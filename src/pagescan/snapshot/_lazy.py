@@ -201,14 +201,20 @@ class Recording:
         self.path, self.generation, self.lazymap = path, generation, lazymap
         self.mm = mmap.mmap(-1, 8 * (total + 2), flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self.array = np.frombuffer(self.mm, dtype=np.uint64)
+        #: The process recording: a forked child shares the record (``MAP_SHARED``) but is
+        #: not the one recorded, and must neither end the recording nor save it.
+        self.owner = os.getpid()
 
     def stop(self) -> None:
         """End the recording: the handler serves the rest as a normal lazy restore (with prefetch)."""
-        if self.array.size:
+        if self.array.size and os.getpid() == self.owner:
             self.array[-1] = 1
 
     def save(self) -> None:
-        """Append the record to the file (best effort: skipped if a writer holds it or it changed)."""
+        """Append the record to the file (best effort: skipped if a writer holds it or it
+        changed, and in a forked child of the recording process)."""
+        if os.getpid() != self.owner:
+            return
         self.stop()
         arr, self.array = self.array, np.empty(0, np.uint64)
         if not arr.size:
