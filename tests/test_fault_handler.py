@@ -512,6 +512,42 @@ def test_a_forked_child_neither_ends_nor_saves_the_parents_recording(tmp_path: P
     assert [s["type"] for s in inspect(path)["sections"]] == ["working-set"]
 
 
+def test_the_forked_helpers_hold_neither_the_owners_sockets_nor_its_locks(tmp_path: Path) -> None:
+    """Handler and guardian are forks of the owner: they held every fd it had, so a peer
+    never saw EOF when the owner closed a socket, and a ``flock`` the owner released
+    stayed held. Now they release pipes, sockets and locked files (the handler keeps
+    other files: a source may read them)."""
+    import fcntl
+    import socket
+
+    def owner() -> list[str]:
+        a, b = socket.socketpair()
+        lock = os.open(tmp_path / "lock", os.O_CREAT | os.O_RDWR)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        kept = os.open(tmp_path / "kept", os.O_CREAT | os.O_RDWR)
+        with anon(N) as m:
+            fh = FaultHandler([(m.addr, m.length)], lambda o, n: bytes(n), prefetch=False).start()
+            try:
+                b.close()
+                os.close(lock)
+                a.settimeout(5)
+                out = [repr(a.recv(1))]
+                other = os.open(tmp_path / "lock", os.O_RDWR)
+                try:
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    out.append("lock free")
+                except BlockingIOError:
+                    out.append("lock still held")
+                target = os.readlink(f"/proc/{fh.pid}/fd/{kept}")
+                out.append("kept" if target == str(tmp_path / "kept") else target)
+                return out
+            finally:
+                fh.close()
+
+    assert run_in_child(owner, timeout=30) == ["b''", "lock free", "kept"]
+    assert not children_of()
+
+
 def test_faults_on_pages_not_the_handlers_to_serve_get_zero_pages() -> None:
     """A fault the handler has no data for is answered, never dropped (a hang): a range
     grown in place by ``mremap`` (the new tail stays registered) and pages moved out

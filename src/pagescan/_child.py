@@ -16,17 +16,19 @@ process forked later (which inherits the pidfd), :meth:`Child.kill` and
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import math
 import os
 import select
 import signal
+import stat
 import sys
 import threading
 from collections.abc import Callable
 
 from ._fdholder import FdHolder
 
-__all__ = ["Child", "fork"]
+__all__ = ["Child", "fork", "release_inherited"]
 
 
 class Child(FdHolder):
@@ -133,6 +135,35 @@ def fork(main: Callable[[], int]) -> Child:
         finally:
             os._exit(code)
     return Child(pid)
+
+
+def release_inherited(keep: set[int], everything: bool = True) -> None:
+    """In a forked helper: point the fds it inherited, except 0-2 and ``keep``, at
+    /dev/null, so that it does not hold the owner's pipes and sockets open (their peers
+    wait for EOF) nor its ``flock`` locks (held by an open file description, which the
+    fork shares). ``everything=False`` keeps what a source may read: regular files and
+    the read ends of pipes (holding one delays no EOF); sockets, write ends of pipes
+    and files holding a lock are released."""
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd <= 2 or fd == null or fd in keep:
+                continue
+            if not everything:
+                try:
+                    mode = os.fstat(fd).st_mode
+                    writes = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) != os.O_RDONLY
+                    if not (stat.S_ISSOCK(mode) or (stat.S_ISFIFO(mode) and writes)):
+                        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+                            if b"\nlock:" not in f.read():
+                                continue
+                except OSError:
+                    continue  # (the listing's own fd, closed since)
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 #: ``active`` while this thread is inside :func:`fork`'s ``os.fork`` (its hooks included).

@@ -50,7 +50,7 @@ import threading
 import time
 from typing import Any
 
-from ._child import Child, fork
+from ._child import Child, fork, release_inherited
 from ._uapi import libc
 from ._uapi.mman import MADV
 from ._uapi.pagemap import Category
@@ -455,23 +455,10 @@ def _quiet_stdio() -> None:
     os.close(null)
 
 
-def _drop_inherited(keep: set[int]) -> None:
-    """Point every fd we inherited, except ``keep``, at /dev/null: the owner's
-    inheritable files, pipes and sockets are not held open by the server (others may
-    wait for their EOF)."""
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd > 2 and fd != null and fd not in keep:
-            with contextlib.suppress(OSError):
-                os.dup2(null, fd)
-    os.close(null)
-
-
 def _server_main(sock: socket.socket, owner: int, preload: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_stdio()
-    _drop_inherited({sock.fileno()})
+    release_inherited({sock.fileno()})  # (others may wait for the EOF of the owner's pipes and sockets)
     try:
         owner_fd = os.pidfd_open(owner)
     except ProcessLookupError:

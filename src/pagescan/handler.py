@@ -75,7 +75,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._child import Child, fork
+from ._child import Child, fork, release_inherited
 from ._args import U64, open_regular, plain_array, u64
 from ._held import held_still
 from ._procfs import read_maps
@@ -326,7 +326,10 @@ class FaultHandler:
     or hugetlb memory, whose faults are resolved a huge page at a time: not served
     here; EBUSY if registered elsewhere).
 
-    The handler and guardian processes are watched through pidfds. A handler dropped
+    Handler and guardian are forks of the owner, but hold none of its sockets, pipes'
+    write ends or ``flock``-locked files (closing them in the owner still gives the peer
+    EOF, or frees the lock); the handler keeps regular files and pipes' read ends, which
+    its source may read. The processes are watched through pidfds. A handler dropped
     without :meth:`close` is closed when it is collected (with a ``ResourceWarning``
     if it was still serving), so it leaves neither a process nor a mapping behind.
     """
@@ -437,9 +440,14 @@ class FaultHandler:
 
                 def handler_main() -> int:
                     os.close(life_r)
+                    # What a source may read stays (regular files, read ends of pipes); the
+                    # owner's sockets, pipes' write ends and locked files do not (their peers
+                    # wait for EOF, or for the lock).
+                    release_inherited({uf.fd, life_w, shared.fd}, everything=False)
                     return _handler_main(uf, self, life_w)
 
                 def guardian_main() -> int:
+                    release_inherited({uf.fd, life_r})
                     _guardian(uf, self.regions, self.owner, life_r)
                     return 0
 
