@@ -533,11 +533,17 @@ def test_the_forked_helpers_hold_neither_the_owners_sockets_nor_its_locks(tmp_pa
                 a.settimeout(5)
                 out = [repr(a.recv(1))]
                 other = os.open(tmp_path / "lock", os.O_RDWR)
-                try:
-                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    out.append("lock free")
-                except BlockingIOError:
-                    out.append("lock still held")
+                deadline = time.monotonic() + 5  # (the helpers release it as they start)
+                while True:
+                    try:
+                        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        out.append("lock free")
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            out.append("lock still held")
+                            break
+                        time.sleep(0.01)
                 target = os.readlink(f"/proc/{fh.pid}/fd/{kept}")
                 out.append("kept" if target == str(tmp_path / "kept") else target)
                 return out
@@ -546,6 +552,57 @@ def test_the_forked_helpers_hold_neither_the_owners_sockets_nor_its_locks(tmp_pa
 
     assert run_in_child(owner, timeout=30) == ["b''", "lock free", "kept"]
     assert not children_of()
+
+
+def test_a_stopped_handler_reports_how_it_ended() -> None:
+    """Killed from outside, closed from a signal handler during ``wait()`` or from
+    another thread: ``wait()`` is False, ``failed`` True, ``exit_status`` the kill's
+    (it read 0 when the other reaper got there first, and ``failed`` stayed False)."""
+
+    def killed(fh: FaultHandler) -> None:
+        os.kill(fh.pid, signal.SIGKILL)
+
+    def from_a_signal_handler(fh: FaultHandler) -> None:
+        signal.signal(signal.SIGALRM, lambda *_: fh.close())
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+
+    def from_a_thread(fh: FaultHandler) -> None:
+        threading.Timer(0.05, fh.close).start()
+
+    for stop in (killed, from_a_signal_handler, from_a_thread):
+        for _ in range(5 if stop is from_a_thread else 1):
+            with anon(N) as m:
+                fh = FaultHandler([(m.addr, m.length)], lambda o, n: bytes(n), prefetch=False).start()
+                try:
+                    stop(fh)
+                    assert fh.wait(10) is False, stop.__name__
+                    assert fh.exit_status is not None and os.WIFSIGNALED(fh.exit_status), (stop.__name__, fh.exit_status)
+                    assert os.WTERMSIG(fh.exit_status) == signal.SIGKILL
+                    assert fh.failed, stop.__name__
+                finally:
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                    fh.close()
+    assert not children_of()
+
+
+def test_the_progress_page_outlives_close_while_a_reader_holds_it() -> None:
+    """A reader of the progress page interrupted between its check and its read by a
+    signal handler that closes the handler (``_faultserver._Remote.wait``, ``progress``)
+    read an unmapped page: SIGSEGV. The page now stays mapped while a view of it lives."""
+    from pagescan.handler import _Shared
+
+    def reader() -> int:
+        sh = _Shared()
+        arr = sh.arr
+        arr[1] = 7
+        sh.close()  # what the signal handler did
+        del sh
+        import gc
+
+        gc.collect()
+        return int(arr[1])
+
+    assert run_in_child(reader) == 7
 
 
 def test_faults_on_pages_not_the_handlers_to_serve_get_zero_pages() -> None:

@@ -24,6 +24,7 @@ import signal
 import stat
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 
 from ._fdholder import FdHolder
@@ -34,7 +35,7 @@ __all__ = ["Child", "fork", "release_inherited"]
 class Child(FdHolder):
     """A child process of ours and its pidfd. ``status`` is the ``waitpid`` status once reaped."""
 
-    __slots__ = ("pid", "status", "_parent")
+    __slots__ = ("pid", "status", "_parent", "_reaping")
 
     _what = "pidfd"
 
@@ -43,6 +44,10 @@ class Child(FdHolder):
         self.pid = pid
         self.status: int | None = None
         self._parent = os.getpid()
+        # Held from waitpid to storing the status: a second reaper in another thread waits
+        # for the status (it would get ECHILD); one nested in this thread (a signal
+        # handler) goes on and finds the status stored, or takes it first.
+        self._reaping = threading.RLock()
         try:
             self._fd = os.pidfd_open(pid)
         except BaseException:
@@ -75,11 +80,16 @@ class Child(FdHolder):
         p.register(self.fd, select.POLLIN)
         if not p.poll(-1 if timeout is None else math.ceil(max(0.0, timeout) * 1000)):  # EINTR: retried
             return None
-        try:
-            _, status = os.waitpid(self.pid, 0)  # exited: does not block
-        except ChildProcessError:
-            status = 0
-        self.status = status
+        with self._reaping:
+            if self.status is not None:  # reaped meanwhile by another thread, or a nested call
+                return self.status
+            try:
+                _, status = os.waitpid(self.pid, 0)  # exited: does not block
+            except ChildProcessError:
+                if self.status is not None:  # reaped by a call nested in this one (a signal handler)
+                    return self.status
+                status = 0
+            self.status = status
         self.close()
         return status
 
@@ -130,8 +140,15 @@ def fork(main: Callable[[], int]) -> Child:
         code = 1
         try:
             code = main()
-        except BaseException:
+        except BaseException as exc:
             code = 1
+            if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                # Said where the owner's errors go (its stderr): a handler whose source
+                # raised leaves the owner SIGBUS, and this is the cause.
+                with contextlib.suppress(BaseException):
+                    sys.stderr.write(f"pagescan: helper process {os.getpid()} failed:\n"
+                                     + "".join(traceback.format_exception(exc)))
+                    sys.stderr.flush()
         finally:
             os._exit(code)
     return Child(pid)

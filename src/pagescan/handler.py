@@ -66,6 +66,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -181,9 +182,21 @@ class _CallableSource:
         return True
 
 
+class _Counters(ctypes.c_uint64 * 4):  # type: ignore[misc]  # (a ctypes array type, made at run time)
+    """The shared page's counters, holding the mapping they view (``mapping``)."""
+
+    mapping: libc.RawMapping
+
+
 class _Shared:
     """A small MAP_SHARED page for progress counters: [served_pages, state, error, the
-    handler's ``waitpid`` status (written by a fault server)]."""
+    handler's ``waitpid`` status (written by a fault server)].
+
+    :attr:`arr` is a view that keeps the mapping alive (it holds the mapping object):
+    :meth:`close` only marks it closed (``addr`` 0) and closes the fd, and the page is
+    unmapped once the last view is gone, so a reader interrupted between its check of
+    ``addr`` and its read (a signal handler that closes the handler) reads a page that
+    is still there."""
 
     def __init__(self, fd: int = -1) -> None:
         # A memfd: the page can also be handed to a process that is not our fork (the
@@ -192,17 +205,16 @@ class _Shared:
         try:
             if fd < 0:
                 os.ftruncate(self.fd, P)
-            self._map = libc.RawMapping(P, PROT.READ | PROT.WRITE, MAP.SHARED, self.fd)
+            mapping = libc.RawMapping(P, PROT.READ | PROT.WRITE, MAP.SHARED, self.fd)  # (no fd of its own)
         except BaseException:
             os.close(self.fd)
             raise
-        self.addr = self._map.addr
-        # Our own mapping, alive as long as this object is: safe to view in place.
-        self.arr = (ctypes.c_uint64 * 4).from_address(self.addr)
+        self.arr = _Counters.from_address(mapping.addr)
+        self.arr.mapping = mapping  # unmapped when the last view goes
+        self.addr = mapping.addr
 
     def close(self) -> None:
         self.addr = 0
-        self._map.close()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -238,6 +250,11 @@ class _Lifecycle:
         self.handler: _Proc | None = None
         self.guardian: _Proc | None = None
         self.shared: _Shared | None = None
+        # Held by a stop in progress: a stop in another thread returns only once the
+        # guardian is done (or the caller could unmap the range, map new memory there
+        # and have the guardian poison it); one nested in this thread (a signal handler)
+        # goes on at once, and the stop it interrupted finishes the work.
+        self._stopping = threading.RLock()
 
     def stop(self) -> None:
         """Kill the handler (if running), reap it and the guardian, unmap the page.
@@ -247,6 +264,13 @@ class _Lifecycle:
         unregistered and read zeros: the documented last resort). In a process forked
         from the owner this only drops the inherited pidfds and the page.
         """
+        if os.getpid() != self.owner:  # (a lock held at the fork would be held for good)
+            self._stop()
+            return
+        with self._stopping:
+            self._stop()
+
+    def _stop(self) -> None:
         handler, guardian, self.handler, self.guardian = self.handler, self.guardian, None, None
         if handler is not None:
             handler.kill()
@@ -470,13 +494,19 @@ class FaultHandler:
 
     def progress(self) -> tuple[int, int]:
         """``(pages served, total pages)``."""
-        sh = self._shared
-        return (int(sh.arr[0]) if sh and sh.addr else 0), self.total_pages
+        sh = self._shared  # (its page stays mapped while we hold it, closed or not)
+        return (int(sh.arr[0]) if sh else 0), self.total_pages
 
     @property
     def failed(self) -> bool:
-        sh = self._shared
-        return bool(sh and sh.addr and sh.arr[1] == STATE_FAILED)
+        """The handler ended without serving every page: it failed (a source that
+        raised, the owner's pages gone), or it was killed or stopped (:meth:`close`)
+        before it was done, as :meth:`wait` found."""
+        sh = self._shared  # (its page stays mapped while we hold it, closed or not)
+        if sh is None:
+            return False
+        state = sh.arr[1]
+        return bool(state == STATE_FAILED or (state != STATE_DONE and self.exit_status is not None))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the handler to finish; ``True`` when every page was served.
@@ -503,7 +533,7 @@ class FaultHandler:
             if life.guardian.wait(left()) is not None:
                 life.guardian = None
         sh = self._shared
-        return bool(sh and sh.addr and sh.arr[1] == STATE_DONE)
+        return bool(sh and sh.arr[1] == STATE_DONE)
 
     def close(self) -> None:
         """Stop the handler (if still running) and reap it and its guardian.
