@@ -36,7 +36,7 @@ from pagescan._uapi import libc
 from pagescan._uapi.mman import MADV, MAP, PROT
 
 from .memory import Mapping, P, anon, hugetlb_anon, pagemap_entries, vmflags
-from .procs import children_of, run_in_child, wait_gone
+from .procs import Child, children_of, forked, run_in_child, wait_gone
 
 N = 64  # pages per lazy region unless said otherwise
 
@@ -603,6 +603,34 @@ def test_the_progress_page_outlives_close_while_a_reader_holds_it() -> None:
         return int(arr[1])
 
     assert run_in_child(reader) == 7
+
+
+@pytest.mark.parametrize("guardian", ["forked", "spawned"])
+@pytest.mark.parametrize("moved", ["all", "part"])
+def test_a_handler_killed_after_a_remap_leaves_sigbus_at_the_new_address(guardian: str, moved: str) -> None:
+    """The guardian poisons where the handler last saw the regions (the handler writes
+    them into the shared page on each ``mremap``): it poisoned the old addresses, and the
+    moved pages, unregistered once the uffd went, read zeros."""
+    import pagescan.handler as handler_mod
+
+    data = bytes([7]) * (N * P)
+
+    def owner() -> None:
+        if guardian == "spawned":
+            handler_mod.SPAWN_ABOVE = 0
+        m, dst = anon(N), anon(N)
+        fh = FaultHandler([(m.addr, m.length)], source_of(data), prefetch=False).start()
+        assert m.read(0) == data[:P]
+        lo = 0 if moved == "all" else 20
+        assert _libc_mremap()(m[lo], (N - lo) * P, (N - lo) * P, 1 | 2, dst.addr) == dst.addr
+        assert dst.read(1) == data[P : 2 * P]  # served at the new address
+        os.kill(fh.pid, signal.SIGKILL)
+        assert fh.wait(10) is False
+        dst.read(N - lo - 1)  # never served: SIGBUS, not zeros
+
+    with forked(owner, alarm=30) as c:
+        status, trace = c.outcome(30)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, (Child.describe(status), trace)
 
 
 def test_faults_on_pages_not_the_handlers_to_serve_get_zero_pages() -> None:

@@ -61,6 +61,7 @@ from .handler import (
     Via,
     _handler_main,
     _poison_empty,
+    _where_now,
     _Proc,
     _Shared,
 )
@@ -567,7 +568,7 @@ def _finish(job: _Job, status: int | None = None) -> None:
         status = job.child.wait()
     if status != 0:
         with contextlib.suppress(Exception):
-            _poison_empty(job.uf, job.regions, job.owner)
+            _poison_empty(job.uf, _where_now(job.regions, job.shared.arr), job.owner)
     if job.shared.addr:
         arr = job.shared.arr
         arr[3] = status if status is not None else 0

@@ -182,15 +182,26 @@ class _CallableSource:
         return True
 
 
-class _Counters(ctypes.c_uint64 * 4):  # type: ignore[misc]  # (a ctypes array type, made at run time)
-    """The shared page's counters, holding the mapping they view (``mapping``)."""
+class _Counters(ctypes.c_uint64 * (P // 8)):  # type: ignore[misc]  # (a ctypes array type, made at run time)
+    """The shared page as words, holding the mapping they view (``mapping``)."""
 
     mapping: libc.RawMapping
 
 
+#: Words of the shared page after the four counters: where the handler's regions are
+#: now (``mremap`` moves them; the guardian poisons what is left empty *there*). Word
+#: :data:`_PIECES` holds their number (0: where they were registered), then
+#: ``(address, length)`` pairs; :data:`_UNKNOWN` while it is being rewritten, or when
+#: they do not fit (the guardian then falls back to the registered regions).
+_PIECES, _TABLE = 4, 5
+_MAX_PIECES = (P // 8 - _TABLE) // 2
+_UNKNOWN = (1 << 64) - 1
+
+
 class _Shared:
     """A small MAP_SHARED page for progress counters: [served_pages, state, error, the
-    handler's ``waitpid`` status (written by a fault server)].
+    handler's ``waitpid`` status (written by a fault server)], then where the regions
+    are now (:data:`_PIECES`).
 
     :attr:`arr` is a view that keeps the mapping alive (it holds the mapping object):
     :meth:`close` only marks it closed (``addr`` 0) and closes the fd, and the page is
@@ -472,14 +483,15 @@ class FaultHandler:
 
                 def guardian_main() -> int:
                     release_inherited({uf.fd, life_r})
-                    _guardian(uf, self.regions, self.owner, life_r)
+                    _guardian(uf, self.regions, self.owner, life_r, shared.arr)
                     return 0
 
                 life.handler = fork(handler_main)
                 self._started = True
                 os.close(life_w)
                 life_w = -1
-                life.guardian = _spawn_guardian(uf.fd, life_r, self.regions, self.owner) or fork(guardian_main)
+                life.guardian = (_spawn_guardian(uf.fd, life_r, shared.fd, self.regions, self.owner)
+                                 or fork(guardian_main))
             finally:
                 os.close(life_r)
                 if life_w >= 0:
@@ -883,6 +895,7 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                         pages.mark(ev.start, ev.end, 1)
                     elif isinstance(ev, RemapEvent):
                         pages.remap(ev.from_, ev.to, ev.len)
+                        _publish(shared, pages)
                 shared[0] = pages.served()
                 if hot_pos >= hot.size:
                     continue
@@ -925,6 +938,27 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
             os.close(life_w)
         os.close(owner_fd)
     return 0 if state == STATE_DONE else 1
+
+
+def _publish(shared: Any, pages: _Pages) -> None:
+    """Write where the regions are now into the shared page, for the guardian."""
+    n = len(pages.addr)
+    shared[_PIECES] = _UNKNOWN  # (a handler killed while writing leaves it so)
+    if n > _MAX_PIECES:
+        return
+    for k, (a, (_, length)) in enumerate(zip(pages.addr, pages.regions)):
+        shared[_TABLE + 2 * k] = a
+        shared[_TABLE + 2 * k + 1] = length
+    shared[_PIECES] = n
+
+
+def _where_now(regions: list[tuple[int, int]], shared: Any) -> list[tuple[int, int]]:
+    """The regions where the handler last saw them (``shared``: the shared page's words,
+    or ``None``): moved by ``mremap``, else as registered."""
+    n = 0 if shared is None else int(shared[_PIECES])
+    if not 0 < n <= _MAX_PIECES:
+        return regions
+    return [(int(shared[_TABLE + 2 * k]), int(shared[_TABLE + 2 * k + 1])) for k in range(n)]
 
 
 def _warm(source: Source) -> None:
@@ -1113,7 +1147,7 @@ def _halves(op: Callable[[int, int], object], start: int, length: int) -> None:
 
 #: The guardian as a program of its own: it imports nothing but ``os`` and ``sys`` until
 #: the handler ends, and all of pagescan only if it has pages to poison. The uffd is its
-#: fd 3, the read end of the handler's pipe its fd 4.
+#: fd 3, the read end of the handler's pipe its fd 4, the shared page's memfd its fd 5.
 _GUARDIAN_PROGRAM = """\
 import os, sys
 msg = b""
@@ -1125,7 +1159,7 @@ while True:
 if msg != b"D":
     sys.path[:0] = sys.argv[3].split(os.pathsep)
     from pagescan.handler import _guardian_poison
-    _guardian_poison(3, sys.argv[1], int(sys.argv[2]))
+    _guardian_poison(3, sys.argv[1], int(sys.argv[2]), 5)
 """
 
 
@@ -1147,7 +1181,8 @@ def _anon_bytes() -> int:
     return 0
 
 
-def _spawn_guardian(uffd: int, life_r: int, regions: list[tuple[int, int]], owner: int) -> Child | None:
+def _spawn_guardian(uffd: int, life_r: int, shared_fd: int, regions: list[tuple[int, int]],
+                    owner: int) -> Child | None:
     """Start the guardian with ``posix_spawn`` of a fresh interpreter when this process
     has populated more than :data:`SPAWN_ABOVE` bytes of anonymous memory (``None``
     otherwise, or if that is not possible: the caller forks one instead).
@@ -1160,13 +1195,13 @@ def _spawn_guardian(uffd: int, life_r: int, regions: list[tuple[int, int]], owne
     """
     if not sys.executable or _anon_bytes() < SPAWN_ABOVE:
         return None
-    fds = [uffd, life_r]
+    fds = [uffd, life_r, shared_fd]
     extra = []
     try:
-        # dup2 onto fds 3 and 4 in the child; a source already numbered 3 or 4 is
+        # dup2 onto fds 3, 4 and 5 in the child; a source already numbered 3 to 5 is
         # moved out of the way first (dup2 of an fd onto itself keeps FD_CLOEXEC).
         for i, fd in enumerate(fds):
-            if fd in (3, 4):
+            if fd in (3, 4, 5):
                 fds[i] = os.dup(fd)
                 extra.append(fds[i])
         # Where this pagescan is (first), then the owner's path (numpy): the guardian
@@ -1175,7 +1210,7 @@ def _spawn_guardian(uffd: int, life_r: int, regions: list[tuple[int, int]], owne
         argv = [sys.executable, "-I", "-S", "-c", _GUARDIAN_PROGRAM,
                 ",".join(f"{a:x}:{n:x}" for a, n in regions), str(owner), os.pathsep.join([here, *sys.path])]
         pid = os.posix_spawn(sys.executable, argv, dict(os.environ), setpgroup=0,
-                             file_actions=[(os.POSIX_SPAWN_DUP2, fds[0], 3), (os.POSIX_SPAWN_DUP2, fds[1], 4)])
+                             file_actions=[(os.POSIX_SPAWN_DUP2, fd, 3 + i) for i, fd in enumerate(fds)])
     except OSError:
         return None
     finally:
@@ -1184,16 +1219,17 @@ def _spawn_guardian(uffd: int, life_r: int, regions: list[tuple[int, int]], owne
     return Child(pid)
 
 
-def _guardian_poison(uffd: int, regions: str, owner: int) -> None:
+def _guardian_poison(uffd: int, regions: str, owner: int, shared_fd: int) -> None:
     """The spawned guardian, once the handler has ended without finishing: poison what is
-    still empty (:func:`_poison_empty`)."""
+    still empty (:func:`_poison_empty`) where the regions are now."""
     uf = Userfaultfd.from_fd(uffd)
     spans = [(int(a, 16), int(n, 16)) for a, n in (r.split(":") for r in regions.split(","))]
-    _poison_empty(uf, spans, owner)
+    _poison_empty(uf, _where_now(spans, _Shared(shared_fd).arr), owner)
 
 
-def _guardian(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int, life_r: int) -> None:
-    """Wait for the handler to end; if it did not finish, poison what is still empty."""
+def _guardian(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int, life_r: int, shared: Any) -> None:
+    """Wait for the handler to end; if it did not finish, poison what is still empty
+    where the regions are now (``shared``: the shared page's words)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     msg = b""
     while True:
@@ -1206,7 +1242,7 @@ def _guardian(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int, life_
         msg = chunk
     if msg == b"D":
         return
-    _poison_empty(uf, regions, owner)
+    _poison_empty(uf, _where_now(regions, shared), owner)
 
 
 def _poison_empty(uf: Userfaultfd, regions: list[tuple[int, int]], owner: int) -> None:
