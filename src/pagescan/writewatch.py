@@ -512,7 +512,12 @@ class WriteWatch:
             found = _joined([res.regions for res in walk(g, lo, hi, None, 0)])
         return np.intersect1d(pages.astype(np.uint64), regions_to_pages(found), assume_unique=True)
 
-    def _gone(self, err: OSError | None = None) -> PermissionError:
+    def _gone(self, err: OSError | None = None) -> PermissionError | ValueError:
+        """The error for a range found no longer registered: a closed watch's (``close``
+        in another thread or a signal handler unregistered it during the call), else
+        ``PermissionError``."""
+        if self.closed:
+            return ValueError("operation on a closed WriteWatch (closed during the call)")
         detail = f" ({err.strerror})" if err is not None and err.errno != errno.EPERM else ""
         return PermissionError(
             errno.EPERM,
