@@ -189,6 +189,8 @@ class Store:
         self.fd = _fd
         self._offsets: dict[int, np.ndarray] = {}
         self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        #: :meth:`_stored_chain` by (generation, generations in the file).
+        self._chains: dict[tuple[int, int], list[Generation]] = {}
         try:
             if lock:
                 _lock(self.fd, self.path)
@@ -724,7 +726,7 @@ class Store:
         offs = np.full(n, -1, np.int64)
         cks = np.zeros(n, np.uint64)
         todo = np.arange(n)
-        for g in reversed(list(self._chain_gens(number))):
+        for g in self._stored_chain(number):
             if not todo.size:
                 break
             c = chunks[todo]
@@ -748,6 +750,19 @@ class Store:
                 cks[sel] = ents["checksum"][j]
             todo = todo[gens[todo] == 0]
         return gens, offs, cks
+
+    def _stored_chain(self, number: int) -> list[Generation]:
+        """The generations of :meth:`_chain_gens` that hold an entry, newest first: what a
+        lookup searches (found once per chain; a long run of empty generations -- a
+        Checkpointer seals one whenever nothing was written -- then costs nothing)."""
+        key = (number, len(self.generations))
+        got = self._chains.get(key)
+        if got is None:
+            got = [g for g in reversed(list(self._chain_gens(number))) if g.pages]
+            if len(self._chains) >= 8:
+                self._chains.clear()
+            self._chains[key] = got
+        return got
 
     def _chain_gens(self, number: int) -> Iterator[Generation]:
         """The generations that make up generation ``number``, from the newest full one, oldest first."""
