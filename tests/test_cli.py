@@ -339,7 +339,7 @@ def test_scan_usage_errors(child: Child, capsys: pytest.CaptureFixture[str]) -> 
         has_vsyscall = "[vsyscall]" in f.read()
     if has_vsyscall:  # (x86-64 kernels with vsyscall emulation)
         assert "beyond user space" in usage_error(capsys, "scan", pid, "[vsyscall]")
-    assert "must be at least 600" in usage_error(capsys, "map", pid, "--png", "x.png", "--width", "100")
+    assert "must be from 600 to" in usage_error(capsys, "map", pid, "--png", "x.png", "--width", "100")
     assert "required" in usage_error(capsys, "map", pid)
 
 

@@ -925,6 +925,48 @@ def test_map_png_row_with_more_mappings_than_pixels(capsys: pytest.CaptureFixtur
     assert out.strip().endswith("rows)")
 
 
+_SEPARATE = r"""
+import ctypes, os, sys
+from pagescan._uapi import libc
+from pagescan._uapi.mman import MAP, PROT
+P = os.sysconf("SC_PAGE_SIZE")
+n = int(sys.argv[1])
+base = libc.mmap(0, 2 * n * P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS, -1, 0)
+for i in range(n):  # n separate anonymous mappings (PROT_NONE between them), each written
+    libc.mprotect(base + 2 * i * P, P, PROT.READ | PROT.WRITE)
+    ctypes.memset(base + 2 * i * P, 1, P)
+print(base, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_map_of_more_rows_than_a_picture_can_hold(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """More rows than fit in Pillow's own pixel limit (its viewers refuse more as a
+    "decompression bomb"; 40,000 mappings drew a 1400x640,274 image in 60 s and 3.5 GB):
+    runs of rows share a bar, and the picture stays within the limit. The limit is
+    lowered here so that 400 mappings exceed it. ``--width`` has a maximum."""
+    from PIL import Image
+
+    from pagescan.cli import _map
+
+    monkeypatch.setattr(_map, "MAX_PIXELS", 900 * (86 + 50 * 30))  # 50 rows at 900 pixels
+    proc = subprocess.Popen([sys.executable, "-c", _SEPARATE, "400"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None and int(proc.stdout.readline())
+        path = tmp_path / "rows.png"
+        rc, out, err = run(capsys, "map", str(proc.pid), "--png", str(path), "--width", "900")
+    finally:
+        stop(proc)
+    assert rc == 0 and err == "", err
+    with Image.open(path) as img:
+        assert img.width * img.height <= _map.MAX_PIXELS
+        rows = int(re.search(r"(\d+) rows\)", out).group(1))  # type: ignore[union-attr]
+        assert rows <= 50
+    assert "must be from 600 to" in usage_error(capsys, "map", "self", "--png", "x.png", "--width", "20000000")
+
+
 def test_map_without_pillow(child: Child, capsys: pytest.CaptureFixture[str], tmp_path: Path,
                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "PIL", None)  # import PIL raises ImportError

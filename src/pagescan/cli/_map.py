@@ -122,10 +122,10 @@ def _title(pid: int, regions: np.ndarray, nvmas: int) -> str:
     """``pid 123 (root): cmdline: present 300M (zero pages 10M), swapped 0``."""
     from pagescan._procfs import process_uid, read_cmdline
 
-    from ._common import user_name
+    from ._common import printable, user_name
 
-    try:
-        who = f"pid {pid} ({user_name(process_uid(pid))}): {read_cmdline(pid)}"
+    try:  # (a command line may hold newlines: ``python -c`` with a script)
+        who = f"pid {pid} ({user_name(process_uid(pid))}): {printable(read_cmdline(pid))}"
     except OSError:
         who = f"pid {pid}"
     if len(who) > 110:
@@ -146,13 +146,14 @@ def add_parser(sub: Any) -> None:
         help="draw a picture of a process's address space (PNG)",
         description="A title (pid, user, command line, present/zero/swapped totals), a legend, then "
         "one row per mapping (adjacent mappings of one file share a row), each pixel coloured by "
-        "the page class covering most of its share of the mapping; big gaps compressed. Needs "
-        "Pillow (pip install pagescan[png]).",
+        "the page class covering most of its share of the mapping; big gaps compressed. More rows "
+        "than a picture can hold (89,478,485 pixels: Pillow's limit) are drawn a run of rows to a "
+        "bar. Needs Pillow (pip install pagescan[png]).",
     )
     p.add_argument("pid", type=parse_pid, help="process id, or 'self'")
     p.add_argument("--png", required=True, metavar="FILE", help="output file (always PNG, whatever its name)")
     p.add_argument("--all", action="store_true", help="also draw mappings with nothing present or swapped")
-    p.add_argument("--width", type=_width, default=1400, help="image width in pixels, at least 600 (default 1400)")
+    p.add_argument("--width", type=_width, default=1400, help="image width in pixels, 600 to 16000 (default 1400)")
     p.add_argument("--backend", choices=("auto", "kernel", "emulated"), default="auto",
                    help="kernel ioctl, or its emulation from /proc/PID/pagemap (default auto: the ioctl if present)")
     p.set_defaults(run=run, subparser=p)
@@ -163,9 +164,44 @@ def _width(text: str) -> int:
         value = int(text, 10)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 600:
-        raise argparse.ArgumentTypeError(f"must be at least 600: {text!r}")
+    if not 600 <= value <= MAX_WIDTH:
+        raise argparse.ArgumentTypeError(f"must be from 600 to {MAX_WIDTH}: {text!r}")
     return value
+
+
+#: Widest picture drawn (pixels).
+MAX_WIDTH = 16000
+#: Most pixels in a picture: Pillow's own limit for opening one (``MAX_IMAGE_PIXELS``),
+#: above which viewers built on it refuse the file as a "decompression bomb".
+MAX_PIXELS = 89_478_485
+
+
+def max_rows(geo: Layout) -> int:
+    """Rows that fit in :data:`MAX_PIXELS` at this width (counting a gap above each)."""
+    return max(1, (MAX_PIXELS // geo.width - geo.top - 10) // (geo.row_h + geo.gap_h))
+
+
+def merge_rows(rows: list[tuple[list[Any], int, int, np.ndarray]], limit: int
+               ) -> list[tuple[list[Any], int, int, np.ndarray]]:
+    """At most ``limit`` rows: runs of consecutive rows drawn as one bar, their mappings
+    side by side (the unmapped space between them left out), when there are more."""
+    if len(rows) <= limit:
+        return rows
+    k = -(-len(rows) // limit)
+    out = []
+    for i in range(0, len(rows), k):
+        part = rows[i : i + k]
+        g = [v for row in part for v in row[0]]
+        subs, off = [], 0
+        for _, lo, hi, sub in part:  # mapped spans end to end: [0, total)
+            sub = sub.copy()
+            if len(sub):
+                sub["start"] = sub["start"] - np.uint64(lo) + np.uint64(off)
+                sub["end"] = sub["end"] - np.uint64(lo) + np.uint64(off)
+            subs.append(sub)
+            off += hi - lo
+        out.append((g, part[0][1], part[-1][2], np.concatenate(subs)))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,19 +250,24 @@ def run(args: argparse.Namespace) -> int:
 
     font = ImageFont.load_default(size=12) if hasattr(ImageFont, "load_default") else None
     geo = layout(args.width)
+    nrows = len(rows)
+    rows = merge_rows(rows, max_rows(geo))
+    merged = len(rows) < nrows
     W, bar_x, bar_w, row_h, gap_h = geo.width, geo.bar_x, geo.bar_w, geo.row_h, geo.gap_h
     # Gaps are drawn only above rows 1 GiB or more past the previous one: the image is
     # sized for those (sized for a gap per row, it took twice the memory, then a copy).
-    gaps = sum(1 for prev, row in zip(rows, rows[1:]) if row[1] - prev[2] >= 1 << 30)
+    gaps = 0 if merged else sum(1 for prev, row in zip(rows, rows[1:]) if row[1] - prev[2] >= 1 << 30)
     height = geo.top + row_h * len(rows) + gap_h * gaps + 10  # (10: the bottom margin)
     img = Image.new("RGB", (W, height), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    total = sum(hi - lo for _, lo, hi, _ in rows)
+    total = sum(v.end - v.start for g, _, _, _ in rows for v in g)
     nmaps = sum(len(g) for g, _, _, _ in rows)
     title = _title(args.pid, regions, len(vmas))
     d.text((10, 4), title, fill=(0, 0, 0), font=font)
-    d.text((10, 20), f"{nmaps} mappings in {len(rows)} rows, {human(total)} mapped (each bar is one mapping, "
-           "or one file's adjacent mappings; bars are not to scale)", fill=(90, 90, 90), font=font)
+    what = (f"each bar is up to {-(-nrows // len(rows))} rows' mappings side by side: {nrows} rows do not fit"
+            if merged else "each bar is one mapping, or one file's adjacent mappings")
+    d.text((10, 20), f"{nmaps} mappings in {len(rows)} rows, {human(total)} mapped ({what}; bars are not to scale)",
+           fill=(90, 90, 90), font=font)
     x = 10
     for name, colour in CLASSES:
         d.rectangle([x, 40, x + 14, 54], fill=colour, outline=(90, 90, 90))
@@ -235,24 +276,27 @@ def run(args: argparse.Namespace) -> int:
     y = geo.top
     prev_end = None
     for g, lo, hi, sub in rows:
-        if prev_end is not None and lo - prev_end >= 1 << 30:
+        if not merged and prev_end is not None and lo - prev_end >= 1 << 30:
             d.line([bar_x, y + 5, bar_x + bar_w, y + 5], fill=(160, 160, 160), width=1)
             d.text((10, y - 1), f"··· {human(lo - prev_end)} unmapped ···", fill=(120, 120, 120), font=font)
             y += gap_h
-        cls = bucket_classes(lo, hi, sub, bar_w)
+        span = sum(v.end - v.start for v in g) if merged else hi - lo  # (merged: the mappings end to end)
+        cls = bucket_classes(0 if merged else lo, span if merged else hi, sub, bar_w)
         colours = np.array([c for _, c in CLASSES], dtype=np.uint8)[cls]
         strip = np.repeat(colours[np.newaxis, :, :], row_h - 4, axis=0)
         img.paste(Image.fromarray(strip, "RGB"), (bar_x, y + 2))
         if (len(g) - 1) * _MIN_SEGMENT_PX <= bar_w:  # segment boundaries, if they leave the bar visible
-            for v in g[1:]:
-                xb = bar_x + int((v.start - lo) / (hi - lo) * bar_w)
+            at = 0
+            for prev_v, v in zip(g, g[1:]):
+                at = at + (prev_v.end - prev_v.start) if merged else v.start - lo
+                xb = bar_x + int(at / span * bar_w)
                 d.line([xb, y + 2, xb, y + row_h - 3], fill=(255, 255, 255), width=1)
         d.rectangle([bar_x - 1, y + 1, bar_x + bar_w, y + row_h - 2], outline=(120, 120, 120))
         v = g[0]
         name = v.name or "[anon]"
         short = os.path.basename(name) if name.startswith("/") else name
         perms = v.perms if len(g) == 1 else f"{len(g)} maps"
-        label = f"{lo:012x} {perms:>6} {human(hi - lo):>6} {short}"
+        label = f"{lo:012x} {perms:>6} {human(span):>6} {short}"
         while d.textlength(label, font=font) > geo.label_w and len(label) > 10:
             label = label[:-2] + "…"
         d.text((10, y + 1), label, fill=(0, 0, 0), font=font)
