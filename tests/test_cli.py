@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import mmap
 import os
 import re
 import select
@@ -341,6 +342,20 @@ def test_scan_usage_errors(child: Child, capsys: pytest.CaptureFixture[str]) -> 
         assert "beyond user space" in usage_error(capsys, "scan", pid, "[vsyscall]")
     assert "must be from 600 to" in usage_error(capsys, "map", pid, "--png", "x.png", "--width", "100")
     assert "required" in usage_error(capsys, "map", pid)
+
+
+def test_scan_ranges_half_written_and_files_named_like_ranges(capsys: pytest.CaptureFixture[str],
+                                                             tmp_path: Path) -> None:
+    """A half-written hex range is a usage error (it said "no mapping named", exit 1); a
+    file called like a range ("add-bed") is the mapping, not the range 0xadd-0xbed."""
+    for bad in ("0x1000-", "0x-0x1000", "-1000"):
+        assert "bad range" in usage_error(capsys, "scan", "self", bad), bad
+    path = tmp_path / "add-bed"
+    path.write_bytes(b"x" * P)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), P, prot=mmap.PROT_READ) as mm:
+        _ = mm[0]
+        doc = run_json(capsys, "scan", "self", "add-bed")
+        assert [r["name"] for r in doc["ranges"]] == [str(path)], doc["ranges"]
 
 
 # -- errors: no such process, no user memory, not allowed -----------------------------

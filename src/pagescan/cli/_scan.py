@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import os
+import re
 from typing import Any
 
 from pagescan import Target, masks, scan_iter
@@ -75,6 +76,10 @@ def resolve_range(pid: int, text: str | None) -> list[tuple[int, int, str]]:
     vmas = [v for v in vmas if v.end <= limit]
     if text is None:
         return [(vmas[0].start, vmas[-1].end, "")] if vmas else []
+    # A mapping's name first: a file may be called "add-bed" (or "1000-2000").
+    found = [(v.start, v.end, v.name) for v in vmas if v.name and (v.name == text or os.path.basename(v.name) == text)]
+    if found:
+        return found
     lo_s, sep, hi_s = text.partition("-")
     if sep and lo_s and hi_s:
         try:
@@ -89,12 +94,11 @@ def resolve_range(pid: int, text: str | None) -> list[tuple[int, int, str]]:
             if hi > limit:
                 raise UsageError(f"range {text!r} ends beyond user space ({limit:#x})")
             return [(lo, hi, text)]
-    found = [(v.start, v.end, v.name) for v in vmas if v.name and (v.name == text or os.path.basename(v.name) == text)]
-    if not found and any(v.name == text for v in beyond):
+    if any(v.name == text for v in beyond):
         raise UsageError(f"{text} lies beyond user space ({limit:#x}): PAGEMAP_SCAN does not walk it")
-    if not found:
-        raise ValueError(f"no mapping named {text!r} in pid {pid} (and not a START-END hex range)")
-    return found
+    if re.fullmatch(r"(0[xX])?[0-9a-fA-F]*-(0[xX])?[0-9a-fA-F]*", text):  # a range, half written
+        raise UsageError(f"bad range {text!r}: START-END, both in hex")
+    raise ValueError(f"no mapping named {text!r} in pid {pid} (and not a START-END hex range)")
 
 
 def run(args: argparse.Namespace) -> int:
