@@ -1100,3 +1100,13 @@ def test_lazy_restore_split_across_vmas_handler_killed_is_sigbus(tmp_path: Path)
             report(b"!read " + (b"zeros" if not a[40 * P : 41 * P].any() else b"data"))
 
     kill_handler_expect_sigbus(body)
+
+
+def test_a_key_that_is_not_valid_unicode_is_refused_by_name(tmp_path: Path) -> None:
+    """The file stores names as UTF-8: a key with a lone surrogate (``os.fsdecode`` of
+    bytes that are not UTF-8) was a bare ``UnicodeEncodeError`` from deep in the writer."""
+    from pagescan.snapshot import Checkpointer
+
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        Checkpointer(tmp_path / "k.ck", {"a\udc80": np.zeros(4)})
+    assert not (tmp_path / "k.ck").exists()

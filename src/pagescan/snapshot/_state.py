@@ -151,6 +151,10 @@ def targets(state: Any, *, writable: bool, exact_pairs: bool = False) -> tuple[b
         for k in state:
             if not isinstance(k, str):
                 raise TypeError(f"state keys must be str, not {type(k).__name__} ({k!r})")
+            try:
+                k.encode()
+            except UnicodeEncodeError:  # (a lone surrogate: the file stores names as UTF-8)
+                raise ValueError(f"state key {k!r} is not valid Unicode text (it holds a lone surrogate)") from None
             items.append((k, state[k]))
         mapping = True
     elif isinstance(state, (str, bytes, bytearray, memoryview, mmap.mmap, np.ndarray)) or not isinstance(
