@@ -147,3 +147,36 @@ def test_research_harness_runs_over_the_same_code(tmp_path: Path) -> None:
     assert report["config"]["size"] == 4 << 20
     assert {w["group"] for w in report["workloads"]} >= {"sweep-1", "wine", "big"}
     assert "target" in proc.stdout, "targets belong to the research harness"
+
+
+def test_sync_tracker_whose_handler_is_killed_never_blocks_a_writer() -> None:
+    """The uffd-sync method's handler killed from outside: the owner (which keeps the
+    uffd, so the range stays registered) blocked for good in its next write, holding
+    the GIL. Its guardian now unprotects the range, and the tracker says it failed."""
+    import os
+    import signal
+    import time
+
+    from .procs import children_of, run_in_child
+
+    def owner() -> str:
+        region = _tracking.Region(64)
+        tr = _tracking.SyncUffdTracker(region)
+        try:
+            region.words[0] = 5  # served by the handler
+            assert tr.handler is not None
+            os.kill(tr.handler.pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not tr.status[2] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            region.words[8 * 512] = 5  # page 8, write-protected until the guardian ran
+            try:
+                tr.check()
+            except RuntimeError as err:
+                return str(err)
+            return "no error"
+        finally:
+            tr.close()
+
+    assert "handler process failed or was killed" in run_in_child(owner, timeout=30)
+    assert not children_of()

@@ -190,9 +190,10 @@ class SyncUffdTracker(Tracker):
     def __init__(self, region: Region) -> None:
         self.base, self.size, self.npages = region.base, region.size, region.npages
         self.handler: Child | None = None
+        self.guardian: Child | None = None
         self.ctrl = -1
         self.uf = Userfaultfd(UffdFeature.PAGEFAULT_FLAG_WP)
-        # Shared with the handler: one byte per page, and [batches, events, failed].
+        # Shared with the handler: one byte per page, and [batches, events, failed, stopping].
         self._bitmap_map: mmap.mmap | None = mmap.mmap(-1, self.npages)
         self._status_map: mmap.mmap | None = mmap.mmap(-1, 64)
         self.bitmap = np.frombuffer(self._bitmap_map, dtype=np.uint8)
@@ -207,31 +208,60 @@ class SyncUffdTracker(Tracker):
 
     def _start_handler(self) -> None:
         r, w = os.pipe()
+        # The handler holds the only write end of `life`: the guardian reads EOF when the
+        # handler ends, however it ends.
+        life_r, life_w = os.pipe()
         uf, base, size, bitmap, status = self.uf, self.base, self.size, self.bitmap, self.status
 
         def main() -> int:
             try:
                 os.close(w)
+                os.close(life_r)
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner stops us
                 return _sync_handler(uf, base, size, bitmap, status, r)
             except BaseException:
                 traceback.print_exc()
                 return 1
 
+        def guardian() -> int:
+            # A handler killed from outside would leave every writer of the range blocked
+            # in its fault for good (the owner holds the uffd: the range stays
+            # registered), holding the GIL: unprotect the range, wake them, say so.
+            os.close(w)
+            os.close(r)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            while True:
+                try:
+                    if not os.read(life_r, 1):
+                        break
+                except InterruptedError:
+                    continue
+            if not status[3]:  # not stopped by close()
+                status[2] = 1
+                _unprotect(uf.writeprotect, base, size)
+            return 0
+
         try:
             with warnings.catch_warnings():
                 # Python >= 3.12 warns about fork() with threads alive (e.g. a BLAS pool);
-                # the child only runs _sync_handler and leaves with os._exit.
+                # the children only run _sync_handler or guardian and leave with os._exit.
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.handler = fork(main)
+                os.close(life_w)
+                life_w = -1
+                self.guardian = fork(guardian)
         except BaseException:
             os.close(w)
             raise
         finally:
             os.close(r)
+            os.close(life_r)
+            if life_w >= 0:
+                os.close(life_w)
         self.ctrl = w
 
     def get_reset(self) -> np.ndarray:
+        self.check()  # (re-armed with no handler, the next write would block for good)
         written = np.flatnonzero(self.bitmap)
         if not written.size:
             return written
@@ -252,17 +282,21 @@ class SyncUffdTracker(Tracker):
         return np.flatnonzero(self.bitmap)
 
     def reset(self) -> None:
+        self.check()
         self.bitmap[:] = 0
         self.uf.writeprotect(self.base, self.size)
 
     def check(self) -> None:
         if self.status[2]:
-            raise RuntimeError("the uffd-sync handler process failed (see its traceback above)")
+            raise RuntimeError("the uffd-sync handler process failed or was killed (see its traceback above, "
+                               "if any): the writes since are not tracked")
 
     def stats(self) -> dict[str, Any]:
         return {"handler_reads": int(self.status[0]), "handler_faults": int(self.status[1])}
 
     def close(self) -> None:
+        if "status" in self.__dict__:
+            self.status[3] = 1  # stopping: the guardian leaves the range as it is
         if self.ctrl >= 0:
             try:
                 os.write(self.ctrl, b"q")
@@ -274,6 +308,10 @@ class SyncUffdTracker(Tracker):
         if handler is not None and handler.wait(5.0) is None:  # "q" or EOF ends it at once
             handler.kill()
             handler.wait()
+        guardian, self.guardian = self.guardian, None
+        if guardian is not None and guardian.wait(5.0) is None:  # EOF once the handler is gone
+            guardian.kill()
+            guardian.wait()
         self.uf.close()  # unregisters the range
         self.__dict__.pop("bitmap", None)
         self.__dict__.pop("status", None)
