@@ -1490,7 +1490,14 @@ def test_cli_restore_into_another_process(tmp_path: Path, capsys: pytest.Capture
         assert pagescan.cli.main(["restore", str(path), str(o.pid), hex(addr_a)]) == 1
         _, err = capsys.readouterr()
         assert "give 2 address(es), not 1" in err
-        assert pagescan.cli.main(["restore", str(path), str(o.pid), f"{addr_a:x}", hex(addr_b), "-g", "2"]) == 0
+        # ADDR:BYTES: the object's length there, checked against the file's entry first.
+        assert pagescan.cli.main(["restore", str(path), str(o.pid), f"{addr_a:x}:{24 * P}", f"{addr_b:x}:{4 * P}"]) == 1
+        _, err = capsys.readouterr()
+        assert f"entry 1 is {8 * P} bytes, not the {4 * P} given" in err and "nothing written" in err
+        with pytest.raises(SystemExit):
+            pagescan.cli.main(["restore", str(path), str(o.pid), f"{addr_a:x}:12k", hex(addr_b)])
+        assert "not a decimal length" in capsys.readouterr()[1]
+        assert pagescan.cli.main(["restore", str(path), str(o.pid), f"{addr_a:x}:{24 * P}", hex(addr_b), "-g", "2"]) == 0
         out, err = capsys.readouterr()
         assert f"restored generation 2 of {path} into pid {o.pid}" in out and err == ""
     finally:

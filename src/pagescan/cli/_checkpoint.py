@@ -68,8 +68,10 @@ def add_parser(sub: Any) -> None:
     )
     r.add_argument("path", help="checkpoint file")
     r.add_argument("pid", type=parse_pid, help="process id, or 'self'")
-    r.add_argument("addresses", nargs="+", type=_address, metavar="ADDR",
-                   help="start address of each region in PID (hex, 0x optional, as `pagescan stat` prints)")
+    r.add_argument("addresses", nargs="+", type=_address, metavar="ADDR[:BYTES]",
+                   help="start address of each region in PID (hex, 0x optional, as `pagescan stat` prints); "
+                   "with :BYTES (decimal), the length the object there has: refused unless the file's entry "
+                   "is exactly that long (the file says how many bytes are written)")
     r.add_argument("--generation", "-g", type=_positive, metavar="N", help="generation (default: newest)")
     r.set_defaults(run=run_restore, subparser=r)
 
@@ -78,8 +80,10 @@ def _positive(text: str) -> int:
     return parse_positive(text)
 
 
-def _address(text: str) -> int:
-    t = text.lower()
+def _address(text: str) -> tuple[int, int | None]:
+    """``ADDR`` (hex) or ``ADDR:BYTES`` (decimal): ``(address, length or None)``."""
+    addr, sep, size = text.partition(":")
+    t = addr.lower()
     t = t[2:] if t.startswith("0x") else t
     try:
         value = int(t, 16)
@@ -87,7 +91,11 @@ def _address(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a hex address: {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"not an address: {text!r}")
-    return value
+    if not sep:
+        return value, None
+    if not size.isascii() or not size.isdigit():
+        raise argparse.ArgumentTypeError(f"not a decimal length after the address: {text!r}")
+    return value, int(size)
 
 
 class ProgressBar:
@@ -221,7 +229,11 @@ def run_restore(args: argparse.Namespace) -> int:
             f"{args.path} has {len(lengths)} region(s) ({', '.join(human(n) for n in lengths)}): "
             f"give {len(lengths)} address(es), not {len(args.addresses)}"
         )
-    pairs = list(zip(args.addresses, lengths))
+    for i, ((addr, want), n) in enumerate(zip(args.addresses, lengths)):
+        if want is not None and want != n:
+            raise CheckpointError(f"{args.path}: entry {i} is {n} bytes, not the {want} given for {addr:#x}: "
+                                  "nothing written")
+    pairs = [(addr, n) for (addr, _), n in zip(args.addresses, lengths)]
     state: Any = pairs
     if info["state"] == "mapping":
         state = {e["name"]: pr for e, pr in zip(info["entries"], pairs)}
