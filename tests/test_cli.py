@@ -358,6 +358,26 @@ def test_scan_ranges_half_written_and_files_named_like_ranges(capsys: pytest.Cap
         assert [r["name"] for r in doc["ranges"]] == [str(path)], doc["ranges"]
 
 
+def test_stat_without_the_privilege_to_read_pfns_shows_zero_and_huge_as_unknown() -> None:
+    """The emulated backend without CAP_SYS_ADMIN cannot tell the zero page from a page
+    shared after fork: ``stat`` (the README's first command, on a kernel without
+    ``PAGEMAP_SCAN``) failed with PermissionError; the classes it cannot know show ``-``."""
+    env = {**os.environ, "PAGESCAN_BACKEND": "emulated"}
+    r = _cli("stat", "self", preexec_fn=_become_nobody, env=env)
+    assert r.returncode == 0, r.stderr
+    total = next(ln for ln in r.stdout.splitlines() if ln.startswith("total "))
+    header = r.stdout.splitlines()[1].split()
+    cells = total.split()
+    assert cells[header.index("ZERO") - 1] == "-" and cells[header.index("HUGE") - 1] == "-", (header, cells)
+    assert "zero pages unknown" in r.stdout
+    doc = json.loads(_cli("stat", "self", "--json", preexec_fn=_become_nobody, env=env).stdout)
+    assert doc["totals"]["pages"]["zero"] is None and doc["totals"]["pages"]["huge"] is None
+    assert doc["totals"]["pages"]["present"] > 0
+    assert all("zero" not in m["pages"] for m in doc["mappings"])
+    ok = _cli("stat", "self", env=env)  # as root: every class known
+    assert ok.returncode == 0 and "zero pages unknown" not in ok.stdout
+
+
 # -- errors: no such process, no user memory, not allowed -----------------------------
 
 

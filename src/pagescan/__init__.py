@@ -8,7 +8,7 @@ MOVE and fault events).
 
 from __future__ import annotations
 
-from ._errors import InvalidArgumentError, KernelFeatureError, PartialProgressError
+from ._errors import InvalidArgumentError, KernelFeatureError, PartialProgressError, UnknowablePagesError
 from ._target import Target
 from ._uapi.mman import MADV
 from ._uapi.pagemap import (
@@ -55,6 +55,7 @@ __all__ = [
     "PagefaultEvent",
     "PagefaultFlag",
     "PartialProgressError",
+    "UnknowablePagesError",
     "RegisterMode",
     "RemapEvent",
     "RemoveEvent",

@@ -121,6 +121,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import _engine, _probe
+from ._errors import UnknowablePagesError
 from ._procfs import SCAN_FIELDS, SmapsStream, Vma, maps_in_range, query_maps, read_maps_text, task_size
 from ._procfs import read_smaps as _read_all_smaps
 from ._registry import wp_async_registry
@@ -663,7 +664,7 @@ class _Context:
                 f"the fully mapped block at {block:#x} in a VMA with PMD-mapped THPs "
                 f"({v.start:#x}-{v.end:#x}) could be a THP or base pages"
             )
-        raise PermissionError(errno.EPERM, "emulated " + "; ".join(reasons))
+        raise UnknowablePagesError(int(bits & (Category.PFNZERO | Category.HUGE)), "emulated " + "; ".join(reasons))
 
     def _pmd_table(self, lo: int, hi: int) -> np.ndarray:
         """Per page of ``[lo, hi)``: whether its 1 GiB block has a PMD table, taken to be

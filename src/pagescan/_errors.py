@@ -32,7 +32,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-__all__ = ["InvalidArgumentError", "KernelFeatureError", "PartialProgressError", "feature_error", "with_context"]
+__all__ = ["InvalidArgumentError", "KernelFeatureError", "PartialProgressError", "UnknowablePagesError", "feature_error",
+           "with_context"]
 
 
 class KernelFeatureError(OSError):
@@ -67,6 +68,20 @@ def _rebuild_feature_error(err: int, feature: str, since: str | None, msg: str) 
     return exc
 
 
+class UnknowablePagesError(PermissionError):
+    """``PermissionError(EPERM)`` of the emulated backend: ``categories`` (PFNZERO, HUGE)
+    would change the answer and cannot be known without the privilege to read PFNs
+    (``CAP_SYS_ADMIN``) or ``/proc/kpageflags`` (root). A scan that leaves them out of
+    its masks can be answered."""
+
+    def __init__(self, categories: int, message: str) -> None:
+        super().__init__(_errno.EPERM, message)
+        self.categories = categories
+
+    def __reduce__(self) -> tuple[type[UnknowablePagesError], tuple[int, str]]:
+        return (type(self), (self.categories, self.strerror or ""))
+
+
 class InvalidArgumentError(OSError, ValueError):
     """``OSError(EINVAL)`` for an argument the kernel would refuse, raised before the
     syscall with a message naming it. Also a ``ValueError``, so either handler works."""
@@ -96,7 +111,7 @@ def feature_error(err: int, names: list[str], detail: str = "") -> KernelFeature
 def with_context(err: OSError, context: str) -> OSError:
     """The same kind of error (same class, same errno) with ``context`` -- which call,
     which argument -- added to its message; for ``raise with_context(e, ...) from e``."""
-    if isinstance(err, (KernelFeatureError, PartialProgressError, InvalidArgumentError)):
+    if isinstance(err, (KernelFeatureError, PartialProgressError, InvalidArgumentError, UnknowablePagesError)):
         return err  # already says what it is about
     text = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
     new = OSError(err.errno, f"{text}: {context}") if err.errno is not None else type(err)(f"{err}: {context}")

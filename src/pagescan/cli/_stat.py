@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from pagescan import Category, UnknowablePagesError
 from pagescan._procfs import process_uid, read_cmdline, read_rollup
 from pagescan.mappings import (
     SMAPS_FIELDS,
@@ -66,7 +67,7 @@ def _smaps_getter(field: str) -> Callable[[MappingStat], Any]:
 def _scan_getter(cls: str) -> Callable[[MappingStat], Any]:
     if cls == "written":  # meaningful only where uffd-wp is registered
         return lambda s: s.pages["written"] * _P if s.uffd_wp else None
-    return lambda s: s.pages[cls] * _P
+    return lambda s: s.pages[cls] * _P if cls in s.pages else None  # (not knowable: see collect)
 
 
 def _split_getter(i: int) -> Callable[[MappingStat], Any]:
@@ -231,7 +232,14 @@ class Snapshot:
 
 def collect(pid: int, columns: Sequence[str], backend: str = "auto") -> Snapshot:
     smaps, classes = _needs(columns)
-    return Snapshot(pid, _mapping_table(pid, backend=backend, smaps=smaps, categories=classes), list(columns))
+    try:
+        table = _mapping_table(pid, backend=backend, smaps=smaps, categories=classes)
+    except UnknowablePagesError as err:
+        # The emulation without the privilege to read PFNs: those classes show "-".
+        unknown = {c for c, bit in (("zero", Category.PFNZERO), ("huge", Category.HUGE)) if err.categories & bit}
+        unknown |= {"zero", "huge"} & set(classes)  # (both hang on the same PFNs)
+        table = _mapping_table(pid, backend=backend, smaps=smaps, categories=[c for c in classes if c not in unknown])
+    return Snapshot(pid, table, list(columns))
 
 
 def header_line(pid: int) -> tuple[str, str, int]:
@@ -283,6 +291,8 @@ def _column_values(c: str, snap: Snapshot) -> list[Any]:
     if col.source == "smaps" and col.kind != "text":
         return t.field(_FIELD_OF[c])
     if col.source == "scan" and c != "written":
+        if c not in t.classes:  # not knowable here (see collect)
+            return [None] * len(t)
         return [n * _P for n in t.pages(c)]
     if c == "size":
         return [v[1] - v[0] for v in t.vmas]
@@ -361,7 +371,7 @@ def total_row(snap: Snapshot, per_column: Sequence[list[Any]]) -> Row:
         elif c == "written":
             known = [x for x in xs if x is not None]
             values.append(sum(known) if known else None)
-        elif c in _NOT_SUMMED:
+        elif c in _NOT_SUMMED or (col.source == "scan" and c not in snap.table.classes):  # (not knowable)
             values.append(None)
         else:
             values.append(sum([x for x in xs if x is not None]))
@@ -474,10 +484,11 @@ def summary(snap: Snapshot, total: Row) -> str:
         hugetlb = tot("Shared_Hugetlb") + private_hugetlb
         if hugetlb:  # psutil's uss is USS + Private_Hugetlb
             parts.append(f"hugetlb {human(hugetlb)} ({human(private_hugetlb)} private; not in RSS or USS)")
+    unknown = "unknown (needs the privilege to read PFNs on this kernel)"
     if "zero" in have:
-        parts.append(f"zero pages {human(have['zero'])} (not in RSS)")
+        parts.append(f"zero pages {unknown if have['zero'] is None else human(have['zero'])} (not in RSS)")
     if "huge" in have:
-        parts.append(f"huge {human(have['huge'])}")
+        parts.append(f"huge {unknown if have['huge'] is None else human(have['huge'])}")
     size = sum([v[1] - v[0] for v in t.vmas])
     parts.append(f"{len(t)} mappings, {human(size)} mapped")
     return "total: " + ", ".join(parts)
@@ -589,8 +600,13 @@ def _sum_smaps(stats: Sequence[MappingStat]) -> dict[str, int]:
 
 
 def _sum_pages(stats: Sequence[MappingStat]) -> dict[str, int | None]:
-    """Pages per class; ``written`` only over uffd-wp mappings (``None`` if there are none)."""
+    """Pages per class; ``written`` only over uffd-wp mappings (``None`` if there are none);
+    ``None`` for a class that could not be counted (see :func:`collect`)."""
     out: dict[str, int | None] = {k: sum([s.pages.get(k, 0) for s in stats]) for k in STAT_CATEGORIES}
+    if stats:
+        for k in STAT_CATEGORIES:
+            if k not in stats[0].pages:
+                out[k] = None
     if stats and stats[0].smaps:
         written = [s.pages["written"] for s in stats if s.uffd_wp]
         out["written"] = sum(written) if written else None
