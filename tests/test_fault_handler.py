@@ -633,6 +633,35 @@ def test_a_handler_killed_after_a_remap_leaves_sigbus_at_the_new_address(guardia
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGBUS, (Child.describe(status), trace)
 
 
+def test_remap_onto_addresses_the_range_held_before_serves_the_moved_pages() -> None:
+    """A piece unmapped, or replaced by a move onto it, stayed in the handler's table and
+    shadowed a piece moved there later: the moved pages read zeros. Both orders, with
+    and without prefetch."""
+    data = random_bytes(N * P, 31)
+
+    def owner(prefetch: bool, unmap_first: bool) -> bool:
+        with anon(N) as m:
+            fh = FaultHandler([(m.addr, m.length)], source_of(data), prefetch=prefetch).start()
+            try:
+                if unmap_first:
+                    libc.munmap(m.addr, 2 * P)
+                moved = _libc_mremap()(m[5], P, P, 1 | 2, m.addr)  # page 5 onto page 0
+                assert moved == m.addr
+                ok = m.read(0) == data[5 * P : 6 * P] and m.read(7) == data[7 * P : 8 * P]
+                if prefetch:
+                    assert fh.wait(10) is True
+                return ok
+            finally:
+                fh.close()
+                libc.mmap(m[5], P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED)
+                libc.mmap(m[1], P, PROT.NONE, MAP.PRIVATE | MAP.ANONYMOUS | MAP.FIXED)
+
+    for prefetch in (False, True):
+        for unmap_first in (False, True):
+            assert run_in_child(lambda: owner(prefetch, unmap_first), timeout=20) is True, (prefetch, unmap_first)
+    assert not children_of()
+
+
 def test_faults_on_pages_not_the_handlers_to_serve_get_zero_pages() -> None:
     """A fault the handler has no data for is answered, never dropped (a hang): a range
     grown in place by ``mremap`` (the new tail stays registered) and pages moved out

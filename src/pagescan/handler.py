@@ -569,6 +569,11 @@ class FaultHandler:
 # -- handler process --------------------------------------------------------------------
 
 
+#: The address of a region that is no longer in the address space (:meth:`_Pages.forget`):
+#: above every address, so no fault or event finds it.
+GONE = (1 << 64) - P
+
+
 class _Pages:
     """Per-page state of the lazy ranges: 0 pending, 1 in (served or present), 2 zero-fill."""
 
@@ -620,23 +625,45 @@ class _Pages:
                 return i, self.base[i] + (address - a) // P
         return None
 
+    def _cut(self, at: int) -> None:
+        """Split the live region that ``at`` falls inside of (its pieces keep their global
+        pages and source offsets)."""
+        for i, a in enumerate(self.addr):
+            n = self.regions[i][1]
+            if a < at < a + n:
+                k = at - a
+                self.regions[i : i + 1] = [(a, k), (at, n - k)]
+                self.addr[i : i + 1] = [a, at]
+                self.offset[i : i + 1] = [self.offset[i], self.offset[i] + k]
+                self.base.insert(i + 1, self.base[i] + k // P)
+                return
+
+    def forget(self, start: int, end: int) -> None:
+        """``[start, end)`` is no longer ours (unmapped, or replaced by a move onto it):
+        its pages count as done and its pieces leave the address space (:data:`GONE`),
+        so that another piece moved there later is the one found."""
+        self._cut(start)
+        self._cut(end)
+        for i, a in enumerate(self.addr):
+            if start <= a < end:
+                self.set(self.base[i], self.base[i + 1], 1)
+                self.addr[i] = GONE
+
     def remap(self, old: int, new: int, length: int) -> None:
         """``[old, old+length)`` now lies at ``new`` (``mremap``): a region the move cuts
-        is split where it cuts (its pieces keep their global pages and source offsets),
-        and the pieces inside it take their new addresses."""
-        for cut in (old, old + length):
-            for i, a in enumerate(self.addr):
-                n = self.regions[i][1]
-                if a < cut < a + n:
-                    k = cut - a
-                    self.regions[i : i + 1] = [(a, k), (cut, n - k)]
-                    self.addr[i : i + 1] = [a, cut]
-                    self.offset[i : i + 1] = [self.offset[i], self.offset[i] + k]
-                    self.base.insert(i + 1, self.base[i] + k // P)
-                    break
-        for i, a in enumerate(self.addr):
-            if old <= a < old + length:
-                self.addr[i] = new + (a - old)
+        is split where it cuts, whatever was at ``new`` is gone (the kernel unmaps it),
+        and the pieces inside the old span take their new addresses."""
+        self._cut(old)
+        self._cut(old + length)
+        # The moving pieces, by their first global page (indices shift as forget cuts).
+        moving = {self.base[i]: a for i, a in enumerate(self.addr) if old <= a < old + length}
+        for i, b in enumerate(self.base[:-1]):
+            if b in moving:
+                self.addr[i] = GONE  # out of the way while the destination is cleared
+        self.forget(new, new + length)
+        for i, b in enumerate(self.base[:-1]):
+            if b in moving:
+                self.addr[i] = new + (moving[b] - old)
 
     def mark(self, start: int, end: int, value: int) -> None:
         for i, a in enumerate(self.addr):
@@ -892,7 +919,8 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                     elif isinstance(ev, RemoveEvent):
                         pages.mark(ev.start, ev.end, 2)  # discarded: later faults get zero pages
                     elif isinstance(ev, UnmapEvent):
-                        pages.mark(ev.start, ev.end, 1)
+                        pages.forget(ev.start, ev.end)
+                        _publish(shared, pages)
                     elif isinstance(ev, RemapEvent):
                         pages.remap(ev.from_, ev.to, ev.len)
                         _publish(shared, pages)
@@ -924,8 +952,9 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
             shared[0] = pages.served()
         if state == STATE_DONE:
             for a, n in zip(pages.addr, (n for _, n in pages.regions)):
-                with contextlib.suppress(OSError):
-                    uf.unregister(a, n)
+                if a != GONE:
+                    with contextlib.suppress(OSError):
+                        uf.unregister(a, n)
     except ProcessLookupError:
         state = STATE_FAILED  # the owner is gone
     finally:
@@ -942,20 +971,22 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
 
 def _publish(shared: Any, pages: _Pages) -> None:
     """Write where the regions are now into the shared page, for the guardian."""
-    n = len(pages.addr)
+    live = [(a, length) for a, (_, length) in zip(pages.addr, pages.regions) if a != GONE]
     shared[_PIECES] = _UNKNOWN  # (a handler killed while writing leaves it so)
-    if n > _MAX_PIECES:
+    if len(live) > _MAX_PIECES:
         return
-    for k, (a, (_, length)) in enumerate(zip(pages.addr, pages.regions)):
+    for k, (a, length) in enumerate(live):
         shared[_TABLE + 2 * k] = a
         shared[_TABLE + 2 * k + 1] = length
-    shared[_PIECES] = n
+    shared[_PIECES] = len(live) or _UNKNOWN - 1  # (none left: nothing to poison)
 
 
 def _where_now(regions: list[tuple[int, int]], shared: Any) -> list[tuple[int, int]]:
     """The regions where the handler last saw them (``shared``: the shared page's words,
     or ``None``): moved by ``mremap``, else as registered."""
     n = 0 if shared is None else int(shared[_PIECES])
+    if n == _UNKNOWN - 1:
+        return []  # every region unmapped
     if not 0 < n <= _MAX_PIECES:
         return regions
     return [(int(shared[_TABLE + 2 * k]), int(shared[_TABLE + 2 * k + 1])) for k in range(n)]
