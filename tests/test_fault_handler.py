@@ -512,45 +512,67 @@ def test_a_forked_child_neither_ends_nor_saves_the_parents_recording(tmp_path: P
     assert [s["type"] for s in inspect(path)["sections"]] == ["working-set"]
 
 
-def test_the_forked_helpers_hold_neither_the_owners_sockets_nor_its_locks(tmp_path: Path) -> None:
-    """Handler and guardian are forks of the owner: they held every fd it had, so a peer
-    never saw EOF when the owner closed a socket, and a ``flock`` the owner released
-    stayed held. Now they release pipes, sockets and locked files (the handler keeps
-    other files: a source may read them)."""
+def test_the_guardian_holds_none_of_the_owners_fds_and_a_source_may_use_any(tmp_path: Path) -> None:
+    """Handler and guardian are forks of the owner. The guardian held every fd the owner
+    had: a peer never saw EOF while it lived, a released ``flock`` stayed held. It holds
+    none now. The handler keeps them all while it runs: its source may talk to a page
+    server over a socket, or read a file the program keeps locked."""
     import fcntl
     import socket
 
+    data = random_bytes(N * P, 41)
+
     def owner() -> list[str]:
         a, b = socket.socketpair()
+        server, client = socket.socketpair()
         lock = os.open(tmp_path / "lock", os.O_CREAT | os.O_RDWR)
         fcntl.flock(lock, fcntl.LOCK_EX)
-        kept = os.open(tmp_path / "kept", os.O_CREAT | os.O_RDWR)
-        with anon(N) as m:
-            fh = FaultHandler([(m.addr, m.length)], lambda o, n: bytes(n), prefetch=False).start()
+
+        pid = os.fork()  # a page server, (offset, length) in, bytes out: another process
+        if pid == 0:  # pragma: no cover - child
             try:
+                client.close()
+                a.close()
                 b.close()
                 os.close(lock)
-                a.settimeout(5)
-                out = [repr(a.recv(1))]
-                other = os.open(tmp_path / "lock", os.O_RDWR)
-                deadline = time.monotonic() + 5  # (the helpers release it as they start)
-                while True:
-                    try:
-                        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        out.append("lock free")
-                        break
-                    except BlockingIOError:
-                        if time.monotonic() > deadline:
-                            out.append("lock still held")
-                            break
-                        time.sleep(0.01)
-                target = os.readlink(f"/proc/{fh.pid}/fd/{kept}")
-                out.append("kept" if target == str(tmp_path / "kept") else target)
-                return out
+                while req := server.recv(16):
+                    off, n = struct.unpack("QQ", req)
+                    server.sendall(data[off : off + n])
+            finally:
+                os._exit(0)
+        server.close()
+
+        def source(offset: int, length: int) -> bytes:
+            client.sendall(struct.pack("QQ", offset, length))
+            got = b""
+            while len(got) < length:
+                got += client.recv(length - len(got))
+            return got
+
+        with anon(N) as m:
+            fh = FaultHandler([(m.addr, m.length)], source, prefetch=False).start()
+            try:
+                out = ["served" if m.read(3) == data[3 * P : 4 * P] else "wrong data"]
+                held = {os.readlink(f"/proc/{fh.guardian_pid}/fd/{fd}") for fd in os.listdir(f"/proc/{fh.guardian_pid}/fd")}
+                out.append("guardian holds none" if not any("socket" in h or h.endswith("/lock") for h in held)
+                           else f"guardian holds {held}")
+                b.close()
+                os.close(lock)
             finally:
                 fh.close()
+            a.settimeout(5)
+            out.append(repr(a.recv(1)))  # EOF once the handler has ended
+            other = os.open(tmp_path / "lock", os.O_RDWR)
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                out.append("lock free")
+            except BlockingIOError:
+                out.append("lock still held")
+            client.close()
+            os.waitpid(pid, 0)
+            return out
 
-    assert run_in_child(owner, timeout=30) == ["b''", "lock free", "kept"]
+    assert run_in_child(owner, timeout=30) == ["served", "guardian holds none", "b''", "lock free"]
     assert not children_of()
 
 
@@ -569,7 +591,11 @@ def test_a_stopped_handler_reports_how_it_ended() -> None:
     def from_a_thread(fh: FaultHandler) -> None:
         threading.Timer(0.05, fh.close).start()
 
-    for stop in (killed, from_a_signal_handler, from_a_thread):
+    def closed_before_any_wait(fh: FaultHandler) -> None:
+        fh.close()
+        assert fh.failed and fh.exit_status is not None, "known at once, without wait()"
+
+    for stop in (killed, from_a_signal_handler, from_a_thread, closed_before_any_wait):
         for _ in range(5 if stop is from_a_thread else 1):
             with anon(N) as m:
                 fh = FaultHandler([(m.addr, m.length)], lambda o, n: bytes(n), prefetch=False).start()
@@ -660,6 +686,31 @@ def test_remap_onto_addresses_the_range_held_before_serves_the_moved_pages() -> 
         for unmap_first in (False, True):
             assert run_in_child(lambda: owner(prefetch, unmap_first), timeout=20) is True, (prefetch, unmap_first)
     assert not children_of()
+
+
+def test_a_failing_helper_never_blocks_on_a_full_stderr() -> None:
+    """A helper that raises says why on the owner's stderr, but never waits for room
+    there: with a stderr pipe no one reads, full, the handler blocked in its last
+    write and ``wait()`` never returned."""
+    import fcntl
+
+    def owner() -> tuple[bool, int | None]:
+        r, w = os.pipe()
+        fcntl.fcntl(w, fcntl.F_SETFL, os.O_NONBLOCK)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(w, b"x" * 65536)
+        fcntl.fcntl(w, fcntl.F_SETFL, 0)
+        os.dup2(w, 2)
+        with anon(N) as m:
+            fh = FaultHandler([(m.addr, m.length)], lambda o, n: b"short", prefetch=True).start()
+            try:
+                return fh.wait(10), fh.exit_status
+            finally:
+                fh.close()
+
+    done, status = run_in_child(owner, timeout=30)
+    assert done is False and status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 1
 
 
 def test_faults_on_pages_not_the_handlers_to_serve_get_zero_pages() -> None:

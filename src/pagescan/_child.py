@@ -16,12 +16,10 @@ process forked later (which inherits the pidfd), :meth:`Child.kill` and
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import select
 import signal
-import stat
 import sys
 import threading
 import traceback
@@ -35,7 +33,7 @@ __all__ = ["Child", "fork", "release_inherited"]
 class Child(FdHolder):
     """A child process of ours and its pidfd. ``status`` is the ``waitpid`` status once reaped."""
 
-    __slots__ = ("pid", "status", "_parent", "_reaping")
+    __slots__ = ("pid", "status", "_depth", "_parent", "_reaping")
 
     _what = "pidfd"
 
@@ -48,6 +46,7 @@ class Child(FdHolder):
         # for the status (it would get ECHILD); one nested in this thread (a signal
         # handler) goes on and finds the status stored, or takes it first.
         self._reaping = threading.RLock()
+        self._depth = 0  # calls of wait() inside the lock (one thread: nested ones)
         try:
             self._fd = os.pidfd_open(pid)
         except BaseException:
@@ -72,8 +71,9 @@ class Child(FdHolder):
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Reap the child: its ``waitpid`` status, or ``None`` if it still runs after
-        ``timeout`` seconds (``None``: wait as long as it takes). A child that someone
-        else reaped (``ECHILD``) counts as status 0."""
+        ``timeout`` seconds (``None``: wait as long as it takes) -- or, in a call nested
+        in one that is reaping it (a signal handler), before that call has stored it. A
+        child that someone else reaped (``ECHILD``) counts as status 0."""
         if self.status is not None or not self._ours():
             return self.status
         p = select.poll()
@@ -83,12 +83,17 @@ class Child(FdHolder):
         with self._reaping:
             if self.status is not None:  # reaped meanwhile by another thread, or a nested call
                 return self.status
+            self._depth += 1
             try:
                 _, status = os.waitpid(self.pid, 0)  # exited: does not block
             except ChildProcessError:
                 if self.status is not None:  # reaped by a call nested in this one (a signal handler)
                     return self.status
-                status = 0
+                if self._depth > 1:  # nested in a call that reaped it and has yet to store it
+                    return None
+                status = 0  # reaped by someone else (a SIGCHLD handler's waitpid(-1))
+            finally:
+                self._depth -= 1
             self.status = status
         self.close()
         return status
@@ -146,39 +151,38 @@ def fork(main: Callable[[], int]) -> Child:
                 # Said where the owner's errors go (its stderr): a handler whose source
                 # raised leaves the owner SIGBUS, and this is the cause.
                 with contextlib.suppress(BaseException):
-                    sys.stderr.write(f"pagescan: helper process {os.getpid()} failed:\n"
-                                     + "".join(traceback.format_exception(exc)))
-                    sys.stderr.flush()
+                    _say(f"pagescan: helper process {os.getpid()} failed:\n" + "".join(traceback.format_exception(exc)))
         finally:
             os._exit(code)
     return Child(pid)
 
 
-def release_inherited(keep: set[int], everything: bool = True) -> None:
+def _say(text: str) -> None:
+    """Write ``text`` to fd 2 if that cannot block: one write of at most ``PIPE_BUF``
+    bytes (its end kept), only when ``poll`` finds room for it (a full pipe, or a
+    stderr no one reads, would keep a helper from exiting); not through ``sys.stderr``,
+    whose lock another thread may have held at the fork."""
+    data = text.encode(errors="replace")
+    if len(data) > select.PIPE_BUF:
+        data = b"...\n" + data[-(select.PIPE_BUF - 4):]
+    p = select.poll()
+    p.register(2, select.POLLOUT)
+    if any(ev & select.POLLOUT for _, ev in p.poll(0)):
+        os.write(2, data)
+
+
+def release_inherited(keep: set[int]) -> None:
     """In a forked helper: point the fds it inherited, except 0-2 and ``keep``, at
     /dev/null, so that it does not hold the owner's pipes and sockets open (their peers
     wait for EOF) nor its ``flock`` locks (held by an open file description, which the
-    fork shares). ``everything=False`` keeps what a source may read: regular files and
-    the read ends of pipes (holding one delays no EOF); sockets, write ends of pipes
-    and files holding a lock are released."""
+    fork shares)."""
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         for name in os.listdir("/proc/self/fd"):
             fd = int(name)
-            if fd <= 2 or fd == null or fd in keep:
-                continue
-            if not everything:
-                try:
-                    mode = os.fstat(fd).st_mode
-                    writes = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) != os.O_RDONLY
-                    if not (stat.S_ISSOCK(mode) or (stat.S_ISFIFO(mode) and writes)):
-                        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-                            if b"\nlock:" not in f.read():
-                                continue
-                except OSError:
-                    continue  # (the listing's own fd, closed since)
-            with contextlib.suppress(OSError):
-                os.dup2(null, fd)
+            if fd > 2 and fd != null and fd not in keep:
+                with contextlib.suppress(OSError):  # (the listing's own fd, closed since)
+                    os.dup2(null, fd)
     finally:
         os.close(null)
 

@@ -261,6 +261,8 @@ class _Lifecycle:
         self.handler: _Proc | None = None
         self.guardian: _Proc | None = None
         self.shared: _Shared | None = None
+        #: The handler's ``waitpid`` status, once a stop has reaped it.
+        self.handler_status: int | None = None
         # Held by a stop in progress: a stop in another thread returns only once the
         # guardian is done (or the caller could unmap the range, map new memory there
         # and have the guardian poison it); one nested in this thread (a signal handler)
@@ -286,6 +288,7 @@ class _Lifecycle:
         if handler is not None:
             handler.kill()
             handler.wait()
+            self.handler_status = handler.status
         if guardian is not None and guardian.wait(10.0) is None:
             guardian.kill()
             guardian.wait()
@@ -361,10 +364,12 @@ class FaultHandler:
     or hugetlb memory, whose faults are resolved a huge page at a time: not served
     here; EBUSY if registered elsewhere).
 
-    Handler and guardian are forks of the owner, but hold none of its sockets, pipes'
-    write ends or ``flock``-locked files (closing them in the owner still gives the peer
-    EOF, or frees the lock); the handler keeps regular files and pipes' read ends, which
-    its source may read. The processes are watched through pidfds. A handler dropped
+    Handler and guardian are forks of the owner. The guardian holds none of its fds;
+    the handler holds copies of all of them while it runs (its source may use any: a
+    socket to a page server, a locked file), so a socket or pipe the owner closes meanwhile
+    gives its peer EOF, and an ``flock`` the owner releases is free, only once the
+    handler has ended (:meth:`wait`, :meth:`close`). The processes are watched through
+    pidfds. A handler dropped
     without :meth:`close` is closed when it is collected (with a ``ResourceWarning``
     if it was still serving), so it leaves neither a process nor a mapping behind.
     """
@@ -474,11 +479,7 @@ class FaultHandler:
             try:
 
                 def handler_main() -> int:
-                    os.close(life_r)
-                    # What a source may read stays (regular files, read ends of pipes); the
-                    # owner's sockets, pipes' write ends and locked files do not (their peers
-                    # wait for EOF, or for the lock).
-                    release_inherited({uf.fd, life_w, shared.fd}, everything=False)
+                    os.close(life_r)  # (every other fd stays: the source may use any of them)
                     return _handler_main(uf, self, life_w)
 
                 def guardian_main() -> int:
@@ -556,6 +557,8 @@ class FaultHandler:
         """
         self._finalizer.detach()
         self._life.stop()
+        if self.exit_status is None and os.getpid() == self.owner:
+            self.exit_status = self._life.handler_status  # (stopped here, not reaped by wait)
 
     def __enter__(self) -> FaultHandler:
         if not self._started:

@@ -457,7 +457,8 @@ class Store:
             carry = chunk[-(len(MAGIC_COMMIT) - 1):]
 
     def _seals_tail_record(self, at: int, off: int, end: int) -> bool:
-        """Is there a valid commit record at ``at`` for a record that starts at or after ``off``?"""
+        """Is there a valid commit record at ``at`` for a record that starts at or after ``off``?
+        (The header it names is not checked: it may be the damaged part.)"""
         craw = _pread_exact(self.fd, COMMIT.size, at)
         if len(craw) < COMMIT.size:
             return False
