@@ -429,8 +429,12 @@ class _Job:
 
 
 def _recv_request(sock: socket.socket) -> tuple[bytes, list[int]] | None:
-    """One message (its pickled body) and its fds; ``None`` at EOF."""
-    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, _MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+    """One message (its pickled body) and its fds; ``None`` at EOF (also a reset: the
+    owner exited with unread data on its end, as a program that ends does)."""
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, _MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+    except ConnectionResetError:
+        return None
     if not data:
         for fd in fds:
             os.close(fd)
@@ -438,7 +442,10 @@ def _recv_request(sock: socket.socket) -> tuple[bytes, list[int]] | None:
     buf = bytearray(data)
     while len(buf) < _HDR.size or len(buf) < _HDR.size + _HDR.unpack_from(buf)[0]:
         want = _HDR.size - len(buf) if len(buf) < _HDR.size else _HDR.size + _HDR.unpack_from(buf)[0] - len(buf)
-        more = sock.recv(min(1 << 20, want))
+        try:
+            more = sock.recv(min(1 << 20, want))
+        except ConnectionResetError:
+            more = b""
         if not more:
             for fd in fds:
                 os.close(fd)
