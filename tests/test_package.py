@@ -142,7 +142,12 @@ def test_public_classes_live_in_pagescan() -> None:
 
 
 def test_version() -> None:
+    """One version, in the code and in pyproject.toml (which the wheel's metadata gets)."""
     assert re.fullmatch(r"\d+\.\d+\.\d+.*", pagescan.__version__)
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    if pyproject.exists():  # a checkout or an sdist, not an installed wheel alone
+        declared = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M)
+        assert declared is not None and declared.group(1) == pagescan.__version__
 
 
 # -- fd hygiene ---------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .userfaultfd import (
 )
 from .writewatch import WriteWatch, regions_to_pages
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "MADV",
@@ -55,7 +55,6 @@ __all__ = [
     "PagefaultEvent",
     "PagefaultFlag",
     "PartialProgressError",
-    "UnknowablePagesError",
     "RegisterMode",
     "RemapEvent",
     "RemoveEvent",
@@ -66,6 +65,7 @@ __all__ = [
     "UffdEventType",
     "UffdFeature",
     "UffdIoctl",
+    "UnknowablePagesError",
     "UnknownEvent",
     "UnmapEvent",
     "Userfaultfd",

@@ -151,5 +151,5 @@ def _rebuild_partial(done: int, msg: str) -> PartialProgressError:
     return exc
 
 
-for _cls in (InvalidArgumentError, KernelFeatureError, PartialProgressError):
+for _cls in (InvalidArgumentError, KernelFeatureError, PartialProgressError, UnknowablePagesError):
     _cls.__module__ = "pagescan"
