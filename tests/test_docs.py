@@ -174,6 +174,30 @@ def test_unaligned_start_teaches_and_end_rounds_up(backend: str) -> None:
     assert [(r.start, r.end) for r in res] == [(a, a + 2 * p)] and res.walk_end == a + 2 * p
 
 
+def test_checks_before_the_kernel_teach_the_same_way() -> None:
+    """docs/api/pagescan.md: WriteWatch, move_pages and FaultHandler refuse an unaligned
+    address with InvalidArgumentError naming the page size and the nearest aligned
+    values; Userfaultfd adds the same hint to the kernel's EINVAL."""
+    buf = pagescan.zeros(4 * 4096, dtype="u1")
+    a, p = buf.ctypes.data, os.sysconf("SC_PAGE_SIZE")
+    hint = f"is not aligned to the page size ({p}); the nearest aligned values are {a:#x} and {a + p:#x}"
+    calls = {
+        "WriteWatch: start": lambda: pagescan.WriteWatch(a + 8, a + 2 * p),
+        "move_pages: dst": lambda: pagescan.move_pages(a + 8, a + 2 * p, p),
+        "FaultHandler: regions[0] address": lambda: pagescan.FaultHandler([(a + 8, p)], lambda *_: None),
+        "FaultHandler: regions[0] length": lambda: pagescan.FaultHandler([(a, 8)], lambda *_: None),
+    }
+    for says, call in calls.items():
+        with pytest.raises(pagescan.InvalidArgumentError) as exc:
+            call()
+        assert exc.value.errno == 22 and isinstance(exc.value, ValueError)
+        want = hint if "length" not in says else f"is not aligned to the page size ({p}); the nearest aligned values are 0x0 and {p:#x}"
+        assert f"{says} 0x" in str(exc.value) and want in str(exc.value), str(exc.value)
+    with pagescan.Userfaultfd() as uf, pytest.raises(OSError) as exc:
+        uf.register(a + 8, p)
+    assert exc.value.errno == 22 and hint in str(exc.value), str(exc.value)
+
+
 def test_docs_build_configuration_names_every_page() -> None:
     """Every page under docs/ is reachable from a toctree (Sphinx warns otherwise; this
     says which, without building)."""

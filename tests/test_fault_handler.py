@@ -243,6 +243,16 @@ def test_several_regions_from_a_file(tmp_path: os.PathLike[str]) -> None:
             assert fh.wait(10)
 
 
+def test_file_source_takes_regular_files_only(tmp_path: os.PathLike[str]) -> None:
+    """A FIFO would block the handler's first read forever; a device or a directory
+    is no page image either: ValueError at once, naming the path."""
+    fifo = os.path.join(tmp_path, "fifo")
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero", os.fspath(tmp_path)):
+        with pytest.raises(ValueError, match="not a regular file|directory"):
+            FileSource(path)
+
+
 def test_none_from_the_source_maps_zero_pages() -> None:
     data = random_bytes(16 * P, 5)
 

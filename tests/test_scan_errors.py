@@ -280,13 +280,31 @@ def test_pid_we_may_not_trace() -> None:
         assert err in (errno.EACCES, errno.EPERM), answer
 
 
-def test_closed_target(m: Mapping) -> None:
+@pytest.mark.parametrize("backend", ["kernel", "emulated"])
+def test_closed_target(m: Mapping, backend: str) -> None:
+    """Every way of scanning a closed Target says so (before: fcntl's "file descriptor
+    cannot be a negative integer (-1)"), also through a Scanner made before the close."""
+    if backend == "kernel" and not pagescan.capabilities().pagemap_scan:
+        pytest.skip("the kernel backend needs PAGEMAP_SCAN (Linux 6.7)")
     t = Target()
+    sc = pagescan.Scanner(t, return_mask=Category.PRESENT, backend=backend)
+    out = np.zeros(4, PAGE_REGION_DTYPE)
+    assert sc.scan_into(m.addr, m.end, out)[1] == m.end
     t.close()
     assert t.closed
-    with pytest.raises(ValueError):
-        scan(m.addr, m.end, pid=t)
-    with pytest.raises(ValueError):
+    calls = {
+        "scan": lambda: scan(m.addr, m.end, pid=t, backend=backend),
+        "scan out=": lambda: scan(m.addr, m.end, pid=t, out=out, backend=backend),
+        "scan chunked": lambda: scan(0, 1 << 47, pid=t, backend=backend),
+        "scan_iter": lambda: list(pagescan.scan_iter(m.addr, m.end, pid=t, backend=backend)),
+        "Scanner.scan": lambda: sc.scan(m.addr, m.end),
+        "Scanner.scan_into": lambda: sc.scan_into(m.addr, m.end, out),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match="closed pagescan.Target"):
+            call()
+            pytest.fail(name)
+    with pytest.raises(ValueError, match="closed pagescan.Target"):
         t.fd
     t.close()  # idempotent
 

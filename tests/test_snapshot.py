@@ -1008,11 +1008,16 @@ def test_lazy_prefetch_damaged_window_is_not_served(tmp_path: Path) -> None:
         m = Mapping(npages)
         v = view(m)
         fds = open_fds()
-        with lazy_restore(path, [region(m)], prefetch=True) as fh:
-            hpid, gpid = fh.pid, fh.guardian_pid
-            done = fh.wait(30)
-            served = fh.progress()[0]
-        ok = not done and 0 < served < npages and np.array_equal(v[:1000], exp[:1000])
+        said = ""
+        try:
+            with lazy_restore(path, [region(m)], prefetch=True) as fh:
+                hpid, gpid = fh.pid, fh.guardian_pid
+                done = fh.wait(30)
+                served = fh.progress()[0]
+        except RuntimeError as err:  # the block's end: not every page came in
+            said = str(err)
+        ok = (not done and 0 < served < npages and np.array_equal(v[:1000], exp[:1000])
+              and "the fault handler failed" in said)
         left = open_fds()
         if left != fds:
             report(f"!fds before {fds}, after {left}".encode())
@@ -1195,7 +1200,7 @@ def test_paths_that_are_not_checkpoints(tmp_path: Path) -> None:
         for p in (junk, empty, text):
             h = file_hash(p)
             for fn in (lambda q: restore(q, [region(m)]), verify, inspect, compact,
-                       lambda q: Checkpointer(q, [region(m)])):
+                       *(() if p is empty else (lambda q: Checkpointer(q, [region(m)]),))):  # starts in empty
                 with pytest.raises(CheckpointError, match="not a pagescan checkpoint"):
                     fn(p)
             assert file_hash(p) == h, f"{p.name} was modified"

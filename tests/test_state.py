@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import tempfile
 import signal
 import threading
 import time
@@ -688,6 +689,27 @@ def test_lazy_restore_into_heap_arrays_exact_bytes(tmp_path: Path) -> None:
     assert (fence == 7).all() and (fence2 == 7).all()
 
 
+def test_lazy_restore_block_ends_with_every_page_in(tmp_path: Path) -> None:
+    """A block that touches nothing and does not call wait(): with prefetch, its end
+    waits for the handler, so every page reads the checkpoint afterwards (before: the
+    handler was stopped and the first touch after the block was SIGBUS)."""
+    path = tmp_path / "ends.ck"
+    rng = np.random.default_rng(12)
+    want = rng.integers(1, 256, 512 * P, dtype=np.uint8)
+    with Checkpointer(path, {"a": want}) as ck:
+        ck.checkpoint()
+
+    def body() -> bytes:
+        a = pagescan.zeros(512 * P, np.uint8)
+        with lazy_restore(path, {"a": a}) as fh:
+            pass
+        assert fh.progress() == (512, 512) and not fh.failed
+        return bytes(a[::P]) + bytes(a[-P:])
+
+    got = run_in_child(body)
+    assert got == bytes(want[::P]) + bytes(want[-P:])
+
+
 # -- hostile and foreign files ---------------------------------------------------------
 
 
@@ -762,6 +784,33 @@ def test_fifo_and_other_non_regular_paths_never_block(tmp_path: Path) -> None:
     assert r.returncode != 0 and "not a regular file" in r.stderr
     with pytest.raises(CheckpointError, match="not a regular file"):
         Checkpointer("/dev/null", [np.zeros(3)])
+
+
+def test_checkpointer_starts_in_an_existing_empty_file(tmp_path: Path) -> None:
+    """An empty file made beforehand (``tempfile.mkstemp``, ``touch``) is started in
+    place, keeping its inode and mode (before: "not a pagescan checkpoint (bad
+    magic)"); readers still refuse it, saying it is empty; a file with anything in it
+    that is not a checkpoint is still refused by the writer, unchanged."""
+    fd, name = tempfile.mkstemp(dir=tmp_path, suffix=".ck")
+    os.close(fd)
+    os.chmod(name, 0o600)
+    before = os.stat(name)
+    for read in (inspect, load, verify):
+        with pytest.raises(CheckpointError, match="is empty"):
+            read(name)
+    state = {"a": np.arange(5000, dtype=np.int64)}
+    with Checkpointer(name, state) as ck:
+        ck.checkpoint()
+        state["a"][7] = -1
+        ck.checkpoint()
+    after = os.stat(name)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert raw(load(name)["a"]) == raw(state["a"]) and len(inspect(name)["generations"]) == 2
+    other = tmp_path / "other"
+    other.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="bad magic"):
+        Checkpointer(other, state)
+    assert other.read_bytes() == b"x"
 
 
 def test_damaged_metadata_and_working_set_sections(tmp_path: Path) -> None:

@@ -499,6 +499,22 @@ def test_regions_to_pages_expands_every_shape() -> None:
     assert pagescan.regions_to_pages(np.empty(0, PAGE_REGION_DTYPE)).tolist() == []
 
 
+@pytest.mark.parametrize(("regions", "page", "exc", "says"), [
+    (np.zeros(3), P, TypeError, "PAGE_REGION_DTYPE"),  # before: IndexError from inside
+    ([(0, P, 0)], P, TypeError, "list"),
+    (np.zeros((2, 2), PAGE_REGION_DTYPE), P, ValueError, "one-dimensional"),
+    (np.array([(2 * P, P, 0)], PAGE_REGION_DTYPE), P, ValueError, "region 0 ends before it starts"),
+    (np.array([(0, P, 0), (3 * P, 2 * P, 0)], PAGE_REGION_DTYPE), P, ValueError, "region 1"),  # before: MemoryError
+    (np.array([(0, P, 0)], PAGE_REGION_DTYPE), 3000, ValueError, "power of two"),
+    (np.array([(0, P, 0)], PAGE_REGION_DTYPE), 0, ValueError, "power of two"),
+    (np.array([(0, P, 0)], PAGE_REGION_DTYPE), True, ValueError, "power of two"),
+])
+def test_regions_to_pages_refuses_what_is_not_regions(regions: object, page: object, exc: type[Exception],
+                                                      says: str) -> None:
+    with pytest.raises(exc, match=says):
+        pagescan.regions_to_pages(regions, page)  # type: ignore[arg-type]
+
+
 def test_answer_larger_than_the_first_buffer() -> None:
     """A whole-range get walks in one call into a reused buffer (4096 regions at first):
     an answer that fills it goes on in a bigger one from where the walk stopped, with

@@ -22,7 +22,7 @@ from ._uapi.userfaultfd import PagefaultFlag, RegisterMode, UffdEventType, UffdF
 from .arrays import empty, empty_like, zeros, zeros_like
 from .capabilities import Capabilities, capabilities
 from ._scan import PageRegion, Scanner, ScanResult, buffer_range, masks, scan, scan_iter
-from .handler import FaultHandler, FileSource
+from .handler import FaultHandler, FileSource, Source
 from .move import MoveResult, move_pages
 from .userfaultfd import (
     ForkEvent,
@@ -61,6 +61,7 @@ __all__ = [
     "ScanFlag",
     "ScanResult",
     "Scanner",
+    "Source",
     "Target",
     "UffdEventType",
     "UffdFeature",
@@ -86,6 +87,6 @@ __all__ = [
 
 for _name in ("MADV", "Category", "ScanFlag", "PageRegion", "ScanResult", "Capabilities", "UffdFeature",
               "UffdIoctl", "RegisterMode", "PagefaultFlag", "UffdEventType", "PagefaultEvent",
-              "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent", "MoveResult", "WriteWatch", "FaultHandler", "FileSource", "Scanner"):
+              "ForkEvent", "RemapEvent", "RemoveEvent", "UnmapEvent", "UnknownEvent", "MoveResult", "WriteWatch", "FaultHandler", "FileSource", "Scanner", "Source"):
     globals()[_name].__module__ = "pagescan"
 del _name

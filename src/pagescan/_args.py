@@ -94,14 +94,19 @@ def check_out(out: Any, name: str = "out") -> tuple[int, int]:
     return int(out.ctypes.data), int(out.shape[0])
 
 
+def unaligned(name: str, value: int, page_size: int = P) -> str:
+    """Why ``value`` is refused, with the two nearest aligned values; ``""`` if aligned."""
+    if not value % page_size:
+        return ""
+    lo = value - value % page_size
+    return (f"{name} {value:#x} is not aligned to the page size ({page_size}); "
+            f"the nearest aligned values are {lo:#x} and {lo + page_size:#x}")
+
+
 def check_aligned(call: str, name: str, value: int, page_size: int = P) -> None:
     """``InvalidArgumentError`` unless ``value`` is a multiple of ``page_size``."""
-    if value % page_size:
-        lo = value - value % page_size
-        raise InvalidArgumentError(
-            f"{call}: {name} {value:#x} is not aligned to the page size ({page_size}); "
-            f"the nearest aligned values are {lo:#x} and {lo + page_size:#x}"
-        )
+    if why := unaligned(name, value, page_size):
+        raise InvalidArgumentError(f"{call}: {why}")
 
 
 def _as_bytes(obj: Any, name: str) -> np.ndarray:

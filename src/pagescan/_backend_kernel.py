@@ -221,6 +221,10 @@ class KernelBackend:
                     n: int = ioctl(t._fd, req, q, True)
                 except OSError as err:
                     n = _again(t, q, err)
+                except ValueError:
+                    if t._fd < 0:  # fcntl says "file descriptor cannot be a negative integer"
+                        raise t._closed_error() from None
+                    raise
                 walk_end: int = q[4]
             except OSError as err:
                 if on_enotty is None or err.errno != errno.ENOTTY:

@@ -324,6 +324,8 @@ class Scanner:
             return self._run(target, start, end, addr, n, self.max_pages, out if n else None)
         except OSError as err:
             return self._fall_back(err, target, start, end, addr, n, self.max_pages, out if n else None)
+        except ValueError as err:
+            raise _closed(target, err) from None
 
     # -- internals ----------------------------------------------------------------------
 
@@ -374,6 +376,8 @@ class Scanner:
             return self._run(target, start, end, vec, vec_len, max_pages, out)
         except OSError as err:
             return self._fall_back(err, target, start, end, vec, vec_len, max_pages, out)
+        except ValueError as err:
+            raise _closed(target, err) from None
 
     def _scan(self, start: int, end: int, max_pages: int, vec_len: int | None,
               on: Target | None = None) -> ScanResult:
@@ -388,6 +392,8 @@ class Scanner:
                 raw, walk_end = small(target, start, end)
             except OSError as err:
                 return self._small_failed(err, start, end, max_pages, on)
+            except ValueError as err:
+                raise _closed(target, err) from None
             res: ScanResult = _new_result(ScanResult)
             res._regions = raw
             res.walk_end = walk_end
@@ -421,6 +427,8 @@ class Scanner:
             n, walk_end = self._run(target, start, end, addr, cap, max_pages, buf)
         except OSError as err:
             n, walk_end = self._fall_back(err, target, start, end, addr, cap, max_pages, buf)
+        except ValueError as err:
+            raise _closed(target, err) from None
         if n != cap:
             # A result keeps at most twice its regions when small, a seventh more when large.
             buf = buf[:n].copy() if cap > 16 and (2 * n < cap if cap <= _SMALL else 8 * n < 7 * cap) else buf[:n]
@@ -475,6 +483,13 @@ class Scanner:
             n = vec_len
         count, walk_end = self._call(start, end, addr if n else 0, n, max_pages, out if n else None, on)
         return _result(out[:count], walk_end, start, end)
+
+
+def _closed(target: Target, err: ValueError) -> ValueError:
+    """A runner's ``ValueError``: "I/O operation on closed pagescan.Target" if the
+    target was closed (``fcntl.ioctl`` and ``os.pread`` only say the fd is negative),
+    else the error itself."""
+    return target._closed_error() if target._fd < 0 else err
 
 
 def _fall_back_into(target: Target | None, flags: int, inverted: int, mask: int, anyof: int, return_mask: int,

@@ -77,7 +77,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ._child import Child, fork, release_inherited
-from ._args import U64, open_regular, plain_array, u64
+from ._args import U64, check_aligned, open_regular, plain_array, u64
 from ._held import held_still
 from ._procfs import read_maps
 from ._errors import InvalidArgumentError, PartialProgressError
@@ -123,9 +123,11 @@ def _regions(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         except (TypeError, ValueError):
             raise TypeError(f"regions[{i}] must be an (address, length) pair, not {r!r}") from None
         a, n = u64(f"regions[{i}] address", a, bool_ok=False), u64(f"regions[{i}] length", n, bool_ok=False)
-        if a % P or n % P or n == 0 or a + n > U64:
-            raise InvalidArgumentError(f"FaultHandler: regions[{i}] {a:#x}+{n:#x} is not page aligned and "
-                                       "non-empty, or runs past the top of the address space")
+        check_aligned("FaultHandler", f"regions[{i}] address", a)
+        check_aligned("FaultHandler", f"regions[{i}] length", n)
+        if n == 0 or a + n > U64:
+            raise InvalidArgumentError(f"FaultHandler: regions[{i}] {a:#x}+{n:#x} is empty or runs past the top "
+                                       "of the address space")
         out.append((a, n))
     spans = sorted(out)
     for (a, n), (b, m) in zip(spans, spans[1:]):
@@ -135,7 +137,12 @@ def _regions(regions: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class FileSource:
-    """Pages from a file (or a slice of it starting at ``base``)."""
+    """Pages from a file (or a slice of it starting at ``base``): region offset ``o``
+    is file offset ``base + o``. Past the end of the file the pages read as zeros (a
+    file mapping would raise SIGBUS there), so a file shorter than the regions is
+    served whole. The file is opened at once (a regular file only: ``ValueError`` for
+    a FIFO or a device, which could block the handler) and read with ``preadv``, from
+    two handler threads at once (``thread_safe``)."""
 
     thread_safe = True  # preadv at explicit offsets
 
@@ -434,8 +441,9 @@ class FaultHandler:
     # -- owner side -----------------------------------------------------------------
 
     def start(self, via: Via | None = None) -> FaultHandler:
-        """Register the regions and start serving. ``via``: see :data:`Via` (``None``,
-        or if it returns ``None``: fork the handler and its guardian here).
+        """Register the regions and start serving: the handler and its guardian are
+        forked here. (``via`` is for pagescan's fault server, which starts them from a
+        process of its own, :func:`pagescan.snapshot.start_fault_server`; leave it out.)
 
         Python signal handlers and finalizers of this thread run once the handler serves
         (:func:`pagescan._held.held_still`): one that touched a registered page before

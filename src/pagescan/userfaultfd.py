@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from . import _probe
-from ._args import held_buffer, u64
+from ._args import held_buffer, u64, unaligned
 from ._errors import KernelFeatureError, PartialProgressError, feature_error, with_context
 from ._fdholder import FdHolder
 from ._registry import wp_async_registry
@@ -604,11 +604,11 @@ def _range_hint(start: int, length: int, err: OSError) -> str:
     """For EINVAL: say so if the range breaks the kernel's ``validate_range`` rules."""
     if err.errno != errno.EINVAL:
         return ""
-    if start % _P:
-        return f" (start {start:#x} is not page aligned)"
-    if length == 0 or length % _P:
-        return f" (length {length} is not a non-zero multiple of the page size {_P})"
-    return ""
+    if why := unaligned("start", start, _P):
+        return f" ({why})"
+    if why := unaligned("length", length, _P):
+        return f" ({why})"
+    return " (length 0)" if length == 0 else ""
 
 
 #: What an errno from UFFDIO_REGISTER usually means (docs/kernel-facts.md, userfaultfd).

@@ -128,7 +128,27 @@ def _nbytes(obj: Any) -> int:
 
 
 def regions_to_pages(regions: np.ndarray, page_size: int = P) -> np.ndarray:
-    """Expand ``PAGE_REGION_DTYPE`` regions to the ascending uint64 addresses of their pages."""
+    """Expand ``PAGE_REGION_DTYPE`` regions to the ascending uint64 addresses of their pages.
+
+    ``regions`` must be a one-dimensional array of ``PAGE_REGION_DTYPE`` (as
+    ``ScanResult.regions`` and ``WriteWatch.get(pages=False)`` return) whose regions
+    do not end before they start (``ValueError`` otherwise, ``TypeError`` for another
+    type); ``page_size`` a power of two."""
+    if not isinstance(regions, np.ndarray) or regions.dtype != PAGE_REGION_DTYPE:
+        raise TypeError(f"regions must be a numpy array of PAGE_REGION_DTYPE, not "
+                        f"{regions.dtype if isinstance(regions, np.ndarray) else type(regions).__name__}")
+    if regions.ndim != 1:
+        raise ValueError(f"regions must be one-dimensional, not of shape {regions.shape}")
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, not {page_size!r}")
+    if len(regions) and bool((regions["end"] < regions["start"]).any()):
+        at = int(np.flatnonzero(regions["end"] < regions["start"])[0])
+        raise ValueError(f"region {at} ends before it starts: {regions[at]['start']:#x}-{regions[at]['end']:#x}")
+    return _regions_to_pages(regions, page_size)
+
+
+def _regions_to_pages(regions: np.ndarray, page_size: int = P) -> np.ndarray:
+    """``regions_to_pages`` without its checks, for regions this package made."""
     n = len(regions)
     if not n:
         return np.empty(0, dtype=np.uint64)
@@ -382,7 +402,7 @@ class WriteWatch:
                 f"page at {last.walk_end:#x}; with reset=True hugetlb pages are returned and re-armed whole",
             )
         found = _joined(parts)
-        return regions_to_pages(found) if pages else found
+        return _regions_to_pages(found) if pages else found
 
     def _walk(self, sc: Scanner, start: int, max_pages: int) -> tuple[list[np.ndarray], ScanResult | None]:
         """The written regions of ``[start, end)``, walked in calls of a few thousand
@@ -440,7 +460,7 @@ class WriteWatch:
                     found = self._without_guards(found)
                 if self.exclude:
                     self._sparse = len(found) * _SPARSE_PAGES <= (end - self.start) // P
-                return regions_to_pages(found) if pages else found.copy()  # nothing returned shares buf
+                return _regions_to_pages(found) if pages else found.copy()  # nothing returned shares buf
             finally:
                 if len(buf) <= _BUF_KEEP:
                     self._bufs.append(buf)
@@ -477,7 +497,7 @@ class WriteWatch:
             self._guard_bufs.append(buf)
         if not guards:
             return regions
-        pages = np.setdiff1d(regions_to_pages(regions), regions_to_pages(np.concatenate(guards)), assume_unique=True)
+        pages = np.setdiff1d(_regions_to_pages(regions), _regions_to_pages(np.concatenate(guards)), assume_unique=True)
         return _as_regions(pages)
 
     def _fast_get(self, reset: bool) -> np.ndarray:
@@ -510,7 +530,7 @@ class WriteWatch:
             return np.empty(0, np.uint64)
         with self._lock:
             found = _joined([res.regions for res in walk(g, lo, hi, None, 0)])
-        return np.intersect1d(pages.astype(np.uint64), regions_to_pages(found), assume_unique=True)
+        return np.intersect1d(pages.astype(np.uint64), _regions_to_pages(found), assume_unique=True)
 
     def _gone(self, err: OSError | None = None) -> PermissionError | ValueError:
         """The error for a range found no longer registered: a closed watch's (``close``

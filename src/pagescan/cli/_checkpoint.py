@@ -13,7 +13,7 @@ from ._common import human, parse_pid, parse_positive, print_json, printable, ta
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "checkpoint",
-        help="inspect, verify or compact a checkpoint file (pagescan.snapshot)",
+        help="inspect, verify, load or compact a checkpoint file (pagescan.snapshot)",
         description="Work on a checkpoint file written by pagescan.snapshot.Checkpointer: an "
         "append-only chain of generations (the first full, later ones holding the pages written "
         "since), each sealed by a commit record. See docs/checkpoint-format.md.",

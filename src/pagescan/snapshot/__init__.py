@@ -71,7 +71,7 @@ from ._restoring import lazy_restore, restore
 from ._state import Target, chunk_runs, match, merged_page_runs, metas, pages_to_chunks, targets, zero_padding
 from ._precopy import KEEP, Precopier, Refused
 from ._twin import FrozenTwin, ProcMem
-from ._store import Appender, CheckpointError, CorruptCheckpointError, Generation, Store, fsync_dir, link_fd, new_file
+from ._store import Appender, CheckpointError, CorruptCheckpointError, EmptyFileError, Generation, Store, fsync_dir, link_fd, new_file
 from .._uapi import libc
 from .._uapi.libc import read_runs
 from .._procfs import mem_available, read_smaps
@@ -217,6 +217,7 @@ class Checkpointer:
 
     Args:
         path: the checkpoint file. A new file is created (atomically); an existing
+            empty file (``tempfile.mkstemp``) is started in place; an existing
             checkpoint of the same entries (names, sizes, dtypes, shapes) is continued
             (its unsealed tail, if any, is dropped, and the next checkpoint is full,
             since writes made before this object existed were not tracked).
@@ -267,6 +268,8 @@ class Checkpointer:
         meta = metas(self.targets)
         try:
             self._store = Store(self.path, writable=True, lock=True)
+        except EmptyFileError:  # made empty beforehand (tempfile.mkstemp, touch): start here
+            self._store = Store.create_in_empty(self.path, P, self.mapping, meta)
         except FileNotFoundError:
             try:
                 self._store = Store.create(self.path, P, self.mapping, meta)

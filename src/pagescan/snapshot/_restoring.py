@@ -153,11 +153,14 @@ def lazy_restore(
     ``prefetch`` the handler copies pages ahead while no fault waits; a recorded
     working set is prefetched first, and ``record`` records one (every first touch
     served alone, no prefetch; see :func:`load`): when the block ends the recording is
-    saved and the handler prefetches the rest, which the block's end waits for.
-    Leaving the block stops the
-    handler: pages not served by then raise SIGBUS when touched -- call ``wait()``
-    first. If the handler dies, touching a page not yet restored raises SIGBUS (never
-    wrong data, never a hang); a damaged page is not served either.
+    saved and the handler prefetches the rest.
+
+    A block that ends normally waits for the handler to bring every page in when it
+    prefetches (``prefetch=True``, or ``record``), and raises ``RuntimeError`` if the
+    handler failed first. Without prefetch, or when the block ends by an exception,
+    leaving it stops the handler: a page not served by then raises SIGBUS when touched.
+    If the handler dies, touching a page not yet restored raises SIGBUS (never wrong
+    data, never a hang); a damaged page is not served either.
     """
     # The index blocks are read (and verified) when first used, as by a lazy load:
     # reading the whole index at the start cost 25 ms per GiB of state.
@@ -204,8 +207,9 @@ def lazy_restore(
                 fh = serving.enter_context(FaultHandler(regions, src, prefetch=prefetch, hot=hot,
                                                         record=None if recording is None else recording.array))
             yield fh
-            if recording is not None:  # the rest comes in, prefetched, before the block ends
+            if recording is not None:
                 recording.save()
+            if recording is not None or prefetch:  # the rest comes in before the block ends
                 if not fh.wait():
                     raise RuntimeError(
                         f"lazy restore from {os.fspath(path)}: the fault handler failed (exit status "

@@ -49,6 +49,7 @@ __all__ = [
     "Appender",
     "CheckpointError",
     "CorruptCheckpointError",
+    "EmptyFileError",
     "Generation",
     "Section",
     "Store",
@@ -65,6 +66,10 @@ class CheckpointError(ValueError):
 
 class CorruptCheckpointError(CheckpointError):
     """A sealed part of a checkpoint file is damaged (names the generation and page)."""
+
+
+class EmptyFileError(CheckpointError):
+    """The file is empty (0 bytes): not a checkpoint yet. A writer starts one in it."""
 
 
 _HOST_PAGE = mmap.PAGESIZE
@@ -235,6 +240,28 @@ class Store:
                     os.unlink(named_tmp)
         return cls(path, writable=True, _fd=fd)
 
+    @classmethod
+    def create_in_empty(cls, path: str | os.PathLike[str], page_size: int, mapping: bool,
+                        entries: list[EntryMeta]) -> Store:
+        """Start a checkpoint in an existing empty file (made by ``tempfile``, say), in
+        place: its inode, owner and mode stay. Under the writer's lock the file must
+        still be empty (``CheckpointError`` if another writer has filled it meanwhile);
+        the header is written and ``fsync``'d. A crash
+        while it is written leaves a short header, which is refused as not a checkpoint
+        (nothing was in the file to lose). Returns the store, writable and locked."""
+        path = os.fspath(path)
+        fd = open_regular(path, os.O_RDWR)
+        try:
+            _lock(fd, path)
+            if os.fstat(fd).st_size != 0:
+                raise CheckpointError(f"{path} was written by someone else while it was opened")
+            _pwrite_all(fd, header_blob(page_size, mapping, entries), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, writable=True, _fd=fd)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -266,6 +293,8 @@ class Store:
         page -- so the per-page arrays built later are bounded by the file's size.
         """
         size = os.fstat(self.fd).st_size
+        if size == 0:
+            raise EmptyFileError(f"{self.path} is empty (0 bytes): not a pagescan checkpoint yet")
         head = _pread_exact(self.fd, FILE_HEADER.size, 0)
         if len(head) < FILE_HEADER.size or head[:8] != MAGIC_FILE:
             raise CheckpointError(f"{self.path} is not a pagescan checkpoint (bad magic)")
@@ -1104,17 +1133,23 @@ def _commit_record(number: int, off: int, length: int, body_digest: bytes, head_
     return rec[:-8] + digest(rec[:-8])
 
 
+def header_blob(page_size: int, mapping: bool, entries: list[EntryMeta]) -> bytes:
+    """A new file's first bytes: the header, the entry table and the metadata, each
+    with its digest."""
+    meta = encode_meta(mapping, entries)
+    head = FILE_HEADER.pack(MAGIC_FILE, VERSION, page_size, len(entries), 0, len(meta), 0, 0, 0, b"\0" * 8)
+    head = head[:-8] + digest(head[:-8])
+    table = np.asarray([e.nbytes for e in entries], dtype="<u8").tobytes()
+    return head + table + digest(table) + meta + digest(meta)
+
+
 def new_file(path: str, page_size: int, mapping: bool, entries: list[EntryMeta]) -> tuple[int, str | None]:
     """A new checkpoint file with its header written and ``fsync``'d, not yet at ``path``.
 
     Returns ``(fd, None)`` for an unnamed file in ``path``'s directory (``O_TMPFILE``), or
     ``(fd, temporary name)`` where the file system has no ``O_TMPFILE``. The fd is locked.
     """
-    meta = encode_meta(mapping, entries)
-    head = FILE_HEADER.pack(MAGIC_FILE, VERSION, page_size, len(entries), 0, len(meta), 0, 0, 0, b"\0" * 8)
-    head = head[:-8] + digest(head[:-8])
-    table = np.asarray([e.nbytes for e in entries], dtype="<u8").tobytes()
-    blob = head + table + digest(table) + meta + digest(meta)
+    blob = header_blob(page_size, mapping, entries)
     d = os.path.dirname(os.path.abspath(path))
     named_tmp = None
     try:
