@@ -374,6 +374,8 @@ def test_stat_without_the_privilege_to_read_pfns_shows_zero_and_huge_as_unknown(
     assert doc["totals"]["pages"]["zero"] is None and doc["totals"]["pages"]["huge"] is None
     assert doc["totals"]["pages"]["present"] > 0
     assert all("zero" not in m["pages"] for m in doc["mappings"])
+    assert doc["groups"] and all(g["pages"]["zero"] is None and g["pages"]["huge"] is None
+                                 and g["bytes"]["zero"] is None for g in doc["groups"])  # (were 0)
     ok = _cli("stat", "self", env=env)  # as root: every class known
     assert ok.returncode == 0 and "zero pages unknown" not in ok.stdout
 
@@ -554,3 +556,15 @@ def test_python_m_pagescan_cli() -> None:
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert sum(x["pages"] for x in doc["regions"]) == 1
+
+
+@pytest.mark.parametrize(("nbytes", "text"), [
+    (0, "0"), (1, "1B"), (1023, "1023B"), (1024, "1.0K"), (1536, "1.5K"),
+    (10200, "10K"),  # 9.96 KiB: printed "10.0K" before
+    (1073217536, "1.0G"),  # 1023.5 MiB: printed "1024M" before
+    (1023 << 20, "1023M"), (3 << 30, "3.0G"), ((1 << 40) + (1 << 39), "1.5T"), (1 << 70, "1024E"),
+])
+def test_human_sizes(nbytes: int, text: str) -> None:
+    from pagescan.cli._common import human
+
+    assert human(nbytes) == text

@@ -1023,3 +1023,58 @@ def test_subprocess_broken_pipe() -> None:
         proc.stderr.close()
     assert first.startswith(b"pid ") and err == b""
 
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_stat_of_a_process_that_exits_after_its_mappings_were_read(
+        as_json: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process ends (and is reaped) right after its mappings were read: one line,
+    ProcessLookupError, exit 1 (before: a report of its mappings under an empty command
+    line and user, exit 0, and PSS totals silently summed from the mappings)."""
+    from pagescan.cli import _stat, main
+
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, time; print(flush=True); time.sleep(60)"],
+                            stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"\n"
+        real = _stat._mapping_table
+
+        def read_then_end(*args: Any, **kw: Any) -> Any:
+            table = real(*args, **kw)
+            proc.kill()
+            proc.wait()
+            return table
+
+        monkeypatch.setattr(_stat, "_mapping_table", read_then_end)
+        rc = main(["stat", str(proc.pid), *(["--json"] if as_json else [])])
+        out, err = capsys.readouterr()
+        assert rc == 1 and out == "", out
+        assert err == f"pagescan: ProcessLookupError: [Errno 3] pid {proc.pid} exited while it was read\n", err
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_a_newline_in_a_file_name_is_a_newline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """maps and smaps write a newline in a path as the four characters ``\\012``;
+    pagescan reads it back as the newline, as PROCMAP_QUERY gives it: JSON holds the
+    real name (``os.fsencode`` of it opens the file), the table shows ``?``, and the
+    smaps and query paths agree (before: ``new\\012line.dat`` in JSON and the table)."""
+    from pagescan._procfs import query_maps, read_maps, read_smaps
+
+    path = tmp_path / "new\nline.dat"
+    with file_mapping(path, 2) as m:
+        want = os.fspath(path)
+        got = {"maps": [v.name for v in read_maps(os.getpid(), m.addr, m.end)],
+               "smaps": [v.name for v in read_smaps(os.getpid(), m.addr, m.end)]}
+        q = query_maps(os.getpid(), m.addr, m.end)
+        if q is not None:  # PROCMAP_QUERY: Linux 6.11
+            got["query"] = [v.name for v in q]
+        assert all(names == [want] for names in got.values()), got
+        doc = run_json(capsys, "stat", "self", "--all")
+        names = [r["name"] for r in doc["mappings"] if r["start"] == m.addr]
+        assert names == [want] and os.path.exists(os.fsencode(names[0]))
+        rc, table, _ = run(capsys, "stat", "self", "--all", "--wide")
+        assert rc == 0 and printable(want) in table and "\\012" not in table

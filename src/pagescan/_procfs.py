@@ -161,8 +161,17 @@ def _parse_header(line: bytes) -> Vma:
         offset=int(parts[2], 16),
         dev=parts[3].decode(),
         inode=int(parts[4]),
-        name=os.fsdecode(parts[5].lstrip()) if len(parts) > 5 else "",  # trailing spaces are the name's
+        name=_name(parts[5]) if len(parts) > 5 else "",
     )
+
+
+def _name(field: bytes) -> str:
+    """A maps line's name: its leading spaces are padding, trailing ones the name's; a
+    newline in a path is written as ``\\012`` (``seq_path``), read back as one, as
+    ``PROCMAP_QUERY`` gives it (a name holding those four characters themselves cannot
+    be told apart in maps)."""
+    raw = field.lstrip()
+    return os.fsdecode(raw.replace(b"\\012", b"\n") if b"\\" in raw else raw)
 
 
 def _vma_end(line: bytes) -> int:

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from ._procfs import _open as _read_proc_file
-from ._procfs import _open_fd, _parse_header, task_size
+from ._procfs import _name, _open_fd, _parse_header, task_size
 from ._scan import scan_iter
 from ._target import Target, resolve_pid
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category
@@ -441,7 +441,7 @@ def _parse_maps(text: bytes, limit: int) -> _Vmas:
         lo, _, hi = parts[0].partition(b"-")
         end = int(hi, 16)
         if end <= limit:
-            name = os.fsdecode(parts[5].lstrip()) if len(parts) > 5 else ""  # trailing spaces are the name's
+            name = _name(parts[5]) if len(parts) > 5 else ""
             out.append((int(lo, 16), end, parts[1].decode(), int(parts[2], 16), name, parts[3].decode(),
                         int(parts[4])))
     return out

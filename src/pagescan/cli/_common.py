@@ -108,12 +108,15 @@ def human(nbytes: int) -> str:
     """1536 -> '1.5K' (powers of 1024), like psutil's bytes2human."""
     if nbytes < 1024:
         return f"{nbytes}B" if nbytes else "0"
+    value = float(nbytes)
     for unit in "KMGTPE":
-        nbytes_f = nbytes / 1024
-        if nbytes_f < 1024 or unit == "E":
-            return f"{nbytes_f:.1f}{unit}" if nbytes_f < 10 else f"{nbytes_f:.0f}{unit}"
-        nbytes = int(nbytes_f)
-    return str(nbytes)
+        value /= 1024
+        # One decimal below 10 as printed (9.96 prints "10", not "10.0"); the next unit
+        # once the printed value reaches 1024 (1023.5 MiB is "1.0G", not "1024M").
+        text = f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
+        if float(text) < 1024 or unit == "E":
+            return text + unit
+    raise AssertionError("unreachable")
 
 
 def shorten(name: str, width: int) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
 import operator
 import os
@@ -223,6 +224,8 @@ class Snapshot:
     pid: int
     table: _MappingTable
     columns: list[str]
+    #: (command line, user name, uid), read right after the table.
+    header: tuple[str, str, int] = ("", "", -1)
     rollup: dict[str, int] | None = None
 
     @property
@@ -239,16 +242,22 @@ def collect(pid: int, columns: Sequence[str], backend: str = "auto") -> Snapshot
         unknown = {c for c, bit in (("zero", Category.PFNZERO), ("huge", Category.HUGE)) if err.categories & bit}
         unknown |= {"zero", "huge"} & set(classes)  # (both hang on the same PFNs)
         table = _mapping_table(pid, backend=backend, smaps=smaps, categories=[c for c in classes if c not in unknown])
-    return Snapshot(pid, table, list(columns))
+    return Snapshot(pid, table, list(columns), header_line(pid))
+
+
+def _exited(pid: int) -> ProcessLookupError:
+    return ProcessLookupError(errno.ESRCH, f"pid {pid} exited while it was read")
 
 
 def header_line(pid: int) -> tuple[str, str, int]:
-    """(command line, user name, uid); the process may have gone: empty strings."""
+    """(command line, user name, uid); ``ProcessLookupError`` if the process has gone
+    (its mappings were just read: a report of them under an empty name would say
+    nothing of the exit)."""
     try:
         uid = process_uid(pid)
         return read_cmdline(pid), user_name(uid), uid
-    except OSError:
-        return "", "", -1
+    except (FileNotFoundError, ProcessLookupError):
+        raise _exited(pid) from None
 
 
 # -- rows ---------------------------------------------------------------------------------
@@ -382,8 +391,10 @@ def _rollup(snap: Snapshot) -> dict[str, int]:
     if snap.rollup is None:
         try:
             snap.rollup = read_rollup(snap.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            raise _exited(snap.pid) from None
         except OSError:
-            snap.rollup = {}
+            snap.rollup = {}  # (not allowed: the totals are the mappings' sums)
     return snap.rollup
 
 
@@ -453,7 +464,7 @@ def render(snap: Snapshot, args: argparse.Namespace, explicit_columns: bool) -> 
     headers = [first, "PERM"] + [COLUMNS[columns[i]].header for i in shown] + ["MAPPING"]
     body = list(zip(labels, perms, *[col_cells[i] for i in shown], names))
     align = "<<" + "".join("<" if kinds[i] == "text" else ">" for i in shown) + "<"
-    cmd, user, _ = header_line(snap.pid)
+    cmd, user, _ = snap.header
     out = [f"pid {snap.pid} ({user or '?'}): {printable(cmd)}"]
     if not args.wide and len(out[0]) > term:
         out[0] = out[0][: max(term - 1, 20)] + "…"
@@ -552,7 +563,7 @@ def _smaps_encoder(stats: Sequence[MappingStat]) -> Callable[[dict[str, int]], s
 
 def to_json(snap: Snapshot, groups: bool = True) -> dict[str, Any]:
     stats = snap.stats
-    cmd, user, uid = header_line(snap.pid)
+    cmd, user, uid = snap.header
     encode = _smaps_encoder(stats)
     sum_smaps = _sum_smaps(stats)
     pages_json = _sum_pages(stats)
@@ -622,12 +633,15 @@ def _groups_json(stats: Sequence[MappingStat]) -> list[dict[str, Any]]:
         keys = list(_sum_smaps(stats))
     smaps = _group_sums(gidx, len(index), [[s.smaps.get(k, 0) for k in keys] for s in stats], len(keys))
     classes = list(STAT_CATEGORIES)
+    unknown = [c for c in classes if stats and c not in stats[0].pages]  # not countable (see collect)
     pages = _group_sums(gidx, len(index), [[s.pages.get(c, 0) for c in classes] for s in stats], len(classes))
     written = _group_sums(gidx, len(index), [[s.pages.get("written", 0) if s.uffd_wp else 0, 1 if s.uffd_wp else 0,
                                               s.end - s.start, s.uss or 0, 1] for s in stats], 5)
     out = []
     for name, g in index.items():
         pg: dict[str, int | None] = dict(zip(classes, pages[g]))
+        for c in unknown:
+            pg[c] = None
         if stats[0].smaps:  # WRITTEN only where uffd-wp is registered
             pg["written"] = written[g][0] if written[g][1] else None
         out.append({
