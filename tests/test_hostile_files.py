@@ -72,6 +72,47 @@ def test_a_torn_tail_alone_is_still_cut(tmp_path: Path) -> None:
     assert path.read_bytes() == good
 
 
+def _with_working_set(path: Path) -> None:
+    """Make the file end with a section: a recording lazy restore saves one."""
+    import pagescan
+    from pagescan.snapshot import lazy_restore
+
+    target = {"a": pagescan.zeros(4096, np.float64), "b": pagescan.zeros(3000, np.uint8)}
+    with lazy_restore(path, target, record=True):
+        _ = float(target["a"][1000])
+    assert _records(path)[-1][1] == path.stat().st_size and len(_records(path)) == 4
+
+
+@pytest.mark.parametrize("last", ["generation", "section"])
+def test_a_damaged_commit_record_at_the_end_is_damage_not_a_tail(tmp_path: Path, last: str) -> None:
+    """Every single-bit flip of the commit record that ends the file: the record before
+    it is complete, so this is damage, not a writer that died while sealing (before:
+    the newest generation silently vanished for every reader, and the next writer cut
+    it away). What such a writer does leave -- zeros where the record goes, or a part
+    of it written and the rest zeros -- is still a torn tail."""
+    path = tmp_path / "c.ck"
+    st = _three_generations(path)
+    if last == "section":
+        _with_working_set(path)
+    good = path.read_bytes()
+    rec = len(good) - 64
+    for bit in range(0, 64 * 8, 7):  # a spread of bits over every field
+        data = bytearray(good)
+        data[rec + bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(data))
+        with pytest.raises(CorruptCheckpointError, match="its commit record, at the end of the file, is damaged"):
+            verify(path)
+        if last == "generation":
+            with pytest.raises(CorruptCheckpointError, match="commit record"):
+                load(path)
+        with pytest.raises(CorruptCheckpointError, match="commit record"):
+            Checkpointer(path, st).close()
+        assert path.read_bytes() == bytes(data), f"bit {bit}: the file was changed"
+    for torn in (bytes(64), good[rec : rec + 20] + bytes(44), bytes(40) + good[rec + 40 :]):
+        path.write_bytes(good[:rec] + torn)
+        assert [g.number for g in verify(path)] == ([1, 2, 3] if last == "section" else [1, 2]), torn.hex()
+
+
 def _cut_and_regrow(path: str, sealed: int, tail: bytes, stop: multiprocessing.synchronize.Event) -> None:
     fd = os.open(path, os.O_RDWR)
     while not stop.is_set():

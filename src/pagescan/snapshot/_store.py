@@ -364,6 +364,12 @@ class Store:
                         f"{self.path}: generation {expected} (at offset {off}) is damaged ({got}), "
                         f"but sealed data up to generation {later} follows it"
                     )
+                elif what := self._commit_damaged(off, size):
+                    # A complete record whose commit record holds what no writer leaves:
+                    # damage, not a torn tail (cutting it would lose a sealed record).
+                    self.damage = CorruptCheckpointError(
+                        f"{self.path}: {what} (at offset {off}) is complete, but its commit record, at the end "
+                        f"of the file, is damaged: nothing from there on is read or cut")
                 break
             if isinstance(got, Section):
                 self.sections.append(got)
@@ -493,6 +499,44 @@ class Store:
             return False
         cmagic, _cgen, goff, length, _i, _h, _x, cdig = COMMIT.unpack(craw)
         return bool(cmagic == MAGIC_COMMIT and digest(craw[:-8]) == cdig and off <= goff and goff + length == at <= end)
+
+    def _commit_damaged(self, off: int, size: int) -> str:
+        """The record at ``off`` ends the file with its commit record in place, but that
+        record is not the valid one -- nor what a writer that died while sealing leaves:
+        zeros where the record was not written yet (``Appender.seal`` writes zeros there
+        first and makes them durable), a sector boundary possibly splitting it into a
+        written and an unwritten part. Returns what the record is ("generation 3"), or
+        ``""`` (a torn tail, or not a complete record). Version 4 files."""
+        if self.version < 4:
+            return ""
+        raw = _pread_exact(self.fd, GEN_HEADER.size, off)
+        if len(raw) < GEN_HEADER.size or digest(raw[:-8]) != raw[-8:]:
+            return ""
+        if raw[:8] == MAGIC_SECTION:
+            _m, _t, number, nbytes, _a, _b, _c, dig = SECTION_HEADER.unpack(raw)
+            length = SECTION_HEADER.size + nbytes
+            if off + length + COMMIT.size != size:
+                return ""
+            h = hashlib.blake2b(digest_size=8)
+            for pos in range(off + SECTION_HEADER.size, off + length, 1 << 20):
+                h.update(_pread_exact(self.fd, min(1 << 20, off + length - pos), pos))
+            body, what = h.digest(), f"the section of generation {number}"
+        elif raw[:8] == MAGIC_GEN:
+            _m, number, _n, ndata, _p, index_bytes, table_bytes, dig = GEN_HEADER.unpack(raw)
+            length = GEN_HEADER.size + index_bytes + table_bytes + ndata * self.page_size
+            if off + length + COMMIT.size != size:
+                return ""
+            body = digest(_pread_exact(self.fd, table_bytes, off + GEN_HEADER.size + index_bytes))
+            what = f"generation {number}"
+        else:
+            return ""
+        want = _commit_record(number, off, length, body, dig)
+        got = _pread_exact(self.fd, COMMIT.size, off + length)
+        zero = bytes(COMMIT.size)
+        if len(got) != COMMIT.size or any(got in (want[:k] + zero[k:], zero[:k] + want[k:])
+                                          for k in range(COMMIT.size + 1)):
+            return ""
+        return what
 
     def _sealed_at_end(self, off: int, size: int) -> int | None:
         """Generation number of a valid commit record ending the file, for a record at or after ``off``."""
