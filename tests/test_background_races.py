@@ -578,3 +578,52 @@ def test_a_handler_raising_while_the_handlers_are_held_back_leaves_them_all_in_p
     finally:
         held.release()
     assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+
+
+_HANDLER_CHECKPOINTS = """
+import os, signal, sys
+import numpy as np
+import pagescan
+from pagescan.snapshot import Checkpointer
+path = sys.argv[1]
+state = {"a": pagescan.zeros(16 * 4096, np.uint8)}
+ck = Checkpointer(path, state)
+refused, other, busy = [0], [], [False]
+def handler(sig, frame):
+    if busy[0]:
+        return
+    busy[0] = True
+    try:
+        ck.checkpoint()
+    except RuntimeError:
+        refused[0] += 1
+    except ValueError as err:  # between close() and the next Checkpointer
+        other.append(str(err))
+    finally:
+        busy[0] = False
+signal.signal(signal.SIGALRM, handler)
+signal.setitimer(signal.ITIMER_REAL, 0.0002, 0.0002)
+for i in range(int(sys.argv[2])):
+    state["a"][(i * 4096) % len(state["a"])] = i & 0xFF
+    ck.checkpoint()
+    if i % 500 == 499:
+        ck.close()
+        os.unlink(path)
+        ck = Checkpointer(path, state)
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+ck.close()
+assert all("closed Checkpointer" in o for o in other), other
+print(refused[0])
+"""
+
+
+def test_checkpoint_from_a_signal_handler_never_waits_for_its_own_thread(tmp_path: Path) -> None:
+    """A handler run between the main thread's taking of the lock and its noting that
+    it is inside ``checkpoint()`` (or between the two at the end, or in ``close()``)
+    passed the reentrancy check and waited for the lock its own thread held: a hang,
+    every run within 2,000 checkpoints. Now the thread is marked before it takes the
+    lock and unmarked after it releases it: the handler gets RuntimeError."""
+    r = subprocess.run([sys.executable, "-c", _HANDLER_CHECKPOINTS, str(tmp_path / "c.ck"), "2500"],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout) > 0, "no handler ran inside a checkpoint: the test tested nothing"

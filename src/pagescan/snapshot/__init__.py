@@ -246,8 +246,10 @@ class Checkpointer:
         self._store: Store | None = None
         self._lock = threading.Lock()  # one checkpoint starts at a time
         self._pid = os.getpid()  # a forked child inherits a copy: see _forked()
-        self._in_call: int | None = None  # the thread inside checkpoint() or close()
-        self._in_what = ""  # which of the two
+        #: Thread id -> the call ("checkpoint()", "close()") it is inside, from before
+        #: it takes the lock until after it released it: a signal handler or finalizer
+        #: of that thread run anywhere in between is refused, never left waiting.
+        self._calls: dict[int, str] = {}
         self._thread: threading.Thread | None = None  # the checkpoint in flight
         self._pending: PendingCheckpoint | None = None
         self._closing = False  # close() has begun
@@ -329,21 +331,23 @@ class Checkpointer:
             self._close()
             return
         self._not_reentrant("close()")
-        callback = threading.current_thread() is self._thread
-        if callback:  # from the background thread: never waits (raises RuntimeError instead)
-            self._acquire("close()")
-        self._closing = True  # no checkpoint starts from now on
-        if cancel and self._pending is not None:
-            self._pending.cancel()
-        if not callback:
-            self._acquire("close()")  # a checkpoint() running in another thread ends first
+        me = threading.get_ident()
+        self._calls[me] = "close()"  # (it may wait for the checkpoint in flight)
         try:
-            self._in_what = "close()"
-            self._in_call = threading.get_ident()  # (it may wait for the one in flight)
-            self._close()
+            callback = threading.current_thread() is self._thread
+            if callback:  # from the background thread: never waits (raises RuntimeError instead)
+                self._acquire("close()")
+            self._closing = True  # no checkpoint starts from now on
+            if cancel and self._pending is not None:
+                self._pending.cancel()
+            if not callback:
+                self._acquire("close()")  # a checkpoint() running in another thread ends first
+            try:
+                self._close()
+            finally:
+                self._lock.release()
         finally:
-            self._in_call = None
-            self._lock.release()
+            self._calls.pop(me, None)
 
     def _close(self) -> None:
         self._join()
@@ -453,6 +457,8 @@ class Checkpointer:
                                "its write tracking: checkpoint only from the parent")
         self._not_reentrant("checkpoint()")
         held: list[_HeldSignals] = []
+        me = threading.get_ident()
+        self._calls[me] = "checkpoint()"
         try:
             # No collection inside the call: a finalizer run by this thread would write
             # memory from the one thread the instant does not stop (the "direct" copy,
@@ -460,13 +466,11 @@ class Checkpointer:
             with _no_gc():
                 self._acquire("checkpoint()")
                 try:
-                    self._in_what = "checkpoint()"
-                    self._in_call = threading.get_ident()
                     return self._checkpoint(progress, wait, held)
                 finally:
-                    self._in_call = None
                     self._lock.release()
         finally:
+            self._calls.pop(me, None)
             for h in held:
                 h.release()  # Python handlers due meanwhile run now
 
@@ -493,8 +497,9 @@ class Checkpointer:
         """Refuse a call made inside this thread's :meth:`checkpoint` or :meth:`close` (a
         signal handler, a finalizer): it would wait for the lock this thread holds, for
         good, or close the file under the outer call."""
-        if self._in_call == threading.get_ident():
-            raise RuntimeError(f"{what} called inside {self._in_what} of the same thread (from a signal handler "
+        inside = self._calls.get(threading.get_ident())
+        if inside is not None:
+            raise RuntimeError(f"{what} called inside {inside} of the same thread (from a signal handler "
                                "or a finalizer?)")
 
     def _checkpoint(self, progress: Progress | None, wait: bool,
