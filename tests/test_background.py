@@ -251,7 +251,7 @@ def test_no_collection_runs_during_a_checkpoint_and_finalizers_never_tear_it(
             a[1] = a[-1] = count[0]
 
     def seen(phase: str, info: dict[str, int]) -> None:
-        if phase == "start" and inside[0] and ck._in_call is not None:
+        if phase == "start" and inside[0] and ck._lock.locked():
             runs.append(time.monotonic())
 
     path = tmp_path / "gc.ckpt"

@@ -831,13 +831,14 @@ def test_damaged_record_header_or_commit_is_damage_not_a_tail(tmp_path: Path) ->
             assert np.flatnonzero(cur != np.frombuffer(pristine, np.uint8)).tolist() == [off]
         finally:
             path.write_bytes(pristine)
-    # The newest generation's commit record: damage there cannot be told from a torn
-    # commit (the generation was never confirmed) -- it reads as an unsealed tail.
+    # The newest generation's commit record: a flipped bit there is damage too (a writer
+    # that died while sealing leaves zeros, or a part of the record then zeros:
+    # tests/test_hostile_files.py); the generations before it are still read by number.
     _flip(path, gens[-1].end - SEAL + 20)
     info = inspect(path)
-    assert info["damage"] is None and len(info["generations"]) == 3
-    assert info["unsealed_tail_bytes"] == gens[-1].end - gens[-1].offset
-    assert np.array_equal(restored(path, [16])[0], expected[2][0])
+    assert "its commit record, at the end of the file, is damaged" in str(info["damage"])
+    assert len(info["generations"]) == 3
+    assert np.array_equal(restored(path, [16], generation=3)[0], expected[2][0])
     path.write_bytes(pristine)
 
 

@@ -1159,3 +1159,58 @@ def test_a_key_that_is_not_valid_unicode_is_refused_by_name(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="not valid Unicode"):
         Checkpointer(tmp_path / "k.ck", {"a\udc80": np.zeros(4)})
     assert not (tmp_path / "k.ck").exists()
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["one-python-thread", "two-python-threads"])
+def test_memory_other_mappings_write_is_in_every_generation(tmp_path: Path, threads: bool) -> None:
+    """State in shared memory (a memfd mapped twice, shared with a forked child) and in
+    a private file mapping (pages the file's writes show through until copied on write):
+    writes through another mapping, by another process or by ``write(2)`` fault nothing
+    in this process's page tables, so write tracking never saw them and every later
+    generation lacked them (before: 0 pages stored, load gave the old bytes for good).
+    Such pages are stored in every generation; private anonymous state stays
+    incremental. With another thread running, the shared state takes the ptrace path,
+    which copies those pages in the stop."""
+    fd = os.memfd_create("state")
+    os.ftruncate(fd, 4 * P)
+    shared = mmap.mmap(fd, 4 * P)
+    alias = mmap.mmap(fd, 4 * P)
+    shared[:] = b"\x01" * (4 * P)
+    backing = tmp_path / "file.bin"
+    backing.write_bytes(b"\x05" * (4 * P))
+    with open(backing, "r+b") as f:
+        private = mmap.mmap(f.fileno(), 4 * P, flags=mmap.MAP_PRIVATE)
+    anon = pagescan.zeros(64 * P, np.uint8)
+    state = {"shared": shared, "private": private, "anon": anon}
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait) if threads else None
+    try:
+        if other is not None:
+            other.start()
+        path = tmp_path / "c.ck"
+        with Checkpointer(path, state) as ck:
+            ck.checkpoint()
+            alias[P : P + 8] = b"\x02" * 8  # another mapping of the same pages
+            pid = os.fork()
+            if pid == 0:
+                shared[2 * P] = 3  # the child's mapping of them
+                os._exit(0)
+            assert os.waitpid(pid, 0)[1] == 0
+            os.pwrite(fd, b"\x04", 3 * P)  # write(2) to the memfd
+            with open(backing, "r+b") as f:
+                os.pwrite(f.fileno(), b"\x06" * 8, 2 * P)  # shows through the private mapping
+            anon[5 * P] = 9
+            info = ck.checkpoint()
+            assert info.method == "ptrace" or not threads  # (alone: "direct" where this is the only thread)
+            assert info.pages == 4 + 4 + 1, "the other mappings' pages, and the one anonymous page written"
+        got = load(path)
+        assert bytes(got["shared"]) == shared[:] and got["shared"][P] == 2 and got["shared"][3 * P] == 4
+        assert bytes(got["private"]) == private[:] and got["private"][2 * P] == 6
+        assert bytes(got["anon"]) == bytes(anon)
+    finally:
+        stop.set()
+        if other is not None:
+            other.join()
+        for m in (shared, alias, private):
+            m.close()
+        os.close(fd)

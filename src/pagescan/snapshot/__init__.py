@@ -195,21 +195,36 @@ def _bases(ts: list[Target]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum([t.chunks for t in ts], dtype=np.int64)]).astype(np.int64)
 
 
-def _in_shared_mapping(runs: list[tuple[int, int]]) -> bool:
-    """Whether any of the sorted, disjoint page ``runs`` lies in memory that a forked
-    child does not hold as it was at the ``fork``: a shared (``MAP_SHARED``) VMA, or one
-    marked ``MADV_DONTFORK`` (``dc`` in VmFlags: not mapped in the child) or
-    ``MADV_WIPEONFORK`` (``wf``: zeros in the child). One read of smaps, up to the last
-    run: the kernel walks the page tables of every VMA below it (about 10 ms per GiB
-    populated with 4 KiB pages here; once, when the Checkpointer is made)."""
+def _in_shared_mapping(runs: list[tuple[int, int]]) -> tuple[bool, list[tuple[int, int]]]:
+    """``(unfrozen, aliased)`` for the sorted, disjoint page ``runs``.
+
+    ``unfrozen``: some run lies in memory that a forked child does not hold as it was
+    at the ``fork``: a shared (``MAP_SHARED``) VMA, or one marked ``MADV_DONTFORK``
+    (``dc`` in VmFlags: not mapped in the child) or ``MADV_WIPEONFORK`` (``wf``: zeros in
+    the child). ``aliased``: the parts of the runs in VMAs that are not private
+    anonymous memory (shared memory, a memfd, any file mapping, private too: its pages
+    not yet copied on write are the file's), which another mapping, another process or
+    ``write(2)`` can change without a fault in our page tables, so write tracking never
+    sees it. One read of smaps, up to the last run: the kernel walks the page tables of
+    every VMA below it (about 10 ms per GiB populated with 4 KiB pages here; once, when
+    the Checkpointer is made)."""
+    unfrozen = False
+    aliased: list[tuple[int, int]] = []
     if not runs:
-        return False
+        return unfrozen, aliased
     starts = [lo for lo, _ in runs]
     for v in read_smaps(os.getpid(), runs[0][0], runs[-1][1], fields=()):
         i = bisect.bisect_left(starts, v.end) - 1  # the last run starting below the VMA's end
-        if (v.shared or "dc" in v.vmflags or "wf" in v.vmflags) and i >= 0 and runs[i][1] > v.start:
-            return True
-    return False
+        if i < 0 or runs[i][1] <= v.start:
+            continue
+        if v.shared or "dc" in v.vmflags or "wf" in v.vmflags:
+            unfrozen = True
+        if not v.anonymous:
+            j = bisect.bisect_right(starts, v.start) - 1  # the run holding the VMA's start, or the one before
+            for lo, hi in runs[max(j, 0) : i + 1]:
+                if hi > v.start and lo < v.end:
+                    aliased.append((max(lo, v.start), min(hi, v.end)))
+    return unfrozen, aliased
 
 
 class Checkpointer:
@@ -229,6 +244,12 @@ class Checkpointer:
 
     Only one writer may have a file open: the Checkpointer holds a lock (``flock``) on
     it until :meth:`close`.
+
+    Generations after the first hold the pages written since the previous one, as the
+    kernel's write tracking of this process's page tables reports them -- except in
+    state that is not private anonymous memory (shared memory, a memfd, a file
+    mapping), which other mappings, processes or ``write(2)`` can change unseen: its
+    pages are in every generation.
 
     Raises:
         TypeError, ValueError: a bad state (naming the entry), before anything else.
@@ -259,6 +280,8 @@ class Checkpointer:
         self._pre: Precopier | None = None
         self._use_ptrace: bool | None = None
         self._shared = False  # the state lies in a MAP_SHARED mapping (set below)
+        self._aliased: list[tuple[int, int]] = []  # page runs written unseen by other mappings (below)
+        self._aliased_chunks = np.empty(0, np.int64)
         # ``wait=False`` on the fork path: fork first, find the written chunks after
         # (:meth:`_run`); ``False``: find them, then fork, as ``wait=True`` does (benchmarks).
         self._fork_first = True
@@ -294,7 +317,10 @@ class Checkpointer:
             # State in a MAP_SHARED mapping is not copied on write by fork() (nor is one
             # under MADV_DONTFORK or MADV_WIPEONFORK copied at all): only the
             # ptrace stop (or a checkpoint taken alone) freezes it.
-            self._shared = _in_shared_mapping(runs)
+            self._shared, aliased = _in_shared_mapping(runs)
+            self._aliased = aliased
+            #: Chunks on those pages: in every generation (found written or not).
+            self._aliased_chunks = self._runs_to_chunks(np.array(aliased, dtype=np.int64).reshape(-1, 2))
             if self._shared:
                 self._use_ptrace = True
         except BaseException:
@@ -601,7 +627,8 @@ class Checkpointer:
             if not len(runs):  # nothing to track (every entry is empty): the fork path is free
                 return None
             try:
-                self._pre = Precopier(runs, neighbors=any(t.addr % P for t in self.targets if t.nbytes))
+                self._pre = Precopier(runs, neighbors=any(t.addr % P for t in self.targets if t.nbytes),
+                                      aliased=self._aliased)
             except OSError:
                 self._use_ptrace = False
                 return None
@@ -807,6 +834,8 @@ class Checkpointer:
         got = [w._fast_get(reset=True) if fast else w.get(reset=True) for w in self._watches]
         pages = got[0] if len(got) == 1 else np.concatenate(got) if got else np.empty(0, np.uint64)
         chunks = pages_to_chunks(pages, self.targets, self._base)
+        if self._aliased_chunks.size:
+            chunks = np.union1d(chunks, self._aliased_chunks)
         if fast:
             self._unfiltered = (pages, self._carry)
         if self._carry.size:

@@ -49,6 +49,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -144,12 +145,16 @@ def subtract_runs(runs: np.ndarray, holes: np.ndarray) -> np.ndarray:
 
 
 class _Helper:
-    def __init__(self, parent: int, sock: socket.socket, memfd: int, ranges: np.ndarray, neighbors: bool) -> None:
+    def __init__(self, parent: int, sock: socket.socket, memfd: int, ranges: np.ndarray, neighbors: bool,
+                 aliased: np.ndarray | None = None) -> None:
         from .._target import Target
 
         self.parent, self.sock = parent, sock
         self.ranges = ranges
         self.neighbors = neighbors
+        #: Runs that other mappings can write unseen (not private anonymous memory):
+        #: copied whole in every stop, and reported found.
+        self.aliased = np.empty((0, 2), np.int64) if aliased is None else aliased
         lens = ranges[:, 1] - ranges[:, 0]
         self.soff = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
         total = int(lens.sum())
@@ -268,7 +273,9 @@ class _Helper:
             t2 = time.perf_counter()
             runs = self.scan()
             found.append(runs)
-            runs = merge_runs(np.concatenate([runs, pending]))
+            if len(self.aliased):
+                found.append(self.aliased)
+            runs = merge_runs(np.concatenate([runs, pending, self.aliased]))
             copied += self.copy(runs)
             stop_pages = int((runs[:, 1] - runs[:, 0]).sum()) // P
             hold = float(head.get("hold", 0.0))
@@ -314,7 +321,8 @@ def main(argv: list[str]) -> int:  # pragma: no cover - runs in the helper proce
     sock = socket.socket(fileno=sockfd)
     try:
         head, blob = _recv(sock)
-        return _Helper(parent, sock, memfd, _runs(blob).copy(), bool(head["neighbors"])).serve()
+        aliased = np.array(head.get("aliased", []), dtype=np.int64).reshape(-1, 2)
+        return _Helper(parent, sock, memfd, _runs(blob).copy(), bool(head["neighbors"]), aliased).serve()
     except (EOFError, ConnectionError):
         return 0  # our parent closed its end (a Checkpointer closed before it needed us)
     except ProcessLookupError:
@@ -337,10 +345,13 @@ class Precopier:
 
     ``ranges``: the sorted, disjoint page runs tracked; ``neighbors``: copy the pages
     beside each written page too (entries that do not start on a page boundary have
-    chunks straddling two pages).
+    chunks straddling two pages); ``aliased``: page runs copied whole in every stop
+    (memory that other mappings can write without this process's write tracking
+    seeing it).
     """
 
-    def __init__(self, ranges: list[tuple[int, int]], neighbors: bool) -> None:
+    def __init__(self, ranges: list[tuple[int, int]], neighbors: bool,
+                 aliased: Sequence[tuple[int, int]] = ()) -> None:
         from .._child import Child
 
         self.ranges = np.array(ranges, dtype=np.int64).reshape(-1, 2)
@@ -382,7 +393,8 @@ class Precopier:
         self._owner = os.getpid()  # a forked child inherits the socket: it must not use it
         with contextlib.suppress(OSError):  # EINVAL without Yama: nothing to allow
             libc.prctl(PR_SET_PTRACER, pid)
-        _send(self.sock, {"neighbors": neighbors}, self.ranges.tobytes())
+        _send(self.sock, {"neighbors": neighbors, "aliased": [[int(a), int(b)] for a, b in aliased]},
+              self.ranges.tobytes())
         self._ready = False
 
     @property
