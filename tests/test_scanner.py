@@ -409,3 +409,35 @@ def test_emulated_scan_of_an_exiting_process_is_process_lookup_error() -> None:
         finally:
             os.waitpid(pid, 0)
     assert "esrch" in outcomes
+
+
+@pytest.mark.parametrize("backend", ["kernel", "emulated"])
+@pytest.mark.parametrize("slots", [16, 512])  # __setstate__ copies up to 1000 bytes, keeps a bytes object above
+def test_an_out_given_new_memory_by_setstate_is_looked_up_again(backend: str, slots: int) -> None:
+    """``ndarray.__setstate__`` gives the same object (same length, same dtype) new
+    memory and frees the old, though the Scanner holds a reference and numpy a buffer
+    export: the remembered address was used again and the kernel wrote the regions into
+    the freed block (the array stayed zeros; a bytearray that reused the block was
+    overwritten). The data pointer is re-read before every call."""
+    if backend == "kernel" and not pagescan.capabilities().pagemap_scan:
+        pytest.skip("the kernel backend needs PAGEMAP_SCAN (Linux 6.7)")
+
+    def body() -> bool:
+        with anon(2 * slots) as m:
+            for i in range(0, 2 * slots, 2):
+                m.touch(i)  # one region per page, every other page
+            sc = Scanner(category_mask=C.PRESENT, return_mask=C.PRESENT, backend=backend)
+            for call in (lambda out: sc.scan_into(m.addr, m.end, out)[0],
+                         lambda out: len(scan(m.addr, m.end, category_mask=C.PRESENT, return_mask=C.PRESENT, out=out,
+                                              backend=backend))):
+                out = np.zeros(slots, PAGE_REGION_DTYPE)
+                assert call(out) == slots
+                old = out.ctypes.data
+                out.__setstate__(np.zeros(slots, PAGE_REGION_DTYPE).__reduce__()[2])
+                assert not out["start"].any()
+                assert out.ctypes.data != old or slots == 16  # (a copy may get the freed block back)
+                assert call(out) == slots
+                assert out["start"].tolist() == [m.addr + 2 * i * P for i in range(slots)], "written where out is now"
+        return True
+
+    assert run_in_child(body)  # before: heap corruption, the child died

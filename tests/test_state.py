@@ -1214,3 +1214,36 @@ def test_memory_other_mappings_write_is_in_every_generation(tmp_path: Path, thre
         for m in (shared, alias, private):
             m.close()
         os.close(fd)
+
+
+def test_an_array_given_new_memory_is_never_written_or_read_at_its_old_place(tmp_path: Path) -> None:
+    """``ndarray.__setstate__`` moves an array's data (and frees the old block) though
+    pagescan holds a buffer export: a restore's progress callback that did it had the
+    next batch written into the freed block (an unrelated bytearray filled with the
+    checkpoint's bytes); a Checkpointer went on tracking and reading the old block."""
+    path = tmp_path / "moved.ck"
+    a = np.zeros(1024 * P, np.uint8)  # one restore batch (BATCH_PAGES) before the callback
+    b = np.full(8 * P, 0xAB, np.uint8)
+    with Checkpointer(path, {"a": a, "b": b}) as ck:
+        ck.checkpoint()
+
+    def body() -> bool:
+        b[:] = 0
+        victims: list[bytearray] = []
+
+        def progress(done: int, total: int) -> None:
+            if done < total:
+                b.__setstate__(np.zeros(8 * P, np.uint8).__reduce__()[2])  # b moves; its block is freed
+                victims.extend(bytearray(8 * P) for _ in range(32))  # (one may take it)
+
+        with pytest.raises(ValueError, match="entry 'b': the array was given new memory during the restore"):
+            restore(path, {"a": a, "b": b}, progress=progress)
+        assert not any(v.count(0xAB) for v in victims), "a freed block was written"
+        with Checkpointer(tmp_path / "other.ck", {"b": b}) as ck2:
+            ck2.checkpoint()
+            b.__setstate__(np.ones(8 * P, np.uint8).__reduce__()[2])
+            with pytest.raises(ValueError, match="entry 'b': the array was given new memory since"):
+                ck2.checkpoint()
+        return True
+
+    assert run_in_child(body)

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _engine, _probe
 from . import _target as _target_mod
-from ._args import check_out, u64
+from ._args import address_word, check_out, u64
 from ._errors import feature_error, with_context
 from ._procfs import task_size
 from ._uapi.pagemap import ALL_CATEGORIES, PAGE_REGION_DTYPE, PAGEMAP_SCAN, Category, ScanFlag, pm_scan_arg
@@ -61,6 +61,8 @@ _REGION = PAGE_REGION_DTYPE.itemsize
 #: A request: a ``u64`` view of a ``bytearray`` holding ``struct pm_scan_arg``, passed to
 #: ``fcntl.ioctl`` as it is (which writes ``walk_end`` back into it).
 Request = memoryview
+#: What ``prepare_into``'s closure remembers of the last ``out`` (see there).
+Remembered = tuple[Any, int, list[Request], int, int, list[memoryview], Any, Any]
 
 
 def _template(flags: int, inverted: int, mask: int, anyof: int, return_mask: int, max_pages: int = 0) -> bytes:
@@ -177,18 +179,20 @@ class KernelBackend:
         ioctl, req, template = _ioctl, _REQ, _template(flags, inverted, mask, anyof, return_mask, max_pages)
         self_target = _target_mod.self_target
         # (out, its length, spare requests packed for it, its address, slots the kernel may
-        # fill, its u64 words once made) of the last array seen; the reference keeps numpy
-        # from resizing it in place.
-        last: tuple[Any, int, list[Request], int, int, list[memoryview]] = (None, -1, [], 0, 0, [])
+        # fill, its u64 words once made, where its data is now, its dtype) of the last
+        # array seen; the reference keeps numpy from resizing it in place, and the live
+        # address word catches ``__setstate__`` (new memory for the same object).
+        last: Remembered = (None, -1, [], 0, 0, [], None, None)
 
-        def remember(out: Any, start: int, end: int) -> tuple[Any, int, list[Request], int, int, list[memoryview]]:
+        def remember(out: Any, start: int, end: int) -> Remembered:
             nonlocal last
             u64("start", start), u64("end", end)  # a bad range is reported before a bad out
             addr, n = check_out(out)
-            c = last = (out, n, [], addr, n if vec_len is None or n <= vec_len else vec_len, [])
+            c = last = (out, n, [], addr, n if vec_len is None or n <= vec_len else vec_len, [], address_word(out),
+                        out.dtype)
             return c
 
-        def request(c: tuple[Any, int, list[Request], int, int, list[memoryview]]) -> Request:
+        def request(c: Remembered) -> Request:
             q = _request(template)
             q[_VEC], q[_VEC_LEN] = c[3], c[4]
             return q
@@ -197,7 +201,8 @@ class KernelBackend:
             if type(start) is not int or type(end) is not int:
                 start, end = u64("start", start), u64("end", end)
             c = last
-            if c[0] is not out or len(out) != c[1] or not out.flags.writeable:
+            if (c[0] is not out or len(out) != c[1] or not out.flags.writeable or c[6].value != c[3]
+                    or out.dtype is not c[7]):
                 c = remember(out, start, end)
             t = target
             if t is None:

@@ -37,7 +37,7 @@ import numpy as np
 
 from . import _backend
 from . import _target as _target_mod
-from ._args import U64, Buffer, buffer_range, check_out, u64
+from ._args import U64, Buffer, address_word, buffer_range, check_out, u64
 from ._target import PidLike, Target, resolve_pid, self_target
 from ._uapi.pagemap import PAGE_REGION_DTYPE, Category, ScanFlag, page_region
 
@@ -237,7 +237,7 @@ class Scanner:
         self._small: Small | None = self._prepare_small()
         self.backend = backend
         self._scratch: list[tuple[np.ndarray, int]] = []
-        self._out: tuple[np.ndarray, int, int] | None = None
+        self._out: tuple[np.ndarray, int, int, Any, Any] | None = None
         if isinstance(pid, Target):
             self._target = pid
         elif pid is not None:
@@ -308,7 +308,8 @@ class Scanner:
         if type(start) is not int or type(end) is not int or not (0 <= start <= U64 and 0 <= end <= U64):
             start, end = u64("start", start), u64("end", end)
         c = self._out
-        if c is not None and c[0] is out and len(out) == c[2] and out.flags.writeable:
+        if (c is not None and c[0] is out and len(out) == c[2] and out.flags.writeable and c[3].value == c[1]
+                and out.dtype is c[4]):
             addr, n = c[1], c[2]
         else:
             addr, n = self._out_address(out)
@@ -332,13 +333,15 @@ class Scanner:
     def _out_address(self, out: Any, remember: bool = True) -> tuple[int, int]:
         """``(address, length)`` of a validated ``out``; the last one is remembered (with
         a reference, so numpy will not resize it in place) to skip the slow address
-        lookup next time."""
+        lookup next time (it is used again while the array's data pointer and dtype are
+        the same: ``ndarray.__setstate__`` gives the same object new memory)."""
         c = self._out
-        if c is not None and c[0] is out and len(out) == c[2] and out.flags.writeable:
+        if (c is not None and c[0] is out and len(out) == c[2] and out.flags.writeable and c[3].value == c[1]
+                and out.dtype is c[4]):
             return c[1], c[2]
         addr, n = check_out(out)
         if remember:
-            self._out = (out, addr, n)
+            self._out = (out, addr, n, address_word(out), out.dtype)
         return addr, n
 
     def _fall_back(self, err: OSError, target: Target, start: int, end: int, vec: int, vec_len: int,

@@ -536,6 +536,10 @@ class Checkpointer:
         self._join()
         if store.damage is not None:
             raise store.damage
+        for target in self.targets:
+            if target.moved():  # the memory tracked and read is no longer the array's
+                raise ValueError(f"{target.label}: the array was given new memory since this Checkpointer was made "
+                                 "(ndarray.__setstate__?): its writes are not tracked; make a new Checkpointer")
         held.append(_HeldSignals())  # until the pause ends (the copy, for "direct")
         t0 = time.perf_counter()
         quick = contextlib.ExitStack()  # the GIL comes back fast until we return

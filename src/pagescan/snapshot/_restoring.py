@@ -67,6 +67,17 @@ def _restore_chunks(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, ts: li
         write_runs(pid, starts, lengths, rows, offs)
         if progress is not None:
             progress(e, total)
+            _refuse_moved(ts)  # the callback ran code: every target must still be where it was
+
+
+def _refuse_moved(ts: list[Target]) -> None:
+    """``ValueError`` if an array target's data has moved (``ndarray.__setstate__`` gives
+    an array new memory and frees the old, buffer exports or not): the next writes
+    would land in freed memory."""
+    for t in ts:
+        if t.moved():
+            raise ValueError(f"{t.label}: the array was given new memory during the restore "
+                             "(ndarray.__setstate__?); the restore stopped before writing into the old")
 
 
 def restore(

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .._args import plain_array
+from .._args import address_word, plain_array
 from ._format import EntryMeta
 from ._store import CheckpointError, Store
 
@@ -39,6 +39,13 @@ class Target:
     shape: tuple[int, ...]
     array: bool
     keep: Any = None  # a buffer export held while we use the bytes (no resize, no close)
+    #: An array's live data pointer (:func:`~pagescan._args.address_word`): a buffer
+    #: export does not stop ``ndarray.__setstate__`` from moving its data.
+    word: Any = None
+
+    def moved(self) -> bool:
+        """The array's data is no longer at :attr:`addr` (``__setstate__`` moved it)."""
+        return self.word is not None and self.word.value != self.addr
 
     @property
     def chunks(self) -> int:
@@ -117,7 +124,8 @@ def _target(name: str | None, i: int, value: Any, writable: bool, exact_pairs: b
             keep = arr
             del err
         addr = int(arr.__array_interface__["data"][0])
-        return Target(label, name, addr, int(arr.nbytes), arr.dtype, tuple(arr.shape), True, keep)
+        return Target(label, name, addr, int(arr.nbytes), arr.dtype, tuple(arr.shape), True, keep,
+                      address_word(value))
     try:
         mv = memoryview(value)
     except TypeError:
