@@ -76,10 +76,13 @@ class Child(FdHolder):
         child that someone else reaped (``ECHILD``) counts as status 0."""
         if self.status is not None or not self._ours():
             return self.status
+        fd = self._fd
+        if fd < 0:  # closed by a call nested in this one (a signal handler) that reaped it
+            return self.status
         p = select.poll()
-        p.register(self.fd, select.POLLIN)
+        p.register(fd, select.POLLIN)
         if not p.poll(-1 if timeout is None else math.ceil(max(0.0, timeout) * 1000)):  # EINTR: retried
-            return None
+            return self.status  # (reaped meanwhile by a nested call, or still running: None)
         with self._reaping:
             if self.status is not None:  # reaped meanwhile by another thread, or a nested call
                 return self.status
