@@ -1019,3 +1019,17 @@ def test_collector_blocks_overlapping_in_two_threads() -> None:
         t.join(5)
         seen.append(gc.isenabled())
     assert seen == [False] and gc.isenabled()
+
+
+def test_fetch_rest_brings_every_page_in_without_prefetch() -> None:
+    """``fetch_rest()`` turns an idle handler made with ``prefetch=False`` into one that
+    prefetches: ``wait()`` then returns True, every page holds the source's bytes."""
+    data = random_bytes(64 * P, 9)
+    with anon(64) as m, FaultHandler([(m.addr, m.length)], lambda off, n: data[off : off + n],
+                                     prefetch=False) as fh:
+        assert m.read(3, 1) == data[3 * P : 4 * P]
+        assert not fh.wait(0.3), "without prefetch the rest waits for touches"
+        assert fh.progress()[0] < 64
+        fh.fetch_rest()
+        assert fh.wait(30) and fh.progress() == (64, 64)
+        assert m.read(0, 64) == data

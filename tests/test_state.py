@@ -710,6 +710,34 @@ def test_lazy_restore_block_ends_with_every_page_in(tmp_path: Path) -> None:
     assert got == bytes(want[::P]) + bytes(want[-P:])
 
 
+@pytest.mark.parametrize("how", ["no-prefetch", "exception"])
+def test_lazy_restore_block_leaves_no_page_poisoned(tmp_path: Path, how: str) -> None:
+    """Without prefetch, or when the block ends by an exception, its end brings the
+    pages nobody touched in (before: the handler was stopped and the guardian poisoned
+    them; a target on the malloc heap, once freed, left SIGBUS in whatever malloc put
+    there next -- unrelated objects crashed the interpreter)."""
+    path = tmp_path / "heap.ck"
+    want = np.random.default_rng(3).random(12_500)  # 100 kB: on the malloc heap
+    with Checkpointer(path, {"a": want}) as ck:
+        ck.checkpoint()
+
+    def body() -> bool:
+        a = np.zeros_like(want)
+        try:
+            with lazy_restore(path, {"a": a}, prefetch=how != "no-prefetch") as fh:
+                if how == "exception":
+                    raise KeyError("left early")
+        except KeyError:
+            pass
+        assert fh.progress() == (fh.total_pages, fh.total_pages) and not fh.failed
+        assert raw(a) == raw(want)
+        del a
+        junk = [bytearray(200_000) for _ in range(64)]  # malloc hands the memory out again
+        return len(junk) == 64
+
+    assert run_in_child(body)
+
+
 # -- hostile and foreign files ---------------------------------------------------------
 
 

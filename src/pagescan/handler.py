@@ -200,15 +200,21 @@ class _Counters(ctypes.c_uint64 * (P // 8)):  # type: ignore[misc]  # (a ctypes 
 #: :data:`_PIECES` holds their number (0: where they were registered), then
 #: ``(address, length)`` pairs; :data:`_UNKNOWN` while it is being rewritten, or when
 #: they do not fit (the guardian then falls back to the registered regions).
-_PIECES, _TABLE = 4, 5
+_PIECES, _TABLE = 5, 6
+#: Word of the shared page the owner sets to have the handler bring in every page
+#: (:meth:`FaultHandler.fetch_rest`).
+_FETCH_REST = 4
+#: Milliseconds an idle handler that does not prefetch sleeps between looks at
+#: :data:`_FETCH_REST` (faults wake it at once).
+_IDLE_LOOK = 50
 _MAX_PIECES = (P // 8 - _TABLE) // 2
 _UNKNOWN = (1 << 64) - 1
 
 
 class _Shared:
     """A small MAP_SHARED page for progress counters: [served_pages, state, error, the
-    handler's ``waitpid`` status (written by a fault server)], then where the regions
-    are now (:data:`_PIECES`).
+    handler's ``waitpid`` status (written by a fault server), :data:`_FETCH_REST`], then
+    where the regions are now (:data:`_PIECES`).
 
     :attr:`arr` is a view that keeps the mapping alive (it holds the mapping object):
     :meth:`close` only marks it closed (``addr`` 0) and closes the fd, and the page is
@@ -528,6 +534,17 @@ class FaultHandler:
             return False
         state = sh.arr[1]
         return bool(state == STATE_FAILED or (state != STATE_DONE and self.exit_status is not None))
+
+    def fetch_rest(self) -> None:
+        """Have the handler bring in every page it has not served, as ``prefetch=True``
+        does (a handler made with ``prefetch=False``, or recording: the recording ends);
+        returns at once, :meth:`wait` waits for them. A handler that is idle notices
+        within 50 ms."""
+        if not self._started:
+            raise RuntimeError("FaultHandler was not started")
+        sh = self._shared
+        if sh is not None and sh.addr:
+            sh.arr[_FETCH_REST] = 1
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the handler to finish; ``True`` when every page was served.
@@ -881,6 +898,8 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
         while True:
             if rec is not None and rec[-1]:  # the owner ended the recording
                 rec, prefetch = None, True
+            if not prefetch and shared[_FETCH_REST]:  # the owner wants every page now
+                rec, prefetch = None, True
             if not pages.pending:
                 state = STATE_DONE
                 break
@@ -894,9 +913,9 @@ def _handler_main(uf: Userfaultfd, fh: FaultHandler, life_w: int) -> int:
                     ready = poller.poll(0)
                     if not ready:  # no fault yet: warm the source, then give it FIRST_TOUCH_WAIT
                         _warm(fh.source)
-                        ready = poller.poll(FIRST_TOUCH_WAIT if busy else 10 if rec is not None else -1)
+                        ready = poller.poll(FIRST_TOUCH_WAIT if busy else 10 if rec is not None else _IDLE_LOOK)
                 else:
-                    ready = poller.poll(0 if busy else 10 if rec is not None else -1)
+                    ready = poller.poll(0 if busy else 10 if rec is not None else _IDLE_LOOK if not prefetch else -1)
             except InterruptedError:
                 continue
             if any(fd == owner_fd for fd, _ in ready):

@@ -166,12 +166,14 @@ def lazy_restore(
     served alone, no prefetch; see :func:`load`): when the block ends the recording is
     saved and the handler prefetches the rest.
 
-    A block that ends normally waits for the handler to bring every page in when it
-    prefetches (``prefetch=True``, or ``record``), and raises ``RuntimeError`` if the
-    handler failed first. Without prefetch, or when the block ends by an exception,
-    leaving it stops the handler: a page not served by then raises SIGBUS when touched.
-    If the handler dies, touching a page not yet restored raises SIGBUS (never wrong
-    data, never a hang); a damaged page is not served either.
+    The block's end waits until the handler has brought every page in (without
+    ``prefetch``, the pages nobody touched are read then: :meth:`FaultHandler.fetch_rest`),
+    also when the block ends by an exception, and raises ``RuntimeError`` (on a normal
+    end) if the handler failed first. If the handler dies, touching a page not yet
+    restored raises SIGBUS (never wrong data, never a hang); a damaged page is not
+    served either. Such a page stays so while it is mapped: for a target on the malloc
+    heap, also after the target is freed, when malloc hands that memory out again --
+    lazy targets are safest on pages of their own (:func:`pagescan.zeros`).
     """
     # The index blocks are read (and verified) when first used, as by a lazy load:
     # reading the whole index at the start cost 25 ms per GiB of state.
@@ -217,14 +219,23 @@ def lazy_restore(
                              if record else None)
                 fh = serving.enter_context(FaultHandler(regions, src, prefetch=prefetch, hot=hot,
                                                         record=None if recording is None else recording.array))
-            yield fh
+            try:
+                yield fh
+            except BaseException:
+                # Leaving by an exception: the pages still come in (unless the handler
+                # failed), so that none is left poisoned -- a target on the malloc heap
+                # outlives the restore as memory malloc hands out again.
+                with contextlib.suppress(Exception):
+                    fh.fetch_rest()
+                    fh.wait()
+                raise
             if recording is not None:
                 recording.save()
-            if recording is not None or prefetch:  # the rest comes in before the block ends
-                if not fh.wait():
-                    raise RuntimeError(
-                        f"lazy restore from {os.fspath(path)}: the fault handler failed (exit status "
-                        f"{fh.exit_status}) before every page was in; pages not served raise SIGBUS")
+            fh.fetch_rest()  # (without prefetch: read now)
+            if not fh.wait():
+                raise RuntimeError(
+                    f"lazy restore from {os.fspath(path)}: the fault handler failed (exit status "
+                    f"{fh.exit_status}) before every page was in; pages not served raise SIGBUS")
     finally:
         src.store.close()
         _release(ts)
