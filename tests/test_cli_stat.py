@@ -28,7 +28,7 @@ import pytest
 import pagescan
 from pagescan._procfs import task_size
 from pagescan._uapi.mman import MAP
-from pagescan.cli._common import printable
+from pagescan.cli._common import human, printable
 from pagescan.cli._stat import COLUMNS, DEFAULT_COLUMNS
 from pagescan.mappings import SMAPS_FIELDS, mapping_stats
 
@@ -992,7 +992,7 @@ def test_subprocess_stat_equals_in_process(child: Child, capsys: pytest.CaptureF
     pytest.fail(f"python -m pagescan stat --json differs from main(['stat', ...]): {diff or 'totals'}")
 
 
-_PSS = (*DRIFT, "pss_anon", "pss_file", "pss_shmem", "uss")
+_PSS = (*DRIFT, "pss_anon", "pss_file", "pss_shmem", "uss", "pss")  # ("pss", "uss": the psutil block)
 
 
 def _without_pss(doc: Any) -> Any:
@@ -1078,3 +1078,19 @@ def test_a_newline_in_a_file_name_is_a_newline(tmp_path: Path, capsys: pytest.Ca
         assert names == [want] and os.path.exists(os.fsencode(names[0]))
         rc, table, _ = run(capsys, "stat", "self", "--all", "--wide")
         assert rc == 0 and printable(want) in table and "\\012" not in table
+
+
+def test_stat_is_a_superset_of_psutil_and_pmap_x(child: Child, capsys: pytest.CaptureFixture[str]) -> None:
+    """psutil as the oracle (its ``memory_full_info()`` on Linux: statm, then smaps'
+    sums): ``stat --json`` carries every field under ``psutil``, equal for the idle
+    target; ``pmap -x``'s Dirty is the ``dirty`` column (Shared_Dirty + Private_Dirty)."""
+    import psutil
+
+    want = psutil.Process(child.pid).memory_full_info()._asdict()
+    doc = run_json(capsys, "stat", str(child.pid), "--columns", "+dirty")
+    assert set(doc["psutil"]) == set(want)
+    assert doc["psutil"] == want, {k: (doc["psutil"][k], v) for k, v in want.items() if doc["psutil"][k] != v}
+    sm = doc["totals"]["smaps"]
+    rc, table, _ = run(capsys, "stat", str(child.pid), "--columns", "dirty", "--all", "--wide")
+    total = next(ln for ln in table.splitlines() if ln.startswith("total "))
+    assert rc == 0 and total.split()[1] == human(sm["Shared_Dirty"] + sm["Private_Dirty"]), total

@@ -311,3 +311,28 @@ def test_an_error_in_the_walking_thread_is_raised_by_collect(monkeypatch: pytest
     monkeypatch.setattr(_ps, "zero_bytes", broken)
     with pytest.raises(RuntimeError, match=r"walk of \d+ broke"):
         _ps.collect([os.getpid()])
+
+
+def test_ps_users_sums_the_processes_of_each_user(capsys: pytest.CaptureFixture[str]) -> None:
+    """``ps --users`` (smem -u): one row per uid, its process count and sums; an idle
+    process of nobody's is that user's, with its zero pages and at least its written
+    memory; the rows add up to the totals."""
+    proc = subprocess.Popen([sys.executable, "-c", IDLE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, preexec_fn=_become_nobody, cwd="/")
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("ready")
+        doc = run_json(capsys, "ps", "--users")
+        by_uid = {u["uid"]: u for u in doc["users"]}
+        assert len(by_uid) == len(doc["users"]) == doc["totals"]["users"]
+        nobody = by_uid[65534]
+        assert nobody["processes"] >= 1 and nobody["zero"] >= 40 * P and nobody["uss"] >= 100 * P
+        assert sum(u["processes"] for u in doc["users"]) == doc["totals"]["processes"]
+        for k in ("uss", "pss", "rss", "swap", "huge"):
+            assert sum(u[k] for u in doc["users"]) == doc["totals"][k], k
+        rc, out, err = run(capsys, "ps", "--users", "--sort", "rss")
+        lines = out.splitlines()
+        assert rc == 0 and lines[0].split() == ["USER", "PROCS", "USS", "PSS", "RSS", "SWAP", "ZERO", "HUGE"]
+        assert lines[-1].startswith("total") or lines[-2].startswith("total")
+        assert any(ln.split()[0] in ("nobody", "65534") for ln in lines[1:])
+    finally:
+        stop(proc)

@@ -597,6 +597,20 @@ def parse_rollup(text: bytes, only: tuple[str, ...] | None = None) -> dict[str, 
     return out if only is None else {k: out[k] for k in only if k in out}
 
 
+#: ``/proc/PID/statm``'s fields, in pages; psutil's ``memory_info()`` on Linux is them in
+#: bytes, under these names (``lib`` and ``dirty`` have been 0 since Linux 2.6).
+STATM_FIELDS = ("vms", "rss", "shared", "text", "lib", "data", "dirty")
+
+
+def read_statm(pid: int) -> dict[str, int]:
+    """``/proc/PID/statm`` in bytes, by psutil's names (:data:`STATM_FIELDS`): ``vms``
+    the mapped size (``VmSize``: not ``[vsyscall]``), ``rss``, ``shared`` (resident
+    file and shmem pages), ``text`` (the executable's code), ``data`` (data + stack).
+    Raises ``ProcessLookupError`` if there is no such process."""
+    words = _open_small(pid, "statm").split()
+    return {k: int(v) * _PAGE_SIZE for k, v in zip(STATM_FIELDS, words)}
+
+
 def read_cmdline(pid: int) -> str:
     """The command line, arguments joined by spaces; ``[comm]`` when it is empty (a
     kernel thread, a zombie). Raises ``ProcessLookupError`` if there is no such process."""

@@ -59,9 +59,28 @@ def add_parser(sub: Any) -> None:
                    "or by pid, user, command")
     p.add_argument("--wide", "-w", action="store_true",
                    help="never cut command lines (they are cut at the terminal's width otherwise)")
+    p.add_argument("--users", "-u", action="store_true",
+                   help="one line per user instead (as smem -u): processes, and the sums of their "
+                   "USS, PSS, RSS, swap, zero and huge; --sort applies (pid: by user)")
     p.add_argument("--json", action="store_true",
-                   help="machine-readable output: every process (with all smaps_rollup fields) and totals")
+                   help="machine-readable output: every process (with all smaps_rollup fields) and totals "
+                   "(with --users: every user)")
     p.set_defaults(run=run, subparser=p)
+
+
+def per_user(procs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """smem -u's view: per user, the number of processes and the sums of :data:`NUMERIC`
+    (an unknown value counts as nothing; unknown if it is unknown for all)."""
+    users: dict[int, list[dict[str, Any]]] = {}
+    for p in procs:
+        users.setdefault(p["uid"], []).append(p)
+    out = []
+    for uid, ps in users.items():
+        row: dict[str, Any] = {"user": ps[0]["user"], "uid": uid, "processes": len(ps)}
+        for k in NUMERIC:
+            row[k] = None if all(p[k] is None for p in ps) else sum(p[k] or 0 for p in ps)
+        out.append(row)
+    return out
 
 
 def all_pids() -> list[int]:
@@ -226,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
     # an unknown value counts as nothing in the total (unknown if all are)
     totals = {k: None if procs and all(p[k] is None for p in procs) else sum(p[k] or 0 for p in procs)
               for k in NUMERIC}
+    if args.users:
+        return _run_users(args, per_user(procs), totals, len(procs), unreadable, gone)
     if args.json:
         print_json({"processes": procs, "totals": {"processes": len(procs), **totals},
                     "unreadable": unreadable, "exited": gone})
@@ -255,3 +276,28 @@ def run(args: argparse.Namespace) -> int:
         line = "; ".join(notes)
         print(line if args.wide else line[: max(terminal_width(), 20)])
     return 0
+
+
+def _run_users(args: argparse.Namespace, users: list[dict[str, Any]], totals: dict[str, Any], nprocs: int,
+               unreadable: int, gone: int) -> int:
+    key = args.sort
+    if key in NUMERIC:
+        users.sort(key=lambda u: (u[key] is None, -(u[key] or 0), u["user"]))
+    else:
+        users.sort(key=lambda u: u["user"])
+    if args.json:
+        print_json({"users": users, "totals": {"users": len(users), "processes": nprocs, **totals},
+                    "unreadable": unreadable, "exited": gone})
+        return 0
+
+    def h(v: int | None) -> str:
+        return "-" if v is None else human(v)
+
+    rows = [[printable(u["user"]), str(u["processes"])] + [h(u[k]) for k in NUMERIC] for u in users]
+    rows.append(["total", str(nprocs)] + [h(totals[k]) for k in NUMERIC])
+    headers = ["USER", "PROCS", "USS", "PSS", "RSS", "SWAP", "ZERO", "HUGE"]
+    sys.stdout.write(table(headers, rows, "<" + ">" * (1 + len(NUMERIC)), cut="none") + "\n")
+    if unreadable or gone:
+        print(f"{unreadable} not readable, {gone} exited while being read")
+    return 0
+

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pagescan import Category, UnknowablePagesError
-from pagescan._procfs import process_uid, read_cmdline, read_rollup
+from pagescan._procfs import process_uid, read_cmdline, read_rollup, read_statm
 from pagescan.mappings import (
     SMAPS_FIELDS,
     STAT_CATEGORIES,
@@ -79,6 +79,12 @@ def _split_getter(i: int) -> Callable[[MappingStat], Any]:
     return get
 
 
+def _dirty(s: MappingStat) -> int | None:
+    """``pmap -x``'s Dirty: ``Shared_Dirty + Private_Dirty``."""
+    f = s.smaps
+    return None if "Private_Dirty" not in f else f["Private_Dirty"] + f.get("Shared_Dirty", 0)
+
+
 def _columns() -> dict[str, Column]:
     cols = [
         Column("size", "SIZE", "maps", "bytes", lambda s: s.size),
@@ -96,6 +102,7 @@ def _columns() -> dict[str, Column]:
                 cols.append(Column(f"pss_{sub}", f"PSS_{sub.upper()}", "derived", "bytes", _split_getter(i)))
         if f == "Private_Dirty":
             cols.append(Column("uss", "USS", "derived", "bytes", lambda s: s.uss))
+            cols.append(Column("dirty", "DIRTY", "derived", "bytes", _dirty))
     cols.append(Column("vmflags", "VMFLAGS", "smaps", "text", lambda s: " ".join(sorted(s.vmflags))))
     for c in STAT_CATEGORIES:
         cols.append(Column(c, c.upper(), "scan", "bytes", _scan_getter(c)))
@@ -169,7 +176,8 @@ def add_parser(sub: Any) -> None:
         "shared_hugetlb, private_hugetlb, swap, swappss, locked, thpeligible, vmflags, ...) are "
         "the kernel's own numbers from /proc/PID/smaps, so totals match smaps_rollup and ps "
         "(RSS does not count the zero page; the PSS totals are smaps_rollup's own: each mapping's "
-        "PSS is cut down to a KiB, so the rows add up to less). uss = private_clean + private_dirty. pss_anon, "
+        "PSS is cut down to a KiB, so the rows add up to less). uss = private_clean + "
+        "private_dirty; dirty = shared_dirty + private_dirty (pmap -x). pss_anon, "
         "pss_file, pss_shmem are per mapping only where the mapping holds one kind of page "
         "('-' otherwise; the totals come from smaps_rollup). Page classes from one PAGEMAP_SCAN "
         "walk: present (= rss + zero, + hugetlb), swapped, zero (the zero page and the huge "
@@ -177,7 +185,8 @@ def add_parser(sub: Any) -> None:
         "zero page), file, guard, and written: pages written since uffd write-protect, shown "
         "only in mappings registered for it (VmFlags 'uw'; '-' elsewhere, where it would only "
         "repeat present + swapped). Default columns: " + ",".join(DEFAULT_COLUMNS) + ". Names "
-        "too long for the terminal are shortened in the middle, keeping the file name.",
+        "too long for the terminal are shortened in the middle, keeping the file name. --json "
+        "also gives psutil's memory_full_info() fields, computed as psutil does (key 'psutil').",
     )
     p.add_argument("pid", type=parse_pid, help="process id, or 'self'")
     p.add_argument("--columns", "-c", type=_column_list, default=None, metavar="LIST",
@@ -308,6 +317,9 @@ def _column_values(c: str, snap: Snapshot) -> list[Any]:
     if c == "uss":
         return [None if a is None else a + (b or 0)
                 for a, b in zip(t.field("Private_Clean"), t.field("Private_Dirty"))]
+    if c == "dirty":
+        return [None if a is None else a + (b or 0)
+                for a, b in zip(t.field("Private_Dirty"), t.field("Shared_Dirty"))]
     return [col.get(s) for s in snap.stats]
 
 
@@ -596,10 +608,33 @@ def to_json(snap: Snapshot, groups: bool = True) -> dict[str, Any]:
             "pss_file": pss3[1],
             "pss_shmem": pss3[2],
         },
+        "psutil": _psutil_view(snap, r),
     }
     if groups:
         doc["groups"] = _groups_json(stats)
     return doc
+
+
+def _psutil_view(snap: Snapshot, rollup: dict[str, int]) -> dict[str, int | None]:
+    """psutil's ``memory_full_info()`` fields for the process, computed as psutil does on
+    Linux: ``/proc/PID/statm`` for ``rss vms shared text lib data dirty``, smaps for
+    ``uss`` (``Private_Clean + Private_Dirty + Private_Hugetlb``), ``pss`` and ``swap``
+    (here from smaps_rollup: the kernel's unrounded sums)."""
+    try:
+        out: dict[str, int | None] = dict(read_statm(snap.pid))
+    except (FileNotFoundError, ProcessLookupError):
+        raise _exited(snap.pid) from None
+    t = snap.table
+    if len(t) and t.fields is not None:
+        def tot(field: str) -> int:
+            return sum([x for x in t.field(field) if x is not None])
+
+        out["uss"] = tot("Private_Clean") + tot("Private_Dirty") + tot("Private_Hugetlb")
+        out["pss"] = rollup.get("Pss", tot("Pss"))
+        out["swap"] = rollup.get("Swap", tot("Swap"))
+    else:
+        out["uss"] = out["pss"] = out["swap"] = None
+    return out
 
 
 def _sum_smaps(stats: Sequence[MappingStat]) -> dict[str, int]:
