@@ -221,3 +221,33 @@ def test_names_from_a_file_cannot_steer_the_terminal(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr
         assert not set(out.stdout) & set(range(32)) - {10}, out.stdout
         assert b"w?]0;title??[2K?fake?[8mx" in out.stdout
+
+
+def test_a_forged_last_record_costs_no_memory(tmp_path: Path) -> None:
+    """A last record with a valid header digest but sizes of its own making (a 512 MiB
+    table in a sparse file) and a commit record that is neither valid nor torn: before,
+    the check that tells damage from a torn tail read the whole table in one piece
+    (512 MiB allocated, 4.5 s); sizes that do not fit the header are refused first, and
+    the table is read a MiB at a time."""
+    import tracemalloc
+
+    path = tmp_path / "forged.ck"
+    with Checkpointer(path, {"a": np.zeros(4096, np.uint8)}) as ck:
+        ck.checkpoint()
+    off = path.stat().st_size
+    table = 512 << 20
+    head = fmt.GEN_HEADER.pack(fmt.MAGIC_GEN, 2, 0, 0, 1, 0, table, b"\0" * 8)
+    head = head[:-8] + fmt.digest(head[:-8])
+    with open(path, "r+b") as f:
+        f.seek(off)
+        f.write(head)
+        f.truncate(off + 64 + table)  # a hole: no disk
+        f.seek(off + 64 + table)
+        f.write(b"\x01" * 64)
+    tracemalloc.start()
+    try:
+        with Store(path) as st:
+            assert [g.number for g in st.generations] == [1] and st.damage is None  # (a torn tail)
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()

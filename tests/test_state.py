@@ -1275,3 +1275,57 @@ def test_an_array_given_new_memory_is_never_written_or_read_at_its_old_place(tmp
         return True
 
     assert run_in_child(body)
+
+
+def test_a_temporary_subclass_view_as_state(tmp_path: Path) -> None:
+    """An entry that is a temporary view of a subclass (``x.view(Sub)``): nothing but
+    the Checkpointer holds it, so the live address word must (before: the object was
+    collected, the word read freed memory, and checkpoint() said the array had moved)."""
+
+    class Sub(np.ndarray):
+        pass
+
+    x = pagescan.zeros(4 * P, np.uint8)
+    x[:] = 7
+    with Checkpointer(tmp_path / "sub.ck", {"a": x.view(Sub)}) as ck:
+        gc.collect()
+        junk = [np.empty(0, np.uint8).view(Sub) for _ in range(2000)]  # objects of its size: its memory, reused
+        ck.checkpoint()
+        x[P] = 8
+        assert ck.checkpoint().pages == 1 and len(junk) == 2000
+    assert raw(load(tmp_path / "sub.ck")["a"]) == raw(x)
+
+
+_GUARD_AND_ALIASED = """
+import mmap, os, sys
+import numpy as np
+import pagescan
+from pagescan import MADV
+from pagescan._uapi import libc
+from pagescan.snapshot import Checkpointer, load
+P = mmap.PAGESIZE
+fd = os.memfd_create("state")
+os.ftruncate(fd, 4 * P)
+m1, m2 = mmap.mmap(fd, 4 * P), mmap.mmap(fd, 4 * P)  # the state's mapping, and another
+s = np.frombuffer(m1, np.uint8)
+g = pagescan.zeros(4 * P, np.uint8)
+with Checkpointer(sys.argv[1], {"s": s, "g": g}) as ck:
+    ck.checkpoint()
+    m2[0] = 0x42
+    libc.madvise(g.ctypes.data + P, P, MADV.GUARD_INSTALL)  # not armed yet: the fast path reports it
+    info = ck.checkpoint()
+    assert info.method == "direct", info.method
+print(load(sys.argv[1])["s"][0])
+"""
+
+
+def test_the_direct_fast_path_retry_keeps_the_aliased_pages(tmp_path: Path) -> None:
+    """The "direct" checkpoint's fast path met a new guard page and redid its chunk list
+    without it, leaving out the pages of memory other mappings write (those are in
+    every generation): that generation had the old byte."""
+    if not pagescan.capabilities().guard_regions:
+        pytest.skip("needs MADV_GUARD_INSTALL (Linux 6.13)")
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}  # one thread: "direct"
+    r = subprocess.run([sys.executable, "-c", _GUARD_AND_ALIASED, str(tmp_path / "g.ck")], capture_output=True,
+                       text=True, timeout=60, env=env, check=False)
+    assert r.returncode == 0 and r.stdout.strip() == str(0x42), r.stderr[-2000:]

@@ -91,19 +91,28 @@ class _SlowWord:
         return int(self.arr.ctypes.data)
 
 
+class _Word(ctypes.c_size_t):
+    """The data pointer field of an array object, read in place; holds the array (``arr``)
+    so that the field is never read after the object is gone."""
+
+    arr: np.ndarray
+
+
 def address_word(arr: np.ndarray) -> Any:
     """A live view of where ``arr``'s data is now: ``.value`` reads the array object's
     data pointer (~50 ns, where ``arr.ctypes.data`` takes ~900). A remembered ``out``
     is re-checked with it before every call: ``ndarray.__setstate__`` gives an array new
-    memory (and frees the old) in place, buffer exports or not. The caller must keep
-    ``arr`` alive as long as it uses the word."""
+    memory (and frees the old) in place, buffer exports or not. The word keeps ``arr``
+    alive."""
     global _layout_ok
     if _layout_ok is None:
         probe = np.zeros(4, np.uint8)[1:]
         _layout_ok = ctypes.c_size_t.from_address(id(probe) + _DATA_AT).value == probe.ctypes.data
     if not _layout_ok or not isinstance(arr, np.ndarray):
         return _SlowWord(arr)
-    return ctypes.c_size_t.from_address(id(arr) + _DATA_AT)
+    word = _Word.from_address(id(arr) + _DATA_AT)
+    word.arr = arr
+    return word
 
 
 def check_out(out: Any, name: str = "out") -> tuple[int, int]:

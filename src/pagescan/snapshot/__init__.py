@@ -199,9 +199,10 @@ def _in_shared_mapping(runs: list[tuple[int, int]]) -> tuple[bool, list[tuple[in
     """``(unfrozen, aliased)`` for the sorted, disjoint page ``runs``.
 
     ``unfrozen``: some run lies in memory that a forked child does not hold as it was
-    at the ``fork``: a shared (``MAP_SHARED``) VMA, or one marked ``MADV_DONTFORK``
-    (``dc`` in VmFlags: not mapped in the child) or ``MADV_WIPEONFORK`` (``wf``: zeros in
-    the child). ``aliased``: the parts of the runs in VMAs that are not private
+    at the ``fork``: a shared (``MAP_SHARED``) VMA, one marked ``MADV_DONTFORK`` (``dc``
+    in VmFlags: not mapped in the child) or ``MADV_WIPEONFORK`` (``wf``: zeros in the
+    child), or a private file mapping (the pages not yet copied on write are the file's
+    page cache, in the child too). ``aliased``: the parts of the runs in VMAs that are not private
     anonymous memory (shared memory, a memfd, any file mapping, private too: its pages
     not yet copied on write are the file's), which another mapping, another process or
     ``write(2)`` can change without a fault in our page tables, so write tracking never
@@ -217,7 +218,7 @@ def _in_shared_mapping(runs: list[tuple[int, int]]) -> tuple[bool, list[tuple[in
         i = bisect.bisect_left(starts, v.end) - 1  # the last run starting below the VMA's end
         if i < 0 or runs[i][1] <= v.start:
             continue
-        if v.shared or "dc" in v.vmflags or "wf" in v.vmflags:
+        if v.shared or "dc" in v.vmflags or "wf" in v.vmflags or not v.anonymous:
             unfrozen = True
         if not v.anonymous:
             j = bisect.bisect_right(starts, v.start) - 1  # the run holding the VMA's start, or the one before
@@ -279,7 +280,7 @@ class Checkpointer:
         # by the costs measured so far), ``True`` always ptrace, ``False`` always fork.
         self._pre: Precopier | None = None
         self._use_ptrace: bool | None = None
-        self._shared = False  # the state lies in a MAP_SHARED mapping (set below)
+        self._shared = False  # the state lies in memory fork() does not freeze (set below)
         self._aliased: list[tuple[int, int]] = []  # page runs written unseen by other mappings (below)
         self._aliased_chunks = np.empty(0, np.int64)
         # ``wait=False`` on the fork path: fork first, find the written chunks after
@@ -389,7 +390,7 @@ class Checkpointer:
         for t in getattr(self, "targets", []):
             if isinstance(t.keep, memoryview):
                 t.keep.release()
-            t.keep = None
+            t.keep = t.word = None  # (the word holds the array too)
 
     def _join(self) -> None:
         """Wait until no checkpoint is in flight (its twin is reaped, its file work done)."""
@@ -562,8 +563,8 @@ class Checkpointer:
                 self._pending = None
                 raise CheckpointError(
                     f"{self.path}: generation {fut.generation} was not taken: the state lies in a shared "
-                    "mapping (MAP_SHARED; or under MADV_DONTFORK or MADV_WIPEONFORK), which fork() does not "
-                    "freeze, and the ptrace stop of the other "
+                    "mapping (MAP_SHARED; or a file mapping, or under MADV_DONTFORK or MADV_WIPEONFORK), which "
+                    "fork() does not freeze, and the ptrace stop of the other "
                     "threads was refused; checkpoint with wait=True while this is the only thread, or keep "
                     "the state in private memory (pagescan.zeros, numpy arrays)")
             if pre is None:
@@ -705,7 +706,7 @@ class Checkpointer:
             budget = int(_resident_pages() * self._cost["fork"] / self._cost["copy"])
         if self._found_last > 2 * budget:
             return True
-        n = int(self._carry.size)
+        n = int(self._carry.size) + int(self._aliased_chunks.size)  # (those are copied in every stop)
         for w in self._watches:
             if n > budget:
                 break
@@ -861,6 +862,8 @@ class Checkpointer:
         if not bad.size:
             return None
         chunks = pages_to_chunks(np.setdiff1d(pages, bad, assume_unique=True), self.targets, self._base)
+        if self._aliased_chunks.size:
+            chunks = np.union1d(chunks, self._aliased_chunks)
         if carry.size:
             chunks = np.union1d(chunks, carry)
         self._carry = chunks

@@ -50,7 +50,7 @@ def _release(ts: list[Target]) -> None:
     for t in ts:
         if isinstance(t.keep, memoryview):
             t.keep.release()
-        t.keep = None
+        t.keep = t.word = None  # (the word holds the array too)
 
 
 def _restore_chunks(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, ts: list[Target], pid: int,
@@ -221,6 +221,8 @@ def lazy_restore(
                                                         record=None if recording is None else recording.array))
             try:
                 yield fh
+                if recording is not None:
+                    recording.save()
             except BaseException:
                 # Leaving by an exception: the pages still come in (unless the handler
                 # failed), so that none is left poisoned -- a target on the malloc heap
@@ -229,8 +231,6 @@ def lazy_restore(
                     fh.fetch_rest()
                     fh.wait()
                 raise
-            if recording is not None:
-                recording.save()
             fh.fetch_rest()  # (without prefetch: read now)
             if not fh.wait():
                 raise RuntimeError(

@@ -244,19 +244,18 @@ class Store:
     def create_in_empty(cls, path: str | os.PathLike[str], page_size: int, mapping: bool,
                         entries: list[EntryMeta]) -> Store:
         """Start a checkpoint in an existing empty file (made by ``tempfile``, say), in
-        place: its inode, owner and mode stay. Under the writer's lock the file must
-        still be empty (``CheckpointError`` if another writer has filled it meanwhile);
-        the header is written and ``fsync``'d. A crash
+        place: its inode, owner and mode stay. Under the writer's lock, if the file is
+        still empty, the header is written and ``fsync``'d (one that another writer has
+        started meanwhile is opened as it is). A crash
         while it is written leaves a short header, which is refused as not a checkpoint
         (nothing was in the file to lose). Returns the store, writable and locked."""
         path = os.fspath(path)
         fd = open_regular(path, os.O_RDWR)
         try:
             _lock(fd, path)
-            if os.fstat(fd).st_size != 0:
-                raise CheckpointError(f"{path} was written by someone else while it was opened")
-            _pwrite_all(fd, header_blob(page_size, mapping, entries), 0)
-            os.fsync(fd)
+            if os.fstat(fd).st_size == 0:  # (else another writer started it meanwhile: continued)
+                _pwrite_all(fd, header_blob(page_size, mapping, entries), 0)
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -522,12 +521,18 @@ class Store:
                 h.update(_pread_exact(self.fd, min(1 << 20, off + length - pos), pos))
             body, what = h.digest(), f"the section of generation {number}"
         elif raw[:8] == MAGIC_GEN:
-            _m, number, _n, ndata, _p, index_bytes, table_bytes, dig = GEN_HEADER.unpack(raw)
+            _m, number, npages, ndata, _p, index_bytes, table_bytes, dig = GEN_HEADER.unpack(raw)
+            if (index_bytes != npages * ENTRY_SIZE or ndata > npages
+                    or table_bytes != nblocks(npages) * BLOCK_SIZE):  # as _read_generation checks
+                return ""
             length = GEN_HEADER.size + index_bytes + table_bytes + ndata * self.page_size
             if off + length + COMMIT.size != size:
                 return ""
-            body = digest(_pread_exact(self.fd, table_bytes, off + GEN_HEADER.size + index_bytes))
-            what = f"generation {number}"
+            h = hashlib.blake2b(digest_size=8)  # (as digest(), a MiB at a time: the sizes are the file's word)
+            start = off + GEN_HEADER.size + index_bytes
+            for pos in range(start, start + table_bytes, 1 << 20):
+                h.update(_pread_exact(self.fd, min(1 << 20, start + table_bytes - pos), pos))
+            body, what = h.digest(), f"generation {number}"
         else:
             return ""
         want = _commit_record(number, off, length, body, dig)
