@@ -508,6 +508,8 @@ def test_regions_to_pages_expands_every_shape() -> None:
     (np.array([(0, P, 0)], PAGE_REGION_DTYPE), 3000, ValueError, "power of two"),
     (np.array([(0, P, 0)], PAGE_REGION_DTYPE), 0, ValueError, "power of two"),
     (np.array([(0, P, 0)], PAGE_REGION_DTYPE), True, ValueError, "power of two"),
+    (np.array([(0, 1 << 62, 0)], PAGE_REGION_DTYPE), P, ValueError, "more than this machine's memory"),  # MemoryError
+    (np.array([(0, 1 << 60, 0)] * 64, PAGE_REGION_DTYPE), P, ValueError, "more than"),  # (uint64 sum wraps)
 ])
 def test_regions_to_pages_refuses_what_is_not_regions(regions: object, page: object, exc: type[Exception],
                                                       says: str) -> None:

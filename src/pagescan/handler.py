@@ -101,10 +101,12 @@ MAX_WINDOW = 4 << 20
 
 
 class Source(Protocol):
-    """Where the pages come from: ``read(offset, length)`` into a writable buffer.
+    """Where the pages come from: ``read(offset, out) -> bool`` fills the writable
+    memoryview ``out`` with the bytes at ``offset`` (``len(out)`` of them).
 
     ``offset`` counts from the start of the first region (regions are concatenated).
-    Return ``False`` if the whole span is zero (served as zero pages without copying).
+    Return ``False`` instead if the whole span is zero (served as zero pages without
+    copying; ``out`` is then not read).
     A source with a true ``thread_safe`` attribute may be called from two threads of
     the handler at once (prefetch reads the next window while a fault is served).
     """

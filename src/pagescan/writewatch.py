@@ -144,6 +144,11 @@ def regions_to_pages(regions: np.ndarray, page_size: int = P) -> np.ndarray:
     if len(regions) and bool((regions["end"] < regions["start"]).any()):
         at = int(np.flatnonzero(regions["end"] < regions["start"])[0])
         raise ValueError(f"region {at} ends before it starts: {regions[at]['start']:#x}-{regions[at]['end']:#x}")
+    pages = float(((regions["end"] - regions["start"]) // np.uint64(page_size)).sum(dtype=np.float64))
+    need = pages * 8
+    if need > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"):
+        raise ValueError(f"the regions hold {pages:.4g} pages: their addresses would take {need:.4g} bytes, "
+                         "more than this machine's memory")
     return _regions_to_pages(regions, page_size)
 
 

@@ -81,6 +81,7 @@ __all__ = [
     "CheckpointInfo",
     "Checkpointer",
     "CorruptCheckpointError",
+    "EmptyFileError",
     "LoadedList",
     "LoadedState",
     "PendingCheckpoint",

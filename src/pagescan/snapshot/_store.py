@@ -92,6 +92,7 @@ READ_GAP = 4
 
 CheckpointError.__module__ = "pagescan.snapshot"
 CorruptCheckpointError.__module__ = "pagescan.snapshot"
+EmptyFileError.__module__ = "pagescan.snapshot"
 
 
 @dataclasses.dataclass(eq=False)
