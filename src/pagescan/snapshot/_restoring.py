@@ -158,7 +158,11 @@ def lazy_restore(
     other objects (the first and last page of a small array on the malloc heap) are
     restored eagerly, before this returns -- the neighbours' bytes are not touched.
     Do not touch the objects from another thread while this starts (a page
-    repopulated between drop and registration is refused: ``FileExistsError``).
+    repopulated between drop and registration is refused: ``FileExistsError``), and
+    keep them alive and in place until the block ends: the handler serves the
+    addresses it was given, so an object freed (or given new memory by
+    ``ndarray.__setstate__``) inside the block has the checkpoint's bytes served into
+    memory it no longer owns, when malloc hands that memory out again.
 
     Yields the :class:`~pagescan.FaultHandler` (``progress()``, ``wait()``); with
     ``prefetch`` the handler copies pages ahead while no fault waits; a recorded
