@@ -203,11 +203,10 @@ def _in_shared_mapping(runs: list[tuple[int, int]]) -> tuple[bool, list[tuple[in
     at the ``fork``: a shared (``MAP_SHARED``) VMA, one marked ``MADV_DONTFORK`` (``dc``
     in VmFlags: not mapped in the child) or ``MADV_WIPEONFORK`` (``wf``: zeros in the
     child), or a private file mapping (the pages not yet copied on write are the file's
-    page cache, in the child too). ``aliased``: the parts of the runs in VMAs that are not private
-    anonymous memory (shared memory, a memfd, any file mapping, private too: its pages
-    not yet copied on write are the file's), which another mapping, another process or
-    ``write(2)`` can change without a fault in our page tables, so write tracking never
-    sees it. One read of smaps, up to the last run: the kernel walks the page tables of
+    page cache, in the child too). ``aliased``: the parts of the runs in VMAs that are
+    not private anonymous memory (shared memory, a memfd, any file mapping, private
+    too), which another mapping, another process or ``write(2)`` can change without a
+    fault in our page tables, so write tracking never sees it. One read of smaps, up to the last run: the kernel walks the page tables of
     every VMA below it (about 10 ms per GiB populated with 4 KiB pages here; once, when
     the Checkpointer is made)."""
     unfrozen = False
