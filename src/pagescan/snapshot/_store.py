@@ -247,9 +247,9 @@ class Store:
         """Start a checkpoint in an existing empty file (made by ``tempfile``, say), in
         place: its inode, owner and mode stay. Under the writer's lock, if the file is
         still empty, the header is written and ``fsync``'d (one that another writer has
-        started meanwhile is opened as it is). A crash
-        while it is written leaves a short header, which is refused as not a checkpoint
-        (nothing was in the file to lose). Returns the store, writable and locked."""
+        started meanwhile is opened as it is). A crash while it is written leaves a
+        short header, which is refused as not a checkpoint (nothing was in the file to
+        lose). Returns the store, writable and locked."""
         path = os.fspath(path)
         fd = open_regular(path, os.O_RDWR)
         try:
