@@ -61,7 +61,7 @@ def add_parser(sub: Any) -> None:
                    help="never cut command lines (they are cut at the terminal's width otherwise)")
     p.add_argument("--users", "-u", action="store_true",
                    help="one line per user instead (as smem -u): processes, and the sums of their "
-                   "USS, PSS, RSS, swap, zero and huge; --sort applies (pid: by user)")
+                   "USS, PSS, RSS, swap, zero and huge; --sort by a size, or else by user name")
     p.add_argument("--json", action="store_true",
                    help="machine-readable output: every process (with all smaps_rollup fields) and totals "
                    "(with --users: every user)")
