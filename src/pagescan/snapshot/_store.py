@@ -419,17 +419,23 @@ class Store:
     def check_section(self, sec: Section) -> None:
         """Check a section's payload against its digest without keeping it (read a MiB
         at a time: its length is the file's word, whatever the file holds)."""
+        dig, got = self._digest_of(sec.payload_offset, sec.payload_bytes)
+        if got != sec.payload_bytes or dig != self._section_digest(sec):
+            raise CorruptCheckpointError(f"{self.path}: section of type {sec.type} at offset {sec.offset} is "
+                                         "damaged (checksum mismatch)")
+
+    def _digest_of(self, off: int, length: int) -> tuple[bytes, int]:
+        """``digest()`` of ``length`` bytes of the file at ``off``, read a MiB at a time
+        (a length read from the file may be anything), and how many bytes were there."""
         h = hashlib.blake2b(digest_size=8)
-        off, end = sec.payload_offset, sec.payload_offset + sec.payload_bytes
-        while off < end:
-            raw = _pread_exact(self.fd, min(1 << 20, end - off), off)
+        done = 0
+        while done < length:
+            raw = _pread_exact(self.fd, min(1 << 20, length - done), off + done)
             if not raw:
                 break
             h.update(raw)
-            off += len(raw)
-        if off != end or h.digest() != self._section_digest(sec):
-            raise CorruptCheckpointError(f"{self.path}: section of type {sec.type} at offset {sec.offset} is "
-                                         "damaged (checksum mismatch)")
+            done += len(raw)
+        return h.digest(), done
 
     def _section_digest(self, sec: Section) -> bytes | None:
         craw = _pread_exact(self.fd, COMMIT.size, sec.payload_offset + sec.payload_bytes)
@@ -517,10 +523,7 @@ class Store:
             length = SECTION_HEADER.size + nbytes
             if off + length + COMMIT.size != size:
                 return ""
-            h = hashlib.blake2b(digest_size=8)
-            for pos in range(off + SECTION_HEADER.size, off + length, 1 << 20):
-                h.update(_pread_exact(self.fd, min(1 << 20, off + length - pos), pos))
-            body, what = h.digest(), f"the section of generation {number}"
+            body, what = self._digest_of(off + SECTION_HEADER.size, nbytes)[0], f"the section of generation {number}"
         elif raw[:8] == MAGIC_GEN:
             _m, number, npages, ndata, _p, index_bytes, table_bytes, dig = GEN_HEADER.unpack(raw)
             if (index_bytes != npages * ENTRY_SIZE or ndata > npages
@@ -529,11 +532,7 @@ class Store:
             length = GEN_HEADER.size + index_bytes + table_bytes + ndata * self.page_size
             if off + length + COMMIT.size != size:
                 return ""
-            h = hashlib.blake2b(digest_size=8)  # (as digest(), a MiB at a time: the sizes are the file's word)
-            start = off + GEN_HEADER.size + index_bytes
-            for pos in range(start, start + table_bytes, 1 << 20):
-                h.update(_pread_exact(self.fd, min(1 << 20, start + table_bytes - pos), pos))
-            body, what = h.digest(), f"generation {number}"
+            body, what = self._digest_of(off + GEN_HEADER.size + index_bytes, table_bytes)[0], f"generation {number}"
         else:
             return ""
         want = _commit_record(number, off, length, body, dig)
