@@ -388,9 +388,7 @@ class Checkpointer:
             self._store.close()
             self._store = None
         for t in getattr(self, "targets", []):
-            if isinstance(t.keep, memoryview):
-                t.keep.release()
-            t.keep = t.word = None  # (the word holds the array too)
+            t.release()
 
     def _join(self) -> None:
         """Wait until no checkpoint is in flight (its twin is reaped, its file work done)."""

@@ -48,9 +48,7 @@ def _open_for_targets(path: str | os.PathLike[str], state: Any, generation: int 
 
 def _release(ts: list[Target]) -> None:
     for t in ts:
-        if isinstance(t.keep, memoryview):
-            t.keep.release()
-        t.keep = t.word = None  # (the word holds the array too)
+        t.release()
 
 
 def _restore_chunks(store: Store, gen_of: np.ndarray, pos_of: np.ndarray, ts: list[Target], pid: int,

@@ -43,6 +43,12 @@ class Target:
     #: export does not stop ``ndarray.__setstate__`` from moving its data.
     word: Any = None
 
+    def release(self) -> None:
+        """Let go of the object: its buffer export, and the word that holds it too."""
+        if isinstance(self.keep, memoryview):
+            self.keep.release()
+        self.keep = self.word = None
+
     def moved(self) -> bool:
         """The array's data is no longer at :attr:`addr` (``__setstate__`` moved it)."""
         return self.word is not None and self.word.value != self.addr
