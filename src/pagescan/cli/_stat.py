@@ -608,30 +608,26 @@ def to_json(snap: Snapshot, groups: bool = True) -> dict[str, Any]:
             "pss_file": pss3[1],
             "pss_shmem": pss3[2],
         },
-        "psutil": _psutil_view(snap, r),
+        "psutil": _psutil_view(snap.pid, sum_smaps),
     }
     if groups:
         doc["groups"] = _groups_json(stats)
     return doc
 
 
-def _psutil_view(snap: Snapshot, rollup: dict[str, int]) -> dict[str, int | None]:
+def _psutil_view(pid: int, sums: dict[str, int]) -> dict[str, int | None]:
     """psutil's ``memory_full_info()`` fields for the process, computed as psutil does on
     Linux: ``/proc/PID/statm`` for ``rss vms shared text lib data dirty``, smaps for
-    ``uss`` (``Private_Clean + Private_Dirty + Private_Hugetlb``), ``pss`` and ``swap``
-    (here from smaps_rollup: the kernel's unrounded sums)."""
+    ``uss`` (``Private_Clean + Private_Dirty + Private_Hugetlb``), ``pss`` and ``swap``.
+    ``sums``: the totals of the smaps fields (``Pss`` smaps_rollup's, as :func:`to_json`
+    gives them; empty without smaps)."""
     try:
-        out: dict[str, int | None] = dict(read_statm(snap.pid))
+        out: dict[str, int | None] = dict(read_statm(pid))
     except (FileNotFoundError, ProcessLookupError):
-        raise _exited(snap.pid) from None
-    t = snap.table
-    if len(t) and t.fields is not None:
-        def tot(field: str) -> int:
-            return sum([x for x in t.field(field) if x is not None])
-
-        out["uss"] = tot("Private_Clean") + tot("Private_Dirty") + tot("Private_Hugetlb")
-        out["pss"] = rollup.get("Pss", tot("Pss"))
-        out["swap"] = rollup.get("Swap", tot("Swap"))
+        raise _exited(pid) from None
+    if "Private_Clean" in sums:
+        out["uss"] = sums["Private_Clean"] + sums.get("Private_Dirty", 0) + sums.get("Private_Hugetlb", 0)
+        out["pss"], out["swap"] = sums.get("Pss"), sums.get("Swap")
     else:
         out["uss"] = out["pss"] = out["swap"] = None
     return out
